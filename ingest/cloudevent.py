@@ -1,0 +1,200 @@
+"""Provider payloads → CloudEvents 1.0 attributes. Pure: no Django, no database.
+
+The pipeline assigns `source` (kite://<instance>/<team>/<source name>); this
+module decides `id`, `type`, `time`, `subject` and `data` per source kind.
+"""
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+MAX_ATTRIBUTE_LENGTH = 255
+AGENT_MESSAGE_TYPE = "com.kite.agent.message"
+DEFAULT_TYPE = "com.kite.webhook"
+# CloudEvents: extension names are lower-case letters and digits.
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+_CORE_ATTRIBUTES = {"specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema", "data"}
+_AGENT_URL = re.compile(r"^https?://[^/]+/agents/(?P<name>[A-Za-z0-9._-]{1,100})/?$")
+
+
+class MalformedEvent(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class Draft:
+    """A CloudEvent before the pipeline gives it a source and stores it."""
+
+    id: str
+    type: str
+    time: datetime
+    data_json: str  # the `data` member as JSON text, stored verbatim
+    subject: str = ""
+    datacontenttype: str = "application/json"
+    source: str = ""  # set only when the event arrives already a CloudEvent (federation)
+    extensions: dict[str, Any] = field(default_factory=dict)
+    agent: str = ""  # the addressee of an agent message
+
+
+def body_digest_id(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedEvent("malformed_json", f"Body is not valid JSON: {exc}.") from None
+
+
+def _text(value: Any, name: str) -> str:
+    text = str(value)
+    if not text or len(text) > MAX_ATTRIBUTE_LENGTH:
+        raise MalformedEvent("invalid_event", f"{name} must be 1-{MAX_ATTRIBUTE_LENGTH} characters.")
+    return text
+
+
+def _unix_time(value: Any, fallback: datetime) -> datetime:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 10**11:
+        return datetime.fromtimestamp(value, tz=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return fallback
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return fallback
+
+
+def _object_id(payload: Any, body: bytes) -> str:
+    if isinstance(payload, dict) and isinstance(payload.get("id"), (str, int)) and not isinstance(
+        payload.get("id"), bool
+    ):
+        return _text(payload["id"], "id")
+    return body_digest_id(body)
+
+
+def _agent_of(event_type: str, data: Any) -> str:
+    """The addressee of an agent message: `data.to` (or, for an envelope body, `data.data.to`)."""
+    if event_type != AGENT_MESSAGE_TYPE or not isinstance(data, dict):
+        return ""
+    to = data.get("to")
+    if to is None and isinstance(data.get("data"), dict):
+        to = data["data"].get("to")
+    match = _AGENT_URL.match(str(to or ""))
+    if not match:
+        raise MalformedEvent("invalid_event", "An agent message needs data.to = https://<host>/agents/<name>.")
+    return match["name"]
+
+
+def from_stripe(headers, body: bytes, received_at: datetime) -> Draft:
+    payload = parse_json(body)
+    if not isinstance(payload, dict) or not isinstance(payload.get("type"), str) or not payload["type"]:
+        raise MalformedEvent("invalid_event", "A Stripe event is a JSON object with a string `type`.")
+    return Draft(
+        id=_object_id(payload, body),
+        type=_text("com.stripe." + payload["type"], "type"),
+        time=_unix_time(payload.get("created"), received_at),
+        data_json=body.decode(),
+    )
+
+
+def from_github(headers, body: bytes, received_at: datetime) -> Draft:
+    event_name = headers.get("x-github-event", "").strip()
+    if not event_name:
+        raise MalformedEvent("invalid_event", "X-GitHub-Event header is missing.")
+    raw = body
+    if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        form = parse_qs(body.decode("utf-8", "replace"))
+        if "payload" not in form:
+            raise MalformedEvent("malformed_json", "Form-encoded GitHub delivery has no `payload` field.")
+        raw = form["payload"][0].encode()
+    payload = parse_json(raw)
+    action = payload.get("action") if isinstance(payload, dict) else None
+    event_type = f"com.github.{event_name}" + (f".{action}" if isinstance(action, str) and action else "")
+    delivery = headers.get("x-github-delivery", "").strip()
+    return Draft(
+        id=_text(delivery, "X-GitHub-Delivery") if delivery else body_digest_id(raw),
+        type=_text(event_type, "type"),
+        time=received_at,
+        data_json=raw.decode(),
+    )
+
+
+def from_standard(headers, body: bytes, received_at: datetime) -> Draft:
+    payload = parse_json(body)
+    event_type = payload.get("type") if isinstance(payload, dict) else None
+    fallback_time = _unix_time(int(headers.get("webhook-timestamp", "0") or 0), received_at)
+    event_type = event_type if isinstance(event_type, str) and event_type else DEFAULT_TYPE
+    return Draft(
+        id=_text(headers["webhook-id"], "webhook-id") if headers.get("webhook-id") else body_digest_id(body),
+        type=_text(event_type, "type"),
+        time=_unix_time(payload.get("timestamp") if isinstance(payload, dict) else None, fallback_time),
+        data_json=body.decode(),
+        agent=_agent_of(event_type, payload),
+    )
+
+
+def from_plain(headers, body: bytes, received_at: datetime) -> Draft:
+    payload = parse_json(body)
+    event_type = payload.get("type") if isinstance(payload, dict) else None
+    event_type = event_type if isinstance(event_type, str) and event_type else DEFAULT_TYPE
+    return Draft(
+        id=_object_id(payload, body),
+        type=_text(event_type, "type"),
+        time=received_at,
+        data_json=body.decode(),
+        agent=_agent_of(event_type, payload),
+    )
+
+
+def from_structured(headers, body: bytes, received_at: datetime) -> Draft:
+    """A structured-mode CloudEvent (what one Kite sends another)."""
+    payload = parse_json(body)
+    if not isinstance(payload, dict):
+        raise MalformedEvent("invalid_event", "A structured CloudEvent is a JSON object.")
+    return draft_from_cloudevent(payload, received_at)
+
+
+def draft_from_cloudevent(payload: dict, received_at: datetime) -> Draft:
+    if payload.get("specversion") != "1.0":
+        raise MalformedEvent("invalid_event", "specversion must be \"1.0\".")
+    for name in ("id", "source", "type"):
+        if not isinstance(payload.get(name), str) or not payload[name]:
+            raise MalformedEvent("invalid_event", f"CloudEvent attribute `{name}` must be a non-empty string.")
+    extensions = {key: value for key, value in payload.items() if key not in _CORE_ATTRIBUTES}
+    bad = [key for key in extensions if not _EXTENSION_NAME.match(key)]
+    if bad:
+        raise MalformedEvent("invalid_event", f"Invalid CloudEvent extension name(s): {', '.join(sorted(bad))}.")
+    data = payload.get("data")
+    return Draft(
+        id=_text(payload["id"], "id"),
+        type=_text(payload["type"], "type"),
+        source=_text(payload["source"], "source"),
+        time=_unix_time(payload.get("time"), received_at),
+        subject=str(payload.get("subject") or "")[:MAX_ATTRIBUTE_LENGTH],
+        datacontenttype=str(payload.get("datacontenttype") or "application/json")[:100],
+        data_json=json.dumps(data, separators=(",", ":"), ensure_ascii=False),
+        extensions=extensions,
+        agent=_agent_of(payload["type"], data),
+    )
+
+
+CONVERTERS = {
+    "stripe": from_stripe,
+    "github": from_github,
+    "standard": from_standard,
+    "none": from_plain,
+    "kite": from_structured,
+}
+
+
+def rfc3339(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,147 @@
+"""WS /ws/events: replay what a listener missed, then push live, in cursor order.
+
+A broadcast notice only wakes the consumer; events are always read from the
+store after the consumer's cursor, so live and replayed events form one
+ordered stream without gaps or repeats, whatever the channel layer drops.
+"""
+
+import asyncio
+import json
+import logging
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from ingest import broadcast, hooks, selectors
+from ingest.errors import Code
+from kite.auth import bearer_from_header, principal_for_key, principal_for_user
+from kite.errors import ApiError
+
+log = logging.getLogger(__name__)
+BATCH = 500
+IDLE_POLL_SECONDS = 5.0  # safety net if a notice is lost
+HELD_BACK_GIVE_UP_SECONDS = 10.0
+
+
+def _authenticate(scope):
+    headers = dict(scope.get("headers") or [])
+    raw = bearer_from_header(headers.get(b"authorization", b"").decode("latin-1"))
+    if raw:
+        return principal_for_key(raw)
+    return principal_for_user(scope.get("user"))
+
+
+def _filters(query: dict[str, list[str]]) -> tuple[selectors.EventFilter, selectors.Cursor]:
+    def one(name):
+        values = query.get(name)
+        return values[-1].strip() if values and values[-1].strip() else None
+
+    after = selectors.cursor_parse(one("after"))
+    return selectors.EventFilter(source=one("source"), type_glob=one("type"), agent=one("agent")), after
+
+
+class EventStreamConsumer(AsyncWebsocketConsumer):
+    principal = None
+    pump_task = None
+
+    async def connect(self):
+        self.principal = await database_sync_to_async(_authenticate)(self.scope)
+        if self.principal is None:
+            return await self.deny(401, "Send 'Authorization: Bearer <api key>' or log in.", "not_authenticated")
+        try:
+            self.filters, self.cursor = _filters(parse_qs(self.scope.get("query_string", b"").decode()))
+        except ApiError as exc:
+            return await self.deny(400, exc.detail, exc.code)
+        self.team_id = self.principal.team.id
+        self.group = broadcast.group_for(self.team_id)
+        self.notified = self.cursor
+        self.wake = asyncio.Event()
+        self.wake.set()  # replay first
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        self.pump_task = asyncio.create_task(self.pump())
+        await self.run_hooks(hooks.listener_connected)
+
+    async def disconnect(self, code):
+        if self.pump_task is None:
+            return
+        self.pump_task.cancel()
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.run_hooks(hooks.listener_disconnected)
+
+    async def deny(self, status: int, detail: str, code: str):
+        """Refuse the handshake with an HTTP answer where the server supports it."""
+        if "websocket.http.response" in self.scope.get("extensions", {}):
+            body = json.dumps({"detail": detail, "code": code}).encode()
+            await self.send_raw(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await self.send_raw({"type": "websocket.http.response.body", "body": body})
+        else:
+            await self.close(code=4000 + status)
+        self.pump_task = None
+
+    async def send_raw(self, message):
+        await self.base_send(message)
+
+    async def run_hooks(self, functions):
+        meta = {"agent": self.filters.agent, "client": self.scope.get("client")}
+        for function in functions:
+            try:
+                await database_sync_to_async(function)(self.team_id, self.filters.agent, meta)
+            except Exception:  # a presence hook must never break the stream
+                log.exception("listener hook %s failed", function)
+
+    async def event_stored(self, message):
+        if not self.filters.matches(message["source"], message["ce_type"], message["agent"]):
+            return
+        noticed = selectors.Cursor(message["txid"], message["id"])
+        if (noticed.txid, noticed.id) > (self.notified.txid, self.notified.id):
+            self.notified = noticed
+        self.wake.set()
+
+    async def pump(self):
+        try:
+            await self._pump()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event stream failed; closing")
+            await self.close(code=1011)
+
+    async def _pump(self):
+        held_back_since = None
+        while True:
+            timeout = IDLE_POLL_SECONDS if held_back_since is None else 0.05
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            await self.drain()
+            # On PostgreSQL a noticed event can be invisible for a moment behind an
+            # older transaction still running; look again soon, then give up.
+            behind = (self.cursor.txid, self.cursor.id) < (self.notified.txid, self.notified.id)
+            if not behind:
+                held_back_since = None
+            elif held_back_since is None:
+                held_back_since = asyncio.get_running_loop().time()
+            elif asyncio.get_running_loop().time() - held_back_since > HELD_BACK_GIVE_UP_SECONDS:
+                self.notified, held_back_since = self.cursor, None
+
+    async def drain(self):
+        while True:
+            batch = await database_sync_to_async(selectors.events_after)(
+                team_id=self.team_id, after=self.cursor, filters=self.filters, limit=BATCH
+            )
+            for event in batch:
+                await self.send(text_data=json.dumps(event.to_cloudevent(), separators=(",", ":")))
+                self.cursor = selectors.Cursor(event.txid, event.id)
+            if len(batch) < BATCH:
+                return

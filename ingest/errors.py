@@ -1,0 +1,19 @@
+"""Error codes of the ingest app (the `code` of {detail, code})."""
+
+import enum
+
+
+class Code(enum.StrEnum):
+    INVALID = "invalid"
+    CONFLICT = "conflict"
+    UNKNOWN_TEAM = "unknown_team"
+    UNKNOWN_SOURCE = "unknown_source"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    TOO_LARGE = "payload_too_large"
+    RATE_LIMITED = "rate_limited"
+    MALFORMED_JSON = "malformed_json"
+    INVALID_EVENT = "invalid_event"
+    MISSING_SIGNATURE = "missing_signature"
+    BAD_SIGNATURE = "bad_signature"
+    STALE_TIMESTAMP = "stale_timestamp"
+    BAD_CURSOR = "bad_cursor"

@@ -1,0 +1,29 @@
+"""Extension points ingest offers the apps above it (DESIGN §1).
+
+ingest knows nothing of federation or fleet: they register here from their
+AppConfig.ready().
+"""
+
+from collections.abc import Callable
+
+# (event, sender) → None, called inside the transaction that stores the event;
+# `sender` is what the source's verifier returned (the peer, for federation).
+event_stored: list[Callable] = []
+# (team_id, agent_name, meta) → None, called when a listener connects/disconnects.
+listener_connected: list[Callable] = []
+listener_disconnected: list[Callable] = []
+
+
+def on_event_stored(func: Callable) -> Callable:
+    event_stored.append(func)
+    return func
+
+
+def on_listener_connected(func: Callable) -> Callable:
+    listener_connected.append(func)
+    return func
+
+
+def on_listener_disconnected(func: Callable) -> Callable:
+    listener_disconnected.append(func)
+    return func

@@ -1,0 +1,135 @@
+"""Sources and the ingest pipeline: verify → CloudEvent → dedup → store → broadcast."""
+
+import re
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from ingest import broadcast, cloudevent, hooks, verifiers
+from ingest.errors import Code
+from ingest.models import Event, Source
+from kite import crypto, ratelimit
+from kite.errors import ApiError
+from kite.models import Team
+
+SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
+BUILTIN_SOURCE = "kite"
+SIGNED_KINDS = {Source.Kind.STRIPE, Source.Kind.GITHUB, Source.Kind.STANDARD}
+
+
+@dataclass(frozen=True)
+class CreatedSource:
+    source: Source
+    secret: str | None  # shown once when Kite generated it
+
+
+def source_ensure_builtin(*, team: Team) -> Source:
+    source, _ = Source.objects.get_or_create(team=team, name=BUILTIN_SOURCE, defaults={"kind": Source.Kind.KITE})
+    return source
+
+
+def source_create(
+    *, team: Team, name: str, kind: str, secret: str | None = None, rate_limit_per_second: int | None = None
+) -> CreatedSource:
+    if not SOURCE_NAME.match(name or ""):
+        raise ApiError("name must be 1-50 lower-case letters, digits, '-' or '_'.", Code.INVALID)
+    if name == BUILTIN_SOURCE or kind == Source.Kind.KITE:
+        raise ApiError("The `kite` source is built in: every team has exactly one.", Code.INVALID)
+    if kind not in Source.Kind.values:
+        raise ApiError(f"kind must be one of stripe, github, standard, none; got {kind!r}.", Code.INVALID)
+    if kind == Source.Kind.NONE and secret:
+        raise ApiError("A `none` source is unverified and takes no secret.", Code.INVALID)
+    generated = None
+    if kind in SIGNED_KINDS and not secret:
+        secret = generated = crypto.new_webhook_secret()
+    source = Source(team=team, name=name, kind=kind, rate_limit_per_second=rate_limit_per_second)
+    if secret:
+        source.secret_encrypted = crypto.encrypt(secret)
+        source.secret_fingerprint = crypto.fingerprint(secret)
+    try:
+        with transaction.atomic():
+            source.save()
+    except IntegrityError:
+        raise ApiError(f"Team already has a source named {name!r}.", Code.CONFLICT, status=409) from None
+    return CreatedSource(source=source, secret=generated)
+
+
+def source_secret(source: Source) -> str | None:
+    return crypto.decrypt(source.secret_encrypted) if source.secret_encrypted else None
+
+
+def ce_source_for(source: Source) -> str:
+    """Stable across URL changes and unique across instances and teams."""
+    return f"kite://{settings.KITE_INSTANCE_ID}/{source.team_id}/{source.name}"
+
+
+@dataclass(frozen=True)
+class Ingested:
+    event: Event
+    created: bool
+
+
+def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> Ingested:
+    """Everything after routing and size checks. Raises ApiError; stores nothing on error."""
+    verdict = ratelimit.hit(f"source:{source.pk}", source.rate_limit_per_second)
+    if not verdict.allowed:
+        raise ApiError(
+            f"Source {source.name!r} is limited to {source.rate_limit_per_second} requests/s.",
+            Code.RATE_LIMITED,
+            status=429,
+            headers={"Retry-After": str(verdict.retry_after)},
+        )
+    try:
+        sender = verifiers.VERIFIERS[source.kind](source_secret(source), headers, body, int(time.time()), source.team_id)
+    except verifiers.VerificationError as exc:
+        raise ApiError(exc.detail, exc.code, status=401) from None
+    try:
+        draft = cloudevent.CONVERTERS[source.kind](headers, body, timezone.now())
+    except cloudevent.MalformedEvent as exc:
+        raise ApiError(exc.detail, exc.code, status=400) from None
+    return event_store(source=source, draft=draft, sender=sender)
+
+
+def event_store(*, source: Source, draft: cloudevent.Draft, sender=None) -> Ingested:
+    """Store one CloudEvent once per (team, source, id); broadcast after commit."""
+    event = Event(
+        team_id=source.team_id,
+        source=source,
+        ce_id=draft.id,
+        ce_source=draft.source or ce_source_for(source),
+        ce_type=draft.type,
+        ce_time=draft.time,
+        ce_subject=draft.subject,
+        datacontenttype=draft.datacontenttype,
+        data=draft.data_json,
+        extensions=draft.extensions,
+        agent=draft.agent,
+    )
+    try:
+        with transaction.atomic():
+            event.save(force_insert=True)
+            for hook in hooks.event_stored:
+                hook(event, sender)
+            transaction.on_commit(lambda: broadcast.event_stored(event))
+    except IntegrityError:
+        existing = Event.objects.filter(team_id=event.team_id, ce_source=event.ce_source, ce_id=event.ce_id).first()
+        if existing is None:
+            raise
+        return Ingested(existing, created=False)
+    return Ingested(event, created=True)
+
+
+def events_purge_expired(*, days: int, batch: int = 5000) -> int:
+    """Delete events older than `days` in batches; 0 days keeps everything."""
+    if days <= 0:
+        return 0
+    cutoff = timezone.now() - timezone.timedelta(days=days)
+    total = 0
+    while True:
+        ids = list(Event.objects.filter(received_at__lt=cutoff).values_list("id", flat=True)[:batch])
+        if not ids:
+            return total
+        total += Event.objects.filter(id__in=ids).delete()[0]

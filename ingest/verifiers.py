@@ -1,0 +1,146 @@
+"""Signature schemes of webhook senders. Pure functions: no Django, no database.
+
+A verifier takes the source's secret, the request headers (lower-cased names),
+the raw body, the current unix time and the team id, and raises
+`VerificationError` or returns what it learned about the sender (None for
+provider webhooks; the federation verifier returns the peer), which the
+pipeline hands on to the "event stored" hooks.
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+
+TOLERANCE_SECONDS = 300
+
+
+class VerificationError(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+Verifier = Callable[[str | None, Mapping[str, str], bytes, int, str], object]
+
+
+def _hmac_sha256(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def _check_timestamp(raw: str, now: int, header: str) -> int:
+    try:
+        timestamp = int(raw)
+    except (TypeError, ValueError):
+        raise VerificationError("bad_signature", f"{header} is not a unix timestamp.") from None
+    if abs(now - timestamp) > TOLERANCE_SECONDS:
+        raise VerificationError(
+            "stale_timestamp",
+            f"{header} is {now - timestamp:+d} s from this server's clock (tolerance ±{TOLERANCE_SECONDS} s).",
+        )
+    return timestamp
+
+
+def _require_secret(secret: str | None) -> str:
+    if not secret:
+        raise VerificationError("bad_signature", "This source has no signing secret configured.")
+    return secret
+
+
+def verify_stripe(secret, headers, body, now, team_id=None):
+    """`Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "t.body")>[,v1=…]`."""
+    secret = _require_secret(secret)
+    header = headers.get("stripe-signature")
+    if not header:
+        raise VerificationError("missing_signature", "Stripe-Signature header is missing.")
+    pairs = [part.split("=", 1) for part in header.split(",") if "=" in part]
+    timestamps = [value for key, value in pairs if key.strip() == "t"]
+    signatures = [value.strip() for key, value in pairs if key.strip() == "v1"]
+    if not timestamps or not signatures:
+        raise VerificationError("bad_signature", "Stripe-Signature has no t= or no v1= element.")
+    _check_timestamp(timestamps[0], now, "Stripe-Signature t")
+    expected = hmac.new(secret.encode(), timestamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
+    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+        raise VerificationError("bad_signature", "Stripe-Signature does not match this source's secret.")
+
+
+def verify_github(secret, headers, body, now, team_id=None):
+    """`X-Hub-Signature-256: sha256=<hex HMAC-SHA256(secret, body)>`."""
+    secret = _require_secret(secret)
+    header = headers.get("x-hub-signature-256")
+    if not header:
+        raise VerificationError("missing_signature", "X-Hub-Signature-256 header is missing.")
+    scheme, _, signature = header.partition("=")
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if scheme != "sha256" or not hmac.compare_digest(expected, signature.strip()):
+        raise VerificationError("bad_signature", "X-Hub-Signature-256 does not match this source's secret.")
+
+
+def standard_webhooks_key(secret: str) -> bytes:
+    """`whsec_<base64>` → key bytes, as every Standard Webhooks library reads it."""
+    encoded = secret[len("whsec_") :] if secret.startswith("whsec_") else secret
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        return secret.encode()
+
+
+def standard_webhooks_sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    message = f"{msg_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(_hmac_sha256(standard_webhooks_key(secret), message)).decode()
+
+
+def standard_signature_entries(header: str) -> list[tuple[str, str]]:
+    entries = []
+    for item in header.split():
+        version, _, value = item.partition(",")
+        if value:
+            entries.append((version, value))
+    return entries
+
+
+def verify_standard(secret, headers, body, now, team_id=None):
+    """Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature `v1,<base64>`."""
+    secret = _require_secret(secret)
+    msg_id = headers.get("webhook-id")
+    timestamp = headers.get("webhook-timestamp")
+    signature = headers.get("webhook-signature")
+    if not (msg_id and timestamp and signature):
+        raise VerificationError(
+            "missing_signature", "webhook-id, webhook-timestamp and webhook-signature headers are required."
+        )
+    _check_timestamp(timestamp, now, "webhook-timestamp")
+    expected = standard_webhooks_sign(secret, msg_id, int(timestamp), body).split(",", 1)[1]
+    candidates = [value for version, value in standard_signature_entries(signature) if version == "v1"]
+    if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
+        raise VerificationError("bad_signature", "webhook-signature does not match this source's secret.")
+
+
+def verify_none(secret, headers, body, now, team_id=None):
+    """Explicitly unverified: the operator chose to accept anything."""
+
+
+def verify_kite_unconfigured(secret, headers, body, now, team_id=None):
+    raise VerificationError(
+        "unknown_peer", "Federation is not enabled on this instance: no peer or trusted sender can be verified."
+    )
+
+
+VERIFIERS: dict[str, Verifier] = {
+    "stripe": verify_stripe,
+    "github": verify_github,
+    "standard": verify_standard,
+    "none": verify_none,
+    # Replaced by the federation app (AppConfig.ready) with the peer verifier.
+    "kite": verify_kite_unconfigured,
+}
+
+
+def register_verifier(kind: str, verifier: Verifier) -> None:
+    VERIFIERS[kind] = verifier
+
+
+def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}

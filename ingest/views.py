@@ -1,0 +1,61 @@
+"""POST /hooks/{team_id}/{source}: the provider-facing edge. Plain Django, no DRF: it is the hot path."""
+
+import time
+
+from django.conf import settings
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from ingest import selectors, services, verifiers
+from ingest.errors import Code
+from kite import metrics, selectors as kite_selectors
+from kite.errors import ApiError
+
+
+def _read_body(request) -> bytes:
+    limit = settings.KITE_MAX_BODY_BYTES
+    declared = request.META.get("CONTENT_LENGTH")
+    too_large = ApiError(f"Body is larger than {limit} bytes.", Code.TOO_LARGE, status=413)
+    if declared:
+        try:
+            if int(declared) > limit:
+                raise too_large
+        except ValueError:
+            raise ApiError("Content-Length is not a number.", Code.INVALID) from None
+        return request.body
+    body = request.read(limit + 1)  # chunked upload: never buffer more than the limit
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def _source(team_id: str, name: str):
+    source = selectors.source_for_hook(team_id, name)
+    if source is not None:
+        return source
+    if kite_selectors.team_by_id(team_id) is None:
+        raise ApiError(f"No team {team_id!r} on this instance.", Code.UNKNOWN_TEAM, status=404)
+    raise ApiError(f"Team has no source {name!r}.", Code.UNKNOWN_SOURCE, status=404)
+
+
+@csrf_exempt
+def hook(request, team_id: str, source: str):
+    started = time.perf_counter()
+    label = "unknown"
+    try:
+        if request.method != "POST":
+            raise ApiError("Use POST.", Code.METHOD_NOT_ALLOWED, status=405, headers={"Allow": "POST"})
+        found = _source(team_id, source)
+        label = found.name
+        body = _read_body(request)
+        result = services.webhook_receive(
+            source=found, headers=verifiers.lower_headers(request.headers), body=body
+        )
+    except ApiError as exc:
+        metrics.EVENTS_INGESTED.labels(label, exc.code).inc()
+        return exc.response()
+    metrics.EVENTS_INGESTED.labels(label, "accepted" if result.created else "duplicate").inc()
+    metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
+    return JsonResponse(
+        {"id": result.event.ce_id, "duplicate": not result.created}, status=202 if result.created else 200
+    )

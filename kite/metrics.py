@@ -1,0 +1,34 @@
+"""Prometheus metrics (DESIGN §7).
+
+With PROMETHEUS_MULTIPROC_DIR set (the `runkite` supervisor sets it), every
+web and worker process writes its samples there and /metrics aggregates them.
+"""
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the view)
+
+EVENTS_INGESTED = Counter(
+    "kite_events_ingested_total",
+    "Webhooks received, by source name and outcome (accepted, duplicate or the error code).",
+    ["source", "outcome"],
+)
+API_ERRORS = Counter(
+    "kite_api_errors_total",
+    "Requests refused with a 4xx, by endpoint group and error code.",
+    ["endpoint", "code"],
+)
+INGEST_SECONDS = Histogram(
+    "kite_ingest_seconds",
+    "Time to verify, convert and store one webhook.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+def render() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()

@@ -1,0 +1,241 @@
+"""Kite settings: every knob is an environment variable (DESIGN §2).
+
+Embedded defaults (SQLite in WAL mode, Celery on SQLite, in-memory channel
+layer) need nothing installed; DATABASE_URL / REDIS_URL switch to PostgreSQL /
+Redis. A bad value fails at start with the variable's name.
+"""
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+from kite import datadir
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+
+
+def _env(name, cast, default):
+    try:
+        return cast(name, default=default)
+    except (ValueError, TypeError, environ.ImproperlyConfigured) as exc:
+        raise ImproperlyConfigured(f"{name}: {exc}") from exc
+
+
+def _choice(name, default, choices):
+    value = env.str(name, default=default).strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(sorted(choices))}, got {value!r}")
+    return value
+
+
+def _port(name, default):
+    value = _env(name, env.int, default)
+    if not 0 < value < 65536:
+        raise ImproperlyConfigured(f"{name} must be a TCP port (1-65535), got {value}")
+    return value
+
+
+def _positive_int(name, default):
+    value = _env(name, env.int, default)
+    if value <= 0:
+        raise ImproperlyConfigured(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+KITE_DATA_DIR = Path(env.str("KITE_DATA_DIR", default=str(BASE_DIR / "var"))).resolve()
+try:
+    datadir.ensure_dir(KITE_DATA_DIR)
+except OSError as exc:
+    raise ImproperlyConfigured(f"KITE_DATA_DIR: cannot create {KITE_DATA_DIR}: {exc}") from exc
+
+KITE_HOST = env.str("KITE_HOST", default="127.0.0.1")
+KITE_PORT = _port("KITE_PORT", 8443)
+KITE_TLS = _choice("KITE_TLS", "on", {"on", "off"}) == "on"
+_scheme = "https" if KITE_TLS else "http"
+_url_host = f"[{KITE_HOST}]" if ":" in KITE_HOST else KITE_HOST
+KITE_PUBLIC_URL = env.str("KITE_PUBLIC_URL", default=f"{_scheme}://{_url_host}:{KITE_PORT}").rstrip("/")
+if urlsplit(KITE_PUBLIC_URL).scheme not in ("http", "https") or not urlsplit(KITE_PUBLIC_URL).hostname:
+    raise ImproperlyConfigured(f"KITE_PUBLIC_URL must be an absolute http(s) URL, got {KITE_PUBLIC_URL!r}")
+
+KITE_INSTANCE_ID = env.str("KITE_INSTANCE_ID", default="") or datadir.persistent_value(
+    KITE_DATA_DIR, "instance-id", datadir.new_instance_id
+)
+if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", KITE_INSTANCE_ID):
+    raise ImproperlyConfigured(
+        f"KITE_INSTANCE_ID must be 1-63 letters, digits, '.', '_' or '-', got {KITE_INSTANCE_ID!r}"
+    )
+
+SECRET_KEY = env.str("SECRET_KEY", default="") or datadir.persistent_value(
+    KITE_DATA_DIR, "secret-key", datadir.new_secret_key
+)
+KITE_ENCRYPTION_KEYS = [
+    key.strip()
+    for key in (
+        env.str("KITE_ENCRYPTION_KEYS", default="")
+        or datadir.persistent_value(KITE_DATA_DIR, "encryption-keys", datadir.new_fernet_key)
+    ).split(",")
+    if key.strip()
+]
+if not KITE_ENCRYPTION_KEYS:
+    raise ImproperlyConfigured("KITE_ENCRYPTION_KEYS must hold at least one Fernet key")
+
+DEBUG = _env("KITE_DEBUG", env.bool, False)
+ALLOWED_HOSTS = ["*"]  # Kite is reached by IP, by name and through proxies; Host is never trusted for URLs.
+CSRF_TRUSTED_ORIGINS = [f"{urlsplit(KITE_PUBLIC_URL).scheme}://{urlsplit(KITE_PUBLIC_URL).netloc}"]
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "kite",
+    "ingest",
+    "federation",
+    "fleet",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "kite.urls"
+WSGI_APPLICATION = "kite.wsgi.application"
+ASGI_APPLICATION = "kite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+# --- Database ---------------------------------------------------------------
+_default_db = f"sqlite:///{KITE_DATA_DIR / 'kite.sqlite3'}"
+try:
+    DATABASES = {"default": env.db("DATABASE_URL", default=_default_db)}
+except (ValueError, KeyError, environ.ImproperlyConfigured) as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from exc
+_engine = DATABASES["default"]["ENGINE"]
+if _engine == "django.db.backends.sqlite3":
+    # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock
+    # up front so concurrent writers wait (busy timeout) instead of failing.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+    }
+elif _engine in ("django.db.backends.postgresql", "django.db.backends.postgresql_psycopg2"):
+    DATABASES["default"]["ENGINE"] = "django.db.backends.postgresql"
+    DATABASES["default"]["CONN_MAX_AGE"] = _env("KITE_DB_CONN_MAX_AGE", env.int, 600)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+else:
+    raise ImproperlyConfigured(f"DATABASE_URL must be a postgres:// or sqlite:// URL, got engine {_engine}")
+IS_POSTGRES = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: broker, cache, channel layer --------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL and urlsplit(REDIS_URL).scheme not in ("redis", "rediss", "unix"):
+    raise ImproperlyConfigured(f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {REDIS_URL!r}")
+
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000}}
+    }
+    CELERY_BROKER_URL = REDIS_URL
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CELERY_BROKER_URL = f"sqla+sqlite:///{KITE_DATA_DIR / 'celery-broker.sqlite3'}"
+
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_TIME_LIMIT = 300
+CELERY_TASK_SOFT_TIME_LIMIT = 240
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 4
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE_FILENAME = str(KITE_DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "purge-old-events": {"task": "ingest.tasks.events_purge_expired", "schedule": 3600.0},
+}
+
+# --- Ingest ------------------------------------------------------------------
+KITE_MAX_BODY_BYTES = _positive_int("KITE_MAX_BODY_BYTES", 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = KITE_MAX_BODY_BYTES
+KITE_EVENT_RETENTION_DAYS = _env("KITE_EVENT_RETENTION_DAYS", env.int, 0)  # 0 keeps events forever
+KITE_WEB_WORKERS = _positive_int("KITE_WEB_WORKERS", 1)
+KITE_WSGI_THREADS = _positive_int("KITE_WSGI_THREADS", 16)
+if KITE_WEB_WORKERS > 1 and not REDIS_URL:
+    raise ImproperlyConfigured("KITE_WEB_WORKERS > 1 needs REDIS_URL (the in-memory channel layer is per process)")
+
+# --- API ---------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "kite.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["kite.auth.IsTeamMember"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "kite.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Kite API",
+    "DESCRIPTION": "Webhooks in, CloudEvents out, federated between Kite instances.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Static, auth, i18n --------------------------------------------------------
+STATIC_URL = "/static/"
+STATIC_ROOT = KITE_DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+datadir.ensure_dir(STATIC_ROOT)
+WHITENOISE_USE_FINDERS = True
+LOGIN_URL = "/admin/login/"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("KITE_LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+KITE_BENCH_ENDPOINTS = _env("KITE_BENCH_ENDPOINTS", env.bool, False)
