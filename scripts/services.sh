@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Start or stop the PostgreSQL 15 and Redis servers that tests and benchmarks use,
+# on loopback ports of their own, installing the Debian packages if missing.
+#   scripts/services.sh start|stop|status|env
+set -euo pipefail
+
+PG_PORT="${KITE_TEST_PG_PORT:-55432}"
+REDIS_PORT="${KITE_TEST_REDIS_PORT:-56379}"
+DIR="${KITE_SERVICES_DIR:-/tmp/kite-services-$PG_PORT}"
+PG_BIN=/usr/lib/postgresql/15/bin
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+install_packages() {
+  local missing=()
+  [ -x "$PG_BIN/postgres" ] || missing+=(postgresql-15)
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  [ ${#missing[@]} -eq 0 ] && return
+  echo "services: installing ${missing[*]} (Debian packages)"
+  if [ "$(id -u)" != 0 ]; then echo "services: need root to apt-get install ${missing[*]}" >&2; exit 1; fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+start_postgres() {
+  mkdir -p "$DIR"
+  if [ ! -s "$DIR/pg/PG_VERSION" ]; then
+    mkdir -p "$DIR/pg" && chown -R postgres: "$DIR" 2>/dev/null || true
+    as_postgres "$PG_BIN/initdb" -D "$DIR/pg" -U postgres --auth=trust -E UTF8 >/dev/null
+    cat >> "$DIR/pg/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$DIR'
+max_connections = 300
+shared_buffers = 256MB
+fsync = on
+synchronous_commit = on
+log_min_messages = warning
+CONF
+  fi
+  if ! as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" status >/dev/null 2>&1; then
+    as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg.log" -w -t 60 start >/dev/null
+  fi
+  echo "services: PostgreSQL on 127.0.0.1:$PG_PORT"
+}
+
+start_redis() {
+  if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+      --daemonize yes --pidfile "$DIR/redis.pid" --logfile "$DIR/redis.log" --dir "$DIR"
+    for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  fi
+  echo "services: Redis on 127.0.0.1:$REDIS_PORT"
+}
+
+stop_all() {
+  [ -f "$DIR/pg/postmaster.pid" ] && as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >/dev/null || true
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  echo "services: stopped"
+}
+
+case "${1:-}" in
+  start) install_packages; start_postgres; start_redis ;;
+  stop) stop_all ;;
+  status) as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" status; redis-cli -p "$REDIS_PORT" ping ;;
+  env)
+    echo "export DATABASE_URL=postgres://postgres@127.0.0.1:$PG_PORT/kite"
+    echo "export REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0" ;;
+  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac
