@@ -1,5 +1,6 @@
 from django.contrib import admin
 
+from kite import services
 from kite.models import ApiKey, Membership, Team
 
 
@@ -21,7 +22,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ["prefix", "label", "team", "created_at", "last_used_at", "revoked_at"]
     list_select_related = ["team"]
     search_fields = ["prefix", "label"]
-    readonly_fields = ["prefix", "digest", "created_at", "last_used_at"]
+    readonly_fields = ["team", "prefix", "digest", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke selected API keys")
+    def revoke(self, request, queryset):
+        for api_key in queryset:
+            services.apikey_revoke(api_key=api_key)
 
     def has_add_permission(self, request):
         return False  # keys are shown once: create them with `manage.py createapikey`

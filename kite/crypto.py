@@ -58,3 +58,13 @@ def decrypt(token: str) -> str:
         raise ImproperlyConfigured(
             "KITE_ENCRYPTION_KEYS: a stored secret cannot be decrypted with the configured keys"
         ) from exc
+
+
+def rotate(token: str) -> str:
+    """Re-encrypt under the first key (MultiFernet.rotate); the plaintext never leaves."""
+    try:
+        return _fernet(tuple(settings.KITE_ENCRYPTION_KEYS)).rotate(token.encode()).decode()
+    except InvalidToken as exc:
+        raise ImproperlyConfigured(
+            "KITE_ENCRYPTION_KEYS: a stored secret cannot be decrypted with the configured keys"
+        ) from exc
