@@ -6,6 +6,7 @@ module decides `id`, `type`, `time`, `subject` and `data` per source kind.
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,17 +48,38 @@ def body_digest_id(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _not_json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(body: bytes) -> Any:
+    """RFC 8259 JSON only (UTF-8, no BOM, finite numbers): stored data must read back anywhere.
+
+    Python's json alone also takes UTF-16/32, NaN and 1e400 (→ inf), and raises
+    RecursionError or ValueError, not JSONDecodeError, on deep nesting or huge integers.
+    """
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedEvent("malformed_json", f"Body is not valid JSON: {exc}.") from None
+        return json.loads(body.decode("utf-8"), parse_constant=_not_json_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise MalformedEvent("malformed_json", f"Body is not valid JSON: {str(exc)[:200]}.") from None
+
+
+_CONTROL_OR_SURROGATE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def _text(value: Any, name: str) -> str:
     text = str(value)
     if not text or len(text) > MAX_ATTRIBUTE_LENGTH:
         raise MalformedEvent("invalid_event", f"{name} must be 1-{MAX_ATTRIBUTE_LENGTH} characters.")
+    if _CONTROL_OR_SURROGATE.search(text):  # PostgreSQL cannot store NUL or lone surrogates
+        raise MalformedEvent("invalid_event", f"{name} must not contain control characters.")
     return text
 
 
@@ -67,16 +89,16 @@ def _unix_time(value: Any, fallback: datetime) -> datetime:
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            # 0001-01-01T00:00+01:00 parses but lies outside datetime's range once in UTC.
+            return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError):
             return fallback
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return fallback
 
 
 def _object_id(payload: Any, body: bytes) -> str:
-    if isinstance(payload, dict) and isinstance(payload.get("id"), (str, int)) and not isinstance(
-        payload.get("id"), bool
-    ):
+    value = payload.get("id") if isinstance(payload, dict) else None
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value) != "":
         return _text(payload["id"], "id")
     return body_digest_id(body)
 

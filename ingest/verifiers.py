@@ -43,6 +43,11 @@ def _check_timestamp(raw: str, now: int, header: str) -> int:
     return timestamp
 
 
+def _same(expected: str, candidate: str) -> bool:
+    # Header values are arbitrary text; compare_digest refuses non-ASCII str, so compare bytes.
+    return hmac.compare_digest(expected.encode(), candidate.encode())
+
+
 def _require_secret(secret: str | None) -> str:
     if not secret:
         raise VerificationError("bad_signature", "This source has no signing secret configured.")
@@ -62,7 +67,7 @@ def verify_stripe(secret, headers, body, now, team_id=None):
         raise VerificationError("bad_signature", "Stripe-Signature has no t= or no v1= element.")
     _check_timestamp(timestamps[0], now, "Stripe-Signature t")
     expected = hmac.new(secret.encode(), timestamps[0].encode() + b"." + body, hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+    if not any(_same(expected, candidate) for candidate in signatures):
         raise VerificationError("bad_signature", "Stripe-Signature does not match this source's secret.")
 
 
@@ -74,15 +79,15 @@ def verify_github(secret, headers, body, now, team_id=None):
         raise VerificationError("missing_signature", "X-Hub-Signature-256 header is missing.")
     scheme, _, signature = header.partition("=")
     expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    if scheme != "sha256" or not hmac.compare_digest(expected, signature.strip()):
+    if scheme != "sha256" or not _same(expected, signature.strip()):
         raise VerificationError("bad_signature", "X-Hub-Signature-256 does not match this source's secret.")
 
 
 def standard_webhooks_key(secret: str) -> bytes:
     """`whsec_<base64>` → key bytes, as every Standard Webhooks library reads it."""
     encoded = secret[len("whsec_") :] if secret.startswith("whsec_") else secret
-    try:
-        return base64.b64decode(encoded, validate=True)
+    try:  # senders may drop the base64 padding; the reference libraries restore it
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except binascii.Error:
         return secret.encode()
 
@@ -114,7 +119,7 @@ def verify_standard(secret, headers, body, now, team_id=None):
     _check_timestamp(timestamp, now, "webhook-timestamp")
     expected = standard_webhooks_sign(secret, msg_id, int(timestamp), body).split(",", 1)[1]
     candidates = [value for version, value in standard_signature_entries(signature) if version == "v1"]
-    if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
+    if not any(_same(expected, candidate) for candidate in candidates):
         raise VerificationError("bad_signature", "webhook-signature does not match this source's secret.")
 
 

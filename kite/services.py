@@ -75,12 +75,22 @@ def bootstrap(*, data_dir: Path | None = None) -> BootstrapResult:
         user = user_model.objects.create_superuser("admin", "", result.admin_password)
         membership_add(team=team, user=user, role=Membership.Role.ADMIN)
     key_path = data_dir / "admin-api-key"
-    if not key_path.exists():
+    if not _key_file_works(key_path):  # missing, or left over from another database
         issued = apikey_create(team=team, label="bootstrap admin key")
         _write_private(key_path, issued.raw_key)
         result.api_key = issued.raw_key
     result.api_key_path = key_path
     return result
+
+
+def _key_file_works(path: Path) -> bool:
+    from kite.selectors import apikey_by_raw
+
+    try:
+        raw = path.read_text().strip()
+    except FileNotFoundError:
+        return False
+    return bool(raw) and apikey_by_raw(raw) is not None
 
 
 def _write_private(path: Path, content: str) -> None:

@@ -26,5 +26,5 @@ class EventQuerySerializer(serializers.Serializer):
     source = serializers.CharField(required=False, max_length=50)
     type = serializers.CharField(required=False, max_length=255)
     agent = serializers.CharField(required=False, max_length=100)
-    after = serializers.CharField(required=False, allow_blank=True, max_length=40)
+    after = serializers.CharField(required=False, allow_blank=True)  # cursor_parse validates: 400 bad_cursor
     limit = serializers.IntegerField(required=False, min_value=1, max_value=1000, default=100)
