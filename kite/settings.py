@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import environ
+from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
 from kite import datadir
@@ -30,6 +31,12 @@ def _choice(name, default, choices):
     if value not in choices:
         raise ImproperlyConfigured(f"{name} must be one of {', '.join(sorted(choices))}, got {value!r}")
     return value
+
+
+def _bool(name, default):
+    # env.bool reads any unknown word as False: a typo would silently switch a feature off.
+    words = {"on", "off", "true", "false", "yes", "no", "1", "0"}
+    return _choice(name, "on" if default else "off", words) in {"on", "true", "yes", "1"}
 
 
 def _port(name, default):
@@ -82,8 +89,13 @@ KITE_ENCRYPTION_KEYS = [
 ]
 if not KITE_ENCRYPTION_KEYS:
     raise ImproperlyConfigured("KITE_ENCRYPTION_KEYS must hold at least one Fernet key")
+for _number, _key in enumerate(KITE_ENCRYPTION_KEYS, start=1):
+    try:
+        Fernet(_key.encode())
+    except ValueError as exc:  # say which key, never the key itself
+        raise ImproperlyConfigured(f"KITE_ENCRYPTION_KEYS: key #{_number} is not a Fernet key ({exc})") from None
 
-DEBUG = _env("KITE_DEBUG", env.bool, False)
+DEBUG = _bool("KITE_DEBUG", False)
 ALLOWED_HOSTS = ["*"]  # Kite is reached by IP, by name and through proxies; Host is never trusted for URLs.
 CSRF_TRUSTED_ORIGINS = [f"{urlsplit(KITE_PUBLIC_URL).scheme}://{urlsplit(KITE_PUBLIC_URL).netloc}"]
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -140,7 +152,7 @@ try:
     DATABASES = {"default": env.db("DATABASE_URL", default=_default_db)}
 except (ValueError, KeyError, environ.ImproperlyConfigured) as exc:
     raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from exc
-_engine = DATABASES["default"]["ENGINE"]
+_engine = DATABASES["default"].get("ENGINE")  # missing for a URL scheme django-environ does not know
 if _engine == "django.db.backends.sqlite3":
     # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock
     # up front so concurrent writers wait (busy timeout) instead of failing.
@@ -192,6 +204,10 @@ CELERY_BEAT_SCHEDULE = {
 KITE_MAX_BODY_BYTES = _positive_int("KITE_MAX_BODY_BYTES", 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KITE_MAX_BODY_BYTES
 KITE_EVENT_RETENTION_DAYS = _env("KITE_EVENT_RETENTION_DAYS", env.int, 0)  # 0 keeps events forever
+if KITE_EVENT_RETENTION_DAYS < 0:
+    raise ImproperlyConfigured(
+        f"KITE_EVENT_RETENTION_DAYS must be 0 (keep forever) or more, got {KITE_EVENT_RETENTION_DAYS}"
+    )
 KITE_WEB_WORKERS = _positive_int("KITE_WEB_WORKERS", 1)
 KITE_WSGI_THREADS = _positive_int("KITE_WSGI_THREADS", 16)
 if KITE_WEB_WORKERS > 1 and not REDIS_URL:
@@ -229,13 +245,14 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+KITE_LOG_LEVEL = _choice("KITE_LOG_LEVEL", "info", {"debug", "info", "warning", "error", "critical"}).upper()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("KITE_LOG_LEVEL", default="INFO")},
+    "root": {"handlers": ["console"], "level": KITE_LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
 
-KITE_BENCH_ENDPOINTS = _env("KITE_BENCH_ENDPOINTS", env.bool, False)
+KITE_BENCH_ENDPOINTS = _bool("KITE_BENCH_ENDPOINTS", False)
