@@ -177,12 +177,44 @@ def from_plain(headers, body: bytes, received_at: datetime) -> Draft:
     )
 
 
-def from_structured(headers, body: bytes, received_at: datetime) -> Draft:
-    """A structured-mode CloudEvent (what one Kite sends another)."""
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+MAX_BATCH = 1000
+MAX_EXTENSION_VALUE = 1000
+
+
+def from_structured(headers, body: bytes, received_at: datetime) -> Draft | list:
+    """A structured-mode CloudEvent (what one Kite sends another), or a batch of them.
+
+    A batch (application/cloudevents-batch+json) gives a list with, per event,
+    a Draft or the MalformedEvent that rejects just that event.
+    """
     payload = parse_json(body)
+    if headers.get("content-type", "").startswith(BATCH_CONTENT_TYPE):
+        if not isinstance(payload, list) or not 0 < len(payload) <= MAX_BATCH:
+            raise MalformedEvent("invalid_event", f"A CloudEvents batch is a JSON array of 1-{MAX_BATCH} events.")
+        return [_draft_or_error(item, received_at) for item in payload]
     if not isinstance(payload, dict):
         raise MalformedEvent("invalid_event", "A structured CloudEvent is a JSON object.")
     return draft_from_cloudevent(payload, received_at)
+
+
+def _draft_or_error(item, received_at):
+    if not isinstance(item, dict):
+        return MalformedEvent("invalid_event", "Each event of a batch is a JSON object.")
+    try:
+        return draft_from_cloudevent(item, received_at)
+    except MalformedEvent as exc:
+        return exc
+
+
+def _extension_value(name: str, value):
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    if isinstance(value, str) and len(value) <= MAX_EXTENSION_VALUE and not _CONTROL_OR_SURROGATE.search(value):
+        return value
+    raise MalformedEvent(
+        "invalid_event", f"Extension `{name}` must be a string (≤{MAX_EXTENSION_VALUE} printable characters) or integer."
+    )
 
 
 def draft_from_cloudevent(payload: dict, received_at: datetime) -> Draft:
@@ -195,15 +227,19 @@ def draft_from_cloudevent(payload: dict, received_at: datetime) -> Draft:
     bad = [key for key in extensions if not _EXTENSION_NAME.match(key)]
     if bad:
         raise MalformedEvent("invalid_event", f"Invalid CloudEvent extension name(s): {', '.join(sorted(bad))}.")
+    extensions = {key: _extension_value(key, value) for key, value in extensions.items()}
+    extensions.pop("kitecursor", None)  # a read position of the sender's store means nothing here
     data = payload.get("data")
+    subject = payload.get("subject")
     return Draft(
         id=_text(payload["id"], "id"),
         type=_text(payload["type"], "type"),
         source=_text(payload["source"], "source"),
         time=_unix_time(payload.get("time"), received_at),
-        subject=str(payload.get("subject") or "")[:MAX_ATTRIBUTE_LENGTH],
-        datacontenttype=str(payload.get("datacontenttype") or "application/json")[:100],
-        data_json=json.dumps(data, separators=(",", ":"), ensure_ascii=False),
+        subject=_text(subject, "subject") if subject not in (None, "") else "",
+        datacontenttype=_text(payload.get("datacontenttype") or "application/json", "datacontenttype")[:100],
+        # ASCII-escaped: a lone surrogate inside data must not reach the database raw.
+        data_json=json.dumps(data, separators=(",", ":")),
         extensions=extensions,
         agent=_agent_of(payload["type"], data),
     )

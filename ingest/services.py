@@ -72,8 +72,16 @@ class Ingested:
     created: bool
 
 
-def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> Ingested:
-    """Everything after routing and size checks. Raises ApiError; stores nothing on error."""
+def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> "Ingested | list[BatchItem]":
+    """Everything after routing and size checks. Raises ApiError; stores nothing on error.
+
+    The signature is checked before the rate limit, so unsigned junk cannot use
+    up a source's quota and crowd out the real sender.
+    """
+    try:
+        sender = verifiers.VERIFIERS[source.kind](source_secret(source), headers, body, int(time.time()), source.team_id)
+    except verifiers.VerificationError as exc:
+        raise ApiError(exc.detail, exc.code, status=401) from None
     verdict = ratelimit.hit(f"source:{source.pk}", source.rate_limit_per_second)
     if not verdict.allowed:
         raise ApiError(
@@ -83,19 +91,16 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
             headers={"Retry-After": str(verdict.retry_after)},
         )
     try:
-        sender = verifiers.VERIFIERS[source.kind](source_secret(source), headers, body, int(time.time()), source.team_id)
-    except verifiers.VerificationError as exc:
-        raise ApiError(exc.detail, exc.code, status=401) from None
-    try:
         draft = cloudevent.CONVERTERS[source.kind](headers, body, timezone.now())
     except cloudevent.MalformedEvent as exc:
         raise ApiError(exc.detail, exc.code, status=400) from None
+    if isinstance(draft, list):
+        return events_store_batch(source=source, items=draft, sender=sender)
     return event_store(source=source, draft=draft, sender=sender)
 
 
-def event_store(*, source: Source, draft: cloudevent.Draft, sender=None) -> Ingested:
-    """Store one CloudEvent once per (team, source, id); broadcast after commit."""
-    event = Event(
+def _new_event(source: Source, draft: cloudevent.Draft) -> Event:
+    return Event(
         team_id=source.team_id,
         source=source,
         ce_id=draft.id,
@@ -108,18 +113,64 @@ def event_store(*, source: Source, draft: cloudevent.Draft, sender=None) -> Inge
         extensions=draft.extensions,
         agent=draft.agent,
     )
+
+
+def _insert(event: Event, sender) -> None:
+    """INSERT plus the stored-event hooks, in the caller's transaction; IntegrityError on a duplicate."""
+    event.save(force_insert=True)
+    for hook in hooks.event_stored:
+        hook(event, sender)
+    transaction.on_commit(lambda: broadcast.event_stored(event))
+
+
+def _existing(event: Event) -> Event | None:
+    return Event.objects.filter(team_id=event.team_id, ce_source=event.ce_source, ce_id=event.ce_id).first()
+
+
+def event_store(*, source: Source, draft: cloudevent.Draft, sender=None) -> Ingested:
+    """Store one CloudEvent once per (team, source, id); broadcast after commit."""
+    event = _new_event(source, draft)
     try:
         with transaction.atomic():
-            event.save(force_insert=True)
-            for hook in hooks.event_stored:
-                hook(event, sender)
-            transaction.on_commit(lambda: broadcast.event_stored(event))
+            _insert(event, sender)
     except IntegrityError:
-        existing = Event.objects.filter(team_id=event.team_id, ce_source=event.ce_source, ce_id=event.ce_id).first()
+        existing = _existing(event)
         if existing is None:
             raise
         return Ingested(existing, created=False)
     return Ingested(event, created=True)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    id: str
+    result: str  # accepted | duplicate | rejected
+    detail: str = ""
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "result": self.result, **({"detail": self.detail} if self.detail else {})}
+
+
+def events_store_batch(*, source: Source, items: list, sender=None) -> list[BatchItem]:
+    """A CloudEvents batch in one transaction (one commit), a savepoint per event
+    so a duplicate or a bad event affects only itself."""
+    results = []
+    with transaction.atomic():
+        for item in items:
+            if isinstance(item, cloudevent.MalformedEvent):
+                results.append(BatchItem("", "rejected", item.detail))
+                continue
+            event = _new_event(source, item)
+            try:
+                with transaction.atomic():
+                    _insert(event, sender)
+            except IntegrityError:
+                if _existing(event) is None:
+                    raise
+                results.append(BatchItem(event.ce_id, "duplicate"))
+                continue
+            results.append(BatchItem(event.ce_id, "accepted"))
+    return results
 
 
 def events_purge_expired(*, days: int, batch: int = 5000) -> int:

@@ -23,7 +23,11 @@ def _read_body(request) -> bytes:
         except ValueError:
             raise ApiError("Content-Length is not a number.", Code.INVALID) from None
         return request.body
-    body = request.read(limit + 1)  # chunked upload: never buffer more than the limit
+    if "chunked" not in request.META.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return b""
+    # Django reads no body without Content-Length; read the chunked stream
+    # ourselves and never buffer more than the limit.
+    body = request.META["wsgi.input"].read(limit + 1)
     if len(body) > limit:
         raise too_large
     return body
@@ -36,6 +40,11 @@ def _source(team_id: str, name: str):
     if kite_selectors.team_by_id(team_id) is None:
         raise ApiError(f"No team {team_id!r} on this instance.", Code.UNKNOWN_TEAM, status=404)
     raise ApiError(f"Team has no source {name!r}.", Code.UNKNOWN_SOURCE, status=404)
+
+
+def _answer(response):
+    response["kite-instance"] = settings.KITE_INSTANCE_ID  # how a federating peer learns who we are
+    return response
 
 
 @csrf_exempt
@@ -53,9 +62,13 @@ def hook(request, team_id: str, source: str):
         )
     except ApiError as exc:
         metrics.EVENTS_INGESTED.labels(label, exc.code).inc()
-        return exc.response()
-    metrics.EVENTS_INGESTED.labels(label, "accepted" if result.created else "duplicate").inc()
+        return _answer(exc.response())
     metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
-    return JsonResponse(
-        {"id": result.event.ce_id, "duplicate": not result.created}, status=202 if result.created else 200
+    if isinstance(result, list):  # a CloudEvents batch: one result per event
+        for item in result:
+            metrics.EVENTS_INGESTED.labels(label, item.result).inc()
+        return _answer(JsonResponse([item.as_dict() for item in result], safe=False, status=200))
+    metrics.EVENTS_INGESTED.labels(label, "accepted" if result.created else "duplicate").inc()
+    return _answer(
+        JsonResponse({"id": result.event.ce_id, "duplicate": not result.created}, status=202 if result.created else 200)
     )

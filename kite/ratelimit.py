@@ -29,10 +29,10 @@ class _LocalWindows:
         self._lock = threading.Lock()
         self._counts: dict[str, tuple[int, int]] = {}
 
-    def hit(self, key: str, window: int) -> int:
+    def hit(self, key: str, window: int, cost: int = 1) -> int:
         with self._lock:
             start, count = self._counts.get(key, (window, 0))
-            count = count + 1 if start == window else 1
+            count = count + cost if start == window else cost
             self._counts[key] = (window, count)
             if len(self._counts) > 10_000:
                 self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
@@ -42,18 +42,19 @@ class _LocalWindows:
 _local = _LocalWindows()
 
 
-def hit(key: str, limit_per_second: int | None) -> Verdict:
+def hit(key: str, limit_per_second: int | None, cost: int = 1) -> Verdict:
+    """Count `cost` units in this second's window; refuse once the limit is passed."""
     if not limit_per_second:
         return Verdict(True)
     window = int(time.time())
     if settings.REDIS_URL:
         redis_key = f"kite:rl:{key}:{window}"
         pipe = _redis().pipeline(transaction=False)
-        pipe.incr(redis_key)
+        pipe.incrby(redis_key, cost)
         pipe.expire(redis_key, 2)
         count = pipe.execute()[0]
     else:
-        count = _local.hit(key, window)
+        count = _local.hit(key, window, cost)
     if count > limit_per_second:
         return Verdict(False, retry_after=1)
     return Verdict(True)

@@ -196,8 +196,15 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 4
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(KITE_DATA_DIR / "celerybeat-schedule")
+KITE_HEARTBEAT_SECONDS = _positive_int("KITE_HEARTBEAT_SECONDS", 30)
+KITE_PROBE_DOWN_SECONDS = _positive_int("KITE_PROBE_DOWN_SECONDS", 5)
+KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 60)
 CELERY_BEAT_SCHEDULE = {
     "purge-old-events": {"task": "ingest.tasks.events_purge_expired", "schedule": 3600.0},
+    "sweep-outbox": {"task": "federation.tasks.sweep_outbox", "schedule": 1.0},
+    "heartbeats": {"task": "federation.tasks.heartbeats", "schedule": float(KITE_HEARTBEAT_SECONDS)},
+    # A peer whose queue paused as down is probed more often, so it drains soon after it is back.
+    "probe-down-peers": {"task": "federation.tasks.probe_down_peers", "schedule": float(KITE_PROBE_DOWN_SECONDS)},
 }
 
 # --- Ingest ------------------------------------------------------------------
@@ -256,3 +263,10 @@ LOGGING = {
 }
 
 KITE_BENCH_ENDPOINTS = _bool("KITE_BENCH_ENDPOINTS", False)
+
+try:
+    from importlib.metadata import version as _package_version
+
+    KITE_VERSION = _package_version("kite")
+except Exception:  # running from a checkout that was not pip-installed
+    KITE_VERSION = "0.1.0"

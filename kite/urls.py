@@ -10,6 +10,7 @@ urlpatterns = [
     path("metrics", kite_views.prometheus_metrics),
     path("api/", include("kite.api.urls")),
     path("api/", include("ingest.api.urls")),
+    path("api/federation/", include("federation.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema")),
     path("admin/", admin.site.urls),

@@ -539,3 +539,16 @@ def test_any_body_to_an_unverified_source_gets_a_4xx_or_is_stored_and_renderable
         json.dumps(stored.to_cloudevent(), allow_nan=False)  # what GET /api/events will have to render
     else:
         assert Event.objects.count() == rows
+
+
+def test_unsigned_junk_does_not_use_up_a_sources_rate_limit(client, team):
+    SourceFactory(team=team, name="limited", kind="stripe", rate_limit_per_second=2)
+    url = hook_url(team, "limited")
+    for _ in range(5):
+        junk = client.post(url, b"{}", content_type="application/json", HTTP_STRIPE_SIGNATURE="t=1,v1=00")
+        assert junk.status_code == 401
+    body = json.dumps({"id": "evt_real", "type": "charge.succeeded"}).encode()
+    real = client.post(url, body, content_type="application/json",
+                       HTTP_STRIPE_SIGNATURE=stripe_signature(SOURCE_SECRET, body))  # fmt: skip
+    assert real.status_code == 202
+    assert Source.objects.get(team=team, name="limited").events.count() == 1

@@ -1,0 +1,37 @@
+"""Endpoints other Kite instances call, signed as in DESIGN §3 (not API-key auth)."""
+
+from django.conf import settings
+from django.http import JsonResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET
+
+from federation import CONTRACT_VERSION, inbound, metrics
+from federation.outbox import BATCH_CAP
+from ingest.verifiers import lower_headers
+from kite.errors import ApiError, json_error
+
+
+def capabilities() -> dict:
+    return {"contract_version": CONTRACT_VERSION, "batch_max": BATCH_CAP}
+
+
+@csrf_exempt
+@require_GET
+def ping(request):
+    try:
+        peer = inbound.authenticate(lower_headers(request.headers), b"", team_id=None)
+    except inbound.Refusal as refusal:
+        metrics.CALLS.labels("unknown", "inbound", str(refusal.code)).inc()
+        return json_error(refusal.detail, refusal.code, 401)
+    except ApiError as exc:
+        return exc.response()
+    metrics.CALLS.labels(peer.name, "inbound", "ok").inc()
+    return JsonResponse(
+        {
+            "instance_id": settings.KITE_INSTANCE_ID,
+            "version": settings.KITE_VERSION,
+            "time": timezone.now().isoformat().replace("+00:00", "Z"),
+            "capabilities": capabilities(),
+        }
+    )

@@ -1,0 +1,96 @@
+from django.utils import timezone
+from rest_framework import serializers
+
+from federation import reachability
+from federation.models import Delivery, FederationToken, OutboxEntry, Peer
+from federation.routing import DEFAULT_MAX_HOPS
+
+
+class TokenCreateSerializer(serializers.Serializer):
+    label = serializers.CharField(max_length=100)
+
+
+class TokenSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = FederationToken
+        fields = ["id", "label", "fingerprint", "created_at"]
+
+
+class PeerCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63)
+    peer_hook_url = serializers.CharField(max_length=500)
+    outbound_token = serializers.CharField(required=False, max_length=500)
+    inbound_token = serializers.CharField(required=False, max_length=500)
+    scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
+    max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32, default=DEFAULT_MAX_HOPS)
+    rate_limit_per_second = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100_000)
+    tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71, default="")
+
+
+class PeerUpdateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, required=False)
+    peer_hook_url = serializers.CharField(max_length=500, required=False)
+    outbound_token = serializers.CharField(required=False, max_length=500)
+    scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False)
+    max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
+    rate_limit_per_second = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100_000)
+    tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71)
+
+
+class TrustedSenderCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63)
+    inbound_token = serializers.CharField(required=False, max_length=500)
+
+
+class PeerSerializer(serializers.ModelSerializer):
+    reachability = serializers.SerializerMethodField()
+    outbox = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Peer
+        fields = [
+            "id", "name", "role", "status", "reachability", "paused", "peer_hook_url", "scopes", "max_hops",
+            "rate_limit_per_second", "tls_fingerprint", "remote_instance_id", "outbound_fingerprint",
+            "inbound_fingerprint", "batch_max", "consecutive_failures", "last_error", "last_heartbeat_at",
+            "last_success_at", "last_latency_ms", "last_inbound_at", "outbox", "created_at",
+        ]  # fmt: skip
+
+    def get_reachability(self, peer) -> str:
+        return reachability.chip(
+            now=timezone.now(),
+            last_attempt_at=peer.last_attempt_at,
+            last_success_at=peer.last_success_at,
+            last_latency_ms=peer.last_latency_ms,
+            last_attempt_ok=peer.last_attempt_at is not None and peer.last_attempt_at == peer.last_success_at,
+        )
+
+    def get_outbox(self, peer) -> dict:
+        depth = self.context.get("depths", {}).get(peer.pk)
+        return depth if depth is not None else {}
+
+
+class TrustedSenderSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Peer
+        fields = ["id", "name", "status", "remote_instance_id", "inbound_fingerprint", "last_inbound_at", "created_at"]
+
+
+class OutboxEntrySerializer(serializers.ModelSerializer):
+    event_id = serializers.CharField(source="event.ce_id")
+
+    class Meta:
+        model = OutboxEntry
+        fields = ["id", "msg_id", "event_id", "status", "attempts", "next_attempt_at", "last_error", "created_at",
+                  "delivered_at"]  # fmt: skip
+
+
+class DeliverySerializer(serializers.ModelSerializer):
+    outbox_id = serializers.IntegerField(source="entry_id")
+
+    class Meta:
+        model = Delivery
+        fields = ["id", "outbox_id", "attempted_at", "status_code", "outcome", "latency_ms", "error"]
+
+
+class ReplaySerializer(serializers.Serializer):
+    limit = serializers.IntegerField(min_value=1, max_value=100_000, default=100)

@@ -1,0 +1,18 @@
+from django.urls import path
+
+from federation.api import peer_views, views
+
+urlpatterns = [
+    path("identity", views.Identity.as_view()),
+    path("tokens", views.TokenListCreate.as_view()),
+    path("tokens/<int:token_id>", views.TokenDetail.as_view()),
+    path("peers", views.PeerListCreate.as_view()),
+    path("peers/<int:peer_id>", views.PeerDetail.as_view()),
+    path("peers/<int:peer_id>/outbox", views.PeerOutbox.as_view()),
+    path("peers/<int:peer_id>/replay-dead", views.PeerReplayDead.as_view()),
+    path("peers/<int:peer_id>/deliveries", views.PeerDeliveries.as_view()),
+    path("trusted-senders", views.TrustedSenderListCreate.as_view()),
+    path("trusted-senders/<int:sender_id>", views.TrustedSenderDetail.as_view()),
+    # Peer-facing, signed (DESIGN §3):
+    path("ping", peer_views.ping),
+]

@@ -1,0 +1,120 @@
+from django.conf import settings
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from federation import outbox, selectors, services
+from federation.api import serializers as s
+from federation.errors import Code
+from kite.errors import ApiError
+
+
+def _valid(serializer_class, data, **kwargs):
+    serializer = serializer_class(data=data, **kwargs)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def _peer(request, peer_id, role="peer"):
+    peer = selectors.peer_for_team(request.user.team.id, peer_id, role=role)
+    if peer is None:
+        raise ApiError("No such peer in your team.", Code.NOT_FOUND, status=404)
+    return peer
+
+
+def _peer_body(peer, extra=None):
+    body = s.PeerSerializer(peer, context={"depths": selectors.outbox_depths([peer.pk])}).data
+    body.update(extra or {})
+    return body
+
+
+class Identity(APIView):
+    def get(self, request):
+        return Response(selectors.identity(request.user.team))
+
+
+class TokenListCreate(APIView):
+    def get(self, request):
+        return Response({"results": s.TokenSerializer(selectors.tokens(request.user.team.id), many=True).data})
+
+    def post(self, request):
+        issued = services.token_create(team=request.user.team, **_valid(s.TokenCreateSerializer, request.data))
+        return Response({**s.TokenSerializer(issued.row).data, **issued.secrets}, status=status.HTTP_201_CREATED)
+
+
+class TokenDetail(APIView):
+    def delete(self, request, token_id):
+        token = selectors.tokens(request.user.team.id).filter(pk=token_id).first()
+        if token is None:
+            raise ApiError("No such token in your team.", Code.NOT_FOUND, status=404)
+        services.token_delete(token=token)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class PeerListCreate(APIView):
+    def get(self, request):
+        peers = list(selectors.peers(request.user.team.id))
+        depths = selectors.outbox_depths([peer.pk for peer in peers])
+        return Response({"results": s.PeerSerializer(peers, many=True, context={"depths": depths}).data})
+
+    def post(self, request):
+        issued = services.peer_create(team=request.user.team, **_valid(s.PeerCreateSerializer, request.data))
+        return Response(_peer_body(issued.row, issued.secrets), status=status.HTTP_201_CREATED)
+
+
+class PeerDetail(APIView):
+    def get(self, request, peer_id):
+        return Response(_peer_body(_peer(request, peer_id)))
+
+    def patch(self, request, peer_id):
+        peer = _peer(request, peer_id)
+        changes = _valid(s.PeerUpdateSerializer, request.data, partial=True)
+        return Response(_peer_body(services.peer_update(peer=peer, **changes)))
+
+    def delete(self, request, peer_id):
+        services.peer_revoke(peer=_peer(request, peer_id))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class PeerOutbox(APIView):
+    def get(self, request, peer_id):
+        peer = _peer(request, peer_id)
+        wanted = request.query_params.get("status") or None
+        if wanted and wanted not in ("pending", "in_flight", "delivered", "dead"):
+            raise ApiError("status must be pending, in_flight, delivered or dead.", Code.INVALID)
+        entries = selectors.outbox_entries(peer, status=wanted)
+        return Response({"results": s.OutboxEntrySerializer(entries, many=True).data})
+
+
+class PeerReplayDead(APIView):
+    def post(self, request, peer_id):
+        peer = _peer(request, peer_id)
+        limit = _valid(s.ReplaySerializer, request.data)["limit"]
+        return Response({"requeued": outbox.replay_dead(peer=peer, limit=limit)})
+
+
+class PeerDeliveries(APIView):
+    def get(self, request, peer_id):
+        peer = _peer(request, peer_id)
+        return Response({"results": s.DeliverySerializer(selectors.deliveries(peer), many=True).data})
+
+
+class TrustedSenderListCreate(APIView):
+    def get(self, request):
+        senders = selectors.trusted_senders(request.user.team.id)
+        return Response({"results": s.TrustedSenderSerializer(senders, many=True).data})
+
+    def post(self, request):
+        data = _valid(s.TrustedSenderCreateSerializer, request.data)
+        issued = services.trusted_sender_create(team=request.user.team, **data)
+        body = {**s.TrustedSenderSerializer(issued.row).data, **issued.secrets}
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class TrustedSenderDetail(APIView):
+    def delete(self, request, sender_id):
+        services.peer_revoke(peer=_peer(request, sender_id, role="sender"))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+

@@ -1,0 +1,186 @@
+"""Every outbound peer call goes through here (STYLE §8).
+
+Owns sessions (keep-alive per peer), TLS (system CAs, or the peer's pinned
+server-certificate fingerprint), signing, timeouts, refusing link-local /
+metadata targets, and turning answers into one `PeerCallError` carrying
+`permanent` / `kind`.
+"""
+
+import ipaddress
+import json
+import socket
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import InsecureRequestWarning
+
+from federation import backoff, signing
+
+# urllib3 warns about verify=False even when the fingerprint pin verifies the
+# server; Kite never sends unverified requests, so the warning is only noise.
+warnings.filterwarnings("ignore", category=InsecureRequestWarning)
+
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 10.0
+BLOCKED_NETWORKS = [ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10")]
+
+
+class UnsafeUrl(ValueError):
+    pass
+
+
+def check_url(url: str, *, resolve: bool = True) -> str:
+    """https only; never a link-local or cloud-metadata address."""
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        raise UnsafeUrl("Peer URLs must use https:// (federation traffic is never sent in clear text).")
+    if not parts.hostname:
+        raise UnsafeUrl("Peer URL has no host.")
+    if resolve:
+        try:
+            infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise UnsafeUrl(f"Cannot resolve {parts.hostname}: {exc}") from None
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            if any(address in network for network in BLOCKED_NETWORKS):
+                raise UnsafeUrl(f"{parts.hostname} resolves to {address}, a link-local/metadata address.")
+    return url
+
+
+class _PinnedAdapter(HTTPAdapter):
+    """Verify the server by its certificate's SHA-256 instead of a CA (self-signed peers)."""
+
+    def __init__(self, fingerprint_hex: str, **kwargs):
+        self.fingerprint_hex = fingerprint_hex
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["assert_fingerprint"] = self.fingerprint_hex
+        super().init_poolmanager(*args, **kwargs)
+
+
+_sessions: dict[tuple, requests.Session] = {}
+_sessions_lock = threading.Lock()
+
+
+def _session(tls_fingerprint: str, client_cert: tuple[str, str] | None) -> requests.Session:
+    key = (tls_fingerprint, client_cert, threading.get_ident())
+    with _sessions_lock:
+        session = _sessions.get(key)
+        if session is None:
+            session = requests.Session()
+            if tls_fingerprint:
+                session.mount("https://", _PinnedAdapter(tls_fingerprint.removeprefix("sha256:")))
+                session.verify = False  # the pin above replaces CA verification, and is stricter
+            if client_cert:
+                session.cert = client_cert
+            _sessions[key] = session
+    return session
+
+
+@dataclass
+class PeerCallError(Exception):
+    """One failed call. kind: transient | auth | gone | permanent | tls."""
+
+    kind: str
+    detail: str
+    status_code: int | None = None
+    retry_after: float | None = None
+    code: str = ""
+
+    def __str__(self):
+        return self.detail
+
+    @property
+    def permanent(self) -> bool:
+        return self.kind != "transient"
+
+
+@dataclass
+class PeerAnswer:
+    status_code: int
+    body: object
+    latency_ms: int
+    headers: dict
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    secret: str
+    sender_id: str
+    tls_fingerprint: str = ""
+    client_cert: tuple[str, str] | None = None
+    ed25519_sign: object = None
+    key_thumbprint: str = ""
+
+
+def call(target: Target, method: str, body: bytes = b"", *, content_type: str = "application/json",
+         msg_id: str | None = None, timeout: tuple[float, float] | None = None) -> PeerAnswer:  # fmt: skip
+    """Signed request; raises PeerCallError for anything but a 2xx."""
+    check_url(target.url)
+    headers = signing.sign_headers(
+        secret=target.secret,
+        msg_id=msg_id or f"msg_{uuid.uuid4().hex}",
+        timestamp=int(time.time()),
+        body=body,
+        sender_id=target.sender_id,
+        ed25519_sign=target.ed25519_sign,
+        key_thumbprint=target.key_thumbprint or None,
+    )
+    if body:
+        headers["content-type"] = content_type
+    started = time.perf_counter()
+    try:
+        response = _session(target.tls_fingerprint, target.client_cert).request(
+            method, target.url, data=body or None, headers=headers,
+            timeout=timeout or (CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False,
+        )  # fmt: skip
+    except requests.exceptions.SSLError as exc:
+        raise PeerCallError("transient", f"TLS: {_short(exc)}", code="tls") from None
+    except requests.exceptions.RequestException as exc:
+        raise PeerCallError("transient", f"{exc.__class__.__name__}: {_short(exc)}", code="connection") from None
+    latency_ms = int((time.perf_counter() - started) * 1000)
+    answer = PeerAnswer(response.status_code, _json_or_text(response), latency_ms, dict(response.headers))
+    outcome = backoff.classify(response.status_code)
+    if outcome == "ok":
+        return answer
+    detail, code = _error_of(answer)
+    raise PeerCallError(
+        outcome, f"HTTP {response.status_code}: {detail}", response.status_code, _retry_after(response), code
+    )
+
+
+def _json_or_text(response) -> object:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:500]
+
+
+def _error_of(answer: PeerAnswer) -> tuple[str, str]:
+    if isinstance(answer.body, dict):
+        return str(answer.body.get("detail", ""))[:500], str(answer.body.get("code", ""))
+    return str(answer.body)[:200], ""
+
+
+def _retry_after(response) -> float | None:
+    try:
+        return float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+
+
+def _short(exc: Exception) -> str:
+    return str(exc)[:300]
+
+
+def encode(value) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

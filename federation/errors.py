@@ -1,0 +1,19 @@
+"""Error codes of the federation app (the `code` of {detail, code})."""
+
+import enum
+
+
+class Code(enum.StrEnum):
+    INVALID = "invalid"
+    CONFLICT = "conflict"
+    INSECURE_URL = "insecure_url"
+    NOT_FOUND = "not_found"
+    # Who is calling (DESIGN §3): the factor that failed.
+    UNKNOWN_PEER = "unknown_peer"
+    BAD_SECRET = "bad_secret"
+    BAD_CERTIFICATE = "bad_certificate"
+    MISSING_CERTIFICATE = "missing_certificate"
+    MISSING_SIGNATURE = "missing_signature"
+    STALE_TIMESTAMP = "stale_timestamp"
+    PEER_REVOKED = "peer_revoked"
+    RATE_LIMITED = "rate_limited"

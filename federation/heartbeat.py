@@ -1,0 +1,126 @@
+"""Ping peers: persist the outcome, move states, resume a paused queue (DESIGN §4)."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
+
+from django.db import close_old_connections
+from django.db.models import Q
+from django.utils import timezone
+
+from federation import client, metrics, outbox
+from federation.models import Peer
+
+PING_TIMEOUT = (3.0, 5.0)
+CLOCK_TOLERANCE_SECONDS = 300
+
+
+def ping_url(peer: Peer) -> str:
+    parts = urlsplit(peer.peer_hook_url)
+    return urlunsplit((parts.scheme, parts.netloc, "/api/federation/ping", "", ""))
+
+
+@dataclass
+class PingResult:
+    ok: bool
+    status_code: int | None = None
+    latency_ms: int | None = None
+    factors: dict = field(default_factory=dict)
+    error: str = ""
+    body: object = None
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok, "status_code": self.status_code, "latency_ms": self.latency_ms,
+            "factors": self.factors, "error": self.error,
+        }  # fmt: skip
+
+
+def _factors_for_failure(failure: client.PeerCallError) -> dict:
+    code = failure.code
+    factors = {"tls": "ok", "certificate": "not_configured", "secret": "unknown", "clock": "unknown"}
+    if code == "tls":
+        factors["tls"] = "failed"
+    elif code == "connection":
+        factors["tls"] = "unknown"
+    elif code in ("bad_secret", "unknown_peer"):
+        factors["secret"] = "mismatch"
+        factors["clock"] = "ok"
+    elif code == "stale_timestamp":
+        factors["clock"] = "skewed"
+    elif code in ("bad_certificate", "missing_certificate"):
+        factors["certificate"] = "failed"
+        factors["secret"] = "ok"
+    return factors
+
+
+def ping(peer: Peer) -> PingResult:
+    target = outbox.target_for(peer)
+    target = client.Target(**{**target.__dict__, "url": ping_url(peer)})
+    started = time.time()
+    try:
+        answer = client.call(target, "GET", timeout=PING_TIMEOUT)
+    except client.PeerCallError as failure:
+        metrics.CALLS.labels(peer.name, "outbound", f"ping_{failure.kind}").inc()
+        return PingResult(False, failure.status_code, None, _factors_for_failure(failure), failure.detail)
+    metrics.CALLS.labels(peer.name, "outbound", "ping_ok").inc()
+    body = answer.body if isinstance(answer.body, dict) else {}
+    factors = {"tls": "ok", "certificate": "not_configured", "secret": "ok", "clock": _clock(body, started)}
+    return PingResult(True, answer.status_code, answer.latency_ms, factors, "", body)
+
+
+def _clock(body: dict, sent_at: float) -> str:
+    try:
+        remote = datetime.fromisoformat(str(body.get("time", "")).replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return "unknown"
+    return "ok" if abs(remote.timestamp() - sent_at) <= CLOCK_TOLERANCE_SECONDS else "skewed"
+
+
+def heartbeat(peer: Peer) -> PingResult:
+    """Ping and record it; a success enrols the peer and resumes a queue paused as down."""
+    result = ping(peer)
+    now = timezone.now()
+    updates = {"last_attempt_at": now, "last_heartbeat_at": now}
+    if result.ok:
+        updates.update(last_success_at=now, last_latency_ms=result.latency_ms, last_error="")
+        capabilities = result.body.get("capabilities") if isinstance(result.body, dict) else None
+        if isinstance(capabilities, dict) and isinstance(capabilities.get("batch_max"), int):
+            updates["batch_max"] = max(1, min(capabilities["batch_max"], outbox.BATCH_CAP))
+        remote = result.body.get("instance_id") if isinstance(result.body, dict) else None
+        if isinstance(remote, str) and remote and not peer.remote_instance_id:
+            updates["remote_instance_id"] = remote[:63]
+        if peer.status == Peer.Status.ACCEPTED:
+            updates["status"] = Peer.Status.ACTIVE if peer.last_inbound_at else Peer.Status.ENROLLED
+        elif peer.status == Peer.Status.ENROLLED and peer.last_inbound_at:
+            updates["status"] = Peer.Status.ACTIVE
+        if peer.paused == Peer.Pause.DOWN:
+            updates.update(paused=Peer.Pause.NONE, consecutive_failures=0)
+    else:
+        updates["last_error"] = result.error[:1000]
+    Peer.objects.filter(pk=peer.pk).exclude(status=Peer.Status.REVOKED).update(**updates)
+    if result.ok and peer.paused == Peer.Pause.DOWN:
+        outbox.kick(peer.pk)
+    return result
+
+
+def _heartbeat_in_thread(peer_id: int) -> None:
+    try:
+        peer = Peer.objects.filter(pk=peer_id).first()
+        if peer is not None:
+            heartbeat(peer)
+    finally:
+        close_old_connections()
+
+
+def heartbeat_all(*, only_down: bool = False, max_parallel: int = 16) -> int:
+    peers = Peer.objects.filter(role=Peer.Role.PEER).exclude(status=Peer.Status.REVOKED).exclude(peer_hook_url="")
+    if only_down:
+        peers = peers.filter(Q(paused=Peer.Pause.DOWN))
+    ids = list(peers.values_list("pk", flat=True))
+    if ids:
+        with ThreadPoolExecutor(max_workers=min(max_parallel, len(ids))) as pool:
+            list(pool.map(_heartbeat_in_thread, ids))
+    return len(ids)

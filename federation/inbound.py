@@ -1,0 +1,95 @@
+"""Who is calling (DESIGN §3): authenticate a signed peer request.
+
+The sender is found by `kite-peer` (its instance ID, or the name of a
+hand-made peer whose ID is not known yet), otherwise by trying the inbound
+secrets in constant time; its instance ID is learned on first success. A
+refusal names the factor that failed.
+"""
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db.models import Q
+from django.utils import timezone
+
+from federation import services, signing
+from federation.errors import Code
+from federation.models import Peer
+from ingest.verifiers import VerificationError
+from kite import ratelimit
+from kite.errors import ApiError
+
+LAST_SEEN_RESOLUTION = timedelta(seconds=1)  # don't rewrite the peer row on every request
+
+
+@dataclass
+class Refusal(Exception):
+    code: str
+    detail: str
+
+
+def _candidates(team_id: str | None, sender: str):
+    peers = Peer.objects.exclude(status=Peer.Status.REVOKED)
+    if team_id is not None:
+        peers = peers.filter(team_id=team_id)
+    if sender:
+        named = list(peers.filter(Q(remote_instance_id=sender) | Q(remote_instance_id="", name=sender)))
+        if named:
+            return named, True
+    return list(peers.exclude(inbound_secret_encrypted="")), False
+
+
+def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, now: int | None = None) -> Peer:
+    """The peer that signed this request, or Refusal(code, detail)."""
+    now = int(time.time()) if now is None else now
+    try:
+        request = signing.parse_headers(headers, now)
+    except signing.SignatureError as exc:
+        raise Refusal(exc.code, exc.detail) from None
+    candidates, named = _candidates(team_id, request.sender)
+    matched = None
+    for peer in candidates:  # every candidate is checked: the time taken does not say which matched
+        ok = any(signing.hmac_matches(secret, request, body) for secret in services.inbound_secrets(peer))
+        matched = matched or (peer if ok else None)
+    if matched is None:
+        if named:
+            raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r}.")
+        raise Refusal(Code.UNKNOWN_PEER, "No peer or trusted sender of this team signed this request.")
+    _check_rate(matched)
+    _note_contact(matched, request.sender)
+    return matched
+
+
+def _check_rate(peer: Peer) -> None:
+    verdict = ratelimit.hit(f"peer-in:{peer.pk}", peer.rate_limit_per_second)
+    if not verdict.allowed:
+        raise ApiError(
+            f"Peer {peer.name!r} is limited to {peer.rate_limit_per_second} requests/s.",
+            Code.RATE_LIMITED,
+            status=429,
+            headers={"Retry-After": str(verdict.retry_after)},
+        )
+
+
+def _note_contact(peer: Peer, sender: str) -> None:
+    now = timezone.now()
+    updates = {}
+    if sender and not peer.remote_instance_id:
+        updates["remote_instance_id"] = sender[:63]  # learned on first success
+    if peer.last_inbound_at is None or now - peer.last_inbound_at > LAST_SEEN_RESOLUTION:
+        updates["last_inbound_at"] = now
+        if peer.status == Peer.Status.ENROLLED:
+            updates["status"] = Peer.Status.ACTIVE
+    if updates:
+        Peer.objects.filter(pk=peer.pk).update(**updates)
+        for field, value in updates.items():
+            setattr(peer, field, value)
+
+
+def verify_kite_source(secret, headers, body, now, team_id=None):
+    """The `kite` source's verifier, registered into ingest by FederationConfig.ready()."""
+    try:
+        return authenticate(headers, body, team_id=team_id, now=now)
+    except Refusal as refusal:
+        raise VerificationError(str(refusal.code), refusal.detail) from None

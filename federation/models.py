@@ -1,0 +1,143 @@
+import uuid
+
+from django.db import models
+from django.utils import timezone
+
+from federation.routing import DEFAULT_MAX_HOPS
+from ingest.models import Event
+from kite.models import Team
+
+
+class FederationToken(models.Model):
+    """A generated secret an operator pastes into a peer or trusted sender, here or there."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="federation_tokens")
+    label = models.CharField(max_length=100)
+    secret_encrypted = models.TextField()
+    fingerprint = models.CharField(max_length=24)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return f"{self.label} ({self.fingerprint})"
+
+
+class Peer(models.Model):
+    """Another Kite instance: where we send (peer) and/or whom we accept from."""
+
+    class Role(models.TextChoices):
+        PEER = "peer"  # we deliver to it (and may accept from it)
+        SENDER = "sender"  # a trusted sender: it only delivers to us
+
+    class Status(models.TextChoices):
+        PROPOSED = "proposed"
+        ACCEPTED = "accepted"
+        ENROLLED = "enrolled"
+        ACTIVE = "active"
+        REVOKED = "revoked"
+
+    class Pause(models.TextChoices):
+        NONE = ""
+        DOWN = "down"  # too many failures in a row: wait for a successful heartbeat
+        AUTH_FAILED = "auth_failed"  # the peer refused our credentials: an operator must act
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="peers")
+    name = models.CharField(max_length=63)
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.PEER)
+    peer_hook_url = models.URLField(max_length=500, blank=True)
+    remote_instance_id = models.CharField(max_length=63, blank=True)
+    outbound_secret_encrypted = models.TextField(blank=True)
+    outbound_fingerprint = models.CharField(max_length=24, blank=True)
+    inbound_secret_encrypted = models.TextField(blank=True)
+    inbound_fingerprint = models.CharField(max_length=24, blank=True)
+    previous_inbound_secret_encrypted = models.TextField(blank=True)
+    previous_inbound_fingerprint = models.CharField(max_length=24, blank=True)
+    previous_inbound_expires_at = models.DateTimeField(null=True, blank=True)
+    scopes = models.JSONField(default=list, blank=True)
+    max_hops = models.PositiveSmallIntegerField(default=DEFAULT_MAX_HOPS)
+    rate_limit_per_second = models.PositiveIntegerField(null=True, blank=True)
+    tls_fingerprint = models.CharField(max_length=71, blank=True)
+    batch_max = models.PositiveIntegerField(null=True, blank=True, help_text="Learned from the peer's ping")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACCEPTED)
+    paused = models.CharField(max_length=12, choices=Pause.choices, default=Pause.NONE, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    last_inbound_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["team", "name"], condition=~models.Q(status="revoked"), name="uniq_live_peer_name"
+            ),
+        ]
+        indexes = [models.Index(fields=["team", "remote_instance_id"], name="peer_team_remote")]
+
+    def __str__(self):
+        return f"{self.name} ({self.team_id})"
+
+    @property
+    def sends_to(self) -> bool:
+        return self.role == self.Role.PEER and bool(self.peer_hook_url) and self.status != self.Status.REVOKED
+
+
+class OutboxEntry(models.Model):
+    """One event owed to one peer. Written in the event's own transaction."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        IN_FLIGHT = "in_flight"
+        DELIVERED = "delivered"
+        DEAD = "dead"
+
+    msg_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, help_text="webhook-id on every try")
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="outbox")
+    event = models.ForeignKey(Event, on_delete=models.CASCADE, related_name="+")
+    provenance = models.JSONField(default=dict, help_text="kitefed* extensions the event carries to this peer")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    leased_until = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["peer", "status", "next_attempt_at"], name="outbox_due"),
+            models.Index(fields=["status", "leased_until"], name="outbox_leases"),
+        ]
+
+    def __str__(self):
+        return f"{self.msg_id} → {self.peer_id} ({self.status})"
+
+
+class Delivery(models.Model):
+    """One attempt to deliver (one or, batched, several) outbox entries."""
+
+    peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="deliveries")
+    entry = models.ForeignKey(OutboxEntry, on_delete=models.CASCADE, related_name="deliveries")
+    attempted_at = models.DateTimeField(default=timezone.now)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=20)
+    latency_ms = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["peer", "-attempted_at"], name="delivery_recent")]
+
+
+class InboundReceipt(models.Model):
+    """A webhook-id already acted on, so a replayed request has no second effect."""
+
+    peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="+")
+    msg_id = models.CharField(max_length=255)
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["peer", "msg_id"], name="uniq_inbound_receipt")]
+        indexes = [models.Index(fields=["received_at"], name="receipt_age")]

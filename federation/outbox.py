@@ -1,0 +1,348 @@
+"""The transactional outbox: route → enqueue (in the event's transaction) → claim → deliver.
+
+Rows first, tasks second (STYLE §4): the on-commit kick is only the fast path;
+the beat sweeper finds anything due every second; a claim is a conditional
+update under SKIP LOCKED, with a lease so a killed worker's entries come back.
+"""
+
+import json
+import logging
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from federation import backoff, client, metrics, routing, services
+from federation.models import Delivery, OutboxEntry, Peer
+from ingest import cloudevent
+from ingest.models import Event, Source
+
+log = logging.getLogger(__name__)
+CLAIM_UNBATCHED = 20
+BATCH_CAP = 500
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+SINGLE_CONTENT_TYPE = "application/cloudevents+json"
+FAILED_TYPE = "kite.federation.delivery_failed"
+
+
+# --- routing: runs inside the transaction that stores the event ---------------
+
+
+def route_event(event: Event, sender) -> None:
+    if event.ce_type.startswith(routing.INTERNAL_PREFIX):
+        return
+    peers = list(
+        Peer.objects.filter(team_id=event.team_id, role=Peer.Role.PEER)
+        .exclude(status=Peer.Status.REVOKED)
+        .exclude(peer_hook_url="")
+    )
+    if not peers:
+        return
+    forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)
+    entries = []
+    for peer in peers:
+        decision = _decide(event, forward, peer, sender)
+        if decision.send:
+            entries.append(OutboxEntry(team_id=event.team_id, peer=peer, event=event, provenance=forward.extensions()))
+            continue
+        metrics.DROPPED.labels(peer.name, decision.reason).inc()
+        if decision.reason == "max_hops":
+            _emit_delivery_failed(event, peer, forward)
+    if entries:
+        OutboxEntry.objects.bulk_create(entries)
+        for peer_id in {entry.peer_id for entry in entries}:
+            transaction.on_commit(lambda peer_id=peer_id: kick(peer_id))
+
+
+def _decide(event, forward, peer, sender) -> routing.Decision:
+    if sender is not None and getattr(sender, "pk", None) == peer.pk:
+        return routing.Decision(False, "loop_chain")  # never straight back to whoever sent it
+    return routing.decide(
+        event_type=event.ce_type,
+        forward=forward,
+        peer_instance_id=peer.remote_instance_id,
+        scopes=peer.scopes,
+        max_hops=peer.max_hops,
+    )
+
+
+def _emit_delivery_failed(event: Event, peer: Peer, forward: routing.Provenance) -> None:
+    from ingest.services import event_store
+
+    source = Source.objects.get(team_id=event.team_id, name="kite")
+    data = {
+        "peer": peer.name,
+        "reason": "max_hops",
+        "max_hops": peer.max_hops,
+        "hops": forward.hops - 1,
+        "event": {"id": event.ce_id, "source": event.ce_source, "type": event.ce_type},
+        "chain": list(forward.chain),
+    }
+    event_store(
+        source=source,
+        draft=cloudevent.Draft(
+            id=f"drop-{uuid.uuid4()}",
+            type=FAILED_TYPE,
+            source=f"kite://{settings.KITE_INSTANCE_ID}/{event.team_id}/federation",
+            time=timezone.now(),
+            data_json=json.dumps(data),
+        ),
+    )
+
+
+# --- kicking: wake a worker for a peer after commit ------------------------------
+
+
+def kick(peer_id: int) -> None:
+    from federation import tasks
+
+    if settings.REDIS_URL and not _first_kick(peer_id):
+        return
+    try:
+        tasks.deliver_peer.delay(peer_id)
+    except Exception:  # the broker is down: the sweeper will find the entry
+        log.warning("could not queue delivery for peer %s; the sweeper will retry", peer_id, exc_info=True)
+
+
+def _kick_key(peer_id: int) -> str:
+    return f"kite:kick:{peer_id}"
+
+
+def _first_kick(peer_id: int) -> bool:
+    """Coalesce kicks: one queued task per peer. The task clears the flag before it claims,
+    so an entry committed before a suppressed kick is always seen by that task's claim."""
+    from kite.ratelimit import _redis
+
+    try:
+        return bool(_redis().set(_kick_key(peer_id), 1, nx=True, ex=5))
+    except Exception:
+        return True
+
+
+def clear_kick(peer_id: int) -> None:
+    if settings.REDIS_URL:
+        from kite.ratelimit import _redis
+
+        try:
+            _redis().delete(_kick_key(peer_id))
+        except Exception:
+            pass
+
+
+# --- claiming and delivering ---------------------------------------------------
+
+
+def _due(now):
+    return Q(status=OutboxEntry.Status.PENDING, next_attempt_at__lte=now) | Q(
+        status=OutboxEntry.Status.IN_FLIGHT, leased_until__lt=now
+    )
+
+
+def claim(peer_id: int, limit: int) -> list[OutboxEntry]:
+    now = timezone.now()
+    with transaction.atomic():
+        due = OutboxEntry.objects.filter(Q(peer_id=peer_id) & _due(now)).order_by("id")
+        if settings.IS_POSTGRES:
+            due = due.select_for_update(skip_locked=True)
+        ids = list(due.values_list("id", flat=True)[:limit])
+        if not ids:
+            return []
+        OutboxEntry.objects.filter(id__in=ids).update(status=OutboxEntry.Status.IN_FLIGHT, leased_until=now + timedelta(seconds=settings.KITE_OUTBOX_LEASE_SECONDS))
+    return list(OutboxEntry.objects.filter(id__in=ids).select_related("event").order_by("id"))
+
+
+def deliver_peer(peer_id: int) -> int:
+    """Drain what is due for one peer; stop at the first failure. Returns entries delivered."""
+    clear_kick(peer_id)
+    delivered = 0
+    while True:
+        peer = Peer.objects.filter(pk=peer_id).first()
+        if peer is None or not peer.sends_to or peer.paused:
+            return delivered
+        size = min(peer.batch_max or 1, BATCH_CAP)
+        entries = claim(peer.pk, size if size > 1 else CLAIM_UNBATCHED)
+        if not entries:
+            return delivered
+        groups = [entries] if size > 1 else [[entry] for entry in entries]
+        target = target_for(peer)
+        for index, group in enumerate(groups):
+            if not _pacing_allows(peer, len(group)):
+                release([e for g in groups[index:] for e in g], delay_seconds=1)
+                return delivered
+            if not send(peer, target, group):
+                release([e for g in groups[index + 1 :] for e in g])
+                return delivered
+            delivered += len(group)
+
+
+def _pacing_allows(peer: Peer, count: int) -> bool:
+    from kite import ratelimit
+
+    if not peer.rate_limit_per_second:
+        return True
+    return ratelimit.hit(f"peer-out:{peer.pk}", peer.rate_limit_per_second, cost=count).allowed
+
+
+def release(entries: list[OutboxEntry], delay_seconds: float = 0) -> None:
+    """Give claimed entries back untouched: no attempt was made, none is counted."""
+    if entries:
+        OutboxEntry.objects.filter(id__in=[e.id for e in entries], status=OutboxEntry.Status.IN_FLIGHT).update(
+            status=OutboxEntry.Status.PENDING,
+            leased_until=None,
+            next_attempt_at=timezone.now() + timedelta(seconds=delay_seconds),
+        )
+
+
+def target_for(peer: Peer) -> client.Target:
+    return client.Target(
+        url=peer.peer_hook_url,
+        secret=services.secret_of(peer, "outbound"),
+        sender_id=settings.KITE_INSTANCE_ID,
+        tls_fingerprint=peer.tls_fingerprint,
+    )
+
+
+def wire_event(entry: OutboxEntry) -> dict:
+    event = entry.event.to_cloudevent()
+    event.pop("kitecursor", None)  # our own read position means nothing to the peer
+    event.update(entry.provenance)
+    return event
+
+
+def send(peer: Peer, target: client.Target, group: list[OutboxEntry]) -> bool:
+    batched = len(group) > 1 or (peer.batch_max or 1) > 1
+    if batched:
+        body, content_type, msg_id = [wire_event(e) for e in group], BATCH_CONTENT_TYPE, f"batch_{uuid.uuid4().hex}"
+    else:
+        body, content_type, msg_id = wire_event(group[0]), SINGLE_CONTENT_TYPE, str(group[0].msg_id)
+    try:
+        answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id)
+    except client.PeerCallError as failure:
+        _record_failure(peer, group, failure)
+        metrics.CALLS.labels(peer.name, "outbound", failure.kind).inc()
+        return False
+    metrics.CALLS.labels(peer.name, "outbound", "ok").inc()
+    _record_success(peer, group, answer, batched)
+    return True
+
+
+def _results(answer, group, batched) -> list[tuple[str, str]]:
+    """(outcome, detail) per entry: delivered | dead."""
+    if not batched:
+        return [("delivered", "")]
+    body = answer.body if isinstance(answer.body, list) else []
+    results = []
+    for index, _entry in enumerate(group):
+        item = body[index] if index < len(body) and isinstance(body[index], dict) else {}
+        result = item.get("result")
+        if result in ("accepted", "duplicate"):
+            results.append(("delivered", ""))
+        else:
+            results.append(("dead", f"rejected by peer: {item.get('detail') or 'no result for this event'}"))
+    return results
+
+
+def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAnswer, batched: bool) -> None:
+    now = timezone.now()
+    results = _results(answer, group, batched)
+    with transaction.atomic():
+        for entry, (outcome, detail) in zip(group, results, strict=True):
+            status = OutboxEntry.Status.DELIVERED if outcome == "delivered" else OutboxEntry.Status.DEAD
+            OutboxEntry.objects.filter(pk=entry.pk).update(
+                status=status, attempts=F("attempts") + 1, leased_until=None, last_error=detail,
+                delivered_at=now if outcome == "delivered" else None,
+            )  # fmt: skip
+        Delivery.objects.bulk_create(
+            Delivery(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
+                     outcome=outcome, latency_ms=answer.latency_ms, error=detail)
+            for entry, (outcome, detail) in zip(group, results, strict=True)
+        )  # fmt: skip
+        learned = answer.headers.get("kite-instance", "")[:63]
+        updates = {"consecutive_failures": 0, "last_error": ""}
+        if learned and not peer.remote_instance_id:
+            updates["remote_instance_id"] = learned
+        if peer.consecutive_failures or peer.last_error or "remote_instance_id" in updates:
+            Peer.objects.filter(pk=peer.pk).update(**updates)
+    for entry in group:
+        metrics.DELIVERY_SECONDS.observe((now - entry.event.received_at).total_seconds())
+
+
+def _record_failure(peer: Peer, group: list[OutboxEntry], failure: client.PeerCallError) -> None:
+    now = timezone.now()
+    with transaction.atomic():
+        for entry in group:
+            attempts = entry.attempts + 1
+            if failure.kind in ("permanent", "gone") or (failure.kind == "transient" and attempts >= backoff.MAX_ATTEMPTS):
+                status, next_at = OutboxEntry.Status.DEAD, entry.next_attempt_at
+            else:
+                delay = backoff.delay_after(attempts, retry_after=failure.retry_after)
+                status, next_at = OutboxEntry.Status.PENDING, now + timedelta(seconds=delay)
+            OutboxEntry.objects.filter(pk=entry.pk).update(
+                status=status, attempts=attempts, next_attempt_at=next_at, leased_until=None,
+                last_error=failure.detail[:1000],
+            )  # fmt: skip
+        Delivery.objects.bulk_create(
+            Delivery(peer=peer, entry=entry, attempted_at=now, status_code=failure.status_code,
+                     outcome=failure.kind, error=failure.detail[:1000])
+            for entry in group
+        )  # fmt: skip
+        _peer_after_failure(peer, failure)
+
+
+def _peer_after_failure(peer: Peer, failure: client.PeerCallError) -> None:
+    if failure.kind == "gone":
+        services.peer_revoke(peer=peer, reason="gone (410 from the peer)")
+        return
+    failures = peer.consecutive_failures + 1
+    paused = peer.paused
+    if failure.kind == "auth":
+        paused = Peer.Pause.AUTH_FAILED
+    elif failure.kind == "transient" and failures >= backoff.DOWN_AFTER_FAILURES:
+        paused = Peer.Pause.DOWN
+    Peer.objects.filter(pk=peer.pk).update(consecutive_failures=failures, paused=paused, last_error=failure.detail[:1000])
+
+
+# --- operator actions and the sweeper ------------------------------------------
+
+
+def replay_dead(*, peer: Peer, limit: int) -> int:
+    with transaction.atomic():
+        ids = list(
+            OutboxEntry.objects.filter(peer=peer, status=OutboxEntry.Status.DEAD)
+            .order_by("id")
+            .values_list("id", flat=True)[:limit]
+        )
+        count = OutboxEntry.objects.filter(id__in=ids, status=OutboxEntry.Status.DEAD).update(
+            status=OutboxEntry.Status.PENDING, attempts=0, next_attempt_at=timezone.now(), last_error=""
+        )
+    if count and peer.sends_to:
+        transaction.on_commit(lambda: kick(peer.pk))
+    return count
+
+
+def due_peer_ids() -> list[int]:
+    """Peers with something due and a queue that is not paused."""
+    return list(
+        OutboxEntry.objects.filter(_due(timezone.now()))
+        .filter(peer__paused="", peer__role=Peer.Role.PEER)
+        .exclude(peer__status=Peer.Status.REVOKED)
+        .values_list("peer_id", flat=True)
+        .distinct()
+    )
+
+
+def sweep() -> int:
+    peer_ids = due_peer_ids()
+    for peer_id in peer_ids:
+        kick(peer_id)
+    return len(peer_ids)
+
+
+def depth_by_status(peer: Peer) -> dict[str, int]:
+    counts = {status: 0 for status in OutboxEntry.Status.values}
+    for row in OutboxEntry.objects.filter(peer=peer).values("status").annotate(n=Count("id")):
+        counts[row["status"]] = row["n"]
+    return counts

@@ -1,0 +1,21 @@
+"""The reachability chip (DESIGN §4). Pure: no Django."""
+
+from datetime import datetime, timedelta
+
+SLOW_MS = 1000
+
+
+def chip(*, now: datetime, last_attempt_at, last_success_at, last_latency_ms, last_attempt_ok: bool) -> str:
+    """Reachable | Slow | Stale | Unreachable | Unknown — never Reachable without a recorded success."""
+    if last_attempt_at is None:
+        return "Unknown"
+    if last_success_at is None:
+        return "Unreachable"
+    age = now - last_success_at
+    if age > timedelta(minutes=5):
+        return "Unreachable"
+    if age > timedelta(minutes=1) or not last_attempt_ok:
+        return "Stale"
+    if last_latency_ms is not None and last_latency_ms > SLOW_MS:
+        return "Slow"
+    return "Reachable"

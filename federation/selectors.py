@@ -1,0 +1,64 @@
+from django.conf import settings
+from django.db.models import Count
+
+from federation.models import Delivery, FederationToken, OutboxEntry, Peer
+from kite import tls
+
+PAGE = 200
+
+
+def tokens(team_id: str):
+    return FederationToken.objects.filter(team_id=team_id).order_by("id")
+
+
+def peers(team_id: str):
+    return Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER).order_by("name", "id")
+
+
+def trusted_senders(team_id: str):
+    return Peer.objects.filter(team_id=team_id, role=Peer.Role.SENDER).order_by("name", "id")
+
+
+def peer_for_team(team_id: str, peer_id, role: str = "peer") -> Peer | None:
+    try:
+        return Peer.objects.filter(team_id=team_id, role=role, pk=int(peer_id)).first()
+    except (TypeError, ValueError):
+        return None
+
+
+def outbox_depths(peer_ids: list[int]) -> dict[int, dict[str, int]]:
+    """{peer_id: {pending, in_flight, delivered, dead}} in one query."""
+    depths = {pk: {status: 0 for status in OutboxEntry.Status.values} for pk in peer_ids}
+    rows = OutboxEntry.objects.filter(peer_id__in=peer_ids).values("peer_id", "status").annotate(n=Count("id"))
+    for row in rows:
+        depths[row["peer_id"]][row["status"]] = row["n"]
+    return depths
+
+
+def outbox_entries(peer: Peer, status: str | None = None):
+    entries = OutboxEntry.objects.filter(peer=peer).select_related("event").order_by("-id")
+    if status:
+        entries = entries.filter(status=status)
+    return entries[:PAGE]
+
+
+def deliveries(peer: Peer):
+    return Delivery.objects.filter(peer=peer).order_by("-attempted_at", "-id")[:PAGE]
+
+
+def server_tls_fingerprint() -> str | None:
+    cert = settings.KITE_DATA_DIR / "tls" / "cert.pem"
+    if not settings.KITE_TLS or not cert.exists():
+        return None
+    return tls.fingerprint_of_pem(cert.read_bytes())
+
+
+def identity(team) -> dict:
+    return {
+        "instance_id": settings.KITE_INSTANCE_ID,
+        "public_url": settings.KITE_PUBLIC_URL,
+        "team_id": team.id,
+        "hook_url": f"{settings.KITE_PUBLIC_URL}/hooks/{team.id}/kite",
+        "tls_fingerprint": server_tls_fingerprint(),
+        "certificates": [],
+    }

@@ -1,0 +1,185 @@
+"""Federation configuration: tokens, peers, trusted senders (DESIGN §3, §5)."""
+
+import re
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from federation import client
+from federation.errors import Code
+from federation.models import FederationToken, OutboxEntry, Peer
+from federation.routing import DEFAULT_MAX_HOPS
+from kite import crypto
+from kite.errors import ApiError
+from kite.models import Team
+
+PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+TLS_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
+MIN_SECRET_LENGTH = 16
+MAX_SCOPES = 50
+PEER_FIELDS = {"name", "peer_hook_url", "scopes", "max_hops", "rate_limit_per_second", "tls_fingerprint"}
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A row plus the plaintext secrets generated for it, shown exactly once."""
+
+    row: object
+    secrets: dict
+
+
+def token_create(*, team: Team, label: str) -> Issued:
+    secret = crypto.new_webhook_secret()
+    token = FederationToken.objects.create(
+        team=team, label=label, secret_encrypted=crypto.encrypt(secret), fingerprint=crypto.fingerprint(secret)
+    )
+    return Issued(token, {"token": secret})
+
+
+def token_delete(*, token: FederationToken) -> None:
+    token.delete()
+
+
+def _check_name(name: str) -> str:
+    if not PEER_NAME.match(name or ""):
+        raise ApiError("name must be 1-63 letters, digits, '.', '_' or '-'.", Code.INVALID)
+    return name
+
+
+def _check_secret(value: str, field: str) -> str:
+    if not isinstance(value, str) or len(value.strip()) < MIN_SECRET_LENGTH:
+        raise ApiError(f"{field} must be a secret of at least {MIN_SECRET_LENGTH} characters.", Code.INVALID)
+    return value.strip()
+
+
+def _check_url(url: str) -> str:
+    try:
+        return client.check_url(url)
+    except client.UnsafeUrl as exc:
+        raise ApiError(str(exc), Code.INSECURE_URL) from None
+
+
+def _check_scopes(scopes) -> list[str]:
+    if not isinstance(scopes, list) or len(scopes) > MAX_SCOPES:
+        raise ApiError(f"scopes must be a list of at most {MAX_SCOPES} globs.", Code.INVALID)
+    for scope in scopes:
+        if not isinstance(scope, str) or not scope.strip() or len(scope) > 200:
+            raise ApiError("Every scope must be a non-empty glob such as 'stripe.*'.", Code.INVALID)
+    return [scope.strip() for scope in scopes]
+
+
+def _check_tls_fingerprint(value: str) -> str:
+    value = (value or "").strip().lower()
+    if value and not TLS_FINGERPRINT.match(value):
+        raise ApiError("tls_fingerprint must be 'sha256:' and 64 hex digits.", Code.INVALID)
+    return value
+
+
+def _set_secret(peer: Peer, direction: str, secret: str) -> None:
+    setattr(peer, f"{direction}_secret_encrypted", crypto.encrypt(secret))
+    setattr(peer, f"{direction}_fingerprint", crypto.fingerprint(secret))
+
+
+def _save_new(peer: Peer) -> None:
+    try:
+        with transaction.atomic():
+            peer.save()
+    except IntegrityError:
+        raise ApiError(f"Team already has a peer named {peer.name!r}.", Code.CONFLICT, status=409) from None
+
+
+def peer_create(
+    *, team: Team, name: str, peer_hook_url: str, outbound_token: str | None = None,
+    inbound_token: str | None = None, scopes: list | None = None, max_hops: int = DEFAULT_MAX_HOPS,
+    rate_limit_per_second: int | None = None, tls_fingerprint: str = "",
+) -> Issued:  # fmt: skip
+    """A peer configured by hand. Secrets left out are generated and returned once."""
+    peer = Peer(
+        team=team,
+        name=_check_name(name),
+        role=Peer.Role.PEER,
+        peer_hook_url=_check_url(peer_hook_url),
+        scopes=_check_scopes(scopes if scopes is not None else []),
+        max_hops=max_hops,
+        rate_limit_per_second=rate_limit_per_second,
+        tls_fingerprint=_check_tls_fingerprint(tls_fingerprint),
+        status=Peer.Status.ACCEPTED,
+    )
+    generated = {}
+    for direction, given in (("outbound", outbound_token), ("inbound", inbound_token)):
+        secret = _check_secret(given, f"{direction}_token") if given else crypto.new_webhook_secret()
+        if not given:
+            generated[f"{direction}_token"] = secret
+        _set_secret(peer, direction, secret)
+    _save_new(peer)
+    return Issued(peer, generated)
+
+
+def trusted_sender_create(*, team: Team, name: str, inbound_token: str | None = None) -> Issued:
+    """A peer that only sends to us: we check its requests with `inbound_token`."""
+    peer = Peer(team=team, name=_check_name(name), role=Peer.Role.SENDER, status=Peer.Status.ACCEPTED)
+    secret = _check_secret(inbound_token, "inbound_token") if inbound_token else crypto.new_webhook_secret()
+    _set_secret(peer, "inbound", secret)
+    _save_new(peer)
+    return Issued(peer, {} if inbound_token else {"inbound_token": secret})
+
+
+def peer_update(*, peer: Peer, **changes) -> Peer:
+    unknown = set(changes) - PEER_FIELDS - {"outbound_token"}
+    if unknown:
+        raise ApiError(f"Cannot change {', '.join(sorted(unknown))} here.", Code.INVALID)
+    if "name" in changes:
+        peer.name = _check_name(changes["name"])
+    if "peer_hook_url" in changes:
+        peer.peer_hook_url = _check_url(changes["peer_hook_url"])
+    if "scopes" in changes:
+        peer.scopes = _check_scopes(changes["scopes"])
+    if "tls_fingerprint" in changes:
+        peer.tls_fingerprint = _check_tls_fingerprint(changes["tls_fingerprint"])
+    for field in ("max_hops", "rate_limit_per_second"):
+        if field in changes:
+            setattr(peer, field, changes[field])
+    if "outbound_token" in changes:
+        _set_secret(peer, "outbound", _check_secret(changes["outbound_token"], "outbound_token"))
+    if peer.paused == Peer.Pause.AUTH_FAILED and {"outbound_token", "peer_hook_url", "tls_fingerprint"} & set(changes):
+        peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0  # the operator fixed something: try again
+    try:
+        with transaction.atomic():
+            peer.save()
+    except IntegrityError:
+        raise ApiError(f"Team already has a peer named {peer.name!r}.", Code.CONFLICT, status=409) from None
+    if not peer.paused:
+        from federation import outbox
+
+        transaction.on_commit(lambda: outbox.kick(peer.pk))
+    return peer
+
+
+def peer_revoke(*, peer: Peer, reason: str = "revoked by this side") -> None:
+    """Stop for good: nothing more is sent or accepted; queued entries are dead-lettered."""
+    with transaction.atomic():
+        Peer.objects.filter(pk=peer.pk).update(status=Peer.Status.REVOKED, paused=Peer.Pause.NONE)
+        OutboxEntry.objects.filter(
+            peer=peer, status__in=[OutboxEntry.Status.PENDING, OutboxEntry.Status.IN_FLIGHT]
+        ).update(status=OutboxEntry.Status.DEAD, last_error=f"peer {reason}", leased_until=None)
+    peer.status = Peer.Status.REVOKED
+
+
+def secret_of(peer: Peer, direction: str) -> str:
+    return crypto.decrypt(getattr(peer, f"{direction}_secret_encrypted"))
+
+
+def inbound_secrets(peer: Peer) -> list[str]:
+    """The current inbound secret and, within its grace period, the previous one."""
+    found = [secret_of(peer, "inbound")] if peer.inbound_secret_encrypted else []
+    if peer.previous_inbound_secret_encrypted and (
+        peer.previous_inbound_expires_at and peer.previous_inbound_expires_at > timezone.now()
+    ):
+        found.append(crypto.decrypt(peer.previous_inbound_secret_encrypted))
+    return found
+
+
+def hook_url_for(team: Team) -> str:
+    return f"{settings.KITE_PUBLIC_URL}/hooks/{team.id}/kite"

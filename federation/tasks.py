@@ -1,0 +1,23 @@
+from celery import shared_task
+
+from federation import heartbeat, outbox
+
+
+@shared_task(ignore_result=True)
+def deliver_peer(peer_id: int) -> int:
+    return outbox.deliver_peer(peer_id)
+
+
+@shared_task(ignore_result=True)
+def sweep_outbox() -> int:
+    return outbox.sweep()
+
+
+@shared_task(ignore_result=True)
+def heartbeats() -> int:
+    return heartbeat.heartbeat_all()
+
+
+@shared_task(ignore_result=True)
+def probe_down_peers() -> int:
+    return heartbeat.heartbeat_all(only_down=True)

@@ -1,0 +1,214 @@
+"""Routing into the outbox (in the event's transaction) and verifying inbound peer requests."""
+
+import json
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from federation import services, signing
+from federation.models import OutboxEntry, Peer
+from ingest.models import Event
+from tests.factories import SOURCE_SECRET, SourceFactory
+from tests.signing import stripe_signature
+
+SECRET = "whsec_c2hhcmVkLXNlY3JldC1mb3ItZmVkZXJhdGlvbi10ZXN0cyE="
+OTHER = "whsec_YW5vdGhlci1zZWNyZXQtZm9yLWZlZGVyYXRpb24tdGVzdHM="
+
+
+def _peer(team, name="instance-b", scopes=("stripe.*",), remote="", max_hops=3):
+    peer = services.peer_create(
+        team=team, name=name, peer_hook_url="https://127.0.0.1:9/hooks/x/kite", outbound_token=SECRET,
+        inbound_token=SECRET, scopes=list(scopes), max_hops=max_hops,
+    ).row  # fmt: skip
+    if remote:
+        Peer.objects.filter(pk=peer.pk).update(remote_instance_id=remote)
+    return peer
+
+
+def _stripe(client, team, event_type="payment_intent.succeeded", event_id="evt_1"):
+    SourceFactory(team=team, name="stripe", kind="stripe") if not team.sources.filter(name="stripe").exists() else None
+    body = json.dumps({"id": event_id, "type": event_type}).encode()
+    return client.post(
+        f"/hooks/{team.id}/stripe", body, content_type="application/json",
+        HTTP_STRIPE_SIGNATURE=stripe_signature(SOURCE_SECRET, body),
+    )  # fmt: skip
+
+
+def _dropped(peer, reason):
+    return REGISTRY.get_sample_value("kite_federation_dropped_total", {"peer": peer, "reason": reason}) or 0
+
+
+def _signed_post(client, team, event, secret=SECRET, sender="instance-a", msg_id="msg_1", timestamp=None):
+    body = json.dumps(event).encode()
+    headers = signing.sign_headers(
+        secret=secret, msg_id=msg_id, timestamp=timestamp or int(time.time()), body=body, sender_id=sender
+    )
+    wsgi = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
+    return client.post(f"/hooks/{team.id}/kite", body, content_type="application/cloudevents+json", **wsgi)
+
+
+def _ce(event_id="e1", event_type="com.stripe.charge.succeeded", **extensions):
+    return {"specversion": "1.0", "id": event_id, "source": "kite://a/tm/stripe", "type": event_type,
+            "data": {"n": 1}, **extensions}  # fmt: skip
+
+
+# --- routing -------------------------------------------------------------------
+
+
+def test_matching_event_gets_one_outbox_entry_with_first_hop_provenance(client, team, settings):
+    peer = _peer(team)
+    assert _stripe(client, team).status_code == 202
+    entry = OutboxEntry.objects.get()
+    assert entry.peer_id == peer.pk and entry.status == "pending" and entry.event.ce_id == "evt_1"
+    me = settings.KITE_INSTANCE_ID
+    assert entry.provenance == {"kitefedorigin": me, "kitefedchain": json.dumps([me]), "kitefedhops": 1}
+
+
+def test_scope_mismatch_stays_local_and_is_counted(client, team):
+    _peer(team, name="only-github", scopes=["github.*"])
+    before = _dropped("only-github", "scope")
+    assert _stripe(client, team).status_code == 202
+    assert not OutboxEntry.objects.exists()
+    assert _dropped("only-github", "scope") == before + 1
+
+
+def test_duplicate_webhook_writes_no_second_outbox_entry(client, team):
+    _peer(team)
+    _stripe(client, team)
+    assert _stripe(client, team).status_code == 200
+    assert OutboxEntry.objects.count() == 1
+
+
+def test_other_teams_peers_never_get_this_teams_events(client, team, other_team):
+    _peer(other_team, scopes=["*"])
+    _stripe(client, team)
+    assert not OutboxEntry.objects.exists()
+
+
+def test_revoked_peer_gets_nothing(client, team):
+    services.peer_revoke(peer=_peer(team))
+    _stripe(client, team)
+    assert not OutboxEntry.objects.exists()
+
+
+# --- inbound -------------------------------------------------------------------
+
+
+@pytest.fixture
+def sender(team):
+    return services.trusted_sender_create(team=team, name="instance-a", inbound_token=SECRET).row
+
+
+def test_signed_event_from_a_trusted_sender_is_stored_and_its_instance_id_learned(client, team, sender):
+    response = _signed_post(client, team, _ce(kitefedorigin="kite-a", kitefedchain='["kite-a"]', kitefedhops=1),
+                            sender="kite-a")  # fmt: skip
+    assert response.status_code == 202, response.json()
+    event = Event.objects.get(team=team, ce_id="e1")
+    assert event.ce_source == "kite://a/tm/stripe"
+    assert event.extensions == {"kitefedorigin": "kite-a", "kitefedchain": '["kite-a"]', "kitefedhops": 1}
+    assert Peer.objects.get(pk=sender.pk).remote_instance_id == "kite-a"
+
+
+def test_the_same_delivery_again_has_no_second_effect(client, team, sender):
+    assert _signed_post(client, team, _ce()).status_code == 202
+    again = _signed_post(client, team, _ce())
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert Event.objects.filter(team=team, ce_id="e1").count() == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, code",
+    [
+        ({"secret": OTHER}, "bad_secret"),
+        ({"secret": OTHER, "sender": "somebody-else"}, "unknown_peer"),
+        ({"timestamp": int(time.time()) - 600}, "stale_timestamp"),
+    ],
+)
+def test_refused_requests_name_the_failing_factor_and_store_nothing(client, team, sender, kwargs, code):
+    response = _signed_post(client, team, _ce(), **kwargs)
+    assert response.status_code == 401 and response.json()["code"] == code
+    assert not Event.objects.filter(team=team, ce_id="e1").exists()
+
+
+def test_unsigned_post_to_the_kite_source_is_refused(client, team, sender):
+    response = client.post(f"/hooks/{team.id}/kite", json.dumps(_ce()), content_type="application/json")
+    assert response.status_code == 401 and response.json()["code"] == "missing_signature"
+
+
+def test_a_sender_of_another_team_is_unknown_here(client, team, other_team):
+    services.trusted_sender_create(team=other_team, name="instance-a", inbound_token=SECRET)
+    response = _signed_post(client, team, _ce())
+    assert response.status_code == 401 and response.json()["code"] == "unknown_peer"
+
+
+def test_revoked_sender_is_refused(client, team, sender):
+    services.peer_revoke(peer=sender)
+    assert _signed_post(client, team, _ce()).json()["code"] == "unknown_peer"
+
+
+def test_inbound_rate_limit_answers_429_with_retry_after(client, team, sender):
+    Peer.objects.filter(pk=sender.pk).update(rate_limit_per_second=1)
+    first = _signed_post(client, team, _ce("r1"), msg_id="m1")
+    second = _signed_post(client, team, _ce("r2"), msg_id="m2")
+    assert first.status_code == 202
+    assert second.status_code == 429 and second["Retry-After"] and second.json()["code"] == "rate_limited"
+    assert not Event.objects.filter(ce_id="r2").exists()
+
+
+def test_event_from_a_peer_goes_onward_but_never_back(client, team, sender):
+    onward = _peer(team, name="instance-c", scopes=["*"], remote="kite-c")
+    back = _peer(team, name="instance-a-out", scopes=["*"], remote="kite-a")
+    arrived = _ce(kitefedorigin="kite-a", kitefedchain='["kite-a"]', kitefedhops=1)
+    assert _signed_post(client, team, arrived, sender="kite-a").status_code == 202
+    entry = OutboxEntry.objects.get()
+    assert entry.peer_id == onward.pk and entry.provenance["kitefedhops"] == 2
+    assert json.loads(entry.provenance["kitefedchain"])[0] == "kite-a"
+    assert back.pk != entry.peer_id
+
+
+def test_hop_limit_drop_emits_an_internal_event_that_never_leaves(client, team, sender):
+    peer = _peer(team, name="instance-c", scopes=["*"], remote="kite-c", max_hops=2)
+    before = _dropped("instance-c", "max_hops")
+    arrived = _ce(kitefedorigin="kite-x", kitefedchain='["kite-x", "kite-a"]', kitefedhops=2)
+    assert _signed_post(client, team, arrived, sender="kite-a").status_code == 202
+    assert not OutboxEntry.objects.filter(peer=peer).exists()
+    failed = Event.objects.get(team=team, ce_type="kite.federation.delivery_failed")
+    assert json.loads(failed.data)["peer"] == "instance-c" and json.loads(failed.data)["reason"] == "max_hops"
+    assert _dropped("instance-c", "max_hops") == before + 1
+
+
+def _signed_batch(client, team, events, secret=SECRET, sender="instance-a"):
+    body = json.dumps(events).encode()
+    headers = signing.sign_headers(secret=secret, msg_id="batch_1", timestamp=int(time.time()), body=body,
+                                   sender_id=sender)  # fmt: skip
+    wsgi = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
+    return client.post(f"/hooks/{team.id}/kite", body, content_type="application/cloudevents-batch+json", **wsgi)
+
+
+def test_a_batch_answers_one_result_per_event(client, team, sender):
+    assert _signed_post(client, team, _ce("b1")).status_code == 202
+    response = _signed_batch(client, team, [_ce("b1"), _ce("b2"), {"specversion": "0.3", "id": "x"}, _ce("b3")])
+    assert response.status_code == 200
+    assert [(item["id"], item["result"]) for item in response.json()] == [
+        ("b1", "duplicate"), ("b2", "accepted"), ("", "rejected"), ("b3", "accepted"),
+    ]  # fmt: skip
+    assert "specversion" in response.json()[2]["detail"]
+    assert sorted(Event.objects.filter(team=team).values_list("ce_id", flat=True)) == ["b1", "b2", "b3"]
+
+
+@pytest.mark.parametrize("body", [[], {"not": "a list"}, [_ce(f"n{i}") for i in range(1001)]])
+def test_a_malformed_batch_is_refused_whole(client, team, sender, body):
+    response = _signed_batch(client, team, body)
+    assert response.status_code == 400 and response.json()["code"] == "invalid_event"
+    assert not Event.objects.filter(team=team, source__name="kite").exists()
+
+
+def test_a_batch_with_a_bad_signature_stores_nothing(client, team, sender):
+    response = _signed_batch(client, team, [_ce("s1")], secret=OTHER)
+    assert response.status_code == 401 and not Event.objects.filter(ce_id="s1").exists()
+
+
+def test_hook_answers_name_this_instance(client, team, sender, settings):
+    assert _signed_post(client, team, _ce())["kite-instance"] == settings.KITE_INSTANCE_ID
+    assert client.post(f"/hooks/{team.id}/kite", b"{}", content_type="application/json")["kite-instance"]
