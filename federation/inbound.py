@@ -29,15 +29,23 @@ class Refusal(Exception):
     detail: str
 
 
-def _candidates(team_id: str | None, sender: str):
-    peers = Peer.objects.exclude(status=Peer.Status.REVOKED)
+def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer]]:
+    """(rows `kite-peer` names, rows whose instance ID is not known yet) — the second
+    list is tried when the first is empty or none of it matches."""
+    peers = Peer.objects.exclude(status=Peer.Status.REVOKED).exclude(inbound_secret_encrypted="")
     if team_id is not None:
         peers = peers.filter(team_id=team_id)
-    if sender:
-        named = list(peers.filter(Q(remote_instance_id=sender) | Q(remote_instance_id="", name=sender)))
-        if named:
-            return named, True
-    return list(peers.exclude(inbound_secret_encrypted="")), False
+    named = list(peers.filter(Q(remote_instance_id=sender) | Q(remote_instance_id="", name=sender))) if sender else []
+    unnamed = [peer for peer in peers.filter(remote_instance_id="") if peer not in named]
+    return named, unnamed
+
+
+def _first_match(peers: list[Peer], request, body: bytes) -> Peer | None:
+    matched = None
+    for peer in peers:  # every candidate is checked: the time taken does not say which matched
+        ok = any(signing.hmac_matches(secret, request, body) for secret in services.inbound_secrets(peer))
+        matched = matched or (peer if ok else None)
+    return matched
 
 
 def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, now: int | None = None) -> Peer:
@@ -47,11 +55,8 @@ def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, n
         request = signing.parse_headers(headers, now)
     except signing.SignatureError as exc:
         raise Refusal(exc.code, exc.detail) from None
-    candidates, named = _candidates(team_id, request.sender)
-    matched = None
-    for peer in candidates:  # every candidate is checked: the time taken does not say which matched
-        ok = any(signing.hmac_matches(secret, request, body) for secret in services.inbound_secrets(peer))
-        matched = matched or (peer if ok else None)
+    named, unnamed = _candidates(team_id, request.sender)
+    matched = _first_match(named, request, body) or _first_match(unnamed, request, body)
     if matched is None:
         if named:
             raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r}.")

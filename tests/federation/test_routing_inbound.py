@@ -212,3 +212,14 @@ def test_a_batch_with_a_bad_signature_stores_nothing(client, team, sender):
 def test_hook_answers_name_this_instance(client, team, sender, settings):
     assert _signed_post(client, team, _ce())["kite-instance"] == settings.KITE_INSTANCE_ID
     assert client.post(f"/hooks/{team.id}/kite", b"{}", content_type="application/json")["kite-instance"]
+
+
+def test_a_sender_row_not_yet_identified_is_tried_when_the_named_peer_does_not_match(client, team):
+    # A's peer row for B (we send to B) knows B's instance id but holds another inbound secret;
+    # B's requests are checked by the trusted-sender row configured for them.
+    services.peer_create(team=team, name="b-out", peer_hook_url="https://127.0.0.1:9/hooks/x/kite",
+                         outbound_token=SECRET, inbound_token=OTHER, scopes=["*"])  # fmt: skip
+    Peer.objects.filter(name="b-out").update(remote_instance_id="kite-b")
+    inbound = services.trusted_sender_create(team=team, name="b-in", inbound_token=SECRET).row
+    assert _signed_post(client, team, _ce("fb"), sender="kite-b").status_code == 202
+    assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-b"
