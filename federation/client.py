@@ -66,6 +66,19 @@ class _PinnedAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
+def _system_cas() -> str | bool:
+    """DESIGN §3: peers without a pin are verified by the system CAs (not certifi's bundle)."""
+    import os
+    import ssl
+
+    for candidate in (os.environ.get("SSL_CERT_FILE"), ssl.get_default_verify_paths().cafile,
+                      "/etc/ssl/certs/ca-certificates.crt"):  # fmt: skip
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return True
+
+
+SYSTEM_CAS = _system_cas()
 _sessions: dict[tuple, requests.Session] = {}
 _sessions_lock = threading.Lock()
 
@@ -76,9 +89,14 @@ def _session(tls_fingerprint: str, client_cert: tuple[str, str] | None) -> reque
         session = _sessions.get(key)
         if session is None:
             session = requests.Session()
+            # No proxies or CA bundles from the environment: REQUESTS_CA_BUNDLE would
+            # silently override verify=False below and break pinned peers.
+            session.trust_env = False
             if tls_fingerprint:
                 session.mount("https://", _PinnedAdapter(tls_fingerprint.removeprefix("sha256:")))
                 session.verify = False  # the pin above replaces CA verification, and is stricter
+            else:
+                session.verify = SYSTEM_CAS
             if client_cert:
                 session.cert = client_cert
             _sessions[key] = session

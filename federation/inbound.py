@@ -60,7 +60,7 @@ def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, n
     if matched is None:
         if named:
             raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r}.")
-        raise Refusal(Code.UNKNOWN_PEER, "No peer or trusted sender of this team signed this request.")
+        raise Refusal(Code.UNKNOWN_PEER, "No peer or trusted sender known here signed this request.")
     _check_rate(matched)
     _note_contact(matched, request.sender)
     return matched
