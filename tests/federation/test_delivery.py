@@ -1,0 +1,228 @@
+"""The outbox state machine against a real HTTPS endpoint on loopback that answers
+what each test needs (503, 429, 401, 410, 400 …): real TLS pinning, signing,
+claims and database rows; only the far side's answers are chosen."""
+
+import json
+import ssl
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.utils import timezone
+from standardwebhooks.webhooks import Webhook
+
+from federation import backoff, outbox, services
+from federation.models import Delivery, OutboxEntry, Peer
+from ingest import services as ingest_services
+from ingest.cloudevent import Draft
+from ingest.models import Source
+from kite import tls
+
+SECRET = "whsec_c2hhcmVkLXNlY3JldC1mb3ItZmVkZXJhdGlvbi10ZXN0cyE="
+
+
+class Endpoint:
+    """HTTPS server answering from a script of (status, headers, body); records requests."""
+
+    def __init__(self, tmp_path):
+        cert, key = tls.ensure_server_certificate(tmp_path / "tls", ["127.0.0.1"])
+        self.fingerprint = tls.fingerprint_of_pem(cert.read_bytes())
+        self.answers: list[tuple[int, dict, object]] = []
+        self.default = (202, {}, {"id": "x", "duplicate": False})
+        self.requests: list[tuple[dict, bytes]] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                endpoint.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                status, headers, answer = endpoint.answers.pop(0) if endpoint.answers else endpoint.default
+                if callable(answer):
+                    answer = answer(body)
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}/hooks/tm_remote/kite"
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def endpoint(tmp_path):
+    started = Endpoint(tmp_path)
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def peer(team, endpoint):
+    return services.peer_create(
+        team=team, name="b", peer_hook_url=endpoint.url, outbound_token=SECRET, scopes=["*"],
+        tls_fingerprint=endpoint.fingerprint,
+    ).row  # fmt: skip
+
+
+def _event(team, event_id="e1"):
+    source = Source.objects.get(team=team, name="kite")
+    draft = Draft(id=event_id, type="com.stripe.charge.succeeded", time=timezone.now(), data_json='{"n": 1}',
+                  source="kite://here/tm/stripe")  # fmt: skip
+    return ingest_services.event_store(source=source, draft=draft).event
+
+
+def _entry(event_id="e1"):
+    return OutboxEntry.objects.get(event__ce_id=event_id)
+
+
+def _make_due():
+    OutboxEntry.objects.filter(status="pending").update(next_attempt_at=timezone.now())
+
+
+def test_delivery_is_signed_so_any_standard_webhooks_library_verifies_it(team, peer, endpoint):
+    _event(team)
+    assert outbox.deliver_peer(peer.pk) == 1
+    headers, body = endpoint.requests[0]
+    assert Webhook(SECRET).verify(body, headers)["id"] == "e1"
+    assert headers["webhook-id"] == str(_entry().msg_id) and headers["kite-peer"]
+    assert headers["content-type"] == "application/cloudevents+json"
+    sent = json.loads(body)
+    assert sent["kitefedhops"] == 1 and "kitecursor" not in sent
+    entry = _entry()
+    assert (entry.status, entry.attempts) == ("delivered", 1)
+    assert Delivery.objects.get().outcome == "delivered"
+
+
+def test_transient_failure_backs_off_and_retries_with_the_same_webhook_id(team, peer, endpoint):
+    endpoint.answers = [(503, {}, {"detail": "busy", "code": "x"})]
+    _event(team)
+    before = timezone.now()
+    assert outbox.deliver_peer(peer.pk) == 0
+    entry = _entry()
+    assert (entry.status, entry.attempts) == ("pending", 1) and "503" in entry.last_error
+    assert before + timedelta(seconds=0.7) <= entry.next_attempt_at <= timezone.now() + timedelta(seconds=1.3)
+    _make_due()
+    assert outbox.deliver_peer(peer.pk) == 1
+    first, second = (headers["webhook-id"] for headers, _ in endpoint.requests)
+    assert first == second == str(entry.msg_id)
+
+
+def test_retry_after_is_honoured(team, peer, endpoint):
+    endpoint.answers = [(429, {"Retry-After": "40"}, {"detail": "slow down"})]
+    _event(team)
+    outbox.deliver_peer(peer.pk)
+    wait = (_entry().next_attempt_at - timezone.now()).total_seconds()
+    assert 38 <= wait <= 40
+
+
+def test_dead_after_ten_attempts_then_replayed(team, peer, endpoint):
+    _event(team)
+    OutboxEntry.objects.update(attempts=backoff.MAX_ATTEMPTS - 1)
+    endpoint.answers = [(500, {}, {"detail": "boom"})]
+    outbox.deliver_peer(peer.pk)
+    assert (_entry().status, _entry().attempts) == ("dead", 10)
+    assert outbox.replay_dead(peer=peer, limit=10) == 1
+    assert (_entry().status, _entry().attempts) == ("pending", 0)
+    assert outbox.deliver_peer(peer.pk) == 1 and _entry().status == "delivered"
+
+
+def test_other_4xx_is_dead_at_once_with_the_reason(team, peer, endpoint):
+    endpoint.answers = [(422, {}, {"detail": "unsupported contract", "code": "x"})]
+    _event(team)
+    outbox.deliver_peer(peer.pk)
+    assert _entry().status == "dead" and "unsupported contract" in _entry().last_error
+
+
+def test_401_pauses_the_peer_as_auth_failed_without_dead_lettering(team, peer, endpoint):
+    endpoint.answers = [(401, {}, {"detail": "bad", "code": "bad_secret"})]
+    _event(team)
+    _event(team, "e2")
+    outbox.deliver_peer(peer.pk)
+    peer.refresh_from_db()
+    assert peer.paused == "auth_failed" and "401" in peer.last_error
+    assert set(OutboxEntry.objects.values_list("status", flat=True)) == {"pending"}
+    _make_due()
+    assert outbox.deliver_peer(peer.pk) == 0 and len(endpoint.requests) == 1  # paused: nothing sent
+    services.peer_update(peer=peer, outbound_token=SECRET)  # the operator fixes the token
+    assert outbox.deliver_peer(peer.pk) == 2
+
+
+def test_410_revokes_the_peer(team, peer, endpoint):
+    endpoint.answers = [(410, {}, {"detail": "terminated"})]
+    _event(team)
+    outbox.deliver_peer(peer.pk)
+    assert Peer.objects.get(pk=peer.pk).status == "revoked" and _entry().status == "dead"
+
+
+def test_five_failures_in_a_row_mark_the_peer_down_and_stop_burning_attempts(team, peer, endpoint):
+    endpoint.default = (503, {}, {"detail": "down"})
+    for n in range(3):
+        _event(team, f"e{n}")
+    for _ in range(5):
+        _make_due()
+        outbox.deliver_peer(peer.pk)
+    peer.refresh_from_db()
+    assert peer.paused == "down" and peer.consecutive_failures == 5
+    sent = len(endpoint.requests)
+    _make_due()
+    outbox.deliver_peer(peer.pk)
+    assert len(endpoint.requests) == sent  # paused: no attempt burnt
+    assert not OutboxEntry.objects.filter(status="dead").exists()
+    assert sum(OutboxEntry.objects.values_list("attempts", flat=True)) == 5  # one per failed request
+
+
+def test_an_expired_lease_is_claimed_again(team, peer, endpoint):
+    _event(team)
+    claimed = outbox.claim(peer.pk, 10)
+    assert [e.status for e in OutboxEntry.objects.all()] == ["in_flight"] and claimed
+    assert outbox.claim(peer.pk, 10) == []  # leased: nobody else takes it
+    OutboxEntry.objects.update(leased_until=timezone.now() - timedelta(seconds=1))  # the worker died
+    assert outbox.deliver_peer(peer.pk) == 1 and _entry().status == "delivered"
+
+
+def test_batches_when_the_peer_advertises_batch_max(team, peer, endpoint):
+    Peer.objects.filter(pk=peer.pk).update(batch_max=50)
+    for n in range(3):
+        _event(team, f"b{n}")
+
+    def results(body):
+        events = json.loads(body)
+        return [{"id": e["id"], "result": "rejected" if e["id"] == "b1" else "accepted"} for e in events]
+
+    endpoint.default = (200, {}, results)
+    assert outbox.deliver_peer(peer.pk) == 3
+    headers, body = endpoint.requests[0]
+    assert len(endpoint.requests) == 1 and headers["content-type"] == "application/cloudevents-batch+json"
+    assert [e["id"] for e in json.loads(body)] == ["b0", "b1", "b2"]
+    statuses = dict(OutboxEntry.objects.values_list("event__ce_id", "status"))
+    assert statuses == {"b0": "delivered", "b1": "dead", "b2": "delivered"}
+
+
+def test_outbound_pacing_holds_back_what_is_over_the_rate(team, peer, endpoint):
+    Peer.objects.filter(pk=peer.pk).update(rate_limit_per_second=2)
+    for n in range(5):
+        _event(team, f"p{n}")
+    delivered = outbox.deliver_peer(peer.pk)
+    assert delivered == 2 and len(endpoint.requests) == 2
+    held = OutboxEntry.objects.filter(status="pending")
+    assert held.count() == 3 and all(e.attempts == 0 for e in held)
+
+
+def test_sweeper_finds_due_peers_but_not_paused_ones(team, peer, endpoint):
+    _event(team)
+    assert outbox.due_peer_ids() == [peer.pk]
+    Peer.objects.filter(pk=peer.pk).update(paused="down")
+    assert outbox.due_peer_ids() == []
