@@ -15,7 +15,7 @@ import sys
 import time
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import connect
 
 MAX_BACKOFF_SECONDS = 30.0
@@ -83,6 +83,10 @@ def current_cursor(instance: str, api_key: str, context) -> str:
         if exc.code in FATAL_STATUSES:
             raise Fatal(f"server refused: HTTP {exc.code} {exc.read().decode('utf-8', 'replace')}") from None
         raise OSError(f"HTTP {exc.code}") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise exc.reason from None  # as fatal here as on the WebSocket
+        raise
 
 
 def listen(args, out=sys.stdout, err=sys.stderr) -> int:
@@ -113,6 +117,8 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
                     out.write(json.dumps(event, separators=(",", ":")) + "\n")
                     out.flush()
                     cursor = event.get("kitecursor", cursor)
+            # The iteration ends quietly on a normal closure (1000/1001, e.g. a proxy going away).
+            reason = "server closed the stream"
         except InvalidStatus as exc:
             status = exc.response.status_code
             detail = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
@@ -121,6 +127,8 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
             reason = f"HTTP {status}"
         except InvalidURI as exc:
             raise Fatal(str(exc)) from None
+        except InvalidHandshake as exc:  # e.g. the server or a proxy hung up mid-handshake while restarting
+            reason = f"handshake failed ({exc})"
         except ConnectionClosed as exc:
             if exc.rcvd and 4400 <= exc.rcvd.code < 4500:
                 raise Fatal(f"server closed the stream: {exc.rcvd.code} {exc.rcvd.reason}") from None

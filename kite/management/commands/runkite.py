@@ -86,7 +86,7 @@ def supervise(commands: dict[str, list[str]], env: dict) -> int:
     status = 0
     while not stopping:
         dead = {name: child.returncode for name, child in children.items() if child.poll() is not None}
-        if dead:
+        if dead and not stopping:  # (not a child that got the same Ctrl-C a moment before us)
             for name, code in dead.items():
                 print(f"kite: {name} exited with status {code}; stopping the others", file=sys.stderr)
             status = 1

@@ -1,0 +1,345 @@
+"""Real Kite processes for end-to-end tests: `manage.py runkite` servers and `kite listen` clients.
+
+Every wait polls with a deadline; nothing here sleeps to make an assertion true.
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import redis
+import requests
+
+from tests.signing import stripe_signature
+
+REPO = Path(__file__).resolve().parents[2]
+KITE_CLI = Path(sys.executable).with_name("kite")  # the console script users run
+PG_ADMIN_URL = "postgres://postgres@127.0.0.1:55432/postgres"
+START_SECONDS = 60
+STOP_SECONDS = 12  # runkite itself SIGKILLs a child after 10 s, and says so in its log
+# Variables of the test run that must not leak into a Kite under test.
+_SCRUBBED = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "SECRET_KEY")
+
+
+def wait_for(predicate, timeout: float, what, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail with `what` (text, or a function
+    giving it, so that it tells the state at the deadline) when `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def group_is_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+# --- backing services ---------------------------------------------------------
+
+
+def _admin_url() -> str:
+    # The server of the test run's DATABASE_URL (make test), else the default test server.
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith("postgres"):
+        return PG_ADMIN_URL
+    return urlunsplit(urlsplit(url)._replace(path="/postgres"))
+
+
+class Database:
+    """A fresh PostgreSQL database of its own, dropped afterwards."""
+
+    def __init__(self, label: str):
+        self.name = f"kite_e2e_{label}_{secrets.token_hex(4)}"
+        with psycopg.connect(_admin_url(), autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = urlunsplit(urlsplit(_admin_url())._replace(path=f"/{self.name}"))
+
+    def drop(self) -> None:
+        with psycopg.connect(_admin_url(), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def open_write_transactions() -> list[tuple]:
+    """Transactions holding an xid anywhere on the server: they hold back every stream's horizon."""
+    with psycopg.connect(_admin_url(), autocommit=True) as admin:
+        return admin.execute(
+            "SELECT datname, pid, backend_xid::text, now() - xact_start, left(query, 80) FROM pg_stat_activity"
+            " WHERE backend_xid IS NOT NULL ORDER BY xact_start"
+        ).fetchall()
+
+
+class RedisDatabase:
+    """An empty Redis database number, claimed for the test so parallel runs do not share a broker."""
+
+    CLAIM = "kite-e2e:claim"
+
+    def __init__(self):
+        base = os.environ.get("REDIS_URL") or "redis://127.0.0.1:56379/0"
+        self.token = secrets.token_hex(8)
+        for number in range(15, 0, -1):  # high numbers first: db 0 belongs to the unit tests
+            url = urlunsplit(urlsplit(base)._replace(path=f"/{number}"))
+            client = redis.Redis.from_url(url)
+            if client.dbsize() == 0 and client.set(self.CLAIM, self.token, nx=True, ex=900):
+                self.url, self.client = url, client
+                return
+            client.close()
+        raise AssertionError("no free Redis database number for an e2e instance")
+
+    def release(self) -> None:
+        self.client.flushdb()  # Celery queues, cache and channel layer keys of this instance
+        self.client.close()
+
+
+# --- a Kite server ------------------------------------------------------------
+
+
+@dataclass
+class Kite:
+    """One `manage.py runkite` (uvicorn + celery worker + celery beat) with its own data dir and port."""
+
+    data_dir: Path
+    instance_id: str
+    database_url: str | None = None
+    redis_url: str | None = None
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    log_path: Path = None
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def cert(self) -> Path:
+        return self.data_dir / "tls" / "cert.pem"
+
+    @property
+    def admin_key(self) -> str:
+        return (self.data_dir / "admin-api-key").read_text().strip()
+
+    def env(self) -> dict:
+        env = {key: value for key, value in os.environ.items() if key not in _SCRUBBED and not key.startswith("KITE_")}
+        env.update(
+            KITE_DATA_DIR=str(self.data_dir),
+            KITE_PORT=str(self.port),
+            KITE_INSTANCE_ID=self.instance_id,
+            KITE_TLS="on",
+            PYTHONUNBUFFERED="1",
+        )
+        if self.database_url:
+            env["DATABASE_URL"] = self.database_url
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        return env
+
+    def start(self) -> "Kite":
+        self.starts += 1
+        self.log_path = self.data_dir.parent / f"{self.instance_id}-run{self.starts}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "manage.py", "runkite"],
+                cwd=REPO,
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as a terminal would give it
+            )
+        wait_for(self._healthy, START_SECONDS, lambda: f"{self.instance_id} to answer /healthz; log:\n{self.log_tail}")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"runkite exited with {self.process.returncode}; log:\n{self.log_tail}")
+        if not self.cert.exists():
+            return False
+        try:
+            response = requests.get(f"{self.url}/healthz", verify=str(self.cert), timeout=2)
+        except requests.RequestException:
+            return False
+        return response.status_code == 200 and response.json()["instance_id"] == self.instance_id
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signal the whole process group, as Ctrl-C does; every process must be gone within STOP_SECONDS."""
+        process, self.process = self.process, None
+        if process.poll() is None:
+            os.killpg(process.pid, signum)
+        try:
+            returncode = process.wait(timeout=STOP_SECONDS)
+            wait_for(lambda: group_is_gone(process.pid), 2, f"every process of {self.instance_id} to exit")
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"runkite still running {STOP_SECONDS} s after signal {signum}") from None
+        finally:
+            if not group_is_gone(process.pid):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        assert "did not stop" not in self.log_tail, f"a process had to be killed:\n{self.log_tail}"
+        return returncode
+
+    def kill(self) -> None:
+        if self.process is not None and not group_is_gone(self.process.pid):
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    @property
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
+
+    # --- HTTP, as a user and as a provider ---------------------------------
+
+    def api(self, method: str, path: str, api_key: str | None = None, **kwargs) -> requests.Response:
+        headers = {"Authorization": f"Bearer {api_key or self.admin_key}"}
+        return requests.request(method, self.url + path, headers=headers, verify=str(self.cert), timeout=10, **kwargs)
+
+    def team_id(self) -> str:
+        return self.api("GET", "/api/me").json()["team"]["id"]
+
+    def create_source(self, name: str, kind: str) -> dict:
+        response = self.api("POST", "/api/sources", json={"name": name, "kind": kind})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def post_stripe(self, team_id: str, source: dict, event_id: str, session=None) -> requests.Response:
+        body = json.dumps(
+            {"id": event_id, "type": "payment_intent.succeeded", "created": int(time.time()),
+             "data": {"object": {"id": f"pi_{event_id}", "amount": 4200}}}
+        ).encode()  # fmt: skip
+        headers = {"Stripe-Signature": stripe_signature(source["secret"], body), "Content-Type": "application/json"}
+        url = f"{self.url}/hooks/{team_id}/{source['name']}"
+        return (session or requests).post(url, data=body, headers=headers, verify=str(self.cert), timeout=10)
+
+    def post_plain(self, team_id: str, source_name: str, event_id: str) -> requests.Response:
+        return requests.post(
+            f"{self.url}/hooks/{team_id}/{source_name}",
+            json={"id": event_id, "type": "com.example.ping"},
+            verify=str(self.cert),
+            timeout=10,
+        )
+
+
+# --- a `kite listen` client ---------------------------------------------------
+
+
+class Listener:
+    """`kite listen` as a user runs it; collects stdout lines (CloudEvents) and stderr lines."""
+
+    def __init__(self, kite: Kite, *args: str, api_key: str | None = None, ca_file: Path | None = None):
+        env = {key: value for key, value in os.environ.items() if not key.startswith("KITE_")}
+        env["KITE_API_KEY"] = api_key or kite.admin_key
+        self.kite = kite
+        self.argv = [str(KITE_CLI), "listen", "--instance", kite.url, "--ca-file", str(ca_file or kite.cert), *args]
+        self.process = subprocess.Popen(
+            self.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.lines: list[tuple[float, str]] = []  # (monotonic arrival, line)
+        self.errors: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.process.stdout, self._on_line), daemon=True),
+            threading.Thread(target=self._read, args=(self.process.stderr, self.errors.append), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _on_line(self, line: str) -> None:
+        self.lines.append((time.monotonic(), line))
+
+    @staticmethod
+    def _read(stream, sink) -> None:
+        for line in stream:
+            sink(line.rstrip("\n"))
+
+    @property
+    def events(self) -> list[dict]:
+        return [json.loads(line) for _, line in list(self.lines)]
+
+    def ids(self) -> list[str]:
+        return [event["id"] for event in self.events]
+
+    def wait_for_ids(self, expected: list[str], timeout: float = 20) -> list[dict]:
+        """Wait until every expected id has been printed; returns the events printed so far."""
+        def missing() -> set[str]:
+            return set(expected) - set(self.ids())
+
+        wait_for(lambda: not missing(), timeout, lambda: f"{len(missing())} ids {sorted(missing())[:10]}…; {self.diagnostics()}")
+        return self.events
+
+    def arrival_of(self, event_id: str, timeout: float = 10) -> float:
+        def found():
+            return next((at for at, line in list(self.lines) if json.loads(line)["id"] == event_id), None)
+
+        return wait_for(found, timeout, lambda: f"{event_id}; {self.diagnostics()}")
+
+    def wait_for_stderr(self, text: str, timeout: float = 30) -> None:
+        wait_for(lambda: any(text in line for line in self.errors), timeout, lambda: f"{text!r}; {self.diagnostics()}")
+
+    def wait_for_exit(self, timeout: float = 15) -> int:
+        wait_for(lambda: self.process.poll() is not None, timeout, lambda: f"an exit; {self.diagnostics()}")
+        return self.process.returncode
+
+    def diagnostics(self) -> str:
+        server = [line for line in self.kite.log_tail.splitlines() if "WebSocket" in line or "Error" in line]
+        return (
+            f"`kite listen` printed {len(self.lines)} lines, exit={self.process.poll()}, stderr={self.errors[-5:]};"
+            f" server log: {server[-5:]}"
+        )
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        returncode = self.process.wait(timeout=10)
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return returncode
+
+
+def wait_until_streaming(listener: Listener, post, timeout: float = 20) -> list[str]:
+    """Post marker events (post(event_id)) until `kite listen` prints one: it is then live.
+
+    A fresh listener starts at "now", so a marker posted before it connected is
+    rightly never printed; the next one is. Returns the markers posted.
+    """
+    markers: list[str] = []
+    last_post = [0.0]
+
+    def printed_a_marker():
+        if set(markers) & set(listener.ids()):
+            return True
+        if time.monotonic() - last_post[0] > 0.5:
+            markers.append(f"marker-{secrets.token_hex(4)}")
+            response = post(markers[-1])
+            assert response.status_code == 202, response.text
+            last_post[0] = time.monotonic()
+        return False
+
+    wait_for(printed_a_marker, timeout, lambda: f"`kite listen` to stream; {listener.diagnostics()}")
+    return markers
+
+
+def cursor_key(event: dict) -> tuple[int, int]:
+    txid, event_id = event["kitecursor"].split("-")
+    return int(txid), int(event_id)

@@ -1,0 +1,314 @@
+"""Federation between real Kite processes: separate PostgreSQL databases, HTTPS on loopback,
+real Celery workers and beat (DESIGN §3-§4, issue 3)."""
+
+import json
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+import requests
+
+from tests.e2e.harness import Database, Kite, RedisDatabase, wait_for
+
+pytestmark = pytest.mark.e2e
+
+FAST = {
+    "KITE_PROBE_DOWN_SECONDS": "1",  # a down peer is re-probed every second
+    "KITE_OUTBOX_LEASE_SECONDS": "3",  # a killed worker's entries come back after 3 s
+    "KITE_HEARTBEAT_SECONDS": "2",
+}
+
+
+@dataclass
+class FedKite(Kite):
+    extra_env: dict = field(default_factory=dict)
+
+    def env(self) -> dict:
+        return {**super().env(), **self.extra_env}
+
+    # --- federation as an operator does it ------------------------------------
+
+    def identity(self) -> dict:
+        return self.api("GET", "/api/federation/identity").json()
+
+    def token(self, label: str) -> str:
+        response = self.api("POST", "/api/federation/tokens", json={"label": label})
+        assert response.status_code == 201, response.text
+        return response.json()["token"]
+
+    def add_peer(self, other: "FedKite", name: str, **fields) -> dict:
+        identity = other.identity()
+        body = {"name": name, "peer_hook_url": identity["hook_url"], "tls_fingerprint": identity["tls_fingerprint"],
+                "scopes": ["*"], **fields}  # fmt: skip
+        response = self.api("POST", "/api/federation/peers", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def trust(self, name: str, token: str) -> dict:
+        response = self.api("POST", "/api/federation/trusted-senders", json={"name": name, "inbound_token": token})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def peer(self, peer_id: int) -> dict:
+        return self.api("GET", f"/api/federation/peers/{peer_id}").json()
+
+    def outbox(self, peer_id: int, status: str | None = None) -> list[dict]:
+        query = f"?status={status}" if status else ""
+        return self.api("GET", f"/api/federation/peers/{peer_id}/outbox{query}").json()["results"]
+
+    def events(self, **filters) -> list[dict]:
+        found, after = [], "0-0"
+        while True:
+            page = self.api("GET", "/api/events", params={**filters, "after": after, "limit": 1000}).json()
+            found += page["results"]
+            if not page["results"]:
+                return found
+            after = page["next"]
+
+    def post_event(self, source: str, event_id: str, event_type: str = "com.stripe.charge.succeeded"):
+        response = requests.post(
+            f"{self.url}/hooks/{self.team_id()}/{source}", json={"id": event_id, "type": event_type},
+            verify=str(self.cert), timeout=10,
+        )  # fmt: skip
+        assert response.status_code == 202, response.text
+        return response
+
+
+class Cluster:
+    def __init__(self, tmp_path_factory):
+        self.tmp = tmp_path_factory
+        self.started: list[tuple[FedKite, Database, RedisDatabase]] = []
+
+    def start(self, label: str) -> FedKite:
+        database, redis_db = Database(label), RedisDatabase()
+        kite = FedKite(
+            data_dir=self.tmp.mktemp(label) / "data",
+            instance_id=f"fed-{label}-{secrets.token_hex(3)}",
+            database_url=database.url,
+            redis_url=redis_db.url,
+            extra_env=dict(FAST),
+        )
+        self.started.append((kite, database, redis_db))
+        kite.start()
+        assert kite.api("POST", "/api/sources", json={"name": "plain", "kind": "none"}).status_code == 201
+        return kite
+
+    def close(self):
+        for kite, database, redis_db in reversed(self.started):
+            try:
+                if kite.process is not None:
+                    kite.stop(signal.SIGTERM)
+            finally:
+                kite.kill()
+                database.drop()
+                redis_db.release()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    started = Cluster(tmp_path_factory)
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def a(cluster):
+    return cluster.start("a")
+
+
+@pytest.fixture(scope="module")
+def b(cluster):
+    return cluster.start("b")
+
+
+def federate(sender: FedKite, receiver: FedKite, name: str, **fields) -> dict:
+    """The getting-started flow: the receiver generates the token it will check inbound,
+    the sender registers the receiver as a peer with it, the receiver trusts the sender."""
+    token = receiver.token(f"from-{name}")
+    peer = sender.add_peer(receiver, name, outbound_token=token, **fields)
+    receiver.trust(f"{name}-sender-{secrets.token_hex(2)}", token)
+    return peer
+
+
+def stored_ids(kite: FedKite, **filters) -> list[str]:
+    return [event["id"] for event in kite.events(**filters)]
+
+
+def test_getting_started_flow_reaches_bs_listener_within_a_second(a, b, listen):
+    peer = federate(a, b, "b-start", scopes=["stripe.*", "com.kite.agent.message"])
+    head = b.api("GET", "/api/events/head").json()["cursor"]
+    listener = listen(b, "--source", "kite", "--after", head)
+    event_id = f"evt_{secrets.token_hex(4)}"
+    accepted_at = time.monotonic()
+    a.post_event("plain", event_id)
+    arrived_at = listener.arrival_of(event_id, timeout=10)
+
+    event = next(e for e in listener.events if e["id"] == event_id)
+    assert arrived_at - accepted_at < 1.0, f"took {arrived_at - accepted_at:.3f} s"
+    assert event["kitefedorigin"] == a.instance_id
+    assert json.loads(event["kitefedchain"]) == [a.instance_id]
+    assert event["kitefedhops"] == 1
+    assert event["source"].startswith(f"kite://{a.instance_id}/")
+    assert wait_for(lambda: a.outbox(peer["id"], "delivered"), 5, "A's outbox to show the delivery")
+    # Heartbeats: A pinged B successfully, and B has received from A: enrolled, then active.
+    wait_for(lambda: a.peer(peer["id"])["status"] in ("enrolled", "active"), 10, "A's peer row to enrol")
+    assert a.peer(peer["id"])["reachability"] in ("Reachable", "Slow")
+    assert a.peer(peer["id"])["remote_instance_id"] == b.instance_id
+
+
+def test_scope_mismatch_stays_local(a, b):
+    peer = federate(a, b, "b-scoped", scopes=["scoped.*"])
+    event_id = f"gh_{secrets.token_hex(4)}"
+    a.post_event("plain", event_id, event_type="com.github.push")
+    marker = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", marker, event_type="com.scoped.x")  # in scope: once it is at B, the other would be too
+    wait_for(lambda: marker in stored_ids(b, source="kite"), 10, "the in-scope marker at B")
+    assert event_id not in stored_ids(b, source="kite")
+    assert {entry["event_id"] for entry in a.outbox(peer["id"])} == {marker}
+
+
+def test_wrong_secret_is_refused_at_b_and_a_shows_why_until_fixed(a, b):
+    b.trust("a-real", "whsec_" + secrets.token_urlsafe(32))
+    # Each test on the shared pair uses event types only its own peer's scopes match.
+    peer = a.add_peer(b, "b-wrong", outbound_token="whsec_" + secrets.token_urlsafe(32), scopes=["wrongsecret.*"])
+    event_id = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", event_id, event_type="com.wrongsecret.x")
+    wait_for(lambda: a.peer(peer["id"])["paused"] == "auth_failed", 10, "A to pause the peer as auth_failed")
+    shown = a.peer(peer["id"])
+    assert "401" in shown["last_error"] and ("unknown_peer" in shown["last_error"] or "bad_secret" in shown["last_error"]
+                                             or "match" in shown["last_error"])  # fmt: skip
+    assert event_id not in stored_ids(b, source="kite")
+    assert a.outbox(peer["id"], "dead") == []  # paused, not dead-lettered
+    # The operator pastes the right token: the queue resumes and drains.
+    token = b.token("fixed")
+    b.trust("a-fixed", token)
+    assert a.api("PATCH", f"/api/federation/peers/{peer['id']}", json={"outbound_token": token}).status_code == 200
+    wait_for(lambda: event_id in stored_ids(b, source="kite"), 15, "the event at B after the fix")
+
+
+def test_dead_letters_and_replay(a, b):
+    wrong_url = b.identity()["hook_url"].replace(b.team_id(), "tm_nobody")
+    token = b.token("dead")
+    b.trust("a-dead", token)
+    peer = a.add_peer(b, "b-dead", outbound_token=token, scopes=["deadletter.*"], peer_hook_url=wrong_url)
+    event_id = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", event_id, event_type="com.deadletter.x")
+    dead = wait_for(lambda: a.outbox(peer["id"], "dead"), 10, "the entry to be dead-lettered (404 is permanent)")
+    assert dead[0]["event_id"] == event_id and "404" in dead[0]["last_error"]
+    deliveries = a.api("GET", f"/api/federation/peers/{peer['id']}/deliveries").json()["results"]
+    assert deliveries and deliveries[0]["status_code"] == 404
+    fixed = a.api("PATCH", f"/api/federation/peers/{peer['id']}", json={"peer_hook_url": b.identity()["hook_url"]})
+    assert fixed.status_code == 200
+    replay = a.api("POST", f"/api/federation/peers/{peer['id']}/replay-dead", json={"limit": 10})
+    assert replay.json() == {"requeued": 1}
+    wait_for(lambda: event_id in stored_ids(b, source="kite"), 10, "the replayed event at B")
+    assert a.outbox(peer["id"], "dead") == []
+
+
+def test_b_down_for_a_while_loses_nothing_and_dead_letters_nothing(cluster):
+    a, b = cluster.start("down-a"), cluster.start("down-b")
+    peer = federate(a, b, "b", scopes=["stripe.*"])
+    warm = f"warm_{secrets.token_hex(3)}"
+    a.post_event("plain", warm)
+    wait_for(lambda: warm in stored_ids(b, source="kite"), 10, "a first delivery")
+
+    b.stop(signal.SIGTERM)
+    sent = [f"evt_{i}_{secrets.token_hex(3)}" for i in range(40)]
+    for event_id in sent:
+        a.post_event("plain", event_id)
+    wait_for(lambda: a.peer(peer["id"])["paused"] == "down", 30, "A to mark B down and pause its queue")
+    time.sleep(3)  # the queue stays paused: no attempts are burnt while B is away
+    attempts = [entry["attempts"] for entry in a.outbox(peer["id"], "pending")]
+    assert max(attempts) <= 5 and a.outbox(peer["id"], "dead") == []
+
+    b.start()
+    wait_for(lambda: set(sent) <= set(stored_ids(b, source="kite")), 30, "every queued event at B")
+    ids = stored_ids(b, source="kite")
+    assert sorted(i for i in ids if i in sent) == sorted(sent)  # each exactly once
+    assert a.outbox(peer["id"], "dead") == []
+    wait_for(lambda: not a.outbox(peer["id"], "pending"), 10, "A's queue to be empty")
+
+
+def test_worker_killed_mid_delivery_still_delivers(cluster):
+    a, b = cluster.start("crash-a"), cluster.start("crash-b")
+    token = b.token("crash")
+    b.trust("a", token)
+    # A black hole: accepts TCP and never answers, so the worker is stuck mid-delivery.
+    import socket
+    import threading
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(hole.accept()) for _ in range(16)], daemon=True).start()
+    port = hole.getsockname()[1]
+    peer = a.add_peer(b, "b", outbound_token=token, scopes=["stripe.*"],
+                      peer_hook_url=f"https://127.0.0.1:{port}/hooks/{b.team_id()}/kite")  # fmt: skip
+    event_id = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", event_id)
+    wait_for(lambda: [e for e in a.outbox(peer["id"]) if e["status"] == "in_flight"], 10, "the entry to be in flight")
+    a.kill()  # SIGKILL the whole process group: worker, beat and web die mid-delivery
+    with psycopg.connect(a.database_url) as connection:
+        # While A is down, point the peer at the real B, as an operator would fix a URL.
+        connection.execute(
+            "UPDATE federation_peer SET peer_hook_url = %s WHERE id = %s", (b.identity()["hook_url"], peer["id"])
+        )
+    a.start()
+    wait_for(lambda: event_id in stored_ids(b, source="kite"), 30, "the event after the lease expired")
+    assert stored_ids(b, source="kite").count(event_id) == 1
+    hole.close()
+
+
+def test_a_and_b_federating_both_ways_do_not_amplify(cluster):
+    a, b = cluster.start("loop-a"), cluster.start("loop-b")
+    federate(a, b, "b")
+    federate(b, a, "a")
+    ids_a = [f"from_a_{i}" for i in range(5)]
+    ids_b = [f"from_b_{i}" for i in range(5)]
+    for event_id in ids_a:
+        a.post_event("plain", event_id)
+    for event_id in ids_b:
+        b.post_event("plain", event_id)
+    everything = set(ids_a) | set(ids_b)
+    for kite in (a, b):
+        wait_for(lambda kite=kite: everything <= {e["id"] for e in kite.events()}, 20, f"all events at {kite.instance_id}")
+    time.sleep(2)  # anything that would bounce back has had time to
+    for kite in (a, b):
+        ids = [e["id"] for e in kite.events()]
+        assert sorted(i for i in ids if i in everything) == sorted(everything), kite.instance_id
+
+
+def test_a_b_c_ring_does_not_amplify_and_hop_limit_emits_the_internal_event(cluster):
+    a, b, c = cluster.start("ring-a"), cluster.start("ring-b"), cluster.start("ring-c")
+    federate(a, b, "b")
+    federate(b, c, "c")
+    federate(c, a, "a")
+    ids = [f"ring_{i}" for i in range(5)]
+    for event_id in ids:
+        a.post_event("plain", event_id)
+    for kite in (a, b, c):
+        wait_for(lambda kite=kite: set(ids) <= {e["id"] for e in kite.events()}, 20, f"ring events at {kite.instance_id}")
+    time.sleep(2)
+    for kite in (a, b, c):
+        stored = [e["id"] for e in kite.events()]
+        assert sorted(i for i in stored if i in ids) == sorted(ids), kite.instance_id
+    at_c = next(e for e in c.events(source="kite") if e["id"] == ids[0])
+    assert json.loads(at_c["kitefedchain"]) == [a.instance_id, b.instance_id] and at_c["kitefedhops"] == 2
+
+    # C forwarding to D would be a third hop, over D's max_hops of 2: C drops it and says so locally.
+    d = cluster.start("ring-d")
+    federate(c, d, "d", max_hops=2)
+    late = "ring_late"
+    a.post_event("plain", late)
+    failed = wait_for(
+        lambda: [e for e in c.events(type="kite.federation.delivery_failed") if e["data"]["event"]["id"] == late],
+        20, "the hop-limit drop at C",
+    )  # fmt: skip
+    assert failed[0]["data"]["peer"] == "d" and failed[0]["data"]["reason"] == "max_hops"
+    assert late not in stored_ids(d)
+    # Internal events never leave the instance.
+    assert not [e for e in d.events() if e["type"].startswith("kite.")]

@@ -1,0 +1,372 @@
+"""WS /ws/events against the real ASGI app, Redis channel layer and PostgreSQL.
+
+The consumer reads the store from other threads, hence transactional tests.
+A stream is ordered by cursor, so "X is never sent" is checked by sending a
+later sentinel and asserting it is the next message: had X been sent, it would
+have come first.
+"""
+
+import asyncio
+import contextlib
+import functools
+import json
+import threading
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.db import connection, transaction
+from django.test import Client
+
+from ingest import broadcast, consumers
+from ingest.models import Event
+from kite import services
+from kite.asgi import application
+from tests.factories import SourceFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+RECEIVE_SECONDS = 10.0
+AGENT_MESSAGE = "com.kite.agent.message"
+
+
+@pytest.fixture(autouse=True)
+def no_idle_poll_within_a_test(monkeypatch):
+    """The consumer re-reads the store every IDLE_POLL_SECONDS in case a notice is lost. Pushed
+    out of any test's reach, an event that arrives at all was pushed (woken by its notice),
+    and receive timeouts can stay generous for a loaded machine."""
+    monkeypatch.setattr(consumers, "IDLE_POLL_SECONDS", 600.0)
+
+
+def async_test(coroutine_function):
+    @functools.wraps(coroutine_function)
+    def run(*args, **kwargs):
+        return async_to_sync(coroutine_function)(*args, **kwargs)
+
+    return run
+
+
+def communicator_for(api_key: str | None, query: str = "") -> WebsocketCommunicator:
+    headers = [(b"authorization", f"Bearer {api_key}".encode())] if api_key else []
+    return WebsocketCommunicator(application, f"/ws/events{query}", headers=headers)
+
+
+async def refusal(api_key: str | None, query: str = "") -> tuple[bool, int]:
+    communicator = communicator_for(api_key, query)
+    outcome = await communicator.connect(timeout=5)
+    await communicator.disconnect()  # as the server tells the consumer after it closed the handshake
+    return outcome
+
+
+@contextlib.asynccontextmanager
+async def listening(api_key: str, query: str = ""):
+    communicator = communicator_for(api_key, query)
+    connected, code = await communicator.connect(timeout=5)
+    assert connected, f"refused with close code {code}"
+    try:
+        yield communicator
+    finally:
+        await communicator.disconnect()
+
+
+async def receive_events(communicator, count: int) -> list[dict]:
+    return [await communicator.receive_json_from(timeout=RECEIVE_SECONDS) for _ in range(count)]
+
+
+def ids(events: list[dict]) -> list[str]:
+    return [event["id"] for event in events]
+
+
+def hook(team, source: str, payload: dict) -> None:
+    """A provider's POST to /hooks/{team}/{source} (an unverified `none` source)."""
+    response = Client().post(f"/hooks/{team.id}/{source}", json.dumps(payload), content_type="application/json")
+    assert response.status_code == 202, response.content
+
+
+@sync_to_async
+def post(team, source: str, event_id: str, event_type: str = "com.example.thing", to: str | None = None) -> None:
+    payload = {"id": event_id, "type": event_type}
+    if to:
+        payload["to"] = f"https://kite.example/agents/{to}"
+    hook(team, source, payload)
+
+
+@pytest.fixture
+def shop(team):
+    return SourceFactory(team=team, name="shop", kind="none").name
+
+
+@pytest.fixture
+def crm(team):
+    return SourceFactory(team=team, name="crm", kind="none").name
+
+
+# --- refusals -----------------------------------------------------------------
+# The test communicator has no websocket.http.response extension, so refusals
+# are close codes 4000 + HTTP status.
+
+
+@async_test
+async def test_stream_without_api_key_is_refused_4401(team):
+    outcome = await refusal(None)
+
+    assert outcome == (False, 4401)
+
+
+@async_test
+async def test_stream_with_unknown_api_key_is_refused_4401(team):
+    outcome = await refusal("kite_ak_not-a-real-key")
+
+    assert outcome == (False, 4401)
+
+
+@async_test
+async def test_stream_with_revoked_api_key_is_refused_4401(team):
+    issued = await sync_to_async(services.apikey_create)(team=team, label="soon revoked")
+    await sync_to_async(services.apikey_revoke)(api_key=issued.api_key)
+
+    outcome = await refusal(issued.raw_key)
+
+    assert outcome == (False, 4401)
+
+
+@pytest.mark.parametrize("cursor", ["banana", "12", "-1-2", "1-2-3", "99999999999999999999-1"])
+@async_test
+async def test_stream_with_malformed_cursor_is_refused_4400(api_key, cursor):
+    outcome = await refusal(api_key, f"?after={cursor}")
+
+    assert outcome == (False, 4400)
+
+
+# --- replay, then live --------------------------------------------------------
+
+
+@async_test
+async def test_replays_after_cursor_then_pushes_live_in_order_without_repeats(team, api_key, shop):
+    for n in range(1, 4):
+        await post(team, shop, f"old-{n}")
+    async with listening(api_key) as everything:
+        replayed = await receive_events(everything, 3)
+    assert ids(replayed) == ["old-1", "old-2", "old-3"]
+    assert all(event["kitecursor"] for event in replayed)
+
+    async with listening(api_key, f"?after={replayed[0]['kitecursor']}") as resumed:
+        assert ids(await receive_events(resumed, 2)) == ["old-2", "old-3"]
+        for n in range(1, 4):
+            await post(team, shop, f"live-{n}")
+        live = await receive_events(resumed, 3)
+        assert ids(live) == ["live-1", "live-2", "live-3"]
+        await post(team, shop, "sentinel")
+        assert ids(await receive_events(resumed, 1)) == ["sentinel"]  # nothing was sent twice
+    cursors = [event["kitecursor"] for event in replayed + live]
+    assert len(set(cursors)) == len(cursors)
+
+
+@async_test
+async def test_events_posted_while_a_listener_is_away_are_replayed_on_resume(team, api_key, shop):
+    async with listening(api_key) as first:
+        await post(team, shop, "seen")
+        (seen,) = await receive_events(first, 1)
+    for n in range(1, 4):
+        await post(team, shop, f"missed-{n}")
+
+    async with listening(api_key, f"?after={seen['kitecursor']}") as second:
+        await post(team, shop, "after-resume")
+        assert ids(await receive_events(second, 4)) == ["missed-1", "missed-2", "missed-3", "after-resume"]
+
+
+@async_test
+async def test_each_event_is_one_valid_structured_cloudevent(team, api_key, shop):
+    async with listening(api_key) as listener:
+        await post(team, shop, "evt-shape", event_type="com.example.order.paid")
+        (event,) = await receive_events(listener, 1)
+
+    assert event["specversion"] == "1.0"
+    assert (event["id"], event["type"]) == ("evt-shape", "com.example.order.paid")
+    assert event["source"].endswith(f"/{team.id}/shop")
+    assert event["data"] == {"id": "evt-shape", "type": "com.example.order.paid"}
+    assert event["kitecursor"].count("-") == 1
+
+
+# --- filters ------------------------------------------------------------------
+
+
+@async_test
+async def test_source_filter_streams_only_that_source(team, api_key, shop, crm):
+    async with listening(api_key, f"?source={crm}") as listener:
+        await post(team, shop, "from-shop")
+        await post(team, crm, "from-crm")
+
+        assert ids(await receive_events(listener, 1)) == ["from-crm"]
+
+
+@async_test
+async def test_type_glob_filter_streams_only_matching_types(team, api_key, shop):
+    async with listening(api_key, "?type=com.example.order.*") as listener:
+        await post(team, shop, "a", event_type="com.example.invoice.paid")
+        await post(team, shop, "b", event_type="com.example.order.paid")
+        await post(team, shop, "c", event_type="org.other.order.paid")
+        await post(team, shop, "d", event_type="com.example.order.refunded")
+
+        assert ids(await receive_events(listener, 2)) == ["b", "d"]
+
+
+@async_test
+async def test_filters_also_apply_to_replay(team, api_key, shop, crm):
+    await post(team, shop, "shop-order", event_type="com.example.order.paid")
+    await post(team, crm, "crm-invoice", event_type="com.example.invoice.paid")
+    await post(team, crm, "crm-order", event_type="com.example.order.paid")
+
+    async with listening(api_key, f"?after=0-0&source={crm}&type=*.order.*") as listener:
+        assert ids(await receive_events(listener, 1)) == ["crm-order"]
+        await post(team, crm, "crm-order-2", event_type="com.example.order.paid")
+        assert ids(await receive_events(listener, 1)) == ["crm-order-2"]
+
+
+@async_test
+async def test_agent_messages_reach_only_their_addressee(team, api_key, shop):
+    async with (
+        listening(api_key, "?agent=alice") as alice,
+        listening(api_key, "?agent=bob") as bob,
+        listening(api_key) as anonymous,
+    ):
+        await post(team, shop, "to-alice", event_type=AGENT_MESSAGE, to="alice")
+        await post(team, shop, "to-bob", event_type=AGENT_MESSAGE, to="bob")
+        await post(team, shop, "broadcast")
+
+        assert ids(await receive_events(alice, 2)) == ["to-alice", "broadcast"]
+        assert ids(await receive_events(bob, 2)) == ["to-bob", "broadcast"]
+        assert ids(await receive_events(anonymous, 1)) == ["broadcast"]
+
+
+@async_test
+async def test_agent_messages_are_replayed_only_to_their_addressee(team, api_key, shop):
+    await post(team, shop, "to-alice", event_type=AGENT_MESSAGE, to="alice")
+    await post(team, shop, "to-bob", event_type=AGENT_MESSAGE, to="bob")
+    await post(team, shop, "broadcast")
+
+    async with listening(api_key, "?after=0-0&agent=bob") as bob:
+        assert ids(await receive_events(bob, 2)) == ["to-bob", "broadcast"]
+
+
+# --- team isolation -----------------------------------------------------------
+
+
+@async_test
+async def test_listener_never_receives_another_teams_events(team, api_key, other_team, other_api_key, shop):
+    their_source = await sync_to_async(SourceFactory)(team=other_team, name="shop", kind="none")
+    await post(other_team, their_source.name, "theirs-before")
+
+    async with listening(api_key, "?after=0-0") as ours, listening(other_api_key, "?after=0-0") as theirs:
+        assert ids(await receive_events(theirs, 1)) == ["theirs-before"]
+        await post(other_team, their_source.name, "theirs-live")
+        await post(team, shop, "ours-live")
+
+        assert ids(await receive_events(ours, 1)) == ["ours-live"]
+        assert ids(await receive_events(theirs, 1)) == ["theirs-live"]
+
+
+@async_test
+async def test_team_filter_cannot_be_widened_by_query_parameters(team, api_key, other_team, shop):
+    their_source = await sync_to_async(SourceFactory)(team=other_team, name="shop", kind="none")
+    await post(other_team, their_source.name, "theirs")
+    await post(team, shop, "ours")
+
+    async with listening(api_key, f"?after=0-0&source=shop&team={other_team.id}") as ours:
+        assert ids(await receive_events(ours, 1)) == ["ours"]
+
+
+# --- broadcast after commit ---------------------------------------------------
+
+
+class Rollback(Exception):
+    pass
+
+
+@sync_to_async
+def post_and_roll_back(team, source: str, event_id: str) -> None:
+    with pytest.raises(Rollback), transaction.atomic():
+        hook(team, source, {"id": event_id})
+        raise Rollback
+
+
+@contextlib.asynccontextmanager
+async def group_probe(team_id: str):
+    """A bare channel in the team's broadcast group: sees the notices themselves."""
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add(broadcast.group_for(team_id), channel)
+    try:
+        yield lambda: asyncio.wait_for(layer.receive(channel), RECEIVE_SECONDS)
+    finally:
+        await layer.group_discard(broadcast.group_for(team_id), channel)
+
+
+@async_test
+async def test_event_of_a_rolled_back_transaction_is_never_broadcast_or_streamed(team, api_key, shop):
+    async with listening(api_key) as listener, group_probe(team.id) as next_notice:
+        await post_and_roll_back(team, shop, "rolled-back")
+        await post(team, shop, "committed")
+
+        committed = await sync_to_async(Event.objects.get)(team=team, ce_id="committed")
+        assert (await next_notice())["id"] == committed.id
+        assert ids(await receive_events(listener, 1)) == ["committed"]
+
+
+class SlowTransaction:
+    """Stores an event in a transaction on a thread (and connection) of its own, committing on demand."""
+
+    def __init__(self, team, source: str, event_id: str):
+        self.stored, self.commit, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self._run, args=(team, source, event_id), daemon=True)
+
+    def _run(self, team, source, event_id):
+        try:
+            with transaction.atomic():
+                hook(team, source, {"id": event_id})
+                self.stored.set()
+                assert self.commit.wait(30), "never told to commit"
+        except BaseException as exc:  # re-raised in the test's thread
+            self.error = exc
+        finally:
+            connection.close()
+            self.stored.set()
+            self.done.set()
+
+    async def store(self):
+        self.thread.start()
+        assert await asyncio.to_thread(self.stored.wait, 10)
+        self._raise()
+
+    async def finish(self):
+        self.commit.set()
+        assert await asyncio.to_thread(self.done.wait, 10)
+        self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+
+@async_test
+async def test_broadcast_waits_for_commit_and_a_late_commit_is_not_skipped(team, api_key, shop):
+    """The slow transaction's event has the lower id and txid but commits last: it is still streamed, first."""
+    slow = SlowTransaction(team, shop, "slow")
+    async with listening(api_key) as listener, group_probe(team.id) as next_notice:
+        try:
+            await slow.store()
+            await post(team, shop, "fast")
+            fast_notice = await next_notice()  # slow's notice waits for its commit
+            # The consumer polls every 50 ms while a noticed event is invisible: give it
+            # a few rounds to (wrongly) send `fast` ahead of the older open transaction.
+            assert await listener.receive_nothing(timeout=0.5), "streamed past an open older transaction"
+        finally:
+            await slow.finish()
+        slow_notice = await next_notice()
+
+        assert (slow_notice["txid"], slow_notice["id"]) < (fast_notice["txid"], fast_notice["id"])
+        assert ids(await receive_events(listener, 2)) == ["slow", "fast"]
+        await post(team, shop, "sentinel")
+        assert ids(await receive_events(listener, 1)) == ["sentinel"]
