@@ -33,13 +33,30 @@ def _authenticate(scope):
     return principal_for_user(scope.get("user"))
 
 
-def _filters(query: dict[str, list[str]]) -> tuple[selectors.EventFilter, selectors.Cursor]:
+def _filters(query: dict[str, list[str]], team_id: str) -> tuple[selectors.EventFilter, selectors.Cursor]:
+    """Without `after` a listener starts at "now"; with it, it first gets what it missed."""
+
     def one(name):
         values = query.get(name)
         return values[-1].strip() if values and values[-1].strip() else None
 
-    after = selectors.cursor_parse(one("after"))
+    raw_after = one("after")
+    after = selectors.cursor_parse(raw_after) if raw_after is not None else selectors.events_head(team_id=team_id)
     return selectors.EventFilter(source=one("source"), type_glob=one("type"), agent=one("agent")), after
+
+
+def _key_still_valid(principal) -> bool:
+    from kite.models import ApiKey
+
+    if principal.api_key is None:
+        return True
+    return ApiKey.objects.filter(pk=principal.api_key.pk, revoked_at__isnull=True).exists()
+
+
+# Reads share the one database thread Channels keeps per process (thread-sensitive):
+# each is one indexed query, and wake-ups coalesce under load, so one thread serves
+# many listeners; a pool of threads would hold a connection each for good.
+_read = database_sync_to_async(selectors.events_after)
 
 
 class EventStreamConsumer(AsyncWebsocketConsumer):
@@ -50,11 +67,12 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         self.principal = await database_sync_to_async(_authenticate)(self.scope)
         if self.principal is None:
             return await self.deny(401, "Send 'Authorization: Bearer <api key>' or log in.", "not_authenticated")
+        self.team_id = self.principal.team.id
+        query = parse_qs(self.scope.get("query_string", b"").decode())
         try:
-            self.filters, self.cursor = _filters(parse_qs(self.scope.get("query_string", b"").decode()))
+            self.filters, self.cursor = await database_sync_to_async(_filters)(query, self.team_id)
         except ApiError as exc:
             return await self.deny(400, exc.detail, exc.code)
-        self.team_id = self.principal.team.id
         self.group = broadcast.group_for(self.team_id)
         self.notified = self.cursor
         self.wake = asyncio.Event()
@@ -122,7 +140,8 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout)
             except TimeoutError:
-                pass
+                if not await database_sync_to_async(_key_still_valid)(self.principal):
+                    return await self.close(code=4401)  # the key was revoked while streaming
             self.wake.clear()
             await self.drain()
             # On PostgreSQL a noticed event can be invisible for a moment behind an
@@ -137,9 +156,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
 
     async def drain(self):
         while True:
-            batch = await database_sync_to_async(selectors.events_after)(
-                team_id=self.team_id, after=self.cursor, filters=self.filters, limit=BATCH
-            )
+            batch = await _read(team_id=self.team_id, after=self.cursor, filters=self.filters, limit=BATCH)
             for event in batch:
                 await self.send(text_data=json.dumps(event.to_cloudevent(), separators=(",", ":")))
                 self.cursor = selectors.Cursor(event.txid, event.id)

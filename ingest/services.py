@@ -120,7 +120,8 @@ def _insert(event: Event, sender) -> None:
     event.save(force_insert=True)
     for hook in hooks.event_stored:
         hook(event, sender)
-    transaction.on_commit(lambda: broadcast.event_stored(event))
+    # robust: a failed notice is logged, never a 500 for an event that is already stored.
+    transaction.on_commit(lambda: broadcast.event_stored(event), robust=True)
 
 
 def _existing(event: Event) -> Event | None:

@@ -28,10 +28,10 @@ def ensure_server_certificate(directory: Path, hosts: list[str]) -> tuple[Path, 
     """Create tls/cert.pem and tls/key.pem (ECDSA P-256) unless both exist."""
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    if cert_path.exists() and key_path.exists():
+    if cert_path.exists() and key_path.exists() and not _self_signed_without(cert_path, hosts):
         return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Kite self-signed")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SELF_SIGNED_NAME)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -52,6 +52,31 @@ def ensure_server_certificate(directory: Path, hosts: list[str]) -> tuple[Path, 
     key_path.write_bytes(key_bytes)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+SELF_SIGNED_NAME = "Kite self-signed"
+
+
+def _self_signed_without(cert_path: Path, hosts: list[str]) -> bool:
+    """True when our own generated certificate does not cover a host we now serve
+    (KITE_HOST changed). A certificate the operator put there is never replaced."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names or names[0].value != SELF_SIGNED_NAME:
+        return False
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    covered = {str(value) for value in san.get_values_for_type(x509.IPAddress)}
+    covered |= set(san.get_values_for_type(x509.DNSName))
+    wanted = {str(ipaddress.ip_address(h)) if _is_ip(h) else h for h in hosts if h and h not in ("0.0.0.0", "::")}
+    return not wanted <= covered
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def fingerprint_of_pem(pem: bytes) -> str:

@@ -146,7 +146,7 @@ async def test_stream_with_malformed_cursor_is_refused_4400(api_key, cursor):
 async def test_replays_after_cursor_then_pushes_live_in_order_without_repeats(team, api_key, shop):
     for n in range(1, 4):
         await post(team, shop, f"old-{n}")
-    async with listening(api_key) as everything:
+    async with listening(api_key, "?after=0") as everything:
         replayed = await receive_events(everything, 3)
     assert ids(replayed) == ["old-1", "old-2", "old-3"]
     assert all(event["kitecursor"] for event in replayed)
@@ -370,3 +370,24 @@ async def test_broadcast_waits_for_commit_and_a_late_commit_is_not_skipped(team,
         assert ids(await receive_events(listener, 2)) == ["slow", "fast"]
         await post(team, shop, "sentinel")
         assert ids(await receive_events(listener, 1)) == ["sentinel"]
+
+
+# --- lifecycle -------------------------------------------------------------------
+
+
+@async_test
+async def test_without_after_a_listener_starts_at_now(team, api_key, shop):
+    await post(team, shop, "before-connecting")
+    async with listening(api_key) as communicator:
+        await post(team, shop, "after-connecting")
+        assert ids(await receive_events(communicator, 1)) == ["after-connecting"]
+
+
+@async_test
+async def test_revoking_the_key_closes_an_open_stream(team, monkeypatch):
+    monkeypatch.setattr(consumers, "IDLE_POLL_SECONDS", 0.2)
+    issued = await sync_to_async(services.apikey_create)(team=team, label="revoked while streaming")
+    async with listening(issued.raw_key, "?after=0") as communicator:
+        await sync_to_async(services.apikey_revoke)(api_key=issued.api_key)
+        closed = await communicator.receive_output(timeout=RECEIVE_SECONDS)
+        assert closed == {"type": "websocket.close", "code": 4401}
