@@ -71,7 +71,9 @@ class Command(BaseCommand):
         return command
 
     def _celery(self, *args) -> list[str]:
-        return [sys.executable, "-m", "celery", "-A", "kite", *args, "--loglevel", "INFO"]
+        # Beat fires every second (the outbox sweeper): at INFO, Celery would log each run.
+        level = "DEBUG" if settings.KITE_LOG_LEVEL == "DEBUG" else "WARNING"
+        return [sys.executable, "-m", "celery", "-A", "kite", *args, "--loglevel", level]
 
 
 def supervise(commands: dict[str, list[str]], env: dict) -> int:
