@@ -312,3 +312,48 @@ def test_a_b_c_ring_does_not_amplify_and_hop_limit_emits_the_internal_event(clus
     assert late not in stored_ids(d)
     # Internal events never leave the instance.
     assert not [e for e in d.events() if e["type"].startswith("kite.")]
+
+
+def _manage(kite: FedKite, *args: str) -> str:
+    import subprocess
+    import sys
+
+    from tests.e2e.harness import REPO
+
+    done = subprocess.run([sys.executable, "manage.py", *args], cwd=REPO, env=kite.env(), capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_agent_messages_reach_only_the_named_agent_on_the_other_side(a, b, listen):
+    federate(a, b, "b-agents", scopes=["com.kite.agent.message"])
+    head = b.api("GET", "/api/events/head").json()["cursor"]
+    executor = listen(b, "--source", "kite", "--agent", "executor", "--after", head)
+    other = listen(b, "--source", "kite", "--agent", "auditor", "--after", head)
+    message_id = f"msg_{secrets.token_hex(4)}"
+    response = requests.post(
+        f"{a.url}/hooks/{a.team_id()}/plain", verify=str(a.cert), timeout=10,
+        json={"id": message_id, "type": "com.kite.agent.message",
+              "to": f"{b.url}/agents/executor", "payload": {"task": "process_invoice"}},
+    )  # fmt: skip
+    assert response.status_code == 202, response.text
+    executor.arrival_of(message_id, timeout=15)
+    sentinel = f"evt_{secrets.token_hex(4)}"
+    federate(a, b, "b-sentinel", scopes=["sentinel.*"])
+    a.post_event("plain", sentinel, event_type="com.sentinel.x")
+    other.arrival_of(sentinel, timeout=15)  # everyone gets untargeted events …
+    assert message_id not in other.ids()  # … but not another agent's messages
+
+
+def test_teams_stay_apart_across_instances(a, b):
+    other_team = _manage(b, "createteam", f"ops-{secrets.token_hex(2)}")
+    other_key = _manage(b, "createapikey", "--team", other_team)
+    federate(a, b, "b-teams", scopes=["teams.*"])
+    event_id = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", event_id, event_type="com.teams.x")
+    wait_for(lambda: event_id in stored_ids(b, source="kite"), 15, "the event in B's default team")
+    seen_by_other = b.api("GET", "/api/events", api_key=other_key, params={"after": "0"}).json()["results"]
+    assert seen_by_other == []
+    # A's sender credentials are the default team's: the other team's kite hook refuses them.
+    assert b.api("GET", "/api/federation/trusted-senders", api_key=other_key).json()["results"] == []

@@ -133,3 +133,12 @@ def test_api_key_use_is_recorded_at_most_once_a_minute(team, api_key):
     first = ApiKey.objects.get(team=team).last_used_at
     me(api_key)
     assert first is not None and ApiKey.objects.get(team=team).last_used_at == first
+
+
+def test_createteam_prints_the_id_of_a_team_with_its_kite_source(db):
+    out, _ = run("createteam", "payments")
+    team = Team.objects.get(name="payments")
+    assert out.strip() == team.id and team.sources.filter(name="kite").exists()
+    with pytest.raises(CommandError, match="already exists"):
+        run("createteam", "payments")
+    assert Team.objects.filter(name="payments").count() == 1
