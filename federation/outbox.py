@@ -248,13 +248,18 @@ def _results(answer, group, batched) -> list[tuple[str, str]]:
 def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAnswer, batched: bool) -> None:
     now = timezone.now()
     results = _results(answer, group, batched)
+    delivered = [entry.pk for entry, (outcome, _) in zip(group, results, strict=True) if outcome == "delivered"]
     with transaction.atomic():
+        # One UPDATE for the delivered entries of a batch, one per rejected entry (rare).
+        OutboxEntry.objects.filter(pk__in=delivered).update(
+            status=OutboxEntry.Status.DELIVERED, attempts=F("attempts") + 1, leased_until=None, last_error="",
+            delivered_at=now,
+        )  # fmt: skip
         for entry, (outcome, detail) in zip(group, results, strict=True):
-            status = OutboxEntry.Status.DELIVERED if outcome == "delivered" else OutboxEntry.Status.DEAD
-            OutboxEntry.objects.filter(pk=entry.pk).update(
-                status=status, attempts=F("attempts") + 1, leased_until=None, last_error=detail,
-                delivered_at=now if outcome == "delivered" else None,
-            )  # fmt: skip
+            if outcome != "delivered":
+                OutboxEntry.objects.filter(pk=entry.pk).update(
+                    status=OutboxEntry.Status.DEAD, attempts=F("attempts") + 1, leased_until=None, last_error=detail
+                )
         Delivery.objects.bulk_create(
             Delivery(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
                      outcome=outcome, latency_ms=answer.latency_ms, error=detail)
@@ -266,6 +271,8 @@ def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAns
             updates["remote_instance_id"] = learned
         if peer.consecutive_failures or peer.last_error or "remote_instance_id" in updates:
             Peer.objects.filter(pk=peer.pk).update(**updates)
+            peer.consecutive_failures, peer.last_error = 0, ""
+            peer.remote_instance_id = updates.get("remote_instance_id", peer.remote_instance_id)
     for entry in group:
         metrics.DELIVERY_SECONDS.observe((now - entry.event.received_at).total_seconds())
 

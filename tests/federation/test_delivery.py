@@ -215,10 +215,16 @@ def test_outbound_pacing_holds_back_what_is_over_the_rate(team, peer, endpoint):
     Peer.objects.filter(pk=peer.pk).update(rate_limit_per_second=2)
     for n in range(5):
         _event(team, f"p{n}")
+    import time
+
+    window = int(time.time())
     delivered = outbox.deliver_peer(peer.pk)
-    assert delivered == 2 and len(endpoint.requests) == 2
+    windows = int(time.time()) - window + 1  # the limiter counts whole seconds
+    # Never more than the rate in any second; the first second's worth goes at once.
+    assert delivered == len(endpoint.requests) and 2 <= delivered <= 2 * windows
     held = OutboxEntry.objects.filter(status="pending")
-    assert held.count() == 3 and all(e.attempts == 0 for e in held)
+    assert held.count() == 5 - delivered and all(e.attempts == 0 for e in held)
+    assert delivered < 5 or windows >= 3
 
 
 def test_sweeper_finds_due_peers_but_not_paused_ones(team, peer, endpoint):
