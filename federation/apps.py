@@ -12,3 +12,13 @@ class FederationConfig(AppConfig):
         verifiers.register_verifier("kite", inbound.verify_kite_source)
         if outbox.route_event not in hooks.event_stored:
             hooks.event_stored.append(outbox.route_event)
+
+        from django.db.models.signals import post_delete, post_save
+
+        from federation.models import Peer
+
+        def peer_changed(sender, instance, **kwargs):
+            outbox.forget_routes(instance.team_id)
+
+        post_save.connect(peer_changed, sender=Peer, dispatch_uid="federation.routes.save", weak=False)
+        post_delete.connect(peer_changed, sender=Peer, dispatch_uid="federation.routes.delete", weak=False)

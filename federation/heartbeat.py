@@ -101,6 +101,8 @@ def heartbeat(peer: Peer) -> PingResult:
     else:
         updates["last_error"] = result.error[:1000]
     Peer.objects.filter(pk=peer.pk).exclude(status=Peer.Status.REVOKED).update(**updates)
+    if "remote_instance_id" in updates:
+        outbox.forget_routes(peer.team_id)
     if result.ok and peer.paused == Peer.Pause.DOWN:
         outbox.kick(peer.pk)
     return result

@@ -88,6 +88,10 @@ def _note_contact(peer: Peer, sender: str) -> None:
             updates["status"] = Peer.Status.ACTIVE
     if updates:
         Peer.objects.filter(pk=peer.pk).update(**updates)
+        if "remote_instance_id" in updates:
+            from federation.outbox import forget_routes
+
+            forget_routes(peer.team_id)
         for field, value in updates.items():
             setattr(peer, field, value)
 

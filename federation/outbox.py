@@ -7,7 +7,10 @@ update under SKIP LOCKED, with a lease so a killed worker's entries come back.
 
 import json
 import logging
+import threading
+import time
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
@@ -31,26 +34,65 @@ FAILED_TYPE = "kite.federation.delivery_failed"
 # --- routing: runs inside the transaction that stores the event ---------------
 
 
+@dataclass(frozen=True)
+class Route:
+    """What routing needs of a peer; cached per team so storing an event costs no query."""
+
+    pk: int
+    name: str
+    remote_instance_id: str
+    scopes: tuple[str, ...]
+    max_hops: int
+
+
+ROUTES_TTL_SECONDS = 1.0  # how long another process's peer change can go unseen here
+_routes: dict[str, tuple[float, list[Route]]] = {}
+_routes_lock = threading.Lock()
+
+
+def routes_for(team_id: str) -> list[Route]:
+    now = time.monotonic()
+    cached = _routes.get(team_id)
+    if cached is not None and now - cached[0] < ROUTES_TTL_SECONDS:
+        return cached[1]
+    peers = (
+        Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER)
+        .exclude(status=Peer.Status.REVOKED)
+        .exclude(peer_hook_url="")
+        .values_list("pk", "name", "remote_instance_id", "scopes", "max_hops")
+    )
+    routes = [Route(pk, name, remote, tuple(scopes or ()), hops) for pk, name, remote, scopes, hops in peers]
+    with _routes_lock:
+        _routes[team_id] = (now, routes)
+    return routes
+
+
+def forget_routes(team_id: str | None = None) -> None:
+    """Drop cached routes (this process) after a change to peers' routing fields."""
+    with _routes_lock:
+        if team_id is None:
+            _routes.clear()
+        else:
+            _routes.pop(team_id, None)
+
+
 def route_event(event: Event, sender) -> None:
     if event.ce_type.startswith(routing.INTERNAL_PREFIX):
         return
-    peers = list(
-        Peer.objects.filter(team_id=event.team_id, role=Peer.Role.PEER)
-        .exclude(status=Peer.Status.REVOKED)
-        .exclude(peer_hook_url="")
-    )
-    if not peers:
+    routes = routes_for(event.team_id)
+    if not routes:
         return
     forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)
     entries = []
-    for peer in peers:
-        decision = _decide(event, forward, peer, sender)
+    for route in routes:
+        decision = _decide(event, forward, route, sender)
         if decision.send:
-            entries.append(OutboxEntry(team_id=event.team_id, peer=peer, event=event, provenance=forward.extensions()))
+            entries.append(OutboxEntry(team_id=event.team_id, peer_id=route.pk, event=event,
+                                       provenance=forward.extensions()))  # fmt: skip
             continue
-        metrics.DROPPED.labels(peer.name, decision.reason).inc()
+        metrics.DROPPED.labels(route.name, decision.reason).inc()
         if decision.reason == "max_hops":
-            _emit_delivery_failed(event, peer, forward)
+            _emit_delivery_failed(event, route, forward)
     if entries:
         OutboxEntry.objects.bulk_create(entries)
         for peer_id in {entry.peer_id for entry in entries}:
@@ -64,7 +106,7 @@ def _decide(event, forward, peer, sender) -> routing.Decision:
         event_type=event.ce_type,
         forward=forward,
         peer_instance_id=peer.remote_instance_id,
-        scopes=peer.scopes,
+        scopes=list(peer.scopes),
         max_hops=peer.max_hops,
     )
 
@@ -269,6 +311,7 @@ def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAns
         updates = {"consecutive_failures": 0, "last_error": ""}
         if learned and not peer.remote_instance_id:
             updates["remote_instance_id"] = learned
+            forget_routes(peer.team_id)
         if peer.consecutive_failures or peer.last_error or "remote_instance_id" in updates:
             Peer.objects.filter(pk=peer.pk).update(**updates)
             peer.consecutive_failures, peer.last_error = 0, ""

@@ -165,6 +165,13 @@ def peer_revoke(*, peer: Peer, reason: str = "revoked by this side") -> None:
             peer=peer, status__in=[OutboxEntry.Status.PENDING, OutboxEntry.Status.IN_FLIGHT]
         ).update(status=OutboxEntry.Status.DEAD, last_error=f"peer {reason}", leased_until=None)
     peer.status = Peer.Status.REVOKED
+    _routes_changed(peer.team_id)
+
+
+def _routes_changed(team_id: str) -> None:
+    from federation.outbox import forget_routes
+
+    forget_routes(team_id)
 
 
 def secret_of(peer: Peer, direction: str) -> str:

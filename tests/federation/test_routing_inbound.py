@@ -22,7 +22,8 @@ def _peer(team, name="instance-b", scopes=("stripe.*",), remote="", max_hops=3):
         inbound_token=SECRET, scopes=list(scopes), max_hops=max_hops,
     ).row  # fmt: skip
     if remote:
-        Peer.objects.filter(pk=peer.pk).update(remote_instance_id=remote)
+        peer.remote_instance_id = remote
+        peer.save()
     return peer
 
 
@@ -223,3 +224,14 @@ def test_a_sender_row_not_yet_identified_is_tried_when_the_named_peer_does_not_m
     inbound = services.trusted_sender_create(team=team, name="b-in", inbound_token=SECRET).row
     assert _signed_post(client, team, _ce("fb"), sender="kite-b").status_code == 202
     assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-b"
+
+
+def test_a_scope_change_applies_to_the_next_event_at_once(client, team):
+    peer = _peer(team, scopes=["github.*"])
+    _stripe(client, team, event_id="before")
+    services.peer_update(peer=peer, scopes=["stripe.*"])
+    _stripe(client, team, event_id="after")
+    assert list(OutboxEntry.objects.values_list("event__ce_id", flat=True)) == ["after"]
+    services.peer_revoke(peer=Peer.objects.get(pk=peer.pk))
+    _stripe(client, team, event_id="revoked")
+    assert list(OutboxEntry.objects.filter(status="pending").values_list("event__ce_id", flat=True)) == []
