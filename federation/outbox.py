@@ -45,16 +45,34 @@ class Route:
     max_hops: int
 
 
-ROUTES_TTL_SECONDS = 1.0  # how long another process's peer change can go unseen here
-_routes: dict[str, tuple[float, list[Route]]] = {}
+# Web processes each keep the routes they read; a change anywhere bumps a shared version in
+# Redis (after commit), which each process checks per event: one Redis GET instead of a query.
+ROUTES_VERSION_KEY = "kite:routes-version"
+ROUTES_MAX_AGE_SECONDS = 30.0  # a safety net only
+ROUTES_TTL_WITHOUT_VERSION = 1.0  # Redis unreachable: how long a change can go unseen here
+_routes: dict[str, tuple[int, float, list[Route]]] = {}
 _routes_lock = threading.Lock()
 
 
+def _routes_version() -> int:
+    if not settings.REDIS_URL:
+        return 0  # one web process: forget_routes() alone keeps it exact
+    from kite.ratelimit import _redis
+
+    try:
+        return int(_redis().get(ROUTES_VERSION_KEY) or 0)
+    except Exception:
+        return -1
+
+
 def routes_for(team_id: str) -> list[Route]:
-    now = time.monotonic()
+    now, version = time.monotonic(), _routes_version()
     cached = _routes.get(team_id)
-    if cached is not None and now - cached[0] < ROUTES_TTL_SECONDS:
-        return cached[1]
+    if cached is not None:
+        cached_version, loaded_at, routes = cached
+        max_age = ROUTES_TTL_WITHOUT_VERSION if version < 0 else ROUTES_MAX_AGE_SECONDS
+        if cached_version == version and now - loaded_at < max_age:
+            return routes
     peers = (
         Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER)
         .exclude(status=Peer.Status.REVOKED)
@@ -63,17 +81,25 @@ def routes_for(team_id: str) -> list[Route]:
     )
     routes = [Route(pk, name, remote, tuple(scopes or ()), hops) for pk, name, remote, scopes, hops in peers]
     with _routes_lock:
-        _routes[team_id] = (now, routes)
+        _routes[team_id] = (version, now, routes)
     return routes
 
 
 def forget_routes(team_id: str | None = None) -> None:
-    """Drop cached routes (this process) after a change to peers' routing fields."""
+    """A peer's routing fields changed: drop this process's copy now, every process's after commit."""
     with _routes_lock:
         if team_id is None:
             _routes.clear()
         else:
             _routes.pop(team_id, None)
+    if settings.REDIS_URL:
+        transaction.on_commit(_bump_routes_version, robust=True)
+
+
+def _bump_routes_version() -> None:
+    from kite.ratelimit import _redis
+
+    _redis().incr(ROUTES_VERSION_KEY)
 
 
 def route_event(event: Event, sender) -> None:

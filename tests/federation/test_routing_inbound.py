@@ -235,3 +235,15 @@ def test_a_scope_change_applies_to_the_next_event_at_once(client, team):
     services.peer_revoke(peer=Peer.objects.get(pk=peer.pk))
     _stripe(client, team, event_id="revoked")
     assert list(OutboxEntry.objects.filter(status="pending").values_list("event__ce_id", flat=True)) == []
+
+
+def test_a_peer_change_made_by_another_process_is_seen_by_the_next_event(team):
+    from federation import outbox
+
+    peer = _peer(team, scopes=["github.*"])
+    assert [r.scopes for r in outbox.routes_for(team.id)] == [("github.*",)]
+    # Another web process changed the peer and, after its commit, bumped the shared version.
+    Peer.objects.filter(pk=peer.pk).update(scopes=["stripe.*"])
+    assert [r.scopes for r in outbox.routes_for(team.id)] == [("github.*",)]  # cached here
+    outbox._bump_routes_version()
+    assert [r.scopes for r in outbox.routes_for(team.id)] == [("stripe.*",)]
