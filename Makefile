@@ -27,8 +27,9 @@ services-start:
 services-stop:
 	scripts/services.sh stop
 
+# make bench BENCH_ARGS='--wait-quiet 1500'   (options: .venv/bin/python bench/ingest.py --help)
 bench: $(STAMP)
-	$(PY) bench/ingest.py
+	$(PY) bench/ingest.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var

@@ -64,10 +64,60 @@ def notice_for(event) -> dict:
     }
 
 
+# Notices not yet handed to the channel layer, per (loop, team); a key exists while a sender
+# for it is scheduled or running. A burst of commits thus shares one hop to the loop and one
+# group_send per kind of event instead of one each: a consumer uses a notice only to wake up
+# and to learn the newest cursor (ingest.consumers), so the newest notice of each (source,
+# type, agent) tells it all the others would have. A lone event is sent at once, as before.
+_pending: dict[tuple[asyncio.AbstractEventLoop, str], dict[tuple[str, str, str], dict]] = {}
+_pending_lock = threading.Lock()
+
+
 def event_stored(event) -> None:
     loop = _target_loop()
     if loop is None:
         return
+    notice = notice_for(event)
+    kind = (notice["source"], notice["ce_type"], notice["agent"])
+    key = (loop, event.team_id)
+    with _pending_lock:
+        waiting = _pending.get(key)
+        if waiting is not None:  # its sender has not picked the team's notices up yet: ride along
+            newest = waiting.get(kind)
+            if newest is None or (newest["txid"], newest["id"]) < (notice["txid"], notice["id"]):
+                waiting[kind] = notice
+            return
+        for stale in [k for k in _pending if k[0].is_closed()]:  # loops that died with a send scheduled
+            del _pending[stale]
+        _pending[key] = {kind: notice}
+    try:
+        asyncio.run_coroutine_threadsafe(_send_pending(key), loop).add_done_callback(_report)
+    except RuntimeError:  # the loop closed a moment ago
+        with _pending_lock:
+            _pending.pop(key, None)
+        raise
+
+
+async def _send_pending(key) -> None:
     layer = get_channel_layer()
-    coro = layer.group_send(group_for(event.team_id), notice_for(event))
-    asyncio.run_coroutine_threadsafe(coro, loop).add_done_callback(_report)
+    group = group_for(key[1])
+    finished = False
+    try:
+        while True:
+            with _pending_lock:
+                notices = _pending[key]
+                if not notices:
+                    del _pending[key]
+                    finished = True
+                    return
+                _pending[key] = {}
+            for notice in notices.values():
+                try:
+                    await layer.group_send(group, notice)
+                except Exception as exc:
+                    # Listeners still get the event: they re-read the store on the next notice or poll.
+                    log.warning("event broadcast failed: %s", exc)
+    finally:
+        if not finished:  # cancelled with the loop: let the next event schedule a new sender
+            with _pending_lock:
+                _pending.pop(key, None)

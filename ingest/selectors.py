@@ -1,9 +1,11 @@
 """Reads of stored events, in cursor order."""
 
+import functools
 import re
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Q
 
 from ingest import lookups  # noqa: F401  (registers __glob)
@@ -93,5 +95,23 @@ def sources_for_team(team_id: str):
     return Source.objects.filter(team_id=team_id).order_by("name")
 
 
+@functools.cache
+def _source_for_hook_sql() -> tuple[str, list[str]]:
+    qn = connection.ops.quote_name
+    fields = Source._meta.concrete_fields
+    columns = ", ".join(qn(field.column) for field in fields)
+    sql = f"SELECT {columns} FROM {qn(Source._meta.db_table)} WHERE {qn('team_id')} = %s AND {qn('name')} = %s"
+    return sql, [field.attname for field in fields]
+
+
 def source_for_hook(team_id: str, name: str) -> Source | None:
-    return Source.objects.filter(team_id=team_id, name=name).first()
+    """The read every webhook makes ((team, name) is unique), as plain SQL: the ORM's query
+    compilation cost more CPU than the query itself (bench/RESULTS.md)."""
+    sql, attnames = _source_for_hook_sql()
+    if connection.vendor != "postgresql":  # SQLite hands some columns back as text: let the ORM convert
+        found = list(Source.objects.raw(sql, [team_id, name]))
+        return found[0] if found else None
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [team_id, name])
+        row = cursor.fetchone()
+    return None if row is None else Source.from_db(connection.alias, attnames, row)

@@ -215,7 +215,9 @@ if KITE_EVENT_RETENTION_DAYS < 0:
     raise ImproperlyConfigured(
         f"KITE_EVENT_RETENTION_DAYS must be 0 (keep forever) or more, got {KITE_EVENT_RETENTION_DAYS}"
     )
-KITE_WEB_WORKERS = _positive_int("KITE_WEB_WORKERS", 1)
+# Each uvicorn worker runs Python on one core at a time (GIL): with Redis carrying the channel
+# layer, two workers serve ~1.4x the webhooks of one on 2 cores (bench/RESULTS.md, ab-workers).
+KITE_WEB_WORKERS = _positive_int("KITE_WEB_WORKERS", 2 if REDIS_URL else 1)
 KITE_WSGI_THREADS = _positive_int("KITE_WSGI_THREADS", 16)
 if KITE_WEB_WORKERS > 1 and not REDIS_URL:
     raise ImproperlyConfigured("KITE_WEB_WORKERS > 1 needs REDIS_URL (the in-memory channel layer is per process)")

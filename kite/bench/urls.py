@@ -1,3 +1,10 @@
+"""Benchmark baselines, mounted under /bench/ only when KITE_BENCH_ENDPOINTS=on (kite/urls.py)."""
+
 from django.urls import path
 
-urlpatterns: list = []  # filled by the benchmark issue work (bench/ingest.py baseline endpoint)
+from kite.bench import views
+
+urlpatterns = [
+    path("bare/<str:team_id>/<str:source>", views.bare),
+    path("noop", views.noop),
+]

@@ -1,0 +1,1059 @@
+#!/usr/bin/env python3
+"""Federation benchmark (issue 3): two real Kite instances, A → B, PostgreSQL + Redis.
+
+Starts its own PostgreSQL + Redis (scripts/services.sh, on ports of its own),
+two fresh databases and two Redis database numbers, and two instances A and B
+with `manage.py runkite` (uvicorn + Celery worker + Celery beat, TLS on, each
+in its own process group). A gets a `none` source to post to; A → B is
+federated the getting-started way (B generates the token, A adds B as a peer
+with scopes ["*"] and B's pinned TLS fingerprint, B trusts A). Then:
+
+1. latency: an open-loop generator posts to A at a fixed rate (default 200/s,
+   20 s per round); a WebSocket client on B (`/ws/events?source=kite`) stamps
+   each event as it arrives; latency = B's arrival − A's 202. Baseline in the
+   same run: the same generator posting to B's own `none` source, stamped by
+   the same kind of WebSocket on B (B's ingest → listener path alone).
+2. throughput: N entries queued at A while nothing is due, then released;
+   time until B has stored all N. Unbatched (A's peer row batch_max = NULL,
+   one event per POST) and batched (batch_max = 500, what B's ping
+   advertises), rounds alternating; ratio batched/unbatched per round.
+3. catch-up: B stopped; events posted to A until A marks B `down` (queue
+   paused), the rest of 10,000 entries queued; B started again; time from B
+   answering /healthz to all 10,000 stored at B.
+4. memory: 100,000 entries queued, drained batched; RSS of A's Celery worker
+   processes sampled every second.
+
+Backlogs (2-4) are written into A's database with SQL (one INSERT … SELECT of
+events + outbox entries, copied from a real event and entry A made through
+its API) so that setting up 100,000 entries takes seconds, not minutes.
+Results (medians over rounds, the exact command, machine facts) are printed
+and written into bench/RESULTS.md between the `bench:federation` markers.
+
+    .venv/bin/python bench/federation.py --wait-quiet 1500           # the recorded run
+    .venv/bin/python bench/federation.py --quick --no-write          # trial (~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import requests
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SECTION = "federation"
+SOURCE = "plain"
+PEER_NAME = "b"
+BATCH_MAX = 500  # what B's ping advertises (federation.outbox.BATCH_CAP)
+_SCRUBBED = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "SECRET_KEY", "DJANGO_SETTINGS_MODULE")
+
+
+def log(message: str) -> None:
+    print(f"[fedbench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
+
+
+def payload(event_id: str, event_type: str) -> bytes:
+    """~0.6 kB JSON body: what a `none` source turns into the CloudEvent's data."""
+    body = {
+        "id": event_id,
+        "type": event_type,
+        "object": "order",
+        "created": int(time.time()),
+        "customer": {"id": "cus_QaBcDeFgHiJkLm", "email": "buyer@example.com", "name": "Ada Lovelace"},
+        "items": [{"sku": f"sku-{i}", "quantity": i + 1, "unit_amount": 1250 + i} for i in range(4)],
+        "shipping": {"city": "Berlin", "country": "DE", "line1": "Unter den Linden 1", "postal_code": "10117"},
+        "metadata": {"team": "bench", "channel": "web", "campaign": "federation-benchmark"},
+        "total": 5000,
+        "currency": "eur",
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _proc_table() -> dict[int, int]:
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                table[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return table
+
+
+def descendants(root: int) -> set[int]:
+    table = _proc_table()
+    found, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in table.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                frontier.append(pid)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class Instance:
+    """One `manage.py runkite` with its own data dir, database, Redis db number and port."""
+
+    def __init__(self, args, label: str, port: int, services: "Services", redis_db: int, extra_env: dict):
+        self.args, self.label, self.port, self.services = args, label, port, services
+        self.instance_id = f"fedbench-{label}-{secrets.token_hex(3)}"
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"kite-fedbench-{label}-"))
+        self.db_name = f"kite_fedbench_{label}"
+        self.database_url = f"postgres://postgres@127.0.0.1:{services.pg_port}/{self.db_name}"
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("KITE_")}
+        env.update(
+            KITE_DATA_DIR=str(self.data_dir),
+            KITE_PORT=str(port),
+            KITE_INSTANCE_ID=self.instance_id,
+            KITE_TLS="on",
+            DATABASE_URL=self.database_url,
+            REDIS_URL=f"redis://127.0.0.1:{services.redis_port}/{redis_db}",
+            KITE_LOG_LEVEL="WARNING",
+            PYTHONUNBUFFERED="1",
+            **extra_env,
+        )
+        for item in args.env:
+            key, _, value = item.partition("=")
+            env[key] = value
+        self.env = env
+        self.db: psycopg.Connection | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def cert(self) -> str:
+        return str(self.data_dir / "tls" / "cert.pem")
+
+    def create_database(self) -> None:
+        with psycopg.connect(f"postgres://postgres@127.0.0.1:{self.services.pg_port}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+            admin.execute(f'CREATE DATABASE "{self.db_name}"')
+
+    def start(self) -> float:
+        """Start runkite; returns the time.time() at which /healthz first answered 200."""
+        self.starts += 1
+        self.log_path = self.data_dir / f"runkite-{self.starts}.log"
+        with open(self.log_path, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "manage.py", "runkite"], cwd=ROOT, env=self.env, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.label}: runkite exited with {self.process.returncode}:\n{self.log_tail()}")
+            if os.path.exists(self.cert):
+                try:
+                    answer = requests.get(f"{self.url}/healthz", verify=self.cert, timeout=2)
+                    if answer.status_code == 200:
+                        healthy_at = time.time()
+                        break
+                except requests.RequestException:
+                    pass
+            time.sleep(0.05)
+        else:
+            raise SystemExit(f"{self.label}: no /healthz within 90 s:\n{self.log_tail()}")
+        if self.db is None:
+            self.db = psycopg.connect(self.database_url, autocommit=True)
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {self.admin_key}"
+        return healthy_at
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except (OSError, AttributeError):
+            return ""
+
+    @property
+    def admin_key(self) -> str:
+        return (self.data_dir / "admin-api-key").read_text().strip()
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # runkite stops web, worker and beat
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        return self.session.request(method, self.url + path, timeout=30, verify=self.cert, **kwargs)
+
+    def sql(self, query: str, params=()) -> list[tuple]:
+        cursor = self.db.execute(query, params)
+        return cursor.fetchall() if cursor.description else []
+
+    def one(self, query: str, params=()):
+        rows = self.sql(query, params)
+        return rows[0][0] if rows and len(rows[0]) == 1 else (rows[0] if rows else None)
+
+    def worker_pids(self) -> list[int]:
+        """The Celery worker's processes (main + prefork children), not beat."""
+        if self.process is None:
+            return []
+        return sorted(p for p in descendants(self.process.pid) if " worker " in f" {cmdline(p)} " and "celery" in cmdline(p))
+
+    def close(self) -> None:
+        self.stop()
+        if self.db is not None:
+            self.db.close()
+        if not self.args.keep_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+class Services:
+    """One PostgreSQL + Redis pair started by scripts/services.sh on ports of its own."""
+
+    def __init__(self, args, pg_port: int, redis_port: int, directory: str):
+        self.args, self.pg_port, self.redis_port, self.directory = args, pg_port, redis_port, directory
+        self.env = dict(os.environ, KITE_TEST_PG_PORT=str(pg_port), KITE_TEST_REDIS_PORT=str(redis_port),
+                        KITE_SERVICES_DIR=directory)  # fmt: skip
+        self.started = False
+
+    def start(self) -> None:
+        log(f"services: PostgreSQL :{self.pg_port}, Redis :{self.redis_port} in {self.directory}")
+        self.started = True
+        for attempt in range(6):
+            done = subprocess.run(["scripts/services.sh", "start"], cwd=ROOT, env=self.env, capture_output=True,
+                                  text=True)  # fmt: skip
+            if done.returncode == 0:
+                return
+            # The ports lie in the ephemeral range: a client socket in TIME_WAIT on one of them
+            # (some other program's connection) blocks the bind for up to a minute.
+            log(f"services did not start ({done.stdout.strip()} {done.stderr.strip()}); retrying in 15 s")
+            time.sleep(15)
+        raise SystemExit(f"services on :{self.pg_port}/:{self.redis_port} did not start")
+
+    def flush_redis(self, number: int) -> None:
+        subprocess.run(["redis-cli", "-p", str(self.redis_port), "-n", str(number), "flushdb"], check=True,
+                       capture_output=True)  # fmt: skip
+
+    def stop(self) -> None:
+        if self.started and not self.args.keep_services:
+            subprocess.run(["scripts/services.sh", "stop"], cwd=ROOT, env=self.env, capture_output=True)
+            if not self.args.keep_data:
+                shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        shared = Services(args, args.pg_port, args.redis_port, args.services_dir)
+        self.services = [shared]
+        if args.separate_services:  # B on a PostgreSQL + Redis of its own, as two real sites would be
+            self.services.append(Services(args, args.pg_port + 1, args.redis_port + 1, args.services_dir + "-b"))
+        fast = {"KITE_PROBE_DOWN_SECONDS": "1"}
+        # A's heartbeat would set batch_max back to what B advertises; the unbatched rounds
+        # set it to NULL by hand, so A's regular heartbeat is pushed out of the run.
+        self.a = Instance(args, "a", args.port, self.services[0], 1, {**fast, "KITE_HEARTBEAT_SECONDS": "3600"})
+        self.b = Instance(args, "b", args.port + 1, self.services[-1], 2, fast)
+        self.serial = 0
+
+    def start(self) -> None:
+        for services in self.services:
+            services.start()
+        for kite in (self.a, self.b):
+            kite.services.flush_redis(int(kite.env["REDIS_URL"].rsplit("/", 1)[1]))
+        for kite in (self.a, self.b):
+            kite.create_database()
+            kite.start()
+            log(f"{kite.label}: {kite.instance_id} on {kite.url} (pid {kite.process.pid})")
+        a, b = self.a, self.b
+        self.team_a = a.api("GET", "/api/me").json()["team"]["id"]
+        self.team_b = b.api("GET", "/api/me").json()["team"]["id"]
+        for kite in (a, b):
+            answer = kite.api("POST", "/api/sources", json={"name": SOURCE, "kind": "none"})
+            assert answer.status_code == 201, answer.text
+        token = b.api("POST", "/api/federation/tokens", json={"label": "from-a"}).json()["token"]
+        identity = b.api("GET", "/api/federation/identity").json()
+        answer = a.api("POST", "/api/federation/peers", json={
+            "name": PEER_NAME, "peer_hook_url": identity["hook_url"], "outbound_token": token, "scopes": ["*"],
+            "tls_fingerprint": identity["tls_fingerprint"],
+        })  # fmt: skip
+        assert answer.status_code == 201, answer.text
+        self.peer_id = answer.json()["id"]
+        answer = b.api("POST", "/api/federation/trusted-senders", json={"name": "a", "inbound_token": token})
+        assert answer.status_code == 201, answer.text
+        self.hook_a = f"/hooks/{self.team_a}/{SOURCE}"
+        self.hook_b = f"/hooks/{self.team_b}/{SOURCE}"
+        # A first event end to end: also the template the SQL backlogs copy.
+        self.post(a, self.hook_a, self.next_id("warm"), "com.bench.warm")
+        self.wait_stored(["com.bench.warm"], 1, timeout=30)
+        self.template = a.one(
+            "SELECT e.id, o.provenance::text FROM ingest_event e JOIN federation_outboxentry o ON o.event_id = e.id"
+            " WHERE e.ce_type = 'com.bench.warm' ORDER BY e.id DESC LIMIT 1"
+        )
+        log(f"federated A → B (peer {self.peer_id}); first event delivered; batch_max {self.batch_max()}")
+
+    def stop(self) -> None:
+        for kite in (self.b, self.a):
+            kite.close()
+        for services in self.services:
+            services.stop()
+
+    # --- helpers -----------------------------------------------------------
+
+    def next_id(self, prefix: str) -> str:
+        self.serial += 1
+        return f"{prefix}-{self.serial:07d}-{secrets.token_hex(3)}"
+
+    def post(self, kite: Instance, path: str, event_id: str, event_type: str) -> None:
+        answer = requests.post(kite.url + path, data=payload(event_id, event_type), verify=kite.cert, timeout=10,
+                               headers={"Content-Type": "application/json"})  # fmt: skip
+        assert answer.status_code == 202, answer.text
+
+    def batch_max(self):
+        return self.a.one("SELECT batch_max FROM federation_peer WHERE id = %s", (self.peer_id,))
+
+    def set_batch_max(self, value) -> None:
+        self.a.sql("UPDATE federation_peer SET batch_max = %s WHERE id = %s", (value, self.peer_id))
+
+    def stored_at_b(self, event_type: str, after_id: int = 0) -> tuple[int, datetime | None, datetime | None]:
+        count, first, last = self.b.one(
+            "SELECT count(*), min(received_at), max(received_at) FROM ingest_event WHERE id > %s AND ce_type = %s",
+            (after_id, event_type),
+        )
+        return count, first, last
+
+    def wait_stored(self, types: list[str], count: int, timeout: float, interval: float = 0.05, after_id: int = 0):
+        deadline = time.monotonic() + timeout
+        while True:
+            have = sum(self.stored_at_b(t, after_id)[0] for t in types)
+            if have >= count:
+                return time.time()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out: {have}/{count} {types} stored at B; A outbox: {self.outbox_depth()}")
+            time.sleep(interval)
+
+    def outbox_depth(self) -> dict:
+        return dict(self.a.sql("SELECT status, count(*) FROM federation_outboxentry GROUP BY status"))
+
+    def b_max_event_id(self) -> int:
+        return self.b.one("SELECT coalesce(max(id), 0) FROM ingest_event")
+
+    def queue(self, count: int, event_type: str, *, due: bool) -> None:
+        """Write `count` events + outbox entries into A's database in one transaction, copied from
+        the template event/entry A made itself; not due (an hour ahead) unless `due`."""
+        template_id, provenance = self.template
+        prefix = f"{event_type}-{secrets.token_hex(3)}"
+        chunk = 25_000
+        done = 0
+        while done < count:
+            n = min(chunk, count - done)
+            self.a.sql(
+                """
+                WITH ev AS (
+                  INSERT INTO ingest_event (team_id, source_id, ce_id, ce_source, ce_type, ce_time, ce_subject,
+                                            datacontenttype, data, extensions, agent, received_at)
+                  SELECT t.team_id, t.source_id, %(prefix)s || '-' || g, t.ce_source, %(type)s, now(), t.ce_subject,
+                         t.datacontenttype, replace(t.data, t.ce_id, %(prefix)s || '-' || g), t.extensions, t.agent,
+                         now()
+                  FROM ingest_event t, generate_series(%(start)s::int, %(end)s::int) g WHERE t.id = %(template)s
+                  RETURNING id, team_id
+                )
+                INSERT INTO federation_outboxentry (msg_id, team_id, peer_id, event_id, provenance, status, attempts,
+                                                    next_attempt_at, leased_until, last_error, created_at)
+                SELECT gen_random_uuid(), ev.team_id, %(peer)s, ev.id, %(provenance)s::jsonb, 'pending', 0,
+                       now() + (CASE WHEN %(due)s THEN interval '0' ELSE interval '1 hour' END), NULL, '', now()
+                FROM ev ORDER BY ev.id
+                """,
+                {"prefix": prefix, "type": event_type, "start": done + 1, "end": done + n, "template": template_id,
+                 "peer": self.peer_id, "provenance": provenance, "due": due},
+            )  # fmt: skip
+            done += n
+        self.a.sql("ANALYZE federation_outboxentry")
+
+    def release(self, event_type: str) -> float:
+        """Make the queued entries due, then post one event to A: its commit kicks delivery at once
+        (the beat sweeper would within 1 s anyway). Returns time.time() of the release."""
+        released_at = time.time()
+        self.a.sql(
+            "UPDATE federation_outboxentry o SET next_attempt_at = now() FROM ingest_event e"
+            " WHERE o.event_id = e.id AND e.ce_type = %s AND o.status = 'pending'",
+            (event_type,),
+        )
+        self.post(self.a, self.hook_a, self.next_id("kick"), "com.bench.kick")
+        return released_at
+
+
+# --------------------------------------------------------------------------- 1. latency
+
+
+async def _latency_round(target: Instance, path: str, listener: Instance, ws_source: str, rate: float,
+                         duration: float, event_type: str, prefix: str, connections: int,
+                         trace: dict | None = None) -> dict:  # fmt: skip
+    target_ctx = ssl.create_default_context(cafile=target.cert)
+    listen_ctx = ssl.create_default_context(cafile=listener.cert)
+    head = listener.api("GET", "/api/events/head").json()["cursor"]
+    arrivals: dict[str, float] = {}
+    ws = await websockets.connect(
+        f"wss://127.0.0.1:{listener.port}/ws/events?source={ws_source}&after={head}",
+        ssl=listen_ctx, additional_headers={"Authorization": f"Bearer {listener.admin_key}"}, max_size=None,
+    )  # fmt: skip
+
+    async def read():
+        async for message in ws:
+            at = time.perf_counter()
+            event_id = json.loads(message)["id"]
+            arrivals.setdefault(event_id, at)
+
+    reader_task = asyncio.create_task(read())
+    idle: list = []
+    opened = 0
+
+    async def connect():
+        nonlocal opened
+        opened += 1
+        return await asyncio.open_connection("127.0.0.1", target.port, ssl=target_ctx)
+
+    for _ in range(connections):
+        idle.append(await connect())
+    accepted: dict[str, float] = {}
+    intended_at: dict[str, float] = {}
+    ingest_ms: list[float] = []
+    errors = 0
+
+    async def one(event_id: str, raw: bytes, intended: float):
+        nonlocal errors
+        conn = idle.pop() if idle else await connect()
+        reader, writer = conn
+        try:
+            writer.write(raw)
+            head_bytes = await reader.readuntil(b"\r\n\r\n")
+            status = int(head_bytes[9:12])
+            length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head_bytes)
+            await reader.readexactly(int(length[1]) if length else 0)
+        except Exception:
+            errors += 1
+            writer.close()
+            return
+        now = time.perf_counter()
+        idle.append(conn)
+        if status == 202:
+            accepted[event_id] = now
+            intended_at[event_id] = intended
+            ingest_ms.append((now - intended) * 1000)
+        else:
+            errors += 1
+
+    count = int(rate * duration)
+    ids = [f"{prefix}-{i:06d}-{secrets.token_hex(2)}" for i in range(count)]
+    raws = []
+    for event_id in ids:
+        body = payload(event_id, event_type)
+        raws.append(
+            (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\nContent-Type: application/json\r\n"
+             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        )  # fmt: skip
+    tasks = []
+    start = time.perf_counter() + 0.05
+    for i, (event_id, raw) in enumerate(zip(ids, raws, strict=True)):
+        intended = start + i / rate
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(event_id, raw, intended)))
+    await asyncio.gather(*tasks)
+    sent_seconds = time.perf_counter() - start
+    deadline = time.perf_counter() + 60
+    while time.perf_counter() < deadline and not set(accepted) <= set(arrivals):
+        await asyncio.sleep(0.05)
+    reader_task.cancel()
+    await ws.close()
+    if trace is not None:  # wall-clock times, to line up with timestamps in the databases
+        offset = time.time() - time.perf_counter()
+        trace.update({i: (accepted[i] + offset, arrivals.get(i, float("nan")) + offset) for i in accepted})
+    for _, writer in idle:
+        writer.close()
+    latencies = sorted((arrivals[i] - accepted[i]) * 1000 for i in accepted if i in arrivals)
+    from_send = sorted((arrivals[i] - intended_at[i]) * 1000 for i in accepted if i in arrivals)
+    ingest_ms.sort()
+    return {
+        "offered": rate,
+        "achieved": len(accepted) / sent_seconds,
+        "accepted": len(accepted),
+        "errors": errors,
+        "missing": len(set(accepted) - set(arrivals)),
+        "connections": opened,
+        "p50": pct(latencies, 50),
+        "p95": pct(latencies, 95),
+        "p99": pct(latencies, 99),
+        "max": latencies[-1] if latencies else float("nan"),
+        "negative": sum(1 for v in latencies if v < 0),
+        "send_p50": pct(from_send, 50),
+        "send_p99": pct(from_send, 99),
+        "ingest_p50": pct(ingest_ms, 50),
+        "ingest_p99": pct(ingest_ms, 99),
+    }
+
+
+def latency_round(bench: Bench, kind: str, rate: float, duration: float, tag: str, trace: dict | None = None) -> dict:
+    if kind == "federated":
+        bench.set_batch_max(BATCH_MAX)  # what A's heartbeat learns from B's ping
+        args = (bench.a, bench.hook_a, bench.b, "kite", rate, duration, f"com.bench.lat.{tag}", f"lat-{tag}")
+    else:  # baseline: B's own ingest → B's listener, no federation
+        args = (bench.b, bench.hook_b, bench.b, SOURCE, rate, duration, f"com.bench.local.{tag}", f"loc-{tag}")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(_latency_round(*args, connections=bench.args.connections, trace=trace))
+
+
+# --------------------------------------------------------------------------- 2. throughput
+
+
+def drain(bench: Bench, count: int, event_type: str, timeout: float, interval: float = 0.05) -> dict:
+    after = bench.b_max_event_id()
+    released = bench.release(event_type)
+    done = bench.wait_stored([event_type], count, timeout=timeout, interval=interval, after_id=after)
+    stored, first, last = bench.stored_at_b(event_type, after)
+    return {
+        "events": stored,
+        "seconds": done - released,
+        "rate": count / (done - released),
+        "first_after": first.timestamp() - released,
+        # Between the first and the last event B stored: delivery alone, without the start-up.
+        "steady_rate": (stored - 1) / max((last - first).total_seconds(), 1e-6),
+    }
+
+
+def throughput_round(bench: Bench, batched: bool, count: int, tag: str) -> dict:
+    event_type = f"com.bench.tput.{tag}"
+    bench.set_batch_max(BATCH_MAX if batched else None)
+    bench.queue(count, event_type, due=False)
+    time.sleep(1)  # let the ANALYZE and the sweeper settle
+    result = drain(bench, count, event_type, timeout=max(120, count / 20))
+    result["batch_max_after"] = bench.batch_max()
+    result["dead"] = bench.outbox_depth().get("dead", 0)
+    return result
+
+
+# --------------------------------------------------------------------------- 3. catch-up
+
+
+def catchup_round(bench: Bench, count: int, tag: str) -> dict:
+    a, b = bench.a, bench.b
+    event_type = f"com.bench.catchup.{tag}"
+    bench.set_batch_max(BATCH_MAX)
+    after = bench.b_max_event_id()
+    b.stop()
+    stopped = time.monotonic()
+    posted = 0
+    while a.one("SELECT paused FROM federation_peer WHERE id = %s", (bench.peer_id,)) != "down":
+        if time.monotonic() - stopped > 90:
+            raise SystemExit("A never marked B down")
+        bench.post(a, bench.hook_a, bench.next_id("catchup"), event_type)
+        posted += 1
+        time.sleep(0.2)
+    down_after = time.monotonic() - stopped
+    bench.queue(count - posted, event_type, due=True)  # the rest of the backlog, queued behind the paused queue
+    pending = a.one("SELECT count(*) FROM federation_outboxentry WHERE status IN ('pending', 'in_flight')")
+    time.sleep(2)  # B stays away a little longer: probes fail, nothing is attempted
+    attempts_while_down = a.one(
+        "SELECT count(*) FROM federation_delivery WHERE attempted_at > now() - interval '2 seconds'"
+    )
+    healthy_at = b.start()
+    done = bench.wait_stored([event_type], count, timeout=180, after_id=after)
+    stored, first, _ = bench.stored_at_b(event_type, after)
+    return {
+        "posted_until_down": posted,
+        "down_after": down_after,
+        "pending": pending,
+        "attempts_while_paused": attempts_while_down,
+        "drain": done - healthy_at,
+        "first_after": first.timestamp() - healthy_at,
+        "stored": stored,
+        "dead": bench.outbox_depth().get("dead", 0),
+    }
+
+
+# --------------------------------------------------------------------------- 4. memory
+
+
+def memory_run(bench: Bench, count: int) -> dict:
+    event_type = "com.bench.memory"
+    bench.set_batch_max(BATCH_MAX)
+    log(f"memory: queueing {count} entries")
+    queue_started = time.monotonic()
+    bench.queue(count, event_type, due=False)
+    queue_seconds = time.monotonic() - queue_started
+    pids = bench.a.worker_pids()
+    samples: list[tuple[float, int, float, dict]] = []  # (t, stored, total RSS, per pid)
+
+    def sample(t0: float, after: int):
+        per = {pid: rss_mb(pid) for pid in pids}
+        stored = bench.stored_at_b(event_type, after)[0]
+        samples.append((time.time() - t0, stored, sum(v for v in per.values() if v), per))
+        return stored
+
+    after = bench.b_max_event_id()
+    t0 = time.time()
+    for _ in range(3):
+        sample(t0, after)
+        time.sleep(1)
+    released = bench.release(event_type)
+    deadline = time.monotonic() + bench.args.memory_timeout
+    stored = 0
+    while stored < count and time.monotonic() < deadline:
+        time.sleep(max(0.0, 1 - (time.time() - t0) % 1))
+        stored = sample(t0, after)
+    done = time.time()
+    for _ in range(3):
+        time.sleep(1)
+        sample(t0, after)
+    if set(bench.a.worker_pids()) != set(pids):
+        log("warning: the worker's processes changed during the drain")
+    before = med([s[2] for s in samples[:3]])
+    at_tenth = next((s[2] for s in samples if s[1] >= count / 10), None)
+    peak = max(s[2] for s in samples)
+    end = samples[-1][2]
+    # Delivery rate per tenth of the backlog, from B's received_at: does it slow down as A's
+    # outbox fills with delivered rows?
+    tenths = bench.b.sql(
+        "SELECT k, count(*), min(received_at), max(received_at) FROM (SELECT received_at, ntile(10) OVER "
+        "(ORDER BY received_at) k FROM ingest_event WHERE id > %s AND ce_type = %s) t GROUP BY k ORDER BY k",
+        (after, event_type),
+    )
+    decile_rates = []
+    for (_, n, _, end_at), (_, _, _, previous_end) in zip(tenths[1:], tenths[:-1]):
+        decile_rates.append(n / max((end_at - previous_end).total_seconds(), 1e-6))
+    return {
+        "count": count,
+        "queue_seconds": queue_seconds,
+        "stored": stored,
+        "seconds": done - released,
+        "rate": stored / (done - released),
+        "pids": pids,
+        "cmdlines": {pid: cmdline(pid)[:80] for pid in pids},
+        "before": before,
+        "at_tenth": at_tenth,
+        "peak": peak,
+        "end": end,
+        "growth": peak - (at_tenth if at_tenth is not None else before),
+        "per_pid_before": samples[0][3],
+        "per_pid_peak": {pid: max((s[3].get(pid) or 0) for s in samples) for pid in pids},
+        "per_pid_end": samples[-1][3],
+        "decile_rates": decile_rates,
+        "samples": [(round(s[0], 1), s[1], round(s[2], 1)) for s in samples],
+        "dead": bench.outbox_depth().get("dead", 0),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine_facts(bench: Bench) -> dict:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    versions = subprocess.run(
+        [sys.executable, "-c", "import django, uvicorn, celery, psycopg; "
+         "print(django.get_version(), uvicorn.__version__, celery.__version__, psycopg.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    kite_settings = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings as s; "
+         "print(s.KITE_WEB_WORKERS, s.KITE_WSGI_THREADS, s.CELERY_WORKER_PREFETCH_MULTIPLIER)"],
+        cwd=ROOT, env={**bench.a.env, "DJANGO_SETTINGS_MODULE": "kite.settings"}, capture_output=True, text=True,
+        check=True,
+    ).stdout.split()  # fmt: skip
+    return {
+        "web_workers": kite_settings[0],
+        "wsgi_threads": kite_settings[1],
+        "separate": len(bench.services) > 1,
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "django": versions[0],
+        "uvicorn": versions[1],
+        "celery": versions[2],
+        "psycopg": versions[3],
+        "postgres": bench.a.one("SHOW server_version"),
+        "fsync": bench.a.one("SHOW fsync"),
+        "synchronous_commit": bench.a.one("SHOW synchronous_commit"),
+    }
+
+
+def others_busy() -> list[str]:
+    found = []
+    for pattern in ("pytest", "bench/ingest.py|bench/ab.py"):
+        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        found += [pid for pid in out if int(pid) != os.getpid()]
+    return found
+
+
+def wait_until_quiet(limit: float, threshold: float) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        load, busy = os.getloadavg()[0], others_busy()
+        if load < threshold and not busy:
+            log(f"quiet: load {load:.2f}, no pytest or ingest benchmark running")
+            return
+        log(f"waiting for a quiet machine: load {load:.2f}, {len(busy)} pytest/ingest-bench processes")
+        time.sleep(min(30, max(1, deadline - time.monotonic())))
+    log("the machine did not get quiet; measuring anyway (the report says so)")
+
+
+def markers() -> tuple[str, str]:
+    return f"<!-- bench:{SECTION}:start -->", f"<!-- bench:{SECTION}:end -->"
+
+
+def write_results(section: str) -> None:
+    start, end = markers()
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+
+
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def report(args, facts, latency, tput, catchup, memory, started, finished) -> str:
+    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/federation.py", *sys.argv[1:]])
+    start, end = markers()
+    quiet = (facts["loadavg"] < args.quiet_load and not facts["busy"])
+    lines = [
+        start,
+        f"### Federation A → B (issue 3): run of {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        "Command (exactly as run):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} at the start, "
+        f"{facts['loadavg_end']:.2f} at the end; pytest / ingest-benchmark processes at the start: "
+        f"{len(facts['busy'])} → {'quiet' if quiet else '**NOT quiet**'}"
+        f"{' (waited ' + format(facts['waited'], '.0f') + ' s for it)' if facts['waited'] > 5 else ''}. "
+        f"Python {facts['python']}, Django {facts['django']}, uvicorn {facts['uvicorn']}, Celery {facts['celery']}, "
+        f"psycopg {facts['psycopg']}, PostgreSQL {facts['postgres']} (fsync={facts['fsync']}, "
+        f"synchronous_commit={facts['synchronous_commit']}), Redis. Everything — both instances, PostgreSQL, "
+        "Redis and the load generator — shares these CPUs on loopback.",
+        "- Two instances, each `manage.py runkite` (uvicorn with the default KITE_WEB_WORKERS="
+        f"{facts['web_workers']} and KITE_WSGI_THREADS={facts['wsgi_threads']}, Celery worker concurrency 2 "
+        "(runkite's default), beat), KITE_TLS=on (self-signed; A pins B's certificate with `tls_fingerprint`), "
+        + ("each with a PostgreSQL server and a Redis server of its own (as two sites are; both servers from "
+           "scripts/services.sh). " if facts["separate"] else
+           "each with its own PostgreSQL database and Redis db number (broker, cache, channel layer) on one shared "
+           "PostgreSQL/Redis pair. ") +
+        "KITE_PROBE_DOWN_SECONDS=1 on both; A has KITE_HEARTBEAT_SECONDS=3600 so that its regular heartbeat "
+        "does not set batch_max back during the unbatched rounds (batch_max is set on A's peer row by SQL "
+        "before each round and checked after it)."
+        + (f" Extra environment: {', '.join(args.env)}." if args.env else ""),
+        "- Federation set up as an operator does it: B `POST /api/federation/tokens`, A `POST /api/federation/peers` "
+        "(scopes [\"*\"], B's hook URL and TLS fingerprint from B's `GET /api/federation/identity`), "
+        "B `POST /api/federation/trusted-senders`. Events are ~0.6 kB JSON posted to a `none` source on A.",
+        "",
+        f"**1. Latency, A's 202 → event stored and visible at B** — open loop at {args.rate:g} events/s offered for "
+        f"{args.duration:g} s per round (asyncio generator over {args.connections} keep-alive TLS connections), "
+        f"{args.rounds} rounds; each event's latency is the arrival time on a WebSocket listener on B "
+        "(`/ws/events?source=kite&after=<head>`, what `kite listen` uses) minus the time A's 202 reached the "
+        "generator. Baseline in the same run, alternating with it: the same load posted to B's own `none` source "
+        f"and read by the same kind of listener on B (B's ingest → listener, no federation; {args.baseline_duration:g} s rounds).",
+        "",
+        "| round | path | achieved/s | p50 ms | p95 ms | p99 ms | max ms | not arrived | from request sent p50/p99 ms "
+        "| 202 p50/p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, pair in enumerate(latency):
+        for kind in ("federated", "local"):
+            r = pair[kind]
+            lines.append(
+                f"| {i + 1} | {kind} | {r['achieved']:.0f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
+                f"{r['max']:.0f} | {r['missing']} | {r['send_p50']:.1f} / {r['send_p99']:.1f} | "
+                f"{r['ingest_p50']:.1f} / {r['ingest_p99']:.1f} |"
+            )
+    fed = {k: med([p["federated"][k] for p in latency]) for k in ("p50", "p95", "p99", "achieved")}
+    loc = {k: med([p["local"][k] for p in latency]) for k in ("p50", "p95", "p99")}
+    lines += [
+        f"| **median** | federated | {fed['achieved']:.0f} | **{fed['p50']:.1f}** | {fed['p95']:.1f} | "
+        f"**{fed['p99']:.1f}** | | | | |",
+        f"| **median** | local baseline | | {loc['p50']:.1f} | {loc['p95']:.1f} | {loc['p99']:.1f} | | | | |",
+        "",
+        f"Federation adds {fed['p50'] - loc['p50']:.1f} ms at p50 and {fed['p99'] - loc['p99']:.1f} ms at p99 to "
+        f"B's own ingest → listener path (ratio federated/local p50 {fed['p50'] / loc['p50']:.1f}×). "
+        f"Target p50 ≤ 25 ms: {fed['p50']:.1f} ms → {verdict(fed['p50'] <= 25)}; "
+        f"p99 ≤ 100 ms: {fed['p99']:.1f} ms → {verdict(fed['p99'] <= 100)}.",
+        "",
+        f"**2. Delivery throughput A → B** — {args.unbatched:,} (unbatched) / {args.batched:,} (batched) events "
+        "with their outbox entries written into A's database not yet due, then made due in one UPDATE and one "
+        "event posted to A (its commit kicks delivery, as a live event does); time from that release until B has "
+        "stored them all (polled in B's database every 50 ms). Unbatched: batch_max NULL on A's peer row (one "
+        "structured CloudEvent per signed POST); batched: batch_max 500 (one `application/cloudevents-batch+json` "
+        f"POST per 500). {args.tput_rounds} rounds, unbatched and batched alternating. \"steady\" = rate between "
+        "the first and the last event B stored (without the release → first delivery start-up).",
+        "",
+        "| round | unbatched events/s (steady) | batched events/s (steady) | batched / unbatched |",
+        "|---|---|---|---|",
+    ]
+    for i, pair in enumerate(tput):
+        u, bt = pair["unbatched"], pair["batched"]
+        lines.append(
+            f"| {i + 1} | {u['rate']:.0f} ({u['steady_rate']:.0f}) | {bt['rate']:.0f} ({bt['steady_rate']:.0f}) | "
+            f"{bt['rate'] / u['rate']:.1f}× |"
+        )
+    u_med = med([p["unbatched"]["rate"] for p in tput])
+    b_med = med([p["batched"]["rate"] for p in tput])
+    ratio = med([p["batched"]["rate"] / p["unbatched"]["rate"] for p in tput])
+    lines += [
+        f"| **median** | **{u_med:.0f}** ({med([p['unbatched']['steady_rate'] for p in tput]):.0f}) | "
+        f"**{b_med:.0f}** ({med([p['batched']['steady_rate'] for p in tput]):.0f}) | **{ratio:.1f}×** |",
+        "",
+        f"batch_max after the unbatched rounds: {sorted({str(p['unbatched']['batch_max_after']) for p in tput})} "
+        f"(still NULL = the rounds really were unbatched); dead entries: "
+        f"{max(p['batched']['dead'] for p in tput)}. Target ≥ 2,000 events/s batched: {b_med:.0f}/s → "
+        f"{verdict(b_med >= 2000)}.",
+        "",
+        f"**3. Catch-up** — B stopped (SIGTERM to its process group); events posted to A every 0.2 s until A "
+        f"marked B `down` (5 failed deliveries in a row → queue paused); the rest of {args.catchup:,} entries "
+        "written into A's database, due; B started again (`manage.py runkite`, migrate + bootstrap + serve); "
+        f"time from B answering /healthz to all {args.catchup:,} events stored at B. {args.catchup_rounds} rounds.",
+        "",
+        "| round | posted until down (s) | delivery attempts in the 2 s paused | first stored after healthy s | "
+        "drain s | dead |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(catchup):
+        lines.append(
+            f"| {i + 1} | {r['posted_until_down']} ({r['down_after']:.1f}) | {r['attempts_while_paused']} | "
+            f"{r['first_after']:.2f} | {r['drain']:.2f} | {r['dead']} |"
+        )
+    drain_med = med([r["drain"] for r in catchup])
+    expected = args.catchup / b_med
+    lines += [
+        f"| **median** | | | {med([r['first_after'] for r in catchup]):.2f} | **{drain_med:.2f}** | |",
+        "",
+        f"Baseline from section 2 of this run: {args.catchup:,} events at the median batched rate take "
+        f"{expected:.1f} s; the drain took {drain_med / expected:.1f}× that (the rest is the probe that notices "
+        f"B is back, ≤ 1 s, and B's cold start). Target ≤ 10 s: {drain_med:.2f} s → {verdict(drain_med <= 10)}.",
+        "",
+    ]
+    if memory:
+        m = memory
+        per_pid = ", ".join(
+            f"{pid}: {m['per_pid_before'].get(pid) or 0:.0f} → peak {m['per_pid_peak'].get(pid) or 0:.0f} → "
+            f"{m['per_pid_end'].get(pid) or 0:.0f}" for pid in m["pids"]
+        )
+        flat = m["growth"] < 20
+        lines += [
+            f"**4. Worker memory while draining {m['count']:,} entries** (batched) — {m['count']:,} events + "
+            f"entries written into A's database in {m['queue_seconds']:.0f} s (SQL, as above), released as in 2; "
+            "VmRSS of A's Celery worker processes (main + 2 prefork children, from /proc) summed, every second.",
+            "",
+            "| RSS MB | before release | after 10 % drained | peak | end |",
+            "|---|---|---|---|---|",
+            f"| worker total | {m['before']:.1f} | {m['at_tenth'] or float('nan'):.1f} | {m['peak']:.1f} | "
+            f"{m['end']:.1f} |",
+            "",
+            f"Per process (MB, before → peak → end): {per_pid}. Drained {m['stored']:,} in {m['seconds']:.1f} s "
+            f"({m['rate']:.0f} events/s); rate per tenth of the backlog, 2nd…10th: "
+            f"{', '.join(f'{r:.0f}' for r in m['decile_rates'])} events/s. Flat = peak − RSS after the first 10 % "
+            f"< 20 MB: {m['growth']:.1f} MB → {verdict(flat)}.",
+            "",
+        ]
+    lines += [
+        f"Run took {(finished - started).seconds} s. After every phase: no entry dead, every event stored "
+        "at B exactly once (B's dedup key; counted per phase by event type).",
+        end,
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=200, help="offered events/s of the latency phase")
+    parser.add_argument("--duration", type=float, default=20, help="seconds per federated latency round")
+    parser.add_argument("--baseline-duration", type=float, default=10, help="seconds per local-baseline round")
+    parser.add_argument("--rounds", type=int, default=3, help="latency rounds (federated + local each)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--unbatched", type=int, default=2000, help="events per unbatched throughput round")
+    parser.add_argument("--batched", type=int, default=10000, help="events per batched throughput round")
+    parser.add_argument("--tput-rounds", type=int, default=3)
+    parser.add_argument("--catchup", type=int, default=10000)
+    parser.add_argument("--catchup-rounds", type=int, default=3)
+    parser.add_argument("--memory", type=int, default=100000, help="entries of the memory phase (0: skip it)")
+    parser.add_argument("--memory-timeout", type=float, default=300)
+    parser.add_argument("--phases", default="latency,throughput,catchup,memory")
+    parser.add_argument("--quick", action="store_true", help="short trial: 1 round each, small backlogs")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for A and B")
+    parser.add_argument("--port", type=int, default=18610, help="A's port; B's is the next")
+    parser.add_argument("--pg-port", type=int, default=25632, help="below the ephemeral port range (32768+)")
+    parser.add_argument("--redis-port", type=int, default=26579)
+    parser.add_argument("--services-dir", default="/tmp/kite-fedbench-services")
+    parser.add_argument("--separate-services", action="store_true",
+                        help="B gets a PostgreSQL + Redis of its own (ports +1, dir + '-b') instead of sharing A's")
+    parser.add_argument("--keep-services", action="store_true")
+    parser.add_argument("--keep-data", action="store_true", help="keep data dirs and logs (printed)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to this long for a quiet machine")  # fmt: skip
+    parser.add_argument("--quiet-load", type=float, default=1.0, help="1-min load average counted as quiet")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.duration, args.baseline_duration, args.rounds = 5, 3, 1
+        args.unbatched, args.batched, args.tput_rounds = 300, 2000, 1
+        args.catchup, args.catchup_rounds, args.memory = 2000, 1, min(args.memory, 10000)
+    phases = set(args.phases.split(","))
+    waited_from = time.monotonic()
+    if args.wait_quiet:
+        wait_until_quiet(args.wait_quiet, args.quiet_load)
+    initial = {"loadavg": os.getloadavg()[0], "busy": others_busy(), "waited": time.monotonic() - waited_from}
+    started = datetime.now(timezone.utc)
+    bench = Bench(args)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    latency, tput, catchup, memory = [], [], [], None
+    try:
+        bench.start()
+        facts = machine_facts(bench) | initial
+        if "latency" in phases:
+            latency_round(bench, "federated", args.rate, 3, "warm")  # warm-up, discarded
+            latency_round(bench, "local", args.rate, 2, "warm")
+            for i in range(args.rounds):
+                pair = {}
+                for kind in ("federated", "local") if i % 2 == 0 else ("local", "federated"):
+                    duration = args.duration if kind == "federated" else args.baseline_duration
+                    pair[kind] = latency_round(bench, kind, args.rate, duration, f"r{i + 1}")
+                    r = pair[kind]
+                    log(f"latency {kind} r{i + 1}: {r['achieved']:.0f}/s p50 {r['p50']:.1f} p95 {r['p95']:.1f} "
+                        f"p99 {r['p99']:.1f} max {r['max']:.0f} ms; missing {r['missing']}, errors {r['errors']}, "
+                        f"A/B 202 p50 {r['ingest_p50']:.1f} p99 {r['ingest_p99']:.1f} ms")  # fmt: skip
+                latency.append(pair)
+        if "throughput" in phases:
+            for i in range(args.tput_rounds):
+                pair = {}
+                for batched in (False, True) if i % 2 == 0 else (True, False):
+                    kind = "batched" if batched else "unbatched"
+                    count = args.batched if batched else args.unbatched
+                    pair[kind] = throughput_round(bench, batched, count, f"{kind}{i + 1}")
+                    r = pair[kind]
+                    log(f"throughput {kind} r{i + 1}: {count} in {r['seconds']:.2f} s = {r['rate']:.0f}/s "
+                        f"(steady {r['steady_rate']:.0f}/s, first after {r['first_after']:.2f} s), "
+                        f"batch_max after {r['batch_max_after']}")  # fmt: skip
+                tput.append(pair)
+        if "catchup" in phases:
+            for i in range(args.catchup_rounds):
+                r = catchup_round(bench, args.catchup, f"r{i + 1}")
+                catchup.append(r)
+                log(f"catch-up r{i + 1}: down after {r['posted_until_down']} posts ({r['down_after']:.1f} s); "
+                    f"drained {r['stored']} in {r['drain']:.2f} s after healthy (first after {r['first_after']:.2f} s)")
+        if "memory" in phases and args.memory:
+            memory = memory_run(bench, args.memory)
+            log(f"memory: {memory['stored']} in {memory['seconds']:.1f} s ({memory['rate']:.0f}/s); RSS MB before "
+                f"{memory['before']:.1f}, at 10% {memory['at_tenth']}, peak {memory['peak']:.1f}, end "
+                f"{memory['end']:.1f}; decile rates {[round(r) for r in memory['decile_rates']]}")  # fmt: skip
+            log(f"memory samples (s, stored, MB): {memory['samples']}")
+        depth = bench.outbox_depth()
+        log(f"A's outbox at the end: {depth}")
+        finished = datetime.now(timezone.utc)
+        facts["loadavg_end"] = os.getloadavg()[0]
+        if latency and tput and catchup:
+            section = report(args, facts, latency, tput, catchup, memory, started, finished)
+            print(section)
+            if not args.no_write:
+                write_results(section)
+                log(f"written to {RESULTS}")
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        if args.keep_data:
+            log(f"data dirs: {bench.a.data_dir}, {bench.b.data_dir}")
+        log("stopping A, B and the services")
+        bench.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Baseline endpoints for bench/ingest.py (mounted only with KITE_BENCH_ENDPOINTS=on).
+
+`bare` is the physical ceiling of the ingest database path on the same serving
+stack: the same Django process, middleware and connection handling, and the
+same INSERT into ingest_event in one transaction as a real webhook — but no
+source lookup, no signature check, no CloudEvent conversion, no broadcast and
+no metrics. `noop` is the ceiling of the serving stack alone (no database).
+"""
+
+import threading
+import uuid
+
+from django.db import transaction
+from django.http import HttpResponseNotAllowed, JsonResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+
+from ingest.models import Event, Source
+
+_sources: dict[tuple[str, str], Source] = {}
+_lock = threading.Lock()
+
+
+def _source(team_id: str, name: str) -> Source | None:
+    """Resolved once per process, so the measured path holds only the INSERT."""
+    key = (team_id, name)
+    source = _sources.get(key)
+    if source is None:
+        source = Source.objects.filter(team_id=team_id, name=name).first()
+        if source is not None:
+            with _lock:
+                _sources[key] = source
+    return source
+
+
+@csrf_exempt
+def bare(request, team_id: str, source: str):
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    found = _source(team_id, source)
+    if found is None:
+        return JsonResponse({"detail": "no such source"}, status=404)
+    now = timezone.now()
+    event = Event(
+        team_id=found.team_id,
+        source=found,
+        ce_id=uuid.uuid4().hex,
+        ce_source="kite-bench://bare",
+        ce_type="com.stripe.bench.bare",
+        ce_time=now,
+        data=request.body.decode(),
+        received_at=now,
+    )
+    with transaction.atomic():
+        event.save(force_insert=True)
+    return JsonResponse({"id": event.ce_id, "duplicate": False}, status=202)
+
+
+@csrf_exempt
+def noop(request):
+    return JsonResponse({"ok": True}, status=202)
