@@ -125,6 +125,20 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -399,6 +413,21 @@ class Bench:
                 raise SystemExit(f"timed out: {have}/{count} {types} stored at B; A outbox: {self.outbox_depth()}")
             time.sleep(interval)
 
+    def cpu_snapshot(self) -> dict[str, float]:
+        """CPU seconds used so far by A's and B's processes and by the PostgreSQL server(s)."""
+        snapshot = {kite.label: cpu_seconds(descendants(kite.process.pid)) for kite in (self.a, self.b)}
+        for services, name in zip(self.services, ("postgres", "postgres-b") if len(self.services) > 1 else ("postgres",)):
+            try:
+                postmaster = int(Path(services.directory, "pg", "postmaster.pid").read_text().split()[0])
+                snapshot[name] = cpu_seconds(descendants(postmaster))
+            except (OSError, ValueError, IndexError):
+                snapshot[name] = 0.0
+        return snapshot
+
+    @staticmethod
+    def cpu_per_event(before: dict, after: dict, events: int) -> dict[str, float]:
+        return {name: 1e6 * (after[name] - before[name]) / max(events, 1) for name in before}
+
     def outbox_depth(self) -> dict:
         return dict(self.a.sql("SELECT status, count(*) FROM federation_outboxentry GROUP BY status"))
 
@@ -581,10 +610,13 @@ def latency_round(bench: Bench, kind: str, rate: float, duration: float, tag: st
 
 def drain(bench: Bench, count: int, event_type: str, timeout: float, interval: float = 0.05) -> dict:
     after = bench.b_max_event_id()
+    cpu_before = bench.cpu_snapshot()
     released = bench.release(event_type)
     done = bench.wait_stored([event_type], count, timeout=timeout, interval=interval, after_id=after)
+    cpu_after = bench.cpu_snapshot()
     stored, first, last = bench.stored_at_b(event_type, after)
     return {
+        "cpu_us": bench.cpu_per_event(cpu_before, cpu_after, count),
         "events": stored,
         "seconds": done - released,
         "rate": count / (done - released),
@@ -668,6 +700,7 @@ def memory_run(bench: Bench, count: int) -> dict:
     for _ in range(3):
         sample(t0, after)
         time.sleep(1)
+    cpu_before = bench.cpu_snapshot()
     released = bench.release(event_type)
     deadline = time.monotonic() + bench.args.memory_timeout
     stored = 0
@@ -675,6 +708,7 @@ def memory_run(bench: Bench, count: int) -> dict:
         time.sleep(max(0.0, 1 - (time.time() - t0) % 1))
         stored = sample(t0, after)
     done = time.time()
+    cpu_us = bench.cpu_per_event(cpu_before, bench.cpu_snapshot(), stored)
     for _ in range(3):
         time.sleep(1)
         sample(t0, after)
@@ -696,6 +730,7 @@ def memory_run(bench: Bench, count: int) -> dict:
         decile_rates.append(n / max((end_at - previous_end).total_seconds(), 1e-6))
     return {
         "count": count,
+        "cpu_us": cpu_us,
         "queue_seconds": queue_seconds,
         "stored": stored,
         "seconds": done - released,
@@ -1020,7 +1055,8 @@ def main(argv=None) -> int:
                     r = pair[kind]
                     log(f"throughput {kind} r{i + 1}: {count} in {r['seconds']:.2f} s = {r['rate']:.0f}/s "
                         f"(steady {r['steady_rate']:.0f}/s, first after {r['first_after']:.2f} s), "
-                        f"batch_max after {r['batch_max_after']}")  # fmt: skip
+                        f"batch_max after {r['batch_max_after']}, CPU µs/event "
+                        + " ".join(f"{k} {v:.0f}" for k, v in r["cpu_us"].items()))  # fmt: skip
                 tput.append(pair)
         if "catchup" in phases:
             for i in range(args.catchup_rounds):
@@ -1032,7 +1068,8 @@ def main(argv=None) -> int:
             memory = memory_run(bench, args.memory)
             log(f"memory: {memory['stored']} in {memory['seconds']:.1f} s ({memory['rate']:.0f}/s); RSS MB before "
                 f"{memory['before']:.1f}, at 10% {memory['at_tenth']}, peak {memory['peak']:.1f}, end "
-                f"{memory['end']:.1f}; decile rates {[round(r) for r in memory['decile_rates']]}")  # fmt: skip
+                f"{memory['end']:.1f}; decile rates {[round(r) for r in memory['decile_rates']]}; CPU µs/event "
+                + " ".join(f"{k} {v:.0f}" for k, v in memory["cpu_us"].items()))  # fmt: skip
             log(f"memory samples (s, stored, MB): {memory['samples']}")
         depth = bench.outbox_depth()
         log(f"A's outbox at the end: {depth}")
