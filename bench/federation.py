@@ -479,6 +479,17 @@ class Bench:
         return released_at
 
 
+    def pause(self, reason: str) -> None:
+        self.a.sql("UPDATE federation_peer SET paused = %s WHERE id = %s", (reason, self.peer_id))
+
+    def release_paused(self) -> float:
+        """Resume a queue paused by hand and kick it (as a successful probe does)."""
+        released_at = time.time()
+        self.pause("")
+        self.post(self.a, self.hook_a, self.next_id("kick"), "com.bench.kick")
+        return released_at
+
+
 # --------------------------------------------------------------------------- 1. latency
 
 
@@ -679,13 +690,100 @@ def catchup_round(bench: Bench, count: int, tag: str) -> dict:
 # --------------------------------------------------------------------------- 4. memory
 
 
+# The outbox queries as federation/outbox.py issued them before this benchmark (one query over
+# pending and expired entries ordered by id; the sweeper's DISTINCT over every due entry) and as it
+# issues them now (each part in its index's order; an EXISTS probe per peer). Same parameters.
+OLD_CLAIM = """SELECT id FROM federation_outboxentry WHERE peer_id = %(peer)s AND ((status = 'pending' AND
+  next_attempt_at <= %(now)s) OR (status = 'in_flight' AND leased_until < %(now)s)) ORDER BY id LIMIT 500
+  FOR UPDATE SKIP LOCKED"""
+NEW_CLAIM = [
+    """SELECT id FROM federation_outboxentry WHERE leased_until < %(now)s AND status = 'in_flight' AND peer_id = %(peer)s
+  ORDER BY leased_until LIMIT 500 FOR UPDATE SKIP LOCKED""",
+    """SELECT id FROM federation_outboxentry WHERE next_attempt_at <= %(now)s AND status = 'pending' AND
+  peer_id = %(peer)s ORDER BY next_attempt_at LIMIT 500 FOR UPDATE SKIP LOCKED""",
+]
+OLD_SWEEP = """SELECT DISTINCT peer_id FROM federation_outboxentry WHERE (status = 'pending' AND next_attempt_at <= %(now)s)
+  OR (status = 'in_flight' AND leased_until < %(now)s)"""
+NEW_SWEEP = """SELECT p.id FROM federation_peer p WHERE p.role = 'peer' AND (EXISTS (SELECT 1 FROM federation_outboxentry o
+  WHERE o.next_attempt_at <= %(now)s AND o.status = 'pending' AND o.peer_id = p.id LIMIT 1) OR EXISTS (SELECT 1
+  FROM federation_outboxentry o WHERE o.leased_until < %(now)s AND o.status = 'in_flight' AND o.peer_id = p.id LIMIT 1))"""
+
+
+def query_ms(kite: Instance, queries: list[str], params: dict, repeat: int = 5) -> float:
+    """Median over `repeat` runs of the summed server-side execution time of `queries`."""
+    times = []
+    for _ in range(repeat):
+        total = 0.0
+        for query in queries:
+            plan = kite.sql("EXPLAIN (ANALYZE, FORMAT JSON) " + query, params)[0][0]
+            total += plan[0]["Execution Time"]
+        times.append(total)
+    return statistics.median(times)
+
+
+BATCH_STORE_PROBE = r"""
+import json, statistics, sys, time
+import django
+django.setup()
+from django.db import transaction
+from django.utils import timezone
+from ingest import cloudevent, services
+from kite.models import Team
+source = services.source_ensure_builtin(team=Team.objects.get(name="default"))
+data = sys.argv[1]
+def drafts(tag):
+    now = timezone.now()
+    return [cloudevent.Draft(id=f"{tag}-{i}", type="com.bench.batchstore", time=now, data_json=data,
+                             source="kite://bench/batch-store-probe",
+                             extensions={"kitefedorigin": "a", "kitefedchain": '["a"]', "kitefedhops": 1})
+            for i in range(500)]
+def one_by_one(items):
+    with transaction.atomic():
+        return services._store_batch_one_by_one(source, items, None)
+def at_once(items):
+    return services.events_store_batch(source=source, items=items, sender=None)
+out = {"one_by_one": [], "at_once": []}
+for r in range(int(sys.argv[2])):
+    for name, store in (("one_by_one", one_by_one), ("at_once", at_once))[:: 1 if r % 2 == 0 else -1]:
+        items = drafts(f"{name}-{r}-{time.time()}")
+        wall, cpu = time.perf_counter(), time.process_time()
+        results = store(items)
+        out[name].append(((time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000))
+        assert all(item.result == "accepted" for item in results)
+print(json.dumps({name: [statistics.median(v[0] for v in runs), statistics.median(v[1] for v in runs)]
+                  for name, runs in out.items()}))
+"""
+
+
+def batch_store_costs(bench: Bench, rounds: int = 6) -> dict:
+    """B's side of a 500-event batch: a savepoint + INSERT per event (how ingest stored batches before
+    this benchmark, still the fallback) vs the multi-row INSERT, alternating, in B's database."""
+    data = json.loads(payload("x", "com.bench.batchstore"))
+    done = subprocess.run(
+        [sys.executable, "-c", BATCH_STORE_PROBE, json.dumps(data, separators=(",", ":")), str(rounds)],
+        cwd=ROOT, env={**bench.b.env, "DJANGO_SETTINGS_MODULE": "kite.settings"}, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"batch-store probe failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def memory_run(bench: Bench, count: int) -> dict:
     event_type = "com.bench.memory"
     bench.set_batch_max(BATCH_MAX)
     log(f"memory: queueing {count} entries")
+    bench.pause("auth_failed")  # held by hand: neither attempts nor probes until released
     queue_started = time.monotonic()
-    bench.queue(count, event_type, due=False)
+    bench.queue(count, event_type, due=True)
     queue_seconds = time.monotonic() - queue_started
+    params = {"peer": bench.peer_id, "now": datetime.now(timezone.utc)}
+    queries = {
+        "claim_old": query_ms(bench.a, [OLD_CLAIM], params),
+        "claim_new": query_ms(bench.a, NEW_CLAIM, params),
+        "sweep_old": query_ms(bench.a, [OLD_SWEEP], params),
+        "sweep_new": query_ms(bench.a, [NEW_SWEEP], params),
+    }
+    log(f"memory: with {count:,} entries due: " + ", ".join(f"{k} {v:.2f} ms" for k, v in queries.items()))
     pids = bench.a.worker_pids()
     samples: list[tuple[float, int, float, dict]] = []  # (t, stored, total RSS, per pid)
 
@@ -701,7 +799,7 @@ def memory_run(bench: Bench, count: int) -> dict:
         sample(t0, after)
         time.sleep(1)
     cpu_before = bench.cpu_snapshot()
-    released = bench.release(event_type)
+    released = bench.release_paused()
     deadline = time.monotonic() + bench.args.memory_timeout
     stored = 0
     while stored < count and time.monotonic() < deadline:
@@ -730,6 +828,7 @@ def memory_run(bench: Bench, count: int) -> dict:
         decile_rates.append(n / max((end_at - previous_end).total_seconds(), 1e-6))
     return {
         "count": count,
+        "queries": queries,
         "cpu_us": cpu_us,
         "queue_seconds": queue_seconds,
         "stored": stored,
@@ -827,7 +926,7 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def report(args, facts, latency, tput, catchup, memory, started, finished) -> str:
+def report(args, facts, latency, tput, catchup, memory, costs, started, finished) -> str:
     command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/federation.py", *sys.argv[1:]])
     start, end = markers()
     quiet = (facts["loadavg"] < args.quiet_load and not facts["busy"])
@@ -921,8 +1020,14 @@ def report(args, facts, latency, tput, catchup, memory, started, finished) -> st
         "",
         f"batch_max after the unbatched rounds: {sorted({str(p['unbatched']['batch_max_after']) for p in tput})} "
         f"(still NULL = the rounds really were unbatched); dead entries: "
-        f"{max(p['batched']['dead'] for p in tput)}. Target ≥ 2,000 events/s batched: {b_med:.0f}/s → "
-        f"{verdict(b_med >= 2000)}.",
+        f"{max(p['batched']['dead'] for p in tput)}. CPU per delivered event (median; A = web + worker + beat, "
+        "B likewise, PostgreSQL = all its processes): "
+        + "; ".join(
+            f"{kind} " + ", ".join(f"{name} {med([p[kind]['cpu_us'][name] for p in tput]):.0f} µs"
+                                   for name in tput[0][kind]["cpu_us"])
+            for kind in ("unbatched", "batched")
+        )
+        + f". Target ≥ 2,000 events/s batched: {b_med:.0f}/s → {verdict(b_med >= 2000)}.",
         "",
         f"**3. Catch-up** — B stopped (SIGTERM to its process group); events posted to A every 0.2 s until A "
         f"marked B `down` (5 failed deliveries in a row → queue paused); the rest of {args.catchup:,} entries "
@@ -966,11 +1071,36 @@ def report(args, facts, latency, tput, catchup, memory, started, finished) -> st
             f"{m['end']:.1f} |",
             "",
             f"Per process (MB, before → peak → end): {per_pid}. Drained {m['stored']:,} in {m['seconds']:.1f} s "
-            f"({m['rate']:.0f} events/s); rate per tenth of the backlog, 2nd…10th: "
+            f"({m['rate']:.0f} events/s; CPU per event: "
+            + ", ".join(f"{name} {value:.0f} µs" for name, value in m["cpu_us"].items()) + "); "
+            f"rate per tenth of the backlog, 2nd…10th: "
             f"{', '.join(f'{r:.0f}' for r in m['decile_rates'])} events/s. Flat = peak − RSS after the first 10 % "
             f"< 20 MB: {m['growth']:.1f} MB → {verdict(flat)}.",
             "",
         ]
+    if costs or memory:
+        lines += [
+            "**5. The two changes made while benchmarking, each against the code it replaced, in this run**",
+            "",
+        ]
+    if costs:
+        old, new = costs["one_by_one"], costs["at_once"]
+        lines += [
+            f"- B storing a 500-event batch (`ingest.services.events_store_batch`, in B's database, "
+            "alternating, median of 6): a savepoint + INSERT per event (before; still the fallback) "
+            f"{old[0]:.0f} ms wall / {old[1]:.0f} ms Python CPU → one multi-row INSERT after one dedup query "
+            f"{new[0]:.0f} ms / {new[1]:.0f} ms ({old[0] / new[0]:.1f}× / {old[1] / new[1]:.1f}×).",
+        ]
+    if memory:
+        q = memory["queries"]
+        lines += [
+            f"- With {memory['count']:,} entries due (A's database, EXPLAIN ANALYZE execution time, median of 5): "
+            f"claiming 500 — one query over pending + expired entries ORDER BY id (before) {q['claim_old']:.1f} ms → "
+            f"each part in its index's order {q['claim_new']:.2f} ms; the once-a-second sweeper — DISTINCT over "
+            f"every due entry (before) {q['sweep_old']:.1f} ms → an EXISTS probe per peer {q['sweep_new']:.2f} ms.",
+        ]
+    if costs or memory:
+        lines.append("")
     lines += [
         f"Run took {(finished - started).seconds} s. After every phase: no entry dead, every event stored "
         "at B exactly once (B's dedup key; counted per phase by event type).",
@@ -996,7 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--catchup-rounds", type=int, default=3)
     parser.add_argument("--memory", type=int, default=100000, help="entries of the memory phase (0: skip it)")
     parser.add_argument("--memory-timeout", type=float, default=300)
-    parser.add_argument("--phases", default="latency,throughput,catchup,memory")
+    parser.add_argument("--phases", default="latency,throughput,costs,catchup,memory")
     parser.add_argument("--quick", action="store_true", help="short trial: 1 round each, small backlogs")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for A and B")
     parser.add_argument("--port", type=int, default=18610, help="A's port; B's is the next")
@@ -1028,7 +1158,7 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc)
     bench = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    latency, tput, catchup, memory = [], [], [], None
+    latency, tput, catchup, memory, costs = [], [], [], None, None
     try:
         bench.start()
         facts = machine_facts(bench) | initial
@@ -1058,6 +1188,10 @@ def main(argv=None) -> int:
                         f"batch_max after {r['batch_max_after']}, CPU µs/event "
                         + " ".join(f"{k} {v:.0f}" for k, v in r["cpu_us"].items()))  # fmt: skip
                 tput.append(pair)
+        if "costs" in phases:
+            costs = batch_store_costs(bench)
+            log("batch store, 500 events, median ms wall / client CPU: "
+                + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in costs.items()))  # fmt: skip
         if "catchup" in phases:
             for i in range(args.catchup_rounds):
                 r = catchup_round(bench, args.catchup, f"r{i + 1}")
@@ -1076,7 +1210,7 @@ def main(argv=None) -> int:
         finished = datetime.now(timezone.utc)
         facts["loadavg_end"] = os.getloadavg()[0]
         if latency and tput and catchup:
-            section = report(args, facts, latency, tput, catchup, memory, started, finished)
+            section = report(args, facts, latency, tput, catchup, memory, costs, started, finished)
             print(section)
             if not args.no_write:
                 write_results(section)
