@@ -9,8 +9,9 @@ Patches (comma-separated):
   orm-source           the hook's source lookup through the ORM (as before the raw query)
   per-event-broadcast  one group_send per event (as before coalescing)
   no-broadcast         no broadcast at all (what it costs)
-  no-route             no federation routing hook (what the per-event peer query costs)
-  raw-route            the routing hook's peer query as raw SQL (a proposal for federation/outbox.py)
+  no-route             no federation routing hook (what the hook costs per event)
+  raw-route            the routing hook as one raw-SQL peer SELECT per event (the shape before
+                       federation cached its routes; kept to reproduce the 18:45 A/B)
   no-health            CONN_HEALTH_CHECKS off (one `SELECT 1` less per request)
   buffered             HTTP bridged with one thread hop per request instead of a2wsgi's four
 
