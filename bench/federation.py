@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import re
+import resource
 import secrets
 import shlex
 import shutil
@@ -336,6 +337,14 @@ class Bench:
         self.a = Instance(args, "a", args.port, self.services[0], 1, {**fast, "KITE_HEARTBEAT_SECONDS": "3600"})
         self.b = Instance(args, "b", args.port + 1, self.services[-1], 2, fast)
         self.serial = 0
+        self.problems: list[str] = []
+
+    def check(self, phase: str, stored: int, expected: int) -> None:
+        dead = self.outbox_depth().get("dead", 0)
+        if stored != expected:
+            self.problems.append(f"{phase}: {stored} of {expected} events at B")
+        if dead:
+            self.problems.append(f"{phase}: {dead} dead entries at A")
 
     def start(self) -> None:
         for services in self.services:
@@ -422,11 +431,21 @@ class Bench:
                 snapshot[name] = cpu_seconds(descendants(postmaster))
             except (OSError, ValueError, IndexError):
                 snapshot[name] = 0.0
+        redis_pids = set()
+        for services in self.services:
+            try:
+                redis_pids.add(int(Path(services.directory, "redis.pid").read_text().strip()))
+            except (OSError, ValueError):
+                pass
+        snapshot["redis"] = cpu_seconds(redis_pids)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        snapshot["load generator"] = usage.ru_utime + usage.ru_stime
         return snapshot
 
     @staticmethod
     def cpu_per_event(before: dict, after: dict, events: int) -> dict[str, float]:
-        return {name: 1e6 * (after[name] - before[name]) / max(events, 1) for name in before}
+        return {name: 1e6 * (after[name] - before[name]) / max(events, 1) for name in before
+                if name != "load generator"}
 
     def outbox_depth(self) -> dict:
         return dict(self.a.sql("SELECT status, count(*) FROM federation_outboxentry GROUP BY status"))
@@ -613,7 +632,13 @@ def latency_round(bench: Bench, kind: str, rate: float, duration: float, tag: st
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(_latency_round(*args, connections=bench.args.connections, trace=trace))
+    cpu_before, started = bench.cpu_snapshot(), time.monotonic()
+    result = runner(_latency_round(*args, connections=bench.args.connections, trace=trace))
+    elapsed = time.monotonic() - started
+    cpu_after = bench.cpu_snapshot()
+    # How busy the machine's CPUs were with this benchmark's processes during the round.
+    result["cpu_busy"] = {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in cpu_before}
+    return result
 
 
 # --------------------------------------------------------------------------- 2. throughput
@@ -645,6 +670,7 @@ def throughput_round(bench: Bench, batched: bool, count: int, tag: str) -> dict:
     result = drain(bench, count, event_type, timeout=max(120, count / 20))
     result["batch_max_after"] = bench.batch_max()
     result["dead"] = bench.outbox_depth().get("dead", 0)
+    bench.check(f"throughput {tag}", result["events"], count)
     return result
 
 
@@ -675,6 +701,7 @@ def catchup_round(bench: Bench, count: int, tag: str) -> dict:
     healthy_at = b.start()
     done = bench.wait_stored([event_type], count, timeout=180, after_id=after)
     stored, first, _ = bench.stored_at_b(event_type, after)
+    bench.check(f"catch-up {tag}", stored, count)
     return {
         "posted_until_down": posted,
         "down_after": down_after,
@@ -807,6 +834,7 @@ def memory_run(bench: Bench, count: int) -> dict:
         stored = sample(t0, after)
     done = time.time()
     cpu_us = bench.cpu_per_event(cpu_before, bench.cpu_snapshot(), stored)
+    bench.check("memory", stored, count)
     for _ in range(3):
         time.sleep(1)
         sample(t0, after)
@@ -926,7 +954,7 @@ def verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def report(args, facts, latency, tput, catchup, memory, costs, started, finished) -> str:
+def report(args, facts, latency, low, tput, catchup, memory, costs, problems, started, finished) -> str:
     command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/federation.py", *sys.argv[1:]])
     start, end = markers()
     quiet = (facts["loadavg"] < args.quiet_load and not facts["busy"])
@@ -968,7 +996,9 @@ def report(args, facts, latency, tput, catchup, memory, costs, started, finished
         f"{args.rounds} rounds; each event's latency is the arrival time on a WebSocket listener on B "
         "(`/ws/events?source=kite&after=<head>`, what `kite listen` uses) minus the time A's 202 reached the "
         "generator. Baseline in the same run, alternating with it: the same load posted to B's own `none` source "
-        f"and read by the same kind of listener on B (B's ingest → listener, no federation; {args.baseline_duration:g} s rounds).",
+        f"and read by the same kind of listener on B (B's ingest → listener, no federation; {args.baseline_duration:g} s rounds)."
+        + (f" Last, one round of each at {args.low_rate:g} events/s: the same pipeline on an otherwise idle machine."
+           if args.low_rate else ""),
         "",
         "| round | path | achieved/s | p50 ms | p95 ms | p99 ms | max ms | not arrived | from request sent p50/p99 ms "
         "| 202 p50/p99 ms |",
@@ -988,6 +1018,24 @@ def report(args, facts, latency, tput, catchup, memory, costs, started, finished
         f"| **median** | federated | {fed['achieved']:.0f} | **{fed['p50']:.1f}** | {fed['p95']:.1f} | "
         f"**{fed['p99']:.1f}** | | | | |",
         f"| **median** | local baseline | | {loc['p50']:.1f} | {loc['p95']:.1f} | {loc['p99']:.1f} | | | | |",
+        *(
+            [f"| {args.low_rate:g}/s | federated | {low['federated']['achieved']:.0f} | {low['federated']['p50']:.1f} | "
+             f"{low['federated']['p95']:.1f} | {low['federated']['p99']:.1f} | {low['federated']['max']:.0f} | "
+             f"{low['federated']['missing']} | | |",
+             f"| {args.low_rate:g}/s | local | {low['local']['achieved']:.0f} | {low['local']['p50']:.1f} | "
+             f"{low['local']['p95']:.1f} | {low['local']['p99']:.1f} | {low['local']['max']:.0f} | "
+             f"{low['local']['missing']} | | |"]
+            if low else []
+        ),
+        "",
+        "CPU kept busy by the benchmark's own processes during the federated rounds (median, in CPUs of "
+        f"{facts['nproc']}): "
+        + ", ".join(f"{name} {med([p['federated']['cpu_busy'][name] for p in latency]):.2f}"
+                    for name in latency[0]["federated"]["cpu_busy"])
+        + f" = **{med([sum(p['federated']['cpu_busy'].values()) for p in latency]):.2f}**; during the local rounds "
+        f"{med([sum(p['local']['cpu_busy'].values()) for p in latency]):.2f}. "
+        f"Events that B showed before A's 202 reached the generator (negative latency, kept in the percentiles): "
+        f"{sum(p['federated']['negative'] for p in latency)}.",
         "",
         f"Federation adds {fed['p50'] - loc['p50']:.1f} ms at p50 and {fed['p99'] - loc['p99']:.1f} ms at p99 to "
         f"B's own ingest → listener path (ratio federated/local p50 {fed['p50'] / loc['p50']:.1f}×). "
@@ -1102,8 +1150,10 @@ def report(args, facts, latency, tput, catchup, memory, costs, started, finished
     if costs or memory:
         lines.append("")
     lines += [
-        f"Run took {(finished - started).seconds} s. After every phase: no entry dead, every event stored "
-        "at B exactly once (B's dedup key; counted per phase by event type).",
+        f"Run took {(finished - started).seconds} s. Checked after every throughput, catch-up and memory round: "
+        "B holds exactly the events queued at A (counted per round by event type; B's dedup key rules out a "
+        "second copy) and A has no dead entry — "
+        + ("all held." if not problems else "**problems: " + "; ".join(problems) + "**"),
         end,
     ]
     return "\n".join(lines)
@@ -1119,6 +1169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-duration", type=float, default=10, help="seconds per local-baseline round")
     parser.add_argument("--rounds", type=int, default=3, help="latency rounds (federated + local each)")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--low-rate", type=float, default=20, help="one more latency round at this rate (0: none)")
     parser.add_argument("--unbatched", type=int, default=2000, help="events per unbatched throughput round")
     parser.add_argument("--batched", type=int, default=10000, help="events per batched throughput round")
     parser.add_argument("--tput-rounds", type=int, default=3)
@@ -1158,7 +1209,7 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc)
     bench = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    latency, tput, catchup, memory, costs = [], [], [], None, None
+    latency, tput, catchup, memory, costs, low = [], [], [], None, None, None
     try:
         bench.start()
         facts = machine_facts(bench) | initial
@@ -1175,6 +1226,11 @@ def main(argv=None) -> int:
                         f"p99 {r['p99']:.1f} max {r['max']:.0f} ms; missing {r['missing']}, errors {r['errors']}, "
                         f"A/B 202 p50 {r['ingest_p50']:.1f} p99 {r['ingest_p99']:.1f} ms")  # fmt: skip
                 latency.append(pair)
+            if args.low_rate:
+                low = {kind: latency_round(bench, kind, args.low_rate, args.baseline_duration, "low")
+                       for kind in ("federated", "local")}  # fmt: skip
+                log(f"latency at {args.low_rate:g}/s: federated p50 {low['federated']['p50']:.1f} p99 "
+                    f"{low['federated']['p99']:.1f} ms, local p50 {low['local']['p50']:.1f} p99 {low['local']['p99']:.1f} ms")
         if "throughput" in phases:
             for i in range(args.tput_rounds):
                 pair = {}
@@ -1210,7 +1266,8 @@ def main(argv=None) -> int:
         finished = datetime.now(timezone.utc)
         facts["loadavg_end"] = os.getloadavg()[0]
         if latency and tput and catchup:
-            section = report(args, facts, latency, tput, catchup, memory, costs, started, finished)
+            section = report(args, facts, latency, low, tput, catchup, memory, costs, bench.problems, started,
+                             finished)  # fmt: skip
             print(section)
             if not args.no_write:
                 write_results(section)
