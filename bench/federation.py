@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
@@ -65,6 +66,7 @@ SECTION = "federation"
 SOURCE = "plain"
 PEER_NAME = "b"
 BATCH_MAX = 500  # what B's ping advertises (federation.outbox.BATCH_CAP)
+KEEPALIVE_SECONDS = 4.0  # the generator drops connections idle this long (uvicorn closes them at 5 s)
 _SCRUBBED = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "SECRET_KEY", "DJANGO_SETTINGS_MODULE")
 
 
@@ -531,8 +533,9 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
             arrivals.setdefault(event_id, at)
 
     reader_task = asyncio.create_task(read())
-    idle: list = []
+    idle: list = []  # (reader, writer, perf_counter of last use)
     opened = 0
+    outcomes: collections.Counter = collections.Counter()
 
     async def connect():
         nonlocal opened
@@ -540,34 +543,45 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
         return await asyncio.open_connection("127.0.0.1", target.port, ssl=target_ctx)
 
     for _ in range(connections):
-        idle.append(await connect())
+        idle.append((*await connect(), time.perf_counter()))
     accepted: dict[str, float] = {}
     intended_at: dict[str, float] = {}
     ingest_ms: list[float] = []
-    errors = 0
+
+    async def exchange(reader, writer, raw: bytes) -> int:
+        writer.write(raw)
+        head_bytes = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head_bytes)
+        await reader.readexactly(int(length[1]) if length else 0)
+        return int(head_bytes[9:12])
 
     async def one(event_id: str, raw: bytes, intended: float):
-        nonlocal errors
-        conn = idle.pop() if idle else await connect()
-        reader, writer = conn
-        try:
-            writer.write(raw)
-            head_bytes = await reader.readuntil(b"\r\n\r\n")
-            status = int(head_bytes[9:12])
-            length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head_bytes)
-            await reader.readexactly(int(length[1]) if length else 0)
-        except Exception:
-            errors += 1
-            writer.close()
+        for attempt in (1, 2):
+            conn = None
+            while idle and conn is None:  # uvicorn closes keep-alive connections idle for 5 s
+                reader, writer, used = idle.pop()
+                if time.perf_counter() - used < KEEPALIVE_SECONDS and not reader.at_eof():
+                    conn = (reader, writer)
+                else:
+                    writer.close()
+            fresh = conn is None
+            reader, writer = conn or await connect()
+            try:
+                status = await exchange(reader, writer, raw)
+            except Exception as exc:
+                writer.close()
+                if fresh or attempt == 2:
+                    outcomes[type(exc).__name__] += 1
+                    return
+                continue  # closed under us before it was read: once more on a new connection, as clients do
+            now = time.perf_counter()
+            idle.append((reader, writer, now))
+            outcomes[status] += 1
+            if status == 202:
+                accepted[event_id] = now
+                intended_at[event_id] = intended
+                ingest_ms.append((now - intended) * 1000)
             return
-        now = time.perf_counter()
-        idle.append(conn)
-        if status == 202:
-            accepted[event_id] = now
-            intended_at[event_id] = intended
-            ingest_ms.append((now - intended) * 1000)
-        else:
-            errors += 1
 
     count = int(rate * duration)
     ids = [f"{prefix}-{i:06d}-{secrets.token_hex(2)}" for i in range(count)]
@@ -596,7 +610,7 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
     if trace is not None:  # wall-clock times, to line up with timestamps in the databases
         offset = time.time() - time.perf_counter()
         trace.update({i: (accepted[i] + offset, arrivals.get(i, float("nan")) + offset) for i in accepted})
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     latencies = sorted((arrivals[i] - accepted[i]) * 1000 for i in accepted if i in arrivals)
     from_send = sorted((arrivals[i] - intended_at[i]) * 1000 for i in accepted if i in arrivals)
@@ -605,7 +619,8 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
         "offered": rate,
         "achieved": len(accepted) / sent_seconds,
         "accepted": len(accepted),
-        "errors": errors,
+        "errors": sum(n for outcome, n in outcomes.items() if outcome != 202),
+        "outcomes": dict(outcomes),
         "missing": len(set(accepted) - set(arrivals)),
         "connections": opened,
         "p50": pct(latencies, 50),
@@ -1035,7 +1050,13 @@ def report(args, facts, latency, low, tput, catchup, memory, costs, problems, st
         + f" = **{med([sum(p['federated']['cpu_busy'].values()) for p in latency]):.2f}**; during the local rounds "
         f"{med([sum(p['local']['cpu_busy'].values()) for p in latency]):.2f}. "
         f"Events that B showed before A's 202 reached the generator (negative latency, kept in the percentiles): "
-        f"{sum(p['federated']['negative'] for p in latency)}.",
+        f"{sum(p['federated']['negative'] for p in latency)}. Answers the generator got over all rounds: "
+        + "; ".join(
+            f"{kind} " + ", ".join(f"{outcome}: {n}" for outcome, n in sum(
+                (collections.Counter(p[kind]["outcomes"]) for p in latency), collections.Counter()).items())
+            for kind in ("federated", "local")
+        )
+        + ".",
         "",
         f"Federation adds {fed['p50'] - loc['p50']:.1f} ms at p50 and {fed['p99'] - loc['p99']:.1f} ms at p99 to "
         f"B's own ingest → listener path (ratio federated/local p50 {fed['p50'] / loc['p50']:.1f}×). "
