@@ -8,7 +8,6 @@ update under SKIP LOCKED, with a lease so a killed worker's entries come back.
 import json
 import logging
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +21,7 @@ from federation import backoff, client, metrics, routing, services
 from federation.models import Delivery, OutboxEntry, Peer
 from ingest import cloudevent
 from ingest.models import Event, Source
+from kite.models import Team
 
 log = logging.getLogger(__name__)
 CLAIM_UNBATCHED = 20
@@ -45,34 +45,20 @@ class Route:
     max_hops: int
 
 
-# Web processes each keep the routes they read; a change anywhere bumps a shared version in
-# Redis (after commit), which each process checks per event: one Redis GET instead of a query.
-ROUTES_VERSION_KEY = "kite:routes-version"
-ROUTES_MAX_AGE_SECONDS = 30.0  # a safety net only
-ROUTES_TTL_WITHOUT_VERSION = 1.0  # Redis unreachable: how long a change can go unseen here
-_routes: dict[str, tuple[int, float, list[Route]]] = {}
+# Each process keeps the routes it read per team, with the team's `routes_version` they were
+# read at. Any change to a team's peers bumps that version in the same transaction; webhooks
+# read it along with their source, so an event of a team without peers costs no query and
+# no round trip, and a change is seen by the next event in every process.
+_routes: dict[str, tuple[int, list[Route]]] = {}
 _routes_lock = threading.Lock()
 
 
-def _routes_version() -> int:
-    if not settings.REDIS_URL:
-        return 0  # one web process: forget_routes() alone keeps it exact
-    from kite.ratelimit import _redis
-
-    try:
-        return int(_redis().get(ROUTES_VERSION_KEY) or 0)
-    except Exception:
-        return -1
-
-
-def routes_for(team_id: str) -> list[Route]:
-    now, version = time.monotonic(), _routes_version()
+def routes_for(team_id: str, version: int | None = None) -> list[Route]:
+    if version is None:  # not read with a webhook's source: one indexed read
+        version = Team.objects.filter(pk=team_id).values_list("routes_version", flat=True).first() or 0
     cached = _routes.get(team_id)
-    if cached is not None:
-        cached_version, loaded_at, routes = cached
-        max_age = ROUTES_TTL_WITHOUT_VERSION if version < 0 else ROUTES_MAX_AGE_SECONDS
-        if cached_version == version and now - loaded_at < max_age:
-            return routes
+    if cached is not None and cached[0] == version:
+        return cached[1]
     peers = (
         Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER)
         .exclude(status=Peer.Status.REVOKED)
@@ -81,31 +67,27 @@ def routes_for(team_id: str) -> list[Route]:
     )
     routes = [Route(pk, name, remote, tuple(scopes or ()), hops) for pk, name, remote, scopes, hops in peers]
     with _routes_lock:
-        _routes[team_id] = (version, now, routes)
+        _routes[team_id] = (version, routes)
     return routes
 
 
 def forget_routes(team_id: str | None = None) -> None:
-    """A peer's routing fields changed: drop this process's copy now, every process's after commit."""
+    """A peer's routing fields changed: bump the team's routes version, in the caller's
+    transaction when there is one, so that every process reloads at its next event."""
     with _routes_lock:
         if team_id is None:
             _routes.clear()
         else:
             _routes.pop(team_id, None)
-    if settings.REDIS_URL:
-        transaction.on_commit(_bump_routes_version, robust=True)
-
-
-def _bump_routes_version() -> None:
-    from kite.ratelimit import _redis
-
-    _redis().incr(ROUTES_VERSION_KEY)
+    teams = Team.objects.all() if team_id is None else Team.objects.filter(pk=team_id)
+    teams.update(routes_version=F("routes_version") + 1)
 
 
 def route_event(event: Event, sender) -> None:
     if event.ce_type.startswith(routing.INTERNAL_PREFIX):
         return
-    routes = routes_for(event.team_id)
+    source = event.source if Event._meta.get_field("source").is_cached(event) else None
+    routes = routes_for(event.team_id, getattr(source, "team_routes_version", None))
     if not routes:
         return
     forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)

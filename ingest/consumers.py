@@ -22,6 +22,10 @@ from kite.errors import ApiError
 log = logging.getLogger(__name__)
 BATCH = 500
 IDLE_POLL_SECONDS = 5.0  # safety net if a notice is lost
+# A noticed event held back behind an older transaction: look again after 2, 4, 8 … 50 ms
+# (such transactions are usually a webhook's few milliseconds), then give up after 10 s.
+HELD_BACK_FIRST_POLL_SECONDS = 0.002
+HELD_BACK_MAX_POLL_SECONDS = 0.05
 HELD_BACK_GIVE_UP_SECONDS = 10.0
 
 
@@ -134,13 +138,13 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             await self.close(code=1011)
 
     async def _pump(self):
-        held_back_since = None
+        held_back_since, poll = None, HELD_BACK_FIRST_POLL_SECONDS
         while True:
-            timeout = IDLE_POLL_SECONDS if held_back_since is None else 0.05
+            timeout = IDLE_POLL_SECONDS if held_back_since is None else poll
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout)
             except TimeoutError:
-                if not await database_sync_to_async(_key_still_valid)(self.principal):
+                if held_back_since is None and not await database_sync_to_async(_key_still_valid)(self.principal):
                     return await self.close(code=4401)  # the key was revoked while streaming
             self.wake.clear()
             await self.drain()
@@ -148,11 +152,13 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             # older transaction still running; look again soon, then give up.
             behind = (self.cursor.txid, self.cursor.id) < (self.notified.txid, self.notified.id)
             if not behind:
-                held_back_since = None
+                held_back_since, poll = None, HELD_BACK_FIRST_POLL_SECONDS
             elif held_back_since is None:
                 held_back_since = asyncio.get_running_loop().time()
             elif asyncio.get_running_loop().time() - held_back_since > HELD_BACK_GIVE_UP_SECONDS:
                 self.notified, held_back_since = self.cursor, None
+            else:
+                poll = min(poll * 2, HELD_BACK_MAX_POLL_SECONDS)
 
     async def drain(self):
         while True:

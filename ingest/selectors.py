@@ -97,16 +97,24 @@ def sources_for_team(team_id: str):
 
 @functools.cache
 def _source_for_hook_sql() -> tuple[str, list[str]]:
+    from kite.models import Team
+
     qn = connection.ops.quote_name
+    source, team = qn(Source._meta.db_table), qn(Team._meta.db_table)
     fields = Source._meta.concrete_fields
-    columns = ", ".join(qn(field.column) for field in fields)
-    sql = f"SELECT {columns} FROM {qn(Source._meta.db_table)} WHERE {qn('team_id')} = %s AND {qn('name')} = %s"
+    columns = ", ".join(f"{source}.{qn(field.column)}" for field in fields)
+    sql = (
+        f"SELECT {columns}, {team}.{qn('routes_version')} AS team_routes_version FROM {source}"
+        f" JOIN {team} ON {team}.{qn('id')} = {source}.{qn('team_id')}"
+        f" WHERE {source}.{qn('team_id')} = %s AND {source}.{qn('name')} = %s"
+    )
     return sql, [field.attname for field in fields]
 
 
 def source_for_hook(team_id: str, name: str) -> Source | None:
     """The read every webhook makes ((team, name) is unique), as plain SQL: the ORM's query
-    compilation cost more CPU than the query itself (bench/RESULTS.md)."""
+    compilation cost more CPU than the query itself (bench/RESULTS.md). The source carries
+    its team's `routes_version` as `team_routes_version`, for the federation routing hook."""
     sql, attnames = _source_for_hook_sql()
     if connection.vendor != "postgresql":  # SQLite hands some columns back as text: let the ORM convert
         found = list(Source.objects.raw(sql, [team_id, name]))
@@ -114,4 +122,8 @@ def source_for_hook(team_id: str, name: str) -> Source | None:
     with connection.cursor() as cursor:
         cursor.execute(sql, [team_id, name])
         row = cursor.fetchone()
-    return None if row is None else Source.from_db(connection.alias, attnames, row)
+    if row is None:
+        return None
+    found = Source.from_db(connection.alias, attnames, row[:-1])
+    found.team_routes_version = row[-1]
+    return found

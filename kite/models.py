@@ -12,6 +12,10 @@ class Team(models.Model):
     id = models.CharField(primary_key=True, max_length=40, default=new_team_id, editable=False)
     name = models.CharField(max_length=100, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Bumped in the transaction that changes where the team's events go (its federation peers).
+    # Webhooks read it with their source, so each process's cached routes stay exact without
+    # a query or a round trip per event (federation.outbox.routes_for).
+    routes_version = models.BigIntegerField(default=0)
 
     def __str__(self):
         return self.name

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import requests
 
-from tests.e2e.harness import Database, Kite, RedisDatabase, wait_for
+from tests.e2e.harness import Database, Kite, RedisDatabase, open_write_transactions, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -68,6 +68,18 @@ class FedKite(Kite):
                 return found
             after = page["next"]
 
+    def state(self) -> str:
+        """What an operator would look at when events do not arrive: for the failure message."""
+        lines = [f"--- {self.instance_id}"]
+        for peer in self.api("GET", "/api/federation/peers").json().get("results", []):
+            depth = {status: len(self.outbox(peer["id"], status)) for status in ("pending", "in_flight", "dead")}
+            lines.append(f"peer {peer['name']}: status={peer.get('status')} paused={peer.get('paused')!r} "
+                         f"last_error={peer.get('last_error')!r} outbox={depth}")  # fmt: skip
+        lines.append(f"stored: {sorted(e['id'] for e in self.events())[-20:]}")
+        lines.append(f"open write transactions: {open_write_transactions()}")
+        lines.append(self.log_tail[-1500:])
+        return "\n".join(lines)
+
     def post_event(self, source: str, event_id: str, event_type: str = "com.stripe.charge.succeeded"):
         response = requests.post(
             f"{self.url}/hooks/{self.team_id()}/{source}", json={"id": event_id, "type": event_type},
@@ -108,20 +120,30 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The pair A, B that the shorter tests share (each uses event types only its own peer matches)."""
+    started = Cluster(tmp_path_factory)
+    yield started
+    started.close()
+
+
+@pytest.fixture
 def cluster(tmp_path_factory):
+    """Instances of one test only, stopped when it ends: a dozen idle instances heartbeating and
+    sweeping on two cores would slow every later test down."""
     started = Cluster(tmp_path_factory)
     yield started
     started.close()
 
 
 @pytest.fixture(scope="module")
-def a(cluster):
-    return cluster.start("a")
+def a(shared):
+    return shared.start("a")
 
 
 @pytest.fixture(scope="module")
-def b(cluster):
-    return cluster.start("b")
+def b(shared):
+    return shared.start("b")
 
 
 def federate(sender: FedKite, receiver: FedKite, name: str, **fields) -> dict:
@@ -275,7 +297,8 @@ def test_a_and_b_federating_both_ways_do_not_amplify(cluster):
         b.post_event("plain", event_id)
     everything = set(ids_a) | set(ids_b)
     for kite in (a, b):
-        wait_for(lambda kite=kite: everything <= {e["id"] for e in kite.events()}, 20, f"all events at {kite.instance_id}")
+        wait_for(lambda kite=kite: everything <= {e["id"] for e in kite.events()}, 20,
+                 lambda kite=kite: f"all events at {kite.instance_id}\n{a.state()}\n{b.state()}")  # fmt: skip
     time.sleep(2)  # anything that would bounce back has had time to
     for kite in (a, b):
         ids = [e["id"] for e in kite.events()]
@@ -291,7 +314,8 @@ def test_a_b_c_ring_does_not_amplify_and_hop_limit_emits_the_internal_event(clus
     for event_id in ids:
         a.post_event("plain", event_id)
     for kite in (a, b, c):
-        wait_for(lambda kite=kite: set(ids) <= {e["id"] for e in kite.events()}, 20, f"ring events at {kite.instance_id}")
+        wait_for(lambda kite=kite: set(ids) <= {e["id"] for e in kite.events()}, 20,
+                 lambda kite=kite: f"ring events at {kite.instance_id}\n" + "\n".join(k.state() for k in (a, b, c)))
     time.sleep(2)
     for kite in (a, b, c):
         stored = [e["id"] for e in kite.events()]

@@ -4,11 +4,15 @@ import json
 import time
 
 import pytest
+from django.db import connection
+from django.db.models import F
+from django.test.utils import CaptureQueriesContext
 from prometheus_client import REGISTRY
 
 from federation import services, signing
 from federation.models import OutboxEntry, Peer
-from ingest.models import Event
+from ingest.models import Event, Source
+from kite.models import Team
 from tests.factories import SOURCE_SECRET, SourceFactory
 from tests.signing import stripe_signature
 
@@ -242,8 +246,30 @@ def test_a_peer_change_made_by_another_process_is_seen_by_the_next_event(team):
 
     peer = _peer(team, scopes=["github.*"])
     assert [r.scopes for r in outbox.routes_for(team.id)] == [("github.*",)]
-    # Another web process changed the peer and, after its commit, bumped the shared version.
+    # Another web process changed the peer and, in the same transaction, bumped the team's version.
     Peer.objects.filter(pk=peer.pk).update(scopes=["stripe.*"])
     assert [r.scopes for r in outbox.routes_for(team.id)] == [("github.*",)]  # cached here
-    outbox._bump_routes_version()
+    Team.objects.filter(pk=team.id).update(routes_version=F("routes_version") + 1)
     assert [r.scopes for r in outbox.routes_for(team.id)] == [("stripe.*",)]
+
+
+def test_a_webhook_reads_the_routes_version_with_its_source_and_nothing_else(client, team):
+    """Routes cached in this process: the routing hook costs no query of its own; a peer
+    added later bumps the version, and the next webhook reloads and routes."""
+    Source.objects.create(team=team, name="plain", kind="none")
+
+    def post(event_id):
+        with CaptureQueriesContext(connection) as captured:
+            answer = client.post(f"/hooks/{team.id}/plain", data=json.dumps({"id": event_id, "type": "com.x.y"}),
+                                 content_type="application/json")  # fmt: skip
+        assert answer.status_code == 202, answer.content
+        return [q["sql"] for q in captured.captured_queries]
+
+    post("warm")  # loads this process's (empty) routes for the team
+    queries = post("quiet")
+    assert not [q for q in queries if "federation_peer" in q or "federation_outboxentry" in q], queries
+    assert sum("routes_version" in q for q in queries) == 1  # read with the source, once
+    peer = _peer(team, scopes=["x.*"])
+    queries = post("routed")
+    assert sum("federation_peer" in q for q in queries) == 1  # reloaded once
+    assert list(OutboxEntry.objects.filter(peer=peer).values_list("event__ce_id", flat=True)) == ["routed"]
