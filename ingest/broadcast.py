@@ -1,6 +1,6 @@
 """Tell listeners an event was stored, after commit, without blocking the request.
 
-Web requests run in a2wsgi's worker threads; listeners live on the ASGI
+Web requests run in the WSGI bridge's worker threads (kite.bridge); listeners live on the ASGI
 server's event loop. The notice is scheduled onto that loop (`kite.asgi`
 registers it), which is what makes the in-memory channel layer safe to use
 from threads. Processes without an ASGI loop (Celery workers, commands) use a

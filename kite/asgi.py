@@ -1,7 +1,8 @@
-"""One ASGI application: WebSockets → Channels, HTTP → Django's WSGI app via a2wsgi.
+"""One ASGI application: WebSockets → Channels, HTTP → Django's WSGI app via kite.bridge.
 
 Django's own ASGI handler measured ~5x slower for plain HTTP on this machine
-(DESIGN §1); a2wsgi runs the WSGI app in a thread pool on the same port.
+(DESIGN §1); the bridge runs the WSGI app in a thread pool on the same port, with
+one thread hop per request (a2wsgi, used before, took four: bench/RESULTS.md).
 """
 
 import asyncio
@@ -13,7 +14,6 @@ import django  # noqa: E402
 
 django.setup()
 
-from a2wsgi import WSGIMiddleware  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
@@ -21,10 +21,13 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 from ingest import broadcast  # noqa: E402
 from ingest.routing import websocket_urlpatterns  # noqa: E402
+from kite.bridge import WSGIBridge  # noqa: E402
 
 _router = ProtocolTypeRouter(
     {
-        "http": WSGIMiddleware(get_wsgi_application(), workers=settings.KITE_WSGI_THREADS),
+        "http": WSGIBridge(
+            get_wsgi_application(), threads=settings.KITE_WSGI_THREADS, max_body=settings.KITE_MAX_BODY_BYTES
+        ),
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -13,15 +13,15 @@ Patches (comma-separated):
   raw-route            the routing hook as one raw-SQL peer SELECT per event (the shape before
                        federation cached its routes; kept to reproduce the 18:45 A/B)
   no-health            CONN_HEALTH_CHECKS off (one `SELECT 1` less per request)
-  buffered             HTTP bridged with one thread hop per request instead of a2wsgi's four
+  a2wsgi               HTTP served through a2wsgi's WSGIMiddleware (four thread hops per request),
+                       as before kite.bridge; `buffered`, the experiment that became kite.bridge,
+                       is production now and so a no-op here
 
 Never used by production, by `runkite` or by the recorded bench/ingest.py runs.
 """
 
 import asyncio
-import contextvars
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kite.settings")
 import django  # noqa: E402
@@ -74,70 +74,14 @@ if "no-route" in PATCHES or "raw-route" in PATCHES:
 
         hooks.event_stored.append(_route)
 
-if "buffered" in PATCHES:
-    from a2wsgi.wsgi import Body, build_environ
+if "a2wsgi" in PATCHES:
+    from a2wsgi import WSGIMiddleware
     from channels.routing import ProtocolTypeRouter
     from django.core.wsgi import get_wsgi_application
 
-    class BufferedWSGI:
-        """WSGI under ASGI with one thread hop per request: the body (up to the size limit) is read on
-        the loop before the app runs; a non-streaming response is sent from the loop after it ran."""
-
-        def __init__(self, app, workers, max_body):
-            self.app = app
-            self.max_body = max_body
-            self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="WSGI")
-
-        async def __call__(self, scope, receive, send):
-            loop = asyncio.get_running_loop()
-            chunks, size, more = [], 0, True
-            while more and size <= self.max_body:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                more = message.get("more_body", False)
-            body = Body(loop, receive)
-            body.buffer.extend(b"".join(chunks))
-            body._has_more = more
-            environ = build_environ(scope, body)
-            status, headers, content, streamed = await loop.run_in_executor(
-                self.executor, contextvars.copy_context().run, self._run, environ, loop, send
-            )
-            if not streamed:
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": content})
-
-        def _run(self, environ, loop, send):
-            started = {}
-
-            def start_response(status, response_headers, exc_info=None):
-                started["status"] = int(status.split(" ", 1)[0])
-                started["headers"] = [
-                    (n.strip().encode("latin1").lower(), v.strip().encode("latin1")) for n, v in response_headers
-                ]
-                return lambda chunk: None  # Django never calls write()
-
-            iterable = self.app(environ, start_response)
-            try:
-                if not getattr(iterable, "streaming", False):
-                    return started["status"], started["headers"], b"".join(iterable), False
-
-                def hop(message):
-                    asyncio.run_coroutine_threadsafe(send(message), loop).result()
-
-                hop({"type": "http.response.start", "status": started["status"], "headers": started["headers"]})
-                for chunk in iterable:
-                    hop({"type": "http.response.body", "body": chunk, "more_body": True})
-                hop({"type": "http.response.body", "body": b""})
-                return None, None, None, True
-            finally:
-                getattr(iterable, "close", lambda: None)()
-
     kite.asgi._router = ProtocolTypeRouter(
         {
-            "http": BufferedWSGI(get_wsgi_application(), settings.KITE_WSGI_THREADS, settings.KITE_MAX_BODY_BYTES),
+            "http": WSGIMiddleware(get_wsgi_application(), workers=settings.KITE_WSGI_THREADS),
             "websocket": kite.asgi._router.application_mapping["websocket"],
         }
     )
