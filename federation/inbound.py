@@ -35,8 +35,10 @@ def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer
     peers = Peer.objects.exclude(status=Peer.Status.REVOKED).exclude(inbound_secret_encrypted="")
     if team_id is not None:
         peers = peers.filter(team_id=team_id)
-    named = list(peers.filter(Q(remote_instance_id=sender) | Q(remote_instance_id="", name=sender))) if sender else []
-    unnamed = [peer for peer in peers.filter(remote_instance_id="") if peer not in named]
+    found = list(peers.filter(Q(remote_instance_id=sender) | Q(remote_instance_id="")) if sender else
+                 peers.filter(remote_instance_id=""))  # one query for both lists  # fmt: skip
+    named = [p for p in found if sender and (p.remote_instance_id == sender or (not p.remote_instance_id and p.name == sender))]
+    unnamed = [p for p in found if not p.remote_instance_id and p not in named]
     return named, unnamed
 
 

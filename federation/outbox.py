@@ -5,15 +5,17 @@ the beat sweeper finds anything due every second; a claim is a conditional
 update under SKIP LOCKED, with a lease so a killed worker's entries come back.
 """
 
+import functools
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, Exists, F, OuterRef
 from django.utils import timezone
 
@@ -29,6 +31,7 @@ BATCH_CAP = 500
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 SINGLE_CONTENT_TYPE = "application/cloudevents+json"
 FAILED_TYPE = "kite.federation.delivery_failed"
+PEER_REREAD_SECONDS = 1.0
 
 
 # --- routing: runs inside the transaction that stores the event ---------------
@@ -194,11 +197,15 @@ def _lease_expired(now):
 
 
 def claim(peer_id: int, limit: int) -> list[OutboxEntry]:
-    """Lease up to `limit` due entries of one peer: expired leases first, then pending entries
-    in the order they fell due. Each part is read in the order of its index (outbox_leases,
-    outbox_due), so a claim costs the same with 100 or 100,000 entries waiting; one query over
-    both with ORDER BY id read and sorted the whole backlog on every claim (bench/RESULTS.md)."""
+    """Lease up to `limit` due entries of one peer, with their events: expired leases first,
+    then pending entries in the order they fell due. Each part is read in the order of its
+    index (outbox_leases, outbox_due), so a claim costs the same with 100 or 100,000 entries
+    waiting; one query over both with ORDER BY id read and sorted the whole backlog on every
+    claim (bench/RESULTS.md). On PostgreSQL it is one statement (SKIP LOCKED)."""
     now = timezone.now()
+    lease = now + timedelta(seconds=settings.KITE_OUTBOX_LEASE_SECONDS)
+    if settings.IS_POSTGRES:
+        return _claim_postgres(peer_id, limit, now, lease)
     with transaction.atomic():
         ids = []
         for due in (
@@ -207,29 +214,74 @@ def claim(peer_id: int, limit: int) -> list[OutboxEntry]:
         ):
             if len(ids) >= limit:
                 break
-            if settings.IS_POSTGRES:
-                due = due.select_for_update(skip_locked=True)
             ids += due.values_list("id", flat=True)[: limit - len(ids)]
         if not ids:
             return []
-        OutboxEntry.objects.filter(id__in=ids).update(status=OutboxEntry.Status.IN_FLIGHT, leased_until=now + timedelta(seconds=settings.KITE_OUTBOX_LEASE_SECONDS))
+        OutboxEntry.objects.filter(id__in=ids).update(status=OutboxEntry.Status.IN_FLIGHT, leased_until=lease)
     return list(OutboxEntry.objects.filter(id__in=ids).select_related("event").order_by("id"))
 
 
+@functools.cache
+def _claim_sql() -> tuple[str, list, list]:
+    entry_fields, event_fields = OutboxEntry._meta.concrete_fields, Event._meta.concrete_fields
+    columns = ", ".join([f'o."{f.column}"' for f in entry_fields] + [f'e."{f.column}"' for f in event_fields])
+    table = OutboxEntry._meta.db_table
+    sql = f"""
+        WITH expired AS (
+            SELECT id FROM {table} WHERE status = 'in_flight' AND leased_until < %(now)s AND peer_id = %(peer)s
+            ORDER BY leased_until LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+        ), due AS (
+            SELECT id FROM {table} WHERE peer_id = %(peer)s AND status = 'pending' AND next_attempt_at <= %(now)s
+            ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+        ), chosen AS (
+            (SELECT id FROM expired) UNION ALL (SELECT id FROM due) LIMIT %(limit)s
+        )
+        UPDATE {table} o SET status = 'in_flight', leased_until = %(lease)s
+        FROM {Event._meta.db_table} e
+        WHERE o.id IN (SELECT id FROM chosen) AND e.id = o.event_id
+        RETURNING {columns}"""
+    return sql, entry_fields, event_fields
+
+
+def _claim_postgres(peer_id: int, limit: int, now, lease) -> list[OutboxEntry]:
+    sql, entry_fields, event_fields = _claim_sql()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"now": now, "peer": peer_id, "limit": limit, "lease": lease})
+        rows = cursor.fetchall()
+    entries = []
+    for row in rows:
+        entry = _from_row(OutboxEntry, entry_fields, row[: len(entry_fields)])
+        entry.event = _from_row(Event, event_fields, row[len(entry_fields) :])
+        entries.append(entry)
+    return sorted(entries, key=lambda entry: entry.pk)
+
+
+def _from_row(model, fields, row):
+    """A model instance from a raw row, with the field conversions the ORM would apply (JSON)."""
+    values = [
+        field.from_db_value(value, None, connection) if hasattr(field, "from_db_value") else value
+        for field, value in zip(fields, row, strict=True)
+    ]
+    return model.from_db(connection.alias, [field.attname for field in fields], values)
+
+
 def deliver_peer(peer_id: int) -> int:
-    """Drain what is due for one peer; stop at the first failure. Returns entries delivered."""
+    """Drain what is due for one peer; stop at the first failure. Returns entries delivered.
+    The peer row is read again at most once a second while draining (an operator's pause or
+    new secret applies within a second), not before every claim."""
     clear_kick(peer_id)
-    delivered = 0
+    delivered, peer, read_at, target = 0, None, 0.0, None
     while True:
-        peer = Peer.objects.filter(pk=peer_id).first()
-        if peer is None or not peer.sends_to or peer.paused:
-            return delivered
+        if peer is None or time.monotonic() - read_at >= PEER_REREAD_SECONDS:
+            peer, read_at = Peer.objects.filter(pk=peer_id).first(), time.monotonic()
+            if peer is None or not peer.sends_to or peer.paused:
+                return delivered
+            target = target_for(peer)
         size = min(peer.batch_max or 1, BATCH_CAP)
         entries = claim(peer.pk, size if size > 1 else CLAIM_UNBATCHED)
         if not entries:
             return delivered
         groups = [entries] if size > 1 else [[entry] for entry in entries]
-        target = target_for(peer)
         for index, group in enumerate(groups):
             if not _pacing_allows(peer, len(group)):
                 release([e for g in groups[index:] for e in g], delay_seconds=1)
@@ -291,6 +343,16 @@ def send(peer: Peer, target: client.Target, group: list[OutboxEntry]) -> bool:
     return True
 
 
+_DELIVERED_SQL = """
+    WITH done AS (
+        UPDATE federation_outboxentry SET status = 'delivered', attempts = attempts + 1, leased_until = NULL,
+               last_error = '', delivered_at = %(now)s
+        WHERE id = ANY(%(ids)s) RETURNING id
+    )
+    INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
+    SELECT %(peer)s, id, %(now)s, %(status)s, 'delivered', %(latency)s, '' FROM done"""
+
+
 def _results(answer, group, batched) -> list[tuple[str, str]]:
     """(outcome, detail) per entry: delivered | dead."""
     if not batched:
@@ -312,11 +374,17 @@ def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAns
     results = _results(answer, group, batched)
     delivered = [entry.pk for entry, (outcome, _) in zip(group, results, strict=True) if outcome == "delivered"]
     with transaction.atomic():
-        # One UPDATE for the delivered entries of a batch, one per rejected entry (rare).
-        OutboxEntry.objects.filter(pk__in=delivered).update(
-            status=OutboxEntry.Status.DELIVERED, attempts=F("attempts") + 1, leased_until=None, last_error="",
-            delivered_at=now,
-        )  # fmt: skip
+        if settings.IS_POSTGRES:
+            # One statement for the delivered entries and their Delivery rows.
+            with connection.cursor() as cursor:
+                cursor.execute(_DELIVERED_SQL, {"now": now, "ids": delivered, "peer": peer.pk,
+                                                "status": answer.status_code, "latency": answer.latency_ms})  # fmt: skip
+        else:
+            OutboxEntry.objects.filter(pk__in=delivered).update(
+                status=OutboxEntry.Status.DELIVERED, attempts=F("attempts") + 1, leased_until=None, last_error="",
+                delivered_at=now,
+            )  # fmt: skip
+        # One UPDATE and Delivery row per rejected entry (rare).
         for entry, (outcome, detail) in zip(group, results, strict=True):
             if outcome != "delivered":
                 OutboxEntry.objects.filter(pk=entry.pk).update(
@@ -326,6 +394,7 @@ def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAns
             Delivery(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
                      outcome=outcome, latency_ms=answer.latency_ms, error=detail)
             for entry, (outcome, detail) in zip(group, results, strict=True)
+            if outcome != "delivered" or not settings.IS_POSTGRES
         )  # fmt: skip
         learned = answer.headers.get("kite-instance", "")[:63]
         updates = {"consecutive_failures": 0, "last_error": ""}

@@ -9,6 +9,7 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from unittest.mock import ANY
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
@@ -191,6 +192,25 @@ def test_an_expired_lease_is_claimed_again(team, peer, endpoint):
     assert outbox.claim(peer.pk, 10) == []  # leased: nobody else takes it
     OutboxEntry.objects.update(leased_until=timezone.now() - timedelta(seconds=1))  # the worker died
     assert outbox.deliver_peer(peer.pk) == 1 and _entry().status == "delivered"
+
+
+def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_event(team, peer):
+    for n in range(5):
+        _event(team, f"c{n}")
+    now = timezone.now()
+    OutboxEntry.objects.filter(event__ce_id__in=["c3", "c4"]).update(
+        status="in_flight", leased_until=now - timedelta(seconds=1))  # fmt: skip
+    OutboxEntry.objects.filter(event__ce_id="c0").update(next_attempt_at=now + timedelta(hours=1))  # not due
+    OutboxEntry.objects.filter(event__ce_id="c2").update(next_attempt_at=now - timedelta(minutes=1))
+    first = outbox.claim(peer.pk, 3)
+    # Expired leases (c3, c4), then the entry due first (c2); returned in id order.
+    assert [e.event.ce_id for e in first] == ["c2", "c3", "c4"]
+    assert all(e.status == "in_flight" and e.leased_until > now for e in OutboxEntry.objects.filter(pk__in=[e.pk for e in first]))
+    assert first[0].provenance == {"kitefedorigin": first[0].provenance["kitefedorigin"], "kitefedchain": ANY,
+                                   "kitefedhops": 1}  # fmt: skip
+    assert outbox.wire_event(first[0])["data"] == {"n": 1} and first[0].event.extensions == {}
+    assert [e.event.ce_id for e in outbox.claim(peer.pk, 10)] == ["c1"]
+    assert outbox.claim(peer.pk, 10) == []
 
 
 def test_batches_when_the_peer_advertises_batch_max(team, peer, endpoint):
