@@ -32,6 +32,7 @@ BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 SINGLE_CONTENT_TYPE = "application/cloudevents+json"
 FAILED_TYPE = "kite.federation.delivery_failed"
 PEER_REREAD_SECONDS = 1.0
+KICK_FLAG_SECONDS = 5  # a killed task's flag holds back kicks (and the sweeper's) this long at most
 
 
 # --- routing: runs inside the transaction that stores the event ---------------
@@ -165,14 +166,25 @@ def _kick_key(peer_id: int) -> str:
 
 
 def _first_kick(peer_id: int) -> bool:
-    """Coalesce kicks: one queued task per peer. The task clears the flag before it claims,
-    so an entry committed before a suppressed kick is always seen by that task's claim."""
+    """Coalesce kicks: while a task for the peer is queued or draining, the flag is set and a
+    kick queues nothing; the draining task picks the new entries up at its next claim."""
     from kite.ratelimit import _redis
 
     try:
-        return bool(_redis().set(_kick_key(peer_id), 1, nx=True, ex=5))
+        return bool(_redis().set(_kick_key(peer_id), 1, nx=True, ex=KICK_FLAG_SECONDS))
     except Exception:
         return True
+
+
+def _hold_kick(peer_id: int) -> None:
+    """A long drain keeps its flag alive (else a second task would start draining alongside)."""
+    if settings.REDIS_URL:
+        from kite.ratelimit import _redis
+
+        try:
+            _redis().set(_kick_key(peer_id), 1, ex=KICK_FLAG_SECONDS)
+        except Exception:
+            pass
 
 
 def clear_kick(peer_id: int) -> None:
@@ -267,27 +279,42 @@ def _from_row(model, fields, row):
 
 def deliver_peer(peer_id: int) -> int:
     """Drain what is due for one peer; stop at the first failure. Returns entries delivered.
-    The peer row is read again at most once a second while draining (an operator's pause or
-    new secret applies within a second), not before every claim."""
-    clear_kick(peer_id)
-    delivered, peer, read_at, target = 0, None, 0.0, None
+
+    The task holds the peer's kick flag while it drains, so events committed meanwhile queue
+    no further task: its next claim takes them (batched when the peer allows). When a claim
+    comes back empty it clears the flag and claims once more — an entry whose kick was
+    suppressed committed before that clear, so this last claim sees it. The peer row is read
+    again at most once a second (an operator's pause or new secret applies within a second)."""
+    delivered, peer, read_at, target, cleared = 0, None, 0.0, None, False
     while True:
         if peer is None or time.monotonic() - read_at >= PEER_REREAD_SECONDS:
             peer, read_at = Peer.objects.filter(pk=peer_id).first(), time.monotonic()
             if peer is None or not peer.sends_to or peer.paused:
+                clear_kick(peer_id)
                 return delivered
             target = target_for(peer)
+            if not cleared:
+                _hold_kick(peer_id)
         size = min(peer.batch_max or 1, BATCH_CAP)
         entries = claim(peer.pk, size if size > 1 else CLAIM_UNBATCHED)
         if not entries:
-            return delivered
+            if cleared:
+                return delivered
+            clear_kick(peer_id)
+            cleared = True
+            continue
+        if cleared:  # entries after all: hold the flag again (a task queued meanwhile finds little)
+            _hold_kick(peer_id)
+            cleared = False
         groups = [entries] if size > 1 else [[entry] for entry in entries]
         for index, group in enumerate(groups):
             if not _pacing_allows(peer, len(group)):
                 release([e for g in groups[index:] for e in g], delay_seconds=1)
+                clear_kick(peer_id)
                 return delivered
             if not send(peer, target, group):
                 release([e for g in groups[index + 1 :] for e in g])
+                clear_kick(peer_id)
                 return delivered
             delivered += len(group)
 

@@ -213,6 +213,28 @@ def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_
     assert outbox.claim(peer.pk, 10) == []
 
 
+def test_a_draining_task_holds_the_kick_flag_so_kicks_meanwhile_queue_nothing(team, peer, endpoint):
+    from kite.ratelimit import _redis
+
+    key = outbox._kick_key(peer.pk)
+    _redis().delete(key)
+    _event(team, "k0")
+    assert outbox._first_kick(peer.pk) is True  # k0's kick after commit: sets the flag, queues a task
+    _event(team, "k1")
+    assert outbox._first_kick(peer.pk) is False  # k1's: suppressed, left to that task
+    seen = []
+
+    def answer(body):
+        seen.append((_redis().exists(key), outbox._first_kick(peer.pk)))  # a kick mid-drain
+        return {"id": json.loads(body)["id"], "duplicate": False}
+
+    endpoint.default = (202, {}, answer)
+    assert outbox.deliver_peer(peer.pk) == 2
+    assert seen == [(1, False), (1, False)]  # held throughout: no second task queued
+    assert _redis().exists(key) == 0  # cleared at the end: the next event's kick queues a task
+    assert outbox._first_kick(peer.pk) is True
+
+
 def test_batches_when_the_peer_advertises_batch_max(team, peer, endpoint):
     Peer.objects.filter(pk=peer.pk).update(batch_max=50)
     for n in range(3):
