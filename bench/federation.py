@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import platform
 import re
@@ -656,6 +657,39 @@ def latency_round(bench: Bench, kind: str, rate: float, duration: float, tag: st
     return result
 
 
+def trace_report(bench: Bench, rate: float, duration: float) -> str:
+    """Where a federated event's latency goes, per stage, from the timestamps both databases keep
+    (diagnostic phase `trace`; not part of the report)."""
+    trace: dict = {}
+    tag = f"trace{int(rate)}"
+    result = latency_round(bench, "federated", rate, duration, tag, trace=trace)
+    a_rows = dict(((i, (r, d, at, ms)) for i, r, d, at, ms in bench.a.sql(
+        "SELECT e.ce_id, extract(epoch FROM e.received_at), extract(epoch FROM o.delivered_at),"
+        " extract(epoch FROM d.attempted_at), d.latency_ms FROM ingest_event e"
+        " JOIN federation_outboxentry o ON o.event_id = e.id LEFT JOIN federation_delivery d ON d.entry_id = o.id"
+        " WHERE e.ce_type = %s", (f"com.bench.lat.{tag}",))))  # fmt: skip
+    b_rows = dict(bench.b.sql("SELECT ce_id, extract(epoch FROM received_at) FROM ingest_event WHERE ce_type = %s",
+                              (f"com.bench.lat.{tag}",)))  # fmt: skip
+    stages = collections.defaultdict(list)
+    for event_id, (accepted, arrived) in trace.items():
+        if event_id not in a_rows or event_id not in b_rows:
+            continue
+        a_received, delivered, attempted, call_ms = (float(v) if v is not None else math.nan for v in a_rows[event_id])
+        b_received = float(b_rows[event_id])
+        stages["A received → A 202 at client"].append(accepted - a_received)
+        stages["A 202 → B received (queue, task, claim, send)"].append(b_received - accepted)
+        stages["B received → B listener"].append(arrived - b_received)
+        stages["B received → A records delivered"].append(delivered - b_received)
+        stages["HTTP call as A measured it"].append((call_ms or math.nan) / 1000)
+        stages["total (A 202 → B listener)"].append(arrived - accepted)
+    lines = [f"trace at {rate:g}/s: {len(stages['total (A 202 → B listener)'])} events, p50 {result['p50']:.1f} ms"]
+    for name, values in stages.items():
+        values = sorted(v * 1000 for v in values if not math.isnan(v))
+        lines.append(f"  {name:48s} p10 {pct(values, 10):7.1f}  p50 {pct(values, 50):7.1f}  p90 {pct(values, 90):7.1f}"
+                     f"  p99 {pct(values, 99):7.1f} ms")  # fmt: skip
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- 2. throughput
 
 
@@ -1252,6 +1286,9 @@ def main(argv=None) -> int:
                        for kind in ("federated", "local")}  # fmt: skip
                 log(f"latency at {args.low_rate:g}/s: federated p50 {low['federated']['p50']:.1f} p99 "
                     f"{low['federated']['p99']:.1f} ms, local p50 {low['local']['p50']:.1f} p99 {low['local']['p99']:.1f} ms")
+        if "trace" in phases:
+            for rate in (args.low_rate or 20, args.rate):
+                log(trace_report(bench, rate, args.baseline_duration))
         if "throughput" in phases:
             for i in range(args.tput_rounds):
                 pair = {}
