@@ -23,6 +23,7 @@ from federation import backoff, client, metrics, routing, services
 from federation.models import Delivery, OutboxEntry, Peer
 from ingest import cloudevent
 from ingest.models import Event, Source
+from kite import fastsql
 from kite.models import Team
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def route_event(event: Event, sender) -> None:
         if decision.reason == "max_hops":
             _emit_delivery_failed(event, route, forward)
     if entries:
-        OutboxEntry.objects.bulk_create(entries)
+        fastsql.insert(entries)
         for peer_id in {entry.peer_id for entry in entries}:
             transaction.on_commit(lambda peer_id=peer_id: kick(peer_id))
 

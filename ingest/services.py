@@ -12,7 +12,7 @@ from django.utils import timezone
 from ingest import broadcast, cloudevent, hooks, verifiers
 from ingest.errors import Code
 from ingest.models import Event, Source
-from kite import crypto, ratelimit
+from kite import crypto, fastsql, ratelimit
 from kite.errors import ApiError
 from kite.models import Team
 
@@ -118,7 +118,7 @@ def _new_event(source: Source, draft: cloudevent.Draft) -> Event:
 
 def _insert(event: Event, sender) -> None:
     """INSERT plus the stored-event hooks, in the caller's transaction; IntegrityError on a duplicate."""
-    event.save(force_insert=True)
+    fastsql.insert([event])
     for hook in hooks.event_stored:
         hook(event, sender)
     # robust: a failed notice is logged, never a 500 for an event that is already stored.
@@ -188,7 +188,7 @@ def _store_batch_at_once(source: Source, items: list, sender) -> list[BatchItem]
     fresh = [event for event in events.values() if (event.ce_source, event.ce_id) not in stored]
     try:
         with transaction.atomic():
-            Event.objects.bulk_create(fresh)  # sets id and txid from RETURNING
+            fastsql.insert(fresh)  # sets id and txid from RETURNING
             for event in fresh:
                 for hook in hooks.event_stored:
                     hook(event, sender)

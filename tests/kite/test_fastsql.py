@@ -1,0 +1,47 @@
+"""kite.fastsql writes the same rows the ORM would, and fails the same way."""
+
+import pytest
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from federation.models import OutboxEntry
+from ingest.models import Event, Source
+from kite import fastsql
+from tests.factories import TeamFactory
+
+
+def _event(source, ce_id, **fields):
+    return Event(team_id=source.team_id, source=source, ce_id=ce_id, ce_source="s", ce_type="t",
+                 ce_time=timezone.now(), data='{"a": [1, "é"]}', extensions={"x": {"y": 1}}, **fields)  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_rows_match_what_the_orm_writes_including_db_defaults():
+    team = TeamFactory()
+    source = Source.objects.create(team=team, name="s", kind="none")
+    by_orm = _event(source, "orm")
+    by_orm.save(force_insert=True)
+    fast = [_event(source, "f1"), _event(source, "f2", agent="bot")]
+    fastsql.insert(fast)
+    assert [e.pk for e in fast] == sorted(e.pk for e in fast) and fast[0].pk > by_orm.pk
+    by_orm.refresh_from_db()
+    assert fast[0].txid == fast[1].txid and fast[0].txid > 0  # the db_default, read back
+    for obj in fast:
+        stored = Event.objects.get(pk=obj.pk)
+        assert not obj._state.adding
+        for field in Event._meta.concrete_fields:
+            if field.attname not in ("id", "ce_id", "agent", "txid", "received_at", "ce_time"):
+                assert getattr(stored, field.attname) == getattr(by_orm, field.attname), field.name
+        assert stored.extensions == {"x": {"y": 1}} and stored.agent == obj.agent and stored.txid == obj.txid
+    entries = [OutboxEntry(team=team, peer_id=None, event=fast[0], provenance={"kitefedhops": 1})]
+    with pytest.raises(IntegrityError), transaction.atomic():
+        fastsql.insert(entries)  # peer is NOT NULL
+
+
+@pytest.mark.django_db
+def test_a_duplicate_raises_integrity_error_like_save():
+    source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
+    fastsql.insert([_event(source, "dup")])
+    with pytest.raises(IntegrityError), transaction.atomic():
+        fastsql.insert([_event(source, "dup")])
+    assert Event.objects.filter(ce_id="dup").count() == 1
