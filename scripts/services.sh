@@ -38,7 +38,8 @@ log_min_messages = warning
 CONF
   fi
   if ! as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" status >/dev/null 2>&1; then
-    as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg.log" -w -t 60 start >/dev/null
+    # KITE_PG_OPTIONS: extra server options, e.g. "-c track_commit_timestamp=on" (bench/federation.py)
+    as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg.log" -w -t 60 ${KITE_PG_OPTIONS:+-o "$KITE_PG_OPTIONS"} start >/dev/null
   fi
   echo "services: PostgreSQL on 127.0.0.1:$PG_PORT"
 }
