@@ -178,8 +178,9 @@ def _store_batch_at_once(source: Source, items: list, sender) -> list[BatchItem]
     keys = [(event.ce_source, event.ce_id) for event in events.values()]
     if len(set(keys)) != len(keys):
         return None  # the same event twice in one batch: one by one tells which copy is the duplicate
+    postgres = connection.vendor == "postgresql"
     stored = set()
-    if keys:
+    if keys and not postgres:
         stored = set(
             Event.objects.filter(
                 team_id=source.team_id, ce_source__in={k[0] for k in keys}, ce_id__in={k[1] for k in keys}
@@ -188,7 +189,11 @@ def _store_batch_at_once(source: Source, items: list, sender) -> list[BatchItem]
     fresh = [event for event in events.values() if (event.ce_source, event.ce_id) not in stored]
     try:
         with transaction.atomic():
-            fastsql.insert(fresh)  # sets id and txid from RETURNING
+            if postgres:  # one statement: what is stored already is skipped, the rest comes back
+                fresh = fastsql.insert(fresh, skip_conflicts_on=("team", "ce_source", "ce_id"))
+                stored = set(keys) - {(event.ce_source, event.ce_id) for event in fresh}
+            else:
+                fastsql.insert(fresh)  # sets id and txid from RETURNING
             for event in fresh:
                 for hook in hooks.event_stored:
                     hook(event, sender)

@@ -15,38 +15,54 @@ from django.db import connection
 
 
 @functools.cache
-def _insert_sql(model, rows: int) -> tuple[str, list, list]:
+def _insert_sql(model, rows: int, skip_conflicts_on: tuple[str, ...] = ()) -> tuple[str, list, list]:
     qn = connection.ops.quote_name
     meta = model._meta
     written = [f for f in meta.concrete_fields if not f.primary_key and not f.has_db_default()]
     returned = [meta.pk] + [f for f in meta.concrete_fields if f.has_db_default()]
+    returned += [meta.get_field(name) for name in skip_conflicts_on if meta.get_field(name) not in returned]
     one = "(" + ", ".join(["%s"] * len(written)) + ")"
+    conflict = ""
+    if skip_conflicts_on:
+        columns = ", ".join(qn(meta.get_field(name).column) for name in skip_conflicts_on)
+        conflict = f" ON CONFLICT ({columns}) DO NOTHING"
     sql = (
         f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in written)}) "
-        f"VALUES {', '.join([one] * rows)} RETURNING {', '.join(qn(f.column) for f in returned)}"
+        f"VALUES {', '.join([one] * rows)}{conflict} RETURNING {', '.join(qn(f.column) for f in returned)}"
     )
     return sql, written, returned
 
 
-def insert(objs: list) -> None:
-    """Insert unsaved instances of one model; sets their primary key and db_default fields.
-    Raises django.db.IntegrityError like save() on a constraint violation."""
+def insert(objs: list, *, skip_conflicts_on: tuple[str, ...] = ()) -> list:
+    """Insert unsaved instances of one model; sets their primary key and db_default fields and
+    returns the instances inserted. Raises django.db.IntegrityError like save() on a constraint
+    violation — except, with `skip_conflicts_on` (the fields of a unique constraint, unique
+    among `objs`; PostgreSQL only), a row whose key is already stored is skipped and left out
+    of the result (ON CONFLICT DO NOTHING: waits for a concurrent insert of the key, no error)."""
     if not objs:
-        return
+        return []
     model = type(objs[0])
     if connection.vendor != "postgresql":
+        if skip_conflicts_on:
+            raise NotImplementedError("skip_conflicts_on needs PostgreSQL")
         if len(objs) == 1:
             objs[0].save(force_insert=True)
         else:
             model.objects.bulk_create(objs)
-        return
-    sql, written, returned = _insert_sql(model, len(objs))
+        return objs
+    sql, written, returned = _insert_sql(model, len(objs), tuple(skip_conflicts_on))
     params = [field.get_db_prep_save(field.pre_save(obj, True), connection) for obj in objs for field in written]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
-    # RETURNING follows the VALUES order for a plain INSERT.
-    for obj, row in zip(objs, rows, strict=True):
+    if skip_conflicts_on:  # only inserted rows come back: match them by their key
+        by_key = {tuple(getattr(obj, model._meta.get_field(n).attname) for n in skip_conflicts_on): obj for obj in objs}
+        at = [returned.index(model._meta.get_field(n)) for n in skip_conflicts_on]
+        inserted = [by_key[tuple(row[i] for i in at)] for row in rows]
+    else:  # RETURNING follows the VALUES order for a plain INSERT (as Django's bulk_create assumes)
+        inserted = objs
+    for obj, row in zip(inserted, rows, strict=True):
         for field, value in zip(returned, row, strict=True):
             setattr(obj, field.attname, value)
         obj._state.adding, obj._state.db = False, connection.alias
+    return inserted

@@ -45,3 +45,14 @@ def test_a_duplicate_raises_integrity_error_like_save():
     with pytest.raises(IntegrityError), transaction.atomic():
         fastsql.insert([_event(source, "dup")])
     assert Event.objects.filter(ce_id="dup").count() == 1
+
+
+@pytest.mark.django_db
+def test_skipping_conflicts_returns_only_what_was_inserted():
+    source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
+    first = fastsql.insert([_event(source, "a")])[0]
+    batch = [_event(source, "b"), _event(source, "a"), _event(source, "c")]
+    inserted = fastsql.insert(batch, skip_conflicts_on=("team", "ce_source", "ce_id"))
+    assert [e.ce_id for e in inserted] == ["b", "c"] and all(e.pk and e.txid for e in inserted)
+    assert batch[1].pk is None and batch[1]._state.adding  # the stored copy was left alone
+    assert Event.objects.get(ce_id="a").pk == first.pk and Event.objects.count() == 3
