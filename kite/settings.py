@@ -165,6 +165,9 @@ elif _engine in ("django.db.backends.postgresql", "django.db.backends.postgresql
     DATABASES["default"]["ENGINE"] = "kite.postgres"  # Django's, with a cheaper health check
     DATABASES["default"]["CONN_MAX_AGE"] = _env("KITE_DB_CONN_MAX_AGE", env.int, 600)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Parameters bound by the server, and statements a connection runs often prepared once
+    # (psycopg's prepare_threshold): less parsing and planning per webhook (bench/RESULTS.md).
+    DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
 else:
     raise ImproperlyConfigured(f"DATABASE_URL must be a postgres:// or sqlite:// URL, got engine {_engine}")
 IS_POSTGRES = DATABASES["default"]["ENGINE"] == "kite.postgres"
