@@ -177,25 +177,29 @@ def _first_kick(peer_id: int) -> bool:
         return True
 
 
-def _hold_kick(peer_id: int) -> None:
+def _hold(key: str) -> None:
     """A long drain keeps its flag alive (else a second task would start draining alongside)."""
     if settings.REDIS_URL:
         from kite.ratelimit import _redis
 
         try:
-            _redis().set(_kick_key(peer_id), 1, ex=KICK_FLAG_SECONDS)
+            _redis().set(key, 1, ex=KICK_FLAG_SECONDS)
+        except Exception:
+            pass
+
+
+def _clear(key: str) -> None:
+    if settings.REDIS_URL:
+        from kite.ratelimit import _redis
+
+        try:
+            _redis().delete(key)
         except Exception:
             pass
 
 
 def clear_kick(peer_id: int) -> None:
-    if settings.REDIS_URL:
-        from kite.ratelimit import _redis
-
-        try:
-            _redis().delete(_kick_key(peer_id))
-        except Exception:
-            pass
+    _clear(_kick_key(peer_id))
 
 
 # --- claiming and delivering ---------------------------------------------------
@@ -278,46 +282,71 @@ def _from_row(model, fields, row):
     return model.from_db(connection.alias, [field.attname for field in fields], values)
 
 
-def deliver_peer(peer_id: int) -> int:
+def deliver_peer(peer_id: int, helper: bool = False) -> int:
     """Drain what is due for one peer; stop at the first failure. Returns entries delivered.
 
     The task holds the peer's kick flag while it drains, so events committed meanwhile queue
     no further task: its next claim takes them (batched when the peer allows). When a claim
     comes back empty it clears the flag and claims once more — an entry whose kick was
-    suppressed committed before that clear, so this last claim sees it. The peer row is read
-    again at most once a second (an operator's pause or new secret applies within a second)."""
+    suppressed committed before that clear, so this last claim sees it. A full claim means a
+    backlog: one helper task (`helper=True`, its own flag, no kick protocol) drains alongside
+    until a claim of its comes back empty; SKIP LOCKED keeps the two apart. The peer row is
+    read again at most once a second (an operator's pause or new secret applies within a second)."""
+    flag = _helper_key(peer_id) if helper else _kick_key(peer_id)
     delivered, peer, read_at, target, cleared = 0, None, 0.0, None, False
-    while True:
-        if peer is None or time.monotonic() - read_at >= PEER_REREAD_SECONDS:
-            peer, read_at = Peer.objects.filter(pk=peer_id).first(), time.monotonic()
-            if peer is None or not peer.sends_to or peer.paused:
-                clear_kick(peer_id)
-                return delivered
-            target = target_for(peer)
-            if not cleared:
-                _hold_kick(peer_id)
-        size = min(peer.batch_max or 1, BATCH_CAP)
-        entries = claim(peer.pk, size if size > 1 else CLAIM_UNBATCHED)
-        if not entries:
-            if cleared:
-                return delivered
-            clear_kick(peer_id)
-            cleared = True
-            continue
-        if cleared:  # entries after all: hold the flag again (a task queued meanwhile finds little)
-            _hold_kick(peer_id)
-            cleared = False
-        groups = [entries] if size > 1 else [[entry] for entry in entries]
-        for index, group in enumerate(groups):
-            if not _pacing_allows(peer, len(group)):
-                release([e for g in groups[index:] for e in g], delay_seconds=1)
-                clear_kick(peer_id)
-                return delivered
-            if not send(peer, target, group):
-                release([e for g in groups[index + 1 :] for e in g])
-                clear_kick(peer_id)
-                return delivered
-            delivered += len(group)
+    try:
+        while True:
+            if peer is None or time.monotonic() - read_at >= PEER_REREAD_SECONDS:
+                peer, read_at = Peer.objects.filter(pk=peer_id).first(), time.monotonic()
+                if peer is None or not peer.sends_to or peer.paused:
+                    return delivered
+                target = target_for(peer)
+                if not cleared:
+                    _hold(flag)
+            size = min(peer.batch_max or 1, BATCH_CAP)
+            limit = size if size > 1 else CLAIM_UNBATCHED
+            entries = claim(peer.pk, limit)
+            if not entries:
+                if cleared or helper:
+                    return delivered
+                _clear(flag)
+                cleared = True
+                continue
+            if cleared:  # entries after all: hold the flag again (a task queued meanwhile finds little)
+                _hold(flag)
+                cleared = False
+            if len(entries) == limit and not helper:
+                _call_helper(peer_id)
+            groups = [entries] if size > 1 else [[entry] for entry in entries]
+            for index, group in enumerate(groups):
+                if not _pacing_allows(peer, len(group)):
+                    release([e for g in groups[index:] for e in g], delay_seconds=1)
+                    return delivered
+                if not send(peer, target, group):
+                    release([e for g in groups[index + 1 :] for e in g])
+                    return delivered
+                delivered += len(group)
+    finally:
+        if not cleared:
+            _clear(flag)
+
+
+def _helper_key(peer_id: int) -> str:
+    return f"kite:kick-helper:{peer_id}"
+
+
+def _call_helper(peer_id: int) -> None:
+    from federation import tasks
+
+    if not settings.REDIS_URL:
+        return  # embedded: one worker process, nobody to help
+    from kite.ratelimit import _redis
+
+    try:
+        if _redis().set(_helper_key(peer_id), 1, nx=True, ex=KICK_FLAG_SECONDS):
+            tasks.deliver_peer.delay(peer_id, helper=True)
+    except Exception:
+        log.warning("could not queue a helper delivery for peer %s", peer_id, exc_info=True)
 
 
 def _pacing_allows(peer: Peer, count: int) -> bool:

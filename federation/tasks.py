@@ -4,8 +4,8 @@ from federation import heartbeat, outbox
 
 
 @shared_task(ignore_result=True)
-def deliver_peer(peer_id: int) -> int:
-    return outbox.deliver_peer(peer_id)
+def deliver_peer(peer_id: int, helper: bool = False) -> int:
+    return outbox.deliver_peer(peer_id, helper=helper)
 
 
 @shared_task(ignore_result=True)

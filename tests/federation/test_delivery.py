@@ -235,6 +235,27 @@ def test_a_draining_task_holds_the_kick_flag_so_kicks_meanwhile_queue_nothing(te
     assert outbox._first_kick(peer.pk) is True
 
 
+def test_a_backlog_calls_one_helper_that_drains_alongside(team, peer, endpoint, monkeypatch):
+    from federation import tasks
+    from kite.ratelimit import _redis
+
+    _redis().delete(outbox._helper_key(peer.pk), outbox._kick_key(peer.pk))
+    queued = []
+    monkeypatch.setattr(tasks.deliver_peer, "delay", lambda *args, **kwargs: queued.append((args, kwargs)))
+    for n in range(outbox.CLAIM_UNBATCHED + 5):
+        _event(team, f"h{n}")
+    # The helper, had it run first, drains like any task and leaves the kick flag alone.
+    _redis().set(outbox._kick_key(peer.pk), 1)
+    assert outbox.deliver_peer(peer.pk, helper=True) == outbox.CLAIM_UNBATCHED + 5
+    assert _redis().exists(outbox._kick_key(peer.pk)) == 1 and _redis().exists(outbox._helper_key(peer.pk)) == 0
+    assert queued == []  # a helper calls no helper
+    _redis().delete(outbox._kick_key(peer.pk))
+    for n in range(outbox.CLAIM_UNBATCHED + 5):
+        _event(team, f"m{n}")
+    assert outbox.deliver_peer(peer.pk) == outbox.CLAIM_UNBATCHED + 5
+    assert queued == [((peer.pk,), {"helper": True})]  # the first claim was full: one helper, once
+
+
 def test_batches_when_the_peer_advertises_batch_max(team, peer, endpoint):
     Peer.objects.filter(pk=peer.pk).update(batch_max=50)
     for n in range(3):
