@@ -1219,7 +1219,7 @@ def report(args, facts, latency, low, tput, catchup, memory, costs, problems, st
         ]
     if costs or memory:
         lines += [
-            "**5. The two changes made while benchmarking, each against the code it replaced, in this run**",
+            "**5. Changes made while benchmarking, each against the code it replaced, in this run**",
             "",
         ]
     if costs:
@@ -1227,7 +1227,7 @@ def report(args, facts, latency, low, tput, catchup, memory, costs, problems, st
         lines += [
             f"- B storing a 500-event batch (`ingest.services.events_store_batch`, in B's database, "
             "alternating, median of 6): a savepoint + INSERT per event (before; still the fallback) "
-            f"{old[0]:.0f} ms wall / {old[1]:.0f} ms Python CPU → one multi-row INSERT after one dedup query "
+            f"{old[0]:.0f} ms wall / {old[1]:.0f} ms Python CPU → one `INSERT … ON CONFLICT DO NOTHING RETURNING` "
             f"{new[0]:.0f} ms / {new[1]:.0f} ms ({old[0] / new[0]:.1f}× / {old[1] / new[1]:.1f}×).",
         ]
     if memory:
