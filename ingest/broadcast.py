@@ -10,9 +10,12 @@ private loop thread, and only when Redis carries the notice to the web process.
 import asyncio
 import logging
 import threading
+from datetime import UTC
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 log = logging.getLogger(__name__)
 _server_loop: asyncio.AbstractEventLoop | None = None
@@ -73,7 +76,25 @@ _pending: dict[tuple[asyncio.AbstractEventLoop, str], dict[tuple[str, str, str],
 _pending_lock = threading.Lock()
 
 
+def nobody_listening(event) -> bool:
+    """True when the team's `listening_until`, read with the webhook's source, has passed: no
+    listener connected in the last minute and a half anywhere, so there is nobody to notify (a
+    listener that connects now reads the store itself). Unknown (no source read): False."""
+    from ingest.models import Event
+
+    source = event.source if Event._meta.get_field("source").is_cached(event) else None
+    if source is None or not hasattr(source, "team_listening_until"):
+        return False
+    until = source.team_listening_until
+    if isinstance(until, str):  # SQLite hands the extra column back as text
+        until = parse_datetime(until)
+        until = until if until is None or timezone.is_aware(until) else timezone.make_aware(until, UTC)
+    return until is None or until < timezone.now()
+
+
 def event_stored(event) -> None:
+    if nobody_listening(event):
+        return
     loop = _target_loop()
     if loop is None:
         return

@@ -8,6 +8,7 @@ ordered stream without gaps or repeats, whatever the channel layer drops.
 import asyncio
 import json
 import logging
+from datetime import timedelta
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -22,6 +23,12 @@ from kite.errors import ApiError
 log = logging.getLogger(__name__)
 BATCH = 500
 IDLE_POLL_SECONDS = 5.0  # safety net if a notice is lost
+# While connected a listener keeps its team's `listening_until` ahead (webhooks skip the
+# broadcast when it has passed). A webhook that read the old value just before this listener
+# announced itself may commit just after its first read, unnoticed: look again shortly after.
+LISTENING_SECONDS = 90
+LISTENING_REFRESH_SECONDS = 30
+CATCH_UP_READS_AFTER = (0.25, 1.0, 3.0)
 # A noticed event held back behind an older transaction: look again after 2, 4, 8 … 50 ms
 # (such transactions are usually a webhook's few milliseconds), then give up after 10 s.
 HELD_BACK_FIRST_POLL_SECONDS = 0.002
@@ -49,6 +56,20 @@ def _filters(query: dict[str, list[str]], team_id: str) -> tuple[selectors.Event
     return selectors.EventFilter(source=one("source"), type_glob=one("type"), agent=one("agent")), after
 
 
+def keep_listening(team_id: str) -> None:
+    """Push the team's `listening_until` ahead; at most one write per team per refresh period."""
+    from django.db.models import Q
+    from django.utils import timezone
+
+    from kite.models import Team
+
+    now = timezone.now()
+    stale = now + timedelta(seconds=LISTENING_SECONDS - LISTENING_REFRESH_SECONDS)
+    Team.objects.filter(pk=team_id).filter(Q(listening_until__isnull=True) | Q(listening_until__lt=stale)).update(
+        listening_until=now + timedelta(seconds=LISTENING_SECONDS)
+    )
+
+
 def _key_still_valid(principal) -> bool:
     from kite.models import ApiKey
 
@@ -66,6 +87,7 @@ _read = database_sync_to_async(selectors.events_after)
 class EventStreamConsumer(AsyncWebsocketConsumer):
     principal = None
     pump_task = None
+    catch_up = ()
 
     async def connect(self):
         self.principal = await database_sync_to_async(_authenticate)(self.scope)
@@ -82,7 +104,10 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         self.wake = asyncio.Event()
         self.wake.set()  # replay first
         await self.channel_layer.group_add(self.group, self.channel_name)
+        await database_sync_to_async(keep_listening)(self.team_id)
         await self.accept()
+        loop = asyncio.get_running_loop()
+        self.catch_up = [loop.call_later(delay, self.wake.set) for delay in CATCH_UP_READS_AFTER]
         self.pump_task = asyncio.create_task(self.pump())
         await self.run_hooks(hooks.listener_connected)
 
@@ -90,6 +115,8 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         if self.pump_task is None:
             return
         self.pump_task.cancel()
+        for handle in self.catch_up:
+            handle.cancel()
         await self.channel_layer.group_discard(self.group, self.channel_name)
         await self.run_hooks(hooks.listener_disconnected)
 
@@ -139,6 +166,8 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
 
     async def _pump(self):
         held_back_since, poll = None, HELD_BACK_FIRST_POLL_SECONDS
+        loop = asyncio.get_running_loop()
+        announced = loop.time()
         while True:
             timeout = IDLE_POLL_SECONDS if held_back_since is None else poll
             try:
@@ -146,6 +175,9 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             except TimeoutError:
                 if held_back_since is None and not await database_sync_to_async(_key_still_valid)(self.principal):
                     return await self.close(code=4401)  # the key was revoked while streaming
+            if loop.time() - announced >= LISTENING_REFRESH_SECONDS:
+                announced = loop.time()
+                await database_sync_to_async(keep_listening)(self.team_id)
             self.wake.clear()
             await self.drain()
             # On PostgreSQL a noticed event can be invisible for a moment behind an

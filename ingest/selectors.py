@@ -112,7 +112,8 @@ def _source_for_hook_sql() -> tuple[str, list[str]]:
     fields = Source._meta.concrete_fields
     columns = ", ".join(f"{source}.{qn(field.column)}" for field in fields)
     sql = (
-        f"SELECT {columns}, {team}.{qn('routes_version')} AS team_routes_version FROM {source}"
+        f"SELECT {columns}, {team}.{qn('routes_version')} AS team_routes_version,"
+        f" {team}.{qn('listening_until')} AS team_listening_until FROM {source}"
         f" JOIN {team} ON {team}.{qn('id')} = {source}.{qn('team_id')}"
         f" WHERE {source}.{qn('team_id')} = %s AND {source}.{qn('name')} = %s"
     )
@@ -122,7 +123,8 @@ def _source_for_hook_sql() -> tuple[str, list[str]]:
 def source_for_hook(team_id: str, name: str) -> Source | None:
     """The read every webhook makes ((team, name) is unique), as plain SQL: the ORM's query
     compilation cost more CPU than the query itself (bench/RESULTS.md). The source carries
-    its team's `routes_version` as `team_routes_version`, for the federation routing hook."""
+    its team's `routes_version` and `listening_until` as `team_routes_version` (for the
+    federation routing hook) and `team_listening_until` (for the broadcast)."""
     sql, attnames = _source_for_hook_sql()
     if connection.vendor != "postgresql":  # SQLite hands some columns back as text: let the ORM convert
         found = list(Source.objects.raw(sql, [team_id, name]))
@@ -132,6 +134,6 @@ def source_for_hook(team_id: str, name: str) -> Source | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    found = Source.from_db(connection.alias, attnames, row[:-1])
-    found.team_routes_version = row[-1]
+    found = Source.from_db(connection.alias, attnames, row[:-2])
+    found.team_routes_version, found.team_listening_until = row[-2:]
     return found

@@ -16,6 +16,9 @@ class Team(models.Model):
     # Webhooks read it with their source, so each process's cached routes stay exact without
     # a query or a round trip per event (federation.outbox.routes_for).
     routes_version = models.BigIntegerField(default=0)
+    # Someone may be listening to the team's stream until then (WS listeners keep pushing it
+    # ahead while connected). Read with a webhook's source: no listener, no broadcast.
+    listening_until = models.DateTimeField(null=True, blank=True)
 
     def __str__(self):
         return self.name

@@ -391,3 +391,51 @@ async def test_revoking_the_key_closes_an_open_stream(team, monkeypatch):
         await sync_to_async(services.apikey_revoke)(api_key=issued.api_key)
         closed = await communicator.receive_output(timeout=RECEIVE_SECONDS)
         assert closed == {"type": "websocket.close", "code": 4401}
+
+
+# --- broadcasts only when someone listens ----------------------------------------
+
+
+@async_test
+async def test_no_broadcast_while_nobody_listens_yet_a_listener_gets_everything(team, api_key, shop, monkeypatch):
+    sent = []
+    layer = get_channel_layer()
+    real = layer.group_send
+
+    async def spy(group, message):
+        sent.append(group)
+        return await real(group, message)
+
+    monkeypatch.setattr(layer, "group_send", spy)
+    await post(team, shop, "unheard")  # nobody has listened to this team: no notice at all
+    await asyncio.sleep(0.2)
+    assert sent == []
+    async with listening(api_key, "?after=0") as listener:
+        assert ids(await receive_events(listener, 1)) == ["unheard"]  # read from the store
+        await post(team, shop, "heard")
+        assert ids(await receive_events(listener, 1)) == ["heard"]  # pushed: IDLE_POLL is out of reach
+    assert sent == [broadcast.group_for(team.id)]
+
+
+@async_test
+async def test_an_event_whose_webhook_missed_the_new_listener_is_read_shortly_after(team, api_key, shop, monkeypatch):
+    """A webhook read `listening_until` just before the listener announced itself, so it sends
+    no notice, and commits just after the listener's first read: a catch-up read finds it."""
+    from ingest import selectors, services as ingest_services
+    from ingest.cloudevent import Draft
+    from django.utils import timezone
+
+    monkeypatch.setattr(consumers, "CATCH_UP_READS_AFTER", (2.0,))
+    async with listening(api_key) as listener:
+        await post(team, shop, "marker")  # announced: pushed, and read after this listener's first read
+        assert ids(await receive_events(listener, 1)) == ["marker"]
+        await asyncio.sleep(0.5)  # the marker's own notice may come after a read that sent it: let it pass
+        @sync_to_async
+        def store_unannounced():
+            source = selectors.source_for_hook(team.id, shop)
+            source.team_listening_until = None  # what it read before the listener connected
+            ingest_services.event_store(source=source, draft=Draft(id="missed", type="com.example.thing",
+                                                                   time=timezone.now(), data_json="{}"))  # fmt: skip
+
+        await store_unannounced()
+        assert ids(await receive_events(listener, 1)) == ["missed"]
