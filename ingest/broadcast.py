@@ -86,9 +86,10 @@ def nobody_listening(event) -> bool:
     if source is None or not hasattr(source, "team_listening_until"):
         return False
     until = source.team_listening_until
-    if isinstance(until, str):  # SQLite hands the extra column back as text
+    if isinstance(until, str):  # SQLite may hand the extra column back as text…
         until = parse_datetime(until)
-        until = until if until is None or timezone.is_aware(until) else timezone.make_aware(until, UTC)
+    if until is not None and timezone.is_naive(until):  # …or as a naive UTC datetime
+        until = timezone.make_aware(until, UTC)
     return until is None or until < timezone.now()
 
 
