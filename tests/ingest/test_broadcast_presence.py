@@ -21,11 +21,11 @@ def _event(until="absent"):
     [
         ("absent", False),  # not read with a webhook's source: send, to be safe
         (None, True),  # nobody ever listened
-        (timezone.now() + timedelta(seconds=60), False),  # PostgreSQL: aware
+        (timezone.now() + timedelta(hours=6), False),  # PostgreSQL: aware
         (timezone.now() - timedelta(seconds=1), True),
-        (datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=60), False),  # SQLite: naive UTC
+        (datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=6), False),  # SQLite: naive UTC
         (datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=60), True),
-        ((datetime.now(UTC) + timedelta(seconds=60)).strftime("%Y-%m-%d %H:%M:%S.%f"), False),  # text
+        ((datetime.now(UTC) + timedelta(hours=6)).strftime("%Y-%m-%d %H:%M:%S.%f"), False),  # text
     ],
 )
 def test_nobody_listening(until, skipped):
