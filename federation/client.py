@@ -54,15 +54,19 @@ def check_url(url: str, *, resolve: bool = True) -> str:
     return url
 
 
-class _PinnedAdapter(HTTPAdapter):
-    """Verify the server by its certificate's SHA-256 instead of a CA (self-signed peers)."""
+class _PeerAdapter(HTTPAdapter):
+    """Verify the server by its certificate's SHA-256 instead of a CA (self-signed peers), and/or
+    present our identity certificate as the TLS client certificate (an SSLContext holding it)."""
 
-    def __init__(self, fingerprint_hex: str, **kwargs):
-        self.fingerprint_hex = fingerprint_hex
+    def __init__(self, fingerprint_hex: str = "", ssl_context=None, **kwargs):
+        self.fingerprint_hex, self.ssl_context = fingerprint_hex, ssl_context
         super().__init__(**kwargs)
 
     def init_poolmanager(self, *args, **kwargs):
-        kwargs["assert_fingerprint"] = self.fingerprint_hex
+        if self.fingerprint_hex:
+            kwargs["assert_fingerprint"] = self.fingerprint_hex
+        if self.ssl_context is not None:
+            kwargs["ssl_context"] = self.ssl_context
         super().init_poolmanager(*args, **kwargs)
 
 
@@ -83,8 +87,8 @@ _sessions: dict[tuple, requests.Session] = {}
 _sessions_lock = threading.Lock()
 
 
-def _session(tls_fingerprint: str, client_cert: tuple[str, str] | None) -> requests.Session:
-    key = (tls_fingerprint, client_cert, threading.get_ident())
+def _session(tls_fingerprint: str, signer=None) -> requests.Session:
+    key = (tls_fingerprint, signer.thumbprint if signer else "", threading.get_ident())
     with _sessions_lock:
         session = _sessions.get(key)
         if session is None:
@@ -93,12 +97,13 @@ def _session(tls_fingerprint: str, client_cert: tuple[str, str] | None) -> reque
             # silently override verify=False below and break pinned peers.
             session.trust_env = False
             if tls_fingerprint:
-                session.mount("https://", _PinnedAdapter(tls_fingerprint.removeprefix("sha256:")))
+                context = signer.pinned_context if signer else None
+                session.mount("https://", _PeerAdapter(tls_fingerprint.removeprefix("sha256:"), context))
                 session.verify = False  # the pin above replaces CA verification, and is stricter
             else:
+                if signer:
+                    session.mount("https://", _PeerAdapter("", signer.ca_context))
                 session.verify = SYSTEM_CAS
-            if client_cert:
-                session.cert = client_cert
             _sessions[key] = session
     return session
 
@@ -135,9 +140,7 @@ class Target:
     secret: str
     sender_id: str
     tls_fingerprint: str = ""
-    client_cert: tuple[str, str] | None = None
-    ed25519_sign: object = None
-    key_thumbprint: str = ""
+    signer: object = None  # federation.certificates.Signer: v1a signature + TLS client certificate
 
 
 def call(target: Target, method: str, body: bytes = b"", *, content_type: str = "application/json",
@@ -150,14 +153,14 @@ def call(target: Target, method: str, body: bytes = b"", *, content_type: str = 
         timestamp=int(time.time()),
         body=body,
         sender_id=target.sender_id,
-        ed25519_sign=target.ed25519_sign,
-        key_thumbprint=target.key_thumbprint or None,
+        ed25519_sign=target.signer.sign if target.signer else None,
+        key_thumbprint=target.signer.thumbprint if target.signer else None,
     )
     if body:
         headers["content-type"] = content_type
     started = time.perf_counter()
     try:
-        response = _session(target.tls_fingerprint, target.client_cert).request(
+        response = _session(target.tls_fingerprint, target.signer).request(
             method, target.url, data=body or None, headers=headers,
             timeout=timeout or (CONNECT_TIMEOUT, READ_TIMEOUT), allow_redirects=False,
         )  # fmt: skip

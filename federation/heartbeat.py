@@ -67,7 +67,8 @@ def ping(peer: Peer) -> PingResult:
         return PingResult(False, failure.status_code, None, _factors_for_failure(failure), failure.detail)
     metrics.CALLS.labels(peer.name, "outbound", "ping_ok").inc()
     body = answer.body if isinstance(answer.body, dict) else {}
-    factors = {"tls": "ok", "certificate": "not_configured", "secret": "ok", "clock": _clock(body, started)}
+    factors = {"tls": "ok", "certificate": "ok" if target.signer else "not_configured", "secret": "ok",
+               "clock": _clock(body, started)}  # fmt: skip
     return PingResult(True, answer.status_code, answer.latency_ms, factors, "", body)
 
 

@@ -6,6 +6,7 @@ secrets in constant time; its instance ID is learned on first success. A
 refusal names the factor that failed.
 """
 
+import functools
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,9 +65,36 @@ def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, n
         if named:
             raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r}.")
         raise Refusal(Code.UNKNOWN_PEER, "No peer or trusted sender known here signed this request.")
+    if matched.certificate_thumbprint:
+        _check_certificate(matched, request, body)
     _check_rate(matched)
     _note_contact(matched, request.sender)
     return matched
+
+
+def _check_certificate(peer: Peer, request, body: bytes) -> None:
+    """A peer with a pinned certificate must also sign `v1a` with it (DESIGN §3)."""
+    if not request.ed25519_entries:
+        raise Refusal(
+            Code.MISSING_CERTIFICATE,
+            f"{peer.name!r} has a pinned certificate ({peer.certificate_thumbprint[:19]}…) but the request has no "
+            "v1a signature: the sender has no valid identity certificate.",
+        )
+    if request.key_thumbprint and request.key_thumbprint != peer.certificate_thumbprint:
+        raise Refusal(
+            Code.BAD_CERTIFICATE,
+            f"Signed with certificate {request.key_thumbprint[:19]}…, but {peer.name!r} is pinned to "
+            f"{peer.certificate_thumbprint[:19]}…: paste the sender's current certificate.",
+        )
+    if not signing.ed25519_matches(_verifier(peer.certificate_pem), request, body):
+        raise Refusal(Code.BAD_CERTIFICATE, f"The v1a signature does not verify with {peer.name!r}'s pinned certificate.")
+
+
+@functools.lru_cache(maxsize=256)
+def _verifier(pem: str):
+    from federation import certificates
+
+    return certificates.verifier_for(pem)
 
 
 def _check_rate(peer: Peer) -> None:

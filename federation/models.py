@@ -21,6 +21,22 @@ class FederationToken(models.Model):
         return f"{self.label} ({self.fingerprint})"
 
 
+class IdentityCertificate(models.Model):
+    """This instance's identity towards peers (DESIGN §3): Ed25519 key, encrypted at rest."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="identity_certificates")
+    subject = models.CharField(max_length=200)
+    thumbprint = models.CharField(max_length=71, unique=True)
+    pem = models.TextField()
+    private_key_encrypted = models.TextField(help_text="MultiFernet token; never shown")
+    not_before = models.DateTimeField()
+    not_after = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return f"{self.subject} ({self.thumbprint[:19]}…)"
+
+
 class Peer(models.Model):
     """Another Kite instance: where we send (peer) and/or whom we accept from."""
 
@@ -56,6 +72,8 @@ class Peer(models.Model):
     max_hops = models.PositiveSmallIntegerField(default=DEFAULT_MAX_HOPS)
     rate_limit_per_second = models.PositiveIntegerField(null=True, blank=True)
     tls_fingerprint = models.CharField(max_length=71, blank=True)
+    certificate_pem = models.TextField(blank=True, help_text="The peer's identity certificate, pinned")
+    certificate_thumbprint = models.CharField(max_length=71, blank=True)
     batch_max = models.PositiveIntegerField(null=True, blank=True, help_text="Learned from the peer's ping")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACCEPTED)
     paused = models.CharField(max_length=12, choices=Pause.choices, default=Pause.NONE, blank=True)

@@ -368,11 +368,14 @@ def release(entries: list[OutboxEntry], delay_seconds: float = 0) -> None:
 
 
 def target_for(peer: Peer) -> client.Target:
+    from federation import certificates
+
     return client.Target(
         url=peer.peer_hook_url,
         secret=services.secret_of(peer, "outbound"),
         sender_id=settings.KITE_INSTANCE_ID,
         tls_fingerprint=peer.tls_fingerprint,
+        signer=certificates.signer_for(peer.team_id),
     )
 
 

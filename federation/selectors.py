@@ -1,7 +1,8 @@
 from django.conf import settings
 from django.db.models import Count
+from django.utils import timezone
 
-from federation.models import Delivery, FederationToken, OutboxEntry, Peer
+from federation.models import Delivery, FederationToken, IdentityCertificate, OutboxEntry, Peer
 from kite import tls
 
 PAGE = 200
@@ -60,5 +61,9 @@ def identity(team) -> dict:
         "team_id": team.id,
         "hook_url": f"{settings.KITE_PUBLIC_URL}/hooks/{team.id}/kite",
         "tls_fingerprint": server_tls_fingerprint(),
-        "certificates": [],
+        "certificates": [
+            {"id": row.pk, "thumbprint": row.thumbprint, "pem": row.pem, "not_after": row.not_after}
+            for row in IdentityCertificate.objects.filter(team_id=team.id, not_after__gt=timezone.now())
+            .order_by("-created_at", "-id")
+        ],
     }

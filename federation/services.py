@@ -19,7 +19,8 @@ PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TLS_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 MIN_SECRET_LENGTH = 16
 MAX_SCOPES = 50
-PEER_FIELDS = {"name", "peer_hook_url", "scopes", "max_hops", "rate_limit_per_second", "tls_fingerprint"}
+PEER_FIELDS = {"name", "peer_hook_url", "scopes", "max_hops", "rate_limit_per_second", "tls_fingerprint",
+               "certificate_pem"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,10 @@ def _save_new(peer: Peer) -> None:
 def peer_create(
     *, team: Team, name: str, peer_hook_url: str, outbound_token: str | None = None,
     inbound_token: str | None = None, scopes: list | None = None, max_hops: int = DEFAULT_MAX_HOPS,
-    rate_limit_per_second: int | None = None, tls_fingerprint: str = "",
+    rate_limit_per_second: int | None = None, tls_fingerprint: str = "", certificate_pem: str = "",
 ) -> Issued:  # fmt: skip
-    """A peer configured by hand. Secrets left out are generated and returned once."""
+    """A peer configured by hand. Secrets left out are generated and returned once; a pasted
+    certificate of the other side is pinned (its requests must then carry both factors)."""
     peer = Peer(
         team=team,
         name=_check_name(name),
@@ -107,6 +109,7 @@ def peer_create(
         tls_fingerprint=_check_tls_fingerprint(tls_fingerprint),
         status=Peer.Status.ACCEPTED,
     )
+    _pin_certificate(peer, certificate_pem)
     generated = {}
     for direction, given in (("outbound", outbound_token), ("inbound", inbound_token)):
         secret = _check_secret(given, f"{direction}_token") if given else crypto.new_webhook_secret()
@@ -117,9 +120,17 @@ def peer_create(
     return Issued(peer, generated)
 
 
-def trusted_sender_create(*, team: Team, name: str, inbound_token: str | None = None) -> Issued:
-    """A peer that only sends to us: we check its requests with `inbound_token`."""
+def _pin_certificate(peer: Peer, pem: str) -> None:
+    from federation import certificates
+
+    peer.certificate_pem, peer.certificate_thumbprint = certificates.parse_peer_pem(pem) if pem.strip() else ("", "")
+
+
+def trusted_sender_create(*, team: Team, name: str, inbound_token: str | None = None, certificate_pem: str = "") -> Issued:
+    """A peer that only sends to us: we check its requests with `inbound_token` (and, pasted,
+    its certificate)."""
     peer = Peer(team=team, name=_check_name(name), role=Peer.Role.SENDER, status=Peer.Status.ACCEPTED)
+    _pin_certificate(peer, certificate_pem)
     secret = _check_secret(inbound_token, "inbound_token") if inbound_token else crypto.new_webhook_secret()
     _set_secret(peer, "inbound", secret)
     _save_new(peer)
@@ -138,12 +149,15 @@ def peer_update(*, peer: Peer, **changes) -> Peer:
         peer.scopes = _check_scopes(changes["scopes"])
     if "tls_fingerprint" in changes:
         peer.tls_fingerprint = _check_tls_fingerprint(changes["tls_fingerprint"])
+    if "certificate_pem" in changes:
+        _pin_certificate(peer, changes["certificate_pem"])
     for field in ("max_hops", "rate_limit_per_second"):
         if field in changes:
             setattr(peer, field, changes[field])
     if "outbound_token" in changes:
         _set_secret(peer, "outbound", _check_secret(changes["outbound_token"], "outbound_token"))
-    if peer.paused == Peer.Pause.AUTH_FAILED and {"outbound_token", "peer_hook_url", "tls_fingerprint"} & set(changes):
+    if peer.paused == Peer.Pause.AUTH_FAILED and {"outbound_token", "peer_hook_url", "tls_fingerprint",
+                                                  "certificate_pem"} & set(changes):  # fmt: skip
         peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0  # the operator fixed something: try again
     try:
         with transaction.atomic():

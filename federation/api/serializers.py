@@ -2,7 +2,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from federation import reachability
-from federation.models import Delivery, FederationToken, OutboxEntry, Peer
+from federation.models import Delivery, FederationToken, IdentityCertificate, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
 
 
@@ -25,6 +25,8 @@ class PeerCreateSerializer(serializers.Serializer):
     max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32, default=DEFAULT_MAX_HOPS)
     rate_limit_per_second = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100_000)
     tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71, default="")
+    certificate_pem = serializers.CharField(required=False, allow_blank=True, max_length=16_384, default="",
+                                            trim_whitespace=False)  # fmt: skip
 
 
 class PeerUpdateSerializer(serializers.Serializer):
@@ -35,11 +37,25 @@ class PeerUpdateSerializer(serializers.Serializer):
     max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
     rate_limit_per_second = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100_000)
     tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71)
+    certificate_pem = serializers.CharField(required=False, allow_blank=True, max_length=16_384, trim_whitespace=False)
 
 
 class TrustedSenderCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63)
     inbound_token = serializers.CharField(required=False, max_length=500)
+    certificate_pem = serializers.CharField(required=False, allow_blank=True, max_length=16_384, default="",
+                                            trim_whitespace=False)  # fmt: skip
+
+
+class CertificateCreateSerializer(serializers.Serializer):
+    subject = serializers.CharField(max_length=200)
+    validity_days = serializers.IntegerField(required=False, min_value=1, max_value=825, default=90)
+
+
+class CertificateSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = IdentityCertificate
+        fields = ["id", "subject", "thumbprint", "pem", "not_before", "not_after", "created_at"]
 
 
 class PeerSerializer(serializers.ModelSerializer):
@@ -50,7 +66,7 @@ class PeerSerializer(serializers.ModelSerializer):
         model = Peer
         fields = [
             "id", "name", "role", "status", "reachability", "paused", "peer_hook_url", "scopes", "max_hops",
-            "rate_limit_per_second", "tls_fingerprint", "remote_instance_id", "outbound_fingerprint",
+            "rate_limit_per_second", "tls_fingerprint", "certificate_thumbprint", "remote_instance_id", "outbound_fingerprint",
             "inbound_fingerprint", "batch_max", "consecutive_failures", "last_error", "last_heartbeat_at",
             "last_success_at", "last_latency_ms", "last_inbound_at", "outbox", "created_at",
         ]  # fmt: skip

@@ -8,9 +8,12 @@ urlpatterns = [
     path("tokens/<int:token_id>", views.TokenDetail.as_view()),
     path("peers", views.PeerListCreate.as_view()),
     path("peers/<int:peer_id>", views.PeerDetail.as_view()),
+    path("peers/<int:peer_id>/ping", views.PeerPing.as_view()),
     path("peers/<int:peer_id>/outbox", views.PeerOutbox.as_view()),
     path("peers/<int:peer_id>/replay-dead", views.PeerReplayDead.as_view()),
     path("peers/<int:peer_id>/deliveries", views.PeerDeliveries.as_view()),
+    path("certificates", views.CertificateListCreate.as_view()),
+    path("certificates/<int:certificate_id>", views.CertificateDetail.as_view()),
     path("trusted-senders", views.TrustedSenderListCreate.as_view()),
     path("trusted-senders/<int:sender_id>", views.TrustedSenderDetail.as_view()),
     # Peer-facing, signed (DESIGN §3):

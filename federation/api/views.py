@@ -3,9 +3,10 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from federation import outbox, selectors, services
+from federation import certificates, outbox, selectors, services
 from federation.api import serializers as s
 from federation.errors import Code
+from federation.models import IdentityCertificate
 from kite.errors import ApiError
 
 
@@ -76,6 +77,18 @@ class PeerDetail(APIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+class PeerPing(APIView):
+    """Ping the peer now (signed GET of its /api/federation/ping) and say which factor failed."""
+
+    def post(self, request, peer_id):
+        from federation import heartbeat
+
+        peer = _peer(request, peer_id)
+        if not peer.sends_to:
+            raise ApiError("This peer has no URL to ping (a trusted sender, or revoked).", Code.INVALID)
+        return Response(heartbeat.heartbeat(peer).as_dict())
+
+
 class PeerOutbox(APIView):
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
@@ -118,3 +131,23 @@ class TrustedSenderDetail(APIView):
 
 
 
+
+
+class CertificateListCreate(APIView):
+    def get(self, request):
+        rows = IdentityCertificate.objects.filter(team_id=request.user.team.id).order_by("-created_at", "-id")
+        return Response({"results": s.CertificateSerializer(rows, many=True).data})
+
+    def post(self, request):
+        row = certificates.issue(team=request.user.team, **_valid(s.CertificateCreateSerializer, request.data))
+        return Response(s.CertificateSerializer(row).data, status=status.HTTP_201_CREATED)
+
+
+class CertificateDetail(APIView):
+    def delete(self, request, certificate_id):
+        row = IdentityCertificate.objects.filter(team_id=request.user.team.id, pk=certificate_id).first()
+        if row is None:
+            raise ApiError("No such certificate in your team.", Code.NOT_FOUND, status=404)
+        row.delete()
+        certificates.forget(certificate_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -381,3 +381,30 @@ def test_teams_stay_apart_across_instances(a, b):
     assert seen_by_other == []
     # A's sender credentials are the default team's: the other team's kite hook refuses them.
     assert b.api("GET", "/api/federation/trusted-senders", api_key=other_key).json()["results"] == []
+
+
+def test_identity_certificates_pinned_on_both_sides_and_a_missing_one_is_named(cluster):
+    """Issue 4: both factors between real instances; Ping names the certificate factor."""
+    a, b = cluster.start("cert-a"), cluster.start("cert-b")
+    cert_a = a.api("POST", "/api/federation/certificates", json={"subject": "kite a"}).json()
+    cert_b = b.api("POST", "/api/federation/certificates", json={"subject": "kite b"}).json()
+    token = b.token("from-a")
+    peer = a.add_peer(b, "b", outbound_token=token, scopes=["stripe.*"], certificate_pem=cert_b["pem"])
+    sender = b.api("POST", "/api/federation/trusted-senders",
+                   json={"name": "a", "inbound_token": token, "certificate_pem": cert_a["pem"]})  # fmt: skip
+    assert sender.status_code == 201, sender.text
+    pinged = a.api("POST", f"/api/federation/peers/{peer['id']}/ping").json()
+    assert pinged["ok"] and pinged["factors"]["certificate"] == "ok", pinged
+    first = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", first)
+    wait_for(lambda: first in stored_ids(b, source="kite"), 10, lambda: f"the signed event at B\n{a.state()}")
+
+    # A loses its certificate: B refuses (both factors are required of a pinned sender) and says why.
+    assert a.api("DELETE", f"/api/federation/certificates/{cert_a['id']}").status_code == 204
+    pinged = a.api("POST", f"/api/federation/peers/{peer['id']}/ping").json()
+    assert not pinged["ok"] and pinged["status_code"] == 401 and pinged["factors"]["certificate"] == "failed", pinged
+    assert "missing_certificate" in pinged["error"] or "v1a" in pinged["error"]
+    second = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", second)
+    wait_for(lambda: a.peer(peer["id"])["paused"] == "auth_failed", 10, lambda: f"auth_failed\n{a.state()}")
+    assert second not in stored_ids(b, source="kite")

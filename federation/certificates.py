@@ -1,0 +1,160 @@
+"""Identity certificates (DESIGN §3): X.509 with an Ed25519 key, per team.
+
+The private key is encrypted at rest (MultiFernet) and never leaves the instance:
+it signs the `v1a` factor of outbound requests and is presented as the TLS client
+certificate. Several may be valid at once; the newest valid one signs, so rotating
+is: issue a new one, give peers its PEM, delete the old one.
+"""
+
+import hashlib
+import os
+import ssl
+import tempfile
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
+from django.utils import timezone
+
+from federation.errors import Code
+from federation.models import IdentityCertificate
+from kite import crypto
+from kite.errors import ApiError
+
+DEFAULT_VALIDITY_DAYS = 90
+MAX_VALIDITY_DAYS = 825
+MAX_PEM_BYTES = 16_384
+
+
+def thumbprint_of(certificate: x509.Certificate) -> str:
+    """`sha256:<64 hex>` of the DER (DESIGN §3)."""
+    return "sha256:" + hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS) -> IdentityCertificate:
+    subject = (subject or "").strip()
+    if not subject or len(subject) > 200:
+        raise ApiError("subject must be 1-200 characters.", Code.INVALID)
+    if not 1 <= validity_days <= MAX_VALIDITY_DAYS:
+        raise ApiError(f"validity_days must be between 1 and {MAX_VALIDITY_DAYS}.", Code.INVALID)
+    key = ed25519.Ed25519PrivateKey.generate()
+    now = timezone.now()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=validity_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(key, None)  # Ed25519 signs without a separate hash
+    )
+    pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return IdentityCertificate.objects.create(
+        team=team,
+        subject=subject,
+        thumbprint=thumbprint_of(certificate),
+        pem=pem,
+        private_key_encrypted=crypto.encrypt(private_pem),
+        not_before=certificate.not_valid_before_utc,
+        not_after=certificate.not_valid_after_utc,
+    )
+
+
+def parse_peer_pem(pem: str) -> tuple[str, str]:
+    """A pasted certificate of the other side → (normalised PEM, thumbprint). Ed25519 only."""
+    pem = (pem or "").strip()
+    if len(pem) > MAX_PEM_BYTES:
+        raise ApiError("certificate_pem is too long.", Code.INVALID)
+    try:
+        certificate = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        raise ApiError("certificate_pem is not a PEM X.509 certificate.", Code.INVALID) from None
+    if not isinstance(certificate.public_key(), ed25519.Ed25519PublicKey):
+        raise ApiError("certificate_pem must hold an Ed25519 key (a Kite identity certificate).", Code.INVALID)
+    return certificate.public_bytes(serialization.Encoding.PEM).decode(), thumbprint_of(certificate)
+
+
+def verifier_for(pem: str):
+    """`verify(signature, message) -> bool` with the public key of a pinned certificate."""
+    public_key = x509.load_pem_x509_certificate(pem.encode()).public_key()
+
+    def verify(signature: bytes, message: bytes) -> bool:
+        try:
+            public_key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+@dataclass(frozen=True)
+class Signer:
+    """What an outbound call needs of the team's newest valid certificate."""
+
+    thumbprint: str
+    sign: object  # (message: bytes) -> bytes
+    pinned_context: ssl.SSLContext  # presents it as the TLS client certificate; the peer is pinned
+    ca_context: ssl.SSLContext  # presents it; the peer is verified by the system CAs
+
+
+_signers: dict[int, Signer] = {}
+_signers_lock = threading.Lock()
+
+
+def current(team_id: str) -> IdentityCertificate | None:
+    now = timezone.now()
+    return (
+        IdentityCertificate.objects.filter(team_id=team_id, not_before__lte=now, not_after__gt=now)
+        .order_by("-created_at", "-id")
+        .first()
+    )
+
+
+def signer_for(team_id: str) -> Signer | None:
+    row = current(team_id)
+    if row is None:
+        return None
+    with _signers_lock:
+        signer = _signers.get(row.pk)
+        if signer is None:
+            signer = _signers[row.pk] = _signer(row)
+    return signer
+
+
+def _signer(row: IdentityCertificate) -> Signer:
+    private_pem = crypto.decrypt(row.private_key_encrypted)
+    key = serialization.load_pem_private_key(private_pem.encode(), password=None)
+    from federation.client import SYSTEM_CAS
+
+    pinned = ssl.create_default_context()
+    pinned.check_hostname, pinned.verify_mode = False, ssl.CERT_NONE  # the fingerprint pin verifies
+    ca = ssl.create_default_context(cafile=SYSTEM_CAS if isinstance(SYSTEM_CAS, str) else None)
+    # load_cert_chain reads files: a private directory, removed as soon as it is loaded,
+    # so the key is never left unencrypted on disk.
+    with tempfile.TemporaryDirectory(prefix="kite-identity-") as directory:
+        path = os.path.join(directory, "identity.pem")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(row.pem + private_pem)
+        for context in (pinned, ca):
+            context.load_cert_chain(path)
+    return Signer(thumbprint=row.thumbprint, sign=key.sign, pinned_context=pinned, ca_context=ca)
+
+
+def forget(certificate_id: int) -> None:
+    with _signers_lock:
+        _signers.pop(certificate_id, None)

@@ -1,0 +1,132 @@
+"""Identity certificates (DESIGN §3, issue 4): issued with an Ed25519 key encrypted at rest,
+listed by thumbprint and PEM only, pinned on the other side; a pinned peer must sign v1a."""
+
+import json
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from federation import certificates, inbound, outbox, services, signing
+from federation.models import IdentityCertificate
+from kite import crypto, tls
+from tests.federation.test_api import PEER_URL, SECRET
+
+
+def _issue(api, subject="kite-a identity", **extra):
+    response = api.post("/api/federation/certificates", {"subject": subject, **extra}, format="json")
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def test_a_certificate_is_ed25519_with_its_key_encrypted_and_never_shown(api, team):
+    body = _issue(api, validity_days=30)
+    cert = x509.load_pem_x509_certificate(body["pem"].encode())
+    assert isinstance(cert.public_key(), ed25519.Ed25519PublicKey)
+    assert body["thumbprint"] == certificates.thumbprint_of(cert) and body["thumbprint"].startswith("sha256:")
+    assert 29 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 30
+    row = IdentityCertificate.objects.get(pk=body["id"])
+    assert "PRIVATE KEY" not in row.private_key_encrypted and "PRIVATE KEY" in crypto.decrypt(row.private_key_encrypted)
+    listed = api.get("/api/federation/certificates").json()["results"]
+    assert [c["thumbprint"] for c in listed] == [body["thumbprint"]]
+    assert all("private" not in key for c in listed for key in c)
+    assert [c["thumbprint"] for c in api.get("/api/federation/identity").json()["certificates"]] == [body["thumbprint"]]
+
+
+@pytest.mark.parametrize("bad", [{"subject": ""}, {"subject": "x", "validity_days": 0}, {"subject": "x", "validity_days": 9999}])
+def test_bad_certificate_requests_are_400_and_store_nothing(api, bad):
+    response = api.post("/api/federation/certificates", bad, format="json")
+    assert response.status_code == 400 and {"detail", "code"} <= set(response.json())
+    assert not IdentityCertificate.objects.exists()
+
+
+def test_certificates_stay_in_their_team(api, outsider_api):
+    body = _issue(api)
+    assert outsider_api.get("/api/federation/certificates").json()["results"] == []
+    assert outsider_api.delete(f"/api/federation/certificates/{body['id']}").status_code == 404
+    assert api.delete(f"/api/federation/certificates/{body['id']}").status_code == 204
+    assert not IdentityCertificate.objects.exists()
+
+
+def test_the_newest_valid_certificate_signs(api, team):
+    first, second = _issue(api, "old"), _issue(api, "new")
+    assert certificates.signer_for(team.id).thumbprint == second["thumbprint"]
+    api.delete(f"/api/federation/certificates/{second['id']}")
+    assert certificates.signer_for(team.id).thumbprint == first["thumbprint"]
+
+
+def test_pasting_the_other_sides_pem_pins_it_and_junk_is_refused(api, team, tmp_path):
+    other = certificates.issue(team=team, subject="kite-b")  # stands in for B's certificate
+    created = api.post("/api/federation/peers", {"name": "b", "peer_hook_url": PEER_URL, "outbound_token": SECRET,
+                                                 "certificate_pem": other.pem}, format="json")  # fmt: skip
+    assert created.status_code == 201 and created.json()["certificate_thumbprint"] == other.thumbprint
+    server_cert, _ = tls.ensure_server_certificate(tmp_path / "tls", ["127.0.0.1"])  # P-256: not an identity
+    for junk in ("not a pem", server_cert.read_text()):
+        refused = api.patch(f"/api/federation/peers/{created.json()['id']}", {"certificate_pem": junk}, format="json")
+        assert refused.status_code == 400 and refused.json()["code"] == "invalid"
+    assert api.get(f"/api/federation/peers/{created.json()['id']}").json()["certificate_thumbprint"] == other.thumbprint
+
+
+# --- the receiving side ----------------------------------------------------------------
+
+
+@pytest.fixture
+def pinned_sender(team):
+    """A trusted sender whose certificate is pinned here, and the Signer it signs with."""
+    key_holder = certificates.issue(team=team, subject="sender identity")
+    sender = services.trusted_sender_create(team=team, name="a", inbound_token=SECRET, certificate_pem=key_holder.pem).row
+    signer = certificates.signer_for(team.id)
+    IdentityCertificate.objects.filter(pk=key_holder.pk).delete()  # only the sender holds it
+    return sender, signer
+
+
+def _headers(body, signer=None, secret=SECRET):
+    return signing.sign_headers(
+        secret=secret, msg_id=f"m{time.monotonic_ns()}", timestamp=int(time.time()), body=body, sender_id="kite-a",
+        ed25519_sign=signer.sign if signer else None, key_thumbprint=signer.thumbprint if signer else None,
+    )  # fmt: skip
+
+
+def test_a_pinned_sender_needs_both_factors_and_each_failure_is_named(team, pinned_sender):
+    sender, signer = pinned_sender
+    body = json.dumps({"id": "x"}).encode()
+    assert inbound.authenticate(_headers(body, signer), body, team_id=team.id).pk == sender.pk
+    with pytest.raises(inbound.Refusal) as missing:
+        inbound.authenticate(_headers(body), body, team_id=team.id)  # HMAC only
+    assert missing.value.code == "missing_certificate"
+    impostor = certificates.Signer(thumbprint=signer.thumbprint, sign=ed25519.Ed25519PrivateKey.generate().sign,
+                                   pinned_context=None, ca_context=None)  # fmt: skip
+    with pytest.raises(inbound.Refusal) as forged:
+        inbound.authenticate(_headers(body, impostor), body, team_id=team.id)
+    assert forged.value.code == "bad_certificate"
+    other = certificates.Signer(thumbprint="sha256:" + "0" * 64, sign=signer.sign, pinned_context=None, ca_context=None)
+    with pytest.raises(inbound.Refusal) as wrong_pin:
+        inbound.authenticate(_headers(body, other), body, team_id=team.id)
+    assert wrong_pin.value.code == "bad_certificate" and "paste" in wrong_pin.value.detail
+    with pytest.raises(inbound.Refusal) as bad_secret:
+        inbound.authenticate(_headers(body, signer, secret="whsec_" + "A" * 43), body, team_id=team.id)
+    assert bad_secret.value.code in ("bad_secret", "unknown_peer")  # the secret is checked first
+
+
+def test_a_hook_request_missing_the_certificate_is_401_and_stores_nothing(client, team, pinned_sender):
+    from ingest.models import Event
+
+    body = json.dumps({"specversion": "1.0", "id": "e1", "source": "kite://a/t/s", "type": "com.x.y"}).encode()
+    headers = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in _headers(body).items()}
+    response = client.post(f"/hooks/{team.id}/kite", body, content_type="application/cloudevents+json", **headers)
+    assert response.status_code == 401 and response.json()["code"] == "missing_certificate"
+    assert not Event.objects.filter(ce_id="e1").exists()
+
+
+def test_outbound_calls_sign_v1a_with_the_current_certificate(team):
+    peer = services.peer_create(team=team, name="b", peer_hook_url=PEER_URL, outbound_token=SECRET).row
+    assert outbox.target_for(peer).signer is None
+    row = certificates.issue(team=team, subject="a")
+    target = outbox.target_for(peer)
+    assert target.signer.thumbprint == row.thumbprint
+    headers = _headers(b"{}", target.signer)
+    request = signing.parse_headers(headers, int(time.time()))
+    assert request.key_thumbprint == row.thumbprint
+    assert signing.ed25519_matches(certificates.verifier_for(row.pem), request, b"{}")
+    assert not isinstance(x509.load_pem_x509_certificate(row.pem.encode()).public_key(), ec.EllipticCurvePublicKey)
