@@ -17,9 +17,21 @@ PING_TIMEOUT = (3.0, 5.0)
 CLOCK_TOLERANCE_SECONDS = 300
 
 
-def ping_url(peer: Peer) -> str:
+def ping_url(peer: Peer, path: str = "/api/federation/ping") -> str:
     parts = urlsplit(peer.peer_hook_url)
-    return urlunsplit((parts.scheme, parts.netloc, "/api/federation/ping", "", ""))
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def terminate(peer: Peer, reason: str) -> "PingResult":
+    """Tell the peer we are deleting it (signed POST /api/federation/terminate): it marks us
+    revoked and stops sending. Best effort: the peer is revoked here whatever it answers."""
+    target = outbox.target_for(peer)
+    target = client.Target(**{**target.__dict__, "url": ping_url(peer, "/api/federation/terminate")})
+    try:
+        answer = client.call(target, "POST", client.encode({"reason": reason}), timeout=PING_TIMEOUT)
+    except client.PeerCallError as failure:
+        return PingResult(False, failure.status_code, None, _factors_for_failure(failure), failure.detail)
+    return PingResult(True, answer.status_code, answer.latency_ms, {}, "", answer.body)
 
 
 @dataclass

@@ -20,9 +20,11 @@ def trusted_senders(team_id: str):
     return Peer.objects.filter(team_id=team_id, role=Peer.Role.SENDER).order_by("name", "id")
 
 
-def peer_for_team(team_id: str, peer_id, role: str = "peer") -> Peer | None:
+def peer_for_team(team_id: str, peer_id, role: str | None = "peer") -> Peer | None:
+    """One peer of the team (role None: a peer or a trusted sender)."""
     try:
-        return Peer.objects.filter(team_id=team_id, role=role, pk=int(peer_id)).first()
+        peers = Peer.objects.filter(team_id=team_id, pk=int(peer_id))
+        return (peers if role is None else peers.filter(role=role)).first()
     except (TypeError, ValueError):
         return None
 

@@ -2,6 +2,7 @@
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -190,6 +191,37 @@ def _routes_changed(team_id: str) -> None:
 
 def secret_of(peer: Peer, direction: str) -> str:
     return crypto.decrypt(getattr(peer, f"{direction}_secret_encrypted"))
+
+
+INBOUND_GRACE = timedelta(hours=24)
+
+
+def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None) -> Issued:
+    """A new secret for one direction, generated (returned once) or given.
+
+    inbound: the one we check; the previous one stays valid for 24 h, so the other side
+    can switch when it likes and no delivery fails meanwhile. outbound: the one we sign
+    with, replaced at once (paste what the other side's inbound rotation gave you)."""
+    if direction not in ("inbound", "outbound"):
+        raise ApiError("direction must be inbound or outbound.", Code.INVALID)
+    if direction == "outbound" and peer.role != Peer.Role.PEER:
+        raise ApiError("A trusted sender only has an inbound secret.", Code.INVALID)
+    new = _check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
+    with transaction.atomic():
+        peer = Peer.objects.select_for_update().get(pk=peer.pk)
+        if direction == "inbound" and peer.inbound_secret_encrypted:
+            peer.previous_inbound_secret_encrypted = peer.inbound_secret_encrypted
+            peer.previous_inbound_fingerprint = peer.inbound_fingerprint
+            peer.previous_inbound_expires_at = timezone.now() + INBOUND_GRACE
+        _set_secret(peer, direction, new)
+        if direction == "outbound" and peer.paused == Peer.Pause.AUTH_FAILED:
+            peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0
+        peer.save()
+    if direction == "outbound" and not peer.paused:
+        from federation import outbox
+
+        transaction.on_commit(lambda: outbox.kick(peer.pk))
+    return Issued(peer, {"secret": new} if not secret else {})
 
 
 def inbound_secrets(peer: Peer) -> list[str]:

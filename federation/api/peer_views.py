@@ -4,7 +4,7 @@ from django.conf import settings
 from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
 from federation import CONTRACT_VERSION, inbound, metrics
 from federation.outbox import BATCH_CAP
@@ -35,3 +35,22 @@ def ping(request):
             "capabilities": capabilities(),
         }
     )
+
+
+@csrf_exempt
+@require_POST
+def terminate(request):
+    """The peer deleted us: revoke its row here (stop sending, stop accepting)."""
+    from federation import services
+
+    body = request.body
+    try:
+        peer = inbound.authenticate(lower_headers(request.headers), body, team_id=None)
+    except inbound.Refusal as refusal:
+        metrics.CALLS.labels("unknown", "inbound", str(refusal.code)).inc()
+        return json_error(refusal.detail, refusal.code, 401)
+    except ApiError as exc:
+        return exc.response()
+    metrics.CALLS.labels(peer.name, "inbound", "terminate").inc()
+    services.peer_revoke(peer=peer, reason="terminated by the peer")
+    return JsonResponse({"revoked": True, "instance_id": settings.KITE_INSTANCE_ID})

@@ -47,6 +47,11 @@ class TrustedSenderCreateSerializer(serializers.Serializer):
                                             trim_whitespace=False)  # fmt: skip
 
 
+class RotateSecretSerializer(serializers.Serializer):
+    direction = serializers.ChoiceField(choices=["inbound", "outbound"])
+    secret = serializers.CharField(required=False, allow_blank=True, max_length=500)
+
+
 class CertificateCreateSerializer(serializers.Serializer):
     subject = serializers.CharField(max_length=200)
     validity_days = serializers.IntegerField(required=False, min_value=1, max_value=825, default=90)

@@ -9,6 +9,7 @@ urlpatterns = [
     path("peers", views.PeerListCreate.as_view()),
     path("peers/<int:peer_id>", views.PeerDetail.as_view()),
     path("peers/<int:peer_id>/ping", views.PeerPing.as_view()),
+    path("peers/<int:peer_id>/rotate-secret", views.PeerRotateSecret.as_view()),
     path("peers/<int:peer_id>/outbox", views.PeerOutbox.as_view()),
     path("peers/<int:peer_id>/replay-dead", views.PeerReplayDead.as_view()),
     path("peers/<int:peer_id>/deliveries", views.PeerDeliveries.as_view()),
@@ -18,4 +19,5 @@ urlpatterns = [
     path("trusted-senders/<int:sender_id>", views.TrustedSenderDetail.as_view()),
     # Peer-facing, signed (DESIGN §3):
     path("ping", peer_views.ping),
+    path("terminate", peer_views.terminate),
 ]

@@ -1,3 +1,5 @@
+import logging
+
 from django.conf import settings
 from rest_framework import status
 from rest_framework.response import Response
@@ -8,6 +10,8 @@ from federation.api import serializers as s
 from federation.errors import Code
 from federation.models import IdentityCertificate
 from kite.errors import ApiError
+
+log = logging.getLogger(__name__)
 
 
 def _valid(serializer_class, data, **kwargs):
@@ -73,7 +77,14 @@ class PeerDetail(APIView):
         return Response(_peer_body(services.peer_update(peer=peer, **changes)))
 
     def delete(self, request, peer_id):
-        services.peer_revoke(peer=_peer(request, peer_id))
+        """Revoke here, and tell the peer (signed terminate) so that it stops sending too."""
+        from federation import heartbeat
+
+        peer = _peer(request, peer_id)
+        told = heartbeat.terminate(peer, "deleted by the other side") if peer.sends_to else None
+        if told is not None and not told.ok:
+            log.warning("peer %s was not told of its deletion: %s", peer.name, told.error)
+        services.peer_revoke(peer=peer)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -87,6 +98,23 @@ class PeerPing(APIView):
         if not peer.sends_to:
             raise ApiError("This peer has no URL to ping (a trusted sender, or revoked).", Code.INVALID)
         return Response(heartbeat.heartbeat(peer).as_dict())
+
+
+class PeerRotateSecret(APIView):
+    def post(self, request, peer_id):
+        peer = selectors.peer_for_team(request.user.team.id, peer_id, role=None)
+        if peer is None or peer.status == peer.Status.REVOKED:
+            raise ApiError("No such peer in your team.", Code.NOT_FOUND, status=404)
+        data = _valid(s.RotateSecretSerializer, request.data)
+        issued = services.rotate_secret(peer=peer, direction=data["direction"], secret=data.get("secret") or None)
+        body = {
+            "direction": data["direction"],
+            "fingerprint": getattr(issued.row, f"{data['direction']}_fingerprint"),
+            **issued.secrets,
+        }
+        if data["direction"] == "inbound":
+            body["previous_valid_until"] = issued.row.previous_inbound_expires_at
+        return Response(body)
 
 
 class PeerOutbox(APIView):

@@ -408,3 +408,58 @@ def test_identity_certificates_pinned_on_both_sides_and_a_missing_one_is_named(c
     a.post_event("plain", second)
     wait_for(lambda: a.peer(peer["id"])["paused"] == "auth_failed", 10, lambda: f"auth_failed\n{a.state()}")
     assert second not in stored_ids(b, source="kite")
+
+
+def test_rotating_the_secret_while_events_flow_fails_no_delivery(cluster):
+    """Issue 4: B rotates what it checks (the old secret stays valid 24 h), A switches to the
+    new one, events flowing the whole time: every event arrives, no attempt is refused."""
+    import threading
+
+    a, b = cluster.start("rot-a"), cluster.start("rot-b")
+    token = b.token("from-a")
+    peer = a.add_peer(b, "b", outbound_token=token, scopes=["stripe.*"])
+    sender = b.trust("a", token)
+    sent, stop = [], threading.Event()
+
+    def flow():
+        while not stop.is_set():
+            event_id = f"rot_{len(sent)}_{secrets.token_hex(2)}"
+            a.post_event("plain", event_id)
+            sent.append(event_id)
+            time.sleep(0.05)
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    try:
+        time.sleep(1)
+        rotated = b.api("POST", f"/api/federation/peers/{sender['id']}/rotate-secret", json={"direction": "inbound"})
+        assert rotated.status_code == 200, rotated.text
+        time.sleep(1)
+        switched = a.api("POST", f"/api/federation/peers/{peer['id']}/rotate-secret",
+                         json={"direction": "outbound", "secret": rotated.json()["secret"]})  # fmt: skip
+        assert switched.status_code == 200, switched.text
+        assert switched.json()["fingerprint"] == rotated.json()["fingerprint"]  # what B checks is what A signs with
+        time.sleep(1)
+    finally:
+        stop.set()
+        flowing.join()
+    wait_for(lambda: set(sent) <= set(stored_ids(b, source="kite")), 20, lambda: f"every event at B\n{a.state()}")
+    deliveries = a.api("GET", f"/api/federation/peers/{peer['id']}/deliveries").json()["results"]
+    assert deliveries and {d["outcome"] for d in deliveries} == {"delivered"}, deliveries[:3]
+    assert a.peer(peer["id"])["paused"] == "" and a.outbox(peer["id"], "dead") == []
+
+
+def test_deleting_a_peer_terminates_it_on_the_other_side_and_both_can_peer_again(cluster):
+    a, b = cluster.start("term-a"), cluster.start("term-b")
+    first = federate(a, b, "b", scopes=["stripe.*"])
+    senders = b.api("GET", "/api/federation/trusted-senders").json()["results"]
+    assert a.api("DELETE", f"/api/federation/peers/{first['id']}").status_code == 204
+    wait_for(lambda: {s["status"] for s in b.api("GET", "/api/federation/trusted-senders").json()["results"]}
+             == {"revoked"}, 10, "B to mark A revoked")  # fmt: skip
+    assert len(senders) == 1
+    # A fresh peering with the same names works.
+    again = federate(a, b, "b", scopes=["stripe.*"])
+    assert again["id"] != first["id"]
+    event_id = f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", event_id)
+    wait_for(lambda: event_id in stored_ids(b, source="kite"), 10, lambda: f"the event after re-peering\n{a.state()}")

@@ -130,3 +130,71 @@ def test_outbound_calls_sign_v1a_with_the_current_certificate(team):
     assert request.key_thumbprint == row.thumbprint
     assert signing.ed25519_matches(certificates.verifier_for(row.pem), request, b"{}")
     assert not isinstance(x509.load_pem_x509_certificate(row.pem.encode()).public_key(), ec.EllipticCurvePublicKey)
+
+
+# --- rotation and termination (issue 4) ----------------------------------------------
+
+
+def test_rotating_inbound_keeps_the_old_secret_for_24_hours(api, team):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from federation.models import Peer
+
+    sender = api.post("/api/federation/trusted-senders", {"name": "a", "inbound_token": SECRET}, format="json").json()
+    rotated = api.post(f"/api/federation/peers/{sender['id']}/rotate-secret", {"direction": "inbound"}, format="json")
+    assert rotated.status_code == 200, rotated.json()
+    new = rotated.json()["secret"]
+    assert new.startswith("whsec_") and rotated.json()["fingerprint"] == crypto.fingerprint(new)
+    body = b"{}"
+    for secret in (SECRET, new):  # both work during the grace period
+        assert inbound.authenticate(_headers(body, secret=secret), body, team_id=team.id).pk == sender["id"]
+    Peer.objects.filter(pk=sender["id"]).update(previous_inbound_expires_at=timezone.now() - timedelta(seconds=1))
+    with pytest.raises(inbound.Refusal):
+        inbound.authenticate(_headers(body, secret=SECRET), body, team_id=team.id)
+    assert inbound.authenticate(_headers(body, secret=new), body, team_id=team.id).pk == sender["id"]
+
+
+def test_rotating_outbound_with_the_other_sides_secret_resumes_an_auth_paused_queue(api, team):
+    from federation.models import Peer
+
+    peer = api.post("/api/federation/peers", {"name": "b", "peer_hook_url": PEER_URL, "outbound_token": SECRET},
+                    format="json").json()  # fmt: skip
+    Peer.objects.filter(pk=peer["id"]).update(paused="auth_failed")
+    given = crypto.new_webhook_secret()
+    rotated = api.post(f"/api/federation/peers/{peer['id']}/rotate-secret", {"direction": "outbound", "secret": given},
+                       format="json")  # fmt: skip
+    assert rotated.status_code == 200 and "secret" not in rotated.json()  # given, not generated: not echoed
+    row = Peer.objects.get(pk=peer["id"])
+    assert row.paused == "" and outbox.target_for(row).secret == given
+
+
+@pytest.mark.parametrize("body", [{"direction": "sideways"}, {"direction": "inbound", "secret": "not-a-secret"}])
+def test_bad_rotation_requests_change_nothing(api, body):
+    peer = api.post("/api/federation/peers", {"name": "b", "peer_hook_url": PEER_URL, "outbound_token": SECRET},
+                    format="json").json()  # fmt: skip
+    response = api.post(f"/api/federation/peers/{peer['id']}/rotate-secret", body, format="json")
+    assert response.status_code == 400 and {"detail", "code"} <= set(response.json())
+    assert api.get(f"/api/federation/peers/{peer['id']}").json()["inbound_fingerprint"] == peer["inbound_fingerprint"]
+
+
+def test_rotation_of_another_teams_peer_is_404(api, outsider_api):
+    peer = api.post("/api/federation/peers", {"name": "b", "peer_hook_url": PEER_URL, "outbound_token": SECRET},
+                    format="json").json()  # fmt: skip
+    response = outsider_api.post(f"/api/federation/peers/{peer['id']}/rotate-secret", {"direction": "inbound"},
+                                 format="json")  # fmt: skip
+    assert response.status_code == 404
+
+
+def test_a_signed_terminate_revokes_the_sender_and_an_unsigned_one_changes_nothing(client, team):
+    from federation.models import Peer
+
+    sender = services.trusted_sender_create(team=team, name="a", inbound_token=SECRET).row
+    body = json.dumps({"reason": "deleted"}).encode()
+    unsigned = client.post("/api/federation/terminate", body, content_type="application/json")
+    assert unsigned.status_code == 401 and Peer.objects.get(pk=sender.pk).status == "accepted"
+    headers = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in _headers(body).items()}
+    signed = client.post("/api/federation/terminate", body, content_type="application/json", **headers)
+    assert signed.status_code == 200 and signed.json()["revoked"] is True
+    assert Peer.objects.get(pk=sender.pk).status == "revoked"
