@@ -132,6 +132,7 @@ class PeerAnswer:
     body: object
     latency_ms: int
     headers: dict
+    raw_body: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ def call(target: Target, method: str, body: bytes = b"", *, content_type: str = 
     except requests.exceptions.RequestException as exc:
         raise PeerCallError("transient", f"{exc.__class__.__name__}: {_short(exc)}", code="connection") from None
     latency_ms = int((time.perf_counter() - started) * 1000)
-    answer = PeerAnswer(response.status_code, _json_or_text(response), latency_ms, dict(response.headers))
+    answer = PeerAnswer(response.status_code, _json_or_text(response), latency_ms, dict(response.headers),
+                        response.content)  # fmt: skip
     outcome = backoff.classify(response.status_code)
     if outcome == "ok":
         return answer

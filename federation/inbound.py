@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.db import transaction
 from django.utils import timezone
 
 from federation import services, signing
@@ -117,6 +118,14 @@ def _note_contact(peer: Peer, sender: str) -> None:
         updates["last_inbound_at"] = now
         if peer.status == Peer.Status.ENROLLED:
             updates["status"] = Peer.Status.ACTIVE
+    if peer.status == Peer.Status.ACCEPTED and peer.last_success_at is None and peer.sends_to and (
+        peer.last_inbound_at is None
+    ):
+        # A new peering (invitation): the other side just reached us; ping back now rather than at
+        # the next heartbeat, so both sides are enrolled and active within seconds.
+        from federation.invitations import _enrol_soon
+
+        transaction.on_commit(lambda: _enrol_soon(peer.pk))
     if updates:
         Peer.objects.filter(pk=peer.pk).update(**updates)
         if "remote_instance_id" in updates:

@@ -21,3 +21,11 @@ def heartbeats() -> int:
 @shared_task(ignore_result=True)
 def probe_down_peers() -> int:
     return heartbeat.heartbeat_all(only_down=True)
+
+
+@shared_task(ignore_result=True)
+def heartbeat_peer(peer_id: int) -> bool:
+    from federation.models import Peer
+
+    peer = Peer.objects.filter(pk=peer_id).first()
+    return bool(peer and peer.sends_to and heartbeat.heartbeat(peer).ok)

@@ -47,6 +47,20 @@ class TrustedSenderCreateSerializer(serializers.Serializer):
                                             trim_whitespace=False)  # fmt: skip
 
 
+class InvitationCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, required=False, allow_blank=True, default="")
+    scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
+    max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
+    ttl_seconds = serializers.IntegerField(required=False, min_value=60, max_value=7 * 24 * 3600, default=3600)
+
+
+class InvitationAcceptSerializer(serializers.Serializer):
+    invitation = serializers.CharField(max_length=4096)
+    name = serializers.CharField(max_length=63, required=False, allow_blank=True, default="")
+    scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
+    max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
+
+
 class RotateSecretSerializer(serializers.Serializer):
     direction = serializers.ChoiceField(choices=["inbound", "outbound"])
     secret = serializers.CharField(required=False, allow_blank=True, max_length=500)

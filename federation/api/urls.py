@@ -20,4 +20,7 @@ urlpatterns = [
     # Peer-facing, signed (DESIGN §3):
     path("ping", peer_views.ping),
     path("terminate", peer_views.terminate),
+    path("handshake", peer_views.handshake),
+    path("invitations", views.InvitationCreate.as_view()),
+    path("invitations/accept", views.InvitationAccept.as_view()),
 ]

@@ -179,3 +179,20 @@ class CertificateDetail(APIView):
         row.delete()
         certificates.forget(certificate_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class InvitationCreate(APIView):
+    def post(self, request):
+        from federation import invitations
+
+        peer, invitation = invitations.issue(team=request.user.team, **_valid(s.InvitationCreateSerializer, request.data))
+        return Response({"id": peer.pk, "invitation": invitation, "expires_at": peer.invitation_expires_at,
+                         "peer_id": peer.pk}, status=status.HTTP_201_CREATED)  # fmt: skip
+
+
+class InvitationAccept(APIView):
+    def post(self, request):
+        from federation import invitations
+
+        peer = invitations.accept(team=request.user.team, **_valid(s.InvitationAcceptSerializer, request.data))
+        return Response(_peer_body(peer), status=status.HTTP_201_CREATED)

@@ -463,3 +463,55 @@ def test_deleting_a_peer_terminates_it_on_the_other_side_and_both_can_peer_again
     event_id = f"evt_{secrets.token_hex(4)}"
     a.post_event("plain", event_id)
     wait_for(lambda: event_id in stored_ids(b, source="kite"), 10, lambda: f"the event after re-peering\n{a.state()}")
+
+
+def test_one_paste_invitation_reaches_active_on_both_sides_and_events_flow_both_ways(cluster):
+    """Issue 4: A invites, B pastes; no secret is copied by hand; both sides active in seconds."""
+    import base64
+
+    a, b = cluster.start("inv-a"), cluster.start("inv-b")
+    created = a.api("POST", "/api/federation/invitations", json={"name": "b", "scopes": ["stripe.*"]})
+    assert created.status_code == 201, created.text
+    invitation = created.json()["invitation"]
+    assert invitation.startswith("kite-invite-v1.") and a.peer(created.json()["peer_id"])["status"] == "proposed"
+    started = time.monotonic()
+    accepted = b.api("POST", "/api/federation/invitations/accept",
+                     json={"invitation": invitation, "name": "a", "scopes": ["stripe.*"]})  # fmt: skip
+    assert accepted.status_code == 201, accepted.text
+    a_side, b_side = created.json()["peer_id"], accepted.json()["id"]
+    wait_for(lambda: a.peer(a_side)["status"] == "active" and b.peer(b_side)["status"] == "active", 15,
+             lambda: f"both sides active\n{a.state()}\n{b.state()}")  # fmt: skip
+    assert time.monotonic() - started < 15
+    assert a.peer(a_side)["inbound_fingerprint"] == b.peer(b_side)["outbound_fingerprint"]
+    assert b.peer(b_side)["inbound_fingerprint"] == a.peer(a_side)["outbound_fingerprint"]
+    assert a.peer(a_side)["certificate_thumbprint"] and b.peer(b_side)["certificate_thumbprint"]
+    to_b, to_a = f"evt_{secrets.token_hex(4)}", f"evt_{secrets.token_hex(4)}"
+    a.post_event("plain", to_b)
+    b.post_event("plain", to_a)
+    wait_for(lambda: to_b in stored_ids(b, source="kite") and to_a in stored_ids(a, source="kite"), 10,
+             "events both ways")  # fmt: skip
+
+    # The same code again, or a tampered one: 401, and nothing is created at B.
+    peers_at_b = len(b.api("GET", "/api/federation/peers").json()["results"])
+    reused = b.api("POST", "/api/federation/invitations/accept", json={"invitation": invitation, "name": "a2"})
+    assert reused.status_code == 401 and reused.json()["code"] == "unknown_invitation", reused.text
+    payload = json.loads(base64.urlsafe_b64decode(invitation.split(".", 1)[1] + "=="))
+    fresh = a.api("POST", "/api/federation/invitations", json={"name": "b3"}).json()["invitation"]
+    tampered = json.loads(base64.urlsafe_b64decode(fresh.split(".", 1)[1] + "=="))
+    tampered["code"] = base64.b64encode(b"x" * 32).decode()
+    forged = "kite-invite-v1." + base64.urlsafe_b64encode(json.dumps(tampered).encode()).decode().rstrip("=")
+    refused = b.api("POST", "/api/federation/invitations/accept", json={"invitation": forged, "name": "a3"})
+    assert refused.status_code == 401, refused.text
+    newer = dict(payload, contract_version=2)
+    unsupported = "kite-invite-v1." + base64.urlsafe_b64encode(json.dumps(newer).encode()).decode().rstrip("=")
+    too_new = b.api("POST", "/api/federation/invitations/accept", json={"invitation": unsupported, "name": "a4"})
+    assert too_new.status_code == 422, too_new.text
+    assert len(b.api("GET", "/api/federation/peers").json()["results"]) == peers_at_b
+
+    # Expired: the code is known but past its time.
+    late = a.api("POST", "/api/federation/invitations", json={"name": "b5"}).json()
+    with psycopg.connect(a.database_url) as connection:
+        connection.execute("UPDATE federation_peer SET invitation_expires_at = now() - interval '1 second' WHERE id = %s",
+                           (late["peer_id"],))  # fmt: skip
+    expired = b.api("POST", "/api/federation/invitations/accept", json={"invitation": late["invitation"], "name": "a5"})
+    assert expired.status_code == 401 and expired.json()["code"] == "unknown_invitation", expired.text

@@ -1,0 +1,291 @@
+"""One-paste peering (DESIGN §4 "Two ways to peer", 2).
+
+A issues `kite-invite-v1.<base64url(JSON)>`; B pastes it. B calls A's
+`POST /api/federation/handshake` over a channel pinned as the invitation says,
+with the code, its certificate and the secret B will check inbound, signed `v1a`
+by B's key. A answers with the secret A will check inbound and its certificate,
+signed by A's key. Each side generates the secret it verifies; nobody copies one.
+Both rows are `accepted`; both sides ping at once, which enrols them, and the
+first signed request each receives makes them `active`.
+"""
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from federation import CONTRACT_VERSION, certificates, client, services, signing
+from federation.errors import Code
+from federation.models import Peer
+from kite import crypto
+from kite.errors import ApiError
+
+PREFIX = "kite-invite-v1."
+DEFAULT_TTL_SECONDS = 3600
+MAX_TTL_SECONDS = 7 * 24 * 3600
+MAX_INVITATION_CHARS = 4096
+HANDSHAKE_TIMEOUT = (3.0, 10.0)
+
+
+class HandshakeRefused(Exception):
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def _digest(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def _code_secret(code: str) -> str:
+    """The invitation code as a Standard Webhooks secret: the v1 factor of the handshake."""
+    return "whsec_" + code
+
+
+def _own_certificate(team):
+    """The team's current identity certificate, issued on first need (an invitation pins it)."""
+    return certificates.current(team.id) or certificates.issue(team=team, subject=f"{settings.KITE_INSTANCE_ID} {team.name}")
+
+
+# --- A: issue -------------------------------------------------------------------
+
+
+def issue(*, team, name: str = "", scopes: list | None = None, max_hops: int | None = None,
+          ttl_seconds: int = DEFAULT_TTL_SECONDS) -> tuple[Peer, str]:  # fmt: skip
+    if not 60 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise ApiError(f"ttl_seconds must be between 60 and {MAX_TTL_SECONDS} (7 days).", Code.INVALID)
+    certificate = _own_certificate(team)
+    code = base64.b64encode(secrets.token_bytes(32)).decode()
+    expires_at = timezone.now() + timedelta(seconds=ttl_seconds)
+    peer = Peer(
+        team=team,
+        name=services._check_name(name or f"invited-{secrets.token_hex(3)}"),
+        role=Peer.Role.PEER,
+        scopes=services._check_scopes(scopes if scopes is not None else []),
+        status=Peer.Status.PROPOSED,
+        invitation_code_sha256=_digest(code),
+        invitation_expires_at=expires_at,
+    )
+    if max_hops is not None:
+        peer.max_hops = max_hops
+    services._save_new(peer)
+    from federation.selectors import server_tls_fingerprint
+
+    payload = {
+        "contract_version": CONTRACT_VERSION,
+        "url": settings.KITE_PUBLIC_URL,
+        "instance_id": settings.KITE_INSTANCE_ID,
+        "team_id": team.id,
+        "hook_url": services.hook_url_for(team),
+        "certificate_thumbprint": certificate.thumbprint,
+        "tls_fingerprint": server_tls_fingerprint() or None,
+        "code": code,
+        "expires_at": expires_at.isoformat().replace("+00:00", "Z"),
+    }
+    encoded = base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
+    return peer, PREFIX + encoded
+
+
+def parse(invitation: str) -> dict:
+    invitation = (invitation or "").strip()
+    if not invitation.startswith(PREFIX) or len(invitation) > MAX_INVITATION_CHARS:
+        raise ApiError("Not a Kite invitation (it starts with 'kite-invite-v1.').", Code.INVALID)
+    raw = invitation[len(PREFIX) :]
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+    except (ValueError, json.JSONDecodeError):
+        raise ApiError("The invitation is damaged: paste it whole.", Code.INVALID) from None
+    if not isinstance(payload, dict):
+        raise ApiError("The invitation is damaged: paste it whole.", Code.INVALID)
+    if payload.get("contract_version") != CONTRACT_VERSION:
+        raise ApiError(
+            f"This invitation uses contract version {payload.get('contract_version')!r}; this instance speaks "
+            f"{CONTRACT_VERSION}.", "unsupported_contract", status=422,
+        )  # fmt: skip
+    for field in ("url", "instance_id", "hook_url", "certificate_thumbprint", "code"):
+        if not isinstance(payload.get(field), str) or not payload[field]:
+            raise ApiError(f"The invitation is damaged: {field} is missing.", Code.INVALID)
+    return payload
+
+
+# --- B: accept --------------------------------------------------------------------
+
+
+def accept(*, team, invitation: str, name: str = "", scopes: list | None = None, max_hops: int | None = None) -> Peer:
+    offer = parse(invitation)
+    services._check_url(offer["hook_url"])
+    name = services._check_name(name or offer["instance_id"])
+    scopes = services._check_scopes(scopes if scopes is not None else [])
+    if Peer.objects.filter(team=team, name=name).exclude(status=Peer.Status.REVOKED).exists():
+        raise ApiError(f"Team already has a peer named {name!r}.", Code.CONFLICT, status=409)
+    certificate = _own_certificate(team)
+    signer = certificates.signer_for(team.id)
+    checked_here = crypto.new_webhook_secret()  # what we verify: never leaves except to A, once
+    from federation.selectors import server_tls_fingerprint
+
+    body = client.encode({
+        "code": offer["code"], "url": settings.KITE_PUBLIC_URL, "instance_id": settings.KITE_INSTANCE_ID,
+        "team_id": team.id, "hook_url": services.hook_url_for(team), "certificate_pem": certificate.pem,
+        "tls_fingerprint": server_tls_fingerprint() or None, "inbound_secret": checked_here,
+        "contract_version": CONTRACT_VERSION,
+    })  # fmt: skip
+    target = client.Target(
+        url=offer["url"].rstrip("/") + "/api/federation/handshake",
+        secret=_code_secret(offer["code"]),
+        sender_id=settings.KITE_INSTANCE_ID,
+        tls_fingerprint=offer.get("tls_fingerprint") or "",
+        signer=signer,
+    )
+    try:
+        answer = client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT)
+    except client.PeerCallError as failure:
+        status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
+        raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
+                       failure.code or "handshake_failed", status=status) from None  # fmt: skip
+    reply = answer.body if isinstance(answer.body, dict) else {}
+    try:
+        their_pem, their_thumbprint = certificates.parse_peer_pem(str(reply.get("certificate_pem", "")))
+        if their_thumbprint != offer["certificate_thumbprint"]:
+            raise ApiError("The inviting instance answered with another certificate than the invitation names.",
+                           Code.BAD_CERTIFICATE, status=502)  # fmt: skip
+        _verify_reply(answer, their_pem)
+        checked_there = services._check_secret(str(reply.get("inbound_secret", "")), "inbound_secret")
+        with transaction.atomic():
+            peer = Peer(
+                team=team, name=name, role=Peer.Role.PEER, peer_hook_url=offer["hook_url"],
+                remote_instance_id=offer["instance_id"][:63], scopes=scopes,
+                tls_fingerprint=services._check_tls_fingerprint(offer.get("tls_fingerprint") or ""),
+                certificate_pem=their_pem, certificate_thumbprint=their_thumbprint, status=Peer.Status.ACCEPTED,
+            )  # fmt: skip
+            if max_hops is not None:
+                peer.max_hops = max_hops
+            services._set_secret(peer, "inbound", checked_here)
+            services._set_secret(peer, "outbound", checked_there)
+            services._save_new(peer)
+    except ApiError:
+        _abandon(target, offer)  # A stored its side: tell it to drop it, so no half-peer is left
+        raise
+    transaction.on_commit(lambda: _enrol_soon(peer.pk))
+    return peer
+
+
+def _verify_reply(answer, their_pem: str) -> None:
+    headers = {k.lower(): v for k, v in answer.headers.items()}
+    raw = answer.raw_body
+    try:
+        request = signing.parse_headers(headers, int(time.time()))
+    except signing.SignatureError as exc:
+        raise ApiError(f"The handshake answer is not signed: {exc.detail}", Code.BAD_CERTIFICATE, status=502) from None
+    if not signing.ed25519_matches(certificates.verifier_for(their_pem), request, raw):
+        raise ApiError("The handshake answer's signature does not verify with the inviting instance's certificate.",
+                       Code.BAD_CERTIFICATE, status=502)  # fmt: skip
+
+
+def _abandon(target: client.Target, offer: dict) -> None:
+    try:
+        client.call(client.Target(**{**target.__dict__, "url": offer["url"].rstrip("/") + "/api/federation/handshake"}),
+                    "DELETE", client.encode({"code": offer["code"]}), timeout=HANDSHAKE_TIMEOUT)  # fmt: skip
+    except client.PeerCallError:
+        pass
+
+
+def _enrol_soon(peer_id: int) -> None:
+    """Ping at once instead of at the next heartbeat: enrolled (and active) within seconds."""
+    from federation import tasks
+
+    try:
+        tasks.heartbeat_peer.delay(peer_id)
+    except Exception:  # the broker is down: the regular heartbeat will do it
+        pass
+
+
+# --- A: the handshake endpoint ---------------------------------------------------------
+
+
+def redeem(headers: dict[str, str], raw: bytes) -> tuple[dict, dict]:
+    """Check and redeem B's handshake; returns (answer body, signed headers). Raises HandshakeRefused."""
+    try:
+        offer = json.loads(raw)
+    except (ValueError, json.JSONDecodeError):
+        raise HandshakeRefused(400, Code.INVALID, "The handshake body is not JSON.") from None
+    if not isinstance(offer, dict) or not isinstance(offer.get("code"), str):
+        raise HandshakeRefused(400, Code.INVALID, "The handshake needs the invitation's code.")
+    if offer.get("contract_version", CONTRACT_VERSION) != CONTRACT_VERSION:
+        raise HandshakeRefused(422, "unsupported_contract", f"This instance speaks contract version {CONTRACT_VERSION}.")
+    try:
+        request = signing.parse_headers(headers, int(time.time()))
+    except signing.SignatureError as exc:
+        raise HandshakeRefused(401, exc.code, exc.detail) from None
+    if not signing.hmac_matches(_code_secret(offer["code"]), request, raw):
+        raise HandshakeRefused(401, "unknown_invitation", "Unknown, expired or already used invitation.")
+    try:
+        their_pem, their_thumbprint = certificates.parse_peer_pem(str(offer.get("certificate_pem", "")))
+    except ApiError as exc:
+        raise HandshakeRefused(400, exc.code, exc.detail) from None
+    if not request.ed25519_entries:
+        raise HandshakeRefused(401, Code.MISSING_CERTIFICATE, "The handshake must be signed v1a by the accepting instance.")
+    if not signing.ed25519_matches(certificates.verifier_for(their_pem), request, raw):
+        raise HandshakeRefused(401, Code.BAD_CERTIFICATE, "The v1a signature does not verify with the certificate sent.")
+    with transaction.atomic():
+        peer = (
+            Peer.objects.select_for_update()
+            .filter(invitation_code_sha256=_digest(offer["code"]), status=Peer.Status.PROPOSED)
+            .first()
+        )
+        if peer is None or peer.invitation_expires_at is None or peer.invitation_expires_at <= timezone.now():
+            raise HandshakeRefused(401, "unknown_invitation", "Unknown, expired or already used invitation.")
+        try:
+            peer.peer_hook_url = services._check_url(str(offer.get("hook_url", "")))
+            peer.tls_fingerprint = services._check_tls_fingerprint(str(offer.get("tls_fingerprint") or ""))
+            checked_there = services._check_secret(str(offer.get("inbound_secret", "")), "inbound_secret")
+        except ApiError as exc:
+            raise HandshakeRefused(400, exc.code, exc.detail) from None
+        checked_here = crypto.new_webhook_secret()
+        peer.remote_instance_id = str(offer.get("instance_id", ""))[:63]
+        peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint
+        services._set_secret(peer, "inbound", checked_here)
+        services._set_secret(peer, "outbound", checked_there)
+        peer.status = Peer.Status.ACCEPTED
+        peer.invitation_code_sha256, peer.invitation_expires_at = "", None  # single use
+        peer.save()
+        team = peer.team
+    # No ping from here yet: B stores its side only after this answer. B pings at once, and
+    # its first signed request makes this side ping back (inbound._note_contact).
+    from federation.api.peer_views import capabilities
+
+    body = {
+        "instance_id": settings.KITE_INSTANCE_ID, "certificate_pem": _own_certificate(team).pem,
+        "inbound_secret": checked_here, "capabilities": capabilities(), "peer_name": peer.name,
+    }  # fmt: skip
+    encoded = client.encode(body)
+    signer = certificates.signer_for(team.id)
+    headers = signing.sign_headers(
+        secret=_code_secret(offer["code"]), msg_id=f"hs_{uuid.uuid4().hex}", timestamp=int(time.time()), body=encoded,
+        sender_id=settings.KITE_INSTANCE_ID, ed25519_sign=signer.sign, key_thumbprint=signer.thumbprint,
+    )  # fmt: skip
+    return encoded, headers
+
+
+def withdraw(headers: dict[str, str], raw: bytes) -> bool:
+    """B could not finish its side: drop the row this code made here (signed with the code)."""
+    try:
+        offer = json.loads(raw)
+        request = signing.parse_headers(headers, int(time.time()))
+    except (ValueError, json.JSONDecodeError, signing.SignatureError):
+        return False
+    code = offer.get("code") if isinstance(offer, dict) else None
+    if not isinstance(code, str) or not signing.hmac_matches(_code_secret(code), request, raw):
+        return False
+    # The code was cleared when redeemed; find the row by the secret B signs with (its inbound one).
+    for peer in Peer.objects.filter(status=Peer.Status.ACCEPTED, remote_instance_id=request.sender[:63]):
+        if peer.certificate_thumbprint and request.key_thumbprint == peer.certificate_thumbprint:
+            services.peer_revoke(peer=peer, reason="handshake abandoned by the peer")
+            return True
+    return False
