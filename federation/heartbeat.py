@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from django.db import close_old_connections
-from django.db.models import Q
+from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
 from federation import client, metrics, outbox
@@ -105,10 +105,13 @@ def heartbeat(peer: Peer) -> PingResult:
         remote = result.body.get("instance_id") if isinstance(result.body, dict) else None
         if isinstance(remote, str) and remote and not peer.remote_instance_id:
             updates["remote_instance_id"] = remote[:63]
-        if peer.status == Peer.Status.ACCEPTED:
-            updates["status"] = Peer.Status.ACTIVE if peer.last_inbound_at else Peer.Status.ENROLLED
-        elif peer.status == Peer.Status.ENROLLED and peer.last_inbound_at:
-            updates["status"] = Peer.Status.ACTIVE
+        if peer.status in (Peer.Status.ACCEPTED, Peer.Status.ENROLLED):
+            # Decided by the row as it is now, not as read before the ping: the peer's own first
+            # request may have landed meanwhile (it records last_inbound_at).
+            updates["status"] = Case(
+                When(last_inbound_at__isnull=False, then=Value(Peer.Status.ACTIVE)),
+                default=Value(Peer.Status.ENROLLED),
+            )
         if peer.paused == Peer.Pause.DOWN:
             updates.update(paused=Peer.Pause.NONE, consecutive_failures=0)
     else:

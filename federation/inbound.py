@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from federation import services, signing
@@ -116,8 +117,11 @@ def _note_contact(peer: Peer, sender: str) -> None:
         updates["remote_instance_id"] = sender[:63]  # learned on first success
     if peer.last_inbound_at is None or now - peer.last_inbound_at > LAST_SEEN_RESOLUTION:
         updates["last_inbound_at"] = now
-        if peer.status == Peer.Status.ENROLLED:
-            updates["status"] = Peer.Status.ACTIVE
+        if peer.status in (Peer.Status.ENROLLED, Peer.Status.ACCEPTED):
+            # Active once enrolled — judged by the row now (our ping may have just enrolled it).
+            updates["status"] = Case(
+                When(status=Peer.Status.ENROLLED, then=Value(Peer.Status.ACTIVE)), default=F("status")
+            )
     if peer.status == Peer.Status.ACCEPTED and peer.last_success_at is None and peer.sends_to and (
         peer.last_inbound_at is None
     ):
@@ -133,7 +137,10 @@ def _note_contact(peer: Peer, sender: str) -> None:
 
             forget_routes(peer.team_id)
         for field, value in updates.items():
-            setattr(peer, field, value)
+            if field != "status":
+                setattr(peer, field, value)
+        if "status" in updates:
+            peer.refresh_from_db(fields=["status"])
 
 
 def verify_kite_source(secret, headers, body, now, team_id=None):

@@ -49,6 +49,16 @@ class Endpoint:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def do_GET(self):  # the peer's /api/federation/ping
+                endpoint.requests.append(({k.lower(): v for k, v in self.headers.items()}, b""))
+                payload = json.dumps({"instance_id": "kite-b", "time": timezone.now().isoformat(),
+                                      "capabilities": {"batch_max": 100}}).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
             def log_message(self, *args):
                 pass
 
@@ -295,3 +305,16 @@ def test_sweeper_finds_due_peers_but_not_paused_ones(team, peer, endpoint):
     assert outbox.due_peer_ids() == [peer.pk]
     Peer.objects.filter(pk=peer.pk).update(paused="down")
     assert outbox.due_peer_ids() == []
+
+
+@pytest.mark.parametrize(("their_request_landed", "status"), [(False, "enrolled"), (True, "active")])
+def test_a_heartbeat_judges_the_state_by_the_row_as_it_is_now(team, peer, endpoint, their_request_landed, status):
+    """The peer's first request may land while our ping is on the wire: not stuck at enrolled."""
+    from federation import heartbeat
+
+    stale = Peer.objects.get(pk=peer.pk)  # read before the ping, as the heartbeat task does
+    if their_request_landed:
+        Peer.objects.filter(pk=peer.pk).update(last_inbound_at=timezone.now())
+    assert heartbeat.heartbeat(stale).ok
+    row = Peer.objects.get(pk=peer.pk)
+    assert row.status == status and row.batch_max == 100 and row.remote_instance_id == "kite-b"
