@@ -162,3 +162,20 @@ class InboundReceipt(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["peer", "msg_id"], name="uniq_inbound_receipt")]
         indexes = [models.Index(fields=["received_at"], name="receipt_age")]
+
+
+class Grant(models.Model):
+    """What a peer may read here (DESIGN §5): a bearer token `fg-<id>.<secret>`, digest only."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
+    peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="grants")
+    resource_kind = models.CharField(max_length=50)
+    resource_id = models.CharField(max_length=100, null=True, blank=True, help_text="null: every resource of the kind")
+    permission_scopes = models.JSONField(default=list)
+    source_cidrs = models.JSONField(default=list, help_text="empty: from anywhere")
+    secret_sha256 = models.CharField(max_length=64)
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self):
+        return f"fg-{self.pk} {self.resource_kind} → {self.peer_id}"

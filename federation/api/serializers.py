@@ -2,7 +2,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from federation import reachability
-from federation.models import Delivery, FederationToken, IdentityCertificate, OutboxEntry, Peer
+from federation.models import Delivery, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
 
 
@@ -59,6 +59,22 @@ class InvitationAcceptSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63, required=False, allow_blank=True, default="")
     scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
     max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
+
+
+class GrantCreateSerializer(serializers.Serializer):
+    resource_kind = serializers.CharField(max_length=50)
+    resource_id = serializers.CharField(max_length=100, required=False, allow_null=True, default=None)
+    permission_scopes = serializers.ListField(child=serializers.CharField(max_length=50), required=False,
+                                              default=lambda: ["read"])  # fmt: skip
+    source_cidrs = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
+    ttl_seconds = serializers.IntegerField(required=False, min_value=60, max_value=365 * 24 * 3600,
+                                           default=30 * 24 * 3600)  # fmt: skip
+
+
+class GrantSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Grant
+        fields = ["id", "resource_kind", "resource_id", "permission_scopes", "source_cidrs", "expires_at", "created_at"]
 
 
 class RotateSecretSerializer(serializers.Serializer):

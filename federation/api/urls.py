@@ -9,6 +9,8 @@ urlpatterns = [
     path("peers", views.PeerListCreate.as_view()),
     path("peers/<int:peer_id>", views.PeerDetail.as_view()),
     path("peers/<int:peer_id>/ping", views.PeerPing.as_view()),
+    path("peers/<int:peer_id>/grants", views.PeerGrants.as_view()),
+    path("peers/<int:peer_id>/grants/<int:grant_id>", views.PeerGrantDetail.as_view()),
     path("peers/<int:peer_id>/rotate-secret", views.PeerRotateSecret.as_view()),
     path("peers/<int:peer_id>/outbox", views.PeerOutbox.as_view()),
     path("peers/<int:peer_id>/replay-dead", views.PeerReplayDead.as_view()),

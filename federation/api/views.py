@@ -196,3 +196,25 @@ class InvitationAccept(APIView):
 
         peer = invitations.accept(team=request.user.team, **_valid(s.InvitationAcceptSerializer, request.data))
         return Response(_peer_body(peer), status=status.HTTP_201_CREATED)
+
+
+class PeerGrants(APIView):
+    def get(self, request, peer_id):
+        peer = _peer(request, peer_id)
+        return Response({"results": s.GrantSerializer(peer.grants.order_by("-created_at", "-id"), many=True).data})
+
+    def post(self, request, peer_id):
+        from federation import grants
+
+        peer = _peer(request, peer_id)
+        grant, token = grants.create(peer=peer, **_valid(s.GrantCreateSerializer, request.data))
+        return Response({**s.GrantSerializer(grant).data, "token": token}, status=status.HTTP_201_CREATED)
+
+
+class PeerGrantDetail(APIView):
+    def delete(self, request, peer_id, grant_id):
+        peer = _peer(request, peer_id)
+        deleted, _ = peer.grants.filter(pk=grant_id).delete()
+        if not deleted:
+            raise ApiError("No such grant for this peer.", Code.NOT_FOUND, status=404)
+        return Response(status=status.HTTP_204_NO_CONTENT)

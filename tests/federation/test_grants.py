@@ -1,0 +1,72 @@
+"""Grants (issue 4): a token shown once, digest stored; checked by kind, scope, TTL and CIDR."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from federation import grants
+from federation.models import Grant
+from tests.federation.test_api import PEER_URL, SECRET
+
+
+@pytest.fixture
+def peer_id(api):
+    return api.post("/api/federation/peers", {"name": "b", "peer_hook_url": PEER_URL, "outbound_token": SECRET},
+                    format="json").json()["id"]  # fmt: skip
+
+
+def _grant(api, peer_id, **body):
+    response = api.post(f"/api/federation/peers/{peer_id}/grants", {"resource_kind": "fleet.agents", **body},
+                        format="json")  # fmt: skip
+    assert response.status_code == 201, response.json()
+    return response.json()
+
+
+def test_a_grant_token_is_shown_once_and_only_its_digest_is_kept(api, peer_id):
+    created = _grant(api, peer_id)
+    token = created["token"]
+    assert token.startswith(f"fg-{created['id']}.")
+    row = Grant.objects.get(pk=created["id"])
+    assert token.split(".", 1)[1] not in row.secret_sha256
+    assert 29 <= (row.expires_at - timezone.now()).days <= 30  # 30 days by default
+    listed = api.get(f"/api/federation/peers/{peer_id}/grants").json()["results"]
+    assert [g["id"] for g in listed] == [created["id"]] and "token" not in listed[0]
+    assert grants.check(token, resource_kind="fleet.agents", client_ip="203.0.113.9").pk == created["id"]
+
+
+def test_expired_out_of_network_wrong_kind_or_forged_tokens_are_refused(api, peer_id):
+    token = _grant(api, peer_id, source_cidrs=["10.0.0.0/8"])["token"]
+    assert grants.check(token, resource_kind="fleet.agents", client_ip="10.1.2.3")
+    cases = [
+        (dict(client_ip="192.168.0.1"), "grant_source"),
+        (dict(client_ip="10.1.2.3", scope="write"), "grant_scope"),
+    ]
+    for kwargs, code in cases:
+        with pytest.raises(grants.Refused) as refused:
+            grants.check(token, resource_kind="fleet.agents", **kwargs)
+        assert refused.value.code == code
+    with pytest.raises(grants.Refused) as forged:
+        grants.check(token[:-2] + "xx", resource_kind="fleet.agents", client_ip="10.1.2.3")
+    assert forged.value.code == "bad_grant"
+    Grant.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    with pytest.raises(grants.Refused) as expired:
+        grants.check(token, resource_kind="fleet.agents", client_ip="10.1.2.3")
+    assert expired.value.code == "grant_expired"
+
+
+@pytest.mark.parametrize("body", [{"resource_kind": "secrets"}, {"resource_kind": "fleet.agents", "source_cidrs": ["nope"]},
+                                  {"resource_kind": "fleet.agents", "ttl_seconds": 5}])
+def test_bad_grant_requests_are_400_and_create_nothing(api, peer_id, body):
+    response = api.post(f"/api/federation/peers/{peer_id}/grants", body, format="json")
+    assert response.status_code == 400 and {"detail", "code"} <= set(response.json())
+    assert not Grant.objects.exists()
+
+
+def test_grants_stay_in_their_team_and_can_be_revoked(api, outsider_api, peer_id):
+    created = _grant(api, peer_id)
+    assert outsider_api.get(f"/api/federation/peers/{peer_id}/grants").status_code == 404
+    assert outsider_api.delete(f"/api/federation/peers/{peer_id}/grants/{created['id']}").status_code == 404
+    assert api.delete(f"/api/federation/peers/{peer_id}/grants/{created['id']}").status_code == 204
+    with pytest.raises(grants.Refused):
+        grants.check(created["token"], resource_kind="fleet.agents")
