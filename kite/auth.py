@@ -82,3 +82,25 @@ class IsTeamMember(permissions.BasePermission):
             return False
         request.user = principal  # views read request.user.team either way
         return True
+
+
+class _TeamAdminPermission(IsTeamMember):
+    """A team member who is a team admin (API keys act as team admins)."""
+
+    permission = ""
+
+    def has_permission(self, request, view):
+        if not super().has_permission(request, view):
+            return False
+        if not request.user.is_admin:
+            self.message = f"This needs the {self.permission} permission: team admins have it."
+            return False
+        return True
+
+
+class CanManagePeers(_TeamAdminPermission):
+    permission = "federation.manage_peer"
+
+
+class CanInvitePeers(_TeamAdminPermission):
+    permission = "federation.invite_peer"

@@ -9,6 +9,7 @@ from federation import certificates, outbox, selectors, services
 from federation.api import serializers as s
 from federation.errors import Code
 from federation.models import IdentityCertificate
+from kite.auth import CanInvitePeers, CanManagePeers
 from kite.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class Identity(APIView):
 
 
 class TokenListCreate(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request):
         return Response({"results": s.TokenSerializer(selectors.tokens(request.user.team.id), many=True).data})
 
@@ -48,6 +51,8 @@ class TokenListCreate(APIView):
 
 
 class TokenDetail(APIView):
+    permission_classes = [CanManagePeers]
+
     def delete(self, request, token_id):
         token = selectors.tokens(request.user.team.id).filter(pk=token_id).first()
         if token is None:
@@ -57,6 +62,8 @@ class TokenDetail(APIView):
 
 
 class PeerListCreate(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request):
         peers = list(selectors.peers(request.user.team.id))
         depths = selectors.outbox_depths([peer.pk for peer in peers])
@@ -68,6 +75,8 @@ class PeerListCreate(APIView):
 
 
 class PeerDetail(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request, peer_id):
         return Response(_peer_body(_peer(request, peer_id)))
 
@@ -91,6 +100,8 @@ class PeerDetail(APIView):
 class PeerPing(APIView):
     """Ping the peer now (signed GET of its /api/federation/ping) and say which factor failed."""
 
+    permission_classes = [CanManagePeers]
+
     def post(self, request, peer_id):
         from federation import heartbeat
 
@@ -101,6 +112,8 @@ class PeerPing(APIView):
 
 
 class PeerRotateSecret(APIView):
+    permission_classes = [CanManagePeers]
+
     def post(self, request, peer_id):
         peer = selectors.peer_for_team(request.user.team.id, peer_id, role=None)
         if peer is None or peer.status == peer.Status.REVOKED:
@@ -118,6 +131,8 @@ class PeerRotateSecret(APIView):
 
 
 class PeerOutbox(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
         wanted = request.query_params.get("status") or None
@@ -128,6 +143,8 @@ class PeerOutbox(APIView):
 
 
 class PeerReplayDead(APIView):
+    permission_classes = [CanManagePeers]
+
     def post(self, request, peer_id):
         peer = _peer(request, peer_id)
         limit = _valid(s.ReplaySerializer, request.data)["limit"]
@@ -135,12 +152,16 @@ class PeerReplayDead(APIView):
 
 
 class PeerDeliveries(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
         return Response({"results": s.DeliverySerializer(selectors.deliveries(peer), many=True).data})
 
 
 class TrustedSenderListCreate(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request):
         senders = selectors.trusted_senders(request.user.team.id)
         return Response({"results": s.TrustedSenderSerializer(senders, many=True).data})
@@ -153,6 +174,8 @@ class TrustedSenderListCreate(APIView):
 
 
 class TrustedSenderDetail(APIView):
+    permission_classes = [CanManagePeers]
+
     def delete(self, request, sender_id):
         services.peer_revoke(peer=_peer(request, sender_id, role="sender"))
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -162,6 +185,8 @@ class TrustedSenderDetail(APIView):
 
 
 class CertificateListCreate(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request):
         rows = IdentityCertificate.objects.filter(team_id=request.user.team.id).order_by("-created_at", "-id")
         return Response({"results": s.CertificateSerializer(rows, many=True).data})
@@ -172,6 +197,8 @@ class CertificateListCreate(APIView):
 
 
 class CertificateDetail(APIView):
+    permission_classes = [CanManagePeers]
+
     def delete(self, request, certificate_id):
         row = IdentityCertificate.objects.filter(team_id=request.user.team.id, pk=certificate_id).first()
         if row is None:
@@ -182,6 +209,8 @@ class CertificateDetail(APIView):
 
 
 class InvitationCreate(APIView):
+    permission_classes = [CanInvitePeers]
+
     def post(self, request):
         from federation import invitations
 
@@ -191,6 +220,8 @@ class InvitationCreate(APIView):
 
 
 class InvitationAccept(APIView):
+    permission_classes = [CanInvitePeers]
+
     def post(self, request):
         from federation import invitations
 
@@ -199,6 +230,8 @@ class InvitationAccept(APIView):
 
 
 class PeerGrants(APIView):
+    permission_classes = [CanManagePeers]
+
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
         return Response({"results": s.GrantSerializer(peer.grants.order_by("-created_at", "-id"), many=True).data})
@@ -212,6 +245,8 @@ class PeerGrants(APIView):
 
 
 class PeerGrantDetail(APIView):
+    permission_classes = [CanManagePeers]
+
     def delete(self, request, peer_id, grant_id):
         peer = _peer(request, peer_id)
         deleted, _ = peer.grants.filter(pk=grant_id).delete()

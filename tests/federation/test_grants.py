@@ -70,3 +70,50 @@ def test_grants_stay_in_their_team_and_can_be_revoked(api, outsider_api, peer_id
     assert api.delete(f"/api/federation/peers/{peer_id}/grants/{created['id']}").status_code == 204
     with pytest.raises(grants.Refused):
         grants.check(created["token"], resource_kind="fleet.agents")
+
+
+# --- permissions (issue 4): federation.manage_peer / federation.invite_peer ---------------
+
+
+@pytest.fixture
+def browser(team):
+    """Logged-in browser users of the team: a member and an admin."""
+    from django.contrib.auth import get_user_model
+    from rest_framework.test import APIClient
+
+    from kite import services
+    from kite.models import Membership
+
+    clients = {}
+    for role in (Membership.Role.MEMBER, Membership.Role.ADMIN):
+        user = get_user_model().objects.create_user(f"{role}-user", password="x")
+        services.membership_add(team=team, user=user, role=role)
+        client = APIClient()
+        client.force_authenticate(user)
+        clients[role] = client
+    return clients
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "permission"),
+    [
+        ("get", "/api/federation/peers", None, "federation.manage_peer"),
+        ("post", "/api/federation/peers", {"name": "x", "peer_hook_url": PEER_URL}, "federation.manage_peer"),
+        ("post", "/api/federation/certificates", {"subject": "x"}, "federation.manage_peer"),
+        ("post", "/api/federation/invitations", {"name": "x"}, "federation.invite_peer"),
+        ("post", "/api/federation/invitations/accept", {"invitation": "kite-invite-v1.x"}, "federation.invite_peer"),
+    ],
+)
+def test_members_may_not_manage_or_invite_peers_admins_may(browser, method, path, body, permission):
+    from federation.models import Peer
+
+    refused = getattr(browser["member"], method)(path, body, format="json")
+    assert refused.status_code == 403 and refused.json()["code"] == "permission_denied", refused.json()
+    assert permission in refused.json()["detail"]
+    assert not Peer.objects.exists()
+    allowed = getattr(browser["admin"], method)(path, body, format="json")
+    assert allowed.status_code != 403, allowed.json()
+
+
+def test_members_still_see_the_instance_identity(browser):
+    assert browser["member"].get("/api/federation/identity").status_code == 200
