@@ -515,3 +515,34 @@ def test_one_paste_invitation_reaches_active_on_both_sides_and_events_flow_both_
                            (late["peer_id"],))  # fmt: skip
     expired = b.api("POST", "/api/federation/invitations/accept", json={"invitation": late["invitation"], "name": "a5"})
     assert expired.status_code == 401 and expired.json()["code"] == "unknown_invitation", expired.text
+
+
+def test_ping_names_the_failing_factor_wrong_secret_wrong_pem_wrong_tls_pin(cluster):
+    """Issue 4, manual peering: each broken factor is named by Ping, and fixing it shows ok."""
+    a, b = cluster.start("pingf-a"), cluster.start("pingf-b")
+    a.api("POST", "/api/federation/certificates", json={"subject": "kite a"})
+    stranger = b.api("POST", "/api/federation/certificates", json={"subject": "not a"}).json()  # some other PEM
+    token = b.token("from-a")
+    peer = a.add_peer(b, "b", outbound_token=token, scopes=["nothing.*"])
+    sender = b.trust("a", token)
+
+    def ping():
+        return a.api("POST", f"/api/federation/peers/{peer['id']}/ping").json()
+
+    assert ping()["ok"]
+    # Wrong secret on A's side.
+    a.api("PATCH", f"/api/federation/peers/{peer['id']}", json={"outbound_token": "whsec_" + "A" * 43})
+    wrong = ping()
+    assert not wrong["ok"] and wrong["factors"]["secret"] == "mismatch", wrong
+    a.api("PATCH", f"/api/federation/peers/{peer['id']}", json={"outbound_token": token})
+    assert ping()["ok"]
+    # B pinned the wrong certificate for A.
+    b.api("DELETE", f"/api/federation/trusted-senders/{sender['id']}")
+    b.api("POST", "/api/federation/trusted-senders", json={"name": "a2", "inbound_token": token,
+                                                           "certificate_pem": stranger["pem"]})  # fmt: skip
+    pem = ping()
+    assert not pem["ok"] and pem["factors"]["certificate"] == "failed" and pem["factors"]["secret"] == "ok", pem
+    # A pinned the wrong TLS certificate for B.
+    a.api("PATCH", f"/api/federation/peers/{peer['id']}", json={"tls_fingerprint": "sha256:" + "0" * 64})
+    tls = ping()
+    assert not tls["ok"] and tls["factors"]["tls"] == "failed", tls
