@@ -128,14 +128,9 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
     certificate = _own_certificate(team)
     signer = certificates.signer_for(team.id)
     checked_here = crypto.new_webhook_secret()  # what we verify: never leaves except to A, once
+    from federation import grants
     from federation.selectors import server_tls_fingerprint
 
-    body = client.encode({
-        "code": offer["code"], "url": settings.KITE_PUBLIC_URL, "instance_id": settings.KITE_INSTANCE_ID,
-        "team_id": team.id, "hook_url": services.hook_url_for(team), "certificate_pem": certificate.pem,
-        "tls_fingerprint": server_tls_fingerprint() or None, "inbound_secret": checked_here,
-        "contract_version": CONTRACT_VERSION,
-    })  # fmt: skip
     target = client.Target(
         url=offer["url"].rstrip("/") + "/api/federation/handshake",
         secret=_code_secret(offer["code"]),
@@ -143,34 +138,50 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
         tls_fingerprint=offer.get("tls_fingerprint") or "",
         signer=signer,
     )
+    answered = False
     try:
-        answer = client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT)
-    except client.PeerCallError as failure:
-        status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
-        raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
-                       failure.code or "handshake_failed", status=status) from None  # fmt: skip
-    reply = answer.body if isinstance(answer.body, dict) else {}
-    try:
-        their_pem, their_thumbprint = certificates.parse_peer_pem(str(reply.get("certificate_pem", "")))
-        if their_thumbprint != offer["certificate_thumbprint"]:
-            raise ApiError("The inviting instance answered with another certificate than the invitation names.",
-                           Code.BAD_CERTIFICATE, status=502)  # fmt: skip
-        _verify_reply(answer, their_pem)
-        checked_there = services._check_secret(str(reply.get("inbound_secret", "")), "inbound_secret")
+        # Our row and the default grant for A exist only if the handshake completes: the
+        # transaction is rolled back otherwise (and A is told to drop its half).
         with transaction.atomic():
             peer = Peer(
                 team=team, name=name, role=Peer.Role.PEER, peer_hook_url=offer["hook_url"],
                 remote_instance_id=offer["instance_id"][:63], scopes=scopes,
                 tls_fingerprint=services._check_tls_fingerprint(offer.get("tls_fingerprint") or ""),
-                certificate_pem=their_pem, certificate_thumbprint=their_thumbprint, status=Peer.Status.ACCEPTED,
+                status=Peer.Status.ACCEPTED,
             )  # fmt: skip
             if max_hops is not None:
                 peer.max_hops = max_hops
             services._set_secret(peer, "inbound", checked_here)
-            services._set_secret(peer, "outbound", checked_there)
             services._save_new(peer)
+            _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents")
+            body = client.encode({
+                "code": offer["code"], "url": settings.KITE_PUBLIC_URL, "instance_id": settings.KITE_INSTANCE_ID,
+                "team_id": team.id, "hook_url": services.hook_url_for(team), "certificate_pem": certificate.pem,
+                "tls_fingerprint": server_tls_fingerprint() or None, "inbound_secret": checked_here,
+                "contract_version": CONTRACT_VERSION, "grant_token": grant_token,
+            })  # fmt: skip
+            try:
+                answer = client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT)
+            except client.PeerCallError as failure:
+                status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
+                raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
+                               failure.code or "handshake_failed", status=status) from None  # fmt: skip
+            answered = True
+            reply = answer.body if isinstance(answer.body, dict) else {}
+            their_pem, their_thumbprint = certificates.parse_peer_pem(str(reply.get("certificate_pem", "")))
+            if their_thumbprint != offer["certificate_thumbprint"]:
+                raise ApiError("The inviting instance answered with another certificate than the invitation names.",
+                               Code.BAD_CERTIFICATE, status=502)  # fmt: skip
+            _verify_reply(answer, their_pem)
+            services._set_secret(peer, "outbound", services._check_secret(str(reply.get("inbound_secret", "")),
+                                                                          "inbound_secret"))  # fmt: skip
+            peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint
+            if isinstance(reply.get("grant_token"), str) and reply["grant_token"].startswith("fg-"):
+                peer.remote_grant_encrypted = crypto.encrypt(reply["grant_token"][:200])
+            peer.save()
     except ApiError:
-        _abandon(target, offer)  # A stored its side: tell it to drop it, so no half-peer is left
+        if answered:
+            _abandon(target, offer)  # A stored its side: tell it to drop it, so no half-peer is left
         raise
     transaction.on_commit(lambda: _enrol_soon(peer.pk))
     return peer
@@ -254,8 +265,14 @@ def redeem(headers: dict[str, str], raw: bytes) -> tuple[dict, dict]:
         services._set_secret(peer, "outbound", checked_there)
         peer.status = Peer.Status.ACCEPTED
         peer.invitation_code_sha256, peer.invitation_expires_at = "", None  # single use
+        given = offer.get("grant_token")
+        if isinstance(given, str) and given.startswith("fg-"):
+            peer.remote_grant_encrypted = crypto.encrypt(given[:200])
         peer.save()
         team = peer.team
+        from federation import grants
+
+        _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents")  # the default, revocable
     # No ping from here yet: B stores its side only after this answer. B pings at once, and
     # its first signed request makes this side ping back (inbound._note_contact).
     from federation.api.peer_views import capabilities
@@ -263,6 +280,7 @@ def redeem(headers: dict[str, str], raw: bytes) -> tuple[dict, dict]:
     body = {
         "instance_id": settings.KITE_INSTANCE_ID, "certificate_pem": _own_certificate(team).pem,
         "inbound_secret": checked_here, "capabilities": capabilities(), "peer_name": peer.name,
+        "grant_token": grant_token,
     }  # fmt: skip
     encoded = client.encode(body)
     signer = certificates.signer_for(team.id)

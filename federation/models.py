@@ -77,6 +77,8 @@ class Peer(models.Model):
     # An invitation we issued (status proposed): only the code's SHA-256 is kept, until redeemed.
     invitation_code_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
     invitation_expires_at = models.DateTimeField(null=True, blank=True)
+    # The grant token the peer gave us (e.g. to read its fleet), MultiFernet-encrypted.
+    remote_grant_encrypted = models.TextField(blank=True)
     batch_max = models.PositiveIntegerField(null=True, blank=True, help_text="Learned from the peer's ping")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACCEPTED)
     paused = models.CharField(max_length=12, choices=Pause.choices, default=Pause.NONE, blank=True)

@@ -95,6 +95,7 @@ class CertificateSerializer(serializers.ModelSerializer):
 
 class PeerSerializer(serializers.ModelSerializer):
     reachability = serializers.SerializerMethodField()
+    has_remote_grant = serializers.SerializerMethodField()
     outbox = serializers.SerializerMethodField()
 
     class Meta:
@@ -103,7 +104,7 @@ class PeerSerializer(serializers.ModelSerializer):
             "id", "name", "role", "status", "reachability", "paused", "peer_hook_url", "scopes", "max_hops",
             "rate_limit_per_second", "tls_fingerprint", "certificate_thumbprint", "remote_instance_id", "outbound_fingerprint",
             "inbound_fingerprint", "batch_max", "consecutive_failures", "last_error", "last_heartbeat_at",
-            "last_success_at", "last_latency_ms", "last_inbound_at", "outbox", "created_at",
+            "last_success_at", "last_latency_ms", "last_inbound_at", "outbox", "has_remote_grant", "created_at",
         ]  # fmt: skip
 
     def get_reachability(self, peer) -> str:
@@ -114,6 +115,9 @@ class PeerSerializer(serializers.ModelSerializer):
             last_latency_ms=peer.last_latency_ms,
             last_attempt_ok=peer.last_attempt_at is not None and peer.last_attempt_at == peer.last_success_at,
         )
+
+    def get_has_remote_grant(self, peer) -> bool:
+        return bool(peer.remote_grant_encrypted)
 
     def get_outbox(self, peer) -> dict:
         depth = self.context.get("depths", {}).get(peer.pk)

@@ -485,6 +485,11 @@ def test_one_paste_invitation_reaches_active_on_both_sides_and_events_flow_both_
     assert a.peer(a_side)["inbound_fingerprint"] == b.peer(b_side)["outbound_fingerprint"]
     assert b.peer(b_side)["inbound_fingerprint"] == a.peer(a_side)["outbound_fingerprint"]
     assert a.peer(a_side)["certificate_thumbprint"] and b.peer(b_side)["certificate_thumbprint"]
+    # Each side granted the other the default, revocable fleet.agents read, and holds the other's token.
+    for kite, side in ((a, a_side), (b, b_side)):
+        granted = kite.api("GET", f"/api/federation/peers/{side}/grants").json()["results"]
+        assert [g["resource_kind"] for g in granted] == ["fleet.agents"], granted
+        assert kite.peer(side)["has_remote_grant"] is True
     to_b, to_a = f"evt_{secrets.token_hex(4)}", f"evt_{secrets.token_hex(4)}"
     a.post_event("plain", to_b)
     b.post_event("plain", to_a)
