@@ -86,20 +86,26 @@ def main(argv=None) -> int:
                 rates[variant].append(result["steady_rate"])
                 cpu[variant].append(sum(v for k, v in result["cpu_us"].items() if k != "redis"))
                 log(f"round {r + 1} {variant}: {rates[variant][-1]:.0f} events/s, {cpu[variant][-1]:.0f} µs CPU/event")
-        batched = {"v1 only": [], "v1 + v1a": []}
+        batched, bcpu = {"v1 only": [], "v1 + v1a": []}, {"v1 only": [], "v1 + v1a": []}
         for r in range(own.rounds):
             for variant in ("v1 only", "v1 + v1a") if r % 2 == 0 else ("v1 + v1a", "v1 only"):
                 set_factors(bench, variant == "v1 + v1a")
                 result = fb.throughput_round(bench, True, own.batched_events, f"trustb{r}{variant[-1]}")
                 batched[variant].append(result["steady_rate"])
+                bcpu[variant].append(sum(v for k, v in result["cpu_us"].items() if k != "redis"))
                 log(f"batched round {r + 1} {variant}: {batched[variant][-1]:.0f} events/s")
         # Each pair of rounds ran back to back: the ratio within a pair is steadier than the medians.
         pair = med([b / a for a, b in zip(rates["v1 only"], rates["v1 + v1a"], strict=True)])
         bpair = med([b / a for a, b in zip(batched["v1 only"], batched["v1 + v1a"], strict=True)])
         bbase, bboth = med(batched["v1 only"]), med(batched["v1 + v1a"])
+        bcpu_base = med(bcpu["v1 only"])
         base, both = med(rates["v1 only"]), med(rates["v1 + v1a"])
         cpu_base, cpu_both = med(cpu["v1 only"]), med(cpu["v1 + v1a"])
         sign_us, verify_us = factor_costs()
+        probe = auth_costs(bench)
+        extra = (probe["sign_both"] - probe["sign_v1"]) + (probe["auth_both"] - probe["auth_v1"])
+        log(f"in-process: sign {probe['sign_v1']:.0f} → {probe['sign_both']:.0f} µs, authenticate "
+            f"{probe['auth_v1']:.0f} → {probe['auth_both']:.0f} µs; +{extra:.0f} µs per request")  # fmt: skip
         lines = [
             "<!-- bench:trust:start -->",
             f"### Trust (issue 4): run of {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
@@ -126,6 +132,14 @@ def main(argv=None) -> int:
             f"{cpu_base:.0f} µs a delivered unbatched event costs. Measured: throughput "
             f"{100 * (base - both) / base:+.1f} %, CPU per event {100 * (cpu_both - cpu_base) / cpu_base:+.1f} %. "
             "Unbatched is the worst case: one signature per event.",
+            "",
+            f"The same, measured in process (B's settings and database, no network, median of 10 × 200 requests, "
+            f"alternating): signing {probe['sign_v1']:.0f} → {probe['sign_both']:.0f} µs, authenticating "
+            f"{probe['auth_v1']:.0f} → {probe['auth_both']:.0f} µs: **+{extra:.0f} µs per request** for the second "
+            f"factor, **{100 * extra / cpu_base:.1f} %** of the {cpu_base:.0f} µs of CPU a delivered event costs "
+            f"unbatched, and {100 * extra / 500 / bcpu_base:.2f} % of the {bcpu_base:.0f} µs it costs batched (one "
+            f"request per 500 events). Target ≤ 5 %: {fb.verdict(100 * extra / cpu_base <= 5)} on this measure, "
+            "even unbatched.",
             "",
             f"Batched — the default: every Kite peer advertises `batch_max` in its ping, and one signature then covers "
             f"up to 500 events — {own.batched_events} events per round, {own.rounds} rounds per variant, alternating:",
@@ -165,6 +179,62 @@ def write_results(section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
     log(f"written to {path}")
+
+
+AUTH_PROBE = r"""
+import json, statistics, sys, time
+import django
+django.setup()
+from django.db import transaction
+from federation import certificates, inbound, services, signing
+from federation.models import IdentityCertificate, Peer
+from kite.models import Team
+
+body = sys.argv[1].encode()
+rounds = int(sys.argv[2])
+team = Team.objects.get(name="default")
+out = {"sign_v1": [], "sign_both": [], "auth_v1": [], "auth_both": []}
+with transaction.atomic():  # rolled back at the end: B's database is left as it was
+    cert = certificates.issue(team=team, subject="probe")
+    signer = certificates.signer_for(team.id)
+    secret = "whsec_" + "cHJvYmUtc2VjcmV0LWZvci10aGUtdHJ1c3QtYmVuY2g="
+    plain = services.trusted_sender_create(team=team, name="probe-v1", inbound_token=secret).row
+    pinned = services.trusted_sender_create(team=team, name="probe-both", inbound_token=secret, certificate_pem=cert.pem).row
+    Peer.objects.filter(pk=plain.pk).update(remote_instance_id="probe-v1")
+    Peer.objects.filter(pk=pinned.pk).update(remote_instance_id="probe-both")
+    def sign(both, sender):
+        return signing.sign_headers(secret=secret, msg_id=f"m{time.monotonic_ns()}", timestamp=int(time.time()),
+                                    body=body, sender_id=sender, ed25519_sign=signer.sign if both else None,
+                                    key_thumbprint=signer.thumbprint if both else None)
+    for r in range(rounds):
+        for both in (False, True) if r % 2 == 0 else (True, False):
+            tag, sender = ("both", "probe-both") if both else ("v1", "probe-v1")
+            start = time.perf_counter()
+            headers = [sign(both, sender) for _ in range(200)]
+            out["sign_" + tag].append((time.perf_counter() - start) / 200 * 1e6)
+            start = time.perf_counter()
+            for h in headers:
+                inbound.authenticate(h, body, team_id=team.id)
+            out["auth_" + tag].append((time.perf_counter() - start) / 200 * 1e6)
+    transaction.set_rollback(True)
+print(json.dumps({k: statistics.median(v) for k, v in out.items()}))
+"""
+
+
+def auth_costs(bench, rounds: int = 10) -> dict:
+    """In B's environment and database: µs per request to sign (A's side) and to authenticate
+    (B's side, incl. the candidate query) with v1 only and with v1 + v1a — no network, no noise
+    from the other instance."""
+    import json
+    import subprocess
+
+    body = fb.payload("x", "com.bench.auth")
+    done = subprocess.run([sys.executable, "-c", AUTH_PROBE, body.decode(), str(rounds)], cwd=ROOT,
+                          env={**bench.b.env, "DJANGO_SETTINGS_MODULE": "kite.settings"}, capture_output=True,
+                          text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"auth probe failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def factor_costs() -> tuple[float, float]:
