@@ -39,16 +39,29 @@ CONF
   fi
   if ! as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" status >/dev/null 2>&1; then
     # KITE_PG_OPTIONS: extra server options, e.g. "-c track_commit_timestamp=on" (bench/federation.py)
-    as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg.log" -w -t 60 ${KITE_PG_OPTIONS:+-o "$KITE_PG_OPTIONS"} start >/dev/null
+    # The ports lie in Linux's ephemeral range: a client socket of some other program can hold
+    # one for a while (TIME_WAIT). Try again rather than fail the run.
+    for attempt in 1 2 3 4 5 6; do
+      as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg.log" -w -t 60 ${KITE_PG_OPTIONS:+-o "$KITE_PG_OPTIONS"} start >/dev/null && break
+      [ "$attempt" = 6 ] && { echo "services: PostgreSQL did not start on $PG_PORT; see $DIR/pg.log" >&2; exit 1; }
+      echo "services: PostgreSQL did not start on $PG_PORT (attempt $attempt); retrying in 10 s" >&2
+      sleep 10
+    done
   fi
   echo "services: PostgreSQL on 127.0.0.1:$PG_PORT"
 }
 
 start_redis() {
   if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-      --daemonize yes --pidfile "$DIR/redis.pid" --logfile "$DIR/redis.log" --dir "$DIR"
-    for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    for attempt in 1 2 3 4 5 6; do
+      redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+        --daemonize yes --pidfile "$DIR/redis.pid" --logfile "$DIR/redis.log" --dir "$DIR"
+      for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+      redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
+      [ "$attempt" = 6 ] && { echo "services: Redis did not start on $REDIS_PORT; see $DIR/redis.log" >&2; exit 1; }
+      echo "services: Redis did not start on $REDIS_PORT (attempt $attempt); retrying in 10 s" >&2
+      sleep 10
+    done
   fi
   echo "services: Redis on 127.0.0.1:$REDIS_PORT"
 }
