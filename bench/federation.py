@@ -1006,8 +1006,9 @@ def markers() -> tuple[str, str]:
     return f"<!-- bench:{SECTION}:start -->", f"<!-- bench:{SECTION}:end -->"
 
 
-def write_results(section: str) -> None:
-    start, end = markers()
+def write_results(section: str, marks: tuple[str, str] | None = None) -> None:
+    """Put `section` between its markers in bench/RESULTS.md (appended the first time)."""
+    start, end = marks or markers()
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if start in text and end in text:
         before, rest = text.split(start, 1)

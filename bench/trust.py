@@ -60,6 +60,21 @@ def set_factors(bench, both: bool) -> None:
     time.sleep(1.2)  # A's worker re-reads its peer (and so its signer) at most once a second
 
 
+def alternate(bench, rounds: int, batched: bool, events: int) -> tuple[dict, dict]:
+    """Throughput rounds, v1 only and v1 + v1a back to back, the order alternating:
+    ({variant: [events/s]}, {variant: [CPU µs per event of A + B + PostgreSQL]})."""
+    rates, cpu = {"v1 only": [], "v1 + v1a": []}, {"v1 only": [], "v1 + v1a": []}
+    kind = "batched" if batched else "unbatched"
+    for r in range(rounds):
+        for variant in ("v1 only", "v1 + v1a") if r % 2 == 0 else ("v1 + v1a", "v1 only"):
+            set_factors(bench, variant == "v1 + v1a")
+            result = fb.throughput_round(bench, batched, events, f"trust{kind[0]}{r}{variant[-1]}")
+            rates[variant].append(result["steady_rate"])
+            cpu[variant].append(sum(v for k, v in result["cpu_us"].items() if k != "redis"))
+            log(f"{kind} round {r + 1} {variant}: {rates[variant][-1]:.0f} events/s, {cpu[variant][-1]:.0f} µs CPU/event")
+    return rates, cpu
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--invitations", type=int, default=7, help="invitation rounds")
@@ -78,22 +93,8 @@ def main(argv=None) -> int:
         seconds = [invitation_round(bench, n) for n in range(own.invitations)]
         log("invitation → active on both sides, s: " + ", ".join(f"{s:.2f}" for s in seconds)
             + f"; median {med(seconds):.2f}, max {max(seconds):.2f}")  # fmt: skip
-        rates, cpu = {"v1 only": [], "v1 + v1a": []}, {"v1 only": [], "v1 + v1a": []}
-        for r in range(own.rounds):
-            for variant in ("v1 only", "v1 + v1a") if r % 2 == 0 else ("v1 + v1a", "v1 only"):
-                set_factors(bench, variant == "v1 + v1a")
-                result = fb.throughput_round(bench, False, own.events, f"trust{r}{variant[-1]}")
-                rates[variant].append(result["steady_rate"])
-                cpu[variant].append(sum(v for k, v in result["cpu_us"].items() if k != "redis"))
-                log(f"round {r + 1} {variant}: {rates[variant][-1]:.0f} events/s, {cpu[variant][-1]:.0f} µs CPU/event")
-        batched, bcpu = {"v1 only": [], "v1 + v1a": []}, {"v1 only": [], "v1 + v1a": []}
-        for r in range(own.rounds):
-            for variant in ("v1 only", "v1 + v1a") if r % 2 == 0 else ("v1 + v1a", "v1 only"):
-                set_factors(bench, variant == "v1 + v1a")
-                result = fb.throughput_round(bench, True, own.batched_events, f"trustb{r}{variant[-1]}")
-                batched[variant].append(result["steady_rate"])
-                bcpu[variant].append(sum(v for k, v in result["cpu_us"].items() if k != "redis"))
-                log(f"batched round {r + 1} {variant}: {batched[variant][-1]:.0f} events/s")
+        rates, cpu = alternate(bench, own.rounds, False, own.events)
+        batched, bcpu = alternate(bench, own.rounds, True, own.batched_events)
         # Each pair of rounds ran back to back: the ratio within a pair is steadier than the medians.
         pair = med([b / a for a, b in zip(rates["v1 only"], rates["v1 + v1a"], strict=True)])
         bpair = med([b / a for a, b in zip(batched["v1 only"], batched["v1 + v1a"], strict=True)])
@@ -163,22 +164,11 @@ def main(argv=None) -> int:
         section = "\n".join(lines)
         print(section)
         if not own.no_write:
-            write_results(section)
+            fb.write_results(section, ("<!-- bench:trust:start -->", "<!-- bench:trust:end -->"))
+            log("written to bench/RESULTS.md")
     finally:
         bench.stop()
     return 0
-
-
-def write_results(section: str) -> None:
-    path, start, end = ROOT / "bench" / "RESULTS.md", "<!-- bench:trust:start -->", "<!-- bench:trust:end -->"
-    text = path.read_text()
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-    log(f"written to {path}")
 
 
 AUTH_PROBE = r"""

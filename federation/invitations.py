@@ -200,9 +200,9 @@ def _verify_reply(answer, their_pem: str) -> None:
 
 
 def _abandon(target: client.Target, offer: dict) -> None:
+    """`target` is A's handshake endpoint: DELETE there withdraws the half A stored."""
     try:
-        client.call(client.Target(**{**target.__dict__, "url": offer["url"].rstrip("/") + "/api/federation/handshake"}),
-                    "DELETE", client.encode({"code": offer["code"]}), timeout=HANDSHAKE_TIMEOUT)  # fmt: skip
+        client.call(target, "DELETE", client.encode({"code": offer["code"]}), timeout=HANDSHAKE_TIMEOUT)
     except client.PeerCallError:
         pass
 
