@@ -181,3 +181,28 @@ class Grant(models.Model):
 
     def __str__(self):
         return f"fg-{self.pk} {self.resource_kind} → {self.peer_id}"
+
+
+class AuditEvent(models.Model):
+    """One audited happening (DESIGN §7): an admin action, a peer call either way, a refusal."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+", null=True, blank=True)
+    at = models.DateTimeField(default=timezone.now)
+    action = models.CharField(max_length=60, help_text="e.g. Federation.PeerCalled, Peer.Created, Auth.Failed")
+    # The peer's name as it was (a deleted peer's audit rows stay readable); the FK while it exists.
+    peer = models.ForeignKey(Peer, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    peer_name = models.CharField(max_length=63, blank=True)
+    actor = models.CharField(max_length=120, blank=True, help_text="who: an API key, a user, a peer, the system")
+    endpoint = models.CharField(max_length=200, blank=True)
+    outcome = models.CharField(max_length=40, blank=True, help_text="ok, or the failure code (bad_secret, …)")
+    detail = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["team", "-at"], name="audit_team_at"),
+            models.Index(fields=["at"], name="audit_age"),
+        ]
+
+    def __str__(self):
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.action} {self.peer_name} {self.outcome}"
