@@ -112,6 +112,16 @@ def route_event(event: Event, sender) -> None:
             transaction.on_commit(lambda peer_id=peer_id: kick(peer_id))
 
 
+def _routes_idle_for(source) -> bool:
+    """This process knows the source's team has no peer to route to at the routes version read
+    with the source. Never reads: what is not cached (yet) is not known to be idle."""
+    cached = _routes.get(source.team_id)
+    return cached is not None and cached[0] == getattr(source, "team_routes_version", None) and not cached[1]
+
+
+route_event.idle_for = _routes_idle_for
+
+
 def _decide(event, forward, peer, sender) -> routing.Decision:
     if sender is not None and getattr(sender, "pk", None) == peer.pk:
         return routing.Decision(False, "loop_chain")  # never straight back to whoever sent it

@@ -14,6 +14,13 @@ listener_connected: list[Callable] = []
 listener_disconnected: list[Callable] = []
 
 
+def event_stored_idle(source) -> bool:
+    """True when every event_stored hook says it has nothing to write for an event of `source`
+    (a hook says so through an `idle_for(source)` attribute): ingest may then store a lone
+    event with one statement instead of a transaction."""
+    return all(getattr(hook, "idle_for", None) is not None and hook.idle_for(source) for hook in event_stored)
+
+
 def on_event_stored(func: Callable) -> Callable:
     event_stored.append(func)
     return func

@@ -1,5 +1,6 @@
 """Reads of stored events, in cursor order."""
 
+import copy
 import functools
 import re
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Q
 
-from ingest import lookups  # noqa: F401  (registers __glob)
+from ingest import hooks, lookups  # noqa: F401  (registers __glob)
 from ingest.errors import Code
 from ingest.models import Event, Source
 from kite.errors import ApiError
@@ -111,9 +112,11 @@ def _source_for_hook_sql() -> tuple[str, list[str]]:
     source, team = qn(Source._meta.db_table), qn(Team._meta.db_table)
     fields = Source._meta.concrete_fields
     columns = ", ".join(f"{source}.{qn(field.column)}" for field in fields)
+    # PostgreSQL: the row's xmin, which every UPDATE changes, is the version a cached copy is checked by.
+    version = f", {source}.xmin::text AS row_version" if connection.vendor == "postgresql" else ""
     sql = (
         f"SELECT {columns}, {team}.{qn('routes_version')} AS team_routes_version,"
-        f" {team}.{qn('listening_until')} AS team_listening_until FROM {source}"
+        f" {team}.{qn('listening_until')} AS team_listening_until{version} FROM {source}"
         f" JOIN {team} ON {team}.{qn('id')} = {source}.{qn('team_id')}"
         f" WHERE {source}.{qn('team_id')} = %s AND {source}.{qn('name')} = %s"
     )
@@ -124,7 +127,8 @@ def source_for_hook(team_id: str, name: str) -> Source | None:
     """The read every webhook makes ((team, name) is unique), as plain SQL: the ORM's query
     compilation cost more CPU than the query itself (bench/RESULTS.md). The source carries
     its team's `routes_version` and `listening_until` as `team_routes_version` (for the
-    federation routing hook) and `team_listening_until` (for the broadcast)."""
+    federation routing hook) and `team_listening_until` (for the broadcast), and on
+    PostgreSQL the row's version as `row_version` (see `source_for_hook_cached`)."""
     sql, attnames = _source_for_hook_sql()
     if connection.vendor != "postgresql":  # SQLite hands some columns back as text: let the ORM convert
         found = list(Source.objects.raw(sql, [team_id, name]))
@@ -134,6 +138,30 @@ def source_for_hook(team_id: str, name: str) -> Source | None:
         row = cursor.fetchone()
     if row is None:
         return None
-    found = Source.from_db(connection.alias, attnames, row[:-2])
-    found.team_routes_version, found.team_listening_until = row[-2:]
+    found = Source.from_db(connection.alias, attnames, row[:-3])
+    found.team_routes_version, found.team_listening_until, found.row_version = row[-3:]
+    found.from_cache = False
+    if len(_hook_sources) >= HOOK_SOURCE_CACHE_SIZE:
+        _hook_sources.clear()  # a crude bound: only an instance with that many live sources refills
+    _hook_sources[(team_id, name)] = found
+    return copy.copy(found)
+
+
+# Sources as last read by this process, by (team, name), on PostgreSQL. A copy is used only
+# for a team no event_stored hook writes for (no peers to route to): the webhook is verified
+# with it and its event stored by one statement that also checks that the source row (its
+# xmin) and the team's routes_version are still what was read; a webhook whose check fails,
+# or that is a batch, is verified again against a fresh read (ingest.views). So a rotated
+# secret, a changed rate limit or a deleted source is honoured exactly as without the cache.
+HOOK_SOURCE_CACHE_SIZE = 4096
+_hook_sources: dict[tuple[str, str], Source] = {}
+
+
+def source_for_hook_cached(team_id: str, name: str) -> Source | None:
+    """`source_for_hook`, from this process's copy when it has one (`from_cache` says which)."""
+    cached = _hook_sources.get((team_id, name))
+    if cached is None or not hooks.event_stored_idle(cached):
+        return source_for_hook(team_id, name)  # an event some hook writes for is stored in a transaction
+    found = copy.copy(cached)
+    found.from_cache = True
     return found

@@ -33,8 +33,8 @@ def _read_body(request) -> bytes:
     return body
 
 
-def _source(team_id: str, name: str):
-    source = selectors.source_for_hook(team_id, name)
+def _source(team_id: str, name: str, *, fresh: bool = False):
+    source = (selectors.source_for_hook if fresh else selectors.source_for_hook_cached)(team_id, name)
     if source is not None:
         return source
     if kite_selectors.team_by_id(team_id) is None:
@@ -57,9 +57,12 @@ def hook(request, team_id: str, source: str):
         found = _source(team_id, source)
         label = found.name
         body = _read_body(request)
-        result = services.webhook_receive(
-            source=found, headers=verifiers.lower_headers(request.headers), body=body
-        )
+        headers = verifiers.lower_headers(request.headers)
+        try:
+            result = services.webhook_receive(source=found, headers=headers, body=body)
+        except services.SourceChanged:  # verified against a cached copy that is out of date: again
+            found = _source(team_id, source, fresh=True)
+            result = services.webhook_receive(source=found, headers=headers, body=body)
     except ApiError as exc:
         metrics.EVENTS_INGESTED.labels(label, exc.code).inc()
         return _answer(exc.response())

@@ -66,3 +66,51 @@ def insert(objs: list, *, skip_conflicts_on: tuple[str, ...] = ()) -> list:
             setattr(obj, field.attname, value)
         obj._state.adding, obj._state.db = False, connection.alias
     return inserted
+
+
+def _cast(field) -> str:
+    """The type a parameter is cast to in INSERT … SELECT, where the column does not type it.
+    Strings go as text, so the column's own length check still applies on assignment."""
+    db_type = field.db_type(connection)
+    return "text" if db_type.startswith("varchar") else db_type
+
+
+@functools.cache
+def _guarded_insert_sql(model, guard: str, conflict_on: tuple[str, ...]) -> tuple[str, list, list]:
+    qn = connection.ops.quote_name
+    meta = model._meta
+    _, written, returned = _insert_sql(model, 1)
+    columns = ", ".join(qn(meta.get_field(name).column) for name in conflict_on)
+    sql = (
+        f"WITH guard AS ({guard}), inserted AS ("
+        f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in written)}) "
+        f"SELECT {', '.join(f'%s::{_cast(f)}' for f in written)} FROM guard "
+        f"ON CONFLICT ({columns}) DO NOTHING RETURNING {', '.join(qn(f.column) for f in returned)}) "
+        f"SELECT * FROM guard LEFT JOIN inserted ON TRUE"
+    )
+    return sql, written, returned
+
+
+def insert_guarded(obj, *, guard: str, guard_params: list, skip_conflicts_on: tuple[str, ...]):
+    """One statement (PostgreSQL only): INSERT `obj` only if the `guard` query (at most one row)
+    finds a row, skipping it if its `skip_conflicts_on` key is already stored.
+
+    Returns (guard_row, inserted): guard_row is None when the guard found nothing (nothing
+    inserted); otherwise the guard's columns, and `inserted` says whether `obj` went in (its
+    primary key and db_default fields are then set) or met a stored duplicate."""
+    if connection.vendor != "postgresql":
+        raise NotImplementedError("insert_guarded needs PostgreSQL")
+    sql, written, returned = _guarded_insert_sql(type(obj), guard, tuple(skip_conflicts_on))
+    params = list(guard_params) + [field.get_db_prep_save(field.pre_save(obj, True), connection) for field in written]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None, False
+    guard_row, inserted_row = row[: -len(returned)], row[-len(returned):]
+    if inserted_row[0] is None:
+        return guard_row, False
+    for field, value in zip(returned, inserted_row, strict=True):
+        setattr(obj, field.attname, value)
+    obj._state.adding, obj._state.db = False, connection.alias
+    return guard_row, True

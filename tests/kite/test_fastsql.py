@@ -56,3 +56,35 @@ def test_skipping_conflicts_returns_only_what_was_inserted():
     assert [e.ce_id for e in inserted] == ["b", "c"] and all(e.pk and e.txid for e in inserted)
     assert batch[1].pk is None and batch[1]._state.adding  # the stored copy was left alone
     assert Event.objects.get(ce_id="a").pk == first.pk and Event.objects.count() == 3
+
+
+GUARD = "SELECT 7 AS seven FROM ingest_source WHERE id = %s"
+DEDUP = ("team", "ce_source", "ce_id")
+
+
+@pytest.mark.django_db
+def test_insert_guarded_inserts_only_when_the_guard_finds_a_row_and_skips_a_stored_key():
+    team = TeamFactory()
+    source = Source.objects.create(team=team, name="s", kind="none")
+    first = _event(source, "g1")
+    assert fastsql.insert_guarded(first, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP) == ((7,), True)
+    stored = Event.objects.get(ce_id="g1")
+    assert (stored.pk, stored.txid) == (first.pk, first.txid) and stored.extensions == {"x": {"y": 1}}
+    assert stored.data == '{"a": [1, "é"]}' and not first._state.adding
+
+    again = _event(source, "g1")
+    assert fastsql.insert_guarded(again, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP) == ((7,), False)
+    assert again.pk is None and Event.objects.filter(ce_id="g1").count() == 1
+
+    refused = _event(source, "g2")
+    answer = fastsql.insert_guarded(refused, guard=GUARD, guard_params=[-1], skip_conflicts_on=DEDUP)
+    assert answer == (None, False) and not Event.objects.filter(ce_id="g2").exists()
+
+
+@pytest.mark.django_db
+def test_insert_guarded_still_checks_column_lengths():
+    from django.db import DataError
+
+    source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
+    with pytest.raises(DataError), transaction.atomic():
+        fastsql.insert_guarded(_event(source, "x" * 256), guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
