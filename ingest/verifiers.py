@@ -149,3 +149,13 @@ def register_verifier(kind: str, verifier: Verifier) -> None:
 
 def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {name.lower(): value for name, value in headers.items()}
+
+
+def headers_of(meta: Mapping[str, str]) -> dict[str, str]:
+    """A WSGI request's headers, names lower-case (`lower_headers(request.headers)` without
+    building Django's HttpHeaders first: a webhook reads its headers once)."""
+    headers = {name[5:].replace("_", "-").lower(): value for name, value in meta.items() if name.startswith("HTTP_")}
+    for name in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if meta.get(name):
+            headers[name.replace("_", "-").lower()] = meta[name]
+    return headers

@@ -57,7 +57,7 @@ def hook(request, team_id: str, source: str):
         found = _source(team_id, source)
         label = found.name
         body = _read_body(request)
-        headers = verifiers.lower_headers(request.headers)
+        headers = verifiers.headers_of(request.META)
         try:
             result = services.webhook_receive(source=found, headers=headers, body=body)
         except services.SourceChanged:  # verified against a cached copy that is out of date: again

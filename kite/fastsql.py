@@ -11,7 +11,7 @@ the primary key, as `Model.save()` does. Other databases use the ORM.
 
 import functools
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 
 @functools.cache
@@ -51,8 +51,9 @@ def insert(objs: list, *, skip_conflicts_on: tuple[str, ...] = ()) -> list:
             model.objects.bulk_create(objs)
         return objs
     sql, written, returned = _insert_sql(model, len(objs), tuple(skip_conflicts_on))
-    params = [field.get_db_prep_save(field.pre_save(obj, True), connection) for obj in objs for field in written]
-    with connection.cursor() as cursor:
+    db = connections[DEFAULT_DB_ALIAS]  # `connection` is a proxy: one thread-local lookup, not one per value
+    params = [field.get_db_prep_save(field.pre_save(obj, True), db) for obj in objs for field in written]
+    with db.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     if skip_conflicts_on:  # only inserted rows come back: match them by their key
@@ -101,8 +102,9 @@ def insert_guarded(obj, *, guard: str, guard_params: list, skip_conflicts_on: tu
     if connection.vendor != "postgresql":
         raise NotImplementedError("insert_guarded needs PostgreSQL")
     sql, written, returned = _guarded_insert_sql(type(obj), guard, tuple(skip_conflicts_on))
-    params = list(guard_params) + [field.get_db_prep_save(field.pre_save(obj, True), connection) for field in written]
-    with connection.cursor() as cursor:
+    db = connections[DEFAULT_DB_ALIAS]  # `connection` is a proxy: one thread-local lookup, not one per value
+    params = list(guard_params) + [field.get_db_prep_save(field.pre_save(obj, True), db) for field in written]
+    with db.cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
     if row is None:

@@ -254,3 +254,12 @@ def test_lower_headers_makes_lookups_case_insensitive():
         "stripe-signature": "x",
         "x-github-event": "push",
     }
+
+
+def test_headers_of_a_wsgi_request_match_lower_headers_of_djangos_view():
+    from django.test import RequestFactory
+
+    request = RequestFactory().post("/x", b"{}", content_type="application/json", HTTP_STRIPE_SIGNATURE="t=1,v1=ab",
+                                    HTTP_X_GITHUB_EVENT="push", HTTP_WEBHOOK_ID="msg_1")  # fmt: skip
+    assert verifiers.headers_of(request.META) == verifiers.lower_headers(request.headers)
+    assert verifiers.headers_of(request.META)["stripe-signature"] == "t=1,v1=ab"
