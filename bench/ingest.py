@@ -11,8 +11,10 @@ through the API and then, alternating in the same run on the same server:
    - POST /hooks/{team}/{source}: real Stripe webhooks, each with a fresh
      Stripe-Signature (HMAC-SHA256, timestamp of this round) and a unique id;
    - POST /bench/bare/{team}/{source}: the same Django stack doing the same
-     INSERT into ingest_event in one transaction and nothing else (the physical
-     ceiling of the database path); and optionally /bench/noop (no database).
+     INSERT into ingest_event as one autocommit statement (its own durable
+     transaction, as a real webhook of a team without peers is stored) and
+     nothing else (the physical ceiling of the database path); and optionally
+     /bench/noop (no database).
 2. open loop at a fixed offered rate (asyncio generator, latency measured
    from each request's *intended* send time, so no coordinated omission):
    p50/p99 of both endpoints.
@@ -642,9 +644,10 @@ def report(args, dep, facts, closed, opened, verified, started, finished) -> str
         + (f" Extra environment: {', '.join(args.env)}." if args.env else ""),
         f"- **stripe**: `POST /hooks/{{team}}/{SOURCE_NAME}` (kind stripe), {len(stripe_body('evt_x' * 4, 0))}-byte "
         "payment_intent.succeeded bodies, each with a unique event id and a valid Stripe-Signature made for its "
-        "round: source lookup → signature check → CloudEvent → dedup INSERT → broadcast on commit → metrics. "
+        "round: source (this process's copy) → signature check → CloudEvent → one autocommit statement: dedup INSERT "
+        "guarded by the source row's version and the team's routes version → broadcast → metrics. "
         "**bare**: `POST /bench/bare/{team}/…` (kite/bench/views.py): same body, same server and middleware, "
-        "the same INSERT into ingest_event in one transaction, nothing else"
+        "the same INSERT into ingest_event as one autocommit statement, nothing else"
         + (". **noop**: `/bench/noop`, no database." if "noop" in names else "."),
         f"- Closed loop: `wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s` per endpoint, "
         f"{args.rounds} rounds alternating the order, after a {args.warmup:g} s warm-up of each; "
