@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test services-start services-stop bench clean
+.PHONY: run test browser-deps services-start services-stop bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) manage.py runkite
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	scripts/test.sh
+
+# The browser tests (tests/browser) drive Debian's Chromium: installed like PostgreSQL and Redis
+# (scripts/services.sh) when missing; without root they are skipped instead.
+browser-deps:
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { echo "test: installing chromium (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 services-start:
 	scripts/services.sh start

@@ -10,6 +10,11 @@ class FederationConfig(AppConfig):
         from ingest import hooks, verifiers
 
         verifiers.register_verifier("kite", inbound.verify_kite_source)
+        from federation.metrics import OutboxCollector
+        from kite import metrics
+
+        if not any(isinstance(c, OutboxCollector) for c in metrics.SCRAPE_COLLECTORS):
+            metrics.SCRAPE_COLLECTORS.append(OutboxCollector())
         if outbox.route_event not in hooks.event_stored:
             hooks.event_stored.append(outbox.route_event)
 

@@ -19,8 +19,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
+from django.db import transaction
 from django.utils import timezone
 
+from federation import audit
 from federation.errors import Code
 from federation.models import IdentityCertificate
 from kite import crypto
@@ -36,7 +38,7 @@ def thumbprint_of(certificate: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS) -> IdentityCertificate:
+def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS, actor: str = "") -> IdentityCertificate:
     subject = (subject or "").strip()
     if not subject or len(subject) > 200:
         raise ApiError("subject must be 1-200 characters.", Code.INVALID)
@@ -63,15 +65,32 @@ def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS) -> 
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
-    return IdentityCertificate.objects.create(
-        team=team,
-        subject=subject,
-        thumbprint=thumbprint_of(certificate),
-        pem=pem,
-        private_key_encrypted=crypto.encrypt(private_pem),
-        not_before=certificate.not_valid_before_utc,
-        not_after=certificate.not_valid_after_utc,
-    )
+    with transaction.atomic():
+        row = IdentityCertificate.objects.create(
+            team=team,
+            subject=subject,
+            thumbprint=thumbprint_of(certificate),
+            pem=pem,
+            private_key_encrypted=crypto.encrypt(private_pem),
+            not_before=certificate.not_valid_before_utc,
+            not_after=certificate.not_valid_after_utc,
+        )
+        audit.record(audit.CERTIFICATE_ISSUED, team=team, actor=actor, data=_audit_data(row))
+    return row
+
+
+def revoke(*, certificate: IdentityCertificate, actor: str = "") -> None:
+    """Delete it: it signs no more (peers that pinned it refuse what a newer one signs until they
+    are given the newer PEM)."""
+    certificate_id = certificate.pk
+    with transaction.atomic():
+        audit.record(audit.CERTIFICATE_REVOKED, team_id=certificate.team_id, actor=actor, data=_audit_data(certificate))
+        certificate.delete()
+    forget(certificate_id)
+
+
+def _audit_data(row: IdentityCertificate) -> dict:
+    return {"id": row.pk, "subject": row.subject, "thumbprint": row.thumbprint, "not_after": row.not_after.isoformat()}
 
 
 def parse_peer_pem(pem: str) -> tuple[str, str]:

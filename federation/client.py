@@ -117,6 +117,7 @@ class PeerCallError(Exception):
     status_code: int | None = None
     retry_after: float | None = None
     code: str = ""
+    timed_out: bool = False  # no answer within the timeout (the fleet view reports `timeout`, not `unreachable`)
 
     def __str__(self):
         return self.detail
@@ -145,10 +146,18 @@ class Target:
 
 
 def call(target: Target, method: str, body: bytes = b"", *, content_type: str = "application/json",
-         msg_id: str | None = None, timeout: tuple[float, float] | None = None) -> PeerAnswer:  # fmt: skip
-    """Signed request; raises PeerCallError for anything but a 2xx."""
+         msg_id: str | None = None, timeout: tuple[float, float] | None = None,
+         headers: dict[str, str] | None = None, audit_as=None) -> PeerAnswer:  # fmt: skip
+    """Signed request; raises PeerCallError for anything but a 2xx. `headers`: extra, unsigned
+    (e.g. `kite-grant`); the signature headers always win. `audit_as`: a federation.audit.PeerCall
+    the outcome is noted on (Federation.PeerCalled + the calls metric) — every call but event
+    deliveries passes one (those are the hot path, and have their Delivery rows)."""
+    if audit_as is not None:
+        again = {"content_type": content_type, "msg_id": msg_id, "timeout": timeout, "headers": headers}
+        return _noted(audit_as, target.url, method, lambda: call(target, method, body, **again))
     check_url(target.url)
-    headers = signing.sign_headers(
+    extra = dict(headers or {})
+    headers = extra | signing.sign_headers(
         secret=target.secret,
         msg_id=msg_id or f"msg_{uuid.uuid4().hex}",
         timestamp=int(time.time()),
@@ -168,7 +177,8 @@ def call(target: Target, method: str, body: bytes = b"", *, content_type: str = 
     except requests.exceptions.SSLError as exc:
         raise PeerCallError("transient", f"TLS: {_short(exc)}", code="tls") from None
     except requests.exceptions.RequestException as exc:
-        raise PeerCallError("transient", f"{exc.__class__.__name__}: {_short(exc)}", code="connection") from None
+        raise PeerCallError("transient", f"{exc.__class__.__name__}: {_short(exc)}", code="connection",
+                            timed_out=isinstance(exc, requests.exceptions.Timeout)) from None  # fmt: skip
     latency_ms = int((time.perf_counter() - started) * 1000)
     answer = PeerAnswer(response.status_code, _json_or_text(response), latency_ms, dict(response.headers),
                         response.content)  # fmt: skip
@@ -179,6 +189,22 @@ def call(target: Target, method: str, body: bytes = b"", *, content_type: str = 
     raise PeerCallError(
         outcome, f"HTTP {response.status_code}: {detail}", response.status_code, _retry_after(response), code
     )
+
+
+def _noted(audit_as, url: str, method: str, make_call) -> PeerAnswer:
+    started = time.perf_counter()
+    try:
+        answer = make_call()
+    except PeerCallError as failure:
+        latency_ms = int((time.perf_counter() - started) * 1000)
+        audit_as.done(method, url, status_code=failure.status_code, latency_ms=latency_ms, failure=failure)
+        raise
+    except UnsafeUrl as unsafe:  # never sent, and noted so
+        refused = PeerCallError("permanent", str(unsafe), code="insecure_url")
+        audit_as.done(method, url, status_code=None, latency_ms=0, failure=refused)
+        raise
+    audit_as.done(method, url, status_code=answer.status_code, latency_ms=answer.latency_ms)
+    return answer
 
 
 def _json_or_text(response) -> object:

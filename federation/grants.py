@@ -13,8 +13,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
+from django.db import transaction
 from django.utils import timezone
 
+from federation import audit
 from federation.errors import Code
 from federation.models import Grant, Peer
 from kite.errors import ApiError
@@ -39,7 +41,8 @@ def _cidrs(values) -> list[str]:
 
 
 def create(*, peer: Peer, resource_kind: str, resource_id: str | None = None, permission_scopes: list | None = None,
-           source_cidrs: list | None = None, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> tuple[Grant, str]:  # fmt: skip
+           source_cidrs: list | None = None, ttl_seconds: int = DEFAULT_TTL_SECONDS,
+           actor: str = "") -> tuple[Grant, str]:  # fmt: skip
     if resource_kind not in KINDS:
         raise ApiError(f"resource_kind must be one of {sorted(KINDS)}.", Code.INVALID)
     if not 60 <= ttl_seconds <= MAX_TTL_SECONDS:
@@ -47,13 +50,35 @@ def create(*, peer: Peer, resource_kind: str, resource_id: str | None = None, pe
     scopes = permission_scopes if permission_scopes is not None else ["read"]
     if not isinstance(scopes, list) or not all(isinstance(s, str) and s for s in scopes):
         raise ApiError("permission_scopes must be a list of names such as 'read'.", Code.INVALID)
+    cidrs = _cidrs(source_cidrs or [])
     secret = secrets.token_urlsafe(32)
-    grant = Grant.objects.create(
-        team_id=peer.team_id, peer=peer, resource_kind=resource_kind, resource_id=resource_id or None,
-        permission_scopes=scopes, source_cidrs=_cidrs(source_cidrs or []), secret_sha256=_digest(secret),
-        expires_at=timezone.now() + timedelta(seconds=ttl_seconds),
-    )  # fmt: skip
+    with transaction.atomic():
+        grant = Grant.objects.create(
+            team_id=peer.team_id, peer=peer, resource_kind=resource_kind, resource_id=resource_id or None,
+            permission_scopes=scopes, source_cidrs=cidrs, secret_sha256=_digest(secret),
+            expires_at=timezone.now() + timedelta(seconds=ttl_seconds),
+        )  # fmt: skip
+        audit.record(audit.GRANT_CREATED, peer=peer, actor=actor, data=_audit_data(grant))
     return grant, f"fg-{grant.pk}.{secret}"
+
+
+def revoke(*, peer: Peer, grant_id: int, actor: str = "") -> bool:
+    """Delete one of the peer's grants: its token stops working at once. False: no such grant."""
+    with transaction.atomic():
+        grant = peer.grants.filter(pk=grant_id).first()
+        if grant is None:
+            return False
+        audit.record(audit.GRANT_REVOKED, peer=peer, actor=actor, data=_audit_data(grant))
+        grant.delete()
+    return True
+
+
+def _audit_data(grant: Grant) -> dict:
+    return {
+        "id": grant.pk, "resource_kind": grant.resource_kind, "resource_id": grant.resource_id,
+        "permission_scopes": grant.permission_scopes, "source_cidrs": grant.source_cidrs,
+        "expires_at": grant.expires_at.isoformat(),
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,14 +88,37 @@ class Refused(Exception):
 
 
 def check(token: str, *, resource_kind: str, resource_id: str | None = None, scope: str = "read",
-          client_ip: str = "") -> Grant:  # fmt: skip
-    """The grant a presented token stands for, if it allows this use now from this address."""
+          client_ip: str = "", endpoint: str = "", audit_refusal: bool = True) -> Grant:  # fmt: skip
+    """The grant a presented token stands for, if it allows this use now from this address.
+
+    A refusal raises Refused(code, detail) and, unless `audit_refusal=False` (the caller records
+    it itself), is audited here as Federation.AuthFailed with the code as outcome (bad_grant,
+    grant_revoked, grant_expired, grant_scope, grant_source) and counted: against the grant's
+    peer and team when the token names a real grant, without a team when it names none.
+    `endpoint`: the path the token was presented to, for that row."""
+    grant = None
+    try:
+        grant = _lookup(token)
+        _allows(grant, resource_kind, resource_id, scope, client_ip)
+    except Refused as refused:
+        if audit_refusal:
+            audit.auth_failed(outcome=refused.code, endpoint=endpoint, detail=refused.detail, remote_addr=client_ip,
+                              peer=grant.peer if grant is not None else None)  # fmt: skip
+        raise
+    return grant
+
+
+def _lookup(token: str) -> Grant:
     prefix, _, secret = (token or "").partition(".")
     if not prefix.startswith("fg-") or not prefix[3:].isdigit() or not secret:
         raise Refused("bad_grant", "Send a grant token 'fg-<id>.<secret>'.")
     grant = Grant.objects.select_related("peer").filter(pk=int(prefix[3:])).first()
     if grant is None or not hmac.compare_digest(grant.secret_sha256, _digest(secret)):
         raise Refused("bad_grant", "Unknown grant token.")
+    return grant
+
+
+def _allows(grant: Grant, resource_kind: str, resource_id: str | None, scope: str, client_ip: str) -> None:
     if grant.peer.status == Peer.Status.REVOKED:
         raise Refused("grant_revoked", "The peer of this grant is revoked.")
     if grant.expires_at <= timezone.now():
@@ -86,4 +134,3 @@ def check(token: str, *, resource_kind: str, resource_id: str | None = None, sco
             raise Refused("grant_source", "The caller's address is unknown.") from None
         if not any(address in ipaddress.ip_network(cidr) for cidr in grant.source_cidrs):
             raise Refused("grant_source", f"{client_ip} is outside the networks this grant may be used from.")
-    return grant

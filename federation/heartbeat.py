@@ -10,7 +10,7 @@ from django.db import close_old_connections
 from django.db.models import Case, Q, Value, When
 from django.utils import timezone
 
-from federation import client, metrics, outbox
+from federation import audit, client, outbox
 from federation.models import Peer
 
 PING_TIMEOUT = (3.0, 5.0)
@@ -22,13 +22,14 @@ def ping_url(peer: Peer, path: str = "/api/federation/ping") -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-def terminate(peer: Peer, reason: str) -> "PingResult":
+def terminate(peer: Peer, reason: str, *, actor: str = audit.SYSTEM) -> "PingResult":
     """Tell the peer we are deleting it (signed POST /api/federation/terminate): it marks us
     revoked and stops sending. Best effort: the peer is revoked here whatever it answers."""
     target = outbox.target_for(peer)
     target = client.Target(**{**target.__dict__, "url": ping_url(peer, "/api/federation/terminate")})
     try:
-        answer = client.call(target, "POST", client.encode({"reason": reason}), timeout=PING_TIMEOUT)
+        answer = client.call(target, "POST", client.encode({"reason": reason}), timeout=PING_TIMEOUT,
+                             audit_as=audit.PeerCall(peer=peer, actor=actor))  # fmt: skip
     except client.PeerCallError as failure:
         return PingResult(False, failure.status_code, None, _factors_for_failure(failure), failure.detail)
     return PingResult(True, answer.status_code, answer.latency_ms, {}, "", answer.body)
@@ -68,16 +69,14 @@ def _factors_for_failure(failure: client.PeerCallError) -> dict:
     return factors
 
 
-def ping(peer: Peer) -> PingResult:
+def ping(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
     target = outbox.target_for(peer)
     target = client.Target(**{**target.__dict__, "url": ping_url(peer)})
     started = time.time()
     try:
-        answer = client.call(target, "GET", timeout=PING_TIMEOUT)
+        answer = client.call(target, "GET", timeout=PING_TIMEOUT, audit_as=audit.PeerCall(peer=peer, actor=actor))
     except client.PeerCallError as failure:
-        metrics.CALLS.labels(peer.name, "outbound", f"ping_{failure.kind}").inc()
         return PingResult(False, failure.status_code, None, _factors_for_failure(failure), failure.detail)
-    metrics.CALLS.labels(peer.name, "outbound", "ping_ok").inc()
     body = answer.body if isinstance(answer.body, dict) else {}
     factors = {"tls": "ok", "certificate": "ok" if target.signer else "not_configured", "secret": "ok",
                "clock": _clock(body, started)}  # fmt: skip
@@ -92,9 +91,9 @@ def _clock(body: dict, sent_at: float) -> str:
     return "ok" if abs(remote.timestamp() - sent_at) <= CLOCK_TOLERANCE_SECONDS else "skewed"
 
 
-def heartbeat(peer: Peer) -> PingResult:
+def heartbeat(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
     """Ping and record it; a success enrols the peer and resumes a queue paused as down."""
-    result = ping(peer)
+    result = ping(peer, actor=actor)
     now = timezone.now()
     updates = {"last_attempt_at": now, "last_heartbeat_at": now}
     if result.ok:

@@ -15,7 +15,7 @@ from django.db import transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from federation import services, signing
+from federation import audit, metrics, services, signing
 from federation.errors import Code
 from federation.models import Peer
 from ingest.verifiers import VerificationError
@@ -29,6 +29,7 @@ LAST_SEEN_RESOLUTION = timedelta(seconds=1)  # don't rewrite the peer row on eve
 class Refusal(Exception):
     code: str
     detail: str
+    peer: Peer | None = None  # the peer the request named, when it is known here (for the audit trail)
 
 
 def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer]]:
@@ -65,7 +66,8 @@ def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, n
     matched = _first_match(named, request, body) or _first_match(unnamed, request, body)
     if matched is None:
         if named:
-            raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r}.")
+            raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r}.",
+                          named[0] if len(named) == 1 else None)  # fmt: skip
         raise Refusal(Code.UNKNOWN_PEER, "No peer or trusted sender known here signed this request.")
     if matched.certificate_thumbprint:
         _check_certificate(matched, request, body)
@@ -81,15 +83,19 @@ def _check_certificate(peer: Peer, request, body: bytes) -> None:
             Code.MISSING_CERTIFICATE,
             f"{peer.name!r} has a pinned certificate ({peer.certificate_thumbprint[:19]}…) but the request has no "
             "v1a signature: the sender has no valid identity certificate.",
+            peer,
         )
     if request.key_thumbprint and request.key_thumbprint != peer.certificate_thumbprint:
         raise Refusal(
             Code.BAD_CERTIFICATE,
             f"Signed with certificate {request.key_thumbprint[:19]}…, but {peer.name!r} is pinned to "
             f"{peer.certificate_thumbprint[:19]}…: paste the sender's current certificate.",
+            peer,
         )
     if not signing.ed25519_matches(_verifier(peer.certificate_pem), request, body):
-        raise Refusal(Code.BAD_CERTIFICATE, f"The v1a signature does not verify with {peer.name!r}'s pinned certificate.")
+        raise Refusal(
+            Code.BAD_CERTIFICATE, f"The v1a signature does not verify with {peer.name!r}'s pinned certificate.", peer
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -144,8 +150,22 @@ def _note_contact(peer: Peer, sender: str) -> None:
 
 
 def verify_kite_source(secret, headers, body, now, team_id=None):
-    """The `kite` source's verifier, registered into ingest by FederationConfig.ready()."""
+    """The `kite` source's verifier, registered into ingest by FederationConfig.ready().
+
+    Event deliveries are the hot path: an accepted one is only counted (its Event row is its
+    record); a refused one is also audited (Federation.AuthFailed, rare)."""
     try:
-        return authenticate(headers, body, team_id=team_id, now=now)
+        peer = authenticate(headers, body, team_id=team_id, now=now)
     except Refusal as refusal:
+        refused(refusal, headers, endpoint=f"/hooks/{team_id}/kite", method="POST", team_id=team_id)
         raise VerificationError(str(refusal.code), refusal.detail) from None
+    metrics.CALLS.labels(peer.name, "inbound", "ok").inc()
+    return peer
+
+
+def refused(refusal: Refusal, headers: dict[str, str], *, endpoint: str, method: str, team_id: str | None = None,
+            remote_addr: str = "") -> None:  # fmt: skip
+    """Audit and count a refused peer request, the failing factor as its outcome."""
+    audit.auth_failed(outcome=str(refusal.code), endpoint=endpoint, method=method, detail=refusal.detail,
+                      peer=refusal.peer, team_id=team_id, sender=headers.get("kite-peer", ""),
+                      remote_addr=remote_addr)  # fmt: skip

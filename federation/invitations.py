@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from federation import CONTRACT_VERSION, certificates, client, services, signing
+from federation import CONTRACT_VERSION, audit, certificates, client, services, signing
 from federation.errors import Code
 from federation.models import Peer
 from kite import crypto
@@ -35,9 +35,9 @@ HANDSHAKE_TIMEOUT = (3.0, 10.0)
 
 
 class HandshakeRefused(Exception):
-    def __init__(self, status: int, code: str, detail: str):
+    def __init__(self, status: int, code: str, detail: str, peer: Peer | None = None):
         super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        self.status, self.code, self.detail, self.peer = status, code, detail, peer
 
 
 def _digest(code: str) -> str:
@@ -49,19 +49,20 @@ def _code_secret(code: str) -> str:
     return "whsec_" + code
 
 
-def _own_certificate(team):
+def _own_certificate(team, actor: str = audit.SYSTEM):
     """The team's current identity certificate, issued on first need (an invitation pins it)."""
-    return certificates.current(team.id) or certificates.issue(team=team, subject=f"{settings.KITE_INSTANCE_ID} {team.name}")
+    return certificates.current(team.id) or certificates.issue(
+        team=team, subject=f"{settings.KITE_INSTANCE_ID} {team.name}", actor=actor
+    )
 
 
 # --- A: issue -------------------------------------------------------------------
 
 
 def issue(*, team, name: str = "", scopes: list | None = None, max_hops: int | None = None,
-          ttl_seconds: int = DEFAULT_TTL_SECONDS) -> tuple[Peer, str]:  # fmt: skip
+          ttl_seconds: int = DEFAULT_TTL_SECONDS, actor: str = "") -> tuple[Peer, str]:  # fmt: skip
     if not 60 <= ttl_seconds <= MAX_TTL_SECONDS:
         raise ApiError(f"ttl_seconds must be between 60 and {MAX_TTL_SECONDS} (7 days).", Code.INVALID)
-    certificate = _own_certificate(team)
     code = base64.b64encode(secrets.token_bytes(32)).decode()
     expires_at = timezone.now() + timedelta(seconds=ttl_seconds)
     peer = Peer(
@@ -75,7 +76,13 @@ def issue(*, team, name: str = "", scopes: list | None = None, max_hops: int | N
     )
     if max_hops is not None:
         peer.max_hops = max_hops
-    services._save_new(peer)
+    with transaction.atomic():
+        certificate = _own_certificate(team, actor)
+        services._save_new(peer)
+        audit.record(audit.INVITATION_CREATED, peer=peer, actor=actor, data={
+            "peer_id": peer.pk, "scopes": peer.scopes, "max_hops": peer.max_hops,
+            "expires_at": expires_at.isoformat(), "certificate_thumbprint": certificate.thumbprint,
+        })  # fmt: skip
     from federation.selectors import server_tls_fingerprint
 
     payload = {
@@ -118,14 +125,15 @@ def parse(invitation: str) -> dict:
 # --- B: accept --------------------------------------------------------------------
 
 
-def accept(*, team, invitation: str, name: str = "", scopes: list | None = None, max_hops: int | None = None) -> Peer:
+def accept(*, team, invitation: str, name: str = "", scopes: list | None = None, max_hops: int | None = None,
+           actor: str = "") -> Peer:  # fmt: skip
     offer = parse(invitation)
     services._check_url(offer["hook_url"])
     name = services._check_name(name or offer["instance_id"])
     scopes = services._check_scopes(scopes if scopes is not None else [])
     if Peer.objects.filter(team=team, name=name).exclude(status=Peer.Status.REVOKED).exists():
         raise ApiError(f"Team already has a peer named {name!r}.", Code.CONFLICT, status=409)
-    certificate = _own_certificate(team)
+    certificate = _own_certificate(team, actor)
     signer = certificates.signer_for(team.id)
     checked_here = crypto.new_webhook_secret()  # what we verify: never leaves except to A, once
     from federation import grants
@@ -138,6 +146,8 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
         tls_fingerprint=offer.get("tls_fingerprint") or "",
         signer=signer,
     )
+    # Our half is rolled back if the handshake fails: its calls are audited once that is over.
+    called = audit.PeerCall(team_id=team.id, peer_name=name, actor=actor, deferred=True)
     answered = False
     try:
         # Our row and the default grant for A exist only if the handshake completes: the
@@ -153,7 +163,7 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
                 peer.max_hops = max_hops
             services._set_secret(peer, "inbound", checked_here)
             services._save_new(peer)
-            _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents")
+            _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents", actor=actor)
             body = client.encode({
                 "code": offer["code"], "url": settings.KITE_PUBLIC_URL, "instance_id": settings.KITE_INSTANCE_ID,
                 "team_id": team.id, "hook_url": services.hook_url_for(team), "certificate_pem": certificate.pem,
@@ -161,7 +171,7 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
                 "contract_version": CONTRACT_VERSION, "grant_token": grant_token,
             })  # fmt: skip
             try:
-                answer = client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT)
+                answer = client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT, audit_as=called)
             except client.PeerCallError as failure:
                 status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
                 raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
@@ -179,10 +189,16 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
             if isinstance(reply.get("grant_token"), str) and reply["grant_token"].startswith("fg-"):
                 peer.remote_grant_encrypted = crypto.encrypt(reply["grant_token"][:200])
             peer.save()
+            audit.record(audit.INVITATION_ACCEPTED, peer=peer, actor=actor, data={
+                **services.peer_summary(peer), "inviting_instance": offer["instance_id"], "url": offer["url"],
+            })  # fmt: skip
+        called.peer = peer
     except ApiError:
         if answered:
-            _abandon(target, offer)  # A stored its side: tell it to drop it, so no half-peer is left
+            _abandon(target, offer, called)  # A stored its side: tell it to drop it, so no half-peer is left
         raise
+    finally:
+        called.flush()
     transaction.on_commit(lambda: _enrol_soon(peer.pk))
     return peer
 
@@ -199,10 +215,11 @@ def _verify_reply(answer, their_pem: str) -> None:
                        Code.BAD_CERTIFICATE, status=502)  # fmt: skip
 
 
-def _abandon(target: client.Target, offer: dict) -> None:
+def _abandon(target: client.Target, offer: dict, called: audit.PeerCall) -> None:
     """`target` is A's handshake endpoint: DELETE there withdraws the half A stored."""
     try:
-        client.call(target, "DELETE", client.encode({"code": offer["code"]}), timeout=HANDSHAKE_TIMEOUT)
+        client.call(target, "DELETE", client.encode({"code": offer["code"]}), timeout=HANDSHAKE_TIMEOUT,
+                    audit_as=called)  # fmt: skip
     except client.PeerCallError:
         pass
 
@@ -220,8 +237,9 @@ def _enrol_soon(peer_id: int) -> None:
 # --- A: the handshake endpoint ---------------------------------------------------------
 
 
-def redeem(headers: dict[str, str], raw: bytes) -> tuple[dict, dict]:
-    """Check and redeem B's handshake; returns (answer body, signed headers). Raises HandshakeRefused."""
+def redeem(headers: dict[str, str], raw: bytes) -> tuple[bytes, dict, Peer]:
+    """Check and redeem B's handshake; returns (answer body, signed headers, our peer row for B).
+    Raises HandshakeRefused."""
     try:
         offer = json.loads(raw)
     except (ValueError, json.JSONDecodeError):
@@ -257,7 +275,7 @@ def redeem(headers: dict[str, str], raw: bytes) -> tuple[dict, dict]:
             peer.tls_fingerprint = services._check_tls_fingerprint(str(offer.get("tls_fingerprint") or ""))
             checked_there = services._check_secret(str(offer.get("inbound_secret", "")), "inbound_secret")
         except ApiError as exc:
-            raise HandshakeRefused(400, exc.code, exc.detail) from None
+            raise HandshakeRefused(400, exc.code, exc.detail, peer) from None
         checked_here = crypto.new_webhook_secret()
         peer.remote_instance_id = str(offer.get("instance_id", ""))[:63]
         peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint
@@ -272,7 +290,7 @@ def redeem(headers: dict[str, str], raw: bytes) -> tuple[dict, dict]:
         team = peer.team
         from federation import grants
 
-        _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents")  # the default, revocable
+        _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents", actor=audit.SYSTEM)  # the default
     # No ping from here yet: B stores its side only after this answer. B pings at once, and
     # its first signed request makes this side ping back (inbound._note_contact).
     from federation.api.peer_views import capabilities
@@ -288,22 +306,23 @@ def redeem(headers: dict[str, str], raw: bytes) -> tuple[dict, dict]:
         secret=_code_secret(offer["code"]), msg_id=f"hs_{uuid.uuid4().hex}", timestamp=int(time.time()), body=encoded,
         sender_id=settings.KITE_INSTANCE_ID, ed25519_sign=signer.sign, key_thumbprint=signer.thumbprint,
     )  # fmt: skip
-    return encoded, headers
+    return encoded, headers, peer
 
 
-def withdraw(headers: dict[str, str], raw: bytes) -> bool:
-    """B could not finish its side: drop the row this code made here (signed with the code)."""
+def withdraw(headers: dict[str, str], raw: bytes) -> Peer | None:
+    """B could not finish its side: drop the row this code made here (signed with the code).
+    Returns that row, or None when the request does not name one."""
     try:
         offer = json.loads(raw)
         request = signing.parse_headers(headers, int(time.time()))
     except (ValueError, json.JSONDecodeError, signing.SignatureError):
-        return False
+        return None
     code = offer.get("code") if isinstance(offer, dict) else None
     if not isinstance(code, str) or not signing.hmac_matches(_code_secret(code), request, raw):
-        return False
+        return None
     # The code was cleared when redeemed; find the row by the secret B signs with (its inbound one).
     for peer in Peer.objects.filter(status=Peer.Status.ACCEPTED, remote_instance_id=request.sender[:63]):
         if peer.certificate_thumbprint and request.key_thumbprint == peer.certificate_thumbprint:
-            services.peer_revoke(peer=peer, reason="handshake abandoned by the peer")
-            return True
-    return False
+            services.peer_revoke(peer=peer, reason="handshake abandoned by the peer", actor=f"peer {request.sender}")
+            return peer
+    return None

@@ -1,7 +1,19 @@
+"""Federation metrics (DESIGN §7). Counters live in prometheus_client (multiprocess-safe);
+`kite_outbox_entries` is read from the database at scrape time (OutboxCollector)."""
+
+import logging
+
 from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from federation.errors import Code
+
+logger = logging.getLogger(__name__)
 
 CALLS = Counter(
-    "kite_federation_calls_total", "Peer-to-peer calls by peer, direction and outcome.", ["peer", "direction", "outcome"]
+    "kite_federation_calls_total",
+    "Peer-to-peer calls by peer, direction (inbound, outbound) and outcome (ok, or the failure code or kind).",
+    ["peer", "direction", "outcome"],
 )
 DROPPED = Counter(
     "kite_federation_dropped_total", "Events not forwarded to a peer, by reason.", ["peer", "reason"]
@@ -11,3 +23,47 @@ DELIVERY_SECONDS = Histogram(
     "Seconds from an event's arrival to its delivery to a peer.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+# Failure codes a call's outcome may carry; any other code a peer answers with is reported by
+# its kind (transient, auth, gone, permanent), so a peer cannot mint label values.
+KNOWN_CODES = {code.value for code in Code} | {
+    "tls", "connection", "unknown_invitation", "unsupported_contract",
+    "bad_grant", "grant_revoked", "grant_expired", "grant_scope", "grant_source",
+}  # fmt: skip
+
+
+def outcome_of(failure) -> str:
+    """`ok`, or what went wrong with an outbound call (a client.PeerCallError)."""
+    if failure is None:
+        return "ok"
+    return failure.code if failure.code in KNOWN_CODES else failure.kind
+
+
+class OutboxCollector:
+    """`kite_outbox_entries{peer,status}`: the entries still owed (pending, in flight) or given up
+    (dead) per live peer, by one GROUP BY at scrape time — exact with any number of processes.
+    Delivered entries are not counted: they only grow (see kite_federation_calls_total)."""
+
+    STATUSES = ("pending", "in_flight", "dead")
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        from federation import selectors
+
+        family = self._family()
+        try:
+            counts = selectors.outbox_gauge(self.STATUSES)
+        except Exception:  # a scrape must not fail because the database is away
+            logger.exception("kite_outbox_entries: could not read the outbox")
+            return [family]
+        for (peer, status), value in sorted(counts.items()):
+            family.add_metric([peer, status], value)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "kite_outbox_entries", "Outbox entries per peer and status, read at scrape time.", labels=["peer", "status"]
+        )

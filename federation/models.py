@@ -188,7 +188,9 @@ class AuditEvent(models.Model):
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+", null=True, blank=True)
     at = models.DateTimeField(default=timezone.now)
-    action = models.CharField(max_length=60, help_text="e.g. Federation.PeerCalled, Peer.Created, Auth.Failed")
+    action = models.CharField(
+        max_length=60, help_text="e.g. Federation.PeerCalled, Federation.PeerCreated, Federation.AuthFailed"
+    )
     # The peer's name as it was (a deleted peer's audit rows stay readable); the FK while it exists.
     peer = models.ForeignKey(Peer, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     peer_name = models.CharField(max_length=63, blank=True)
@@ -200,7 +202,7 @@ class AuditEvent(models.Model):
 
     class Meta:
         indexes = [
-            models.Index(fields=["team", "-at"], name="audit_team_at"),
+            models.Index(fields=["team", "-id"], name="audit_team_newest"),  # /api/audit pages by id
             models.Index(fields=["at"], name="audit_age"),
         ]
 

@@ -19,7 +19,7 @@ from django.db import connection, transaction
 from django.db.models import Count, Exists, F, OuterRef
 from django.utils import timezone
 
-from federation import backoff, client, metrics, routing, services
+from federation import audit, backoff, client, metrics, routing, services
 from federation.models import Delivery, OutboxEntry, Peer
 from ingest import cloudevent
 from ingest.models import Event, Source
@@ -406,7 +406,7 @@ def send(peer: Peer, target: client.Target, group: list[OutboxEntry]) -> bool:
         answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id)
     except client.PeerCallError as failure:
         _record_failure(peer, group, failure)
-        metrics.CALLS.labels(peer.name, "outbound", failure.kind).inc()
+        metrics.CALLS.labels(peer.name, "outbound", metrics.outcome_of(failure)).inc()
         return False
     metrics.CALLS.labels(peer.name, "outbound", "ok").inc()
     _record_success(peer, group, answer, batched)
@@ -517,7 +517,7 @@ def _peer_after_failure(peer: Peer, failure: client.PeerCallError) -> None:
 # --- operator actions and the sweeper ------------------------------------------
 
 
-def replay_dead(*, peer: Peer, limit: int) -> int:
+def replay_dead(*, peer: Peer, limit: int, actor: str = "") -> int:
     with transaction.atomic():
         ids = list(
             OutboxEntry.objects.filter(peer=peer, status=OutboxEntry.Status.DEAD)
@@ -527,6 +527,7 @@ def replay_dead(*, peer: Peer, limit: int) -> int:
         count = OutboxEntry.objects.filter(id__in=ids, status=OutboxEntry.Status.DEAD).update(
             status=OutboxEntry.Status.PENDING, attempts=0, next_attempt_at=timezone.now(), last_error=""
         )
+        audit.record(audit.DEAD_LETTERS_REPLAYED, peer=peer, actor=actor, data={"requeued": count, "limit": limit})
     if count and peer.sends_to:
         transaction.on_commit(lambda: kick(peer.pk))
     return count

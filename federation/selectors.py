@@ -1,8 +1,11 @@
+from dataclasses import dataclass
+from datetime import datetime
+
 from django.conf import settings
-from django.db.models import Count
+from django.db.models import Count, FilteredRelation, Q
 from django.utils import timezone
 
-from federation.models import Delivery, FederationToken, IdentityCertificate, OutboxEntry, Peer
+from federation.models import AuditEvent, Delivery, FederationToken, IdentityCertificate, OutboxEntry, Peer
 from kite import tls
 
 PAGE = 200
@@ -29,6 +32,13 @@ def peer_for_team(team_id: str, peer_id, role: str | None = "peer") -> Peer | No
         return None
 
 
+def peer_by_ref(team_id: str, ref: str, role: str | None = "peer") -> Peer | None:
+    """A peer named on the command line: a live peer by name, else any peer of the team by id."""
+    peers = Peer.objects.filter(team_id=team_id, **({"role": role} if role else {}))
+    found = peers.filter(name=ref).exclude(status=Peer.Status.REVOKED).first()
+    return found or (peers.filter(pk=int(ref)).first() if str(ref).isdigit() else None)
+
+
 def outbox_depths(peer_ids: list[int]) -> dict[int, dict[str, int]]:
     """{peer_id: {pending, in_flight, delivered, dead}} in one query."""
     depths = {pk: {status: 0 for status in OutboxEntry.Status.values} for pk in peer_ids}
@@ -36,6 +46,27 @@ def outbox_depths(peer_ids: list[int]) -> dict[int, dict[str, int]]:
     for row in rows:
         depths[row["peer_id"]][row["status"]] = row["n"]
     return depths
+
+
+def outbox_gauge(statuses) -> dict[tuple[str, str], int]:
+    """{(peer name, status): entries} for every live peer, 0 included, in one GROUP BY (the join
+    only takes the wanted statuses, so delivered history is never scanned). Peers of several
+    teams may share a name: their counts add up, as a label set must be unique."""
+    rows = (
+        Peer.objects.filter(role=Peer.Role.PEER)
+        .exclude(status=Peer.Status.REVOKED)
+        .annotate(owed=FilteredRelation("outbox", condition=Q(outbox__status__in=list(statuses))))
+        .values("pk", "name", "owed__status")
+        .annotate(n=Count("owed__id"))
+        .order_by()
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        for status in statuses:
+            counts.setdefault((row["name"], status), 0)
+        if row["owed__status"]:
+            counts[(row["name"], row["owed__status"])] += row["n"]
+    return counts
 
 
 def outbox_entries(peer: Peer, status: str | None = None):
@@ -69,3 +100,38 @@ def identity(team) -> dict:
             .order_by("-created_at", "-id")
         ],
     }
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """`after` / `before`: an audit event id (a cursor) or a time."""
+
+    action: str | None = None
+    peer: str | None = None
+    outcome: str | None = None
+    after: int | datetime | None = None
+    before: int | datetime | None = None
+
+    FIELDS = ("action", "peer", "outcome", "after", "before")
+
+
+def _bound(name: str, value) -> Q:
+    if value is None:
+        return Q()
+    field = "id" if isinstance(value, int) else "at"
+    return Q(**{f"{field}__{'gt' if name == 'after' else 'lt'}": value})
+
+
+def audit_events(team_id: str, filters: AuditFilter, limit: int) -> tuple[list[AuditEvent], bool]:
+    """The team's audit events, newest first, and whether there are more (older) ones."""
+    rows = AuditEvent.objects.filter(team_id=team_id).filter(_bound("after", filters.after),
+                                                             _bound("before", filters.before))  # fmt: skip
+    if filters.action:
+        rows = rows.filter(action=filters.action)
+    if filters.outcome:
+        rows = rows.filter(outcome=filters.outcome)
+    if filters.peer:
+        by_id = Q(peer_id=int(filters.peer)) if filters.peer.isdigit() and len(filters.peer) <= 18 else Q()
+        rows = rows.filter(Q(peer_name=filters.peer) | by_id)
+    found = list(rows.order_by("-id")[: limit + 1])
+    return found[:limit], len(found) > limit

@@ -8,9 +8,9 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from federation import client
+from federation import audit, client
 from federation.errors import Code
-from federation.models import FederationToken, OutboxEntry, Peer
+from federation.models import AuditEvent, Delivery, FederationToken, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
 from kite import crypto
 from kite.errors import ApiError
@@ -32,16 +32,24 @@ class Issued:
     secrets: dict
 
 
-def token_create(*, team: Team, label: str) -> Issued:
+def token_create(*, team: Team, label: str, actor: str = "") -> Issued:
     secret = crypto.new_webhook_secret()
-    token = FederationToken.objects.create(
-        team=team, label=label, secret_encrypted=crypto.encrypt(secret), fingerprint=crypto.fingerprint(secret)
-    )
+    with transaction.atomic():
+        token = FederationToken.objects.create(
+            team=team, label=label, secret_encrypted=crypto.encrypt(secret), fingerprint=crypto.fingerprint(secret)
+        )
+        audit.record(audit.TOKEN_CREATED, team=team, actor=actor, data=_token_data(token))
     return Issued(token, {"token": secret})
 
 
-def token_delete(*, token: FederationToken) -> None:
-    token.delete()
+def token_delete(*, token: FederationToken, actor: str = "") -> None:
+    with transaction.atomic():
+        audit.record(audit.TOKEN_DELETED, team_id=token.team_id, actor=actor, data=_token_data(token))
+        token.delete()
+
+
+def _token_data(token: FederationToken) -> dict:
+    return {"id": token.pk, "label": token.label, "fingerprint": token.fingerprint}
 
 
 def _check_name(name: str) -> str:
@@ -95,7 +103,7 @@ def _save_new(peer: Peer) -> None:
 def peer_create(
     *, team: Team, name: str, peer_hook_url: str, outbound_token: str | None = None,
     inbound_token: str | None = None, scopes: list | None = None, max_hops: int = DEFAULT_MAX_HOPS,
-    rate_limit_per_second: int | None = None, tls_fingerprint: str = "", certificate_pem: str = "",
+    rate_limit_per_second: int | None = None, tls_fingerprint: str = "", certificate_pem: str = "", actor: str = "",
 ) -> Issued:  # fmt: skip
     """A peer configured by hand. Secrets left out are generated and returned once; a pasted
     certificate of the other side is pinned (its requests must then carry both factors)."""
@@ -117,8 +125,20 @@ def peer_create(
         if not given:
             generated[f"{direction}_token"] = secret
         _set_secret(peer, direction, secret)
-    _save_new(peer)
+    with transaction.atomic():
+        _save_new(peer)
+        audit.record(audit.PEER_CREATED, peer=peer, actor=actor,
+                     data={**peer_summary(peer), "generated": sorted(generated)})  # fmt: skip
     return Issued(peer, generated)
+
+
+def peer_summary(peer: Peer) -> dict:
+    """What the audit trail keeps of a peer's configuration: fingerprints, never secrets."""
+    return {
+        "id": peer.pk, "role": peer.role, "status": peer.status, "peer_hook_url": peer.peer_hook_url,
+        "scopes": peer.scopes, "max_hops": peer.max_hops, "outbound_fingerprint": peer.outbound_fingerprint,
+        "inbound_fingerprint": peer.inbound_fingerprint, "certificate_thumbprint": peer.certificate_thumbprint,
+    }  # fmt: skip
 
 
 def _pin_certificate(peer: Peer, pem: str) -> None:
@@ -127,18 +147,22 @@ def _pin_certificate(peer: Peer, pem: str) -> None:
     peer.certificate_pem, peer.certificate_thumbprint = certificates.parse_peer_pem(pem) if pem.strip() else ("", "")
 
 
-def trusted_sender_create(*, team: Team, name: str, inbound_token: str | None = None, certificate_pem: str = "") -> Issued:
+def trusted_sender_create(*, team: Team, name: str, inbound_token: str | None = None, certificate_pem: str = "",
+                          actor: str = "") -> Issued:  # fmt: skip
     """A peer that only sends to us: we check its requests with `inbound_token` (and, pasted,
     its certificate)."""
     peer = Peer(team=team, name=_check_name(name), role=Peer.Role.SENDER, status=Peer.Status.ACCEPTED)
     _pin_certificate(peer, certificate_pem)
     secret = _check_secret(inbound_token, "inbound_token") if inbound_token else crypto.new_webhook_secret()
     _set_secret(peer, "inbound", secret)
-    _save_new(peer)
+    with transaction.atomic():
+        _save_new(peer)
+        audit.record(audit.TRUSTED_SENDER_CREATED, peer=peer, actor=actor,
+                     data={**peer_summary(peer), "generated": [] if inbound_token else ["inbound_token"]})  # fmt: skip
     return Issued(peer, {} if inbound_token else {"inbound_token": secret})
 
 
-def peer_update(*, peer: Peer, **changes) -> Peer:
+def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
     unknown = set(changes) - PEER_FIELDS - {"outbound_token"}
     if unknown:
         raise ApiError(f"Cannot change {', '.join(sorted(unknown))} here.", Code.INVALID)
@@ -163,6 +187,7 @@ def peer_update(*, peer: Peer, **changes) -> Peer:
     try:
         with transaction.atomic():
             peer.save()
+            audit.record(audit.PEER_UPDATED, peer=peer, actor=actor, data={"changed": _changed(peer, changes)})
     except IntegrityError:
         raise ApiError(f"Team already has a peer named {peer.name!r}.", Code.CONFLICT, status=409) from None
     if not peer.paused:
@@ -172,15 +197,27 @@ def peer_update(*, peer: Peer, **changes) -> Peer:
     return peer
 
 
-def peer_revoke(*, peer: Peer, reason: str = "revoked by this side") -> None:
+def peer_revoke(*, peer: Peer, reason: str = "revoked by this side", actor: str = "") -> None:
     """Stop for good: nothing more is sent or accepted; queued entries are dead-lettered."""
     with transaction.atomic():
         Peer.objects.filter(pk=peer.pk).update(status=Peer.Status.REVOKED, paused=Peer.Pause.NONE)
-        OutboxEntry.objects.filter(
+        dead = OutboxEntry.objects.filter(
             peer=peer, status__in=[OutboxEntry.Status.PENDING, OutboxEntry.Status.IN_FLIGHT]
         ).update(status=OutboxEntry.Status.DEAD, last_error=f"peer {reason}", leased_until=None)
+        audit.record(audit.PEER_REVOKED, peer=peer, actor=actor, detail=reason,
+                     data={"role": peer.role, "dead_lettered": dead})  # fmt: skip
     peer.status = Peer.Status.REVOKED
     _routes_changed(peer.team_id)
+
+
+def _changed(peer: Peer, changes: dict) -> dict:
+    """The new values of what changed; a secret or certificate by its fingerprint or thumbprint."""
+    shown = {field: getattr(peer, field) for field in changes if field in PEER_FIELDS - {"certificate_pem"}}
+    if "certificate_pem" in changes:
+        shown["certificate_thumbprint"] = peer.certificate_thumbprint
+    if "outbound_token" in changes:
+        shown["outbound_fingerprint"] = peer.outbound_fingerprint
+    return shown
 
 
 def _routes_changed(team_id: str) -> None:
@@ -196,7 +233,7 @@ def secret_of(peer: Peer, direction: str) -> str:
 INBOUND_GRACE = timedelta(hours=24)
 
 
-def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None) -> Issued:
+def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, actor: str = "") -> Issued:
     """A new secret for one direction, generated (returned once) or given.
 
     inbound: the one we check; the previous one stays valid for 24 h, so the other side
@@ -217,6 +254,9 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None) -> I
         if direction == "outbound" and peer.paused == Peer.Pause.AUTH_FAILED:
             peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0
         peer.save()
+        audit.record(audit.SECRET_ROTATED, peer=peer, actor=actor, data={
+            "direction": direction, "fingerprint": getattr(peer, f"{direction}_fingerprint"), "generated": not secret,
+        })  # fmt: skip
     if direction == "outbound" and not peer.paused:
         from federation import outbox
 
@@ -236,3 +276,24 @@ def inbound_secrets(peer: Peer) -> list[str]:
 
 def hook_url_for(team: Team) -> str:
     return f"{settings.KITE_PUBLIC_URL}/hooks/{team.id}/kite"
+
+
+def retention_purge(*, days: int, batch: int = 5000) -> dict[str, int]:
+    """Audit events and delivery attempts older than `days` (KITE_AUDIT_RETENTION_DAYS; 0 keeps
+    them), deleted `batch` rows per statement so no purge holds long locks."""
+    if days <= 0:
+        return {"audit": 0, "deliveries": 0}
+    cutoff = timezone.now() - timedelta(days=days)
+    return {
+        "audit": _delete_in_batches(AuditEvent.objects.filter(at__lt=cutoff), batch),
+        "deliveries": _delete_in_batches(Delivery.objects.filter(attempted_at__lt=cutoff), batch),
+    }
+
+
+def _delete_in_batches(queryset, batch: int) -> int:
+    total = 0
+    while True:
+        ids = list(queryset.order_by().values_list("id", flat=True)[:batch])
+        if not ids:
+            return total
+        total += queryset.model.objects.filter(id__in=ids).delete()[0]

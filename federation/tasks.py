@@ -29,3 +29,12 @@ def heartbeat_peer(peer_id: int) -> bool:
 
     peer = Peer.objects.filter(pk=peer_id).first()
     return bool(peer and peer.sends_to and heartbeat.heartbeat(peer).ok)
+
+
+@shared_task(ignore_result=True)
+def retention_purge() -> dict:
+    from django.conf import settings
+
+    from federation import services
+
+    return services.retention_purge(days=settings.KITE_AUDIT_RETENTION_DAYS)

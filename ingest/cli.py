@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -33,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--instance", required=True, help="Kite base URL, e.g. https://kite.example.com")
     listen.add_argument("--source", help="only events from this source (e.g. kite, stripe)")
     listen.add_argument("--type", dest="type_glob", help="only event types matching this glob, e.g. 'com.stripe.*'")
-    listen.add_argument("--agent", help="listen as this agent: also receive its agent messages")
+    listen.add_argument("--agent", help="listen as this agent: also receive its agent messages; the agent shows "
+                        "in the team's fleet (with this CLI's version and the host name) while it listens")
+    listen.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --agent: a label of the agent in the fleet (repeatable)")
     listen.add_argument("--api-key", default=os.environ.get("KITE_API_KEY"), help="default: $KITE_API_KEY")
     listen.add_argument("--after", help="start after this cursor (default: only new events)")
     listen.add_argument("--from-start", action="store_true", help="replay every stored event first")
@@ -49,7 +53,7 @@ def stream_url(instance: str, params: dict) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise Fatal(f"--instance must be an http(s) URL, got {instance!r}")
     scheme = "wss" if parts.scheme == "https" else "ws"
-    query = urlencode({key: value for key, value in params.items() if value})
+    query = urlencode({key: value for key, value in params.items() if value}, doseq=True)
     return urlunsplit((scheme, parts.netloc, parts.path + "/ws/events", query, ""))
 
 
@@ -62,6 +66,22 @@ def ssl_context(args) -> ssl.SSLContext | None:
         context.verify_mode = ssl.CERT_NONE
         return context
     return ssl.create_default_context(cafile=args.ca_file)
+
+
+def agent_params(args) -> dict:
+    """What the fleet shows of this listener: sent with --agent only."""
+    if not args.agent:
+        return {}
+    return {"agent_version": cli_version(), "agent_host": socket.gethostname(), "agent_label": args.label}
+
+
+def cli_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kite")
+    except Exception:  # a checkout that was not pip-installed
+        return "unknown"
 
 
 def backoff(attempt: int) -> float:
@@ -100,7 +120,9 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
             if cursor is None:
                 cursor = current_cursor(args.instance, args.api_key, context)
             url = stream_url(
-                args.instance, {"source": args.source, "type": args.type_glob, "agent": args.agent, "after": cursor}
+                args.instance,
+                {"source": args.source, "type": args.type_glob, "agent": args.agent, "after": cursor,
+                 **agent_params(args)},  # fmt: skip
             )
             with connect(
                 url,

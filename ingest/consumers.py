@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 from datetime import timedelta
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -41,7 +41,19 @@ def _authenticate(scope):
     raw = bearer_from_header(headers.get(b"authorization", b"").decode("latin-1"))
     if raw:
         return principal_for_key(raw)
+    if not _same_origin(headers):
+        return None  # another site's page must not ride the browser's session (cross-site WebSocket hijacking)
     return principal_for_user(scope.get("user"))
+
+
+def _same_origin(headers: dict) -> bool:
+    """A browser's session counts only from Kite's own pages: no Origin (not a browser), or the
+    Origin is this Host or the public URL (CSRF_TRUSTED_ORIGINS)."""
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    if not origin:
+        return True
+    host = headers.get(b"host", b"").decode("latin-1")
+    return urlsplit(origin).netloc == host or origin in settings.CSRF_TRUSTED_ORIGINS
 
 
 def _filters(query: dict[str, list[str]], team_id: str) -> tuple[selectors.EventFilter, selectors.Cursor]:
@@ -95,6 +107,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             return await self.deny(401, "Send 'Authorization: Bearer <api key>' or log in.", "not_authenticated")
         self.team_id = self.principal.team.id
         query = parse_qs(self.scope.get("query_string", b"").decode())
+        self.query = query  # listener hooks read what they need of it (e.g. an agent's version)
         try:
             self.filters, self.cursor = await database_sync_to_async(_filters)(query, self.team_id)
         except ApiError as exc:
@@ -140,7 +153,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         await self.base_send(message)
 
     async def run_hooks(self, functions):
-        meta = {"agent": self.filters.agent, "client": self.scope.get("client")}
+        meta = {"agent": self.filters.agent, "client": self.scope.get("client"), "query": self.query}
         for function in functions:
             try:
                 await database_sync_to_async(function)(self.team_id, self.filters.agent, meta)
@@ -178,6 +191,9 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             if loop.time() - announced >= LISTENING_REFRESH_SECONDS:
                 announced = loop.time()
                 await database_sync_to_async(keep_listening)(self.team_id)
+                # Connect hooks run again while the listener stays (a presence heartbeat: an agent
+                # listening for hours stays online); they must be idempotent.
+                await self.run_hooks(hooks.listener_connected)
             self.wake.clear()
             await self.drain()
             # On PostgreSQL a noticed event can be invisible for a moment behind an

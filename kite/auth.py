@@ -104,3 +104,7 @@ class CanManagePeers(_TeamAdminPermission):
 
 class CanInvitePeers(_TeamAdminPermission):
     permission = "federation.invite_peer"
+
+
+class CanViewAudit(_TeamAdminPermission):
+    permission = "federation.view_audit"

@@ -6,7 +6,7 @@ web and worker process writes its samples there and /metrics aggregates them.
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the view)
 
 EVENTS_INGESTED = Counter(
@@ -26,9 +26,24 @@ INGEST_SECONDS = Histogram(
 )
 
 
+# Collectors read at scrape time (e.g. a gauge counted from the database), added by other apps
+# in their AppConfig.ready(): kite knows nothing of them.
+SCRAPE_COLLECTORS: list = []
+
+
+class _ThisProcess:
+    """The default registry: without a multiprocess directory one process serves every metric."""
+
+    def collect(self):
+        return REGISTRY.collect()
+
+
 def render() -> bytes:
+    registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest()
+    else:
+        registry.register(_ThisProcess())
+    for collector in SCRAPE_COLLECTORS:
+        registry.register(collector)
+    return generate_latest(registry)

@@ -206,12 +206,19 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(KITE_DATA_DIR / "celerybeat-schedule")
 KITE_HEARTBEAT_SECONDS = _positive_int("KITE_HEARTBEAT_SECONDS", 30)
 KITE_PROBE_DOWN_SECONDS = _positive_int("KITE_PROBE_DOWN_SECONDS", 5)
 KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 60)
+# Audit events and delivery attempts older than this are purged daily; 0 keeps them forever.
+KITE_AUDIT_RETENTION_DAYS = _env("KITE_AUDIT_RETENTION_DAYS", env.int, 90)
+if KITE_AUDIT_RETENTION_DAYS < 0:
+    raise ImproperlyConfigured(
+        f"KITE_AUDIT_RETENTION_DAYS must be 0 (keep forever) or more, got {KITE_AUDIT_RETENTION_DAYS}"
+    )
 CELERY_BEAT_SCHEDULE = {
     "purge-old-events": {"task": "ingest.tasks.events_purge_expired", "schedule": 3600.0},
     "sweep-outbox": {"task": "federation.tasks.sweep_outbox", "schedule": 1.0},
     "heartbeats": {"task": "federation.tasks.heartbeats", "schedule": float(KITE_HEARTBEAT_SECONDS)},
     # A peer whose queue paused as down is probed more often, so it drains soon after it is back.
     "probe-down-peers": {"task": "federation.tasks.probe_down_peers", "schedule": float(KITE_PROBE_DOWN_SECONDS)},
+    "purge-audit-and-deliveries": {"task": "federation.tasks.retention_purge", "schedule": 24 * 3600.0},
 }
 
 # --- Ingest ------------------------------------------------------------------
@@ -228,6 +235,35 @@ KITE_WEB_WORKERS = _positive_int("KITE_WEB_WORKERS", 2 if REDIS_URL else 1)
 KITE_WSGI_THREADS = _positive_int("KITE_WSGI_THREADS", 16)
 if KITE_WEB_WORKERS > 1 and not REDIS_URL:
     raise ImproperlyConfigured("KITE_WEB_WORKERS > 1 needs REDIS_URL (the in-memory channel layer is per process)")
+
+
+# --- Fleet (DESIGN §6) ----------------------------------------------------------
+def _seconds(name, default, low, high):
+    raw = env.str(name, default=str(default)).strip()
+    try:
+        value = float(raw)  # not env.float: it drops letters, so "2s" or "2m" would read as 2
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ImproperlyConfigured(f"{name} must be between {low} and {high} seconds, got {value}")
+    return value
+
+
+# Offline once not seen for this long. A connected `kite listen` re-announces itself every
+# 30-35 s (ingest.consumers), so the window leaves room for one missed announcement.
+KITE_AGENT_OFFLINE_SECONDS = int(_seconds("KITE_AGENT_OFFLINE_SECONDS", 90, 60, 7 * 24 * 3600))
+KITE_FLEET_PEER_TIMEOUT_SECONDS = _seconds("KITE_FLEET_PEER_TIMEOUT_SECONDS", 2.0, 0.1, 60)
+KITE_FLEET_DEADLINE_SECONDS = _seconds("KITE_FLEET_DEADLINE_SECONDS", KITE_FLEET_PEER_TIMEOUT_SECONDS + 1, 0.2, 120)
+if KITE_FLEET_DEADLINE_SECONDS <= KITE_FLEET_PEER_TIMEOUT_SECONDS:
+    raise ImproperlyConfigured(
+        f"KITE_FLEET_DEADLINE_SECONDS ({KITE_FLEET_DEADLINE_SECONDS}) must be above "
+        f"KITE_FLEET_PEER_TIMEOUT_SECONDS ({KITE_FLEET_PEER_TIMEOUT_SECONDS})"
+    )
+KITE_FLEET_REFRESH_SECONDS = _positive_int("KITE_FLEET_REFRESH_SECONDS", 30)
+CELERY_BEAT_SCHEDULE["fleet-snapshots"] = {
+    "task": "fleet.tasks.refresh_snapshots",
+    "schedule": float(KITE_FLEET_REFRESH_SECONDS),
+}
 
 # --- API ---------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -255,7 +291,7 @@ STATIC_ROOT = KITE_DATA_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 datadir.ensure_dir(STATIC_ROOT)
 WHITENOISE_USE_FINDERS = True
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/login/"  # the browser screens (issue 6); the admin keeps its own login
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True

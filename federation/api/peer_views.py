@@ -6,7 +6,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from federation import CONTRACT_VERSION, inbound, metrics
+from federation import CONTRACT_VERSION, audit, inbound, metrics
 from federation.outbox import BATCH_CAP
 from ingest.verifiers import lower_headers
 from kite.errors import ApiError, json_error
@@ -16,17 +16,38 @@ def capabilities() -> dict:
     return {"contract_version": CONTRACT_VERSION, "batch_max": BATCH_CAP}
 
 
+def _remote_addr(request) -> str:
+    return request.META.get("REMOTE_ADDR", "")
+
+
+def _authenticated(request, body: bytes):
+    """(peer, None) for a validly signed peer request, or (None, the refusal response); a refusal
+    is audited as Federation.AuthFailed with the failing factor, and counted."""
+    headers = lower_headers(request.headers)
+    try:
+        return inbound.authenticate(headers, body, team_id=None), None
+    except inbound.Refusal as refusal:
+        inbound.refused(refusal, headers, endpoint=request.path, method=request.method,
+                        remote_addr=_remote_addr(request))  # fmt: skip
+        return None, json_error(refusal.detail, refusal.code, 401)
+    except ApiError as exc:  # rate limited: counted, not audited (that would defeat the limit)
+        metrics.CALLS.labels("unknown", "inbound", exc.code).inc()
+        return None, exc.response()
+
+
+def _noted(request, peer, outcome: str = "ok") -> None:
+    """Federation.RemoteRequest: every inbound peer call but event deliveries (see inbound.verify_kite_source)."""
+    audit.remote_request(peer=peer, endpoint=request.path, method=request.method, outcome=outcome,
+                         sender=request.headers.get("kite-peer", ""), remote_addr=_remote_addr(request))  # fmt: skip
+
+
 @csrf_exempt
 @require_GET
 def ping(request):
-    try:
-        peer = inbound.authenticate(lower_headers(request.headers), b"", team_id=None)
-    except inbound.Refusal as refusal:
-        metrics.CALLS.labels("unknown", "inbound", str(refusal.code)).inc()
-        return json_error(refusal.detail, refusal.code, 401)
-    except ApiError as exc:
-        return exc.response()
-    metrics.CALLS.labels(peer.name, "inbound", "ok").inc()
+    peer, refusal = _authenticated(request, b"")
+    if refusal is not None:
+        return refusal
+    _noted(request, peer)
     return JsonResponse(
         {
             "instance_id": settings.KITE_INSTANCE_ID,
@@ -43,36 +64,45 @@ def terminate(request):
     """The peer deleted us: revoke its row here (stop sending, stop accepting)."""
     from federation import services
 
-    body = request.body
-    try:
-        peer = inbound.authenticate(lower_headers(request.headers), body, team_id=None)
-    except inbound.Refusal as refusal:
-        metrics.CALLS.labels("unknown", "inbound", str(refusal.code)).inc()
-        return json_error(refusal.detail, refusal.code, 401)
-    except ApiError as exc:
-        return exc.response()
-    metrics.CALLS.labels(peer.name, "inbound", "terminate").inc()
-    services.peer_revoke(peer=peer, reason="terminated by the peer")
+    peer, refusal = _authenticated(request, request.body)
+    if refusal is not None:
+        return refusal
+    _noted(request, peer)
+    services.peer_revoke(peer=peer, reason="terminated by the peer",
+                         actor=f"peer {peer.remote_instance_id or peer.name}")  # fmt: skip
     return JsonResponse({"revoked": True, "instance_id": settings.KITE_INSTANCE_ID})
 
 
 @csrf_exempt
 def handshake(request):
     """POST: an instance accepting one of our invitations (DESIGN §4). DELETE: it could not
-    finish its side, drop ours."""
+    finish its side, drop ours. Both are signed with the invitation's code."""
     from federation import invitations
 
     body = request.body
     headers = lower_headers(request.headers)
     if request.method == "DELETE":
-        return JsonResponse({"withdrawn": invitations.withdraw(headers, body)})
+        peer = invitations.withdraw(headers, body)
+        if peer is None:
+            audit.auth_failed(outcome="unknown_invitation", endpoint=request.path, method="DELETE",
+                              sender=headers.get("kite-peer", ""), remote_addr=_remote_addr(request))  # fmt: skip
+        else:
+            _noted(request, peer)
+        return JsonResponse({"withdrawn": peer is not None})
     if request.method != "POST":
         return json_error("Use POST.", "method_not_allowed", 405)
     try:
-        answer, signed = invitations.redeem(headers, body)
+        answer, signed, peer = invitations.redeem(headers, body)
     except invitations.HandshakeRefused as refusal:
-        metrics.CALLS.labels("unknown", "inbound", f"handshake_{refusal.code}").inc()
+        if refusal.status == 401:
+            audit.auth_failed(outcome=str(refusal.code), endpoint=request.path, method="POST", detail=refusal.detail,
+                              sender=headers.get("kite-peer", ""), remote_addr=_remote_addr(request))  # fmt: skip
+        elif refusal.peer is not None:
+            _noted(request, refusal.peer, str(refusal.code))
+        else:  # malformed before anyone is known (not JSON, other contract): counted only
+            metrics.CALLS.labels("unknown", "inbound", str(refusal.code)).inc()
         return json_error(refusal.detail, str(refusal.code), refusal.status)
+    _noted(request, peer)
     response = HttpResponse(answer, content_type="application/json")
     for name, value in signed.items():
         response[name] = value

@@ -1,8 +1,11 @@
+from datetime import UTC
+
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from federation import reachability
-from federation.models import Delivery, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
+from federation.models import AuditEvent, Delivery, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
 
 
@@ -149,3 +152,42 @@ class DeliverySerializer(serializers.ModelSerializer):
 
 class ReplaySerializer(serializers.Serializer):
     limit = serializers.IntegerField(min_value=1, max_value=100_000, default=100)
+
+
+class AuditBoundField(serializers.CharField):
+    """An audit event id (a cursor: `next` of the page before) or an ISO 8601 time."""
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data).strip()
+        if value.isdigit() and len(value) <= 18:  # an id fits a bigint
+            return int(value)
+        try:
+            parsed = parse_datetime(value)
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            raise serializers.ValidationError("Give an audit event id or an ISO 8601 time (2026-01-31T12:00:00Z).")
+        return parsed if timezone.is_aware(parsed) else parsed.replace(tzinfo=UTC)
+
+
+class AuditQuerySerializer(serializers.Serializer):
+    action = serializers.RegexField(r"^[A-Za-z][A-Za-z0-9._]{0,59}$", required=False,
+                                    help_text="e.g. Federation.PeerCalled")  # fmt: skip
+    peer = serializers.CharField(required=False, max_length=63, help_text="peer name, or peer id")
+    outcome = serializers.CharField(required=False, max_length=40, help_text="ok, or a failure code such as bad_secret")
+    after = AuditBoundField(required=False, help_text="only events after this event id or time")
+    before = AuditBoundField(required=False, help_text="only events before this event id (`next`) or time")
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    peer = serializers.CharField(source="peer_name")
+
+    class Meta:
+        model = AuditEvent
+        fields = ["id", "at", "action", "peer", "peer_id", "actor", "endpoint", "outcome", "detail", "data"]
+
+
+class AuditPageSerializer(serializers.Serializer):
+    results = AuditEventSerializer(many=True)
+    next = serializers.CharField(allow_null=True, help_text="pass as `before` for the next (older) page; null: no more")

@@ -1,15 +1,16 @@
 import logging
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from federation import certificates, outbox, selectors, services
+from federation import audit, certificates, grants, outbox, selectors, services
 from federation.api import serializers as s
 from federation.errors import Code
 from federation.models import IdentityCertificate
-from kite.auth import CanInvitePeers, CanManagePeers
+from kite.auth import CanInvitePeers, CanManagePeers, CanViewAudit
 from kite.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ def _peer(request, peer_id, role="peer"):
     if peer is None:
         raise ApiError("No such peer in your team.", Code.NOT_FOUND, status=404)
     return peer
+
+
+def _actor(request) -> str:
+    return audit.actor_of(request.user)
 
 
 def _peer_body(peer, extra=None):
@@ -46,7 +51,8 @@ class TokenListCreate(APIView):
         return Response({"results": s.TokenSerializer(selectors.tokens(request.user.team.id), many=True).data})
 
     def post(self, request):
-        issued = services.token_create(team=request.user.team, **_valid(s.TokenCreateSerializer, request.data))
+        issued = services.token_create(team=request.user.team, actor=_actor(request),
+                                       **_valid(s.TokenCreateSerializer, request.data))  # fmt: skip
         return Response({**s.TokenSerializer(issued.row).data, **issued.secrets}, status=status.HTTP_201_CREATED)
 
 
@@ -57,7 +63,7 @@ class TokenDetail(APIView):
         token = selectors.tokens(request.user.team.id).filter(pk=token_id).first()
         if token is None:
             raise ApiError("No such token in your team.", Code.NOT_FOUND, status=404)
-        services.token_delete(token=token)
+        services.token_delete(token=token, actor=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -70,7 +76,8 @@ class PeerListCreate(APIView):
         return Response({"results": s.PeerSerializer(peers, many=True, context={"depths": depths}).data})
 
     def post(self, request):
-        issued = services.peer_create(team=request.user.team, **_valid(s.PeerCreateSerializer, request.data))
+        issued = services.peer_create(team=request.user.team, actor=_actor(request),
+                                      **_valid(s.PeerCreateSerializer, request.data))  # fmt: skip
         return Response(_peer_body(issued.row, issued.secrets), status=status.HTTP_201_CREATED)
 
 
@@ -83,17 +90,17 @@ class PeerDetail(APIView):
     def patch(self, request, peer_id):
         peer = _peer(request, peer_id)
         changes = _valid(s.PeerUpdateSerializer, request.data, partial=True)
-        return Response(_peer_body(services.peer_update(peer=peer, **changes)))
+        return Response(_peer_body(services.peer_update(peer=peer, actor=_actor(request), **changes)))
 
     def delete(self, request, peer_id):
         """Revoke here, and tell the peer (signed terminate) so that it stops sending too."""
         from federation import heartbeat
 
-        peer = _peer(request, peer_id)
-        told = heartbeat.terminate(peer, "deleted by the other side") if peer.sends_to else None
+        peer, actor = _peer(request, peer_id), _actor(request)
+        told = heartbeat.terminate(peer, "deleted by the other side", actor=actor) if peer.sends_to else None
         if told is not None and not told.ok:
             log.warning("peer %s was not told of its deletion: %s", peer.name, told.error)
-        services.peer_revoke(peer=peer)
+        services.peer_revoke(peer=peer, actor=actor)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -108,7 +115,7 @@ class PeerPing(APIView):
         peer = _peer(request, peer_id)
         if not peer.sends_to:
             raise ApiError("This peer has no URL to ping (a trusted sender, or revoked).", Code.INVALID)
-        return Response(heartbeat.heartbeat(peer).as_dict())
+        return Response(heartbeat.heartbeat(peer, actor=_actor(request)).as_dict())
 
 
 class PeerRotateSecret(APIView):
@@ -119,7 +126,8 @@ class PeerRotateSecret(APIView):
         if peer is None or peer.status == peer.Status.REVOKED:
             raise ApiError("No such peer in your team.", Code.NOT_FOUND, status=404)
         data = _valid(s.RotateSecretSerializer, request.data)
-        issued = services.rotate_secret(peer=peer, direction=data["direction"], secret=data.get("secret") or None)
+        issued = services.rotate_secret(peer=peer, direction=data["direction"], secret=data.get("secret") or None,
+                                        actor=_actor(request))  # fmt: skip
         body = {
             "direction": data["direction"],
             "fingerprint": getattr(issued.row, f"{data['direction']}_fingerprint"),
@@ -148,7 +156,7 @@ class PeerReplayDead(APIView):
     def post(self, request, peer_id):
         peer = _peer(request, peer_id)
         limit = _valid(s.ReplaySerializer, request.data)["limit"]
-        return Response({"requeued": outbox.replay_dead(peer=peer, limit=limit)})
+        return Response({"requeued": outbox.replay_dead(peer=peer, limit=limit, actor=_actor(request))})
 
 
 class PeerDeliveries(APIView):
@@ -168,7 +176,7 @@ class TrustedSenderListCreate(APIView):
 
     def post(self, request):
         data = _valid(s.TrustedSenderCreateSerializer, request.data)
-        issued = services.trusted_sender_create(team=request.user.team, **data)
+        issued = services.trusted_sender_create(team=request.user.team, actor=_actor(request), **data)
         body = {**s.TrustedSenderSerializer(issued.row).data, **issued.secrets}
         return Response(body, status=status.HTTP_201_CREATED)
 
@@ -177,11 +185,8 @@ class TrustedSenderDetail(APIView):
     permission_classes = [CanManagePeers]
 
     def delete(self, request, sender_id):
-        services.peer_revoke(peer=_peer(request, sender_id, role="sender"))
+        services.peer_revoke(peer=_peer(request, sender_id, role="sender"), actor=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
-
-
-
 
 
 class CertificateListCreate(APIView):
@@ -192,7 +197,8 @@ class CertificateListCreate(APIView):
         return Response({"results": s.CertificateSerializer(rows, many=True).data})
 
     def post(self, request):
-        row = certificates.issue(team=request.user.team, **_valid(s.CertificateCreateSerializer, request.data))
+        row = certificates.issue(team=request.user.team, actor=_actor(request),
+                                 **_valid(s.CertificateCreateSerializer, request.data))  # fmt: skip
         return Response(s.CertificateSerializer(row).data, status=status.HTTP_201_CREATED)
 
 
@@ -203,8 +209,7 @@ class CertificateDetail(APIView):
         row = IdentityCertificate.objects.filter(team_id=request.user.team.id, pk=certificate_id).first()
         if row is None:
             raise ApiError("No such certificate in your team.", Code.NOT_FOUND, status=404)
-        row.delete()
-        certificates.forget(certificate_id)
+        certificates.revoke(certificate=row, actor=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -214,7 +219,8 @@ class InvitationCreate(APIView):
     def post(self, request):
         from federation import invitations
 
-        peer, invitation = invitations.issue(team=request.user.team, **_valid(s.InvitationCreateSerializer, request.data))
+        peer, invitation = invitations.issue(team=request.user.team, actor=_actor(request),
+                                             **_valid(s.InvitationCreateSerializer, request.data))  # fmt: skip
         return Response({"id": peer.pk, "invitation": invitation, "expires_at": peer.invitation_expires_at,
                          "peer_id": peer.pk}, status=status.HTTP_201_CREATED)  # fmt: skip
 
@@ -225,7 +231,8 @@ class InvitationAccept(APIView):
     def post(self, request):
         from federation import invitations
 
-        peer = invitations.accept(team=request.user.team, **_valid(s.InvitationAcceptSerializer, request.data))
+        peer = invitations.accept(team=request.user.team, actor=_actor(request),
+                                  **_valid(s.InvitationAcceptSerializer, request.data))  # fmt: skip
         return Response(_peer_body(peer), status=status.HTTP_201_CREATED)
 
 
@@ -237,10 +244,8 @@ class PeerGrants(APIView):
         return Response({"results": s.GrantSerializer(peer.grants.order_by("-created_at", "-id"), many=True).data})
 
     def post(self, request, peer_id):
-        from federation import grants
-
         peer = _peer(request, peer_id)
-        grant, token = grants.create(peer=peer, **_valid(s.GrantCreateSerializer, request.data))
+        grant, token = grants.create(peer=peer, actor=_actor(request), **_valid(s.GrantCreateSerializer, request.data))
         return Response({**s.GrantSerializer(grant).data, "token": token}, status=status.HTTP_201_CREATED)
 
 
@@ -249,7 +254,20 @@ class PeerGrantDetail(APIView):
 
     def delete(self, request, peer_id, grant_id):
         peer = _peer(request, peer_id)
-        deleted, _ = peer.grants.filter(pk=grant_id).delete()
-        if not deleted:
+        if not grants.revoke(peer=peer, grant_id=grant_id, actor=_actor(request)):
             raise ApiError("No such grant for this peer.", Code.NOT_FOUND, status=404)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AuditList(APIView):
+    """GET /api/audit: the team's audit events, newest first; `next` goes in `before` for older ones."""
+
+    permission_classes = [CanViewAudit]
+
+    @extend_schema(parameters=[s.AuditQuerySerializer], responses=s.AuditPageSerializer)
+    def get(self, request):
+        query = _valid(s.AuditQuerySerializer, request.query_params)
+        filters = selectors.AuditFilter(**{key: query.get(key) for key in selectors.AuditFilter.FIELDS})
+        rows, more = selectors.audit_events(request.user.team.id, filters, query["limit"])
+        return Response({"results": s.AuditEventSerializer(rows, many=True).data,
+                         "next": str(rows[-1].pk) if more else None})  # fmt: skip

@@ -1,0 +1,487 @@
+"""Settings → Federation and the audit log, in the browser (issue 6).
+
+Thin adapters over the same services and selectors as federation/api/views.py,
+with the same permissions (team admins). Mutations are POST (CSRF-checked); a
+generated secret, token or invitation is rendered once, in the POST's own
+response, never put in the session or a URL; everything else redirects after
+success. A refusal re-renders the form with the error on its field.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+
+from django.contrib import messages
+from django.db.models import Q
+from django.http import Http404, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from federation import certificates, grants, heartbeat, invitations, outbox, reachability, selectors, services
+from federation import forms as f
+from federation.models import IdentityCertificate, OutboxEntry, Peer
+from kite.errors import ApiError
+from kite.views import INVITE_PEERS, MANAGE_PEERS, VIEW_AUDIT, actor, apply_error, screen
+
+EXPIRY_WARNING = timedelta(days=14)
+DETAIL_ROWS = 50
+AUDIT_PAGE = 100
+STEPS = [Peer.Status.PROPOSED, Peer.Status.ACCEPTED, Peer.Status.ENROLLED, Peer.Status.ACTIVE]
+
+
+def chip_of(peer: Peer, now: datetime) -> str:
+    ok = peer.last_attempt_at is not None and peer.last_attempt_at == peer.last_success_at
+    return reachability.chip(now=now, last_attempt_at=peer.last_attempt_at, last_success_at=peer.last_success_at,
+                             last_latency_ms=peer.last_latency_ms, last_attempt_ok=ok)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Revealed:
+    """A plaintext shown once, and the sentence saying where it goes on the other side."""
+
+    label: str
+    value: str
+    where: str = ""
+
+
+def _peer(request, peer_id, role: str | None = "peer") -> Peer:
+    peer = selectors.peer_for_team(request.principal.team.id, peer_id, role=role)
+    if peer is None:
+        raise Http404("No such peer in your team.")
+    return peer
+
+
+def _live_peer(request, peer_id) -> Peer:
+    peer = _peer(request, peer_id)
+    if peer.status == Peer.Status.REVOKED:
+        raise Http404("This peer is revoked: nothing can be changed on it any more.")
+    return peer
+
+
+# --- peers -------------------------------------------------------------------------
+
+
+@require_GET
+@screen(MANAGE_PEERS)
+def peer_list(request):
+    form = f.PeerFilterForm(request.GET)
+    wanted = form.cleaned_data if form.is_valid() else {}
+    peers = selectors.peers(request.principal.team.id)
+    status = wanted.get("status") or ""
+    if status != "all":
+        peers = peers.filter(status=status) if status else peers.exclude(status=Peer.Status.REVOKED)
+    if wanted.get("q"):
+        q = wanted["q"]
+        peers = peers.filter(Q(name__icontains=q) | Q(peer_hook_url__icontains=q) | Q(remote_instance_id__icontains=q))
+    peers = list(peers)
+    depths, now = selectors.outbox_depths([peer.pk for peer in peers]), timezone.now()
+    rows = [{"peer": peer, "chip": chip_of(peer, now), "depth": depths[peer.pk]} for peer in peers]
+    if wanted.get("reachability"):
+        rows = [row for row in rows if row["chip"] == wanted["reachability"]]
+    return render(request, "federation/peers.html", {"form": form, "rows": rows, "now": now})
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def peer_new(request):
+    """A peer by hand (DESIGN §4, way 1): URL, its PEM, our two secrets generated or pasted."""
+    form = f.PeerCreateForm(request.POST if request.method == "POST" else None)
+    if form.is_valid():
+        try:
+            issued = services.peer_create(team=request.principal.team, actor=actor(request), **form.service_kwargs())
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            return _created(request, issued)
+    identity = selectors.identity(request.principal.team)
+    return render(request, "federation/peer_new.html", {"form": form, "identity": identity},
+                  status=400 if form.is_bound else 200)  # fmt: skip
+
+
+def _created(request, issued: services.Issued):
+    peer, plain = issued.row, issued.secrets
+    revealed = []
+    if "outbound_token" in plain:
+        revealed.append(Revealed("Outbound secret", plain["outbound_token"],
+                                 f"On {peer.name}, paste this into the Inbound secret field of its peer for this "
+                                 "instance: it is what that side checks our requests with."))  # fmt: skip
+    if "inbound_token" in plain:
+        revealed.append(Revealed("Inbound secret", plain["inbound_token"],
+                                 f"On {peer.name}, paste this into the Outbound secret field of its peer for this "
+                                 "instance: it is what that side signs its requests to us with."))  # fmt: skip
+    return render(request, "federation/peer_created.html", {"peer": peer, "revealed": revealed}, status=201)
+
+
+@require_GET
+@screen(MANAGE_PEERS)
+def peer_detail(request, peer_id):
+    return _detail(request, _peer(request, peer_id))
+
+
+def _detail(request, peer: Peer, status: int = 200, **forms_and_results):
+    """The peer page; `forms_and_results` replaces a blank form by a refused one, or adds a
+    ping verdict or a secret shown once."""
+    wanted = request.GET.get("outbox", "")
+    wanted = wanted if wanted in OutboxEntry.Status.values else ""
+    initial = {"peer_hook_url": peer.peer_hook_url, "scopes": peer.scopes, "max_hops": peer.max_hops,
+               "rate_limit_per_second": peer.rate_limit_per_second}  # fmt: skip
+    context = {
+        "peer": peer,
+        "chip": chip_of(peer, timezone.now()),
+        "depth": selectors.outbox_depths([peer.pk])[peer.pk],
+        "outbox_status": wanted,
+        "entries": selectors.outbox_entries(peer, status=wanted or None)[:DETAIL_ROWS],
+        "deliveries": selectors.deliveries(peer)[:DETAIL_ROWS // 2],
+        "grants": list(peer.grants.order_by("-created_at", "-id")),
+        "now": timezone.now(),
+        "live": peer.status != Peer.Status.REVOKED,
+        "settings_form": f.PeerSettingsForm(initial=initial),
+        "rotate_inbound": f.RotateForm(initial={"direction": "inbound"}, prefix="inbound"),
+        "rotate_outbound": f.RotateForm(initial={"direction": "outbound"}, prefix="outbound"),
+        "replay_form": f.ReplayForm(),
+        "grant_form": f.GrantForm(),
+        **forms_and_results,
+    }
+    return render(request, "federation/peer_detail.html", context, status=status)
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def peer_ping(request, peer_id):
+    peer = _live_peer(request, peer_id)
+    if not peer.sends_to:
+        messages.error(request, "This peer has no URL to ping yet (an invitation not redeemed).")
+        return redirect("federation:peer", peer.pk)
+    result = heartbeat.heartbeat(peer, actor=actor(request))
+    return _detail(request, _peer(request, peer.pk), ping=result)
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def peer_settings(request, peer_id):
+    peer = _live_peer(request, peer_id)
+    form = f.PeerSettingsForm(request.POST)
+    if form.is_valid():
+        try:
+            services.peer_update(peer=peer, actor=actor(request), **form.changes(peer))
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            messages.success(request, "Saved.")
+            return redirect("federation:peer", peer.pk)
+    return _detail(request, _peer(request, peer.pk), status=400, settings_form=form)
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def peer_rotate(request, peer_id):
+    peer = _live_peer(request, peer_id)
+    direction = "inbound" if "inbound-direction" in request.POST else "outbound"
+    form = f.RotateForm(request.POST, prefix=direction)
+    if form.is_valid():
+        try:
+            # TODO(lead): channel.rotate_secret (carried to invitation peers over the signed channel)
+            issued = services.rotate_secret(peer=peer, direction=direction, secret=form.cleaned_data["secret"] or None,
+                                            actor=actor(request))  # fmt: skip
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            return _rotated(request, issued.row, direction, issued.secrets.get("secret"))
+    return _detail(request, peer, status=400, **{f"rotate_{direction}": form})
+
+
+def _rotated(request, peer: Peer, direction: str, secret: str | None):
+    fingerprint = getattr(peer, f"{direction}_fingerprint")
+    if direction == "inbound":
+        where = (f"On {peer.name}, paste this as the new outbound secret of its peer for this instance (Rotate "
+                 f"outbound secret). The old inbound secret keeps working here until "
+                 f"{peer.previous_inbound_expires_at:%Y-%m-%d %H:%M} UTC.")  # fmt: skip
+    else:
+        where = (f"On {peer.name}, paste this as the new inbound secret of its peer for this instance (Rotate "
+                 "inbound secret). We sign with it from now on: deliveries wait until it is pasted there.")  # fmt: skip
+    messages.success(request, f"{direction.capitalize()} secret rotated; fingerprint now {fingerprint}.")
+    revealed = Revealed(f"New {direction} secret", secret, where) if secret else None
+    return _detail(request, peer, rotated=revealed)
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def peer_replay(request, peer_id):
+    peer = _live_peer(request, peer_id)
+    form = f.ReplayForm(request.POST)
+    if not form.is_valid():
+        return _detail(request, peer, status=400, replay_form=form)
+    count = outbox.replay_dead(peer=peer, limit=form.cleaned_data["limit"], actor=actor(request))
+    messages.success(request, f"{count} dead entr{'y' if count == 1 else 'ies'} re-queued for immediate delivery.")
+    return redirect(reverse("federation:peer", args=[peer.pk]) + "?outbox=pending")
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def grant_create(request, peer_id):
+    peer = _live_peer(request, peer_id)
+    form = f.GrantForm(request.POST)
+    if form.is_valid():
+        try:
+            grant, token = grants.create(peer=peer, actor=actor(request), **form.service_kwargs())
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            where = (f"Give this to {peer.name}'s operator: they store it on their Fleet page (Fleet access from "
+                     f"this instance). Valid until {grant.expires_at:%Y-%m-%d %H:%M} UTC.")  # fmt: skip
+            return _detail(request, peer, status=201, granted=Revealed(f"Grant fg-{grant.pk}", token, where))
+    return _detail(request, peer, status=400, grant_form=form)
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def grant_revoke(request, peer_id, grant_id):
+    peer = _peer(request, peer_id)
+    grant = peer.grants.filter(pk=grant_id).first()
+    if grant is None:
+        raise Http404("No such grant for this peer.")
+    back = reverse("federation:peer", args=[peer.pk])
+    return _confirm_then(
+        request, lambda: grants.revoke(peer=peer, grant_id=grant.pk, actor=actor(request)),
+        done=f"Grant fg-{grant.pk} revoked: its token stops working now.", back=back,
+        title=f"Revoke grant fg-{grant.pk}?", button="Revoke grant", consequences=[
+            f"{peer.name} can no longer read {grant.resource_kind} {grant.resource_id or '(all)'} with its token: "
+            "its next call is refused (grant_revoked / bad_grant).",
+        ],
+    )  # fmt: skip
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def peer_delete(request, peer_id):
+    peer = _live_peer(request, peer_id)
+    if request.method == "POST":
+        told = heartbeat.terminate(peer, "deleted by the other side", actor=actor(request)) if peer.sends_to else None
+        services.peer_revoke(peer=peer, actor=actor(request))
+        if told is not None and not told.ok:
+            messages.warning(request, f"{peer.name} is deleted here, but could not be told: {told.error}. "
+                                      "Delete this instance on its side too.")  # fmt: skip
+        else:
+            messages.success(request, f"{peer.name} deleted.")
+        return redirect("federation:peers")
+    depth = selectors.outbox_depths([peer.pk])[peer.pk]
+    queued = depth["pending"] + depth["in_flight"]
+    other_side = (
+        f"{peer.name} is told at once (a signed terminate): its peer row for this instance becomes revoked, it "
+        "stops sending here, and its operator sees the row as revoked — terminated by the peer."
+        if peer.sends_to else
+        "The invitation issued for it stops working: whoever pastes it is refused (unknown invitation)."
+    )  # fmt: skip
+    return _confirm(request, f"Delete peer {peer.name}?", [
+        other_side,
+        f"Here: nothing more is sent to or accepted from it; {queued} queued entr{'y' if queued == 1 else 'ies'} "
+        "will be dead-lettered. To federate again, peer anew.",
+    ], "Delete peer", reverse("federation:peer", args=[peer.pk]))  # fmt: skip
+
+
+def _confirm(request, title: str, consequences: list[str], button: str, cancel_url: str):
+    return render(request, "confirm.html", {"title": title, "consequences": consequences, "button": button,
+                                            "cancel_url": cancel_url})  # fmt: skip
+
+
+def _confirm_then(request, act, *, done: str, back: str, title: str, consequences: list[str], button: str):
+    """GET: the page saying what will happen; POST (CSRF-checked): `act()`, then back to `back`."""
+    if request.method != "POST":
+        return _confirm(request, title, consequences, button, back)
+    act()
+    messages.success(request, done)
+    return redirect(back)
+
+
+# --- invitations ---------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+@screen(INVITE_PEERS)
+def invite(request):
+    form = f.InviteForm(request.POST if request.method == "POST" else None)
+    if form.is_valid():
+        try:
+            peer, invitation = invitations.issue(team=request.principal.team, actor=actor(request), **form.cleaned_data)
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            where = ("Send it to the other side's operator over a private channel: they paste it on their Accept "
+                     "an invitation page. It works once.")
+            revealed = Revealed("Invitation", invitation, where)
+            return render(request, "federation/invite.html", {"peer": peer, "revealed": revealed, "steps": STEPS},
+                          status=201)  # fmt: skip
+    return render(request, "federation/invite.html", {"form": form}, status=400 if form.is_bound else 200)
+
+
+@require_http_methods(["GET", "POST"])
+@screen(INVITE_PEERS)
+def accept(request):
+    form = f.AcceptForm(request.POST if request.method == "POST" else None)
+    if form.is_valid():
+        try:
+            peer = invitations.accept(team=request.principal.team, actor=actor(request), **form.cleaned_data)
+        except ApiError as exc:
+            apply_error(form, exc, {**form.ERRORS, "unknown_invitation": "invitation", "invitation": "invitation"})
+        else:
+            return render(request, "federation/accept.html", {"peer": peer, "steps": STEPS}, status=201)
+    return render(request, "federation/accept.html", {"form": form}, status=400 if form.is_bound else 200)
+
+
+@require_GET
+@screen(INVITE_PEERS)
+def peer_progress(request, peer_id):
+    """What the invite and accept pages poll until the peer is active."""
+    peer = _peer(request, peer_id)
+    return JsonResponse({"name": peer.name, "status": peer.status, "reachability": chip_of(peer, timezone.now()),
+                         "last_error": peer.last_error, "url": reverse("federation:peer", args=[peer.pk])})  # fmt: skip
+
+
+# --- certificates ------------------------------------------------------------------
+
+
+def _certificates(request, form=None, issued=None, status=200):
+    now = timezone.now()
+    rows = [{"row": row, "expired": row.not_after <= now, "expiring": now < row.not_after <= now + EXPIRY_WARNING}
+            for row in IdentityCertificate.objects.filter(team_id=request.principal.team.id)
+            .order_by("-created_at", "-id")]  # fmt: skip
+    return render(request, "federation/certificates.html", {
+        "rows": rows, "form": form or f.CertificateForm(), "issued": issued, "warning_days": EXPIRY_WARNING.days,
+    }, status=status)  # fmt: skip
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def certificate_list(request):
+    if request.method == "GET":
+        return _certificates(request)
+    form = f.CertificateForm(request.POST)
+    if form.is_valid():
+        try:
+            row = certificates.issue(team=request.principal.team, actor=actor(request), **form.cleaned_data)
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            return _certificates(request, issued=row, status=201)
+    return _certificates(request, form=form, status=400)
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def certificate_revoke(request, certificate_id):
+    row = IdentityCertificate.objects.filter(team_id=request.principal.team.id, pk=certificate_id).first()
+    if row is None:
+        raise Http404("No such certificate in your team.")
+    return _confirm_then(
+        request, lambda: certificates.revoke(certificate=row, actor=actor(request)),
+        done=f"Certificate {row.subject} revoked.", back=reverse("federation:certificates"),
+        title=f"Revoke certificate {row.subject}?", button="Revoke certificate", consequences=[
+            "It signs nothing more. Peers that pinned it refuse what this instance sends until they are given the "
+            "newer certificate's PEM (bad_certificate on their side).",
+            f"Thumbprint {row.thumbprint}.",
+        ],
+    )  # fmt: skip
+
+
+# --- tokens and trusted senders ----------------------------------------------------------
+
+
+def _tokens(request, status=200, **extra):
+    team_id = request.principal.team.id
+    return render(request, "federation/tokens.html", {
+        "tokens": list(selectors.tokens(team_id)), "senders": list(selectors.trusted_senders(team_id)),
+        "token_form": f.TokenForm(), "sender_form": f.TrustedSenderForm(), **extra,
+    }, status=status)  # fmt: skip
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def token_list(request):
+    if request.method == "GET":
+        return _tokens(request)
+    form = f.TokenForm(request.POST)
+    if not form.is_valid():
+        return _tokens(request, status=400, token_form=form)
+    issued = services.token_create(team=request.principal.team, actor=actor(request), **form.cleaned_data)
+    revealed = Revealed(f"Token {issued.row.label}", issued.secrets["token"],
+                        "Paste it where the other side's guide asks for this token: as the outbound secret of a "
+                        "peer on one side and the inbound secret (peer or trusted sender) on the other.")  # fmt: skip
+    return _tokens(request, status=201, revealed=revealed)
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def token_delete(request, token_id):
+    token = selectors.tokens(request.principal.team.id).filter(pk=token_id).first()
+    if token is None:
+        raise Http404("No such token in your team.")
+    return _confirm_then(
+        request, lambda: services.token_delete(token=token, actor=actor(request)),
+        done=f"Token {token.label} deleted.", back=reverse("federation:tokens"),
+        title=f"Delete token {token.label}?", button="Delete token",
+        consequences=["Only this record of it goes: peers and trusted senders it was pasted into keep their copy."],
+    )  # fmt: skip
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def sender_create(request):
+    form = f.TrustedSenderForm(request.POST)
+    if form.is_valid():
+        data = {**form.cleaned_data, "inbound_token": form.cleaned_data["inbound_token"].strip() or None}
+        try:
+            issued = services.trusted_sender_create(team=request.principal.team, actor=actor(request), **data)
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            secret = issued.secrets.get("inbound_token")
+            revealed = secret and Revealed(f"Inbound secret of {issued.row.name}", secret,
+                                           f"On {issued.row.name}, paste this as the outbound secret of its peer for "
+                                           "this instance.")  # fmt: skip
+            messages.success(request, f"Trusted sender {issued.row.name} added.")
+            return _tokens(request, status=201, revealed=revealed or None)
+    return _tokens(request, status=400, sender_form=form)
+
+
+@require_http_methods(["GET", "POST"])
+@screen(MANAGE_PEERS)
+def sender_revoke(request, sender_id):
+    sender = _peer(request, sender_id, role="sender")
+    return _confirm_then(
+        request, lambda: services.peer_revoke(peer=sender, actor=actor(request)),
+        done=f"Trusted sender {sender.name} revoked.", back=reverse("federation:tokens"),
+        title=f"Revoke trusted sender {sender.name}?", button="Revoke sender", consequences=[
+            f"Requests signed with its inbound secret ({sender.inbound_fingerprint}) are refused from now on "
+            "(401 on its side).",
+        ],
+    )  # fmt: skip
+
+
+# --- audit ---------------------------------------------------------------------------------
+
+
+@require_GET
+@screen(VIEW_AUDIT)
+def audit_log(request):
+    form = f.AuditFilterForm(request.GET)
+    rows, more = [], False
+    if form.is_valid():
+        wanted = form.cleaned_data
+        since, until = wanted["since"], wanted["until"]
+        after = _midnight(since) if since else None
+        before = wanted["before"] or (_midnight(until + timedelta(days=1)) if until else None)
+        filters = selectors.AuditFilter(action=wanted["action"] or None, peer=wanted["peer"] or None,
+                                        outcome=wanted["outcome"] or None, after=after, before=before)  # fmt: skip
+        rows, more = selectors.audit_events(request.principal.team.id, filters, AUDIT_PAGE)
+    older = None
+    if more:
+        query = request.GET.copy()
+        query["before"] = rows[-1].pk
+        older = "?" + query.urlencode()
+    return render(request, "federation/audit.html", {"form": form, "rows": rows, "older": older},
+                  status=200 if form.is_valid() else 400)  # fmt: skip
+
+
+def _midnight(day) -> datetime:
+    return timezone.make_aware(datetime.combine(day, time.min))

@@ -1,0 +1,90 @@
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from federation import audit, selectors as federation_selectors
+from fleet import federated, rows, selectors, services
+from fleet.errors import Code
+from fleet.models import Agent
+from kite.auth import CanManagePeers
+from kite.errors import ApiError
+
+MAX_QUERY = 200
+_YES, _NO = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+
+
+def _flag(params, name: str) -> bool:
+    value = params.get(name, "").strip().lower()
+    if value not in _YES | _NO:
+        raise ApiError(f"{name} must be true or false.", Code.INVALID)
+    return value in _YES
+
+
+def _query(request) -> federated.Query:
+    params = request.query_params
+    q, peer = params.get("q", "").strip(), params.get("peer", "").strip() or None
+    if len(q) > MAX_QUERY or (peer is not None and len(peer) > 63):
+        raise ApiError(f"q must be at most {MAX_QUERY} characters and peer a peer's name.", Code.INVALID)
+    if peer is not None and not federation_selectors.peers(request.user.team.id).filter(name=peer).exists():
+        raise ApiError(f"No peer named {peer!r} in your team.", Code.INVALID)
+    # peer= asks for a peer's agents: it implies federation=true.
+    federation = _flag(params, "federation") or peer is not None
+    return federated.Query(federation=federation, peer=peer, q=q, snapshot=_flag(params, "snapshot"))
+
+
+class AgentListRegister(APIView):
+    def get(self, request):
+        """Our agents; with federation=true also every live peer's (read-only, `peer:<name>/<id>`)."""
+        query = _query(request)
+        return Response(federated.fleet_list(team_id=request.user.team.id, query=query,
+                                             actor=audit.actor_of(request.user)))  # fmt: skip
+
+    def post(self, request):
+        """Register an agent, or refresh it (a heartbeat): {name, version?, host?, labels?}."""
+        try:
+            registration = rows.clean_registration(request.data)
+        except rows.Invalid as invalid:
+            raise ApiError(str(invalid), Code.INVALID) from None
+        agent, created = services.agent_register(team_id=request.user.team.id, via=Agent.Via.API, **registration)
+        return Response(selectors.agent_detail(agent), status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class AgentDetail(APIView):
+    def get(self, request, agent_id: str):
+        if agent_id.startswith("peer:"):
+            raise ApiError("A peer's agent is read-only and shown only in the list "
+                           "(GET /api/fleet/agents?federation=true&peer=<name>).", Code.READ_ONLY, status=404)  # fmt: skip
+        agent = selectors.agent_for_team(request.user.team.id, agent_id)
+        if agent is None:
+            raise ApiError("No such agent in your team.", Code.NOT_FOUND, status=404)
+        return Response(selectors.agent_detail(agent))
+
+
+class PeerRemoteGrant(APIView):
+    """PUT {token}: keep the fleet.agents grant token a peer's operator gave us (hand-made peers;
+    an invitation exchanges one by itself). DELETE: forget it."""
+
+    permission_classes = [CanManagePeers]
+
+    def put(self, request, peer_id: int):
+        token = request.data.get("token") if isinstance(request.data, dict) else None
+        if not isinstance(token, str):
+            raise ApiError("Send {\"token\": \"fg-<id>.<secret>\"}.", Code.INVALID)
+        peer = services.remote_grant_set(peer=self._peer(request, peer_id), token=token.strip(),
+                                         actor=audit.actor_of(request.user))  # fmt: skip
+        return Response(self._answer(peer))
+
+    def delete(self, request, peer_id: int):
+        services.remote_grant_set(peer=self._peer(request, peer_id), token=None, actor=audit.actor_of(request.user))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @staticmethod
+    def _peer(request, peer_id):
+        peer = federation_selectors.peer_for_team(request.user.team.id, peer_id)
+        if peer is None or peer.status == peer.Status.REVOKED:
+            raise ApiError("No such peer in your team.", Code.NOT_FOUND, status=404)
+        return peer
+
+    @staticmethod
+    def _answer(peer) -> dict:
+        return {"peer_id": peer.pk, "name": peer.name, "has_remote_grant": bool(peer.remote_grant_encrypted)}

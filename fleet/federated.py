@@ -1,0 +1,257 @@
+"""The aggregated fleet (DESIGN §6): our agents plus every live peer's, read-only.
+
+Each peer is asked in parallel (signed GET /api/federation/fleet/agents with the
+grant it gave us in `kite-grant`) with a per-peer timeout below the list's
+deadline. A peer that does not answer is served from its snapshot, flagged
+stale; a peer never heard from is listed with its outcome and no rows. One bad
+peer never fails the list. The threads only talk HTTP: everything they need is
+read before they start, and nothing is written until they are done (no
+database connection or transaction waits on a peer).
+"""
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from federation import audit, certificates, client, metrics
+from federation import services as federation_services
+from federation.heartbeat import ping_url
+from federation.models import Peer
+from fleet import rows, selectors, services
+from fleet.services import PeerAnswer
+from kite import crypto
+
+PATH = "/api/federation/fleet/agents"
+GRANT_HEADER = "kite-grant"
+MAX_PARALLEL = 32
+
+
+# --- the threads ----------------------------------------------------------------------
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=MAX_PARALLEL, thread_name_prefix="fleet")
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # a forked Celery worker has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What asking one peer needs, read before any thread starts."""
+
+    peer_id: int
+    target: client.Target | None
+    grant: str
+
+
+def prepare(peers: list[Peer]) -> list[Call]:
+    signers: dict[str, object] = {}
+    calls = []
+    for peer in peers:
+        grant = _grant_of(peer)
+        calls.append(Call(peer.pk, _target(peer, signers) if grant else None, grant))
+    return calls
+
+
+def _target(peer: Peer, signers: dict) -> client.Target:
+    """What outbox.target_for(peer) builds, for our path, with the team's signer read once for
+    all its peers (a query each otherwise)."""
+    if peer.team_id not in signers:
+        signers[peer.team_id] = certificates.signer_for(peer.team_id)
+    return client.Target(url=ping_url(peer, PATH), secret=federation_services.secret_of(peer, "outbound"),
+                         sender_id=settings.KITE_INSTANCE_ID, tls_fingerprint=peer.tls_fingerprint,
+                         signer=signers[peer.team_id])  # fmt: skip
+
+
+def _grant_of(peer: Peer) -> str:
+    try:
+        return crypto.decrypt(peer.remote_grant_encrypted) if peer.remote_grant_encrypted else ""
+    except Exception:  # encrypted under a key no longer configured: as good as none
+        return ""
+
+
+def outcome_of(failure: client.PeerCallError) -> str:
+    if failure.timed_out:
+        return "timeout"
+    if failure.status_code in (401, 403):
+        return "unauthorized"
+    if failure.status_code is None and failure.code == "connection":
+        return "unreachable"
+    return "error"
+
+
+def fetch(call: Call, timeout: float) -> PeerAnswer:
+    """One peer's fleet (runs in a pool thread: HTTP only, no database)."""
+    started = time.perf_counter()
+    try:
+        answer = client.call(call.target, "GET", timeout=(timeout, timeout), headers={GRANT_HEADER: call.grant})
+    except client.PeerCallError as failure:
+        return PeerAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
+    except client.UnsafeUrl as refused:
+        return PeerAnswer("error", None, None, str(refused))
+    raws = rows.answer_rows(answer.body)
+    if raws is None:
+        return PeerAnswer("error", answer.latency_ms, None, "The peer's answer is not a fleet list {results: […]}.")
+    return PeerAnswer("ok", answer.latency_ms, sorted(rows.wire_rows(raws), key=lambda row: row["name"]))
+
+
+def _ms_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+NO_GRANT = ("No fleet.agents grant from this peer: an invitation exchanges one; for a peer added by hand, "
+            "its operator creates one and you store it with PUT /api/fleet/peers/{id}/remote-grant.")  # fmt: skip
+
+
+class FanOut:
+    """Calls started at once; `collect(within)` waits for them until `within` seconds after the start."""
+
+    def __init__(self, calls: list[Call], *, timeout: float):
+        self.timeout, self.started = timeout, time.perf_counter()
+        self.calls = calls
+        self.futures = {call.peer_id: _executor().submit(fetch, call, timeout) for call in calls if call.grant}
+
+    def collect(self, within: float) -> dict[int, PeerAnswer]:
+        wait(self.futures.values(), timeout=max(0.0, self.started + within - time.perf_counter()))
+        answers = {}
+        for call in self.calls:
+            future = self.futures.get(call.peer_id)
+            if future is None:
+                answers[call.peer_id] = PeerAnswer("unauthorized", None, None, NO_GRANT, called=False)
+            elif future.done():
+                answers[call.peer_id] = future.result()
+            else:
+                future.cancel()
+                answers[call.peer_id] = PeerAnswer("timeout", _ms_since(self.started), None,
+                                                   f"No answer within {self.timeout:g} s.")  # fmt: skip
+        return answers
+
+
+def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str) -> datetime:
+    """Snapshots, audit rows and metrics of one fan-out, in one transaction after it; returns the
+    time noted as the answering peers' last contact."""
+    now = timezone.now()
+    with transaction.atomic():
+        _commit_without_waiting_for_disk()
+        services.snapshots_record(peers=peers, answers=answers, now=now)
+        for peer_id, answer in answers.items():
+            if not answer.called:
+                continue
+            peer = peers[peer_id]
+            metrics.CALLS.labels(peer.name, "outbound", answer.outcome).inc()
+            audit.record(audit.PEER_CALLED, peer=peer, actor=actor, endpoint=PATH, outcome=answer.outcome,
+                         detail=answer.detail[:500], data={"method": "GET", "latency_ms": answer.latency_ms,
+                                                           "agents": len(answer.rows or [])})  # fmt: skip
+    return now
+
+
+def _commit_without_waiting_for_disk() -> None:
+    """This transaction's commit does not wait for its WAL to reach the disk (PostgreSQL): the
+    snapshot and audit rows of a fleet read are not worth an fsync on the list's path — a stalled
+    flush cost single lists 100-300 ms in bench/fleet.py. A database crash may lose the last
+    fraction of a second of them; nothing else is at stake (the read changed nothing)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit = off")
+
+
+# --- the list -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    federation: bool = False
+    peer: str | None = None  # only this peer's agents
+    q: str = ""
+    snapshot: bool = False  # serve the snapshots only, ask no peer
+
+
+def fleet_list(*, team_id: str, query: Query, actor: str) -> dict:
+    """{includes_federation, results, peers} as GET /api/fleet/agents answers it."""
+    started = time.perf_counter()
+    if not query.federation:
+        return {"includes_federation": False, "results": selectors.local_rows(team_id, query.q), "peers": []}
+    peers = selectors.fleet_peers(team_id, name=query.peer)
+    fan_out = None
+    if not query.snapshot and peers:
+        fan_out = FanOut(prepare(peers), timeout=settings.KITE_FLEET_PEER_TIMEOUT_SECONDS)
+    local = [] if query.peer else selectors.local_rows(team_id, query.q)  # while the peers answer
+    answers, contacted = {}, None
+    if fan_out is not None:
+        # Each peer gets its timeout from the moment all were asked; the whole list, its deadline.
+        left = settings.KITE_FLEET_DEADLINE_SECONDS - (fan_out.started - started)
+        answers = fan_out.collect(min(settings.KITE_FLEET_PEER_TIMEOUT_SECONDS, left))
+        contacted = record({peer.pk: peer for peer in peers}, answers, actor=actor)
+    # Snapshots only of the peers that did not answer now (each may hold a hundred rows or more).
+    answered = {pk for pk, answer in answers.items() if answer.outcome == "ok"}
+    snapshots = selectors.snapshots([peer.pk for peer in peers if peer.pk not in answered])
+    results, entries = list(local), []
+    for peer in peers:
+        found, entry = _peer_part(peer, answers.get(peer.pk), snapshots.get(peer.pk), contacted)
+        results += [row for row in found if rows.matches(row, query.q)] if query.q else found
+        entries.append(entry)
+    return {"includes_federation": True, "results": results, "peers": entries}
+
+
+def _peer_part(peer: Peer, answer: PeerAnswer | None, snapshot, contacted) -> tuple[list[dict], dict]:
+    """One peer's rows and its `peers` entry: live, else its snapshot flagged stale, else nothing."""
+    entry = {"name": peer.name, "outcome": "unknown", "latency_ms": None, "last_contact": None, "stale": False,
+             "detail": ""}  # fmt: skip
+    if answer is not None and answer.outcome == "ok":
+        entry.update(outcome="ok", latency_ms=answer.latency_ms, last_contact=selectors.iso(contacted))
+        return [rows.remote_row(peer.name, wire, stale=False) for wire in answer.rows], entry
+    if answer is not None:
+        entry.update(outcome=answer.outcome, latency_ms=answer.latency_ms, detail=answer.detail)
+        stale = True
+        if answer.outcome == "unauthorized":  # the peer withdrew our access: its old rows are not ours to show
+            entry["last_contact"] = selectors.iso(snapshot.fetched_at) if snapshot is not None else None
+            return [], entry
+    elif snapshot is not None:  # snapshot-only: as fresh as the last refresh says
+        entry.update(outcome=snapshot.outcome, latency_ms=snapshot.latency_ms, detail=snapshot.detail)
+        stale = snapshot.outcome != "ok" or _older_than_two_refreshes(snapshot.fetched_at)
+    else:
+        entry["detail"] = "Not asked yet: the next snapshot refresh or a live list will."
+        return [], entry
+    if snapshot is None or snapshot.fetched_at is None:
+        return [], entry  # never answered: listed with its outcome, no rows
+    entry.update(last_contact=selectors.iso(snapshot.fetched_at), stale=stale)
+    # Stored as checked and sorted when they arrived (fetch): served as they are.
+    return [rows.remote_row(peer.name, wire, stale=stale) for wire in snapshot.rows], entry
+
+
+def _older_than_two_refreshes(moment) -> bool:
+    return moment is None or timezone.now() - moment > timedelta(seconds=2 * settings.KITE_FLEET_REFRESH_SECONDS)
+
+
+# --- the beat task --------------------------------------------------------------------
+
+
+def refresh_snapshots() -> int:
+    """Ask every live peer of every team (in parallel, all teams at once); returns peers asked."""
+    peers = {peer.pk: peer for peer in selectors.fleet_peers(None)}
+    if not peers:
+        return 0
+    fan_out = FanOut(prepare(list(peers.values())), timeout=settings.KITE_FLEET_PEER_TIMEOUT_SECONDS)
+    answers = fan_out.collect(settings.KITE_FLEET_PEER_TIMEOUT_SECONDS)
+    record(peers, answers, actor=audit.SYSTEM)
+    return sum(1 for answer in answers.values() if answer.called)

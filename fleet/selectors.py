@@ -1,0 +1,81 @@
+"""Reads of the fleet: our agents as rows, the peers the aggregated view asks, their snapshots."""
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from federation.models import Peer
+from fleet import rows as fleet_rows
+from fleet.models import Agent, Snapshot
+
+# Peers whose fleet the aggregated view asks: every live peering (a one-way peer we only send to
+# never becomes `active` here, yet its operator may have granted us its fleet).
+FLEET_PEER_STATUSES = (Peer.Status.ACCEPTED, Peer.Status.ENROLLED, Peer.Status.ACTIVE)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+def status_of(last_seen: datetime, now: datetime) -> str:
+    return "online" if now - last_seen < timedelta(seconds=settings.KITE_AGENT_OFFLINE_SECONDS) else "offline"
+
+
+def agents(team_id: str):
+    return Agent.objects.filter(team_id=team_id).order_by("name")
+
+
+def agent_for_team(team_id: str, agent_id) -> Agent | None:
+    try:
+        return agents(team_id).filter(pk=int(agent_id)).first()
+    except (TypeError, ValueError):
+        return None
+
+
+WIRE_FIELDS = ("id", "name", "last_seen", "version", "host", "labels")
+
+
+def wire_row(agent: dict, now: datetime) -> dict:
+    """An agent (its WIRE_FIELDS) as this instance tells it, to its own API and to peers."""
+    return {**agent, "status": status_of(agent["last_seen"], now), "last_seen": iso(agent["last_seen"])}
+
+
+def local_row(agent: dict, now: datetime) -> dict:
+    return {**wire_row(agent, now), "peer": None, "read_only": False, "stale": False}
+
+
+def agent_detail(agent: Agent) -> dict:
+    fields = {name: getattr(agent, "pk" if name == "id" else name) for name in WIRE_FIELDS}
+    return {**local_row(fields, timezone.now()), "first_seen": iso(agent.first_seen), "via": agent.via}
+
+
+def local_rows(team_id: str, q: str = "") -> list[dict]:
+    now = timezone.now()
+    found = (local_row(agent, now) for agent in agents(team_id).values(*WIRE_FIELDS))
+    return [row for row in found if fleet_rows.matches(row, q)]
+
+
+def granted_rows(team_id: str, resource_id: str | None) -> list[dict]:
+    """What a peer holding a grant for `resource_id` (None: every agent) may see. Plain values, not
+    model instances: every peer's list reads them all (bench/fleet.py)."""
+    now = timezone.now()
+    found = agents(team_id)
+    if resource_id and not resource_id.startswith(fleet_rows.LABEL_GRANT_PREFIX):
+        found = found.filter(name=resource_id)
+    return [wire_row(agent, now) for agent in found.values(*WIRE_FIELDS)
+            if fleet_rows.grant_allows(resource_id, agent["name"], agent["labels"])]  # fmt: skip
+
+
+def fleet_peers(team_id: str | None, name: str | None = None) -> list[Peer]:
+    """The peers whose fleet the aggregated view asks (team_id None: of every team)."""
+    peers = Peer.objects.filter(role=Peer.Role.PEER, status__in=FLEET_PEER_STATUSES).exclude(peer_hook_url="")
+    if team_id is not None:
+        peers = peers.filter(team_id=team_id)
+    if name is not None:
+        peers = peers.filter(name=name)
+    return list(peers.order_by("team_id", "name", "id"))
+
+
+def snapshots(peer_ids: list[int]) -> dict[int, Snapshot]:
+    return {snapshot.peer_id: snapshot for snapshot in Snapshot.objects.filter(peer_id__in=peer_ids)}

@@ -1,0 +1,51 @@
+"""The Events screen: the team's newest events, then a live tail over WS /ws/events.
+
+The page is rendered with the newest events and the stream's head cursor; a
+little script opens the WebSocket with the same filters and `after` = that
+cursor (the browser's session authenticates it, as kite.auth maps a user to a
+team) and prepends what arrives. Without JavaScript the page is a snapshot with
+a Refresh link.
+"""
+
+from django import forms
+from django.shortcuts import render
+from django.views.decorators.http import require_GET
+
+from ingest import selectors
+from ingest.models import Event
+from kite.views import screen
+
+RECENT = 50
+
+
+class EventFilterForm(forms.Form):
+    source = forms.ChoiceField(required=False)
+    type = forms.CharField(required=False, max_length=200, label="Type",
+                           widget=forms.TextInput(attrs={"placeholder": "e.g. com.stripe.*"}))  # fmt: skip
+
+    def __init__(self, *args, sources: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["source"].choices = [("", "Any source"), *((name, name) for name in sources)]
+
+
+def recent_events(*, team_id: str, source: str | None, type_glob: str | None, limit: int = RECENT) -> list[Event]:
+    """The newest events, newest first, as a listener without `agent` would see them (no agent messages)."""
+    events = Event.objects.filter(team_id=team_id, agent="").select_related("source")
+    if source:
+        events = events.filter(source__name=source)
+    if type_glob:
+        events = events.filter(ce_type__glob=type_glob)
+    return list(events.order_by("-txid", "-id")[:limit])
+
+
+@require_GET
+@screen()
+def events(request):
+    team_id = request.principal.team.id
+    sources = list(selectors.sources_for_team(team_id).values_list("name", flat=True))
+    form = EventFilterForm(request.GET, sources=sources)
+    wanted = form.cleaned_data if form.is_valid() else {"source": "", "type": ""}
+    found = recent_events(team_id=team_id, source=wanted["source"] or None, type_glob=wanted["type"] or None)
+    context = {"form": form, "events": found, "head": selectors.events_head(team_id=team_id),
+               "source": wanted["source"], "type": wanted["type"]}  # fmt: skip
+    return render(request, "events.html", context, status=200 if form.is_valid() else 400)
