@@ -6,6 +6,7 @@ certificate. Several may be valid at once; the newest valid one signs, so rotati
 is: issue a new one, give peers its PEM, delete the old one.
 """
 
+import dataclasses
 import hashlib
 import os
 import ssl
@@ -129,30 +130,48 @@ class Signer:
     sign: object  # (message: bytes) -> bytes
     pinned_context: ssl.SSLContext  # presents it as the TLS client certificate; the peer is pinned
     ca_context: ssl.SSLContext  # presents it; the peer is verified by the system CAs
+    # (thumbprint, sign) of the team's other valid certificates, newest first: they sign too,
+    # so a peer still pinned to an older one keeps verifying until it is deleted here.
+    also_signed_by: tuple = ()
 
 
 _signers: dict[int, Signer] = {}
 _signers_lock = threading.Lock()
 
 
-def current(team_id: str) -> IdentityCertificate | None:
+def valid(team_id: str) -> list[IdentityCertificate]:
+    """The team's valid certificates, newest first."""
     now = timezone.now()
-    return (
+    return list(
         IdentityCertificate.objects.filter(team_id=team_id, not_before__lte=now, not_after__gt=now)
         .order_by("-created_at", "-id")
-        .first()
     )
 
 
+def current(team_id: str) -> IdentityCertificate | None:
+    rows = valid(team_id)
+    return rows[0] if rows else None
+
+
 def signer_for(team_id: str) -> Signer | None:
-    row = current(team_id)
-    if row is None:
+    """The newest valid certificate signs and is presented in TLS; the older valid ones sign too."""
+    rows = valid(team_id)
+    if not rows:
         return None
+    key = tuple(row.pk for row in rows)
     with _signers_lock:
-        signer = _signers.get(row.pk)
-        if signer is None:
-            signer = _signers[row.pk] = _signer(row)
+        signer = _signers.get(key)
+    if signer is None:
+        newest = _signer(rows[0])
+        others = tuple((row.thumbprint, _private_key(row).sign) for row in rows[1:])
+        signer = dataclasses.replace(newest, also_signed_by=others)
+        with _signers_lock:
+            _signers[key] = signer
     return signer
+
+
+def _private_key(row: IdentityCertificate):
+    return serialization.load_pem_private_key(crypto.decrypt(row.private_key_encrypted).encode(), password=None)
 
 
 def _signer(row: IdentityCertificate) -> Signer:
@@ -176,4 +195,5 @@ def _signer(row: IdentityCertificate) -> Signer:
 
 def forget(certificate_id: int) -> None:
     with _signers_lock:
-        _signers.pop(certificate_id, None)
+        for key in [key for key in _signers if certificate_id in key]:
+            del _signers[key]

@@ -165,6 +165,7 @@ def call(target: Target, method: str, body: bytes = b"", *, content_type: str = 
         sender_id=target.sender_id,
         ed25519_sign=target.signer.sign if target.signer else None,
         key_thumbprint=target.signer.thumbprint if target.signer else None,
+        also_signed_by=target.signer.also_signed_by if target.signer else (),
     )
     if body:
         headers["content-type"] = content_type

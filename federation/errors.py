@@ -17,3 +17,4 @@ class Code(enum.StrEnum):
     STALE_TIMESTAMP = "stale_timestamp"
     PEER_REVOKED = "peer_revoked"
     RATE_LIMITED = "rate_limited"
+    PEER_UNREACHABLE = "peer_unreachable"  # a change could not be carried to the peer

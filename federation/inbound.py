@@ -85,10 +85,11 @@ def _check_certificate(peer: Peer, request, body: bytes) -> None:
             "v1a signature: the sender has no valid identity certificate.",
             peer,
         )
-    if request.key_thumbprint and request.key_thumbprint != peer.certificate_thumbprint:
+    thumbprints = request.key_thumbprint.split()  # several while the sender rotates its certificate
+    if thumbprints and peer.certificate_thumbprint not in thumbprints:
         raise Refusal(
             Code.BAD_CERTIFICATE,
-            f"Signed with certificate {request.key_thumbprint[:19]}…, but {peer.name!r} is pinned to "
+            f"Signed with certificate {thumbprints[0][:19]}…, but {peer.name!r} is pinned to "
             f"{peer.certificate_thumbprint[:19]}…: paste the sender's current certificate.",
             peer,
         )

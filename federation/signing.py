@@ -27,15 +27,24 @@ def hmac_entry(secret: str, message: bytes) -> str:
 
 
 def sign_headers(
-    *, secret: str, msg_id: str, timestamp: int, body: bytes, sender_id: str, ed25519_sign=None, key_thumbprint=None
+    *, secret: str, msg_id: str, timestamp: int, body: bytes, sender_id: str, ed25519_sign=None, key_thumbprint=None,
+    also_signed_by: tuple = (),
 ) -> dict[str, str]:
-    """Headers for one request; `ed25519_sign(message) -> bytes` adds the v1a factor."""
+    """Headers for one request; `ed25519_sign(message) -> bytes` adds the v1a factor.
+
+    `also_signed_by`: (thumbprint, sign) of other valid certificates, each adding a v1a entry
+    (while a certificate is rotated, a peer still pinned to the old one verifies its entry);
+    `kite-key` then lists every thumbprint, space-separated, the newest first."""
     message = signed_message(msg_id, timestamp, body)
     entries = [hmac_entry(secret, message)]
     headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp), "kite-peer": sender_id}
     if ed25519_sign is not None:
+        thumbprints = [key_thumbprint]
         entries.append("v1a," + base64.b64encode(ed25519_sign(message)).decode())
-        headers["kite-key"] = key_thumbprint
+        for thumbprint, sign in also_signed_by:
+            thumbprints.append(thumbprint)
+            entries.append("v1a," + base64.b64encode(sign(message)).decode())
+        headers["kite-key"] = " ".join(thumbprints)
     headers["webhook-signature"] = " ".join(entries)
     return headers
 

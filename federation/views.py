@@ -18,7 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from federation import certificates, grants, heartbeat, invitations, outbox, reachability, selectors, services
+from federation import certificates, channel, grants, heartbeat, invitations, outbox, reachability, selectors, services
 from federation import forms as f
 from federation.models import IdentityCertificate, OutboxEntry, Peer
 from kite.errors import ApiError
@@ -180,19 +180,25 @@ def peer_rotate(request, peer_id):
     direction = "inbound" if "inbound-direction" in request.POST else "outbound"
     form = f.RotateForm(request.POST, prefix=direction)
     if form.is_valid():
-        try:
-            # TODO(lead): channel.rotate_secret (carried to invitation peers over the signed channel)
-            issued = services.rotate_secret(peer=peer, direction=direction, secret=form.cleaned_data["secret"] or None,
-                                            actor=actor(request))  # fmt: skip
+        try:  # carried to the peer over the signed channel when it has one (every invitation peer)
+            rotated = channel.rotate_secret(peer=peer, direction=direction, secret=form.cleaned_data["secret"] or None,
+                                            propagate=channel.has_channel(peer), actor=actor(request))  # fmt: skip
         except ApiError as exc:
             apply_error(form, exc, form.ERRORS)
         else:
-            return _rotated(request, issued.row, direction, issued.secrets.get("secret"))
+            return _rotated(request, rotated.peer, direction, rotated.secret, rotated)
     return _detail(request, peer, status=400, **{f"rotate_{direction}": form})
 
 
-def _rotated(request, peer: Peer, direction: str, secret: str | None):
+def _rotated(request, peer: Peer, direction: str, secret: str | None, rotated=None):
     fingerprint = getattr(peer, f"{direction}_fingerprint")
+    if rotated is not None and rotated.propagated:
+        messages.success(request, f"{direction.capitalize()} secret rotated; {peer.name} was told over the signed "
+                                  f"channel and switched itself. Fingerprint now {fingerprint}.")  # fmt: skip
+        return _detail(request, peer)
+    if rotated is not None and rotated.error:
+        messages.warning(request, f"{peer.name} could not be told over the channel ({rotated.error}): paste the "
+                                  "secret below there.")  # fmt: skip
     if direction == "inbound":
         where = (f"On {peer.name}, paste this as the new outbound secret of its peer for this instance (Rotate "
                  f"outbound secret). The old inbound secret keeps working here until "

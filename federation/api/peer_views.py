@@ -74,6 +74,31 @@ def terminate(request):
 
 
 @csrf_exempt
+@require_POST
+def rotate(request):
+    """The peer rotated something and tells us over the signed channel (federation.channel)."""
+    import json
+
+    from federation import channel
+
+    body = request.body
+    peer, refusal = _authenticated(request, body)
+    if refusal is not None:
+        return refusal
+    try:
+        try:
+            change = json.loads(body)
+        except ValueError:
+            raise ApiError("Body is not JSON.", "invalid") from None
+        applied = channel.apply(peer, change)
+    except ApiError as exc:
+        _noted(request, peer, outcome=str(exc.code))
+        return exc.response()
+    _noted(request, peer)
+    return JsonResponse(applied)
+
+
+@csrf_exempt
 def handshake(request):
     """POST: an instance accepting one of our invitations (DESIGN §4). DELETE: it could not
     finish its side, drop ours. Both are signed with the invitation's code."""

@@ -83,6 +83,9 @@ class GrantSerializer(serializers.ModelSerializer):
 class RotateSecretSerializer(serializers.Serializer):
     direction = serializers.ChoiceField(choices=["inbound", "outbound"])
     secret = serializers.CharField(required=False, allow_blank=True, max_length=500)
+    # Carry the new secret to the peer over the signed channel. Default: yes when the peer has
+    # one (it knows our certificate and we know its instance: every invitation peer).
+    propagate = serializers.BooleanField(required=False, allow_null=True, default=None)
 
 
 class CertificateCreateSerializer(serializers.Serializer):

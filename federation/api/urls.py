@@ -17,11 +17,13 @@ urlpatterns = [
     path("peers/<int:peer_id>/deliveries", views.PeerDeliveries.as_view()),
     path("certificates", views.CertificateListCreate.as_view()),
     path("certificates/<int:certificate_id>", views.CertificateDetail.as_view()),
+    path("certificates/<int:certificate_id>/announce", views.CertificateAnnounce.as_view()),
     path("trusted-senders", views.TrustedSenderListCreate.as_view()),
     path("trusted-senders/<int:sender_id>", views.TrustedSenderDetail.as_view()),
     # Peer-facing, signed (DESIGN §3):
     path("ping", peer_views.ping),
     path("terminate", peer_views.terminate),
+    path("rotate", peer_views.rotate),
     path("handshake", peer_views.handshake),
     path("invitations", views.InvitationCreate.as_view()),
     path("invitations/accept", views.InvitationAccept.as_view()),

@@ -6,7 +6,7 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from federation import audit, certificates, grants, outbox, selectors, services
+from federation import audit, certificates, channel, grants, outbox, selectors, services
 from federation.api import serializers as s
 from federation.errors import Code
 from federation.models import IdentityCertificate
@@ -126,15 +126,18 @@ class PeerRotateSecret(APIView):
         if peer is None or peer.status == peer.Status.REVOKED:
             raise ApiError("No such peer in your team.", Code.NOT_FOUND, status=404)
         data = _valid(s.RotateSecretSerializer, request.data)
-        issued = services.rotate_secret(peer=peer, direction=data["direction"], secret=data.get("secret") or None,
-                                        actor=_actor(request))  # fmt: skip
+        propagate = data["propagate"] if data["propagate"] is not None else channel.has_channel(peer)
+        rotated = channel.rotate_secret(peer=peer, direction=data["direction"], secret=data.get("secret") or None,
+                                        propagate=propagate, actor=_actor(request))  # fmt: skip
         body = {
             "direction": data["direction"],
-            "fingerprint": getattr(issued.row, f"{data['direction']}_fingerprint"),
-            **issued.secrets,
+            "fingerprint": getattr(rotated.peer, f"{data['direction']}_fingerprint"),
+            "propagated": rotated.propagated,
+            **({"secret": rotated.secret} if rotated.secret else {}),
+            **({"propagation_error": rotated.error} if rotated.error else {}),
         }
         if data["direction"] == "inbound":
-            body["previous_valid_until"] = issued.row.previous_inbound_expires_at
+            body["previous_valid_until"] = rotated.peer.previous_inbound_expires_at
         return Response(body)
 
 
@@ -199,7 +202,21 @@ class CertificateListCreate(APIView):
     def post(self, request):
         row = certificates.issue(team=request.user.team, actor=_actor(request),
                                  **_valid(s.CertificateCreateSerializer, request.data))  # fmt: skip
-        return Response(s.CertificateSerializer(row).data, status=status.HTTP_201_CREATED)
+        # Peers with a channel pin the new certificate now; the old one keeps signing until deleted.
+        announced = channel.announce_certificate(team_id=row.team_id, pem=row.pem)
+        return Response({**s.CertificateSerializer(row).data, "announced": announced}, status=status.HTTP_201_CREATED)
+
+
+class CertificateAnnounce(APIView):
+    """Tell the peers again (e.g. one was down when the certificate was issued)."""
+
+    permission_classes = [CanManagePeers]
+
+    def post(self, request, certificate_id):
+        row = IdentityCertificate.objects.filter(team_id=request.user.team.id, pk=certificate_id).first()
+        if row is None:
+            raise ApiError("No such certificate in your team.", Code.NOT_FOUND, status=404)
+        return Response({"announced": channel.announce_certificate(team_id=row.team_id, pem=row.pem)})
 
 
 class CertificateDetail(APIView):

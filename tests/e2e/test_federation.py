@@ -551,3 +551,88 @@ def test_ping_names_the_failing_factor_wrong_secret_wrong_pem_wrong_tls_pin(clus
     a.api("PATCH", f"/api/federation/peers/{peer['id']}", json={"tls_fingerprint": "sha256:" + "0" * 64})
     tls = ping()
     assert not tls["ok"] and tls["factors"]["tls"] == "failed", tls
+
+
+def _invite(a: FedKite, b: FedKite) -> tuple[int, int]:
+    """A invites, B accepts, both active: (A's peer id, B's peer id)."""
+    a.api("POST", "/api/federation/certificates", json={"subject": f"kite {a.instance_id}"})
+    b.api("POST", "/api/federation/certificates", json={"subject": f"kite {b.instance_id}"})
+    created = a.api("POST", "/api/federation/invitations", json={"name": "b", "scopes": ["stripe.*"]}).json()
+    accepted = b.api("POST", "/api/federation/invitations/accept",
+                     json={"invitation": created["invitation"], "name": "a", "scopes": ["stripe.*"]})  # fmt: skip
+    assert accepted.status_code == 201, accepted.text
+    a_side, b_side = created["peer_id"], accepted.json()["id"]
+    wait_for(lambda: a.peer(a_side)["status"] == "active" and b.peer(b_side)["status"] == "active", 15,
+             lambda: f"both sides active\n{a.state()}\n{b.state()}")  # fmt: skip
+    return a_side, b_side
+
+
+def test_invitation_peers_rotate_secrets_and_certificates_over_the_channel_without_a_failed_delivery(cluster):
+    """Issue 4: for invitation peers a rotation is carried to the other side over the signed
+    channel — no secret or PEM is shown or pasted — while events flow both ways."""
+    import threading
+
+    a, b = cluster.start("chan-a"), cluster.start("chan-b")
+    a_side, b_side = _invite(a, b)
+    sent_to_b, sent_to_a, stop = [], [], threading.Event()
+
+    def flow():
+        while not stop.is_set():
+            for kite, sent in ((a, sent_to_b), (b, sent_to_a)):
+                event_id = f"chan_{kite.instance_id}_{len(sent)}_{secrets.token_hex(2)}"
+                kite.post_event("plain", event_id)
+                sent.append(event_id)
+            time.sleep(0.05)
+
+    flowing = threading.Thread(target=flow)
+    flowing.start()
+    try:
+        time.sleep(0.5)
+        for direction in ("inbound", "outbound"):
+            rotated = a.api("POST", f"/api/federation/peers/{a_side}/rotate-secret", json={"direction": direction})
+            assert rotated.status_code == 200, rotated.text
+            assert rotated.json()["propagated"] is True and "secret" not in rotated.json(), rotated.json()
+            time.sleep(0.5)
+        # A new identity certificate: B pins it at once, then A deletes the old one.
+        old = a.api("GET", "/api/federation/certificates").json()["results"]
+        issued = a.api("POST", "/api/federation/certificates", json={"subject": "kite chan-a, rotated"})
+        assert issued.status_code == 201, issued.text
+        assert issued.json()["announced"] == [{"peer": "b", "ok": True, "pinned": True}], issued.json()
+        assert b.peer(b_side)["certificate_thumbprint"] == issued.json()["thumbprint"]
+        time.sleep(0.5)
+        for row in old:
+            assert a.api("DELETE", f"/api/federation/certificates/{row['id']}").status_code == 204
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        flowing.join()
+    # What each side checks is what the other signs with, after both rotations.
+    assert a.peer(a_side)["inbound_fingerprint"] == b.peer(b_side)["outbound_fingerprint"]
+    assert a.peer(a_side)["outbound_fingerprint"] == b.peer(b_side)["inbound_fingerprint"]
+    pinged = a.api("POST", f"/api/federation/peers/{a_side}/ping").json()
+    assert pinged["ok"] and pinged["factors"] == {"tls": "ok", "certificate": "ok", "secret": "ok", "clock": "ok"}, pinged
+    wait_for(lambda: set(sent_to_b) <= set(stored_ids(b, source="kite"))
+             and set(sent_to_a) <= set(stored_ids(a, source="kite")), 20,
+             lambda: f"every event on both sides\n{a.state()}\n{b.state()}")  # fmt: skip
+    for kite, side in ((a, a_side), (b, b_side)):
+        deliveries = kite.api("GET", f"/api/federation/peers/{side}/deliveries").json()["results"]
+        assert deliveries and {d["outcome"] for d in deliveries} == {"delivered"}, deliveries[:3]
+        assert kite.peer(side)["paused"] == "" and kite.outbox(side, "dead") == []
+
+
+def test_a_rotation_the_peer_cannot_be_told_changes_nothing_or_hands_over_the_secret(cluster):
+    """Outbound: the peer must learn the new secret first, so a peer that is down → 502, nothing
+    changed. Inbound: the new secret is in force here (the old one still valid), and shown once
+    with the reason, to be pasted on the other side."""
+    a, b = cluster.start("chanf-a"), cluster.start("chanf-b")
+    a_side, _ = _invite(a, b)
+    before = a.peer(a_side)
+    b.stop()
+    refused = a.api("POST", f"/api/federation/peers/{a_side}/rotate-secret", json={"direction": "outbound"})
+    assert refused.status_code == 502 and refused.json()["code"] == "peer_unreachable", refused.text
+    assert a.peer(a_side)["outbound_fingerprint"] == before["outbound_fingerprint"]
+    handed = a.api("POST", f"/api/federation/peers/{a_side}/rotate-secret", json={"direction": "inbound"})
+    assert handed.status_code == 200, handed.text
+    body = handed.json()
+    assert body["propagated"] is False and body["secret"].startswith("whsec_") and body["propagation_error"], body
+    assert a.peer(a_side)["inbound_fingerprint"] == body["fingerprint"] != before["inbound_fingerprint"]

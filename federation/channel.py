@@ -1,0 +1,133 @@
+"""Changes carried to a peer over the signed channel (DESIGN §4, issue 4): a rotated secret,
+a new identity certificate. The other side applies them itself through its signed
+`POST /api/federation/rotate`, so peers with an authenticated channel (every invitation peer)
+never copy a secret or a PEM by hand.
+
+The change is one JSON object, named from the receiver's side:
+`{"inbound_secret": …}` (check my requests with this from now on; your previous inbound
+secret stays valid 24 h), `{"outbound_secret": …}` (sign to me with this), or
+`{"certificate_pem": …}` (pin my new identity certificate).
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cryptography import x509
+from django.db import transaction
+from django.utils import timezone
+
+from federation import certificates, client, services
+from federation.errors import Code
+from federation.models import Peer
+from kite import crypto
+from kite.errors import ApiError
+
+ROTATE_PATH = "/api/federation/rotate"
+CHANGES = ("inbound_secret", "outbound_secret", "certificate_pem")
+TIMEOUT = (3.0, 10.0)
+
+
+def has_channel(peer: Peer) -> bool:
+    """A peer we reach and that knows our certificate: what an invitation handshake sets up."""
+    return bool(peer.role == Peer.Role.PEER and peer.peer_hook_url and peer.remote_instance_id
+                and peer.certificate_thumbprint and peer.status != Peer.Status.REVOKED)  # fmt: skip
+
+
+def tell(peer: Peer, change: dict, *, actor: str = "") -> client.PeerAnswer:
+    """Send one change, signed with the current secret and certificates; raises PeerCallError."""
+    from federation import audit
+    from federation.heartbeat import ping_url
+    from federation.outbox import target_for
+
+    target = target_for(peer)
+    target = client.Target(ping_url(peer, ROTATE_PATH), target.secret, target.sender_id, target.tls_fingerprint,
+                           target.signer)  # fmt: skip
+    return client.call(target, "POST", client.encode(change), timeout=TIMEOUT,
+                       audit_as=audit.PeerCall(peer=peer, actor=actor or audit.SYSTEM))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rotated:
+    peer: Peer
+    direction: str
+    propagated: bool
+    secret: str | None  # shown once: generated and not carried to the peer
+    error: str = ""
+
+
+def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, propagate: bool,
+                  actor: str = "") -> Rotated:
+    """`services.rotate_secret`, and with `propagate` the other side is told over the channel.
+
+    outbound (the secret we sign with): the peer learns it first, while our requests are still
+    signed with the old one; only once it answered do we switch, so nothing is ever refused.
+    A peer that cannot be told → ApiError 502 and nothing changed here.
+    inbound (the secret we check): we switch first (the old one stays valid 24 h), then tell
+    the peer; if that fails the new secret is returned once, to be pasted on the other side."""
+    if not propagate:
+        issued = services.rotate_secret(peer=peer, direction=direction, secret=secret, actor=actor)
+        return Rotated(issued.row, direction, False, issued.secrets.get("secret"))
+    if direction not in ("inbound", "outbound"):
+        raise ApiError("direction must be inbound or outbound.", Code.INVALID)
+    new = services._check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
+    if direction == "outbound":
+        try:
+            tell(peer, {"inbound_secret": new}, actor=actor)
+        except client.PeerCallError as failure:
+            raise ApiError(f"{peer.name!r} could not be told the new secret, nothing changed: {failure}",
+                           Code.PEER_UNREACHABLE, status=502) from None  # fmt: skip
+        issued = services.rotate_secret(peer=peer, direction="outbound", secret=new, actor=actor)
+        return Rotated(issued.row, direction, True, None)
+    issued = services.rotate_secret(peer=peer, direction="inbound", secret=new, actor=actor)
+    try:
+        tell(issued.row, {"outbound_secret": new}, actor=actor)
+    except client.PeerCallError as failure:
+        return Rotated(issued.row, direction, False, new, str(failure))
+    return Rotated(issued.row, direction, True, None)
+
+
+def apply(peer: Peer, change: object) -> dict:
+    """What the receiving side does with one change (the view authenticated `peer`)."""
+    if not isinstance(change, dict) or len(change) != 1 or next(iter(change)) not in CHANGES:
+        raise ApiError(f"Send exactly one of {', '.join(CHANGES)}.", Code.INVALID)
+    (name, value), = change.items()
+    if not isinstance(value, str):
+        raise ApiError(f"{name} must be a string.", Code.INVALID)
+    if name == "certificate_pem":
+        return _repin(peer, value)
+    direction = name.removesuffix("_secret")
+    issued = services.rotate_secret(peer=peer, direction=direction, secret=services._check_secret(value, name),
+                                    actor=f"peer {peer.name}")  # fmt: skip
+    return {"applied": name, "fingerprint": getattr(issued.row, f"{direction}_fingerprint")}
+
+
+def _repin(peer: Peer, pem: str) -> dict:
+    pem, thumbprint = certificates.parse_peer_pem(pem)
+    not_after = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc
+    if not_after <= timezone.now():
+        raise ApiError("certificate_pem has expired.", Code.INVALID)
+    with transaction.atomic():
+        row = Peer.objects.select_for_update().get(pk=peer.pk)
+        if not row.certificate_thumbprint:  # nothing pinned here: the operator chose so, keep it
+            return {"applied": None, "pinned": False}
+        row.certificate_pem, row.certificate_thumbprint = pem, thumbprint
+        row.save(update_fields=["certificate_pem", "certificate_thumbprint"])
+    return {"applied": "certificate_pem", "pinned": True, "thumbprint": thumbprint}
+
+
+def announce_certificate(*, team_id: str, pem: str) -> list[dict]:
+    """Tell every peer with a channel to pin `pem` (in parallel); one result per peer."""
+    peers = [peer for peer in Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER) if has_channel(peer)]
+
+    def one(peer: Peer) -> dict:
+        try:
+            answer = tell(peer, {"certificate_pem": pem})
+        except client.PeerCallError as failure:
+            return {"peer": peer.name, "ok": False, "error": str(failure)}
+        pinned = isinstance(answer.body, dict) and answer.body.get("pinned", False)
+        return {"peer": peer.name, "ok": True, "pinned": bool(pinned)}
+
+    if not peers:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(peers))) as pool:
+        return list(pool.map(one, peers))
