@@ -221,7 +221,8 @@ def report(args, argv, facts, healthy, holed, snap, problems, started) -> str:
         f"{facts['synchronous_commit']}), Redis; everything (both instances, PostgreSQL, Redis, this client) on "
         "these CPUs, loopback.",
         f"- Two `manage.py runkite` instances with default settings (KITE_WEB_WORKERS={facts['web_workers']}, "
-        f"KITE_WSGI_THREADS={facts['wsgi_threads']}, heartbeats and the fleet snapshot refresh every 30 s running), "
+        f"KITE_WSGI_THREADS={facts['wsgi_threads']}; heartbeats every 30 s — P's 10 peer rows ping A at the same "
+        "instant — and the snapshot refresh, which skips peers a list asked in the last 15 s), "
         "TLS on: **A**, and **P** holding 10 teams of 100 agents; each of P's teams is one of A's peers (own secret, "
         "pinned TLS certificate, `fleet.agents` grant stored on A with `PUT /api/fleet/peers/{id}/remote-grant`). "
         "Every fleet call is signed, authenticated, grant-checked and audited on both sides.",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from federation import audit, certificates, client, metrics
@@ -152,7 +152,6 @@ def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str
     time noted as the answering peers' last contact."""
     now = timezone.now()
     with transaction.atomic():
-        _commit_without_waiting_for_disk()
         services.snapshots_record(peers=peers, answers=answers, now=now)
         for peer_id, answer in answers.items():
             if not answer.called:
@@ -163,16 +162,6 @@ def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str
                          detail=answer.detail[:500], data={"method": "GET", "latency_ms": answer.latency_ms,
                                                            "agents": len(answer.rows or [])})  # fmt: skip
     return now
-
-
-def _commit_without_waiting_for_disk() -> None:
-    """This transaction's commit does not wait for its WAL to reach the disk (PostgreSQL): the
-    snapshot and audit rows of a fleet read are not worth an fsync on the list's path — a stalled
-    flush cost single lists 100-300 ms in bench/fleet.py. A database crash may lose the last
-    fraction of a second of them; nothing else is at stake (the read changed nothing)."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit = off")
 
 
 # --- the list -------------------------------------------------------------------------
@@ -247,8 +236,10 @@ def _older_than_two_refreshes(moment) -> bool:
 
 
 def refresh_snapshots() -> int:
-    """Ask every live peer of every team (in parallel, all teams at once); returns peers asked."""
-    peers = {peer.pk: peer for peer in selectors.fleet_peers(None)}
+    """Ask every live peer of every team (in parallel, all teams at once) that no list has asked in
+    the last half period (a list refreshes what it asks); returns the number of peers asked."""
+    recently = timezone.now() - timedelta(seconds=settings.KITE_FLEET_REFRESH_SECONDS / 2)
+    peers = {peer.pk: peer for peer in selectors.fleet_peers(None, not_asked_since=recently)}
     if not peers:
         return 0
     fan_out = FanOut(prepare(list(peers.values())), timeout=settings.KITE_FLEET_PEER_TIMEOUT_SECONDS)

@@ -67,13 +67,16 @@ def granted_rows(team_id: str, resource_id: str | None) -> list[dict]:
             if fleet_rows.grant_allows(resource_id, agent["name"], agent["labels"])]  # fmt: skip
 
 
-def fleet_peers(team_id: str | None, name: str | None = None) -> list[Peer]:
-    """The peers whose fleet the aggregated view asks (team_id None: of every team)."""
+def fleet_peers(team_id: str | None, name: str | None = None, *, not_asked_since=None) -> list[Peer]:
+    """The peers whose fleet the aggregated view asks (team_id None: of every team); with
+    `not_asked_since`, only those nobody has asked since then."""
     peers = Peer.objects.filter(role=Peer.Role.PEER, status__in=FLEET_PEER_STATUSES).exclude(peer_hook_url="")
     if team_id is not None:
         peers = peers.filter(team_id=team_id)
     if name is not None:
         peers = peers.filter(name=name)
+    if not_asked_since is not None:
+        peers = peers.exclude(fleet_snapshot__attempted_at__gte=not_asked_since)
     return list(peers.order_by("team_id", "name", "id"))
 
 

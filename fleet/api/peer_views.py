@@ -27,8 +27,7 @@ def agents(request):
     try:
         peer = inbound.authenticate(headers, b"", team_id=None)
     except inbound.Refusal as refusal:
-        audit.auth_failed(outcome=str(refusal.code), endpoint=PATH, method="GET", detail=refusal.detail,
-                          sender=sender, remote_addr=client_ip)  # fmt: skip
+        inbound.refused(refusal, headers, endpoint=PATH, method="GET", remote_addr=client_ip)
         return json_error(refusal.detail, refusal.code, 401)
     except ApiError as exc:  # rate limited
         return exc.response()

@@ -25,8 +25,8 @@ def _query(request) -> federated.Query:
     q, peer = params.get("q", "").strip(), params.get("peer", "").strip() or None
     if len(q) > MAX_QUERY or (peer is not None and len(peer) > 63):
         raise ApiError(f"q must be at most {MAX_QUERY} characters and peer a peer's name.", Code.INVALID)
-    if peer is not None and not federation_selectors.peers(request.user.team.id).filter(name=peer).exists():
-        raise ApiError(f"No peer named {peer!r} in your team.", Code.INVALID)
+    if peer is not None and not selectors.fleet_peers(request.user.team.id, name=peer):
+        raise ApiError(f"No live peer named {peer!r} in your team.", Code.INVALID)
     # peer= asks for a peer's agents: it implies federation=true.
     federation = _flag(params, "federation") or peer is not None
     return federated.Query(federation=federation, peer=peer, q=q, snapshot=_flag(params, "snapshot"))

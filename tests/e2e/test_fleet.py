@@ -97,7 +97,7 @@ def test_one_fleet_call_is_audited_on_both_sides(fleet):
     assert peers_of(body)["b"]["outcome"] == "ok", body["peers"]
     assert ("b", PATH, "ok") in audit_rows(a, "Federation.PeerCalled")
     served = [row for row in audit_rows(b, "Federation.RemoteRequest")[served_before:] if row[1] == PATH]
-    assert served == [("a", PATH, "ok")]
+    assert ("a", PATH, "ok") in served  # (A's snapshot refresh may have asked B as well meanwhile)
 
 
 def test_grants_narrow_what_a_peer_sees_and_expired_or_out_of_network_ones_are_refused_and_audited(fleet):
@@ -116,6 +116,7 @@ def test_grants_narrow_what_a_peer_sees_and_expired_or_out_of_network_ones_are_r
         body, _ = fleet_list(a, peer="b")
         return body["peers"][0]["outcome"], sorted(row["name"] for row in body["results"])
 
+    refused_before = len(audit_rows(b, "Federation.AuthFailed"))
     try:
         grant_from_b(resource_id="b-worker")
         assert seen_from_a() == ("ok", ["b-worker"])
@@ -130,10 +131,10 @@ def test_grants_narrow_what_a_peer_sees_and_expired_or_out_of_network_ones_are_r
                        (int(expiring[3:].split(".")[0]),))  # fmt: skip
         assert seen_from_a() == ("unauthorized", [])
 
-        refusals = [row[2] for row in audit_rows(b, "Federation.AuthFailed") if row[1] == PATH]
-        assert refusals[-2:] == ["grant_source", "grant_expired"]
+        refusals = {row[2] for row in audit_rows(b, "Federation.AuthFailed")[refused_before:] if row[1] == PATH}
+        assert refusals == {"grant_source", "grant_expired"}
         called = [row[2] for row in audit_rows(a, "Federation.PeerCalled") if row[:2] == ("b", PATH)]
-        assert called[-2:] == ["unauthorized"] * 2
+        assert called[-1] == "unauthorized"
     finally:
         grant_from_b()  # every agent again, for the tests after this one
 
@@ -153,7 +154,8 @@ def test_the_aggregated_list_serves_healthy_peers_a_stale_snapshot_and_each_outc
     peers = peers_of(body)
     assert {name: entry["outcome"] for name, entry in peers.items()} == {
         "b": "ok", "c": "unreachable", "hole": "timeout"}, body["peers"]  # fmt: skip
-    assert peers["c"]["stale"] is True and peers["c"]["last_contact"] == peers_of(first)["c"]["last_contact"]
+    # Its last contact: our first list (or a snapshot refresh just after it, before it stopped).
+    assert peers["c"]["stale"] is True and peers["c"]["last_contact"] >= peers_of(first)["c"]["last_contact"]
     assert peers["hole"]["last_contact"] is None and PEER_TIMEOUT * 1000 * 0.9 <= peers["hole"]["latency_ms"]
     by_peer = {}
     for row in body["results"]:

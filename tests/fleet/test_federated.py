@@ -273,6 +273,16 @@ def test_the_snapshot_refresh_fills_what_a_snapshot_only_read_serves_without_ask
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_refresh_skips_peers_a_list_has_just_asked(api, mesh):
+    _list(api, "?peer=b")
+
+    asked = federated.refresh_snapshots()
+
+    assert asked == 2  # hole and gone; b was asked a moment ago, and nogrant has nothing to ask with
+    assert Snapshot.objects.get(peer=mesh["b"]).outcome == "ok"
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_peer_that_withdraws_our_grant_is_not_served_from_an_old_snapshot(api, other_team, mesh):
     _list(api, "?peer=b")
     Grant.objects.filter(team_id=other_team.pk).delete()
