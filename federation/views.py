@@ -136,6 +136,7 @@ def _detail(request, peer: Peer, status: int = 200, **forms_and_results):
         "grants": list(peer.grants.order_by("-created_at", "-id")),
         "now": timezone.now(),
         "live": peer.status != Peer.Status.REVOKED,
+        "channel": channel.has_channel(peer),  # rotations are carried to the peer, nothing to paste
         "settings_form": f.PeerSettingsForm(initial=initial),
         "rotate_inbound": f.RotateForm(initial={"direction": "inbound"}, prefix="inbound"),
         "rotate_outbound": f.RotateForm(initial={"direction": "outbound"}, prefix="outbound"),
