@@ -9,7 +9,8 @@ from collections.abc import Callable
 # (event, sender) → None, called inside the transaction that stores the event;
 # `sender` is what the source's verifier returned (the peer, for federation).
 event_stored: list[Callable] = []
-# (team_id, agent_name, meta) → None, called when a listener connects/disconnects.
+# (team_id, agent_name, meta) → None, called when a listener connects/disconnects; the connect
+# hooks run again about every 30 s while it stays connected (fleet keeps the agent online).
 listener_connected: list[Callable] = []
 listener_disconnected: list[Callable] = []
 
