@@ -22,7 +22,7 @@ test: $(STAMP) browser-deps
 	scripts/test.sh
 
 # The browser tests (tests/browser) drive Debian's Chromium: installed like PostgreSQL and Redis
-# (scripts/services.sh) when missing; without root they are skipped instead.
+# (scripts/services.sh) when missing; without root and without it, the browser tests fail saying so.
 browser-deps:
 	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { echo "test: installing chromium (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }

@@ -29,6 +29,13 @@ def _peer(request, peer_id, role="peer"):
     return peer
 
 
+def _certificate(request, certificate_id) -> IdentityCertificate:
+    row = IdentityCertificate.objects.filter(team_id=request.user.team.id, pk=certificate_id).first()
+    if row is None:
+        raise ApiError("No such certificate in your team.", Code.NOT_FOUND, status=404)
+    return row
+
+
 def _actor(request) -> str:
     return audit.actor_of(request.user)
 
@@ -213,9 +220,7 @@ class CertificateAnnounce(APIView):
     permission_classes = [CanManagePeers]
 
     def post(self, request, certificate_id):
-        row = IdentityCertificate.objects.filter(team_id=request.user.team.id, pk=certificate_id).first()
-        if row is None:
-            raise ApiError("No such certificate in your team.", Code.NOT_FOUND, status=404)
+        row = _certificate(request, certificate_id)
         return Response({"announced": channel.announce_certificate(team_id=row.team_id, pem=row.pem)})
 
 
@@ -223,9 +228,7 @@ class CertificateDetail(APIView):
     permission_classes = [CanManagePeers]
 
     def delete(self, request, certificate_id):
-        row = IdentityCertificate.objects.filter(team_id=request.user.team.id, pk=certificate_id).first()
-        if row is None:
-            raise ApiError("No such certificate in your team.", Code.NOT_FOUND, status=404)
+        row = _certificate(request, certificate_id)
         certificates.revoke(certificate=row, actor=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
