@@ -7,6 +7,7 @@ is: issue a new one, give peers its PEM, delete the old one.
 """
 
 import dataclasses
+import functools
 import hashlib
 import os
 import ssl
@@ -129,10 +130,16 @@ class Signer:
     thumbprint: str
     sign: object  # (message: bytes) -> bytes
     pinned_context: ssl.SSLContext  # presents it as the TLS client certificate; the peer is pinned
-    ca_context: ssl.SSLContext  # presents it; the peer is verified by the system CAs
+    # () -> ssl.SSLContext presenting it, the peer verified by the system CAs: built on first use,
+    # since loading the CA bundle costs ~35 ms per process and pinned peers never need it.
+    ca_context_of: object = None
     # (thumbprint, sign) of the team's other valid certificates, newest first: they sign too,
     # so a peer still pinned to an older one keeps verifying until it is deleted here.
     also_signed_by: tuple = ()
+
+    @property
+    def ca_context(self) -> ssl.SSLContext:
+        return self.ca_context_of()
 
 
 _signers: dict[int, Signer] = {}
@@ -177,20 +184,33 @@ def _private_key(row: IdentityCertificate):
 def _signer(row: IdentityCertificate) -> Signer:
     private_pem = crypto.decrypt(row.private_key_encrypted)
     key = serialization.load_pem_private_key(private_pem.encode(), password=None)
-    from federation.client import SYSTEM_CAS
+    chain = row.pem + private_pem
+    # Pinned peers are verified by their fingerprint (client._PeerAdapter), never by a CA: a bare
+    # client context, without the ~30 ms of loading the system's CA store.
+    pinned = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    pinned.minimum_version = ssl.TLSVersion.TLSv1_2
+    pinned.check_hostname, pinned.verify_mode = False, ssl.CERT_NONE
+    _load_chain(pinned, chain)
 
-    pinned = ssl.create_default_context()
-    pinned.check_hostname, pinned.verify_mode = False, ssl.CERT_NONE  # the fingerprint pin verifies
-    ca = ssl.create_default_context(cafile=SYSTEM_CAS if isinstance(SYSTEM_CAS, str) else None)
-    # load_cert_chain reads files: a private directory, removed as soon as it is loaded,
-    # so the key is never left unencrypted on disk.
+    @functools.cache
+    def ca_context() -> ssl.SSLContext:
+        from federation.client import SYSTEM_CAS
+
+        context = ssl.create_default_context(cafile=SYSTEM_CAS if isinstance(SYSTEM_CAS, str) else None)
+        _load_chain(context, chain)
+        return context
+
+    return Signer(thumbprint=row.thumbprint, sign=key.sign, pinned_context=pinned, ca_context_of=ca_context)
+
+
+def _load_chain(context: ssl.SSLContext, chain: str) -> None:
+    """load_cert_chain reads files: a private directory, removed as soon as it is loaded, so the
+    key is never left unencrypted on disk."""
     with tempfile.TemporaryDirectory(prefix="kite-identity-") as directory:
         path = os.path.join(directory, "identity.pem")
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-            out.write(row.pem + private_pem)
-        for context in (pinned, ca):
-            context.load_cert_chain(path)
-    return Signer(thumbprint=row.thumbprint, sign=key.sign, pinned_context=pinned, ca_context=ca)
+            out.write(chain)
+        context.load_cert_chain(path)
 
 
 def forget(certificate_id: int) -> None:

@@ -96,11 +96,11 @@ def test_a_pinned_sender_needs_both_factors_and_each_failure_is_named(team, pinn
         inbound.authenticate(_headers(body), body, team_id=team.id)  # HMAC only
     assert missing.value.code == "missing_certificate"
     impostor = certificates.Signer(thumbprint=signer.thumbprint, sign=ed25519.Ed25519PrivateKey.generate().sign,
-                                   pinned_context=None, ca_context=None)  # fmt: skip
+                                   pinned_context=None)  # fmt: skip
     with pytest.raises(inbound.Refusal) as forged:
         inbound.authenticate(_headers(body, impostor), body, team_id=team.id)
     assert forged.value.code == "bad_certificate"
-    other = certificates.Signer(thumbprint="sha256:" + "0" * 64, sign=signer.sign, pinned_context=None, ca_context=None)
+    other = certificates.Signer(thumbprint="sha256:" + "0" * 64, sign=signer.sign, pinned_context=None)
     with pytest.raises(inbound.Refusal) as wrong_pin:
         inbound.authenticate(_headers(body, other), body, team_id=team.id)
     assert wrong_pin.value.code == "bad_certificate" and "paste" in wrong_pin.value.detail
@@ -198,3 +198,75 @@ def test_a_signed_terminate_revokes_the_sender_and_an_unsigned_one_changes_nothi
     signed = client.post("/api/federation/terminate", body, content_type="application/json", **headers)
     assert signed.status_code == 200 and signed.json()["revoked"] is True
     assert Peer.objects.get(pk=sender.pk).status == "revoked"
+
+
+class _MutualTlsServer:
+    """A TLS server that demands a client certificate (an mTLS proxy in front of a peer, DESIGN §3)
+    and remembers the one each connection presented."""
+
+    def __init__(self, directory, client_ca_pem: str):
+        import socket
+        import ssl
+        import threading
+
+        cert, key = tls.ensure_server_certificate(directory, ["127.0.0.1"])
+        self.cert_path, self.fingerprint = cert, tls.fingerprint_of_pem(cert.read_bytes())
+        (directory / "client-ca.pem").write_text(client_ca_pem)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.context.load_verify_locations(directory / "client-ca.pem")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}/api/federation/ping"
+        self.presented: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import ssl
+
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    self.presented.append(conn.getpeercert(binary_form=True))
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\n{}")  # fmt: skip
+            except (ssl.SSLError, OSError):
+                self.presented.append(b"")  # refused in the handshake: no (acceptable) certificate
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("verified_by", ["pin", "system CAs"])
+def test_outbound_calls_present_the_identity_certificate_to_a_server_that_demands_one(team, tmp_path, monkeypatch,
+                                                                                     verified_by):  # fmt: skip
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from federation import client
+
+    identity = certificates.issue(team=team, subject="mtls identity")
+    server = _MutualTlsServer(tmp_path, identity.pem)
+    try:
+        if verified_by == "system CAs":  # the server's self-signed certificate stands in for a public CA
+            monkeypatch.setattr(client, "SYSTEM_CAS", str(server.cert_path))
+        target = client.Target(url=server.url, secret=SECRET, sender_id="kite-a", signer=certificates.signer_for(team.id),
+                               tls_fingerprint=server.fingerprint if verified_by == "pin" else "")  # fmt: skip
+        answer = client.call(target, "GET")
+        assert answer.status_code == 200
+        (presented,) = server.presented
+        assert "sha256:" + hashlib.sha256(presented).hexdigest() == identity.thumbprint
+        # Without an identity certificate there is nothing to present: the server refuses the handshake.
+        with pytest.raises(client.PeerCallError) as refused:
+            client.call(client.Target(url=server.url, secret=SECRET, sender_id="kite-a",
+                                      tls_fingerprint=target.tls_fingerprint), "GET")  # fmt: skip
+        assert server.presented[1:] == [b""] and refused.value.code in ("tls", "connection")
+        assert x509.load_der_x509_certificate(presented).public_bytes(serialization.Encoding.PEM).decode() == identity.pem
+    finally:
+        server.close()
