@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import orjson
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
@@ -210,7 +211,7 @@ def _noted(audit_as, url: str, method: str, make_call) -> PeerAnswer:
 
 def _json_or_text(response) -> object:
     try:
-        return response.json()
+        return orjson.loads(response.content)  # JSON is UTF-8 (RFC 8259); orjson.JSONDecodeError is a ValueError
     except ValueError:
         return response.text[:500]
 

@@ -88,17 +88,20 @@ class Refused(Exception):
 
 
 def check(token: str, *, resource_kind: str, resource_id: str | None = None, scope: str = "read",
-          client_ip: str = "", endpoint: str = "", audit_refusal: bool = True) -> Grant:  # fmt: skip
+          client_ip: str = "", endpoint: str = "", audit_refusal: bool = True, caller: Peer | None = None) -> Grant:  # fmt: skip
     """The grant a presented token stands for, if it allows this use now from this address.
 
     A refusal raises Refused(code, detail) and, unless `audit_refusal=False` (the caller records
     it itself), is audited here as Federation.AuthFailed with the code as outcome (bad_grant,
     grant_revoked, grant_expired, grant_scope, grant_source) and counted: against the grant's
     peer and team when the token names a real grant, without a team when it names none.
-    `endpoint`: the path the token was presented to, for that row."""
+    `endpoint`: the path the token was presented to, for that row. `caller`: the authenticated peer
+    presenting it, if known (spares reading the grant's peer again when it is the same row)."""
     grant = None
     try:
         grant = _lookup(token)
+        if caller is not None and caller.pk == grant.peer_id:
+            grant.peer = caller
         _allows(grant, resource_kind, resource_id, scope, client_ip)
     except Refused as refused:
         if audit_refusal:
@@ -112,7 +115,8 @@ def _lookup(token: str) -> Grant:
     prefix, _, secret = (token or "").partition(".")
     if not prefix.startswith("fg-") or not prefix[3:].isdigit() or not secret:
         raise Refused("bad_grant", "Send a grant token 'fg-<id>.<secret>'.")
-    grant = Grant.objects.select_related("peer").filter(pk=int(prefix[3:])).first()
+    # Plain SQL: every peer call that reads a grant makes this query (the ORM's compilation cost more).
+    grant = next(iter(Grant.objects.raw(f"SELECT * FROM {Grant._meta.db_table} WHERE id = %s", [int(prefix[3:])])), None)
     if grant is None or not hmac.compare_digest(grant.secret_sha256, _digest(secret)):
         raise Refused("bad_grant", "Unknown grant token.")
     return grant

@@ -21,7 +21,7 @@ def grant_for(peer: Peer, token: str, *, client_ip: str, endpoint: str) -> Grant
                        "the kite-grant header.", client_ip, endpoint)  # fmt: skip
     try:  # audited here, against the (authenticated) caller, even for a token naming no grant
         grant = grants.check(token, resource_kind=RESOURCE_KIND, resource_id=_narrowed_to(token), scope="read",
-                             client_ip=client_ip, endpoint=endpoint, audit_refusal=False)  # fmt: skip
+                             client_ip=client_ip, endpoint=endpoint, audit_refusal=False, caller=peer)  # fmt: skip
     except Refused as refused:
         raise _refused(peer, refused.code, refused.detail, client_ip, endpoint) from None
     if grant.team_id != peer.team_id or not _same_instance(grant.peer, peer):

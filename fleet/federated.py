@@ -151,16 +151,15 @@ def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str
     """Snapshots, audit rows and metrics of one fan-out, in one transaction after it; returns the
     time noted as the answering peers' last contact."""
     now = timezone.now()
+    called = [(peers[peer_id], answer) for peer_id, answer in answers.items() if answer.called]
     with transaction.atomic():
         services.snapshots_record(peers=peers, answers=answers, now=now)
-        for peer_id, answer in answers.items():
-            if not answer.called:
-                continue
-            peer = peers[peer_id]
-            metrics.CALLS.labels(peer.name, "outbound", answer.outcome).inc()
-            audit.record(audit.PEER_CALLED, peer=peer, actor=actor, endpoint=PATH, outcome=answer.outcome,
-                         detail=answer.detail[:500], data={"method": "GET", "latency_ms": answer.latency_ms,
-                                                           "agents": len(answer.rows or [])})  # fmt: skip
+        audit.record_all([{"action": audit.PEER_CALLED, "peer": peer, "actor": actor, "endpoint": PATH,
+                           "outcome": answer.outcome, "detail": answer.detail[:500],
+                           "data": {"method": "GET", "latency_ms": answer.latency_ms, "agents": len(answer.rows or [])}}
+                          for peer, answer in called])  # fmt: skip
+    for peer, answer in called:
+        metrics.CALLS.labels(peer.name, "outbound", answer.outcome).inc()
     return now
 
 

@@ -1,8 +1,11 @@
 """Reads of the fleet: our agents as rows, the peers the aggregated view asks, their snapshots."""
 
+import json
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connection
 from django.utils import timezone
 
 from federation.models import Peer
@@ -65,6 +68,40 @@ def granted_rows(team_id: str, resource_id: str | None) -> list[dict]:
         found = found.filter(name=resource_id)
     return [wire_row(agent, now) for agent in found.values(*WIRE_FIELDS)
             if fleet_rows.grant_allows(resource_id, agent["name"], agent["labels"])]  # fmt: skip
+
+
+# granted_rows as one JSON array built by PostgreSQL: no row becomes a Python object on its way
+# from the table to the peer (a peer's fleet call spent ~2.5 ms of CPU per 100 agents on that).
+# The same rows, fields and order; `last_seen` always with microseconds.
+_GRANTED_JSON = f"""
+SELECT coalesce(json_agg(json_build_object(
+    'id', id, 'name', name,
+    'last_seen', to_char(last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    'version', version, 'host', host, 'labels', labels,
+    'status', CASE WHEN %(now)s::timestamptz - last_seen < make_interval(secs => %(offline)s)
+                   THEN 'online' ELSE 'offline' END
+  ) ORDER BY name), '[]')::text
+FROM {Agent._meta.db_table}
+WHERE team_id = %(team)s
+  AND (%(name)s::text IS NULL OR name = %(name)s)
+  AND (%(label_key)s::text IS NULL OR labels ->> %(label_key)s = %(label_value)s)
+"""
+
+
+def granted_rows_json(team_id: str, resource_id: str | None) -> str:
+    """granted_rows as a JSON array (text), rendered by PostgreSQL where it can be."""
+    if connection.vendor != "postgresql":
+        return json.dumps(granted_rows(team_id, resource_id), cls=DjangoJSONEncoder)
+    name = label_key = label_value = None
+    if resource_id and resource_id.startswith(fleet_rows.LABEL_GRANT_PREFIX):
+        label_key, _, label_value = resource_id[len(fleet_rows.LABEL_GRANT_PREFIX):].partition("=")
+    elif resource_id:
+        name = resource_id
+    params = {"now": timezone.now(), "offline": settings.KITE_AGENT_OFFLINE_SECONDS, "team": team_id, "name": name,
+              "label_key": label_key, "label_value": label_value}  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(_GRANTED_JSON, params)
+        return cursor.fetchone()[0]
 
 
 def fleet_peers(team_id: str | None, name: str | None = None, *, not_asked_since=None) -> list[Peer]:

@@ -6,8 +6,10 @@ without a usable grant (the grant's code); both audited as Federation.AuthFailed
 an answer as Federation.RemoteRequest.
 """
 
+import json
+
 from django.conf import settings
-from django.http import JsonResponse
+from django.http import HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
@@ -35,6 +37,7 @@ def agents(request):
         grant = access.grant_for(peer, headers.get(GRANT_HEADER, ""), client_ip=client_ip, endpoint=PATH)
     except Refused as refused:
         return json_error(refused.detail, refused.code, 403)
-    results = selectors.granted_rows(peer.team_id, grant.resource_id)
+    results = selectors.granted_rows_json(peer.team_id, grant.resource_id)
     audit.remote_request(peer=peer, endpoint=PATH, method="GET", sender=sender, remote_addr=client_ip)
-    return JsonResponse({"instance_id": settings.KITE_INSTANCE_ID, "results": results})
+    body = f'{{"instance_id": {json.dumps(settings.KITE_INSTANCE_ID)}, "results": {results}}}'
+    return HttpResponse(body, content_type="application/json")

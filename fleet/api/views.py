@@ -1,3 +1,5 @@
+import orjson
+from django.http import HttpResponse
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -36,8 +38,10 @@ class AgentListRegister(APIView):
     def get(self, request):
         """Our agents; with federation=true also every live peer's (read-only, `peer:<name>/<id>`)."""
         query = _query(request)
-        return Response(federated.fleet_list(team_id=request.user.team.id, query=query,
-                                             actor=audit.actor_of(request.user)))  # fmt: skip
+        listed = federated.fleet_list(team_id=request.user.team.id, query=query, actor=audit.actor_of(request.user))
+        # Plain JSON values, a thousand rows and more with federation on: orjson renders them in a
+        # tenth of the time DRF's JSONRenderer takes (bench/fleet.py).
+        return HttpResponse(orjson.dumps(listed), content_type="application/json")
 
     def post(self, request):
         """Register an agent, or refresh it (a heartbeat): {name, version?, host?, labels?}."""

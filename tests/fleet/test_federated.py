@@ -3,8 +3,9 @@ checks, and the aggregated GET /api/fleet/agents?federation=true over real HTTPS
 this instance's app served over TLS stands in for a peer (its second team), next to a black
 hole and a closed port."""
 
+import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from django.conf import settings as django_settings
@@ -13,7 +14,7 @@ from django.utils import timezone
 
 from federation import grants, services as federation_services, signing
 from federation.models import AuditEvent, Grant, Peer
-from fleet import federated
+from fleet import federated, selectors
 from fleet.models import Agent, Snapshot
 from tests.fleet.servers import BlackHole, KiteOverTls, closed_port_url
 
@@ -78,6 +79,32 @@ def test_a_grant_for_one_agent_or_one_label_narrows_what_the_peer_sees(team, res
 
     assert response.status_code == 200, response.content
     assert [row["name"] for row in response.json()["results"]] == seen
+
+
+@pytest.mark.parametrize("resource_id", [None, "eu-2", "label:region=us", "label:tier=", "label:nope=x", "nobody"])
+def test_postgresql_renders_exactly_the_rows_python_would(team, other_team, resource_id):
+    """The peer-facing list is rendered by PostgreSQL (selectors.granted_rows_json); the embedded
+    (SQLite) path renders granted_rows in Python. Same rows, order, fields and values."""
+    now = timezone.now()
+    for name, labels, seen in (("eu-1", {"region": "eu"}, now), ("eu-2", {"region": "eu", "tier": ""}, now),
+                               ("us-1", {"region": "us", "ünï": "cödé \"q\""}, now - timedelta(hours=2)),
+                               ("a-0", {}, now.replace(microsecond=0) - timedelta(seconds=5))):  # fmt: skip
+        agent = _agent(team, name, version="1.0", host=f"{name}.example", labels=labels)
+        Agent.objects.filter(pk=agent.pk).update(last_seen=seen)
+    _agent(other_team, "eu-3", labels={"region": "eu"})
+
+    rendered = json.loads(selectors.granted_rows_json(team.id, resource_id))
+    expected = selectors.granted_rows(team.id, resource_id)
+
+    assert [row["name"] for row in rendered] == [row["name"] for row in expected]
+    assert any(row["status"] == "offline" for row in expected) == (resource_id in (None, "label:region=us"))
+    for got, want in zip(rendered, expected, strict=True):
+        assert _instant(got.pop("last_seen")) == _instant(want.pop("last_seen"))
+        assert got == want
+
+
+def _instant(iso: str):
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
 
 
 def _expired(grant_token):
