@@ -227,7 +227,7 @@ def _routes_changed(team_id: str) -> None:
 
 
 def secret_of(peer: Peer, direction: str) -> str:
-    return crypto.decrypt(getattr(peer, f"{direction}_secret_encrypted"))
+    return crypto.decrypt_cached(getattr(peer, f"{direction}_secret_encrypted"))
 
 
 INBOUND_GRACE = timedelta(hours=24)
@@ -270,7 +270,7 @@ def inbound_secrets(peer: Peer) -> list[str]:
     if peer.previous_inbound_secret_encrypted and (
         peer.previous_inbound_expires_at and peer.previous_inbound_expires_at > timezone.now()
     ):
-        found.append(crypto.decrypt(peer.previous_inbound_secret_encrypted))
+        found.append(crypto.decrypt_cached(peer.previous_inbound_secret_encrypted))
     return found
 
 

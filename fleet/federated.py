@@ -85,7 +85,7 @@ def _target(peer: Peer, signers: dict) -> client.Target:
 
 def _grant_of(peer: Peer) -> str:
     try:
-        return crypto.decrypt(peer.remote_grant_encrypted) if peer.remote_grant_encrypted else ""
+        return crypto.decrypt_cached(peer.remote_grant_encrypted) if peer.remote_grant_encrypted else ""
     except Exception:  # encrypted under a key no longer configured: as good as none
         return ""
 

@@ -59,13 +59,7 @@ def source_create(
 
 
 def source_secret(source: Source) -> str | None:
-    return _decrypted(source.secret_encrypted) if source.secret_encrypted else None
-
-
-@functools.lru_cache(maxsize=4096)
-def _decrypted(token: str) -> str:
-    """A source's secret, decrypted once per process (the token changes when the secret does)."""
-    return crypto.decrypt(token)
+    return crypto.decrypt_cached(source.secret_encrypted) if source.secret_encrypted else None
 
 
 def ce_source_for(source: Source) -> str:

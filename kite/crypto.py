@@ -60,6 +60,17 @@ def decrypt(token: str) -> str:
         ) from exc
 
 
+def decrypt_cached(token: str) -> str:
+    """decrypt, remembered per process: for secrets read on every request (a source's, a peer's).
+    A changed secret is a new token, so nothing stale is ever returned; bounded."""
+    return _decrypt_cached(tuple(settings.KITE_ENCRYPTION_KEYS), token)
+
+
+@lru_cache(maxsize=4096)
+def _decrypt_cached(keys: tuple[str, ...], token: str) -> str:
+    return decrypt(token)
+
+
 def rotate(token: str) -> str:
     """Re-encrypt under the first key (MultiFernet.rotate); the plaintext never leaves."""
     try:

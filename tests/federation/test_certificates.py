@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from federation import certificates, inbound, outbox, services, signing
 from federation.models import IdentityCertificate
 from kite import crypto, tls
+from tests.e2e.harness import wait_for
 from tests.federation.test_api import PEER_URL, SECRET
 
 
@@ -254,6 +255,7 @@ def test_outbound_calls_present_the_identity_certificate_to_a_server_that_demand
     identity = certificates.issue(team=team, subject="mtls identity")
     server = _MutualTlsServer(tmp_path, identity.pem)
     try:
+        monkeypatch.setattr(client, "_sessions", {})  # no keep-alive session of an earlier test
         if verified_by == "system CAs":  # the server's self-signed certificate stands in for a public CA
             monkeypatch.setattr(client, "SYSTEM_CAS", str(server.cert_path))
         target = client.Target(url=server.url, secret=SECRET, sender_id="kite-a", signer=certificates.signer_for(team.id),
@@ -266,6 +268,7 @@ def test_outbound_calls_present_the_identity_certificate_to_a_server_that_demand
         with pytest.raises(client.PeerCallError) as refused:
             client.call(client.Target(url=server.url, secret=SECRET, sender_id="kite-a",
                                       tls_fingerprint=target.tls_fingerprint), "GET")  # fmt: skip
+        wait_for(lambda: len(server.presented) == 2, 5, "the server to note the second handshake")
         assert server.presented[1:] == [b""] and refused.value.code in ("tls", "connection")
         assert x509.load_der_x509_certificate(presented).public_bytes(serialization.Encoding.PEM).decode() == identity.pem
     finally:
