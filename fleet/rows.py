@@ -104,25 +104,35 @@ def grant_allows(resource_id: str | None, name: str, labels: dict) -> bool:
 
 
 def wire_row(raw) -> dict | None:
-    """One agent as a peer answered it, checked and cut to size; None if malformed."""
-    if not isinstance(raw, dict):
+    """One agent as a peer answered it, checked and cut to size; None if malformed. (A fleet list
+    checks every row of every peer: exact type tests, each field read once.)"""
+    if type(raw) is not dict:
         return None
     remote_id, name = raw.get("id"), raw.get("name")
-    if isinstance(remote_id, bool) or not isinstance(remote_id, (int, str)) or not isinstance(name, str):
+    id_type = type(remote_id)  # exact: a JSON true is no id
+    if id_type is str:
+        if not remote_id or len(remote_id) > MAX_REMOTE_ID:
+            return None
+    elif id_type is not int or len(str(remote_id)) > MAX_REMOTE_ID:
         return None
-    if not str(remote_id) or len(str(remote_id)) > MAX_REMOTE_ID or not NAME.fullmatch(name):
+    if type(name) is not str or not NAME.fullmatch(name):
         return None
-    try:
-        labels = clean_labels(raw.get("labels"))
-    except Invalid:
+    labels = raw.get("labels")
+    if labels:
+        try:
+            labels = clean_labels(labels)
+        except Invalid:
+            labels = {}
+    else:
         labels = {}
+    status, version, host = raw.get("status"), raw.get("version"), raw.get("host")
     return {
         "id": remote_id,
         "name": name,
-        "status": raw.get("status") if raw.get("status") in STATUSES else "offline",
+        "status": status if status in STATUSES else "offline",
         "last_seen": _timestamp(raw.get("last_seen")),
-        "version": _clip(raw.get("version"), MAX_VERSION),
-        "host": _clip(raw.get("host"), MAX_HOST),
+        "version": version[:MAX_VERSION] if type(version) is str else "",
+        "host": host[:MAX_HOST] if type(host) is str else "",
         "labels": labels,
     }
 
@@ -137,10 +147,6 @@ def wire_rows(raws) -> list[dict]:
 def remote_row(peer_name: str, wire: dict, *, stale: bool) -> dict:
     """A checked peer row as our fleet shows it: namespaced `peer:<name>/<id>`, read-only."""
     return {**wire, "id": f"peer:{peer_name}/{wire['id']}", "peer": peer_name, "read_only": True, "stale": stale}
-
-
-def _clip(value, limit: int) -> str:
-    return value[:limit] if isinstance(value, str) else ""
 
 
 def _timestamp(value) -> str | None:
