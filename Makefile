@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test browser-deps services-start services-stop bench clean
+.PHONY: run test browser-deps faketime-deps services-start services-stop bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) manage.py runkite
 
-test: $(STAMP) browser-deps
+test: $(STAMP) browser-deps faketime-deps
 	scripts/test.sh
 
 # The browser tests (tests/browser) drive Debian's Chromium: installed like PostgreSQL and Redis
@@ -26,6 +26,12 @@ test: $(STAMP) browser-deps
 browser-deps:
 	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || { echo "test: installing chromium (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# tests/e2e/test_clock.py runs one instance with its clock shifted by Debian's libfaketime (LD_PRELOAD):
+# installed the same way.
+faketime-deps:
+	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || [ "$$(id -u)" != 0 ] || { echo "test: installing faketime (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
 
 services-start:
 	scripts/services.sh start

@@ -22,6 +22,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import InsecureRequestWarning
 
 from federation import backoff, signing
+from federation.errors import Code
 
 # urllib3 warns about verify=False even when the fingerprint pin verifies the
 # server; Kite never sends unverified requests, so the warning is only noise.
@@ -188,6 +189,10 @@ def call(target: Target, method: str, body: bytes = b"", *, content_type: str = 
     if outcome == "ok":
         return answer
     detail, code = _error_of(answer)
+    if code == Code.STALE_TIMESTAMP:
+        # The clocks disagree: nothing to paste, so no auth_failed pause. Retried like an outage (five
+        # in a row pause the queue as down), and the first heartbeat that passes resumes it.
+        outcome = "transient"
     raise PeerCallError(
         outcome, f"HTTP {response.status_code}: {detail}", response.status_code, _retry_after(response), code
     )

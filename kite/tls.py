@@ -39,7 +39,9 @@ def ensure_server_certificate(directory: Path, hosts: list[str]) -> tuple[Path, 
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        # A day back: a box whose clock runs ahead when it first starts still writes a certificate
+        # that browsers, `kite listen` and peers verifying by CA accept as already valid.
+        .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=825))
         .add_extension(x509.SubjectAlternativeName(_san_entries(["localhost", "127.0.0.1", "::1", *hosts])), False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

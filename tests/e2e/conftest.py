@@ -13,8 +13,9 @@ class Instances:
         self.tmp_path_factory = tmp_path_factory
         self.started: list[tuple[Kite, Database | None, RedisDatabase | None]] = []
 
-    def start(self, label: str, *, embedded: bool = False) -> Kite:
-        """embedded: no DATABASE_URL / REDIS_URL, i.e. SQLite, in-memory channel layer, SQLAlchemy broker."""
+    def start(self, label: str, *, embedded: bool = False, extra_env: dict | None = None) -> Kite:
+        """embedded: no DATABASE_URL / REDIS_URL, i.e. SQLite, in-memory channel layer, SQLAlchemy broker.
+        extra_env: set for this instance's processes, over everything else."""
         database = None if embedded else Database(label)
         try:
             redis_db = None if embedded else RedisDatabase()
@@ -26,6 +27,7 @@ class Instances:
             instance_id=f"e2e-{label}-{secrets.token_hex(3)}",
             database_url=database.url if database else None,
             redis_url=redis_db.url if redis_db else None,
+            extra_env=extra_env or {},
         )
         self.started.append((kite, database, redis_db))
         return kite.start()

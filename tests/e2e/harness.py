@@ -129,6 +129,7 @@ class Kite:
     process: subprocess.Popen | None = None
     log_path: Path = None
     starts: int = 0
+    extra_env: dict = field(default_factory=dict)  # e.g. a shifted clock (LD_PRELOAD libfaketime)
 
     @property
     def url(self) -> str:
@@ -155,6 +156,7 @@ class Kite:
             env["DATABASE_URL"] = self.database_url
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
+        env.update(self.extra_env)
         return env
 
     def start(self) -> "Kite":

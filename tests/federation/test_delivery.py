@@ -171,6 +171,28 @@ def test_401_pauses_the_peer_as_auth_failed_without_dead_lettering(team, peer, e
     assert outbox.deliver_peer(peer.pk) == 2
 
 
+def test_a_401_for_clock_skew_is_retried_like_an_outage_and_a_heartbeat_resumes_the_queue(team, peer, endpoint):
+    """stale_timestamp is the clocks disagreeing, not a wrong credential: nothing for the operator to
+    paste. The queue goes down after five refusals and drains once a signed ping passes again."""
+    from federation import heartbeat
+
+    endpoint.default = (401, {}, {"detail": "webhook-timestamp is -600 s from this server's clock", "code": "stale_timestamp"})
+    _event(team)
+    for _ in range(5):
+        _make_due()
+        outbox.deliver_peer(peer.pk)
+    peer.refresh_from_db()
+    assert peer.paused == "down" and peer.consecutive_failures == 5 and "clock" in peer.last_error
+    assert _entry().status == "pending"
+    # The clock is fixed: its ping passes (and advertises batches).
+    endpoint.default = (200, {}, lambda body: [{"id": e["id"], "result": "accepted"} for e in json.loads(body)])
+    assert heartbeat.heartbeat(peer).ok  # and kicks the queue: the task it queues does this
+    peer.refresh_from_db()
+    assert peer.paused == ""
+    _make_due()  # its backoff has run out: the next heartbeat is 30 s away
+    assert outbox.deliver_peer(peer.pk) == 1 and _entry().status == "delivered"
+
+
 def test_410_revokes_the_peer(team, peer, endpoint):
     endpoint.answers = [(410, {}, {"detail": "terminated"})]
     _event(team)
