@@ -1,5 +1,6 @@
 """Ping peers: persist the outcome, move states, resume a paused queue (DESIGN §4)."""
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,9 +18,16 @@ PING_TIMEOUT = (3.0, 5.0)
 CLOCK_TOLERANCE_SECONDS = 300
 
 
+_KITE_HOOK = re.compile(r"/hooks/([A-Za-z0-9_-]{1,64})/kite/?")
+
+
 def ping_url(peer: Peer, path: str = "/api/federation/ping") -> str:
+    """The peer's `path`, on the host of its hook URL. A Kite hook URL names the team whose rows
+    know us: `?team=` tells the peer, so it tries that team's secrets only, not those of every team
+    peered with this instance (inbound.team_hint; the signature still decides)."""
     parts = urlsplit(peer.peer_hook_url)
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    hook = _KITE_HOOK.fullmatch(parts.path)
+    return urlunsplit((parts.scheme, parts.netloc, path, f"team={hook.group(1)}" if hook else "", ""))
 
 
 def terminate(peer: Peer, reason: str, *, actor: str = audit.SYSTEM) -> "PingResult":

@@ -7,6 +7,7 @@ refusal names the factor that failed.
 """
 
 import functools
+import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,6 +54,17 @@ def _first_match(peers: list[Peer], request, body: bytes) -> Peer | None:
         ok = any(signing.hmac_matches(secret, request, body) for secret in services.inbound_secrets(peer))
         matched = matched or (peer if ok else None)
     return matched
+
+
+_TEAM_HINT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def team_hint(request) -> str | None:
+    """`?team=` on a peer-facing endpoint: the team whose rows the caller says know it (Kite adds it
+    from the hook URL it delivers to). It only narrows which rows are tried — one team's rather
+    than those of every team peered with that instance; the signature decides, as without it."""
+    team = request.GET.get("team", "")
+    return team if _TEAM_HINT.fullmatch(team) else None
 
 
 def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, now: int | None = None) -> Peer:

@@ -25,7 +25,7 @@ def _authenticated(request, body: bytes):
     is audited as Federation.AuthFailed with the failing factor, and counted."""
     headers = lower_headers(request.headers)
     try:
-        return inbound.authenticate(headers, body, team_id=None), None
+        return inbound.authenticate(headers, body, team_id=inbound.team_hint(request)), None
     except inbound.Refusal as refusal:
         inbound.refused(refusal, headers, endpoint=request.path, method=request.method,
                         remote_addr=_remote_addr(request))  # fmt: skip

@@ -32,13 +32,13 @@ def _caller_row(team, name="instance-a"):
     return federation_services.peer_create(team=team, name=name, peer_hook_url=DUMMY_URL, inbound_token=SECRET).row
 
 
-def _signed_get(token: str | None, *, secret=SECRET, sender="instance-a", remote_addr="127.0.0.1"):
+def _signed_get(token: str | None, *, secret=SECRET, sender="instance-a", remote_addr="127.0.0.1", path=PATH):
     headers = signing.sign_headers(secret=secret, msg_id=f"m{time.monotonic_ns()}", timestamp=int(time.time()),
                                    body=b"", sender_id=sender)  # fmt: skip
     if token is not None:
         headers["kite-grant"] = token
     meta = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
-    return Client(REMOTE_ADDR=remote_addr).get(PATH, **meta)
+    return Client(REMOTE_ADDR=remote_addr).get(path, **meta)
 
 
 def _audit(team, action):
@@ -63,6 +63,27 @@ def test_a_granted_peer_reads_its_teams_agents_and_the_request_is_audited(team, 
         ("w1", "online", "1.0", "h1", {"region": "eu"})]  # fmt: skip
     (row,) = _audit(team, "Federation.RemoteRequest")
     assert (row.peer_id, row.endpoint, row.outcome) == (caller.pk, PATH, "ok")
+
+
+def test_the_team_hint_narrows_which_rows_are_tried_and_grants_nothing(team, other_team):
+    """Kite adds ?team= (from the hook URL) to its calls: the peer tries that team's secrets only."""
+    from federation.heartbeat import ping_url
+
+    caller = _caller_row(team)
+    other_secret = "whsec_" + "b" * 43 + "="
+    federation_services.peer_create(team=other_team, name="instance-a", peer_hook_url=DUMMY_URL,
+                                    inbound_token=other_secret)  # fmt: skip
+    _agent(team, "w1")
+    _, token = grants.create(peer=caller, resource_kind="fleet.agents")
+
+    assert _signed_get(token, path=f"{PATH}?team={team.id}").status_code == 200
+    assert _signed_get(token, path=PATH).status_code == 200  # no hint: every team's rows are tried
+    wrong = _signed_get(token, path=f"{PATH}?team={other_team.id}")  # team's secret, the other team named
+    assert (wrong.status_code, wrong.json()["code"]) == (401, "bad_secret")
+    assert _signed_get(token, path=f"{PATH}?team=no%20such").status_code == 200  # malformed: ignored
+    assert ping_url(caller, PATH) == f"https://127.0.0.1:9{PATH}?team=x"
+    caller.peer_hook_url = "https://peer.example/custom/inbox"
+    assert ping_url(caller) == "https://peer.example/api/federation/ping"
 
 
 @pytest.mark.parametrize(
