@@ -147,13 +147,15 @@ class FanOut:
         return answers
 
 
-def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str) -> datetime:
+def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str, every: bool = False) -> datetime:
     """Snapshots, audit rows and metrics of one fan-out, in one transaction after it; returns the
-    time noted as the answering peers' last contact."""
+    time noted as the answering peers' last contact. A list writes a peer's snapshot only when it
+    is due (`_snapshot_due`); the refresh (`every`) writes them all."""
     now = timezone.now()
     called = [(peers[peer_id], answer) for peer_id, answer in answers.items() if answer.called]
+    due = answers if every else {pk: answer for pk, answer in answers.items() if _snapshot_due(peers[pk], answer, now)}
     with transaction.atomic():
-        services.snapshots_record(peers=peers, answers=answers, now=now)
+        services.snapshots_record(peers=peers, answers=due, now=now)
         audit.record_all([{"action": audit.PEER_CALLED, "peer": peer, "actor": actor, "endpoint": PATH,
                            "outcome": answer.outcome, "detail": answer.detail[:500],
                            "data": {"method": "GET", "latency_ms": answer.latency_ms, "agents": len(answer.rows or [])}}
@@ -161,6 +163,16 @@ def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str
     for peer, answer in called:
         metrics.CALLS.labels(peer.name, "outbound", answer.outcome).inc()
     return now
+
+
+def _snapshot_due(peer: Peer, answer: PeerAnswer, now: datetime) -> bool:
+    """A list rewrites a peer's snapshot (a hundred rows or more) at most once per half refresh
+    period — operators listing at once don't each rewrite every peer's rows — and at once when the
+    outcome changes (a peer that refuses us loses its rows now; a failure is on record now)."""
+    attempted = getattr(peer, "snapshot_attempted_at", None)
+    if attempted is None or answer.outcome != getattr(peer, "snapshot_outcome", None):
+        return True
+    return now - attempted >= timedelta(seconds=settings.KITE_FLEET_REFRESH_SECONDS / 2)
 
 
 # --- the list -------------------------------------------------------------------------
@@ -243,5 +255,5 @@ def refresh_snapshots() -> int:
         return 0
     fan_out = FanOut(prepare(list(peers.values())), timeout=settings.KITE_FLEET_PEER_TIMEOUT_SECONDS)
     answers = fan_out.collect(settings.KITE_FLEET_PEER_TIMEOUT_SECONDS)
-    record(peers, answers, actor=audit.SYSTEM)
+    record(peers, answers, actor=audit.SYSTEM, every=True)
     return sum(1 for answer in answers.values() if answer.called)

@@ -7,7 +7,7 @@ import orjson
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection
-from django.db.models import TextField
+from django.db.models import F, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
@@ -117,6 +117,9 @@ def fleet_peers(team_id: str | None, name: str | None = None, *, not_asked_since
         peers = peers.filter(name=name)
     if not_asked_since is not None:
         peers = peers.exclude(fleet_snapshot__attempted_at__gte=not_asked_since)
+    # When its snapshot was last written, and with what outcome (federated.record decides by them).
+    peers = peers.annotate(snapshot_attempted_at=F("fleet_snapshot__attempted_at"),
+                           snapshot_outcome=F("fleet_snapshot__outcome"))  # fmt: skip
     return list(peers.order_by("team_id", "name", "id"))
 
 

@@ -331,6 +331,27 @@ def test_the_refresh_skips_peers_a_list_has_just_asked(api, mesh):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_lists_rewrite_a_peers_snapshot_at_most_every_half_period_unless_its_outcome_changes(api, other_team, mesh):
+    _list(api, "?peer=b")
+    first = Snapshot.objects.get(peer=mesh["b"])
+    Agent.objects.filter(team=other_team, name="b-lister").delete()
+
+    body, _ = _list(api, "?peer=b")  # within the half period, same outcome: served live, not rewritten
+    assert [row["name"] for row in body["results"]] == ["b-worker"]
+    again = Snapshot.objects.get(peer=mesh["b"])
+    assert (again.attempted_at, len(again.rows)) == (first.attempted_at, 2)
+
+    Snapshot.objects.filter(pk=first.pk).update(attempted_at=first.attempted_at - timedelta(seconds=16))
+    _list(api, "?peer=b")  # half the 30 s period has passed: rewritten
+    assert [row["name"] for row in Snapshot.objects.get(peer=mesh["b"]).rows] == ["b-worker"]
+
+    Grant.objects.filter(team_id=other_team.pk).delete()
+    _list(api, "?peer=b")  # the outcome changes (refused): at once, rows gone
+    refused = Snapshot.objects.get(peer=mesh["b"])
+    assert (refused.outcome, refused.rows) == ("unauthorized", [])
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_peer_that_withdraws_our_grant_is_not_served_from_an_old_snapshot(api, other_team, mesh):
     _list(api, "?peer=b")
     Grant.objects.filter(team_id=other_team.pk).delete()
