@@ -1,3 +1,4 @@
+import orjson
 from django.db import models
 from django.utils import timezone
 
@@ -29,6 +30,24 @@ class Agent(models.Model):
         return f"{self.name} ({self.team_id})"
 
 
+class JsonText(models.TextField):
+    """JSON kept as text, written and read whole by orjson: for a value only ever stored and
+    served whole, never queried inside (a peer's fleet). PostgreSQL's jsonb would parse it on every
+    write and render it back on every read — most of a snapshot-only list's database time."""
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else orjson.loads(value)
+
+    def to_python(self, value):
+        return orjson.loads(value) if isinstance(value, str) else value
+
+    def get_prep_value(self, value):
+        return None if value is None else orjson.dumps(value).decode()
+
+    def value_to_string(self, obj):
+        return self.get_prep_value(self.value_from_object(obj))
+
+
 class Snapshot(models.Model):
     """The last fleet a peer showed us, kept to answer with (flagged stale) when it does not.
 
@@ -37,7 +56,7 @@ class Snapshot(models.Model):
 
     peer = models.OneToOneField(Peer, on_delete=models.CASCADE, related_name="fleet_snapshot")
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
-    rows = models.JSONField(default=list, blank=True)
+    rows = JsonText(default=list, blank=True)
     fetched_at = models.DateTimeField(null=True, blank=True, help_text="last successful contact")
     attempted_at = models.DateTimeField(default=timezone.now)
     outcome = models.CharField(max_length=20, default="ok")

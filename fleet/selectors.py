@@ -3,12 +3,10 @@
 import json
 from datetime import datetime, timedelta
 
-import orjson
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection
-from django.db.models import F, TextField
-from django.db.models.functions import Cast
+from django.db.models import F
 from django.utils import timezone
 
 from federation.models import Peer
@@ -124,9 +122,4 @@ def fleet_peers(team_id: str | None, name: str | None = None, *, not_asked_since
 
 
 def snapshots(peer_ids: list[int]) -> dict[int, Snapshot]:
-    """The peers' last snapshots, their rows read as text and parsed by orjson (a hundred rows per
-    peer: Django's JSONField decoder took a quarter of a snapshot-only list)."""
-    found = Snapshot.objects.filter(peer_id__in=peer_ids).defer("rows").annotate(rows_text=Cast("rows", TextField()))
-    for snapshot in found:
-        snapshot.rows = orjson.loads(snapshot.rows_text) if snapshot.rows_text else []
-    return {snapshot.peer_id: snapshot for snapshot in found}
+    return {snapshot.peer_id: snapshot for snapshot in Snapshot.objects.filter(peer_id__in=peer_ids)}

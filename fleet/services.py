@@ -4,7 +4,6 @@ import functools
 import re
 from dataclasses import dataclass
 
-import orjson
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
@@ -68,7 +67,7 @@ _SNAPSHOT_COLUMNS = ("peer_id", "team_id", "rows", "fetched_at", "attempted_at",
 
 def _snapshot_values(peer: Peer, answer: PeerAnswer, now) -> list:
     ok = answer.outcome == "ok"
-    rows = orjson.dumps((answer.rows or []) if ok else []).decode()  # plain JSON values, checked on arrival
+    rows = Snapshot._meta.get_field("rows").get_prep_value((answer.rows or []) if ok else [])  # JSON text
     return [peer.pk, peer.team_id, rows, now if ok else None, now, answer.outcome, answer.latency_ms,
             answer.detail[:1000]]  # fmt: skip
 
@@ -82,9 +81,7 @@ def _upsert_sql(count: int) -> str:
     qn = connections[DEFAULT_DB_ALIAS].ops.quote_name
     table, rows = qn(Snapshot._meta.db_table), qn("rows")  # ROWS is a keyword (window frames)
     columns = ", ".join(qn(column) for column in _SNAPSHOT_COLUMNS)
-    # The rows arrive as JSON text: PostgreSQL is told it is jsonb (SQLite keeps JSON as text).
-    as_json = "%s::jsonb" if connections[DEFAULT_DB_ALIAS].vendor == "postgresql" else "%s"
-    one = "(" + ", ".join(as_json if column == "rows" else "%s" for column in _SNAPSHOT_COLUMNS) + ")"
+    one = "(" + ", ".join(["%s"] * len(_SNAPSHOT_COLUMNS)) + ")"
     return (
         f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * count)} ON CONFLICT (peer_id) DO UPDATE SET "
         "attempted_at = EXCLUDED.attempted_at, outcome = EXCLUDED.outcome, latency_ms = EXCLUDED.latency_ms, "
