@@ -255,7 +255,7 @@ def test_outbound_calls_present_the_identity_certificate_to_a_server_that_demand
     identity = certificates.issue(team=team, subject="mtls identity")
     server = _MutualTlsServer(tmp_path, identity.pem)
     try:
-        monkeypatch.setattr(client, "_sessions", {})  # no keep-alive session of an earlier test
+        monkeypatch.setattr(client, "_pools", {})  # no keep-alive connection of an earlier test
         if verified_by == "system CAs":  # the server's self-signed certificate stands in for a public CA
             monkeypatch.setattr(client, "SYSTEM_CAS", str(server.cert_path))
         target = client.Target(url=server.url, secret=SECRET, sender_id="kite-a", signer=certificates.signer_for(team.id),
