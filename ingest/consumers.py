@@ -16,7 +16,6 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from ingest import broadcast, hooks, selectors
-from ingest.errors import Code
 from kite.auth import bearer_from_header, principal_for_key, principal_for_user
 from kite.errors import ApiError
 
