@@ -72,22 +72,21 @@ def record_all(events: list[dict]) -> None:
         return
     try:
         with transaction.atomic():
-            AuditEvent.objects.bulk_create([_event(**_defaults | event) for event in events])
+            AuditEvent.objects.bulk_create([_event(**event) for event in events])
     except Exception:
         logger.exception("could not record %d audit events", len(events))
 
 
-_defaults = {"team": None, "team_id": None, "peer": None, "peer_name": "", "actor": "", "endpoint": "", "outcome": "ok",
-             "detail": "", "data": None}  # fmt: skip
-
-
 def _create(action, team, team_id, peer, peer_name, actor, endpoint, outcome, detail, data) -> AuditEvent:
-    event = _event(action, team, team_id, peer, peer_name, actor, endpoint, outcome, detail, data)
+    event = _event(action, team=team, team_id=team_id, peer=peer, peer_name=peer_name, actor=actor,
+                   endpoint=endpoint, outcome=outcome, detail=detail, data=data)  # fmt: skip
     event.save(force_insert=True)
     return event
 
 
-def _event(action, team, team_id, peer, peer_name, actor, endpoint, outcome, detail, data) -> AuditEvent:
+def _event(action: str, *, team=None, team_id: str | None = None, peer: Peer | None = None, peer_name: str = "",
+           actor: str = "", endpoint: str = "", outcome: str = "ok", detail: str = "",
+           data: dict | None = None) -> AuditEvent:  # fmt: skip
     return AuditEvent(
         team_id=team.pk if team is not None else (team_id or (peer.team_id if peer is not None else None)),
         action=action,

@@ -97,7 +97,7 @@ def _pool(tls_fingerprint: str, signer=None) -> urllib3.PoolManager:
 @dataclass
 class _Response:
     status: int
-    headers: dict
+    headers: urllib3.HTTPHeaderDict  # case-insensitive
     data: bytes
 
 
@@ -107,7 +107,7 @@ def _send(target: "Target", method: str, body: bytes, headers: dict, timeout: tu
         method, target.url, body=body or None, headers=headers, redirect=False, retries=False,
         timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
     )  # fmt: skip
-    return _Response(response.status, dict(response.headers), response.data)
+    return _Response(response.status, response.headers, response.data)
 
 
 def _failure_name(exc: Exception) -> tuple[str, bool]:
@@ -145,7 +145,7 @@ class PeerAnswer:
     status_code: int
     body: object
     latency_ms: int
-    headers: dict
+    headers: urllib3.HTTPHeaderDict  # case-insensitive
     raw_body: bytes = b""
 
 
@@ -234,7 +234,7 @@ def _error_of(answer: PeerAnswer) -> tuple[str, str]:
 
 def _retry_after(response) -> float | None:
     try:
-        return float(next((v for k, v in response.headers.items() if k.lower() == "retry-after"), ""))
+        return float(response.headers.get("Retry-After", ""))
     except ValueError:
         return None
 

@@ -1,10 +1,9 @@
 """Reads of the fleet: our agents as rows, the peers the aggregated view asks, their snapshots."""
 
-import json
 from datetime import datetime, timedelta
 
+import orjson
 from django.conf import settings
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection
 from django.db.models import F
 from django.utils import timezone
@@ -92,7 +91,7 @@ WHERE team_id = %(team)s
 def granted_rows_json(team_id: str, resource_id: str | None) -> str:
     """granted_rows as a JSON array (text), rendered by PostgreSQL where it can be."""
     if connection.vendor != "postgresql":
-        return json.dumps(granted_rows(team_id, resource_id), cls=DjangoJSONEncoder)
+        return orjson.dumps(granted_rows(team_id, resource_id)).decode()
     name = label_key = label_value = None
     if resource_id and resource_id.startswith(fleet_rows.LABEL_GRANT_PREFIX):
         label_key, _, label_value = resource_id[len(fleet_rows.LABEL_GRANT_PREFIX):].partition("=")

@@ -5,6 +5,7 @@ this instance's own peer-facing views. Two teams of one instance then stand in f
 from urllib.parse import urlsplit
 
 import pytest
+import urllib3
 from django.test import Client
 
 import time
@@ -24,7 +25,7 @@ def _django_send(target, method, body, headers, timeout):
             if name.lower() not in ("content-type", "content-length")}  # fmt: skip
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     answer = Client().generic(method, path, data=body or b"", content_type=headers.get("content-type", ""), **meta)
-    return client._Response(answer.status_code, dict(answer.headers.items()), answer.content)
+    return client._Response(answer.status_code, urllib3.HTTPHeaderDict(answer.headers.items()), answer.content)
 
 
 @pytest.fixture
