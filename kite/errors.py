@@ -21,6 +21,7 @@ class Code(enum.StrEnum):
     RATE_LIMITED = "rate_limited"
     CONFLICT = "conflict"
     SERVER_ERROR = "server_error"
+    UNAVAILABLE = "unavailable"
 
 
 class ApiError(Exception):

@@ -5,6 +5,7 @@ layer) need nothing installed; DATABASE_URL / REDIS_URL switch to PostgreSQL /
 Redis. A bad value fails at start with the variable's name.
 """
 
+import ipaddress
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -98,7 +99,39 @@ for _number, _key in enumerate(KITE_ENCRYPTION_KEYS, start=1):
 DEBUG = _bool("KITE_DEBUG", False)
 ALLOWED_HOSTS = ["*"]  # Kite is reached by IP, by name and through proxies; Host is never trusted for URLs.
 CSRF_TRUSTED_ORIGINS = [f"{urlsplit(KITE_PUBLIC_URL).scheme}://{urlsplit(KITE_PUBLIC_URL).netloc}"]
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# --- Cookies, HSTS, proxies, /metrics -------------------------------------------------
+# Browsers reach Kite over HTTPS when it serves TLS itself or sits behind a TLS proxy (an https
+# KITE_PUBLIC_URL): its session and CSRF cookies must then never travel in clear.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = KITE_TLS or urlsplit(KITE_PUBLIC_URL).scheme == "https"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
+KITE_HSTS_SECONDS = _env("KITE_HSTS_SECONDS", env.int, 0)  # SecurityMiddleware sends it on HTTPS only
+if KITE_HSTS_SECONDS < 0:
+    raise ImproperlyConfigured(f"KITE_HSTS_SECONDS must be 0 (off) or more, got {KITE_HSTS_SECONDS}")
+SECURE_HSTS_SECONDS = KITE_HSTS_SECONDS
+
+
+def _trusted_proxies(name):
+    """IPs and CIDRs as uvicorn's --forwarded-allow-ips reads them; uvicorn would take a typo for a
+    host name that never matches (or "*" for everyone), so anything that is not a network stops Kite."""
+    networks = []
+    for item in filter(None, (part.strip() for part in env.str(name, default="").split(","))):
+        try:
+            networks.append(str(ipaddress.ip_network(item)))
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not an IP address or network ({exc})") from None
+    return networks
+
+
+# X-Forwarded-For / -Proto are believed only from these peers (runkite passes them to uvicorn, which
+# rewrites the client address and scheme); empty: from nobody, not even loopback. There is no
+# SECURE_PROXY_SSL_HEADER: Django would believe X-Forwarded-Proto from any client.
+KITE_TRUSTED_PROXIES = _trusted_proxies("KITE_TRUSTED_PROXIES")
+# Unset: /metrics answers loopback callers only. Label values name every team's peers and sources.
+KITE_METRICS_TOKEN = env.str("KITE_METRICS_TOKEN", default="").strip()
+if KITE_METRICS_TOKEN and not re.fullmatch(r"[\x21-\x7e]{16,}", KITE_METRICS_TOKEN):
+    raise ImproperlyConfigured("KITE_METRICS_TOKEN must be at least 16 printable characters without spaces")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -29,3 +29,28 @@ def test_dockerfile_copies_every_app():
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     for app in ("kite", "ingest", "federation", "fleet", "templates", "static"):
         assert f"COPY {app} ./{app}" in dockerfile
+
+
+def _default(value: str) -> str:
+    """What compose makes of `${NAME:-default}` when NAME is not set."""
+    found = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return found.group(1) if found else value
+
+
+def test_plain_http_is_published_on_the_hosts_loopback_only():
+    published = {name: service.get("ports", []) for name, service in COMPOSE["services"].items()}
+    assert published.pop("web") == ["127.0.0.1:8000:8000"]  # the TLS proxy on the host is the way in
+    assert not any(published.values()), published
+
+
+def test_web_trusts_proxy_headers_from_the_gateway_its_proxy_comes_from_only():
+    import ipaddress
+
+    (network,) = COMPOSE["networks"]["default"]["ipam"]["config"]
+    subnet, gateway = ipaddress.ip_network(_default(network["subnet"])), ipaddress.ip_address(_default(network["gateway"]))
+    assert gateway in subnet
+    web = COMPOSE["services"]["web"]["environment"]
+    assert _default(web["KITE_TRUSTED_PROXIES"]) == str(gateway)
+    assert web["KITE_TRUSTED_PROXIES"] == network["gateway"]  # one variable moves both
+    for name in ("worker", "beat"):
+        assert "KITE_TRUSTED_PROXIES" not in (COMPOSE["services"][name].get("environment") or {})

@@ -114,4 +114,4 @@ def test_metrics_in_multiprocess_mode_still_read_the_outbox_gauge(client, team, 
 
 
 def test_metrics_are_served_without_credentials(client):
-    assert client.get("/metrics").status_code == 200  # public, as before (README: restrict it at the proxy)
+    assert client.get("/metrics").status_code == 200  # a loopback caller, no token set (tests/kite/test_operational.py)

@@ -63,7 +63,7 @@ class Command(BaseCommand):
             sys.executable, "-m", "uvicorn", "kite.asgi:application",
             "--host", settings.KITE_HOST, "--port", str(settings.KITE_PORT),
             "--workers", str(settings.KITE_WEB_WORKERS), "--lifespan", "on",
-            "--no-access-log", "--proxy-headers", "--timeout-graceful-shutdown", "5",
+            "--no-access-log", "--timeout-graceful-shutdown", "5", *proxy_header_args(settings.KITE_TRUSTED_PROXIES),
         ]  # fmt: skip
         if settings.KITE_TLS:
             cert, key = tls.ensure_server_certificate(Path(settings.KITE_DATA_DIR) / "tls", [settings.KITE_HOST])
@@ -74,6 +74,14 @@ class Command(BaseCommand):
         # Beat fires every second (the outbox sweeper): at INFO, Celery would log each run.
         level = "DEBUG" if settings.KITE_LOG_LEVEL == "DEBUG" else "WARNING"
         return [sys.executable, "-m", "celery", "-A", "kite", *args, "--loglevel", level]
+
+
+def proxy_header_args(trusted: list[str]) -> list[str]:
+    """uvicorn believes X-Forwarded-For/-Proto from 127.0.0.1 unless told otherwise: any local process
+    could then pass for any address (a grant's source_cidrs) or scheme. Only KITE_TRUSTED_PROXIES may."""
+    if not trusted:
+        return ["--no-proxy-headers"]
+    return ["--proxy-headers", "--forwarded-allow-ips", ",".join(trusted)]
 
 
 def supervise(commands: dict[str, list[str]], env: dict) -> int:
