@@ -11,8 +11,8 @@ from django import forms
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from ingest import selectors
-from ingest.models import Event
+from ingest import selectors, services
+from ingest.models import Event, Source
 from kite.views import screen
 
 RECENT = 50
@@ -23,9 +23,13 @@ class EventFilterForm(forms.Form):
     type = forms.CharField(required=False, max_length=200, label="Type",
                            widget=forms.TextInput(attrs={"placeholder": "e.g. com.stripe.*"}))  # fmt: skip
 
-    def __init__(self, *args, sources: list[str], **kwargs):
+    def __init__(self, *args, sources: list[Source], **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["source"].choices = [("", "Any source"), *((name, name) for name in sources)]
+        self.fields["source"].choices = [("", "Any source"), *((s.name, _source_label(s)) for s in sources)]
+
+
+def _source_label(source: Source) -> str:
+    return f"{source.name} (unverified)" if source.kind == Source.Kind.NONE else source.name
 
 
 def recent_events(*, team_id: str, source: str | None, type_glob: str | None, limit: int = RECENT) -> list[Event]:
@@ -42,10 +46,12 @@ def recent_events(*, team_id: str, source: str | None, type_glob: str | None, li
 @screen()
 def events(request):
     team_id = request.principal.team.id
-    sources = list(selectors.sources_for_team(team_id).values_list("name", flat=True))
+    sources = list(selectors.sources_for_team(team_id))
     form = EventFilterForm(request.GET, sources=sources)
     wanted = form.cleaned_data if form.is_valid() else {"source": "", "type": ""}
     found = recent_events(team_id=team_id, source=wanted["source"] or None, type_glob=wanted["type"] or None)
+    # The live tail marks events of these CloudEvent sources too (kite.js reads the attribute).
+    unverified = " ".join(services.ce_source_for(s) for s in sources if s.kind == Source.Kind.NONE)
     context = {"form": form, "events": found, "head": selectors.events_head(team_id=team_id),
-               "source": wanted["source"], "type": wanted["type"]}  # fmt: skip
+               "source": wanted["source"], "type": wanted["type"], "unverified": unverified}  # fmt: skip
     return render(request, "events.html", context, status=200 if form.is_valid() else 400)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from rest_framework import authentication, exceptions, permissions
 
 from kite import selectors
-from kite.models import ApiKey, Team
+from kite.models import ApiKey, Membership, Team
 
 
 @dataclass(frozen=True)
@@ -108,3 +108,31 @@ class CanInvitePeers(_TeamAdminPermission):
 
 class CanViewAudit(_TeamAdminPermission):
     permission = "federation.view_audit"
+
+
+class CanManageSources(_TeamAdminPermission):
+    """Creating, changing or deleting a source: a `none` source is a public endpoint whose
+    events reach the team's listeners and its peers, so members may only read."""
+
+    permission = "ingest.manage_source"
+
+
+# Why a principal that was valid when a long-lived connection opened no longer is.
+KEY_REVOKED = "key_revoked"
+USER_INACTIVE = "user_inactive"
+NOT_A_MEMBER = "not_a_member"
+
+
+def principal_lost(principal: Principal) -> str | None:
+    """None while `principal` may still act for its team; else why not (one indexed query)."""
+    if principal.api_key is not None:
+        valid = ApiKey.objects.filter(pk=principal.api_key.pk, revoked_at__isnull=True).exists()
+        return None if valid else KEY_REVOKED
+    active = (
+        Membership.objects.filter(user_id=principal.user.pk, team_id=principal.team.pk)
+        .values_list("user__is_active", flat=True)
+        .first()
+    )
+    if active is None:
+        return NOT_A_MEMBER
+    return None if active else USER_INACTIVE

@@ -63,14 +63,22 @@
     return td;
   }
 
-  function eventRow(event) {
+  function eventRow(event, unverified) {
     var tr = document.createElement("tr");
     tr.dataset.cursor = event.kitecursor || "";
     tr.className = "fresh";
     var when = new Date().toISOString().replace("T", " ").slice(0, 19);
     var fed = event.kitefedorigin ? "from " + event.kitefedorigin + " · " + event.kitefedhops + " hop" + (event.kitefedhops == 1 ? "" : "s") : "local";
     var source = (event.source || "").split("/").pop();
-    [cell(when, "nowrap"), cell(event.type), cell(source), cell(event.id, "mono small"), cell(fed, "small")].forEach(function (td) { tr.appendChild(td); });
+    var sourceCell = cell(source);
+    if (unverified.indexOf(event.source) !== -1) {
+      var badge = document.createElement("span");
+      badge.className = "badge warn";
+      badge.textContent = "unverified";
+      sourceCell.appendChild(document.createTextNode(" "));
+      sourceCell.appendChild(badge);
+    }
+    [cell(when, "nowrap"), cell(event.type), sourceCell, cell(event.id, "mono small"), cell(fed, "small")].forEach(function (td) { tr.appendChild(td); });
     var data = document.createElement("td");
     var details = document.createElement("details");
     var summary = document.createElement("summary");
@@ -89,6 +97,7 @@
     var state = document.querySelector("[data-live-state]");
     var after = table.dataset.after;
     var retry = 1000;
+    var unverified = (table.dataset.unverified || "").split(" ").filter(Boolean);
     function setState(text, cls) { state.innerHTML = ""; var badge = document.createElement("span"); badge.className = "badge " + cls; badge.textContent = text; state.appendChild(badge); }
     function connect() {
       var query = new URLSearchParams();
@@ -103,7 +112,7 @@
         if (body.querySelector('tr[data-cursor="' + after + '"]')) return;
         var empty = body.querySelector("tr.empty");
         if (empty) empty.remove();
-        body.insertBefore(eventRow(event), body.firstChild);
+        body.insertBefore(eventRow(event, unverified), body.firstChild);
         while (body.rows.length > 500) body.deleteRow(body.rows.length - 1);
       };
       socket.onclose = function () { setState("reconnecting…", "warn"); setTimeout(connect, retry); retry = Math.min(retry * 2, 30000); };

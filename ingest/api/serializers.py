@@ -13,13 +13,19 @@ class SourceCreateSerializer(serializers.Serializer):
 
 class SourceSerializer(serializers.ModelSerializer):
     hook_url = serializers.SerializerMethodField()
+    verified = serializers.SerializerMethodField()
 
     class Meta:
         model = Source
-        fields = ["id", "name", "kind", "hook_url", "secret_fingerprint", "rate_limit_per_second", "created_at"]
+        fields = ["id", "name", "kind", "verified", "hook_url", "secret_fingerprint", "rate_limit_per_second",
+                  "created_at"]  # fmt: skip
 
     def get_hook_url(self, source) -> str:
         return f"{settings.KITE_PUBLIC_URL}/hooks/{source.team_id}/{source.name}"
+
+    def get_verified(self, source) -> bool:
+        """False for a `none` source: anyone who knows its URL can post to it."""
+        return source.kind != Source.Kind.NONE
 
 
 class EventQuerySerializer(serializers.Serializer):

@@ -1,13 +1,21 @@
 from drf_spectacular.utils import extend_schema
-from rest_framework import status
+from rest_framework import permissions, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from ingest import selectors, services
 from ingest.api.serializers import EventQuerySerializer, SourceCreateSerializer, SourceSerializer
+from kite.auth import CanManageSources, IsTeamMember
 
 
 class SourceListCreate(APIView):
+    """Members read the team's sources; writing one needs ingest.manage_source (team admins)."""
+
+    def get_permissions(self):
+        if self.request.method in permissions.SAFE_METHODS:
+            return [IsTeamMember()]
+        return [CanManageSources()]
+
     @extend_schema(responses=SourceSerializer(many=True))
     def get(self, request):
         sources = selectors.sources_for_team(request.user.team.id)

@@ -7,8 +7,14 @@ import time
 import pytest
 from django.conf import settings
 
-from ingest.models import Source
+from django.test import Client
+from django.utils import timezone
+
+from ingest.models import Event, Source
+from ingest.services import ce_source_for
 from kite import crypto
+from tests.federation.test_grants import browser  # noqa: F401  (fixture: a member's and an admin's session)
+from tests.screens import _client_for
 from tests.signing import as_wsgi_headers, github_signature, standard_webhook_headers, stripe_signature
 
 SIGNED_KINDS = ["stripe", "github", "standard"]
@@ -179,3 +185,77 @@ def test_outsider_creates_sources_in_its_own_team_only(outsider_api, team, other
 
     assert Source.objects.get(name="theirs").team_id == other_team.id
     assert not Source.objects.filter(team=team, name="theirs").exists()
+
+
+
+# --- who may write sources; unverified sources are marked ------------------------------------
+
+
+def _sources(team) -> list[tuple]:
+    return sorted(Source.objects.filter(team=team).values_list("name", "kind", "secret_fingerprint"))
+
+
+@pytest.mark.parametrize("kind", ["none", *SIGNED_KINDS])
+def test_a_member_may_not_create_a_source_and_nothing_is_stored(browser, team, kind):
+    before = _sources(team)
+
+    response = browser["member"].post("/api/sources", {"name": "open", "kind": kind}, format="json")
+
+    assert_error(response, 403, "permission_denied")
+    assert "ingest.manage_source" in response.json()["detail"]
+    assert _sources(team) == before
+
+
+@pytest.mark.parametrize("method", ["put", "patch", "delete"])
+def test_a_member_is_refused_any_write_to_sources_before_anything_else(browser, team, method):
+    before = _sources(team)
+
+    response = getattr(browser["member"], method)("/api/sources", {"name": "kite", "kind": "none"}, format="json")
+
+    assert_error(response, 403, "permission_denied")
+    assert _sources(team) == before
+
+
+def test_a_member_still_reads_the_teams_sources_and_a_team_admin_creates_them(browser, api, team):
+    api.post("/api/sources", {"name": "stripe", "kind": "stripe"}, format="json")
+
+    listed = browser["member"].get("/api/sources")
+    created = browser["admin"].post("/api/sources", {"name": "open", "kind": "none"}, format="json")
+
+    assert listed.status_code == 200
+    assert [source["name"] for source in listed.json()["results"]] == ["kite", "stripe"]
+    assert created.status_code == 201 and Source.objects.get(team=team, name="open").kind == "none"
+
+
+def test_only_a_none_source_is_marked_unverified(api, team):
+    created = {
+        kind: api.post("/api/sources", {"name": kind, "kind": kind}, format="json").json()
+        for kind in ["none", *SIGNED_KINDS]
+    }
+
+    listed = {source["name"]: source["verified"] for source in api.get("/api/sources").json()["results"]}
+
+    assert {kind: body["verified"] for kind, body in created.items()} == {
+        "none": False, "stripe": True, "github": True, "standard": True,
+    }  # fmt: skip
+    assert listed == {"kite": True, "none": False, "stripe": True, "github": True, "standard": True}
+
+
+def test_the_events_screen_marks_unverified_sources_and_their_events(team):
+    member = _client_for("watcher", team, role="member")
+    open_source = Source.objects.create(team=team, name="open", kind="none")
+    signed = Source.objects.create(team=team, name="signed", kind="standard")
+    posted = Client().post(f"/hooks/{team.id}/open", json.dumps({"id": "from-open"}), content_type="application/json")
+    assert posted.status_code == 202
+    Event.objects.create(team=team, source=signed, ce_id="from-signed", ce_source=ce_source_for(signed),
+                         ce_type="com.x.y", ce_time=timezone.now(), data="{}")  # fmt: skip
+
+    page = member.get("/events/").content.decode()
+
+    rows = [row.split("</tr>")[0] for row in page.split("<tr data-cursor=")[1:]]
+    open_row = next(row for row in rows if "from-open" in row)
+    signed_row = next(row for row in rows if "from-signed" in row)
+    assert ">unverified</span>" in open_row and "unverified" not in signed_row
+    assert '<option value="open">open (unverified)</option>' in page
+    assert '<option value="signed">signed</option>' in page
+    assert f'data-unverified="{ce_source_for(open_source)}"' in page  # the live tail marks its events too
