@@ -8,6 +8,7 @@ ordered stream without gaps or repeats, whatever the channel layer drops.
 import asyncio
 import json
 import logging
+import time
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,6 +17,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from ingest import broadcast, hooks, selectors
+from kite import auth
 from kite.auth import bearer_from_header, principal_for_key, principal_for_user
 from kite.errors import ApiError
 
@@ -33,6 +35,14 @@ CATCH_UP_READS_AFTER = (0.25, 1.0, 3.0)
 HELD_BACK_FIRST_POLL_SECONDS = 0.002
 HELD_BACK_MAX_POLL_SECONDS = 0.05
 HELD_BACK_GIVE_UP_SECONDS = 10.0
+# A stream outlives neither its API key nor its user's membership: the principal is looked at
+# again at least this often, while events flow and while idle. A verdict is shared by the
+# process's streams of one principal for half that time, so a revocation ends them all within
+# 1.5 × REVALIDATE_SECONDS (plus a query) at one query per principal per process per second.
+REVALIDATE_SECONDS = 2.0
+# Close codes (4000 + the HTTP status it stands for): 4401 the credentials are no longer valid
+# (API key revoked, user deactivated), 4403 the user is no longer a member of the stream's team.
+CLOSE_CODES = {auth.KEY_REVOKED: 4401, auth.USER_INACTIVE: 4401, auth.NOT_A_MEMBER: 4403}
 
 
 def _authenticate(scope):
@@ -81,12 +91,27 @@ def keep_listening(team_id: str) -> None:
     )
 
 
-def _key_still_valid(principal) -> bool:
-    from kite.models import ApiKey
+_lost = database_sync_to_async(auth.principal_lost)
+_verdicts: dict[tuple, tuple[float, str | None]] = {}  # principal → (monotonic time looked, why lost)
 
-    if principal.api_key is None:
-        return True
-    return ApiKey.objects.filter(pk=principal.api_key.pk, revoked_at__isnull=True).exists()
+
+def _principal_key(principal) -> tuple:
+    if principal.api_key is not None:
+        return ("key", principal.api_key.pk)
+    return ("user", principal.user.pk, principal.team.pk)
+
+
+async def principal_lost(principal) -> str | None:
+    """auth.principal_lost, shared by the process's streams of one principal for a moment."""
+    key, now = _principal_key(principal), time.monotonic()
+    looked = _verdicts.get(key)
+    if looked is not None and now - looked[0] < REVALIDATE_SECONDS / 2:
+        return looked[1]
+    verdict = await _lost(principal)
+    if len(_verdicts) > 10_000:
+        _verdicts.clear()  # only a cache: the next look at each principal queries again
+    _verdicts[key] = (now, verdict)
+    return verdict
 
 
 # Reads share the one database thread Channels keeps per process (thread-sensitive):
@@ -119,6 +144,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(keep_listening)(self.team_id)
         await self.accept()
         loop = asyncio.get_running_loop()
+        self.validated_at = loop.time()  # just authenticated
         self.catch_up = [loop.call_later(delay, self.wake.set) for delay in CATCH_UP_READS_AFTER]
         self.pump_task = asyncio.create_task(self.pump())
         await self.run_hooks(hooks.listener_connected)
@@ -176,17 +202,31 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             log.exception("event stream failed; closing")
             await self.close(code=1011)
 
+    async def still_allowed(self) -> bool:
+        """Re-check the principal once REVALIDATE_SECONDS have passed (a clock read otherwise);
+        close the stream and answer False once it may no longer read the team's events."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self.validated_at < REVALIDATE_SECONDS:
+            return True
+        self.validated_at = loop.time()
+        lost = await principal_lost(self.principal)
+        if lost is None:
+            return True
+        await self.close(code=CLOSE_CODES[lost])
+        return False
+
     async def _pump(self):
         held_back_since, poll = None, HELD_BACK_FIRST_POLL_SECONDS
         loop = asyncio.get_running_loop()
-        announced = loop.time()
+        announced = polled = loop.time()
         while True:
-            timeout = IDLE_POLL_SECONDS if held_back_since is None else poll
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
-                if held_back_since is None and not await database_sync_to_async(_key_still_valid)(self.principal):
-                    return await self.close(code=4401)  # the key was revoked while streaming
+            idle = held_back_since is None
+            woken = await self._wait(min(IDLE_POLL_SECONDS, REVALIDATE_SECONDS) if idle else poll)
+            if not await self.still_allowed():
+                return
+            if idle and not woken and loop.time() - polled < IDLE_POLL_SECONDS:
+                continue  # only the revalidation timer
+            polled = loop.time()
             if loop.time() - announced >= LISTENING_REFRESH_SECONDS:
                 announced = loop.time()
                 await database_sync_to_async(keep_listening)(self.team_id)
@@ -194,7 +234,8 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
                 # listening for hours stays online); they must be idempotent.
                 await self.run_hooks(hooks.listener_connected)
             self.wake.clear()
-            await self.drain()
+            if not await self.drain():
+                return
             # On PostgreSQL a noticed event can be invisible for a moment behind an
             # older transaction still running; look again soon, then give up.
             behind = (self.cursor.txid, self.cursor.id) < (self.notified.txid, self.notified.id)
@@ -207,11 +248,21 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             else:
                 poll = min(poll * 2, HELD_BACK_MAX_POLL_SECONDS)
 
-    async def drain(self):
+    async def _wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def drain(self) -> bool:
+        """Send what is new; False once the stream was closed because its principal lost access."""
         while True:
             batch = await _read(team_id=self.team_id, after=self.cursor, filters=self.filters, limit=BATCH)
             for event in batch:
+                if not await self.still_allowed():  # events flowing without pause must not keep it open
+                    return False
                 await self.send(text_data=json.dumps(event.to_cloudevent(), separators=(",", ":")))
                 self.cursor = selectors.Cursor(event.txid, event.id)
             if len(batch) < BATCH:
-                return
+                return True

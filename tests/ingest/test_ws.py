@@ -439,3 +439,143 @@ async def test_an_event_whose_webhook_missed_the_new_listener_is_read_shortly_af
 
         await store_unannounced()
         assert ids(await receive_events(listener, 1)) == ["missed"]
+
+
+# --- a stream ends within seconds once its principal loses access ------------------------------
+# REVALIDATE_SECONDS keeps its real value: the bound under test is the one users get.
+
+CLOSED_WITHIN_SECONDS = 5.0
+
+
+@contextlib.asynccontextmanager
+async def flowing(team, source: str, every: float = 0.05):
+    """Post an event every `every` seconds until the block ends; yields the ids posted so far."""
+    posted: list[str] = []
+
+    async def run():
+        while True:
+            posted.append(f"flow-{len(posted)}")
+            await post(team, source, posted[-1])
+            await asyncio.sleep(every)
+
+    task = asyncio.create_task(run())
+    try:
+        yield posted
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until_closed(communicator, timeout: float = 15.0) -> tuple[list[dict], dict, float]:
+    """Events received until the server closed the stream, the close message, and when it came."""
+    loop = asyncio.get_running_loop()
+    events, deadline = [], loop.time() + timeout
+    while True:
+        message = await communicator.receive_output(timeout=max(0.1, deadline - loop.time()))
+        if message["type"] == "websocket.close":
+            return events, message, loop.time()
+        events.append(json.loads(message["text"]))
+
+
+def session_headers(team, username: str, role: str = "member") -> tuple[list, object]:
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.create_user(username, password="pw-" + username)
+    services.membership_add(team=team, user=user, role=role)
+    client = Client()
+    client.force_login(user)
+    cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+    return [(b"cookie", cookie.encode())], user
+
+
+@contextlib.asynccontextmanager
+async def session_stream(headers: list, query: str = "?after=0"):
+    communicator = WebsocketCommunicator(application, f"/ws/events{query}", headers=headers)
+    connected, code = await communicator.connect(timeout=5)
+    assert connected, f"refused with close code {code}"
+    try:
+        yield communicator
+    finally:
+        await communicator.disconnect()
+
+
+@async_test
+async def test_revoking_the_key_ends_a_stream_within_seconds_while_events_keep_flowing(team, shop):
+    issued = await sync_to_async(services.apikey_create)(team=team, label="revoked mid-flow")
+    loop = asyncio.get_running_loop()
+    async with listening(issued.raw_key) as communicator, flowing(team, shop) as posted:
+        assert len(await receive_events(communicator, 5)) == 5  # live: every wake-up finds events
+        await sync_to_async(services.apikey_revoke)(api_key=issued.api_key)
+        revoked_at, posted_before = loop.time(), len(posted)
+        events, closed, closed_at = await until_closed(communicator)
+        posted_until_close = len(posted)
+        assert await communicator.receive_nothing(timeout=0.5)  # nothing after the close, events still posted
+        assert len(posted) > posted_until_close
+    assert closed == {"type": "websocket.close", "code": 4401}
+    assert closed_at - revoked_at <= CLOSED_WITHIN_SECONDS
+    assert posted_until_close - posted_before >= 10  # events kept flowing until the close: no idle moment
+    assert set(ids(events)) <= set(posted[:posted_until_close])
+
+
+@async_test
+async def test_removing_the_membership_ends_an_idle_session_stream_with_4403(team):
+    from kite.models import Membership
+
+    headers, user = await sync_to_async(session_headers)(team, "leaver")
+    loop = asyncio.get_running_loop()
+    async with session_stream(headers) as communicator:
+        await sync_to_async(Membership.objects.filter(user=user, team=team).delete)()
+        removed_at = loop.time()
+        events, closed, closed_at = await until_closed(communicator)
+    assert closed == {"type": "websocket.close", "code": 4403}  # IDLE_POLL is out of reach: the timer did it
+    assert events == [] and closed_at - removed_at <= CLOSED_WITHIN_SECONDS
+
+
+@async_test
+async def test_deactivating_the_user_ends_a_session_stream_with_4401_while_events_flow(team, shop):
+    from django.contrib.auth import get_user_model
+
+    headers, user = await sync_to_async(session_headers)(team, "deactivated")
+    loop = asyncio.get_running_loop()
+    async with session_stream(headers, "") as communicator, flowing(team, shop) as posted:
+        assert len(await receive_events(communicator, 3)) == 3
+        await sync_to_async(get_user_model().objects.filter(pk=user.pk).update)(is_active=False)
+        deactivated_at, posted_before = loop.time(), len(posted)
+        events, closed, closed_at = await until_closed(communicator)
+        posted_until_close = len(posted)
+    assert closed == {"type": "websocket.close", "code": 4401}
+    assert closed_at - deactivated_at <= CLOSED_WITHIN_SECONDS and posted_until_close - posted_before >= 10
+    assert set(ids(events)) <= set(posted[:posted_until_close])
+
+
+@async_test
+async def test_a_session_stream_stays_open_while_the_user_keeps_the_membership(team, shop):
+    headers, _ = await sync_to_async(session_headers)(team, "stayer")
+    async with session_stream(headers, "") as communicator, flowing(team, shop, every=0.1):
+        await asyncio.sleep(consumers.REVALIDATE_SECONDS * 2.5)  # several re-checks, all passed
+        events = await receive_events(communicator, 3)
+        assert len(events) == 3 and all(event["id"].startswith("flow-") for event in events)
+
+
+@async_test
+async def test_the_principal_is_rechecked_on_a_timer_not_per_event(team, api_key, shop, monkeypatch):
+    looked = []
+    real = consumers._lost
+
+    async def counting(principal):
+        looked.append(principal)
+        return await real(principal)
+
+    monkeypatch.setattr(consumers, "_lost", counting)
+    monkeypatch.setattr(consumers, "REVALIDATE_SECONDS", 0.5)
+    consumers._verdicts.clear()
+    loop = asyncio.get_running_loop()
+    async with listening(api_key) as first, listening(api_key) as second, flowing(team, shop, every=0.02):
+        started = loop.time()
+        received = await receive_events(first, 60) + await receive_events(second, 60)
+        elapsed = loop.time() - started
+    assert len(received) == 120
+    # Each stream looks at most once per REVALIDATE_SECONDS, and a verdict is shared for half of that.
+    assert 1 <= len(looked) <= 2 * (elapsed / 0.5 + 1) < len(received)
