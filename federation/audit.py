@@ -49,9 +49,16 @@ DEAD_LETTERS_REPLAYED = "Federation.DeadLettersReplayed"
 
 SYSTEM = "system"
 COMMAND_LINE = "manage.py"
-# A flood of refused requests must not become a flood of rows: past this many per second for
-# one team and factor, refusals are only counted (kite_federation_calls_total).
-REFUSALS_AUDITED_PER_SECOND = 20
+# A flood of refused requests must not become a flood of rows: past these limits refusals are
+# only counted (kite_federation_calls_total, and kite_audit_refusals_suppressed_total{reason}).
+# Per team and factor per second, so one noisy factor leaves room for the others:
+REFUSALS_AUDITED_PER_SECOND = 5
+# Per team over all factors, per second and per UTC day: at most 50,000 rows a team a day.
+REFUSALS_AUDITED_PER_TEAM_PER_SECOND = 10
+REFUSALS_AUDITED_PER_TEAM_PER_DAY = 50_000
+# Refusals that name no team (nobody we know signed them) share one such budget, as one team.
+TEAMLESS = "-"
+DAY = 86_400
 
 
 def record(action: str, *, team=None, team_id: str | None = None, peer: Peer | None = None, peer_name: str = "",
@@ -162,9 +169,9 @@ def auth_failed(*, outcome: str, endpoint: str, method: str = "", detail: str = 
     """A peer call we refused, `outcome` naming the failing factor (unknown_peer, bad_secret,
     bad_certificate, missing_certificate, stale_timestamp, unknown_invitation, grant_expired …).
 
-    Always counted; recorded as Federation.AuthFailed up to REFUSALS_AUDITED_PER_SECOND per team
-    and factor. Without a peer or team (nobody we know signed it) the row belongs to no team:
-    the Django admin shows it, /api/audit (team-scoped) does not."""
+    Always counted; recorded as Federation.AuthFailed within the limits above (per team and
+    factor, per team, per team and day). Without a peer or team (nobody we know signed it) the row
+    belongs to no team: the Django admin shows it, /api/audit (team-scoped) does not."""
     metrics.CALLS.labels(peer.name if peer is not None else "unknown", "inbound", outcome).inc()
     team_id = peer.team_id if peer is not None else team_id
     if not _refusal_allowed(team_id, outcome):
@@ -178,10 +185,24 @@ def _request_data(method: str, remote_addr: str) -> dict:
 
 
 def _refusal_allowed(team_id: str | None, outcome: str) -> bool:
+    """Whether this refusal gets a row. The limits are asked narrowest first and stop at the first
+    no: a flood costs one Redis round trip per refusal, as before, and each wider counter only
+    counts what the narrower ones let through."""
     from kite import ratelimit
 
+    pool = "team" if team_id else "teamless"
+    team_id = team_id or TEAMLESS
+    limits = (
+        ("factor_rate", f"audit-refusal:{team_id}:{outcome}", REFUSALS_AUDITED_PER_SECOND, 1),
+        (f"{pool}_rate", f"audit-refusals:{team_id}", REFUSALS_AUDITED_PER_TEAM_PER_SECOND, 1),
+        (f"{pool}_daily", f"audit-refusals-day:{team_id}", REFUSALS_AUDITED_PER_TEAM_PER_DAY, DAY),
+    )
     try:
-        return ratelimit.hit(f"audit-refusal:{team_id}:{outcome}", REFUSALS_AUDITED_PER_SECOND).allowed
+        for reason, key, limit, window in limits:
+            if not ratelimit.hit(key, limit, window_seconds=window).allowed:
+                metrics.AUDIT_REFUSALS_SUPPRESSED.labels(reason).inc()
+                return False
     except Exception:  # the limiter's store is down: audit rather than lose the row
         logger.exception("refusal rate limit unavailable")
-        return True
+    return True
+

@@ -18,6 +18,12 @@ CALLS = Counter(
 DROPPED = Counter(
     "kite_federation_dropped_total", "Events not forwarded to a peer, by reason.", ["peer", "reason"]
 )
+AUDIT_REFUSALS_SUPPRESSED = Counter(
+    "kite_audit_refusals_suppressed_total",
+    "Refused peer requests counted but not written to the audit trail, by the limit that held them back"
+    " (factor_rate, team_rate, team_daily, teamless_rate, teamless_daily).",
+    ["reason"],
+)
 DELIVERY_SECONDS = Histogram(
     "kite_federation_delivery_seconds",
     "Seconds from an event's arrival to its delivery to a peer.",

@@ -2,6 +2,7 @@
 refusal, none for a failed action; read through GET /api/audit; purged after the retention."""
 
 import json
+import secrets
 import time
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ from tests.federation.loopback import WRONG, deliver, loopback, pair, peer_signe
 from tests.federation.test_api import PEER_URL, SECRET
 from tests.federation.test_delivery import _event
 from tests.federation.test_grants import browser  # noqa: F401  (fixture)
+from tests.federation.test_metrics import scrape, value
 from tests.kite.test_settings import start
 
 def _actions(team) -> list[str]:
@@ -78,7 +80,7 @@ def test_every_admin_action_through_the_api_is_audited_once_with_its_actor_and_n
     assert not [secret for secret in shown if secret.split(".")[-1] in trail]
     updated = _only(audit.PEER_UPDATED)
     assert updated.data["changed"] == {"scopes": ["stripe.*"], "outbound_fingerprint": crypto.fingerprint(SECRET)}
-    assert _only(audit.SECRET_ROTATED).data == {"direction": "inbound", "generated": True,
+    assert _only(audit.SECRET_ROTATED).data == {"direction": "inbound", "generated": True, "grace": True,
                                                  "fingerprint": crypto.fingerprint(rotated["secret"])}  # fmt: skip
     terminate = _only(audit.PEER_CALLED)
     assert (terminate.endpoint, terminate.outcome, terminate.peer_name) == (
@@ -198,6 +200,106 @@ def test_a_refusal_flood_is_counted_but_audited_at_a_bounded_rate(client, team, 
     for n in range(10):
         deliver(client, team, json.dumps({"id": f"x{n}"}).encode(), secret=WRONG, sender="nobody")
     assert 2 <= AuditEvent.objects.filter(action=audit.AUTH_FAILED).count() <= 4  # one or two one-second windows
+
+
+REASONS = ("factor_rate", "team_rate", "team_daily", "teamless_rate", "teamless_daily")
+OUTCOMES = ("missing_signature", "unknown_peer", "bad_secret", "stale_timestamp")
+
+
+def _suppressed(client) -> dict[str, float]:
+    scraped = scrape(client)
+    return {reason: value(scraped, "kite_audit_refusals_suppressed_total", reason=reason) for reason in REASONS}
+
+
+def _refused_calls(client) -> float:
+    scraped = scrape(client)
+    return sum(value(scraped, "kite_federation_calls_total", peer="unknown", direction="inbound", outcome=outcome)
+               for outcome in OUTCOMES)  # fmt: skip
+
+
+def _refuse(n: int, team_id: str | None) -> int:
+    """n refusals, round robin over OUTCOMES, from the top of a second; how many one-second
+    windows they spanned (a loaded machine may need two)."""
+    time.sleep(1.005 - time.time() % 1)
+    started = time.time()
+    for i in range(n):
+        audit.auth_failed(outcome=OUTCOMES[i % len(OUTCOMES)], endpoint="/hooks/t/kite", team_id=team_id)
+    return int(time.time()) - int(started) + 1
+
+
+def _delta(before: dict, after: dict) -> dict:
+    return {reason: after[reason] - before[reason] for reason in after if after[reason] != before[reason]}
+
+
+@pytest.fixture
+def fresh_teamless_budget(monkeypatch):
+    """Refusals naming no team share one budget (per second and per day) across the instance: this
+    test gets one of its own, and leaves the shared one to the tests after it."""
+    monkeypatch.setattr(audit, "TEAMLESS", f"test-{secrets.token_hex(4)}")
+
+
+def test_refusals_of_many_factors_are_capped_per_team_and_the_rest_counted_as_suppressed(client, team, monkeypatch):
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_SECOND", 3)
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_TEAM_PER_SECOND", 5)
+    suppressed, calls = _suppressed(client), _refused_calls(client)
+
+    windows = _refuse(40, team.id)
+
+    rows = AuditEvent.objects.filter(team=team, action=audit.AUTH_FAILED)
+    assert 5 <= rows.count() <= 5 * windows  # 4 factors x 3 would be 12 a second: the team's cap holds
+    for outcome in OUTCOMES:
+        assert rows.filter(outcome=outcome).count() <= 3 * windows
+    held_back = _delta(suppressed, _suppressed(client))
+    assert set(held_back) == {"factor_rate", "team_rate"} and sum(held_back.values()) == 40 - rows.count()
+    assert _refused_calls(client) - calls == 40  # every refusal is still counted
+    assert not AuditEvent.objects.exclude(team=team).exists()
+
+
+def test_a_teams_daily_budget_caps_its_rows_and_other_teams_keep_theirs(client, team, other_team, monkeypatch):
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_SECOND", 1000)
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_TEAM_PER_SECOND", 1000)
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_TEAM_PER_DAY", 4)
+    suppressed = _suppressed(client)
+
+    _refuse(10, team.id)
+    _refuse(2, other_team.id)
+
+    assert AuditEvent.objects.filter(team=team, action=audit.AUTH_FAILED).count() == 4  # across two seconds
+    assert AuditEvent.objects.filter(team=other_team, action=audit.AUTH_FAILED).count() == 2
+    assert _delta(suppressed, _suppressed(client)) == {"team_daily": 6}
+
+
+def test_refusals_naming_no_team_share_one_capped_rate(client, team, monkeypatch, fresh_teamless_budget):
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_SECOND", 1000)
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_TEAM_PER_SECOND", 2)
+    suppressed = _suppressed(client)
+
+    windows = _refuse(12, None)
+    audit.auth_failed(outcome="bad_secret", endpoint="/hooks/t/kite", team_id=team.id)
+
+    teamless = AuditEvent.objects.filter(team__isnull=True, action=audit.AUTH_FAILED).count()
+    assert 2 <= teamless <= 2 * windows
+    assert _delta(suppressed, _suppressed(client)) == {"teamless_rate": 12 - teamless}
+    assert AuditEvent.objects.filter(team=team).count() == 1  # a flood naming nobody leaves a team's room alone
+
+
+def test_refusals_naming_no_team_share_one_daily_budget(client, db, monkeypatch, fresh_teamless_budget):
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_SECOND", 1000)
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_TEAM_PER_SECOND", 1000)
+    monkeypatch.setattr(audit, "REFUSALS_AUDITED_PER_TEAM_PER_DAY", 3)
+    suppressed = _suppressed(client)
+
+    _refuse(8, None)
+    _refuse(1, None)
+
+    assert AuditEvent.objects.filter(team__isnull=True, action=audit.AUTH_FAILED).count() == 3
+    assert _delta(suppressed, _suppressed(client)) == {"teamless_daily": 6}
+
+
+def test_the_default_limits_bound_a_team_to_at_most_100k_rows_a_day():
+    assert audit.REFUSALS_AUDITED_PER_SECOND < audit.REFUSALS_AUDITED_PER_TEAM_PER_SECOND  # one factor leaves room
+    assert audit.REFUSALS_AUDITED_PER_TEAM_PER_SECOND * audit.DAY > audit.REFUSALS_AUDITED_PER_TEAM_PER_DAY
+    assert audit.REFUSALS_AUDITED_PER_TEAM_PER_DAY <= 100_000
 
 
 def test_refused_peer_endpoints_are_audited_even_when_no_team_is_known(client, api):
