@@ -198,7 +198,8 @@ with transaction.atomic():  # rolled back at the end: B's database is left as it
     def sign(both, sender):
         return signing.sign_headers(secret=secret, msg_id=f"m{time.monotonic_ns()}", timestamp=int(time.time()),
                                     body=body, sender_id=sender, ed25519_sign=signer.sign if both else None,
-                                    key_thumbprint=signer.thumbprint if both else None)
+                                    key_thumbprint=signer.thumbprint if both else None,
+                                    binding=signing.delivery_binding(team.id))
     for r in range(rounds):
         for both in (False, True) if r % 2 == 0 else (True, False):
             tag, sender = ("both", "probe-both") if both else ("v1", "probe-v1")

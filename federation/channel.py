@@ -16,7 +16,7 @@ from cryptography import x509
 from django.db import transaction
 from django.utils import timezone
 
-from federation import certificates, client, services
+from federation import certificates, client, services, wire
 from federation.errors import Code
 from federation.models import Peer
 from kite import crypto
@@ -55,30 +55,32 @@ class Rotated:
     error: str = ""
 
 
-def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, propagate: bool,
-                  actor: str = "") -> Rotated:
+def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, propagate: bool, grace: bool = True,
+                  actor: str = "") -> Rotated:  # fmt: skip
     """`services.rotate_secret`, and with `propagate` the other side is told over the channel.
 
     outbound (the secret we sign with): the peer learns it first, while our requests are still
     signed with the old one; only once it answered do we switch, so nothing is ever refused.
     A peer that cannot be told → ApiError 502 and nothing changed here.
     inbound (the secret we check): we switch first (the old one stays valid 24 h), then tell
-    the peer; if that fails the new secret is returned once, to be pasted on the other side."""
+    the peer; if that fails the new secret is returned once, to be pasted on the other side.
+    grace=False (a suspected leak): the secret being replaced stops working at once on the side
+    that checks it — here for inbound, at the peer (told so) for outbound."""
     if not propagate:
-        issued = services.rotate_secret(peer=peer, direction=direction, secret=secret, actor=actor)
+        issued = services.rotate_secret(peer=peer, direction=direction, secret=secret, grace=grace, actor=actor)
         return Rotated(issued.row, direction, False, issued.secrets.get("secret"))
     if direction not in ("inbound", "outbound"):
         raise ApiError("direction must be inbound or outbound.", Code.INVALID)
     new = services._check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
     if direction == "outbound":
         try:
-            tell(peer, {"inbound_secret": new}, actor=actor)
+            tell(peer, {"inbound_secret": new, **({} if grace else {"grace": False})}, actor=actor)
         except client.PeerCallError as failure:
             raise ApiError(f"{peer.name!r} could not be told the new secret, nothing changed: {failure}",
                            Code.PEER_UNREACHABLE, status=502) from None  # fmt: skip
         issued = services.rotate_secret(peer=peer, direction="outbound", secret=new, actor=actor)
         return Rotated(issued.row, direction, True, None)
-    issued = services.rotate_secret(peer=peer, direction="inbound", secret=new, actor=actor)
+    issued = services.rotate_secret(peer=peer, direction="inbound", secret=new, grace=grace, actor=actor)
     try:
         tell(issued.row, {"outbound_secret": new}, actor=actor)
     except client.PeerCallError as failure:
@@ -86,18 +88,31 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, prop
     return Rotated(issued.row, direction, True, None)
 
 
+def parse_change(body: bytes) -> dict:
+    try:
+        return wire.json_object(body, "change")
+    except wire.BadBody as exc:
+        raise ApiError(exc.detail, Code.INVALID) from None
+
+
 def apply(peer: Peer, change: object) -> dict:
     """What the receiving side does with one change (the view authenticated `peer`)."""
-    if not isinstance(change, dict) or len(change) != 1 or next(iter(change)) not in CHANGES:
+    if not isinstance(change, dict):
         raise ApiError(f"Send exactly one of {', '.join(CHANGES)}.", Code.INVALID)
+    change = dict(change)
+    grace = change.pop("grace", True)
+    if len(change) != 1 or next(iter(change)) not in CHANGES:
+        raise ApiError(f"Send exactly one of {', '.join(CHANGES)} (and, with inbound_secret, grace).", Code.INVALID)
     (name, value), = change.items()
+    if grace is not True and (name != "inbound_secret" or grace is not False):
+        raise ApiError("grace: false goes only with inbound_secret.", Code.INVALID)
     if not isinstance(value, str):
         raise ApiError(f"{name} must be a string.", Code.INVALID)
     if name == "certificate_pem":
         return _repin(peer, value)
     direction = name.removesuffix("_secret")
     issued = services.rotate_secret(peer=peer, direction=direction, secret=services._check_secret(value, name),
-                                    actor=f"peer {peer.name}")  # fmt: skip
+                                    grace=grace, actor=f"peer {peer.name}")  # fmt: skip
     return {"applied": name, "fingerprint": getattr(issued.row, f"{direction}_fingerprint")}
 
 

@@ -18,3 +18,8 @@ class Code(enum.StrEnum):
     PEER_REVOKED = "peer_revoked"
     RATE_LIMITED = "rate_limited"
     PEER_UNREACHABLE = "peer_unreachable"  # a change could not be carried to the peer
+    MALFORMED_SIGNATURE = "malformed_signature"  # oversized or absurd signature headers (400)
+    REPLAYED = "replayed"  # a control call's webhook-id was already used by that sender
+    CURRENT_SECRET_REQUIRED = "current_secret_required"  # rotate/terminate signed with a grace-period secret
+    INSTANCE_ID_TAKEN = "instance_id_taken"  # another peer of the team has that instance ID
+    LOCAL_SOURCE = "local_source"  # a federated event claiming to be born on this instance

@@ -95,8 +95,10 @@ class PeerSettingsForm(forms.Form):
 class RotateForm(forms.Form):
     direction = forms.ChoiceField(choices=[("inbound", "inbound"), ("outbound", "outbound")], widget=forms.HiddenInput)
     secret = forms.CharField(label="New secret", required=False, max_length=500, help_text=SECRET_HELP)
+    now = forms.BooleanField(label="Rotate now, no grace (suspected leak)", required=False,
+                             help_text="The replaced secret stops working at once instead of after 24 h.")
 
-    ERRORS = {"secret": "secret", "direction": "direction"}
+    ERRORS = {"secret": "secret", "direction": "direction", "grace": "now"}
 
 
 class ReplayForm(forms.Form):

@@ -12,13 +12,15 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import transaction
+from django.conf import settings
+from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from federation import audit, metrics, services, signing
+from federation import audit, metrics, routing, services, signing
 from federation.errors import Code
-from federation.models import Peer
+from federation.models import InboundReceipt, Peer
+from ingest.cloudevent import MalformedEvent
 from ingest.verifiers import VerificationError
 from kite import ratelimit
 from kite.errors import ApiError
@@ -31,6 +33,7 @@ class Refusal(Exception):
     code: str
     detail: str
     peer: Peer | None = None  # the peer the request named, when it is known here (for the audit trail)
+    status: int = 401
 
 
 def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer]]:
@@ -48,11 +51,21 @@ def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer
     return named, unnamed
 
 
-def _first_match(peers: list[Peer], request, body: bytes) -> Peer | None:
+@dataclass(frozen=True)
+class Match:
+    peer: Peer
+    current: bool  # signed with the current inbound secret, not one in its grace period
+
+
+def _first_match(peers: list[Peer], request, body: bytes, method: str, path: str) -> Match | None:
+    """Every candidate and secret is checked: the time taken does not say which matched. The
+    signature is bound to method, path and the candidate's team (signing.Binding)."""
     matched = None
-    for peer in peers:  # every candidate is checked: the time taken does not say which matched
-        ok = any(signing.hmac_matches(secret, request, body) for secret in services.inbound_secrets(peer))
-        matched = matched or (peer if ok else None)
+    for peer in peers:
+        message = request.hmac_message(body, signing.Binding(method, path, peer.team_id))
+        for index, secret in enumerate(services.inbound_secrets(peer)):
+            if signing.hmac_matches(secret, request, message) and matched is None:
+                matched = Match(peer, current=index == 0)
     return matched
 
 
@@ -67,28 +80,69 @@ def team_hint(request) -> str | None:
     return team if _TEAM_HINT.fullmatch(team) else None
 
 
-def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, now: int | None = None) -> Peer:
-    """The peer that signed this request, or Refusal(code, detail)."""
+def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, method: str = "POST",
+                 path: str | None = None, now: int | None = None, current_only: bool = False) -> Peer:  # fmt: skip
+    """The peer that signed this request for `method` `path`, or Refusal(code, detail).
+
+    path: a control call's (its webhook-id is accepted once: InboundReceipt); None for an event
+    delivery to `team_id`'s kite hook, whose repeated id is answered `duplicate` by the event's
+    own dedup instead. current_only: rotation and termination — a grace-period secret is refused."""
     now = int(time.time()) if now is None else now
+    control = path is not None
+    path = path if control else f"/hooks/{team_id}/kite"
     try:
         request = signing.parse_headers(headers, now)
     except signing.SignatureError as exc:
-        raise Refusal(exc.code, exc.detail) from None
+        raise Refusal(exc.code, exc.detail, status=exc.status) from None
     named, unnamed = _candidates(team_id, request.sender)
-    matched = _first_match(named, request, body) or _first_match(unnamed, request, body)
-    if matched is None:
+    match = _first_match(named, request, body, method, path) or _first_match(unnamed, request, body, method, path)
+    if match is None:
         if named:
-            raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r}.",
-                          named[0] if len(named) == 1 else None)  # fmt: skip
+            raise Refusal(Code.BAD_SECRET, f"Signature does not match the inbound secret for {request.sender!r} "
+                          f"(signed for {method} {path}).", named[0] if len(named) == 1 else None)  # fmt: skip
         raise Refusal(Code.UNKNOWN_PEER, "No peer or trusted sender known here signed this request.")
+    matched = match.peer
+    if current_only and not match.current:
+        raise Refusal(Code.CURRENT_SECRET_REQUIRED, f"{method} {path} needs the current secret: the one used is "
+                      "only accepted for deliveries while its rotation's grace period lasts.", matched)  # fmt: skip
     if matched.certificate_thumbprint:
-        _check_certificate(matched, request, body)
+        _check_certificate(matched, request, body, signing.Binding(method, path, matched.team_id))
+    _check_instance_id(matched, request.sender)
     _check_rate(matched)
+    if control:
+        _first_use(matched, request.msg_id)
     _note_contact(matched, request.sender)
     return matched
 
 
-def _check_certificate(peer: Peer, request, body: bytes) -> None:
+def _first_use(peer: Peer, msg_id: str) -> None:
+    """A control call's webhook-id is accepted once per sender. Receipts outlive the timestamp
+    tolerance (a replay after that is stale anyway) and are purged with the heartbeats."""
+    try:
+        with transaction.atomic():
+            InboundReceipt.objects.create(peer_id=peer.pk, msg_id=msg_id)
+    except IntegrityError:
+        raise Refusal(Code.REPLAYED, f"webhook-id {msg_id[:80]!r} was already used: a request is accepted once.",
+                      peer) from None  # fmt: skip
+
+
+def receipts_purge(now=None) -> int:
+    cutoff = (now or timezone.now()) - timedelta(seconds=2 * signing.TOLERANCE_SECONDS)
+    return InboundReceipt.objects.filter(received_at__lt=cutoff).delete()[0]
+
+
+def _check_instance_id(peer: Peer, sender: str) -> None:
+    """An instance ID belongs to one peer of a team: a row learning its ID cannot take one another
+    row of the team already has (loop rules and grants key on it). Changing it means re-peering."""
+    if peer.remote_instance_id or not sender:
+        return
+    taken = Peer.objects.filter(team_id=peer.team_id, remote_instance_id=sender).exclude(pk=peer.pk)
+    if taken.exclude(status=Peer.Status.REVOKED).exists():
+        raise Refusal(Code.INSTANCE_ID_TAKEN, f"Instance ID {sender!r} belongs to another peer of this team.", peer,
+                      status=409)  # fmt: skip
+
+
+def _check_certificate(peer: Peer, request, body: bytes, binding: signing.Binding) -> None:
     """A peer with a pinned certificate must also sign `v1a` with it (DESIGN §3)."""
     if not request.ed25519_entries:
         raise Refusal(
@@ -105,7 +159,7 @@ def _check_certificate(peer: Peer, request, body: bytes) -> None:
             f"{peer.certificate_thumbprint[:19]}…: paste the sender's current certificate.",
             peer,
         )
-    if not signing.ed25519_matches(_verifier(peer.certificate_pem), request, body):
+    if not signing.ed25519_matches(_verifier(peer.certificate_pem), request, request.ed25519_message(body, binding)):
         raise Refusal(
             Code.BAD_CERTIFICATE, f"The v1a signature does not verify with {peer.name!r}'s pinned certificate.", peer
         )
@@ -171,7 +225,7 @@ def verify_kite_source(secret, headers, body, now, team_id=None):
         peer = authenticate(headers, body, team_id=team_id, now=now)
     except Refusal as refusal:
         refused(refusal, headers, endpoint=f"/hooks/{team_id}/kite", method="POST", team_id=team_id)
-        raise VerificationError(str(refusal.code), refusal.detail) from None
+        raise VerificationError(str(refusal.code), refusal.detail, refusal.status) from None
     metrics.CALLS.labels(peer.name, "inbound", "ok").inc()
     return peer
 
@@ -182,3 +236,26 @@ def refused(refusal: Refusal, headers: dict[str, str], *, endpoint: str, method:
     audit.auth_failed(outcome=str(refusal.code), endpoint=endpoint, method=method, detail=refusal.detail,
                       peer=refusal.peer, team_id=team_id, sender=headers.get("kite-peer", ""),
                       remote_addr=remote_addr)  # fmt: skip
+
+
+VIA_EXTENSION = "kitefedpeer"  # the peer (its name here) that handed us the event; never forwarded
+
+
+def adopt_provenance(source, draft, sender) -> None:
+    """An event delivered by a peer (registered into ingest as an event_received hook).
+
+    Provenance comes from the authenticated sender, not from what the body claims alone: an
+    event without `kitefedorigin` gets the sending peer as its origin (chain [peer], hops 1),
+    so loop rules and onward hops see where it came from; an event whose `source` claims this
+    instance is refused (a peer cannot pass off an event as one received here, verified, from
+    Stripe or anyone); and the stored event records the sending peer as `kitefedpeer`."""
+    if source.kind != "kite" or not isinstance(sender, Peer):
+        return
+    if draft.source.startswith(f"kite://{settings.KITE_INSTANCE_ID}/") or not draft.source:
+        raise MalformedEvent(Code.LOCAL_SOURCE, f"source {draft.source[:100]!r} names this instance: a peer cannot "
+                             "deliver an event as if it had been received here.")  # fmt: skip
+    extensions = draft.extensions
+    if routing.provenance_of(extensions) is None:
+        sender_id = sender.remote_instance_id or sender.name
+        extensions.update(routing.Provenance(origin=sender_id, chain=(sender_id,), hops=1).extensions())
+    extensions[VIA_EXTENSION] = sender.name

@@ -12,16 +12,18 @@ first signed request each receives makes them `active`.
 import base64
 import hashlib
 import json
+import re
 import secrets
 import time
 import uuid
 from datetime import timedelta
+from urllib.parse import urlencode
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from federation import CONTRACT_VERSION, audit, certificates, client, services, signing
+from federation import CONTRACT_VERSION, audit, certificates, client, services, signing, wire
 from federation.errors import Code
 from federation.models import Peer
 from kite import crypto
@@ -31,7 +33,12 @@ PREFIX = "kite-invite-v1."
 DEFAULT_TTL_SECONDS = 3600
 MAX_TTL_SECONDS = 7 * 24 * 3600
 MAX_INVITATION_CHARS = 4096
+MAX_CODE_CHARS = 100
 HANDSHAKE_TIMEOUT = (3.0, 10.0)
+HANDSHAKE_PATH = "/api/federation/handshake"
+WITHDRAW_SECONDS = 300  # how long after its handshake B may withdraw the row it made here
+UNKNOWN_INVITATION = "unknown_invitation"
+INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class HandshakeRefused(Exception):
@@ -116,7 +123,7 @@ def parse(invitation: str) -> dict:
             f"This invitation uses contract version {payload.get('contract_version')!r}; this instance speaks "
             f"{CONTRACT_VERSION}.", "unsupported_contract", status=422,
         )  # fmt: skip
-    for field in ("url", "instance_id", "hook_url", "certificate_thumbprint", "code"):
+    for field in ("url", "instance_id", "team_id", "hook_url", "certificate_thumbprint", "code"):
         if not isinstance(payload.get(field), str) or not payload[field]:
             raise ApiError(f"The invitation is damaged: {field} is missing.", Code.INVALID)
     return payload
@@ -131,8 +138,12 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
     services._check_url(offer["hook_url"])
     name = services._check_name(name or offer["instance_id"])
     scopes = services._check_scopes(scopes if scopes is not None else [])
-    if Peer.objects.filter(team=team, name=name).exclude(status=Peer.Status.REVOKED).exists():
+    live = Peer.objects.filter(team=team).exclude(status=Peer.Status.REVOKED)
+    if live.filter(name=name).exists():
         raise ApiError(f"Team already has a peer named {name!r}.", Code.CONFLICT, status=409)
+    if live.filter(remote_instance_id=offer["instance_id"][:63]).exists():
+        raise ApiError(f"Team already has a peer with instance ID {offer['instance_id'][:63]!r}: delete it to "
+                       "peer again.", Code.INSTANCE_ID_TAKEN, status=409)  # fmt: skip
     certificate = _own_certificate(team, actor)
     signer = certificates.signer_for(team.id)
     checked_here = crypto.new_webhook_secret()  # what we verify: never leaves except to A, once
@@ -140,7 +151,7 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
     from federation.selectors import server_tls_fingerprint
 
     target = client.Target(
-        url=offer["url"].rstrip("/") + "/api/federation/handshake",
+        url=handshake_url(offer),
         secret=_code_secret(offer["code"]),
         sender_id=settings.KITE_INSTANCE_ID,
         tls_fingerprint=offer.get("tls_fingerprint") or "",
@@ -148,7 +159,7 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
     )
     # Our half is rolled back if the handshake fails: its calls are audited once that is over.
     called = audit.PeerCall(team_id=team.id, peer_name=name, actor=actor, deferred=True)
-    answered = False
+    answered = None  # A's answer, once it stored its side
     try:
         # Our row and the default grant for A exist only if the handshake completes: the
         # transaction is rolled back otherwise (and A is told to drop its half).
@@ -176,13 +187,12 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
                 status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
                 raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
                                failure.code or "handshake_failed", status=status) from None  # fmt: skip
-            answered = True
-            reply = answer.body if isinstance(answer.body, dict) else {}
+            answered = reply = answer.body if isinstance(answer.body, dict) else {}
             their_pem, their_thumbprint = certificates.parse_peer_pem(str(reply.get("certificate_pem", "")))
             if their_thumbprint != offer["certificate_thumbprint"]:
                 raise ApiError("The inviting instance answered with another certificate than the invitation names.",
                                Code.BAD_CERTIFICATE, status=502)  # fmt: skip
-            _verify_reply(answer, their_pem)
+            _verify_reply(answer, their_pem, offer)
             services._set_secret(peer, "outbound", services._check_secret(str(reply.get("inbound_secret", "")),
                                                                           "inbound_secret"))  # fmt: skip
             peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint
@@ -194,8 +204,8 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
             })  # fmt: skip
         called.peer = peer
     except ApiError:
-        if answered:
-            _abandon(target, offer, called)  # A stored its side: tell it to drop it, so no half-peer is left
+        if answered is not None:
+            _abandon(target, answered, called)  # A stored its side: tell it to drop it, so no half-peer is left
         raise
     finally:
         called.flush()
@@ -203,23 +213,38 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
     return peer
 
 
-def _verify_reply(answer, their_pem: str) -> None:
+def handshake_url(offer: dict) -> str:
+    """A's handshake endpoint; `?team=` names the inviting team, which the signature is bound to."""
+    return offer["url"].rstrip("/") + HANDSHAKE_PATH + "?" + urlencode({"team": offer["team_id"]})
+
+
+def _answer_binding(team_id: str) -> signing.Binding:
+    """A's answer is signed for its own purpose: no request to anyone is ever bound to ANSWER."""
+    return signing.Binding("ANSWER", HANDSHAKE_PATH, team_id)
+
+
+def _verify_reply(answer, their_pem: str, offer: dict) -> None:
     headers = {k.lower(): v for k, v in answer.headers.items()}
     raw = answer.raw_body
     try:
         request = signing.parse_headers(headers, int(time.time()))
     except signing.SignatureError as exc:
         raise ApiError(f"The handshake answer is not signed: {exc.detail}", Code.BAD_CERTIFICATE, status=502) from None
-    if not signing.ed25519_matches(certificates.verifier_for(their_pem), request, raw):
+    message = request.ed25519_message(raw, _answer_binding(offer["team_id"]))
+    if not signing.ed25519_matches(certificates.verifier_for(their_pem), request, message):
         raise ApiError("The handshake answer's signature does not verify with the inviting instance's certificate.",
                        Code.BAD_CERTIFICATE, status=502)  # fmt: skip
 
 
-def _abandon(target: client.Target, offer: dict, called: audit.PeerCall) -> None:
-    """`target` is A's handshake endpoint: DELETE there withdraws the half A stored."""
+def _abandon(target: client.Target, reply: dict, called: audit.PeerCall) -> None:
+    """`target` is A's handshake endpoint: DELETE there withdraws the half A stored — with the
+    nonce A's answer gave, signed v1a by the certificate we presented in the handshake."""
+    nonce = reply.get("withdraw_nonce")
+    if not isinstance(nonce, str) or not nonce:
+        return
+    target = client.Target(target.url, _code_secret(nonce), target.sender_id, target.tls_fingerprint, target.signer)
     try:
-        client.call(target, "DELETE", client.encode({"code": offer["code"]}), timeout=HANDSHAKE_TIMEOUT,
-                    audit_as=called)  # fmt: skip
+        client.call(target, "DELETE", client.encode({"nonce": nonce}), timeout=HANDSHAKE_TIMEOUT, audit_as=called)
     except client.PeerCallError:
         pass
 
@@ -237,39 +262,39 @@ def _enrol_soon(peer_id: int) -> None:
 # --- A: the handshake endpoint ---------------------------------------------------------
 
 
-def redeem(headers: dict[str, str], raw: bytes) -> tuple[bytes, dict, Peer]:
+def redeem(headers: dict[str, str], raw: bytes, *, path: str = HANDSHAKE_PATH) -> tuple[bytes, dict, Peer]:
     """Check and redeem B's handshake; returns (answer body, signed headers, our peer row for B).
-    Raises HandshakeRefused."""
-    try:
-        offer = json.loads(raw)
-    except (ValueError, json.JSONDecodeError):
-        raise HandshakeRefused(400, Code.INVALID, "The handshake body is not JSON.") from None
-    if not isinstance(offer, dict) or not isinstance(offer.get("code"), str):
-        raise HandshakeRefused(400, Code.INVALID, "The handshake needs the invitation's code.")
+    Raises HandshakeRefused. The invitation is looked up before any signature is checked: junk
+    signatures cost one indexed read, not an Ed25519 verification each."""
+    offer = _handshake_body(raw)
     if offer.get("contract_version", CONTRACT_VERSION) != CONTRACT_VERSION:
         raise HandshakeRefused(422, "unsupported_contract", f"This instance speaks contract version {CONTRACT_VERSION}.")
-    try:
-        request = signing.parse_headers(headers, int(time.time()))
-    except signing.SignatureError as exc:
-        raise HandshakeRefused(401, exc.code, exc.detail) from None
-    if not signing.hmac_matches(_code_secret(offer["code"]), request, raw):
-        raise HandshakeRefused(401, "unknown_invitation", "Unknown, expired or already used invitation.")
+    request = _signed(headers)
+    invited = _open_invitation(offer["code"])
+    binding = signing.Binding("POST", path, invited.team_id)
+    if not signing.hmac_matches(_code_secret(offer["code"]), request, request.hmac_message(raw, binding)):
+        raise HandshakeRefused(401, UNKNOWN_INVITATION, "Unknown, expired or already used invitation.")
     try:
         their_pem, their_thumbprint = certificates.parse_peer_pem(str(offer.get("certificate_pem", "")))
     except ApiError as exc:
         raise HandshakeRefused(400, exc.code, exc.detail) from None
     if not request.ed25519_entries:
         raise HandshakeRefused(401, Code.MISSING_CERTIFICATE, "The handshake must be signed v1a by the accepting instance.")
-    if not signing.ed25519_matches(certificates.verifier_for(their_pem), request, raw):
+    if not signing.ed25519_matches(certificates.verifier_for(their_pem), request, request.ed25519_message(raw, binding)):
         raise HandshakeRefused(401, Code.BAD_CERTIFICATE, "The v1a signature does not verify with the certificate sent.")
+    instance_id = str(offer.get("instance_id", ""))
+    if not INSTANCE_ID.fullmatch(instance_id):
+        raise HandshakeRefused(400, Code.INVALID, "instance_id must be 1-63 letters, digits, '.', '_' or '-'.", invited)
+    nonce = secrets.token_urlsafe(32)
     with transaction.atomic():
-        peer = (
-            Peer.objects.select_for_update()
-            .filter(invitation_code_sha256=_digest(offer["code"]), status=Peer.Status.PROPOSED)
-            .first()
-        )
-        if peer is None or peer.invitation_expires_at is None or peer.invitation_expires_at <= timezone.now():
-            raise HandshakeRefused(401, "unknown_invitation", "Unknown, expired or already used invitation.")
+        peer = Peer.objects.select_for_update().filter(pk=invited.pk, status=Peer.Status.PROPOSED).first()
+        if peer is None:  # redeemed by a concurrent handshake
+            raise HandshakeRefused(401, UNKNOWN_INVITATION, "Unknown, expired or already used invitation.")
+        taken = Peer.objects.filter(team_id=peer.team_id, remote_instance_id=instance_id).exclude(
+            status=Peer.Status.REVOKED).exclude(pk=peer.pk)  # fmt: skip
+        if taken.exists():
+            raise HandshakeRefused(409, Code.INSTANCE_ID_TAKEN, f"This team already has a peer with instance ID "
+                                   f"{instance_id!r}: that peer must be deleted first.", peer)  # fmt: skip
         try:
             peer.peer_hook_url = services._check_url(str(offer.get("hook_url", "")))
             peer.tls_fingerprint = services._check_tls_fingerprint(str(offer.get("tls_fingerprint") or ""))
@@ -277,12 +302,14 @@ def redeem(headers: dict[str, str], raw: bytes) -> tuple[bytes, dict, Peer]:
         except ApiError as exc:
             raise HandshakeRefused(400, exc.code, exc.detail, peer) from None
         checked_here = crypto.new_webhook_secret()
-        peer.remote_instance_id = str(offer.get("instance_id", ""))[:63]
+        peer.remote_instance_id = instance_id
         peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint
         services._set_secret(peer, "inbound", checked_here)
         services._set_secret(peer, "outbound", checked_there)
         peer.status = Peer.Status.ACCEPTED
         peer.invitation_code_sha256, peer.invitation_expires_at = "", None  # single use
+        peer.handshake_nonce_sha256 = _digest(nonce)  # B may withdraw this row, and only this one, for a while
+        peer.handshake_withdraw_until = timezone.now() + timedelta(seconds=WITHDRAW_SECONDS)
         given = offer.get("grant_token")
         if isinstance(given, str) and given.startswith("fg-"):
             peer.remote_grant_encrypted = crypto.encrypt(given[:200])
@@ -298,31 +325,65 @@ def redeem(headers: dict[str, str], raw: bytes) -> tuple[bytes, dict, Peer]:
     body = {
         "instance_id": settings.KITE_INSTANCE_ID, "certificate_pem": _own_certificate(team).pem,
         "inbound_secret": checked_here, "capabilities": capabilities(), "peer_name": peer.name,
-        "grant_token": grant_token,
+        "grant_token": grant_token, "withdraw_nonce": nonce,
     }  # fmt: skip
     encoded = client.encode(body)
     signer = certificates.signer_for(team.id)
     headers = signing.sign_headers(
         secret=_code_secret(offer["code"]), msg_id=f"hs_{uuid.uuid4().hex}", timestamp=int(time.time()), body=encoded,
-        sender_id=settings.KITE_INSTANCE_ID, ed25519_sign=signer.sign, key_thumbprint=signer.thumbprint,
+        sender_id=settings.KITE_INSTANCE_ID, binding=_answer_binding(team.id), ed25519_sign=signer.sign,
+        key_thumbprint=signer.thumbprint,
     )  # fmt: skip
     return encoded, headers, peer
 
 
-def withdraw(headers: dict[str, str], raw: bytes) -> Peer | None:
-    """B could not finish its side: drop the row this code made here (signed with the code).
-    Returns that row, or None when the request does not name one."""
+def _handshake_body(raw: bytes) -> dict:
     try:
-        offer = json.loads(raw)
-        request = signing.parse_headers(headers, int(time.time()))
-    except (ValueError, json.JSONDecodeError, signing.SignatureError):
-        return None
-    code = offer.get("code") if isinstance(offer, dict) else None
-    if not isinstance(code, str) or not signing.hmac_matches(_code_secret(code), request, raw):
-        return None
-    # The code was cleared when redeemed; find the row by the secret B signs with (its inbound one).
-    for peer in Peer.objects.filter(status=Peer.Status.ACCEPTED, remote_instance_id=request.sender[:63]):
-        if peer.certificate_thumbprint and request.key_thumbprint == peer.certificate_thumbprint:
-            services.peer_revoke(peer=peer, reason="handshake abandoned by the peer", actor=f"peer {request.sender}")
-            return peer
-    return None
+        offer = wire.json_object(raw, "handshake body")
+    except wire.BadBody as exc:
+        raise HandshakeRefused(400, Code.INVALID, exc.detail) from None
+    code = offer.get("code", offer.get("nonce"))
+    if not isinstance(code, str) or not 1 <= len(code) <= MAX_CODE_CHARS:
+        raise HandshakeRefused(400, Code.INVALID, "The handshake needs the invitation's code.")
+    return offer
+
+
+def _signed(headers: dict[str, str]) -> signing.SignedRequest:
+    try:
+        return signing.parse_headers(headers, int(time.time()))
+    except signing.SignatureError as exc:
+        raise HandshakeRefused(exc.status, exc.code, exc.detail) from None
+
+
+def _open_invitation(code: str) -> Peer:
+    invited = Peer.objects.filter(invitation_code_sha256=_digest(code), status=Peer.Status.PROPOSED).first()
+    if invited is None or invited.invitation_expires_at is None or invited.invitation_expires_at <= timezone.now():
+        raise HandshakeRefused(401, UNKNOWN_INVITATION, "Unknown, expired or already used invitation.")
+    return invited
+
+
+def withdraw(headers: dict[str, str], raw: bytes, *, path: str = HANDSHAKE_PATH) -> Peer:
+    """B could not finish its side: drop the row its handshake made here. Only B can: it holds
+    the nonce our answer gave it, signs v1a with the certificate it presented in that handshake,
+    and only while the row is still `accepted` and within WITHDRAW_SECONDS. Raises HandshakeRefused."""
+    body = _handshake_body(raw)
+    nonce = body.get("nonce")
+    request = _signed(headers)
+    peer = None
+    if isinstance(nonce, str):
+        peer = Peer.objects.filter(handshake_nonce_sha256=_digest(nonce), status=Peer.Status.ACCEPTED,
+                                   handshake_withdraw_until__gt=timezone.now()).first()  # fmt: skip
+    if peer is None or not peer.certificate_pem:
+        raise HandshakeRefused(401, "unknown_handshake", "No handshake of yours to withdraw here (unknown or "
+                               "expired nonce).")  # fmt: skip
+    message = request.ed25519_message(raw, signing.Binding("DELETE", path, peer.team_id))
+    if not signing.ed25519_matches(certificates.verifier_for(peer.certificate_pem), request, message):
+        raise HandshakeRefused(401, Code.BAD_CERTIFICATE, "The v1a signature does not verify with the certificate "
+                               "presented in that handshake.", peer)  # fmt: skip
+    with transaction.atomic():
+        claimed = Peer.objects.filter(pk=peer.pk, handshake_nonce_sha256=peer.handshake_nonce_sha256,
+                                      status=Peer.Status.ACCEPTED).update(handshake_nonce_sha256="")  # fmt: skip
+        if claimed != 1:  # withdrawn concurrently: once is enough
+            raise HandshakeRefused(401, "unknown_handshake", "This handshake was already withdrawn.", peer)
+        services.peer_revoke(peer=peer, reason="handshake abandoned by the peer", actor=f"peer {request.sender}")
+    return peer

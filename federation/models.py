@@ -77,6 +77,10 @@ class Peer(models.Model):
     # An invitation we issued (status proposed): only the code's SHA-256 is kept, until redeemed.
     invitation_code_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
     invitation_expires_at = models.DateTimeField(null=True, blank=True)
+    # A handshake redeemed here: the SHA-256 of the nonce our answer gave the invitee, with which
+    # (and its certificate) it alone may withdraw this row until `handshake_withdraw_until`.
+    handshake_nonce_sha256 = models.CharField(max_length=64, blank=True, db_index=True)
+    handshake_withdraw_until = models.DateTimeField(null=True, blank=True)
     # The grant token the peer gave us (e.g. to read its fleet), MultiFernet-encrypted.
     remote_grant_encrypted = models.TextField(blank=True)
     batch_max = models.PositiveIntegerField(null=True, blank=True, help_text="Learned from the peer's ping")
@@ -155,7 +159,8 @@ class Delivery(models.Model):
 
 
 class InboundReceipt(models.Model):
-    """A webhook-id already acted on, so a replayed request has no second effect."""
+    """A control call's webhook-id, accepted once per sender: a replayed request is refused.
+    Kept a little longer than the timestamp tolerance (older requests are refused as stale)."""
 
     peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="+")
     msg_id = models.CharField(max_length=255)

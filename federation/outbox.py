@@ -392,6 +392,7 @@ def target_for(peer: Peer) -> client.Target:
 def wire_event(entry: OutboxEntry) -> dict:
     event = entry.event.to_cloudevent()
     event.pop("kitecursor", None)  # our own read position means nothing to the peer
+    event.pop("kitefedpeer", None)  # who handed it to us: the next peer learns who hands it on from the signature
     event.update(entry.provenance)
     return event
 

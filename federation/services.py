@@ -233,12 +233,17 @@ def secret_of(peer: Peer, direction: str) -> str:
 INBOUND_GRACE = timedelta(hours=24)
 
 
-def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, actor: str = "") -> Issued:
+def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, grace: bool = True,
+                  actor: str = "") -> Issued:  # fmt: skip
     """A new secret for one direction, generated (returned once) or given.
 
-    inbound: the one we check; the previous one stays valid for 24 h, so the other side
-    can switch when it likes and no delivery fails meanwhile. outbound: the one we sign
-    with, replaced at once (paste what the other side's inbound rotation gave you)."""
+    inbound: the one we check; the previous one stays valid for 24 h (deliveries only, never
+    rotation or termination), so the other side can switch when it likes and no delivery fails
+    meanwhile — unless `grace` is False (a suspected leak: the old one stops working now).
+    outbound: the one we sign with, replaced at once (paste what the other side's inbound
+    rotation gave you)."""
+    if not isinstance(grace, bool):
+        raise ApiError("grace must be true or false.", Code.INVALID)
     if direction not in ("inbound", "outbound"):
         raise ApiError("direction must be inbound or outbound.", Code.INVALID)
     if direction == "outbound" and peer.role != Peer.Role.PEER:
@@ -246,16 +251,20 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, acto
     new = _check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
     with transaction.atomic():
         peer = Peer.objects.select_for_update().get(pk=peer.pk)
-        if direction == "inbound" and peer.inbound_secret_encrypted:
+        if direction == "inbound" and peer.inbound_secret_encrypted and grace:
             peer.previous_inbound_secret_encrypted = peer.inbound_secret_encrypted
             peer.previous_inbound_fingerprint = peer.inbound_fingerprint
             peer.previous_inbound_expires_at = timezone.now() + INBOUND_GRACE
+        elif direction == "inbound":  # no grace: nothing but the new secret is accepted from now on
+            peer.previous_inbound_secret_encrypted = peer.previous_inbound_fingerprint = ""
+            peer.previous_inbound_expires_at = None
         _set_secret(peer, direction, new)
         if direction == "outbound" and peer.paused == Peer.Pause.AUTH_FAILED:
             peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0
         peer.save()
         audit.record(audit.SECRET_ROTATED, peer=peer, actor=actor, data={
             "direction": direction, "fingerprint": getattr(peer, f"{direction}_fingerprint"), "generated": not secret,
+            "grace": grace,
         })  # fmt: skip
     if direction == "outbound" and not peer.paused:
         from federation import outbox

@@ -15,6 +15,9 @@ def sweep_outbox() -> int:
 
 @shared_task(ignore_result=True)
 def heartbeats() -> int:
+    from federation import inbound
+
+    inbound.receipts_purge()  # control calls' webhook-ids past the tolerance window: replays are stale anyway
     return heartbeat.heartbeat_all()
 
 

@@ -183,7 +183,8 @@ def peer_rotate(request, peer_id):
     if form.is_valid():
         try:  # carried to the peer over the signed channel when it has one (every invitation peer)
             rotated = channel.rotate_secret(peer=peer, direction=direction, secret=form.cleaned_data["secret"] or None,
-                                            propagate=channel.has_channel(peer), actor=actor(request))  # fmt: skip
+                                            propagate=channel.has_channel(peer), grace=not form.cleaned_data["now"],
+                                            actor=actor(request))  # fmt: skip
         except ApiError as exc:
             apply_error(form, exc, form.ERRORS)
         else:
@@ -330,7 +331,8 @@ def accept(request):
         try:
             peer = invitations.accept(team=request.principal.team, actor=actor(request), **form.cleaned_data)
         except ApiError as exc:
-            apply_error(form, exc, {**form.ERRORS, "unknown_invitation": "invitation", "invitation": "invitation"})
+            apply_error(form, exc, {**form.ERRORS, "unknown_invitation": "invitation", "invitation": "invitation",
+                                    "instance_id_taken": "invitation"})  # fmt: skip
         else:
             return render(request, "federation/accept.html", {"peer": peer, "steps": STEPS}, status=201)
     return render(request, "federation/accept.html", {"form": form}, status=400 if form.is_bound else 200)

@@ -229,6 +229,7 @@ def draft_from_cloudevent(payload: dict, received_at: datetime) -> Draft:
         raise MalformedEvent("invalid_event", f"Invalid CloudEvent extension name(s): {', '.join(sorted(bad))}.")
     extensions = {key: _extension_value(key, value) for key, value in extensions.items()}
     extensions.pop("kitecursor", None)  # a read position of the sender's store means nothing here
+    extensions.pop("kitefedpeer", None)  # who handed it to us is for the receiver to say, never the sender
     data = payload.get("data")
     subject = payload.get("subject")
     return Draft(

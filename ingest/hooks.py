@@ -6,6 +6,10 @@ AppConfig.ready().
 
 from collections.abc import Callable
 
+# (source, draft, sender) → None, called for each event a source's verifier accepted, before it is
+# stored: may complete the draft (federation adds provenance from the authenticated peer) or raise
+# cloudevent.MalformedEvent (400; for one event of a batch, that event is rejected).
+event_received: list[Callable] = []
 # (event, sender) → None, called inside the transaction that stores the event;
 # `sender` is what the source's verifier returned (the peer, for federation).
 event_stored: list[Callable] = []

@@ -82,7 +82,7 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
     try:
         sender = verifiers.VERIFIERS[source.kind](source_secret(source), headers, body, int(time.time()), source.team_id)
     except verifiers.VerificationError as exc:
-        raise ApiError(exc.detail, exc.code, status=401) from None
+        raise ApiError(exc.detail, exc.code, status=exc.status) from None
     verdict = ratelimit.hit(f"source:{source.pk}", source.rate_limit_per_second)
     if not verdict.allowed:
         raise ApiError(
@@ -93,6 +93,7 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
         )
     try:
         draft = cloudevent.CONVERTERS[source.kind](headers, body, timezone.now())
+        draft = _received(source, draft, sender) if hooks.event_received else draft
     except cloudevent.MalformedEvent as exc:
         raise ApiError(exc.detail, exc.code, status=400) from None
     if isinstance(draft, list):
@@ -100,6 +101,21 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
             raise SourceChanged  # a batch is stored in a transaction that cannot check the copy: read it
         return events_store_batch(source=source, items=draft, sender=sender)
     return event_store(source=source, draft=draft, sender=sender)
+
+
+def _received(source: Source, draft, sender):
+    """The event_received hooks over one draft or each draft of a batch (a refused one is rejected)."""
+    if not isinstance(draft, list):
+        for hook in hooks.event_received:
+            hook(source, draft, sender)
+        return draft
+    items = []
+    for item in draft:
+        try:
+            items.append(item if isinstance(item, cloudevent.MalformedEvent) else _received(source, item, sender))
+        except cloudevent.MalformedEvent as exc:
+            items.append(exc)
+    return items
 
 
 def _new_event(source: Source, draft: cloudevent.Draft) -> Event:

@@ -17,10 +17,11 @@ TOLERANCE_SECONDS = 300
 
 
 class VerificationError(Exception):
-    def __init__(self, code: str, detail: str):
+    def __init__(self, code: str, detail: str, status: int = 401):
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.status = status  # 401: not authenticated; 400: headers too malformed to try
 
 
 Verifier = Callable[[str | None, Mapping[str, str], bytes, int, str], object]

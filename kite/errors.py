@@ -87,6 +87,16 @@ def json_error(detail: str, code: str, status: int) -> JsonResponse:
     return JsonResponse({"detail": detail, "code": str(code)}, status=status)
 
 
+def handler400(request, exception=None):
+    """Django's own refusals (a body over KITE_MAX_BODY_BYTES, a bad Host, too many fields) in
+    the one error shape."""
+    from django.core.exceptions import RequestDataTooBig
+
+    if isinstance(exception, RequestDataTooBig):
+        return json_error("Request body is too large.", Code.TOO_LARGE, 413)
+    return json_error("Bad request.", Code.INVALID, 400)
+
+
 def handler404(request, exception=None):
     return json_error("Not found.", Code.NOT_FOUND, 404)
 

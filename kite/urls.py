@@ -35,5 +35,6 @@ urlpatterns = [
 if settings.KITE_BENCH_ENDPOINTS:
     urlpatterns.append(path("bench/", include("kite.bench.urls")))
 
+handler400 = "kite.errors.handler400"
 handler404 = "kite.errors.handler404"
 handler500 = "kite.errors.handler500"

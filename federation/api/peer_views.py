@@ -20,16 +20,19 @@ def _remote_addr(request) -> str:
     return request.META.get("REMOTE_ADDR", "")
 
 
-def _authenticated(request, body: bytes):
-    """(peer, None) for a validly signed peer request, or (None, the refusal response); a refusal
-    is audited as Federation.AuthFailed with the failing factor, and counted."""
+def _authenticated(request, body: bytes, *, current_only: bool = False):
+    """(peer, None) for a validly signed control call — bound to this method and path, its
+    webhook-id not used before — or (None, the refusal response); a refusal is audited as
+    Federation.AuthFailed with the failing factor, and counted."""
     headers = lower_headers(request.headers)
     try:
-        return inbound.authenticate(headers, body, team_id=inbound.team_hint(request)), None
+        peer = inbound.authenticate(headers, body, team_id=inbound.team_hint(request), method=request.method,
+                                    path=request.path, current_only=current_only)  # fmt: skip
+        return peer, None
     except inbound.Refusal as refusal:
         inbound.refused(refusal, headers, endpoint=request.path, method=request.method,
                         remote_addr=_remote_addr(request))  # fmt: skip
-        return None, json_error(refusal.detail, refusal.code, 401)
+        return None, json_error(refusal.detail, refusal.code, refusal.status)
     except ApiError as exc:  # rate limited: counted, not audited (that would defeat the limit)
         metrics.CALLS.labels("unknown", "inbound", exc.code).inc()
         return None, exc.response()
@@ -64,7 +67,7 @@ def terminate(request):
     """The peer deleted us: revoke its row here (stop sending, stop accepting)."""
     from federation import services
 
-    peer, refusal = _authenticated(request, request.body)
+    peer, refusal = _authenticated(request, request.body, current_only=True)
     if refusal is not None:
         return refusal
     _noted(request, peer)
@@ -77,19 +80,14 @@ def terminate(request):
 @require_POST
 def rotate(request):
     """The peer rotated something and tells us over the signed channel (federation.channel)."""
-    import json
-
     from federation import channel
 
     body = request.body
-    peer, refusal = _authenticated(request, body)
+    peer, refusal = _authenticated(request, body, current_only=True)
     if refusal is not None:
         return refusal
     try:
-        try:
-            change = json.loads(body)
-        except ValueError:
-            raise ApiError("Body is not JSON.", "invalid") from None
+        change = channel.parse_change(body)
         applied = channel.apply(peer, change)
     except ApiError as exc:
         _noted(request, peer, outcome=str(exc.code))
@@ -101,27 +99,24 @@ def rotate(request):
 @csrf_exempt
 def handshake(request):
     """POST: an instance accepting one of our invitations (DESIGN §4). DELETE: it could not
-    finish its side, drop ours. Both are signed with the invitation's code."""
+    finish its side, drop the row its handshake made (with the nonce our answer gave it)."""
     from federation import invitations
 
     body = request.body
     headers = lower_headers(request.headers)
-    if request.method == "DELETE":
-        peer = invitations.withdraw(headers, body)
-        if peer is None:
-            audit.auth_failed(outcome="unknown_invitation", endpoint=request.path, method="DELETE",
-                              sender=headers.get("kite-peer", ""), remote_addr=_remote_addr(request))  # fmt: skip
-        else:
-            _noted(request, peer)
-        return JsonResponse({"withdrawn": peer is not None})
-    if request.method != "POST":
-        return json_error("Use POST.", "method_not_allowed", 405)
+    if request.method not in ("POST", "DELETE"):
+        return json_error("Use POST (or DELETE to withdraw).", "method_not_allowed", 405)
     try:
-        answer, signed, peer = invitations.redeem(headers, body)
+        if request.method == "DELETE":
+            peer = invitations.withdraw(headers, body, path=request.path)
+            _noted(request, peer)
+            return JsonResponse({"withdrawn": True})
+        answer, signed, peer = invitations.redeem(headers, body, path=request.path)
     except invitations.HandshakeRefused as refusal:
         if refusal.status == 401:
-            audit.auth_failed(outcome=str(refusal.code), endpoint=request.path, method="POST", detail=refusal.detail,
-                              sender=headers.get("kite-peer", ""), remote_addr=_remote_addr(request))  # fmt: skip
+            audit.auth_failed(outcome=str(refusal.code), endpoint=request.path, method=request.method,
+                              detail=refusal.detail, peer=refusal.peer, sender=headers.get("kite-peer", ""),
+                              remote_addr=_remote_addr(request))  # fmt: skip
         elif refusal.peer is not None:
             _noted(request, refusal.peer, str(refusal.code))
         else:  # malformed before anyone is known (not JSON, other contract): counted only

@@ -86,10 +86,12 @@ class RotateSecretSerializer(serializers.Serializer):
     # Carry the new secret to the peer over the signed channel. Default: yes when the peer has
     # one (it knows our certificate and we know its instance: every invitation peer).
     propagate = serializers.BooleanField(required=False, allow_null=True, default=None)
+    # false: a suspected leak — the secret being replaced stops working at once (no 24 h overlap).
+    grace = serializers.BooleanField(required=False, default=True)
 
 
 class CertificateCreateSerializer(serializers.Serializer):
-    subject = serializers.CharField(max_length=200)
+    subject = serializers.CharField(max_length=64)
     validity_days = serializers.IntegerField(required=False, min_value=1, max_value=825, default=90)
 
 
@@ -162,7 +164,8 @@ class AuditBoundField(serializers.CharField):
 
     def to_internal_value(self, data):
         value = super().to_internal_value(data).strip()
-        if value.isdigit() and len(value) <= 18:  # an id fits a bigint
+        # ASCII only: str.isdigit() also admits "²" (int() refuses it) and "٣" (int() reads 3).
+        if value.isascii() and value.isdigit() and len(value) <= 18:  # an id fits a bigint
             return int(value)
         try:
             parsed = parse_datetime(value)

@@ -1,6 +1,6 @@
 import logging
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -56,6 +56,7 @@ class TokenListCreate(APIView):
     def get(self, request):
         return Response({"results": s.TokenSerializer(selectors.tokens(request.user.team.id), many=True).data})
 
+    @extend_schema(request=s.TokenCreateSerializer)
     def post(self, request):
         issued = services.token_create(team=request.user.team, actor=_actor(request),
                                        **_valid(s.TokenCreateSerializer, request.data))  # fmt: skip
@@ -81,6 +82,7 @@ class PeerListCreate(APIView):
         depths = selectors.outbox_depths([peer.pk for peer in peers])
         return Response({"results": s.PeerSerializer(peers, many=True, context={"depths": depths}).data})
 
+    @extend_schema(request=s.PeerCreateSerializer)
     def post(self, request):
         issued = services.peer_create(team=request.user.team, actor=_actor(request),
                                       **_valid(s.PeerCreateSerializer, request.data))  # fmt: skip
@@ -93,6 +95,7 @@ class PeerDetail(APIView):
     def get(self, request, peer_id):
         return Response(_peer_body(_peer(request, peer_id)))
 
+    @extend_schema(request=s.PeerUpdateSerializer)
     def patch(self, request, peer_id):
         peer = _peer(request, peer_id)
         changes = _valid(s.PeerUpdateSerializer, request.data, partial=True)
@@ -127,6 +130,7 @@ class PeerPing(APIView):
 class PeerRotateSecret(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(request=s.RotateSecretSerializer)
     def post(self, request, peer_id):
         peer = selectors.peer_for_team(request.user.team.id, peer_id, role=None)
         if peer is None or peer.status == peer.Status.REVOKED:
@@ -134,7 +138,7 @@ class PeerRotateSecret(APIView):
         data = _valid(s.RotateSecretSerializer, request.data)
         propagate = data["propagate"] if data["propagate"] is not None else channel.has_channel(peer)
         rotated = channel.rotate_secret(peer=peer, direction=data["direction"], secret=data.get("secret") or None,
-                                        propagate=propagate, actor=_actor(request))  # fmt: skip
+                                        propagate=propagate, grace=data["grace"], actor=_actor(request))  # fmt: skip
         body = {
             "direction": data["direction"],
             "fingerprint": getattr(rotated.peer, f"{data['direction']}_fingerprint"),
@@ -150,6 +154,7 @@ class PeerRotateSecret(APIView):
 class PeerOutbox(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(parameters=[OpenApiParameter("status", enum=["pending", "in_flight", "delivered", "dead"])])
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
         wanted = request.query_params.get("status") or None
@@ -162,6 +167,7 @@ class PeerOutbox(APIView):
 class PeerReplayDead(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(request=s.ReplaySerializer)
     def post(self, request, peer_id):
         peer = _peer(request, peer_id)
         limit = _valid(s.ReplaySerializer, request.data)["limit"]
@@ -183,6 +189,7 @@ class TrustedSenderListCreate(APIView):
         senders = selectors.trusted_senders(request.user.team.id)
         return Response({"results": s.TrustedSenderSerializer(senders, many=True).data})
 
+    @extend_schema(request=s.TrustedSenderCreateSerializer)
     def post(self, request):
         data = _valid(s.TrustedSenderCreateSerializer, request.data)
         issued = services.trusted_sender_create(team=request.user.team, actor=_actor(request), **data)
@@ -205,6 +212,7 @@ class CertificateListCreate(APIView):
         rows = IdentityCertificate.objects.filter(team_id=request.user.team.id).order_by("-created_at", "-id")
         return Response({"results": s.CertificateSerializer(rows, many=True).data})
 
+    @extend_schema(request=s.CertificateCreateSerializer)
     def post(self, request):
         row = certificates.issue(team=request.user.team, actor=_actor(request),
                                  **_valid(s.CertificateCreateSerializer, request.data))  # fmt: skip
@@ -235,6 +243,7 @@ class CertificateDetail(APIView):
 class InvitationCreate(APIView):
     permission_classes = [CanInvitePeers]
 
+    @extend_schema(request=s.InvitationCreateSerializer)
     def post(self, request):
         from federation import invitations
 
@@ -247,6 +256,7 @@ class InvitationCreate(APIView):
 class InvitationAccept(APIView):
     permission_classes = [CanInvitePeers]
 
+    @extend_schema(request=s.InvitationAcceptSerializer)
     def post(self, request):
         from federation import invitations
 
@@ -262,6 +272,7 @@ class PeerGrants(APIView):
         peer = _peer(request, peer_id)
         return Response({"results": s.GrantSerializer(peer.grants.order_by("-created_at", "-id"), many=True).data})
 
+    @extend_schema(request=s.GrantCreateSerializer)
     def post(self, request, peer_id):
         peer = _peer(request, peer_id)
         grant, token = grants.create(peer=peer, actor=_actor(request), **_valid(s.GrantCreateSerializer, request.data))

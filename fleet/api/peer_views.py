@@ -27,10 +27,10 @@ def agents(request):
     headers = lower_headers(request.headers)
     sender, client_ip = headers.get("kite-peer", "")[:63], request.META.get("REMOTE_ADDR", "")
     try:
-        peer = inbound.authenticate(headers, b"", team_id=inbound.team_hint(request))
+        peer = inbound.authenticate(headers, b"", team_id=inbound.team_hint(request), method="GET", path=PATH)
     except inbound.Refusal as refusal:
         inbound.refused(refusal, headers, endpoint=PATH, method="GET", remote_addr=client_ip)
-        return json_error(refusal.detail, refusal.code, 401)
+        return json_error(refusal.detail, refusal.code, refusal.status)
     except ApiError as exc:  # rate limited
         return exc.response()
     try:

@@ -77,9 +77,10 @@ def test_a_clock_skewed_peer_is_refused_both_ways_and_ping_names_the_clock(insta
     assert control["ok"], control
     assert control["factors"] == {"tls": "ok", "certificate": "not_configured", "secret": "ok", "clock": "ok"}
 
-    # A → B: B's clock says A signed 10 minutes in the future; B → A: A says B signed 10 minutes ago.
+    # A → B: B's clock says A signed 10 minutes in the future (+600 s); B → A: A says B signed
+    # 10 minutes ago (-600 s). The detail gives the timestamp's offset from the refusing clock.
     skewed = {"tls": "ok", "certificate": "not_configured", "secret": "unknown", "clock": "skewed"}
-    for pinged, measured in ((ping(a, a_to_b), SKEW_SECONDS), (ping(b, b_to_a), -SKEW_SECONDS)):
+    for pinged, measured in ((ping(a, a_to_b), -SKEW_SECONDS), (ping(b, b_to_a), SKEW_SECONDS)):
         assert (pinged["ok"], pinged["status_code"], pinged["factors"]) == (False, 401, skewed), pinged
         assert abs(refused_offset(pinged) - measured) <= 2, pinged
         assert f"tolerance ±{TOLERANCE_SECONDS} s" in pinged["error"]

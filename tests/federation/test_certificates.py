@@ -82,10 +82,15 @@ def pinned_sender(team):
     return sender, signer
 
 
-def _headers(body, signer=None, secret=SECRET):
+def _headers(body, signer=None, secret=SECRET, team_id=None, binding=None):
+    """A delivery's headers (to `team_id`'s kite hook; the test's `team` unless named), or for `binding`."""
+    from kite.models import Team
+
+    team_id = team_id or Team.objects.get(name="owner-team").pk
     return signing.sign_headers(
         secret=secret, msg_id=f"m{time.monotonic_ns()}", timestamp=int(time.time()), body=body, sender_id="kite-a",
         ed25519_sign=signer.sign if signer else None, key_thumbprint=signer.thumbprint if signer else None,
+        binding=binding or signing.delivery_binding(team_id),
     )  # fmt: skip
 
 
@@ -129,7 +134,8 @@ def test_outbound_calls_sign_v1a_with_the_current_certificate(team):
     headers = _headers(b"{}", target.signer)
     request = signing.parse_headers(headers, int(time.time()))
     assert request.key_thumbprint == row.thumbprint
-    assert signing.ed25519_matches(certificates.verifier_for(row.pem), request, b"{}")
+    assert signing.ed25519_matches(certificates.verifier_for(row.pem), request,
+                                   request.ed25519_message(b"{}", signing.delivery_binding(team.id)))  # fmt: skip
     assert not isinstance(x509.load_pem_x509_certificate(row.pem.encode()).public_key(), ec.EllipticCurvePublicKey)
 
 
@@ -195,7 +201,11 @@ def test_a_signed_terminate_revokes_the_sender_and_an_unsigned_one_changes_nothi
     body = json.dumps({"reason": "deleted"}).encode()
     unsigned = client.post("/api/federation/terminate", body, content_type="application/json")
     assert unsigned.status_code == 401 and Peer.objects.get(pk=sender.pk).status == "accepted"
-    headers = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in _headers(body).items()}
+    as_delivery = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in _headers(body).items()}
+    misused = client.post("/api/federation/terminate", body, content_type="application/json", **as_delivery)
+    assert misused.status_code == 401 and Peer.objects.get(pk=sender.pk).status == "accepted"  # bound elsewhere
+    binding = signing.Binding("POST", "/api/federation/terminate", team.id)
+    headers = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in _headers(body, binding=binding).items()}
     signed = client.post("/api/federation/terminate", body, content_type="application/json", **headers)
     assert signed.status_code == 200 and signed.json()["revoked"] is True
     assert Peer.objects.get(pk=sender.pk).status == "revoked"

@@ -14,10 +14,12 @@ from tests.federation.test_api import PEER_URL, SECRET
 NEW_SECRET = "whsec_bmV3LXNlY3JldC1mb3Ita2l0ZS10ZXN0cy0zMmJ5dGVzIQ=="
 
 
-def _signed(body: bytes, signer) -> dict:
+def _signed(body: bytes, signer, team_id: str) -> dict:
+    """A delivery's headers, to `team_id`'s kite hook."""
     return signing.sign_headers(
         secret=SECRET, msg_id=f"m{time.monotonic_ns()}", timestamp=int(time.time()), body=body, sender_id="kite-a",
         ed25519_sign=signer.sign, key_thumbprint=signer.thumbprint, also_signed_by=signer.also_signed_by,
+        binding=signing.delivery_binding(team_id),
     )  # fmt: skip
 
 
@@ -27,7 +29,7 @@ def test_while_two_certificates_are_valid_both_sign_and_a_peer_pinned_to_either_
     signer = certificates.signer_for(team.id)
     assert signer.thumbprint == new.thumbprint and [t for t, _ in signer.also_signed_by] == [old.thumbprint]
     body = b'{"x": 1}'
-    headers = _signed(body, signer)
+    headers = _signed(body, signer, other_team.id)
     assert headers["kite-key"] == f"{new.thumbprint} {old.thumbprint}"
     assert headers["webhook-signature"].count("v1a,") == 2
     for pem in (old.pem, new.pem):  # as seen by a receiver pinned to one or the other
@@ -94,7 +96,8 @@ def test_the_signed_rotate_endpoint_refuses_an_unsigned_or_wrongly_signed_reques
     unsigned = client.post("/api/federation/rotate", body, content_type="application/json")
     assert unsigned.status_code == 401 and unsigned.json()["code"] == "missing_signature"
     forged = signing.sign_headers(secret=NEW_SECRET, msg_id="m1", timestamp=int(time.time()), body=body,
-                                  sender_id="kite-a")  # fmt: skip
+                                  sender_id="kite-a", binding=signing.Binding("POST", "/api/federation/rotate",
+                                                                              team.id))  # fmt: skip
     refused = client.post("/api/federation/rotate", body, content_type="application/json",
                           **{"HTTP_" + k.upper().replace("-", "_"): v for k, v in forged.items()})  # fmt: skip
     assert refused.status_code == 401

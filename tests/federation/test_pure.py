@@ -12,23 +12,67 @@ from federation import backoff, routing, signing
 from kite.crypto import new_webhook_secret
 
 
-def _signed(secret, body=b'{"a":1}', now=None, **extra):
+DELIVERY = signing.delivery_binding("tm_b")
+PING = signing.Binding("GET", "/api/federation/ping", "tm_b")
+TERMINATE = signing.Binding("POST", "/api/federation/terminate", "tm_b")
+
+
+def _signed(secret, body=b'{"a":1}', now=None, binding=DELIVERY, **extra):
     now = int(time.time()) if now is None else now
-    return signing.sign_headers(secret=secret, msg_id="msg_1", timestamp=now, body=body, sender_id="kite-a", **extra)
+    return signing.sign_headers(secret=secret, msg_id="msg_1", timestamp=now, body=body, sender_id="kite-a",
+                                binding=binding, **extra)  # fmt: skip
 
 
-def test_v1_signature_verifies_with_the_standardwebhooks_library():
-    secret = new_webhook_secret()
+def test_a_deliverys_v1_signature_verifies_with_the_standardwebhooks_library_and_its_v1a_is_ignored_by_it():
+    secret, key = new_webhook_secret(), Ed25519PrivateKey.generate()
     body = b'{"specversion":"1.0"}'
-    headers = _signed(secret, body)
+    headers = _signed(secret, body, ed25519_sign=key.sign, key_thumbprint="sha256:ab")
     assert Webhook(secret).verify(body, headers) == {"specversion": "1.0"}
+
+
+def test_a_control_calls_signature_is_bound_so_no_standard_webhooks_library_and_no_other_endpoint_accepts_it():
+    secret = new_webhook_secret()
+    headers = _signed(secret, b"", binding=PING)
+    with pytest.raises(Exception):
+        Webhook(secret).verify(b"", headers)
+    request = signing.parse_headers(headers, int(time.time()))
+    assert signing.hmac_matches(secret, request, request.hmac_message(b"", PING))
+    for other in (TERMINATE, signing.Binding("GET", "/api/federation/ping", "tm_c"),
+                  signing.Binding("POST", "/api/federation/ping", "tm_b"), DELIVERY):  # fmt: skip
+        assert not signing.hmac_matches(secret, request, request.hmac_message(b"", other)), other
+
+
+def test_binding_is_read_from_the_url_a_request_goes_to():
+    assert signing.binding_for("get", "https://b.example/api/federation/ping?team=tm_b") == PING
+    assert signing.binding_for("POST", "https://b.example:8443/hooks/tm_b/kite") == DELIVERY
+    assert signing.binding_for("POST", "https://b.example/prefix/hooks/tm_b/kite/") == DELIVERY
+    assert signing.binding_for("POST", "https://b.example/api/federation/terminate?team=bad%20team").team == ""
+    assert not signing.binding_for("GET", "https://b.example/hooks/tm_b/kite").delivery
+
+
+@pytest.mark.parametrize("headers, code", [
+    ({"webhook-id": "x" * 256, "webhook-timestamp": "1", "webhook-signature": "v1,a"}, "malformed_signature"),
+    ({"webhook-id": "x", "webhook-timestamp": "²", "webhook-signature": "v1,a"}, "malformed_signature"),
+    ({"webhook-id": "x", "webhook-timestamp": "+1", "webhook-signature": "v1,a"}, "malformed_signature"),
+    ({"webhook-id": "x", "webhook-timestamp": "NOW", "webhook-signature": " ".join(["v1a,x"] * 9)},
+     "malformed_signature"),
+    ({"webhook-id": "x", "webhook-timestamp": "NOW", "webhook-signature": "v1a,x " * 500}, "malformed_signature"),
+])  # fmt: skip
+def test_absurd_signature_headers_are_refused_before_any_verification(headers, code):
+    now = int(time.time())
+    headers = {k: v.replace("NOW", str(now)) for k, v in headers.items()}
+    with pytest.raises(signing.SignatureError) as caught:
+        signing.parse_headers(headers, now)
+    assert (caught.value.code, caught.value.status) == (code, 400)
 
 
 def test_hmac_and_ed25519_factors_each_verify_and_fail_independently():
     secret, key = new_webhook_secret(), Ed25519PrivateKey.generate()
-    body = b"{}"
-    headers = _signed(secret, body, ed25519_sign=key.sign, key_thumbprint="sha256:ab")
+    raw = b"{}"
+    headers = _signed(secret, raw, ed25519_sign=key.sign, key_thumbprint="sha256:ab")
     request = signing.parse_headers(headers, int(time.time()))
+    body = request.hmac_message(raw, DELIVERY)
+    bound = request.ed25519_message(raw, DELIVERY)
 
     def verify_with(public):
         def verify(signature, message):
@@ -42,9 +86,10 @@ def test_hmac_and_ed25519_factors_each_verify_and_fail_independently():
 
     assert signing.hmac_matches(secret, request, body)
     assert not signing.hmac_matches(new_webhook_secret(), request, body)
-    assert signing.ed25519_matches(verify_with(key.public_key()), request, body)
-    assert not signing.ed25519_matches(verify_with(Ed25519PrivateKey.generate().public_key()), request, body)
-    assert not signing.hmac_matches(secret, request, b"{ }")
+    assert signing.ed25519_matches(verify_with(key.public_key()), request, bound)
+    assert not signing.ed25519_matches(verify_with(key.public_key()), request, body)  # v1a is over the bound message
+    assert not signing.ed25519_matches(verify_with(Ed25519PrivateKey.generate().public_key()), request, bound)
+    assert not signing.hmac_matches(secret, request, request.hmac_message(b"{ }", DELIVERY))
     assert request.sender == "kite-a" and request.key_thumbprint == "sha256:ab"
 
 

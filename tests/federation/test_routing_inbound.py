@@ -4,12 +4,13 @@ import json
 import time
 
 import pytest
+from django.conf import settings as django_settings
 from django.db import connection
 from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 from prometheus_client import REGISTRY
 
-from federation import services, signing
+from federation import outbox, services, signing
 from federation.models import OutboxEntry, Peer
 from ingest.models import Event, Source
 from kite.models import Team
@@ -47,7 +48,8 @@ def _dropped(peer, reason):
 def _signed_post(client, team, event, secret=SECRET, sender="instance-a", msg_id="msg_1", timestamp=None):
     body = json.dumps(event).encode()
     headers = signing.sign_headers(
-        secret=secret, msg_id=msg_id, timestamp=timestamp or int(time.time()), body=body, sender_id=sender
+        secret=secret, msg_id=msg_id, timestamp=timestamp or int(time.time()), body=body, sender_id=sender,
+        binding=signing.delivery_binding(team.id),
     )
     wsgi = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
     return client.post(f"/hooks/{team.id}/kite", body, content_type="application/cloudevents+json", **wsgi)
@@ -111,8 +113,33 @@ def test_signed_event_from_a_trusted_sender_is_stored_and_its_instance_id_learne
     assert response.status_code == 202, response.json()
     event = Event.objects.get(team=team, ce_id="e1")
     assert event.ce_source == "kite://a/tm/stripe"
-    assert event.extensions == {"kitefedorigin": "kite-a", "kitefedchain": '["kite-a"]', "kitefedhops": 1}
+    assert event.extensions == {"kitefedorigin": "kite-a", "kitefedchain": '["kite-a"]', "kitefedhops": 1,
+                                "kitefedpeer": "instance-a"}  # fmt: skip
     assert Peer.objects.get(pk=sender.pk).remote_instance_id == "kite-a"
+
+
+def test_an_event_without_provenance_gets_it_from_the_authenticated_sender(client, team, sender):
+    forged = _ce("p1", kitefedpeer="someone-else")  # a body cannot name who handed it over either
+    assert _signed_post(client, team, forged, sender="kite-a").status_code == 202
+    event = Event.objects.get(team=team, ce_id="p1")
+    assert event.extensions == {"kitefedorigin": "kite-a", "kitefedchain": '["kite-a"]', "kitefedhops": 1,
+                                "kitefedpeer": "instance-a"}  # fmt: skip
+    assert event.to_cloudevent()["kitefedpeer"] == "instance-a"  # what /api/events and listeners show
+    entry = OutboxEntry(event=event, provenance={"kitefedorigin": "kite-a"})
+    assert "kitefedpeer" not in outbox.wire_event(entry)  # never carried on to the next peer
+
+
+@pytest.mark.parametrize("claimed", [
+    f"kite://{django_settings.KITE_INSTANCE_ID}/tm_x/stripe", f"kite://{django_settings.KITE_INSTANCE_ID}/",
+])  # fmt: skip
+def test_a_peer_cannot_deliver_an_event_as_if_it_had_been_received_here(client, team, sender, claimed):
+    event = {**_ce("forged"), "source": claimed, "type": "com.stripe.payment_intent.succeeded"}
+    response = _signed_post(client, team, event, sender="kite-a")
+    assert response.status_code == 400 and response.json()["code"] == "local_source", response.json()
+    assert not Event.objects.filter(team=team).exists()
+    batch = _signed_batch(client, team, [event, _ce("fine")], sender="kite-a")
+    assert [r["result"] for r in batch.json()] == ["rejected", "accepted"]
+    assert list(Event.objects.filter(team=team).values_list("ce_id", flat=True)) == ["fine"]
 
 
 def test_the_same_delivery_again_has_no_second_effect(client, team, sender):
@@ -186,7 +213,7 @@ def test_hop_limit_drop_emits_an_internal_event_that_never_leaves(client, team, 
 def _signed_batch(client, team, events, secret=SECRET, sender="instance-a"):
     body = json.dumps(events).encode()
     headers = signing.sign_headers(secret=secret, msg_id="batch_1", timestamp=int(time.time()), body=body,
-                                   sender_id=sender)  # fmt: skip
+                                   sender_id=sender, binding=signing.delivery_binding(team.id))  # fmt: skip
     wsgi = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
     return client.post(f"/hooks/{team.id}/kite", body, content_type="application/cloudevents-batch+json", **wsgi)
 
@@ -219,15 +246,20 @@ def test_hook_answers_name_this_instance(client, team, sender, settings):
     assert client.post(f"/hooks/{team.id}/kite", b"{}", content_type="application/json")["kite-instance"]
 
 
-def test_a_sender_row_not_yet_identified_is_tried_when_the_named_peer_does_not_match(client, team):
-    # A's peer row for B (we send to B) knows B's instance id but holds another inbound secret;
-    # B's requests are checked by the trusted-sender row configured for them.
+def test_a_sender_row_not_yet_identified_is_tried_but_cannot_take_another_peers_instance_id(client, team):
+    # The team's peer row for B knows B's instance id and holds another inbound secret. A second,
+    # unidentified row signing as "kite-b" would take that id (which loop rules, provenance and
+    # grants key on): refused, nothing stored, nothing learned. Under its own id it is fine.
     services.peer_create(team=team, name="b-out", peer_hook_url="https://127.0.0.1:9/hooks/x/kite",
                          outbound_token=SECRET, inbound_token=OTHER, scopes=["*"])  # fmt: skip
     Peer.objects.filter(name="b-out").update(remote_instance_id="kite-b")
     inbound = services.trusted_sender_create(team=team, name="b-in", inbound_token=SECRET).row
-    assert _signed_post(client, team, _ce("fb"), sender="kite-b").status_code == 202
-    assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-b"
+    claimed = _signed_post(client, team, _ce("fb"), sender="kite-b")
+    assert claimed.status_code == 409 and claimed.json()["code"] == "instance_id_taken"
+    assert not Event.objects.filter(team=team).exists()
+    assert Peer.objects.get(pk=inbound.pk).remote_instance_id == ""
+    assert _signed_post(client, team, _ce("fc"), sender="kite-c").status_code == 202
+    assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-c"
 
 
 def test_a_scope_change_applies_to_the_next_event_at_once(client, team):

@@ -328,6 +328,11 @@ def test_accept_through_loopback_then_the_reused_invitation_is_refused(owner, te
     assert response.status_code == 201, response.context["form"].errors
     peer = Peer.objects.get(team=team, name="a")
     assert peer.status == Peer.Status.ACCEPTED and "data-progress-url" in _text(response)
+    # While "a" lives, this team refuses a second peer for the same instance before calling; once
+    # it is gone, the inviting side refuses the used code.
+    taken = owner.post(BASE + "/accept/", {"invitation": invitation, "name": "a2"})
+    assert taken.status_code == 400 and "instance ID" in taken.context["form"].errors["invitation"][0]
+    services.peer_revoke(peer=peer)
     again = owner.post(BASE + "/accept/", {"invitation": invitation, "name": "a2"})
     assert again.status_code == 400
     assert "Unknown, expired or already used invitation" in again.context["form"].errors["invitation"][0]

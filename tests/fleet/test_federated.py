@@ -6,6 +6,7 @@ hole and a closed port."""
 import json
 import time
 from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings as django_settings
@@ -33,8 +34,10 @@ def _caller_row(team, name="instance-a"):
 
 
 def _signed_get(token: str | None, *, secret=SECRET, sender="instance-a", remote_addr="127.0.0.1", path=PATH):
+    team_id = Peer.objects.filter(name=sender).values_list("team_id", flat=True).first() or ""
     headers = signing.sign_headers(secret=secret, msg_id=f"m{time.monotonic_ns()}", timestamp=int(time.time()),
-                                   body=b"", sender_id=sender)  # fmt: skip
+                                   body=b"", sender_id=sender,
+                                   binding=signing.Binding("GET", urlsplit(path).path, team_id))  # fmt: skip
     if token is not None:
         headers["kite-grant"] = token
     meta = {"HTTP_" + name.upper().replace("-", "_"): value for name, value in headers.items()}
