@@ -40,9 +40,13 @@ HELD_BACK_GIVE_UP_SECONDS = 10.0
 # process's streams of one principal for half that time, so a revocation ends them all within
 # 1.5 × REVALIDATE_SECONDS (plus a query) at one query per principal per process per second.
 REVALIDATE_SECONDS = 2.0
-# Close codes (4000 + the HTTP status it stands for): 4401 the credentials are no longer valid
-# (API key revoked, user deactivated), 4403 the user is no longer a member of the stream's team.
-CLOSE_CODES = {auth.KEY_REVOKED: 4401, auth.USER_INACTIVE: 4401, auth.NOT_A_MEMBER: 4403}
+# Close codes (4000 + the HTTP status it stands for) and reasons: 4401 the credentials are no
+# longer valid (API key revoked, user deactivated), 4403 the user left the stream's team.
+CLOSES = {
+    auth.KEY_REVOKED: (4401, "API key revoked"),
+    auth.USER_INACTIVE: (4401, "user deactivated"),
+    auth.NOT_A_MEMBER: (4403, "no longer a member of the team"),
+}
 
 
 def _authenticate(scope):
@@ -212,7 +216,8 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         lost = await principal_lost(self.principal)
         if lost is None:
             return True
-        await self.close(code=CLOSE_CODES[lost])
+        code, reason = CLOSES[lost]
+        await self.close(code=code, reason=reason)
         return False
 
     async def _pump(self):

@@ -390,7 +390,7 @@ async def test_revoking_the_key_closes_an_open_stream(team, monkeypatch):
     async with listening(issued.raw_key, "?after=0") as communicator:
         await sync_to_async(services.apikey_revoke)(api_key=issued.api_key)
         closed = await communicator.receive_output(timeout=RECEIVE_SECONDS)
-        assert closed == {"type": "websocket.close", "code": 4401}
+        assert closed == {"type": "websocket.close", "code": 4401, "reason": "API key revoked"}
 
 
 # --- broadcasts only when someone listens ----------------------------------------
@@ -513,7 +513,7 @@ async def test_revoking_the_key_ends_a_stream_within_seconds_while_events_keep_f
         posted_until_close = len(posted)
         assert await communicator.receive_nothing(timeout=0.5)  # nothing after the close, events still posted
         assert len(posted) > posted_until_close
-    assert closed == {"type": "websocket.close", "code": 4401}
+    assert closed == {"type": "websocket.close", "code": 4401, "reason": "API key revoked"}
     assert closed_at - revoked_at <= CLOSED_WITHIN_SECONDS
     assert posted_until_close - posted_before >= 10  # events kept flowing until the close: no idle moment
     assert set(ids(events)) <= set(posted[:posted_until_close])
@@ -529,7 +529,8 @@ async def test_removing_the_membership_ends_an_idle_session_stream_with_4403(tea
         await sync_to_async(Membership.objects.filter(user=user, team=team).delete)()
         removed_at = loop.time()
         events, closed, closed_at = await until_closed(communicator)
-    assert closed == {"type": "websocket.close", "code": 4403}  # IDLE_POLL is out of reach: the timer did it
+    # IDLE_POLL is out of reach and no event came: the revalidation timer closed it.
+    assert closed == {"type": "websocket.close", "code": 4403, "reason": "no longer a member of the team"}
     assert events == [] and closed_at - removed_at <= CLOSED_WITHIN_SECONDS
 
 
@@ -545,7 +546,7 @@ async def test_deactivating_the_user_ends_a_session_stream_with_4401_while_event
         deactivated_at, posted_before = loop.time(), len(posted)
         events, closed, closed_at = await until_closed(communicator)
         posted_until_close = len(posted)
-    assert closed == {"type": "websocket.close", "code": 4401}
+    assert closed == {"type": "websocket.close", "code": 4401, "reason": "user deactivated"}
     assert closed_at - deactivated_at <= CLOSED_WITHIN_SECONDS and posted_until_close - posted_before >= 10
     assert set(ids(events)) <= set(posted[:posted_until_close])
 
