@@ -177,6 +177,17 @@ def from_plain(headers, body: bytes, received_at: datetime) -> Draft:
     )
 
 
+UNVERIFIED_EXTENSION = "kiteunverified"
+
+
+def from_unverified(headers, body: bytes, received_at: datetime) -> Draft:
+    """A `none` source: anyone who knows its URL can post, and the event says so wherever it goes
+    (`kiteunverified: true`, kept when federated)."""
+    draft = from_plain(headers, body, received_at)
+    draft.extensions[UNVERIFIED_EXTENSION] = True
+    return draft
+
+
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 MAX_BATCH = 1000
 MAX_EXTENSION_VALUE = 1000
@@ -250,7 +261,7 @@ CONVERTERS = {
     "stripe": from_stripe,
     "github": from_github,
     "standard": from_standard,
-    "none": from_plain,
+    "none": from_unverified,
     "kite": from_structured,
 }
 

@@ -176,13 +176,19 @@ def test_agent_message_without_a_valid_addressee_is_invalid():
     assert malformed(cloudevent.from_plain, body) == "invalid_event"
 
 
+def test_an_event_of_a_none_source_says_it_is_unverified_wherever_it_goes():
+    draft = cloudevent.CONVERTERS["none"]({}, b'{"id": "evt_1", "type": "x"}', RECEIVED)
+    assert draft.extensions == {"kiteunverified": True}  # stored, shown, and kept when federated
+    assert cloudevent.from_plain({}, b'{"id": "evt_1", "type": "x"}', RECEIVED).extensions == {}
+
+
 # --- Bodies that parse as JSON somewhere but must not become events ---------------------------
 
 CONVERTERS = {
     "stripe": (cloudevent.from_stripe, {}),
     "github": (cloudevent.from_github, github_headers()),
     "standard": (cloudevent.from_standard, standard_headers()),
-    "none": (cloudevent.from_plain, {}),
+    "none": (cloudevent.CONVERTERS["none"], {}),
 }
 NOT_PORTABLE_JSON = {
     "nan": b'{"id": "evt_1", "type": "x", "amount": NaN}',
