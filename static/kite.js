@@ -69,6 +69,7 @@
     tr.className = "fresh";
     var when = new Date().toISOString().replace("T", " ").slice(0, 19);
     var fed = event.kitefedorigin ? "from " + event.kitefedorigin + " · " + event.kitefedhops + " hop" + (event.kitefedhops == 1 ? "" : "s") : "local";
+    if (event.kitefedorigin && event.kitefedpeer) fed += " · via peer " + event.kitefedpeer;
     var source = (event.source || "").split("/").pop();
     var sourceCell = cell(source);
     if (unverified.indexOf(event.source) !== -1) {

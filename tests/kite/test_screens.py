@@ -82,6 +82,15 @@ def test_events_screen_lists_the_teams_events_newest_first_with_filters(member, 
     assert "evt-1" not in _text(outsider.get("/events/"))
 
 
+def test_events_screen_names_the_peer_that_handed_a_federated_event_over(member, team):
+    event = _event(team, "fed-1")
+    Event.objects.filter(pk=event.pk).update(extensions={"kitefedorigin": "kite-eu", "kitefedchain": '["kite-eu"]',
+                                                         "kitefedhops": 1, "kitefedpeer": "eu-peer"})  # fmt: skip
+    _event(team, "local-1")
+    page = _text(member.get("/events/"))
+    assert "from kite-eu · 1 hop · via peer eu-peer" in page and "local" in page
+
+
 def test_events_screen_is_fast_with_many_events(owner, team, django_assert_max_num_queries):
     source = Source.objects.get(team=team, name="kite")
     now = timezone.now()
