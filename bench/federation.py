@@ -177,6 +177,7 @@ class Instance:
             KITE_PORT=str(port),
             KITE_INSTANCE_ID=self.instance_id,
             KITE_TLS="on",
+            KITE_PEER_ALLOWED_NETWORKS="127.0.0.0/8,::1/128",
             DATABASE_URL=self.database_url,
             REDIS_URL=f"redis://127.0.0.1:{services.redis_port}/{redis_db}",
             KITE_LOG_LEVEL="WARNING",

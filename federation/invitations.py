@@ -135,6 +135,7 @@ def parse(invitation: str) -> dict:
 def accept(*, team, invitation: str, name: str = "", scopes: list | None = None, max_hops: int | None = None,
            actor: str = "") -> Peer:  # fmt: skip
     offer = parse(invitation)
+    services._check_url(offer["url"])  # the handshake goes there: refused here as a bad input, not a 502
     services._check_url(offer["hook_url"])
     name = services._check_name(name or offer["instance_id"])
     scopes = services._check_scopes(scopes if scopes is not None else [])

@@ -104,7 +104,8 @@ def fetch(call: Call, timeout: float) -> PeerAnswer:
     """One peer's fleet (runs in a pool thread: HTTP only, no database)."""
     started = time.perf_counter()
     try:
-        answer = client.call(call.target, "GET", timeout=(timeout, timeout), headers={GRANT_HEADER: call.grant})
+        answer = client.call(call.target, "GET", timeout=(timeout, timeout), headers={GRANT_HEADER: call.grant},
+                             max_answer_bytes=client.MAX_FLEET_ANSWER_BYTES)  # fmt: skip
     except client.PeerCallError as failure:
         return PeerAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
     except client.UnsafeUrl as refused:

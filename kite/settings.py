@@ -247,6 +247,22 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(KITE_DATA_DIR / "celerybeat-schedule")
 KITE_HEARTBEAT_SECONDS = _positive_int("KITE_HEARTBEAT_SECONDS", 30)
 KITE_PROBE_DOWN_SECONDS = _positive_int("KITE_PROBE_DOWN_SECONDS", 5)
 KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 60)
+
+
+def _networks(name):
+    # A typo must stop Kite: read as nothing, it would silently refuse the peers it was meant to allow.
+    networks = []
+    for item in filter(None, (part.strip() for part in env.str(name, default="").split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"{name}: {item!r} is not a network in CIDR notation ({exc})") from None
+    return tuple(networks)
+
+
+# Peer URLs may resolve to these beyond public addresses (federation.client's destination policy);
+# two instances on one machine: 127.0.0.0/8,::1/128.
+KITE_PEER_ALLOWED_NETWORKS = _networks("KITE_PEER_ALLOWED_NETWORKS")
 # Audit events and delivery attempts older than this are purged daily; 0 keeps them forever.
 KITE_AUDIT_RETENTION_DAYS = _env("KITE_AUDIT_RETENTION_DAYS", env.int, 90)
 if KITE_AUDIT_RETENTION_DAYS < 0:

@@ -51,3 +51,12 @@ def outsider_api(other_api_key):
 @pytest.fixture
 def anonymous_api():
     return APIClient()
+
+
+@pytest.fixture(autouse=True)
+def peers_on_loopback(settings):
+    """Two teams of this process, or test servers on 127.0.0.1, stand in for peer instances: allowed as
+    two instances on one machine allow them (tests of the destination policy set their own)."""
+    import ipaddress
+
+    settings.KITE_PEER_ALLOWED_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))

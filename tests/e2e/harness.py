@@ -150,6 +150,7 @@ class Kite:
             KITE_PORT=str(self.port),
             KITE_INSTANCE_ID=self.instance_id,
             KITE_TLS="on",
+            KITE_PEER_ALLOWED_NETWORKS="127.0.0.0/8,::1/128",
             PYTHONUNBUFFERED="1",
         )
         if self.database_url:

@@ -18,13 +18,16 @@ from tests.signing import as_wsgi_headers
 WRONG = "whsec_" + "A" * 43
 
 
-def _django_send(target, method, body, headers, timeout):
-    """federation.client._send, answered by this process's views through Django's test client."""
+def _django_send(target, method, body, headers, timeout, max_answer_bytes=client.MAX_ANSWER_BYTES):
+    """federation.client._send, answered by this process's views through Django's test client
+    (the destination policy is applied by client.call before it; the size limit here)."""
     parts = urlsplit(target.url)
     meta = {f"HTTP_{name.upper().replace('-', '_')}": value for name, value in headers.items()
             if name.lower() not in ("content-type", "content-length")}  # fmt: skip
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     answer = Client().generic(method, path, data=body or b"", content_type=headers.get("content-type", ""), **meta)
+    if len(answer.content) > max_answer_bytes:
+        raise client._too_large(answer.status_code, max_answer_bytes)
     return client._Response(answer.status_code, urllib3.HTTPHeaderDict(answer.headers.items()), answer.content)
 
 
