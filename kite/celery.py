@@ -3,6 +3,8 @@ import os
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
+from kite import celery_fixes  # noqa: F401 - workers survive a broker restart (see the module)
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kite.settings")
 
 app = Celery("kite")
