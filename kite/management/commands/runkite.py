@@ -1,7 +1,8 @@
 """Run web (uvicorn), a Celery worker and Celery beat in the foreground.
 
-`make run` ends here. Ctrl-C (or SIGTERM) stops all three; if one of them
-dies the others are stopped too and the exit status says so.
+`make run` ends here. A child that exits is started again after 1 s, 2 s, 4 s … at most 30 s
+(back to 1 s once it had stayed up a minute), with a line on stderr naming it, its exit status
+and the delay; the others keep running. Only Ctrl-C (or SIGTERM) stops all three, exit status 0.
 """
 
 import os
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
@@ -19,6 +21,9 @@ from django.core.management.base import BaseCommand
 from kite import tls
 
 STOP_GRACE_SECONDS = 10
+RESTART_FIRST_SECONDS = 1.0
+RESTART_MAX_SECONDS = 30.0
+STABLE_SECONDS = 60.0  # up this long, a child is healthy again: its next exit restarts after the first delay
 
 
 class Command(BaseCommand):
@@ -84,8 +89,71 @@ def proxy_header_args(trusted: list[str]) -> list[str]:
     return ["--proxy-headers", "--forwarded-allow-ips", ",".join(trusted)]
 
 
-def supervise(commands: dict[str, list[str]], env: dict) -> int:
-    children = {name: subprocess.Popen(argv, env=env) for name, argv in commands.items()}
+def restart_delay(exits_in_a_row: int, first: float = RESTART_FIRST_SECONDS, cap: float = RESTART_MAX_SECONDS) -> float:
+    """1 s, 2 s, 4 s … cap: a child that keeps failing (the database is down) is not respawned in a busy loop."""
+    return min(cap, first * 2 ** (exits_in_a_row - 1))
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    exits_in_a_row: int = 0  # exits each before STABLE_SECONDS of uptime
+    restart_at: float = 0.0
+
+
+class Supervisor:
+    """Keeps every child running until stop(); tick() is one look at them (the loop is in supervise())."""
+
+    def __init__(self, commands: dict[str, list[str]], env: dict, *, first=RESTART_FIRST_SECONDS,
+                 cap=RESTART_MAX_SECONDS, stable=STABLE_SECONDS, clock=time.monotonic):  # fmt: skip
+        self.children = [Child(name, argv) for name, argv in commands.items()]
+        self.env, self.first, self.cap, self.stable, self.clock = env, first, cap, stable, clock
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+
+    def tick(self) -> None:
+        now = self.clock()
+        for child in self.children:
+            if child.process is None and now >= child.restart_at:
+                self._spawn(child)
+                _say(f"{child.name} started again (pid {child.process.pid})")
+            elif child.process is not None and child.process.poll() is not None:
+                self._schedule_restart(child, now)
+
+    def _spawn(self, child: Child) -> None:
+        child.process, child.started_at = subprocess.Popen(child.argv, env=self.env), self.clock()
+
+    def _schedule_restart(self, child: Child, now: float) -> None:
+        stayed_up = now - child.started_at >= self.stable
+        child.exits_in_a_row = 1 if stayed_up else child.exits_in_a_row + 1
+        delay = restart_delay(child.exits_in_a_row, self.first, self.cap)
+        _say(f"{child.name} {describe_exit(child.process.returncode)}; restarting it in {delay:g} s")
+        child.process, child.restart_at = None, now + delay
+
+    def stop(self) -> None:
+        _stop_all({child.name: child.process for child in self.children if child.process is not None})
+
+
+def _say(message: str) -> None:
+    print(f"kite: {message}", file=sys.stderr, flush=True)
+
+
+def supervise(commands: dict[str, list[str]], env: dict, **delays) -> int:
+    supervisor = Supervisor(commands, env, **delays)
     stopping = []
 
     def request_stop(signum, frame):
@@ -93,17 +161,12 @@ def supervise(commands: dict[str, list[str]], env: dict) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    status = 0
+    supervisor.start()
     while not stopping:
-        dead = {name: child.returncode for name, child in children.items() if child.poll() is not None}
-        if dead and not stopping:  # (not a child that got the same Ctrl-C a moment before us)
-            for name, code in dead.items():
-                print(f"kite: {name} exited with status {code}; stopping the others", file=sys.stderr)
-            status = 1
-            break
+        supervisor.tick()
         time.sleep(0.2)
-    _stop_all(children)
-    return status
+    supervisor.stop()
+    return 0
 
 
 def _stop_all(children: dict[str, subprocess.Popen]) -> None:

@@ -1,0 +1,134 @@
+"""runkite's supervisor: a child that exits is started again with backoff and says so; only SIGTERM or
+Ctrl-C stops everything, with exit status 0. Children here are small Python processes standing in for
+web, worker and beat."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from kite.management.commands.runkite import Supervisor, describe_exit, restart_delay
+from tests.e2e.harness import REPO, group_is_gone, wait_for
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_restart_delays_double_from_one_second_up_to_thirty():
+    assert [restart_delay(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_exit_statuses_are_told_apart_from_signals():
+    assert describe_exit(1) == "exited with status 1"
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+
+
+def _wait_for_exit(child) -> None:
+    child.process.wait(timeout=10)
+
+
+def test_a_crashing_child_is_restarted_with_backoff_and_logged_and_the_others_keep_running(capsys):
+    clock = Clock()
+    supervisor = Supervisor(
+        {"worker": python("raise SystemExit(3)"), "beat": python("import time; time.sleep(60)")}, dict(os.environ),
+        clock=clock,
+    )  # fmt: skip
+    worker, beat = supervisor.children
+    supervisor.start()
+    beat_process = beat.process
+    try:
+        delays = []
+        for _ in range(7):
+            _wait_for_exit(worker)
+            supervisor.tick()  # notices the exit
+            assert worker.process is None
+            delays.append(worker.restart_at - clock.now)
+            clock.now += delays[-1] - 0.01
+            supervisor.tick()
+            assert worker.process is None  # not before its delay
+            clock.now += 0.01
+            supervisor.tick()
+            assert worker.process is not None  # started again
+        assert delays == pytest.approx([1, 2, 4, 8, 16, 30, 30])
+        assert beat.process is beat_process and beat_process.poll() is None  # never touched
+
+        clock.now += 60  # this run stayed up a minute: healthy again, back to the first delay
+        _wait_for_exit(worker)
+        supervisor.tick()
+        assert worker.restart_at - clock.now == pytest.approx(1)
+    finally:
+        supervisor.stop()
+    err = capsys.readouterr().err
+    assert "kite: worker exited with status 3; restarting it in 1 s" in err
+    assert "kite: worker exited with status 3; restarting it in 30 s" in err
+    assert err.count("kite: worker started again (pid ") == 7
+    assert "beat" not in err
+    assert beat_process.poll() is not None and worker.process is None
+
+
+def test_a_killed_child_is_restarted_and_its_signal_named(capsys):
+    clock = Clock()
+    supervisor = Supervisor({"web": python("import time; time.sleep(60)")}, dict(os.environ), clock=clock)
+    supervisor.start()
+    (web,) = supervisor.children
+    first = web.process
+    try:
+        first.kill()
+        first.wait(timeout=10)
+        supervisor.tick()
+        clock.now += 1
+        supervisor.tick()
+        assert web.process is not None and web.process.pid != first.pid and web.process.poll() is None
+    finally:
+        supervisor.stop()
+    assert "kite: web was killed by SIGKILL; restarting it in 1 s" in capsys.readouterr().err
+    assert web.process.poll() is not None  # stop() ended the restarted one too
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    from kite.management.commands.runkite import supervise
+
+    crasher = [sys.executable, "-c", "import time; time.sleep(0.2); raise SystemExit(3)"]
+    steady = [sys.executable, "-c", "import time; time.sleep(600)"]
+    sys.exit(supervise({"worker": crasher, "web": steady}, None, first=0.3, cap=0.6, stable=60))
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_only_a_stop_signal_stops_everything_and_runkite_then_exits_0(signum):
+    process = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: sum("worker started again" in line for line in lines) >= 2, 30, lambda: f"restarts: {lines}")
+        assert process.poll() is None  # a crashing child stops nothing
+        os.kill(process.pid, signum)  # the supervisor only, not its group: it must stop the children itself
+        assert process.wait(timeout=12) == 0
+        wait_for(lambda: group_is_gone(process.pid), 5, "every child to exit")
+    finally:
+        if not group_is_gone(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+    reader.join(timeout=5)
+    err = "".join(lines)
+    assert "kite: worker exited with status 3; restarting it in 0.3 s" in err
+    assert "kite: worker exited with status 3; restarting it in 0.6 s" in err
+    assert "web" not in err and "did not stop" not in err
