@@ -32,6 +32,7 @@ from kite.errors import ApiError
 
 DEFAULT_VALIDITY_DAYS = 90
 MAX_VALIDITY_DAYS = 825
+MAX_SUBJECT_BYTES = 64
 MAX_PEM_BYTES = 16_384
 
 
@@ -42,8 +43,9 @@ def thumbprint_of(certificate: x509.Certificate) -> str:
 
 def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS, actor: str = "") -> IdentityCertificate:
     subject = (subject or "").strip()
-    if not subject or len(subject) > 200:
-        raise ApiError("subject must be 1-200 characters.", Code.INVALID)
+    # The subject is the certificate's common name: X.509 allows 64 bytes of UTF-8 (RFC 5280 ub-common-name).
+    if not subject or len(subject.encode()) > MAX_SUBJECT_BYTES:
+        raise ApiError(f"subject must be 1-{MAX_SUBJECT_BYTES} bytes (UTF-8).", Code.INVALID)
     if not 1 <= validity_days <= MAX_VALIDITY_DAYS:
         raise ApiError(f"validity_days must be between 1 and {MAX_VALIDITY_DAYS}.", Code.INVALID)
     key = ed25519.Ed25519PrivateKey.generate()

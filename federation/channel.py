@@ -71,6 +71,9 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, prop
         return Rotated(issued.row, direction, False, issued.secrets.get("secret"))
     if direction not in ("inbound", "outbound"):
         raise ApiError("direction must be inbound or outbound.", Code.INVALID)
+    if not (peer.sends_to and peer.outbound_secret_encrypted):  # no URL to call, or no secret to sign it with
+        raise ApiError(f"{peer.name!r} cannot be told over a channel (a trusted sender, or an invitation not yet "
+                       "accepted): rotate with propagate=false.", Code.INVALID)  # fmt: skip
     new = services._check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
     if direction == "outbound":
         try:

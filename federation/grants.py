@@ -113,10 +113,13 @@ def check(token: str, *, resource_kind: str, resource_id: str | None = None, sco
 
 def _lookup(token: str) -> Grant:
     prefix, _, secret = (token or "").partition(".")
-    if not prefix.startswith("fg-") or not prefix[3:].isdigit() or not secret:
+    grant_id = prefix[3:]
+    # ASCII digits that fit a bigint: str.isdigit() also admits "²", which int() refuses.
+    well_formed = prefix.startswith("fg-") and grant_id.isascii() and grant_id.isdigit() and len(grant_id) <= 18
+    if not well_formed or not secret:
         raise Refused("bad_grant", "Send a grant token 'fg-<id>.<secret>'.")
     # Plain SQL: every peer call that reads a grant makes this query (the ORM's compilation cost more).
-    grant = next(iter(Grant.objects.raw(f"SELECT * FROM {Grant._meta.db_table} WHERE id = %s", [int(prefix[3:])])), None)
+    grant = next(iter(Grant.objects.raw(f"SELECT * FROM {Grant._meta.db_table} WHERE id = %s", [int(grant_id)])), None)
     if grant is None or not hmac.compare_digest(grant.secret_sha256, _digest(secret)):
         raise Refused("bad_grant", "Unknown grant token.")
     return grant

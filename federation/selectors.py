@@ -36,7 +36,8 @@ def peer_by_ref(team_id: str, ref: str, role: str | None = "peer") -> Peer | Non
     """A peer named on the command line: a live peer by name, else any peer of the team by id."""
     peers = Peer.objects.filter(team_id=team_id, **({"role": role} if role else {}))
     found = peers.filter(name=ref).exclude(status=Peer.Status.REVOKED).first()
-    return found or (peers.filter(pk=int(ref)).first() if str(ref).isdigit() else None)
+    ref = str(ref)
+    return found or (peers.filter(pk=int(ref)).first() if ref.isascii() and ref.isdigit() else None)
 
 
 def outbox_depths(peer_ids: list[int]) -> dict[int, dict[str, int]]:
@@ -131,7 +132,8 @@ def audit_events(team_id: str, filters: AuditFilter, limit: int) -> tuple[list[A
     if filters.outcome:
         rows = rows.filter(outcome=filters.outcome)
     if filters.peer:
-        by_id = Q(peer_id=int(filters.peer)) if filters.peer.isdigit() and len(filters.peer) <= 18 else Q()
+        peer = filters.peer
+        by_id = Q(peer_id=int(peer)) if peer.isascii() and peer.isdigit() and len(peer) <= 18 else Q()
         rows = rows.filter(Q(peer_name=filters.peer) | by_id)
     found = list(rows.order_by("-id")[: limit + 1])
     return found[:limit], len(found) > limit

@@ -38,7 +38,7 @@ def _refused(peer: Peer, code: str, detail: str, client_ip: str, endpoint: str) 
 def _narrowed_to(token: str) -> str | None:
     """The grant's own resource_id: a listing is narrowed by it, not refused for it."""
     prefix = token.partition(".")[0]
-    if not prefix.startswith("fg-") or not prefix[3:].isdigit() or len(prefix) > 21:
+    if not prefix.startswith("fg-") or not (prefix.isascii() and prefix[3:].isdigit()) or len(prefix) > 21:
         return None  # grants.check says what is wrong with it
     grant_id = int(prefix[3:])
     if grant_id not in _resource_ids:

@@ -385,6 +385,36 @@ def test_bad_audit_queries_are_a_clear_400(api, team, query):
     assert response.status_code == 400 and response.json()["code"] == "invalid" and response.json()["detail"]
 
 
+# str.isdigit() also admits superscripts ("²": int() refuses it, was a 500) and other scripts'
+# digits ("٣", "１２": int() reads them, were ids): only ASCII digits are an id.
+NON_ASCII_DIGITS = ["²", "³¹", "٣", "１２", "𝟗"]
+
+
+@pytest.mark.parametrize("bound", ["after", "before"])
+@pytest.mark.parametrize("digits", NON_ASCII_DIGITS)
+def test_an_audit_cursor_in_non_ascii_digits_is_a_clear_400_not_an_id(api, team, bound, digits):
+    rows = _record(team, 4)
+
+    response = api.get("/api/audit", {bound: digits})
+
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "invalid" and bound in response.json()["fields"]
+    assert list(AuditEvent.objects.filter(team=team).order_by("id")) == rows  # a read: nothing written either
+
+
+def test_an_audit_peer_in_non_ascii_digits_is_a_name_not_an_id(api, team):
+    peer = services.peer_create(team=team, name="b", peer_hook_url=PEER_URL).row
+    before = AuditEvent.objects.filter(team=team).count()
+    spelled = [str(peer.pk).translate(str.maketrans("0123456789", digits)) for digits in ("٠١٢٣٤٥٦٧٨٩", "０１２３４５６７８９")]
+
+    for peer_filter in [*spelled, *NON_ASCII_DIGITS]:
+        response = api.get("/api/audit", {"peer": peer_filter})
+        assert response.status_code == 200, (peer_filter, response.content)
+        assert response.json()["results"] == [], peer_filter  # no peer has that name; it is not peer.pk
+    assert [row["peer_id"] for row in api.get("/api/audit", {"peer": str(peer.pk)}).json()["results"]] == [peer.pk]
+    assert AuditEvent.objects.filter(team=team).count() == before
+
+
 def test_audit_is_team_scoped_and_for_team_admins(api, outsider_api, anonymous_api, browser, team, other_team):
     mine = _record(team, 1)[0]
     theirs = _record(other_team, 1)[0]

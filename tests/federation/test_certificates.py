@@ -9,8 +9,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from federation import certificates, inbound, outbox, services, signing
-from federation.models import IdentityCertificate
+from federation.models import AuditEvent, IdentityCertificate
 from kite import crypto, tls
+from kite.errors import ApiError
 from tests.e2e.harness import wait_for
 from tests.federation.test_api import PEER_URL, SECRET
 
@@ -40,6 +41,28 @@ def test_bad_certificate_requests_are_400_and_store_nothing(api, bad):
     response = api.post("/api/federation/certificates", bad, format="json")
     assert response.status_code == 400 and {"detail", "code"} <= set(response.json())
     assert not IdentityCertificate.objects.exists()
+
+
+@pytest.mark.parametrize("subject", ["x" * 65, "é" * 33, "证" * 22])
+def test_a_subject_longer_than_an_x509_common_name_is_400_and_stores_nothing(api, team, subject):
+    """X.509 allows 64 bytes of UTF-8 in a common name: past that, cryptography raised a ValueError (a 500)."""
+    audited = AuditEvent.objects.count()
+
+    response = api.post("/api/federation/certificates", {"subject": subject}, format="json")
+
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "invalid" and "subject" in response.json()["detail"]
+    assert not IdentityCertificate.objects.exists() and AuditEvent.objects.count() == audited
+    with pytest.raises(ApiError):  # the service refuses it for every caller (screen, manage.py)
+        certificates.issue(team=team, subject=subject)
+    assert not IdentityCertificate.objects.exists()
+
+
+def test_a_subject_of_exactly_64_bytes_is_the_certificates_common_name(api):
+    body = _issue(api, subject="é" * 32)
+
+    cert = x509.load_pem_x509_certificate(body["pem"].encode())
+    assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "é" * 32
 
 
 def test_certificates_stay_in_their_team(api, outsider_api):

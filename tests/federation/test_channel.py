@@ -111,3 +111,17 @@ def test_a_manual_peer_is_not_told_by_default_and_gets_the_secret_to_paste(api, 
     assert rotated.status_code == 200
     assert rotated.json()["propagated"] is False and rotated.json()["secret"].startswith("whsec_")
     assert channel.has_channel(Peer.objects.get(pk=created["id"])) is False
+
+
+@pytest.mark.parametrize("direction", ["inbound", "outbound"])
+def test_propagating_to_a_pending_invitation_or_a_trusted_sender_is_400_and_changes_nothing(api, team, direction):
+    """Neither has a URL to call nor a secret to sign with: telling them raised on the empty secret (a 500)."""
+    pending = api.post("/api/federation/invitations", {"name": "pending"}, format="json").json()["peer_id"]
+    sender = services.trusted_sender_create(team=team, name="s", inbound_token=SECRET).row.pk
+    for peer_id in (pending, sender):
+        before = Peer.objects.values().get(pk=peer_id)
+        response = api.post(f"/api/federation/peers/{peer_id}/rotate-secret",
+                            {"direction": direction, "propagate": True}, format="json")  # fmt: skip
+        assert response.status_code == 400, response.content
+        assert response.json()["code"] == "invalid" and "propagate=false" in response.json()["detail"]
+        assert Peer.objects.values().get(pk=peer_id) == before

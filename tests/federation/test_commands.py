@@ -143,6 +143,19 @@ def test_replay_dead_refuses_a_bad_limit_and_an_unknown_peer(default_team):
     assert not AuditEvent.objects.filter(action=audit.DEAD_LETTERS_REPLAYED).exists()
 
 
+def test_a_peer_named_in_non_ascii_digits_is_looked_up_by_name_not_as_an_id(default_team):
+    """str.isdigit() admits "²" (int() refused it: a traceback) and "٣" (int() read it as an id)."""
+    peer = services.peer_create(team=default_team, name="b", peer_hook_url=PEER_URL, scopes=["*"]).row
+    _event(default_team, "e0")
+    OutboxEntry.objects.update(status="dead")
+    arabic = str(peer.pk).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+    for ref in (arabic, "²", "¹" + str(peer.pk)):
+        with pytest.raises(CommandError, match="has no peer named"):
+            run("replay_dead", ref)
+    assert OutboxEntry.objects.get().status == "dead"
+    assert not AuditEvent.objects.filter(action=audit.DEAD_LETTERS_REPLAYED).exists()
+
+
 # --- issue_certificate ----------------------------------------------------------------------------
 
 

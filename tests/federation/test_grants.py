@@ -55,6 +55,29 @@ def test_expired_out_of_network_wrong_kind_or_forged_tokens_are_refused(api, pee
     assert expired.value.code == "grant_expired"
 
 
+@pytest.mark.parametrize("spelling", ["arabic-indic", "fullwidth", "superscript", "19 digits", "5000 digits"])
+def test_a_grant_token_whose_id_is_not_ascii_digits_of_a_bigint_is_a_bad_grant(api, peer_id, spelling):
+    """str.isdigit() admits all of these: int() read the first two as the grant's id (its secret
+    then matched), refused the superscript and the 5000 digits with a ValueError (a 500)."""
+    created = _grant(api, peer_id)
+    secret = created["token"].split(".", 1)[1]
+    grant_id = str(created["id"])
+    spelled = {
+        "arabic-indic": grant_id.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")),
+        "fullwidth": grant_id.translate(str.maketrans("0123456789", "０１２３４５６７８９")),
+        "superscript": grant_id.translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")),
+        "19 digits": grant_id.zfill(19),
+        "5000 digits": grant_id.zfill(5000),
+    }[spelling]
+
+    with pytest.raises(grants.Refused) as refused:
+        grants.check(f"fg-{spelled}.{secret}", resource_kind="fleet.agents", client_ip="203.0.113.9")
+
+    assert refused.value.code == "bad_grant"
+    assert grants.check(created["token"], resource_kind="fleet.agents", client_ip="203.0.113.9").pk == created["id"]
+    assert list(Grant.objects.values_list("pk", flat=True)) == [created["id"]]
+
+
 @pytest.mark.parametrize("body", [{"resource_kind": "secrets"}, {"resource_kind": "fleet.agents", "source_cidrs": ["nope"]},
                                   {"resource_kind": "fleet.agents", "ttl_seconds": 5}])
 def test_bad_grant_requests_are_400_and_create_nothing(api, peer_id, body):

@@ -12,7 +12,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from fleet import rows
-from fleet.models import Agent
+from fleet.models import Agent, Snapshot
 from ingest import consumers
 from kite import services as kite_services
 from kite.asgi import application
@@ -174,6 +174,18 @@ def test_bad_list_queries_are_400(api, query):
     response = api.get(f"/api/fleet/agents{query}")
 
     assert response.status_code == 400 and response.json()["code"] == "invalid", response.content
+
+
+@pytest.mark.parametrize("query", [{"peer": "b\x00"}, {"q": "eu\x00"}, {"peer": "\x00", "q": "\x00"}])
+def test_a_nul_in_the_list_query_is_400_not_a_database_error(api, team, query):
+    """PostgreSQL text cannot hold NUL: the peer lookup raised a DataError (a 500)."""
+    Agent.objects.create(team=team, name="eu-1")
+
+    response = api.get("/api/fleet/agents", query)
+
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "invalid" and "NUL" in response.json()["detail"]
+    assert list(Agent.objects.values_list("name", flat=True)) == ["eu-1"] and not Snapshot.objects.exists()
 
 
 # --- a remote agent cannot be addressed for a change ------------------------------------

@@ -164,6 +164,24 @@ def test_without_a_usable_grant_the_peer_gets_403_naming_why_and_the_refusal_is_
     assert _audit(team, "Federation.RemoteRequest") == []
 
 
+@pytest.mark.parametrize("digits", ["⁰¹²³⁴⁵⁶⁷⁸⁹", "٠١٢٣٤٥٦٧٨٩"])
+def test_a_grant_token_whose_id_is_not_ascii_digits_is_403_bad_grant_not_its_grant(team, digits):
+    """str.isdigit() admits both: int() refused the superscripts (a 500; they are latin-1, so
+    any HTTP client can send them) and read the Arabic-Indic digits as the grant's id."""
+    caller = _caller_row(team)
+    _agent(team, "secret-agent")
+    grant, token = grants.create(peer=caller, resource_kind="fleet.agents")
+    grant_id, secret = token.removeprefix("fg-").split(".", 1)
+
+    response = _signed_get(f"fg-{grant_id.translate(str.maketrans('0123456789', digits))}.{secret}")
+
+    assert response.status_code == 403, response.content
+    assert response.json()["code"] == "bad_grant" and "secret-agent" not in response.content.decode()
+    assert [row.outcome for row in _audit(team, "Federation.AuthFailed")] == ["bad_grant"]
+    assert _audit(team, "Federation.RemoteRequest") == []
+    assert list(Grant.objects.values_list("pk", flat=True)) == [grant.pk]
+
+
 def test_an_unsigned_or_badly_signed_call_is_401_naming_the_factor_and_audited(team):
     caller = _caller_row(team)
     _, token = grants.create(peer=caller, resource_kind="fleet.agents")
