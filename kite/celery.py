@@ -1,7 +1,9 @@
 import os
+from pathlib import Path
 
-from celery import Celery
-from celery.signals import task_postrun, task_prerun
+import click
+from celery import Celery, bootsteps
+from celery.signals import after_task_publish, beat_init, task_postrun, task_prerun
 
 from kite import celery_fixes  # noqa: F401 - workers survive a broker restart (see the module)
 
@@ -10,6 +12,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kite.settings")
 app = Celery("kite")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+LIVENESS_SECONDS = 10  # a worker touches its --liveness-file this often while it consumes
 
 
 @task_prerun.connect
@@ -20,3 +24,60 @@ def _database_connections(**kwargs):
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+# --- liveness files for health checks (docker/compose.yaml) ------------------------------------
+# A health check that asks the worker over the broker (`celery inspect ping`) starts Django and
+# Celery and waits on a round trip: seconds of CPU per check, and it fails for every worker at once
+# when the broker blinks. A file's age is read in a millisecond and says what matters: this process
+# still turns its event loop and talks to the broker.
+
+
+def _touch(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError:
+        pass  # a health check reading a stale file says more than a worker dying of a full disk
+
+
+class WorkerLiveness(bootsteps.StartStopStep):
+    """Touches --liveness-file now and every LIVENESS_SECONDS while the consumer is connected: Celery
+    stops the consumer's steps when the broker connection is lost and starts them once it is back."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, consumer, liveness_file=None, **kwargs):
+        self.path, self.timer_entry = Path(liveness_file) if liveness_file else None, None
+        super().__init__(consumer, **kwargs)
+
+    def start(self, consumer):
+        if self.path:
+            _touch(self.path)
+            self.timer_entry = consumer.timer.call_repeatedly(LIVENESS_SECONDS, _touch, (self.path,))
+
+    def stop(self, consumer):
+        if self.timer_entry is not None:
+            self.timer_entry.cancel()
+            self.timer_entry = None
+
+    shutdown = stop
+
+
+app.user_options["worker"].add(
+    click.Option(["--liveness-file"], help=f"touched every {LIVENESS_SECONDS} s while connected to the broker")
+)
+app.steps["consumer"].add(WorkerLiveness)
+
+_beat_liveness: list[Path] = []  # set in the beat process only
+
+
+@beat_init.connect
+def _beat_started(sender, **kwargs):
+    _beat_liveness[:] = [Path(f"{sender.schedule_filename}.alive")]
+
+
+@after_task_publish.connect
+def _beat_published(**kwargs):
+    """Beat sends the outbox sweep every second: the file is as old as beat's last message the broker took."""
+    if _beat_liveness:
+        _touch(_beat_liveness[0])

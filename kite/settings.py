@@ -244,6 +244,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 4
 CELERY_DB_REUSE_MAX = 1000
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(KITE_DATA_DIR / "celerybeat-schedule")
+# A broker outage never ends a worker or beat: they retry every 2, 4 … 30 s for as long as it lasts
+# (Celery's default gives up after 100 attempts, about 45 minutes, and the process exits).
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 KITE_HEARTBEAT_SECONDS = _positive_int("KITE_HEARTBEAT_SECONDS", 30)
 KITE_PROBE_DOWN_SECONDS = _positive_int("KITE_PROBE_DOWN_SECONDS", 5)
 KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 60)

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +55,52 @@ def test_web_trusts_proxy_headers_from_the_gateway_its_proxy_comes_from_only():
     assert web["KITE_TRUSTED_PROXIES"] == network["gateway"]  # one variable moves both
     for name in ("worker", "beat"):
         assert "KITE_TRUSTED_PROXIES" not in (COMPOSE["services"][name].get("environment") or {})
+
+
+# --- supervision: restart policies and health checks ------------------------------------------------
+
+
+def test_every_service_is_started_again_when_it_exits():
+    for name, service in COMPOSE["services"].items():
+        assert service.get("restart") in ("always", "unless-stopped"), f"{name} has no restart policy"
+
+
+def _option(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def _liveness_files() -> dict[str, str]:
+    """The file each Celery service's health check reads, as the service's command makes it write it."""
+    services = COMPOSE["services"]
+    return {
+        "worker": _option(services["worker"]["command"], "--liveness-file"),
+        "beat": _option(services["beat"]["command"], "--schedule") + ".alive",  # kite.celery: <schedule>.alive
+    }
+
+
+def _check(service: str, liveness_file: Path) -> int:
+    """Run the service's health check here, on `liveness_file` instead of the container's path."""
+    import subprocess
+    import sys
+
+    kind, *argv = COMPOSE["services"][service]["healthcheck"]["test"]
+    assert kind == "CMD" and argv[:2] == ["python", "-c"]
+    code = argv[2]
+    assert _liveness_files()[service] in code  # it reads the very file the service writes
+    code = code.replace(_liveness_files()[service], str(liveness_file))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=10).returncode
+
+
+@pytest.mark.parametrize("service", ["worker", "beat"])
+def test_a_celery_service_is_healthy_while_its_liveness_file_is_fresh_only(service, tmp_path):
+    import os
+    import time
+
+    alive = tmp_path / "alive"
+    assert _check(service, alive) != 0  # never touched: not started, or never reached the broker
+    alive.touch()
+    assert _check(service, alive) == 0
+    stale = time.time() - 45  # the worker touches it every 10 s, beat every second, while they work
+    os.utime(alive, (stale, stale))
+    assert _check(service, alive) != 0
+

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -132,3 +134,70 @@ def test_only_a_stop_signal_stops_everything_and_runkite_then_exits_0(signum):
     assert "kite: worker exited with status 3; restarting it in 0.3 s" in err
     assert "kite: worker exited with status 3; restarting it in 0.6 s" in err
     assert "web" not in err and "did not stop" not in err
+
+
+# --- liveness files: what the compose health checks read (kite/celery.py) -----------------------------
+
+
+class _Timer:
+    def __init__(self):
+        self.entries = []
+
+    def call_repeatedly(self, seconds, fun, args=()):
+        entry = SimpleNamespace(seconds=seconds, run=lambda: fun(*args), cancelled=False)
+        entry.cancel = lambda: setattr(entry, "cancelled", True)
+        self.entries.append(entry)
+        return entry
+
+
+def _age(path) -> float:
+    return time.time() - path.stat().st_mtime
+
+
+def _make_stale(path) -> None:
+    os.utime(path, (time.time() - 100, time.time() - 100))
+
+
+def test_a_worker_touches_its_liveness_file_while_its_consumer_runs_only(tmp_path):
+    from kite.celery import LIVENESS_SECONDS, WorkerLiveness
+
+    alive, consumer = tmp_path / "worker.alive", SimpleNamespace(timer=_Timer())
+    step = WorkerLiveness(consumer, liveness_file=str(alive))
+    step.start(consumer)  # connected and consuming
+    assert _age(alive) < 5
+    (entry,) = consumer.timer.entries
+    assert entry.seconds == LIVENESS_SECONDS == 10
+    _make_stale(alive)
+    entry.run()
+    assert _age(alive) < 5
+    step.stop(consumer)  # Celery stops the consumer's steps when the broker connection is lost
+    assert entry.cancelled
+
+    without, bare = WorkerLiveness(consumer, liveness_file=None), SimpleNamespace(timer=_Timer())
+    without.start(bare)
+    assert not bare.timer.entries  # no --liveness-file: nothing written
+
+
+class _BeatService:  # the sender of beat_init (celery.beat.Service)
+    def __init__(self, schedule_filename: str):
+        self.schedule_filename = schedule_filename
+
+
+def test_beat_touches_schedule_alive_when_the_broker_takes_a_message_and_other_processes_do_not(tmp_path):
+    from celery.signals import after_task_publish, beat_init
+
+    from kite import celery as kite_celery
+
+    schedule = tmp_path / "celerybeat-schedule"
+    after_task_publish.send(sender="federation.tasks.sweep_outbox")  # a web or worker process publishing
+    assert not list(tmp_path.iterdir())
+    beat_init.send(sender=_BeatService(str(schedule)))
+    try:
+        after_task_publish.send(sender="federation.tasks.sweep_outbox")
+        alive = tmp_path / "celerybeat-schedule.alive"
+        assert _age(alive) < 5
+        _make_stale(alive)
+        after_task_publish.send(sender="federation.tasks.sweep_outbox")
+        assert _age(alive) < 5
+    finally:
+        kite_celery._beat_liveness.clear()
