@@ -1,7 +1,14 @@
 """One error shape for every endpoint: {"detail": "...", "code": "..."}."""
 
 import enum
+import logging
+import sqlite3
+import sys
 
+import kombu.exceptions
+import psycopg
+import redis.exceptions
+from django.db import InterfaceError, OperationalError, connections
 from django.http import JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -22,6 +29,12 @@ class Code(enum.StrEnum):
     CONFLICT = "conflict"
     SERVER_ERROR = "server_error"
     UNAVAILABLE = "unavailable"
+    DATABASE_UNAVAILABLE = "database_unavailable"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+
+
+log = logging.getLogger(__name__)
+OUTAGE_RETRY_SECONDS = 5  # a database restart or a broker failover takes seconds
 
 
 class ApiError(Exception):
@@ -69,6 +82,9 @@ def _flatten(detail) -> str:
 def exception_handler(exc, context):
     if isinstance(exc, ApiError):
         return Response({"detail": exc.detail, "code": exc.code}, status=exc.status, headers=exc.headers)
+    outage = outage_error(exc)
+    if outage is not None:
+        return Response({"detail": outage.detail, "code": outage.code}, status=503, headers=outage.headers)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -102,4 +118,60 @@ def handler404(request, exception=None):
 
 
 def handler500(request):
+    """What Django answers for an exception nothing else handled; an outage met outside a view
+    (in a middleware, e.g. saving a session) is a 503 here too."""
+    outage = outage_error(sys.exc_info()[1])
+    if outage is not None:
+        return outage.response()
     return json_error("Internal server error.", Code.SERVER_ERROR, 500)
+
+
+# --- outages: the database or the broker unreachable --------------------------------
+
+# SQLSTATE classes of a connection that is gone or cannot be had: 08 connection exception,
+# 53 insufficient resources (too many connections), 57P admin/crash shutdown, starting up.
+_CONNECTION_SQLSTATES = ("08", "53", "57P")
+# SQLite: busy/locked past the busy timeout, the file cannot be opened or read.
+_SQLITE_UNAVAILABLE = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR}
+
+
+def outage_error(exc: BaseException | None) -> ApiError | None:
+    """The 503 for an exception that means the database or the broker (Redis) cannot be reached,
+    else None. The caller may retry: nothing was half-stored (a transaction that failed rolled
+    back), and a broken database connection is closed so the next request opens a new one."""
+    if _database_unreachable(exc):
+        _close_broken_connections()
+        log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).strip()[:300])
+        return ApiError("The database is unavailable; try again shortly.", Code.DATABASE_UNAVAILABLE, status=503,
+                        headers={"Retry-After": str(OUTAGE_RETRY_SECONDS)})  # fmt: skip
+    if _broker_unreachable(exc):
+        log.warning("broker unavailable: %s: %s", type(exc).__name__, str(exc).strip()[:300])
+        return ApiError("The message broker is unavailable; try again shortly.", Code.BROKER_UNAVAILABLE,
+                        status=503, headers={"Retry-After": str(OUTAGE_RETRY_SECONDS)})  # fmt: skip
+    return None
+
+
+def _database_unreachable(exc) -> bool:
+    """Connection-level only: a constraint, a bad query or a deadlock is not an outage."""
+    if isinstance(exc, (InterfaceError, psycopg.InterfaceError)):
+        return True
+    if not isinstance(exc, (OperationalError, psycopg.OperationalError)):
+        return False
+    cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+    if isinstance(cause, psycopg.Error):
+        # No SQLSTATE: no server answered (connection refused, reset, closed unexpectedly).
+        return cause.sqlstate is None or cause.sqlstate.startswith(_CONNECTION_SQLSTATES)
+    if isinstance(cause, sqlite3.Error):
+        return (getattr(cause, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_UNAVAILABLE
+    return False
+
+
+def _broker_unreachable(exc) -> bool:
+    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                            kombu.exceptions.OperationalError))  # fmt: skip
+
+
+def _close_broken_connections() -> None:
+    for connection in connections.all(initialized_only=True):
+        if not connection.in_atomic_block:  # (a test's own transaction)
+            connection.close_if_unusable_or_obsolete()
