@@ -20,12 +20,12 @@ from datetime import timedelta
 from urllib.parse import urlencode
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from federation import CONTRACT_VERSION, audit, certificates, client, services, signing, wire
 from federation.errors import Code
-from federation.models import Peer
+from federation.models import Grant, Peer
 from kite import crypto
 from kite.errors import ApiError
 
@@ -134,84 +134,140 @@ def parse(invitation: str) -> dict:
 
 def accept(*, team, invitation: str, name: str = "", scopes: list | None = None, max_hops: int | None = None,
            actor: str = "") -> Peer:  # fmt: skip
+    """The handshake first, with no transaction open (it may take A's whole timeout), then one
+    short transaction storing our side. If that fails after A stored its side, A is told to drop it."""
     offer = parse(invitation)
     services._check_url(offer["url"])  # the handshake goes there: refused here as a bad input, not a 502
     services._check_url(offer["hook_url"])
     name = services._check_name(name or offer["instance_id"])
     scopes = services._check_scopes(scopes if scopes is not None else [])
-    live = Peer.objects.filter(team=team).exclude(status=Peer.Status.REVOKED)
-    if live.filter(name=name).exists():
-        raise ApiError(f"Team already has a peer named {name!r}.", Code.CONFLICT, status=409)
-    if live.filter(remote_instance_id=offer["instance_id"][:63]).exists():
-        raise ApiError(f"Team already has a peer with instance ID {offer['instance_id'][:63]!r}: delete it to "
-                       "peer again.", Code.INSTANCE_ID_TAKEN, status=409)  # fmt: skip
+    services._check_tls_fingerprint(offer.get("tls_fingerprint") or "")
+    _check_free(team, name, offer["instance_id"][:63])
     certificate = _own_certificate(team, actor)
-    signer = certificates.signer_for(team.id)
     checked_here = crypto.new_webhook_secret()  # what we verify: never leaves except to A, once
-    from federation import grants
-    from federation.selectors import server_tls_fingerprint
-
+    grant_token = _reserved_grant_token()
     target = client.Target(
         url=handshake_url(offer),
         secret=_code_secret(offer["code"]),
         sender_id=settings.KITE_INSTANCE_ID,
         tls_fingerprint=offer.get("tls_fingerprint") or "",
-        signer=signer,
+        signer=certificates.signer_for(team.id),
     )
-    # Our half is rolled back if the handshake fails: its calls are audited once that is over.
+    # Audited once our side is stored (then naming the peer), or once the handshake failed.
     called = audit.PeerCall(team_id=team.id, peer_name=name, actor=actor, deferred=True)
     answered = None  # A's answer, once it stored its side
     try:
-        # Our row and the default grant for A exist only if the handshake completes: the
-        # transaction is rolled back otherwise (and A is told to drop its half).
-        with transaction.atomic():
-            peer = Peer(
-                team=team, name=name, role=Peer.Role.PEER, peer_hook_url=offer["hook_url"],
-                remote_instance_id=offer["instance_id"][:63], scopes=scopes,
-                tls_fingerprint=services._check_tls_fingerprint(offer.get("tls_fingerprint") or ""),
-                status=Peer.Status.ACCEPTED,
-            )  # fmt: skip
-            if max_hops is not None:
-                peer.max_hops = max_hops
-            services._set_secret(peer, "inbound", checked_here)
-            services._save_new(peer)
-            _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents", actor=actor)
-            body = client.encode({
-                "code": offer["code"], "url": settings.KITE_PUBLIC_URL, "instance_id": settings.KITE_INSTANCE_ID,
-                "team_id": team.id, "hook_url": services.hook_url_for(team), "certificate_pem": certificate.pem,
-                "tls_fingerprint": server_tls_fingerprint() or None, "inbound_secret": checked_here,
-                "contract_version": CONTRACT_VERSION, "grant_token": grant_token,
-            })  # fmt: skip
-            try:
-                answer = client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT, audit_as=called)
-            except client.PeerCallError as failure:
-                status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
-                raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
-                               failure.code or "handshake_failed", status=status) from None  # fmt: skip
-            answered = reply = answer.body if isinstance(answer.body, dict) else {}
-            their_pem, their_thumbprint = certificates.parse_peer_pem(str(reply.get("certificate_pem", "")))
-            if their_thumbprint != offer["certificate_thumbprint"]:
-                raise ApiError("The inviting instance answered with another certificate than the invitation names.",
-                               Code.BAD_CERTIFICATE, status=502)  # fmt: skip
-            _verify_reply(answer, their_pem, offer)
-            services._set_secret(peer, "outbound", services._check_secret(str(reply.get("inbound_secret", "")),
-                                                                          "inbound_secret"))  # fmt: skip
-            peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint
-            if isinstance(reply.get("grant_token"), str) and reply["grant_token"].startswith("fg-"):
-                peer.remote_grant_encrypted = crypto.encrypt(reply["grant_token"][:200])
-            peer.save()
-            audit.record(audit.INVITATION_ACCEPTED, peer=peer, actor=actor, data={
-                **services.peer_summary(peer), "inviting_instance": offer["instance_id"], "url": offer["url"],
-            })  # fmt: skip
+        answer = _handshake(target, _handshake_request(team, offer, certificate, checked_here, grant_token), called)
+        answered = answer.body if isinstance(answer.body, dict) else {}
+        peer = _our_side(team, offer, answer, name=name, scopes=scopes, max_hops=max_hops, checked_here=checked_here)
+        _store_accepted(peer, grant_token, offer, actor)
         called.peer = peer
-    except ApiError:
+    except Exception:
         if answered is not None:
             _abandon(target, answered, called)  # A stored its side: tell it to drop it, so no half-peer is left
         raise
     finally:
         called.flush()
-    transaction.on_commit(lambda: _enrol_soon(peer.pk))
+    transaction.on_commit(lambda: _enrol_soon(peer.pk), robust=True)
     return peer
+
+
+def _our_side(team, offer: dict, answer: client.PeerAnswer, *, name: str, scopes: list, max_hops: int | None,
+              checked_here: str) -> Peer:  # fmt: skip
+    """Our peer row for A, from A's answer once it is verified (not saved yet)."""
+    reply = answer.body if isinstance(answer.body, dict) else {}
+    their_pem, their_thumbprint = certificates.parse_peer_pem(str(reply.get("certificate_pem", "")))
+    if their_thumbprint != offer["certificate_thumbprint"]:
+        raise ApiError("The inviting instance answered with another certificate than the invitation names.",
+                       Code.BAD_CERTIFICATE, status=502)  # fmt: skip
+    _verify_reply(answer, their_pem, offer)
+    peer = Peer(
+        team=team, name=name, role=Peer.Role.PEER, peer_hook_url=offer["hook_url"],
+        remote_instance_id=offer["instance_id"][:63], scopes=scopes,
+        tls_fingerprint=services._check_tls_fingerprint(offer.get("tls_fingerprint") or ""),
+        status=Peer.Status.ACCEPTED, certificate_pem=their_pem, certificate_thumbprint=their_thumbprint,
+    )  # fmt: skip
+    if max_hops is not None:
+        peer.max_hops = max_hops
+    services._set_secret(peer, "inbound", checked_here)
+    services._set_secret(peer, "outbound", services._check_secret(str(reply.get("inbound_secret", "")),
+                                                                  "inbound_secret"))  # fmt: skip
+    if isinstance(reply.get("grant_token"), str) and reply["grant_token"].startswith("fg-"):
+        peer.remote_grant_encrypted = crypto.encrypt(reply["grant_token"][:200])
+    return peer
+
+
+def _check_free(team, name: str, instance_id: str) -> None:
+    live = Peer.objects.filter(team=team).exclude(status=Peer.Status.REVOKED)
+    if live.filter(name=name).exists():
+        raise ApiError(f"Team already has a peer named {name!r}.", Code.CONFLICT, status=409)
+    if live.filter(remote_instance_id=instance_id).exists():
+        raise ApiError(f"Team already has a peer with instance ID {instance_id!r}: delete it to peer again.",
+                       Code.INSTANCE_ID_TAKEN, status=409)  # fmt: skip
+
+
+def _reserved_grant_token() -> str:
+    """The token of the default fleet.agents grant we give A. A stores it in the handshake, so it
+    names its row id before the row exists: the id is taken now, and the row is written with it
+    only if the handshake completes (an abandoned one leaves a gap in the ids, nothing else)."""
+    return f"fg-{_next_grant_id()}.{secrets.token_urlsafe(32)}"
+
+
+def _next_grant_id() -> int:
+    table = Grant._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT nextval(pg_get_serial_sequence(%s, 'id'))", [table])
+            return cursor.fetchone()[0]
+        # SQLite: an AUTOINCREMENT table never hands out an id at or below its sqlite_sequence.seq.
+        with transaction.atomic():
+            cursor.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = %s RETURNING seq", [table])
+            row = cursor.fetchone()
+            if row is None:  # no grant was ever stored here
+                cursor.execute(f"INSERT INTO sqlite_sequence (name, seq) SELECT %s, COALESCE(MAX(id), 0) + 1 "
+                               f"FROM {table} RETURNING seq", [table])  # fmt: skip
+                row = cursor.fetchone()
+        return row[0]
+
+
+def _handshake_request(team, offer: dict, certificate, checked_here: str, grant_token: str) -> bytes:
+    from federation.selectors import server_tls_fingerprint
+
+    return client.encode({
+        "code": offer["code"], "url": settings.KITE_PUBLIC_URL, "instance_id": settings.KITE_INSTANCE_ID,
+        "team_id": team.id, "hook_url": services.hook_url_for(team), "certificate_pem": certificate.pem,
+        "tls_fingerprint": server_tls_fingerprint() or None, "inbound_secret": checked_here,
+        "contract_version": CONTRACT_VERSION, "grant_token": grant_token,
+    })  # fmt: skip
+
+
+def _handshake(target: client.Target, body: bytes, called: audit.PeerCall) -> client.PeerAnswer:
+    try:
+        return client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT, audit_as=called)
+    except client.PeerCallError as failure:
+        status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
+        raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
+                       failure.code or "handshake_failed", status=status) from None  # fmt: skip
+
+
+def _store_accepted(peer: Peer, grant_token: str, offer: dict, actor: str) -> None:
+    """Our side, in one short transaction: the peer row and the default grant A now holds the token of.
+    The name or instance ID may have been taken while the handshake ran: 409, and A is told."""
+    from federation import grants
+
+    grant_id, _, grant_secret = grant_token.removeprefix("fg-").partition(".")
+    with transaction.atomic():
+        _check_free(peer.team, peer.name, peer.remote_instance_id)
+        services._save_new(peer)
+        grant = Grant.objects.create(
+            pk=int(grant_id), team_id=peer.team_id, peer=peer, resource_kind="fleet.agents",
+            permission_scopes=["read"], secret_sha256=grants._digest(grant_secret),
+            expires_at=timezone.now() + timedelta(seconds=grants.DEFAULT_TTL_SECONDS),
+        )  # fmt: skip
+        audit.record(audit.GRANT_CREATED, peer=peer, actor=actor, data=grants._audit_data(grant))
+        audit.record(audit.INVITATION_ACCEPTED, peer=peer, actor=actor, data={
+            **services.peer_summary(peer), "inviting_instance": offer["instance_id"], "url": offer["url"],
+        })  # fmt: skip
 
 
 def handshake_url(offer: dict) -> str:

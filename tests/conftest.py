@@ -60,3 +60,35 @@ def peers_on_loopback(settings):
     import ipaddress
 
     settings.KITE_PEER_ALLOWED_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _in_a_transaction_of_the_code() -> bool:
+    """Inside transaction.atomic() opened by the code under test: the test's own transaction
+    (pytest-django's `db` wraps each test in one) does not count."""
+    from django.db import connections
+
+    return any(not block._from_testcase for conn in connections.all(initialized_only=True)
+               for block in conn.atomic_blocks)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def no_peer_call_inside_a_transaction(monkeypatch):
+    """Every peer call made inside transaction.atomic() fails the test: the transaction would stay
+    open for as long as the peer takes to answer (on PostgreSQL holding back every live stream's
+    horizon, on SQLite the write lock). federation.client.call is the one way to client._send (the
+    network); the guard sits there because tests/federation/loopback.py replaces _send itself.
+    Yields the calls caught (a test of the guard empties it)."""
+    from federation import client
+
+    caught: list[str] = []
+    real_call = client.call
+
+    def guarded(target, method, *args, **kwargs):
+        if _in_a_transaction_of_the_code():
+            caught.append(f"{method} {target.url}")
+            raise AssertionError(f"peer call {method} {target.url} inside transaction.atomic()")
+        return real_call(target, method, *args, **kwargs)
+
+    monkeypatch.setattr(client, "call", guarded)
+    yield caught
+    assert not caught, f"peer calls made inside transaction.atomic(): {caught}"

@@ -158,3 +158,106 @@ def test_outbox_status_filter_is_validated(api):
     assert api.post(f"/api/federation/peers/{peer_id}/replay-dead", {"limit": 5}, format="json").json() == {
         "requeued": 0
     }
+
+
+# --- accepting an invitation: the handshake runs outside any transaction ---------------------
+
+
+@pytest.fixture
+def handshakes(monkeypatch):
+    """Peer calls answered by this process's own views (tests.federation.loopback); each call is
+    noted with whether a transaction of the code was open and whether our peer row existed then.
+    `after` (a function), if set, runs once the inviting side has answered, as if meanwhile."""
+    from federation import client
+    from tests.conftest import _in_a_transaction_of_the_code
+    from tests.federation.loopback import _django_send
+
+    seen = {"calls": [], "after": None}
+
+    def send(target, method, body, headers, timeout, **kwargs):
+        seen["calls"].append((method, _in_a_transaction_of_the_code(), Peer.objects.filter(name="a").exists()))
+        answer = _django_send(target, method, body, headers, timeout, **kwargs)
+        if method == "POST" and seen["after"]:
+            seen["after"]()
+        return answer
+
+    monkeypatch.setattr(client, "_send", send)
+    return seen
+
+
+def test_the_guard_fails_a_test_whose_code_calls_a_peer_inside_a_transaction(db, no_peer_call_inside_a_transaction):
+    """tests/conftest.py's guard, which every test runs under, can fail: a call inside atomic()
+    is caught (and would fail the test at teardown), the same call outside goes out."""
+    from django.db import transaction
+
+    from federation import client
+
+    target = client.Target(url=PEER_URL, secret=SECRET, sender_id="kite-a")
+    with pytest.raises(AssertionError, match=r"inside transaction\.atomic"), transaction.atomic():
+        client.call(target, "GET")
+    assert no_peer_call_inside_a_transaction == [f"GET {PEER_URL}"]
+    no_peer_call_inside_a_transaction.clear()  # caught, as it should be: this test passes
+    with pytest.raises(client.PeerCallError, match="ConnectionError"):  # outside: sent (nobody listens on 9)
+        client.call(target, "GET")
+    assert no_peer_call_inside_a_transaction == []
+
+
+def _invitation_from(other_team) -> str:
+    from federation import invitations
+
+    return invitations.issue(team=other_team, name="b")[1]
+
+
+def _accept(api, invitation):
+    return api.post("/api/federation/invitations/accept", {"invitation": invitation, "name": "a"}, format="json")
+
+
+def test_accepting_an_invitation_holds_no_transaction_while_the_inviting_instance_answers(api, team, other_team,
+                                                                                          handshakes):  # fmt: skip
+    from federation import grants
+
+    response = _accept(api, _invitation_from(other_team))
+
+    assert response.status_code == 201, response.json()
+    assert handshakes["calls"] == [("POST", False, False)]  # no transaction open, our row not written yet
+    ours, theirs = Peer.objects.get(team=team, name="a"), Peer.objects.get(team=other_team)
+    assert (ours.status, theirs.status) == ("accepted", "accepted")
+    # The grant token A stored names the row we wrote after the handshake, with the id taken before it.
+    token = crypto.decrypt(theirs.remote_grant_encrypted)
+    assert grants.check(token, resource_kind="fleet.agents").peer_id == ours.pk
+
+
+def test_a_name_taken_while_the_handshake_ran_is_409_and_the_inviting_side_drops_its_half(api, team, other_team,
+                                                                                          handshakes):  # fmt: skip
+    from federation import audit, services
+    from federation.models import AuditEvent, Grant
+
+    handshakes["after"] = lambda: services.peer_create(team=team, name="a", peer_hook_url=PEER_URL)
+    response = _accept(api, _invitation_from(other_team))
+
+    assert (response.status_code, response.json()["code"]) == (409, "conflict")
+    assert [method for method, *_ in handshakes["calls"]] == ["POST", "DELETE"]  # the handshake, then the withdrawal
+    assert list(Peer.objects.filter(team=team).values_list("name", "peer_hook_url")) == [("a", PEER_URL)]
+    assert not Grant.objects.filter(team=team).exists()
+    assert not AuditEvent.objects.filter(team=team, action=audit.INVITATION_ACCEPTED).exists()
+    assert Peer.objects.get(team=other_team).status == "revoked"  # withdrawn with the nonce its answer gave
+
+
+def test_a_database_outage_storing_our_side_is_503_and_the_inviting_side_drops_its_half(api, team, other_team,
+                                                                                        handshakes, monkeypatch):  # fmt: skip
+    import psycopg
+    from django.db import OperationalError
+
+    from federation import invitations
+    from federation.models import Grant
+
+    def outage(*args, **kwargs):  # as Django raises it when the server went away mid-transaction
+        raise OperationalError("server closed the connection unexpectedly") from psycopg.OperationalError()
+
+    monkeypatch.setattr(invitations, "_store_accepted", outage)
+    response = _accept(api, _invitation_from(other_team))
+
+    assert (response.status_code, response.json()["code"]) == (503, "database_unavailable")
+    assert int(response["Retry-After"]) > 0
+    assert not Peer.objects.filter(team=team).exists() and not Grant.objects.filter(team=team).exists()
+    assert Peer.objects.get(team=other_team).status == "revoked"
