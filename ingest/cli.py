@@ -21,6 +21,7 @@ from websockets.sync.client import connect
 
 MAX_BACKOFF_SECONDS = 30.0
 FATAL_STATUSES = {400, 401, 403, 404}
+TOO_SLOW = 4008  # the server stopped waiting for this client to read: not a failure, resume at once
 
 
 class Fatal(Exception):
@@ -154,6 +155,11 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
         except ConnectionClosed as exc:
             if exc.rcvd and 4400 <= exc.rcvd.code < 4500:
                 raise Fatal(f"server closed the stream: {exc.rcvd.code} {exc.rcvd.reason}") from None
+            if exc.rcvd and exc.rcvd.code == TOO_SLOW:
+                # Everything before the close frame was printed: our cursor is where the server stopped.
+                print(f"kite: server closed the stream ({TOO_SLOW} {exc.rcvd.reason}); resuming after {cursor}",
+                      file=err, flush=True)  # fmt: skip
+                continue
             reason = f"connection closed ({exc})"
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             if isinstance(exc, ssl.SSLCertVerificationError):

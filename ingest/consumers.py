@@ -13,6 +13,7 @@ from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
@@ -47,6 +48,18 @@ CLOSES = {
     auth.USER_INACTIVE: (4401, "user deactivated"),
     auth.NOT_A_MEMBER: (4403, "no longer a member of the team"),
 }
+# A listener that stops reading costs the server a bounded amount: the ASGI server buffers what
+# the client has not taken up to its transport's high-water mark (64 KiB) and then makes the next
+# send wait (flow control); the stream itself holds one batch read from the store. A send still
+# waiting after SLOW_LISTENER_SECONDS (the client took less than that buffer in that time) ends
+# the stream with 4008 (4000 + HTTP 408), the reason naming the cursor to resume from: the last
+# event sent, which is the listener's last `kitecursor` once it has read up to the close frame.
+# That frame waits behind the buffer too; a listener that has not read it after
+# CLOSE_WAIT_SECONDS is dropped without it (and resumes from its own last cursor all the same).
+SLOW_LISTENER_SECONDS = 5.0
+CLOSE_WAIT_SECONDS = 30.0
+TOO_SLOW = 4008
+SENT, SLOW, GONE = "sent", "slow", "gone"  # how sending what is new ended
 
 
 def _authenticate(scope):
@@ -204,7 +217,25 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
             raise
         except Exception:
             log.exception("event stream failed; closing")
-            await self.close(code=1011)
+            await self.end(1011, "")
+
+    async def end(self, code: int, reason: str) -> None:
+        """Close the stream, waiting at most CLOSE_WAIT_SECONDS for room to send the close frame."""
+        try:
+            async with asyncio.timeout(CLOSE_WAIT_SECONDS):
+                await self.close(code=code, reason=reason)
+            return
+        except TimeoutError:
+            pass
+        except (OSError, RuntimeError):  # already gone (uvicorn: ClientDisconnected, or its keepalive closed it)
+            return
+        # The pump cannot end the consumer itself: a message to its own channel does.
+        await self.channel_layer.send(self.channel_name, {"type": "stream.abandon", "code": code})
+
+    async def stream_abandon(self, message):
+        """The listener never made room for the close frame: end the connection without it."""
+        await self.disconnect(message["code"])
+        raise StopConsumer
 
     async def still_allowed(self) -> bool:
         """Re-check the principal once REVALIDATE_SECONDS have passed (a clock read otherwise);
@@ -216,8 +247,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         lost = await principal_lost(self.principal)
         if lost is None:
             return True
-        code, reason = CLOSES[lost]
-        await self.close(code=code, reason=reason)
+        await self.end(*CLOSES[lost])
         return False
 
     async def _pump(self):
@@ -261,13 +291,34 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         return True
 
     async def drain(self) -> bool:
-        """Send what is new; False once the stream was closed because its principal lost access."""
+        """Send what is new; False once the stream is over (access lost, listener too slow or gone)."""
+        outcome = await self._send_new()
+        if outcome == SLOW:  # closed here, where the batch being sent is no longer held
+            log.warning("listener %s too slow: closing with %s, resume after %s", self.scope.get("client"),
+                        TOO_SLOW, self.cursor)  # fmt: skip
+            await self.end(TOO_SLOW, f"too slow; resume with after={self.cursor}")
+        return outcome == SENT
+
+    async def _send_new(self) -> str:
         while True:
             batch = await _read(team_id=self.team_id, after=self.cursor, filters=self.filters, limit=BATCH)
             for event in batch:
                 if not await self.still_allowed():  # events flowing without pause must not keep it open
-                    return False
-                await self.send(text_data=json.dumps(event.to_cloudevent(), separators=(",", ":")))
+                    return GONE
+                outcome = await self.send_event(event)
+                if outcome != SENT:
+                    return outcome
                 self.cursor = selectors.Cursor(event.txid, event.id)
             if len(batch) < BATCH:
-                return True
+                return SENT
+
+    async def send_event(self, event) -> str:
+        text = json.dumps(event.to_cloudevent(), separators=(",", ":"))
+        try:
+            async with asyncio.timeout(SLOW_LISTENER_SECONDS):
+                await self.send(text_data=text)
+        except TimeoutError:  # still no room: nothing of this event was written
+            return SLOW
+        except (OSError, RuntimeError):  # the connection went (see `end`)
+            return GONE
+        return SENT
