@@ -94,7 +94,8 @@ def seed_objects(kite) -> tuple[dict[str, list], dict[str, list]]:
 
 
 def _toml_list(values: list) -> str:
-    # JSON strings are TOML basic strings as long as nothing is escaped as a surrogate pair.
+    # A JSON string is a TOML basic string here: ensure_ascii=False escapes only control characters
+    # (\u0000), never a surrogate pair, which TOML would refuse.
     return "[" + ", ".join(json.dumps(value, ensure_ascii=False) for value in values) + "]"
 
 
@@ -113,7 +114,7 @@ def config_toml(kept: dict[str, list], deleted: dict[str, list]) -> str:
         'dictionaries.string = { dictionary = "hostile", probability = 0.2 }',
         "[dictionaries.hostile]", f"values = {_toml_list(HOSTILE)}", *kept_dictionaries, *deleted_dictionaries,
         "[parameters]", *kept_parameters,
-        # Nor may DELETE take ids seen in earlier answers: they are the kept objects.
+        # DELETE: objects of its own, and no ids taken from earlier answers (those are the kept objects).
         "[[operations]]", 'include-method = "DELETE"', "[operations.parameters]", *deleted_parameters,
         *(f"[operations.phases.{phase}.extra-data-sources]\nresponses = false" for phase in ("coverage", "fuzzing")),
     ]) + "\n"  # fmt: skip
