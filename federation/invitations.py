@@ -58,9 +58,8 @@ def _code_secret(code: str) -> str:
 
 def _own_certificate(team, actor: str = audit.SYSTEM):
     """The team's current identity certificate, issued on first need (an invitation pins it)."""
-    return certificates.current(team.id) or certificates.issue(
-        team=team, subject=f"{settings.KITE_INSTANCE_ID} {team.name}", actor=actor
-    )
+    subject = f"{settings.KITE_INSTANCE_ID} {team.name}".encode()[:64].decode("utf-8", "ignore")  # X.509 CN limit
+    return certificates.current(team.id) or certificates.issue(team=team, subject=subject, actor=actor)
 
 
 # --- A: issue -------------------------------------------------------------------
@@ -137,6 +136,8 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
     """The handshake first, with no transaction open (it may take A's whole timeout), then one
     short transaction storing our side. If that fails after A stored its side, A is told to drop it."""
     offer = parse(invitation)
+    if offer["instance_id"] == settings.KITE_INSTANCE_ID and offer["team_id"] == team.id:
+        raise ApiError("This is your own team's invitation: give it to the other instance's operator.", Code.INVALID)
     services._check_url(offer["url"])  # the handshake goes there: refused here as a bad input, not a 502
     services._check_url(offer["hook_url"])
     name = services._check_name(name or offer["instance_id"])

@@ -261,3 +261,18 @@ def test_a_database_outage_storing_our_side_is_503_and_the_inviting_side_drops_i
     assert int(response["Retry-After"]) > 0
     assert not Peer.objects.filter(team=team).exists() and not Grant.objects.filter(team=team).exists()
     assert Peer.objects.get(team=other_team).status == "revoked"
+
+
+def test_a_team_cannot_accept_its_own_invitation_and_nothing_changes(api, team):
+    created = api.post("/api/federation/invitations", {"name": "mirror"}, format="json").json()
+    before = list(Peer.objects.values_list("id", "status"))
+    refused = api.post("/api/federation/invitations/accept", {"invitation": created["invitation"]}, format="json")
+    assert refused.status_code == 400 and "your own team's invitation" in refused.json()["detail"]
+    assert list(Peer.objects.values_list("id", "status")) == before
+
+
+def test_a_long_team_name_still_gets_an_identity_certificate_for_its_invitation(api, team):
+    team.name = "t" * 100  # the longest a team name can be
+    team.save()
+    created = api.post("/api/federation/invitations", {"name": "x"}, format="json")
+    assert created.status_code == 201, created.json()
