@@ -52,7 +52,8 @@ def test_systemd_verifies_every_unit_without_a_warning(installed):
 
 def test_verify_would_catch_a_misspelt_key_and_a_missing_program(installed):
     unit = (installed / "kite-beat.service").read_text()
-    broken = unit.replace("NoNewPrivileges=", "NoNewPrivilege=").replace(f"{ROOT}/.venv/bin/celery", "/nonexistent/celery")
+    broken = unit.replace("NoNewPrivileges=", "NoNewPrivilege=")
+    broken = broken.replace(f"{ROOT}/.venv/bin/celery", "/nonexistent/celery")
     (installed / "kite-broken.service").write_text(broken)
     result = systemd_analyze("verify", "kite-broken.service", cwd=installed)
     assert result.returncode != 0 and "NoNewPrivilege" in result.stderr and "/nonexistent/celery" in result.stderr

@@ -38,7 +38,8 @@ def connection_as_a_busy_worker_holds_it(url: str):
     for number in range(3):
         producer.publish({"n": number}, routing_key="fix-tasks", declare=[tasks, control], retry=False)
     received = []
-    kombu.Consumer(connection.default_channel, [tasks], callbacks=[lambda body, message: received.append(message)]).consume()
+    on_message = [lambda body, message: received.append(message)]
+    kombu.Consumer(connection.default_channel, [tasks], callbacks=on_message).consume()
     control_channel = connection.channel()
     kombu.Consumer(control_channel, [control], callbacks=[lambda body, message: None]).consume()
     while len(received) < 3:
