@@ -355,6 +355,7 @@ def call(target: Target, method: str, body: bytes = b"", *, content_type: str = 
         timestamp=int(time.time()),
         body=body,
         sender_id=target.sender_id,
+        binding=signing.binding_for(method, target.url),
         ed25519_sign=target.signer.sign if target.signer else None,
         key_thumbprint=target.signer.thumbprint if target.signer else None,
         also_signed_by=target.signer.also_signed_by if target.signer else (),

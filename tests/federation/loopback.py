@@ -50,14 +50,17 @@ def pair(team, other_team):
     return peer, sender
 
 
-def peer_signed(body: bytes, secret: str = SECRET, sender: str = "kite-a", timestamp: int | None = None) -> dict:
-    """A peer request's headers (DESIGN §3), as Django's test client takes them."""
+def peer_signed(body: bytes, secret: str = SECRET, sender: str = "kite-a", timestamp: int | None = None,
+                binding: signing.Binding | None = None) -> dict:  # fmt: skip
+    """A peer request's headers (DESIGN §3), as Django's test client takes them; `binding`: the
+    method, path and team it is signed for (default: the handshake of no team)."""
     headers = signing.sign_headers(secret=secret, msg_id=f"m{time.monotonic_ns()}", body=body, sender_id=sender,
-                                   timestamp=int(time.time()) if timestamp is None else timestamp)  # fmt: skip
+                                   timestamp=int(time.time()) if timestamp is None else timestamp,
+                                   binding=binding or signing.Binding("POST", "/api/federation/handshake", ""))  # fmt: skip
     return as_wsgi_headers(headers)
 
 
 def deliver(client, team, body: bytes, **signed):
     """POST a signed event delivery to the team's `kite` source."""
-    headers = peer_signed(body, **signed)
+    headers = peer_signed(body, binding=signing.delivery_binding(team.id), **signed)
     return client.post(f"/hooks/{team.id}/kite", body, content_type="application/cloudevents+json", **headers)
