@@ -64,7 +64,7 @@ def _factors_for_failure(failure: client.PeerCallError) -> dict:
     factors = {"tls": "ok", "certificate": "not_configured", "secret": "unknown", "clock": "unknown"}
     if code == "tls":
         factors["tls"] = "failed"
-    elif code == "connection":
+    elif code in ("connection", "insecure_url"):  # insecure_url: refused by the destination policy, never connected
         factors["tls"] = "unknown"
     elif code in ("bad_secret", "unknown_peer"):
         factors["secret"] = "mismatch"

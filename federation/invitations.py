@@ -182,6 +182,9 @@ def _our_side(team, offer: dict, answer: client.PeerAnswer, *, name: str, scopes
         raise ApiError("The inviting instance answered with another certificate than the invitation names.",
                        Code.BAD_CERTIFICATE, status=502)  # fmt: skip
     _verify_reply(answer, their_pem, offer)
+    if reply.get("instance_id") != offer["instance_id"]:  # the signed answer names the instance we peer with
+        raise ApiError(f"The inviting instance answered as {str(reply.get('instance_id'))[:63]!r}, not the "
+                       f"{offer['instance_id'][:63]!r} the invitation names.", Code.BAD_CERTIFICATE, status=502)  # fmt: skip
     peer = Peer(
         team=team, name=name, role=Peer.Role.PEER, peer_hook_url=offer["hook_url"],
         remote_instance_id=offer["instance_id"][:63], scopes=scopes,
@@ -246,7 +249,9 @@ def _handshake(target: client.Target, body: bytes, called: audit.PeerCall) -> cl
     try:
         return client.call(target, "POST", body, timeout=HANDSHAKE_TIMEOUT, audit_as=called)
     except client.PeerCallError as failure:
-        status = 422 if failure.status_code == 422 else 502 if failure.status_code is None else 401
+        # The inviter's refusal keeps its meaning (a hook URL it refuses is a 400, an instance ID it
+        # already has a 409, a used code a 401); no answer, or the inviter failing, is a 502.
+        status = failure.status_code if failure.status_code in (400, 401, 403, 409, 422) else 502
         raise ApiError(f"The inviting instance refused the handshake: {failure.detail}",
                        failure.code or "handshake_failed", status=status) from None  # fmt: skip
 
@@ -343,6 +348,12 @@ def redeem(headers: dict[str, str], raw: bytes, *, path: str = HANDSHAKE_PATH) -
     instance_id = str(offer.get("instance_id", ""))
     if not INSTANCE_ID.fullmatch(instance_id):
         raise HandshakeRefused(400, Code.INVALID, "instance_id must be 1-63 letters, digits, '.', '_' or '-'.", invited)
+    try:  # before the transaction: the destination policy resolves the name (no I/O under a row lock)
+        hook_url = services._check_url(str(offer.get("hook_url", "")))
+        tls_fingerprint = services._check_tls_fingerprint(str(offer.get("tls_fingerprint") or ""))
+        checked_there = services._check_secret(str(offer.get("inbound_secret", "")), "inbound_secret")
+    except ApiError as exc:
+        raise HandshakeRefused(400, exc.code, exc.detail, invited) from None
     nonce = secrets.token_urlsafe(32)
     with transaction.atomic():
         peer = Peer.objects.select_for_update().filter(pk=invited.pk, status=Peer.Status.PROPOSED).first()
@@ -353,12 +364,7 @@ def redeem(headers: dict[str, str], raw: bytes, *, path: str = HANDSHAKE_PATH) -
         if taken.exists():
             raise HandshakeRefused(409, Code.INSTANCE_ID_TAKEN, f"This team already has a peer with instance ID "
                                    f"{instance_id!r}: that peer must be deleted first.", peer)  # fmt: skip
-        try:
-            peer.peer_hook_url = services._check_url(str(offer.get("hook_url", "")))
-            peer.tls_fingerprint = services._check_tls_fingerprint(str(offer.get("tls_fingerprint") or ""))
-            checked_there = services._check_secret(str(offer.get("inbound_secret", "")), "inbound_secret")
-        except ApiError as exc:
-            raise HandshakeRefused(400, exc.code, exc.detail, peer) from None
+        peer.peer_hook_url, peer.tls_fingerprint = hook_url, tls_fingerprint
         checked_here = crypto.new_webhook_secret()
         peer.remote_instance_id = instance_id
         peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint

@@ -33,7 +33,7 @@ DELIVERY_SECONDS = Histogram(
 # Failure codes a call's outcome may carry; any other code a peer answers with is reported by
 # its kind (transient, auth, gone, permanent), so a peer cannot mint label values.
 KNOWN_CODES = {code.value for code in Code} | {
-    "tls", "connection", "unknown_invitation", "unsupported_contract",
+    "tls", "connection", "unknown_invitation", "unsupported_contract", "answer_too_large",
     "bad_grant", "grant_revoked", "grant_expired", "grant_scope", "grant_source",
 }  # fmt: skip
 

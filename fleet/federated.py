@@ -106,10 +106,8 @@ def fetch(call: Call, timeout: float) -> PeerAnswer:
     try:
         answer = client.call(call.target, "GET", timeout=(timeout, timeout), headers={GRANT_HEADER: call.grant},
                              max_answer_bytes=client.MAX_FLEET_ANSWER_BYTES)  # fmt: skip
-    except client.PeerCallError as failure:
+    except client.PeerCallError as failure:  # a destination the policy refuses included (insecure_url)
         return PeerAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
-    except client.UnsafeUrl as refused:
-        return PeerAnswer("error", None, None, str(refused))
     raws = rows.answer_rows(answer.body)
     if raws is None:
         return PeerAnswer("error", answer.latency_ms, None, "The peer's answer is not a fleet list {results: […]}.")

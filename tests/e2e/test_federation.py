@@ -496,20 +496,27 @@ def test_one_paste_invitation_reaches_active_on_both_sides_and_events_flow_both_
     wait_for(lambda: to_b in stored_ids(b, source="kite") and to_a in stored_ids(a, source="kite"), 10,
              "events both ways")  # fmt: skip
 
-    # The same code again, or a tampered one: 401, and nothing is created at B.
+    # The same invitation again: B already peers with that instance (409, A is not even called).
     peers_at_b = len(b.api("GET", "/api/federation/peers").json()["results"])
-    reused = b.api("POST", "/api/federation/invitations/accept", json={"invitation": invitation, "name": "a2"})
+    again = b.api("POST", "/api/federation/invitations/accept", json={"invitation": invitation, "name": "a2"})
+    assert again.status_code == 409 and again.json()["code"] == "instance_id_taken", again.text
+
+    def altered(text: str, **changes) -> str:
+        """The invitation with fields changed (an instance ID B does not know yet: A must refuse it)."""
+        payload = json.loads(base64.urlsafe_b64decode(text.split(".", 1)[1] + "=="))
+        payload.update(changes)
+        return "kite-invite-v1." + base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+    # The same code under another name, or a tampered one: A refuses (401), nothing is created at B.
+    reused = b.api("POST", "/api/federation/invitations/accept",
+                   json={"invitation": altered(invitation, instance_id="not-a"), "name": "a2"})  # fmt: skip
     assert reused.status_code == 401 and reused.json()["code"] == "unknown_invitation", reused.text
-    payload = json.loads(base64.urlsafe_b64decode(invitation.split(".", 1)[1] + "=="))
     fresh = a.api("POST", "/api/federation/invitations", json={"name": "b3"}).json()["invitation"]
-    tampered = json.loads(base64.urlsafe_b64decode(fresh.split(".", 1)[1] + "=="))
-    tampered["code"] = base64.b64encode(b"x" * 32).decode()
-    forged = "kite-invite-v1." + base64.urlsafe_b64encode(json.dumps(tampered).encode()).decode().rstrip("=")
+    forged = altered(fresh, instance_id="not-a", code=base64.b64encode(b"x" * 32).decode())
     refused = b.api("POST", "/api/federation/invitations/accept", json={"invitation": forged, "name": "a3"})
     assert refused.status_code == 401, refused.text
-    newer = dict(payload, contract_version=2)
-    unsupported = "kite-invite-v1." + base64.urlsafe_b64encode(json.dumps(newer).encode()).decode().rstrip("=")
-    too_new = b.api("POST", "/api/federation/invitations/accept", json={"invitation": unsupported, "name": "a4"})
+    too_new = b.api("POST", "/api/federation/invitations/accept",
+                    json={"invitation": altered(invitation, contract_version=2), "name": "a4"})  # fmt: skip
     assert too_new.status_code == 422, too_new.text
     assert len(b.api("GET", "/api/federation/peers").json()["results"]) == peers_at_b
 
@@ -518,7 +525,8 @@ def test_one_paste_invitation_reaches_active_on_both_sides_and_events_flow_both_
     with psycopg.connect(a.database_url) as connection:
         connection.execute("UPDATE federation_peer SET invitation_expires_at = now() - interval '1 second' WHERE id = %s",
                            (late["peer_id"],))  # fmt: skip
-    expired = b.api("POST", "/api/federation/invitations/accept", json={"invitation": late["invitation"], "name": "a5"})
+    expired = b.api("POST", "/api/federation/invitations/accept",
+                    json={"invitation": altered(late["invitation"], instance_id="not-a"), "name": "a5"})  # fmt: skip
     assert expired.status_code == 401 and expired.json()["code"] == "unknown_invitation", expired.text
 
 
