@@ -2,12 +2,15 @@
 
 Rows first, tasks second (STYLE §4): the on-commit kick is only the fast path;
 the beat sweeper finds anything due every second; a claim is a conditional
-update under SKIP LOCKED, with a lease so a killed worker's entries come back.
+update under SKIP LOCKED, with a short lease (KITE_OUTBOX_LEASE_SECONDS) that the
+delivering worker renews while it works, so a killed worker's entries come back
+within seconds and a live one's never go to a second worker mid-delivery.
 """
 
 import functools
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -16,6 +19,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db import connections as db_connections
 from django.db.models import Count, Exists, F, OuterRef
 from django.utils import timezone
 
@@ -33,7 +37,9 @@ BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 SINGLE_CONTENT_TYPE = "application/cloudevents+json"
 FAILED_TYPE = "kite.federation.delivery_failed"
 PEER_REREAD_SECONDS = 1.0
-KICK_FLAG_SECONDS = 5  # a killed task's flag holds back kicks (and the sweeper's) this long at most
+KICK_FLAG_SECONDS = 2  # a killed task's flag holds back kicks (and the sweeper's) this long at most
+FLAG_REFRESH_SECONDS = 0.5  # a live drain's flag is set again this often (by the keeper thread)
+RENEWALS_PER_LEASE = 4  # a live drain's leases are renewed every quarter of KITE_OUTBOX_LEASE_SECONDS
 
 
 # --- routing: runs inside the transaction that stores the event ---------------
@@ -109,7 +115,7 @@ def route_event(event: Event, sender) -> None:
     if entries:
         fastsql.insert(entries)
         for peer_id in {entry.peer_id for entry in entries}:
-            transaction.on_commit(lambda peer_id=peer_id: kick(peer_id))
+            transaction.on_commit(lambda peer_id=peer_id: kick(peer_id), robust=True)
 
 
 def _routes_idle_for(source) -> bool:
@@ -301,44 +307,222 @@ def deliver_peer(peer_id: int, helper: bool = False) -> int:
     suppressed committed before that clear, so this last claim sees it. A full claim means a
     backlog: one helper task (`helper=True`, its own flag, no kick protocol) drains alongside
     until a claim of its comes back empty; SKIP LOCKED keeps the two apart. The peer row is
-    read again at most once a second (an operator's pause or new secret applies within a second)."""
-    flag = _helper_key(peer_id) if helper else _kick_key(peer_id)
-    delivered, peer, read_at, target, cleared = 0, None, 0.0, None, False
+    read again at most once a second (an operator's pause or new secret applies within a second).
+    While it runs, the keeper thread keeps its flag set and its leases renewed (`Drain`)."""
+    drain = Drain(_helper_key(peer_id) if helper else _kick_key(peer_id))
+    drain.hold_flag()
+    _keeper.add(drain)
     try:
-        while True:
-            if peer is None or time.monotonic() - read_at >= PEER_REREAD_SECONDS:
-                peer, read_at = Peer.objects.filter(pk=peer_id).first(), time.monotonic()
-                if peer is None or not peer.sends_to or peer.paused:
-                    return delivered
-                target = target_for(peer)
-                if not cleared:
-                    _hold(flag)
-            size = min(peer.batch_max or 1, BATCH_CAP)
-            limit = size if size > 1 else CLAIM_UNBATCHED
-            entries = claim(peer.pk, limit)
-            if not entries:
-                if cleared or helper:
-                    return delivered
-                _clear(flag)
-                cleared = True
-                continue
-            if cleared:  # entries after all: hold the flag again (a task queued meanwhile finds little)
-                _hold(flag)
-                cleared = False
-            if len(entries) == limit and not helper:
-                _call_helper(peer_id)
-            groups = [entries] if size > 1 else [[entry] for entry in entries]
-            for index, group in enumerate(groups):
-                if not _pacing_allows(peer, len(group)):
-                    release([e for g in groups[index:] for e in g], delay_seconds=1)
-                    return delivered
-                if not send(peer, target, group):
-                    release([e for g in groups[index + 1 :] for e in g])
-                    return delivered
-                delivered += len(group)
+        return _drain(peer_id, drain, helper)
     finally:
-        if not cleared:
-            _clear(flag)
+        _keeper.remove(drain)
+        drain.clear_flag()
+
+
+def _drain(peer_id: int, drain: "Drain", helper: bool) -> int:
+    delivered, peer, read_at, target = 0, None, 0.0, None
+    while True:
+        if peer is None or time.monotonic() - read_at >= PEER_REREAD_SECONDS:
+            peer, read_at = Peer.objects.filter(pk=peer_id).first(), time.monotonic()
+            if peer is None or not peer.sends_to or peer.paused:
+                return delivered
+            target = target_for(peer)
+        size = min(peer.batch_max or 1, BATCH_CAP)
+        limit = size if size > 1 else CLAIM_UNBATCHED
+        entries = claim(peer.pk, limit)
+        if not entries:
+            if helper or not drain.flag_held:
+                return delivered
+            drain.clear_flag()
+            continue
+        drain.took(entries)
+        if not drain.flag_held:  # entries after all: hold the flag again (a task queued meanwhile finds little)
+            drain.hold_flag()
+        if len(entries) == limit and not helper:
+            _call_helper(peer_id)
+        groups = [entries] if size > 1 else [[entry] for entry in entries]
+        for index, group in enumerate(groups):
+            group = drain.still_ours(group)
+            if group is None:  # renewals failed (the database?): what is left here goes back when its lease ends
+                return delivered
+            if not group:
+                continue
+            if not _pacing_allows(peer, len(group)):
+                drain.release([e for g in groups[index:] for e in g], delay_seconds=1)
+                return delivered
+            if not send(peer, target, group, drain):
+                drain.release([e for g in groups[index + 1 :] for e in g])
+                return delivered
+            delivered += len(group)
+
+
+class Drain:
+    """What one deliver_peer run holds, kept alive by the keeper thread while the run lives: its
+    kick flag (set again every FLAG_REFRESH_SECONDS) and the leases of the entries it claimed and
+    has not finished (renewed every 1/RENEWALS_PER_LEASE of the lease). A process that dies stops
+    both: its flag lapses within KICK_FLAG_SECONDS, its entries are claimable once their lease ends.
+
+    Every leased_until a run writes is its fencing token: a later claim of the entry by another
+    worker needs the lease to have ended, so it writes a later value, never one of ours. A renewal,
+    an outcome or a release applies only where leased_until is still one of `tokens`; an entry a
+    renewal finds taken is `lost` and is neither sent nor recorded here."""
+
+    def __init__(self, flag: str):
+        self.flag = flag
+        self.lock = threading.Lock()
+        self.flag_held = True  # set by the kick (or _call_helper) that queued this run
+        self.flag_set_at = time.monotonic()
+        self.held: set[int] = set()
+        self.tokens: list = []
+        self.lost: set[int] = set()
+        self.renewed_at = 0.0  # monotonic
+        self.valid_until = 0.0  # monotonic: the leases of `held` are known to last until then
+
+    def hold_flag(self) -> None:
+        with self.lock:
+            self.flag_held, self.flag_set_at = True, time.monotonic()
+            _hold(self.flag)
+
+    def clear_flag(self) -> None:
+        with self.lock:
+            if self.flag_held:
+                self.flag_held = False
+                _clear(self.flag)
+
+    def refresh_flag(self) -> None:
+        with self.lock:
+            if self.flag_held and time.monotonic() - self.flag_set_at >= FLAG_REFRESH_SECONDS:
+                self.flag_set_at = time.monotonic()
+                _hold(self.flag)
+
+    def took(self, entries: list[OutboxEntry]) -> None:
+        with self.lock:
+            if not self.held:
+                self.renewed_at = time.monotonic()
+                self.valid_until = self.renewed_at + settings.KITE_OUTBOX_LEASE_SECONDS
+            self.held.update(entry.pk for entry in entries)
+            self.tokens.append(entries[0].leased_until)  # one claim, one lease
+
+    def still_ours(self, group: list[OutboxEntry]) -> list[OutboxEntry] | None:
+        """The entries of `group` this run may send now; None once its leases cannot be vouched for."""
+        margin = settings.KITE_OUTBOX_LEASE_SECONDS / RENEWALS_PER_LEASE
+        with self.lock:
+            if time.monotonic() > self.valid_until - margin:
+                return None
+            return [entry for entry in group if entry.pk not in self.lost]
+
+    def renewal_due(self) -> bool:
+        interval = settings.KITE_OUTBOX_LEASE_SECONDS / RENEWALS_PER_LEASE
+        return bool(self.held) and time.monotonic() - self.renewed_at >= interval
+
+    def renew(self) -> None:
+        """One UPDATE for every entry held (run by the keeper thread, on its own connection)."""
+        now, started = timezone.now(), time.monotonic()
+        with self.lock:
+            ids, tokens = list(self.held), [t for t in self.tokens if t > now - _lease()]
+            if not ids:
+                return
+            # Later than every token so far (a wall clock may step back): still ours alone. Noted
+            # before the UPDATE, so an outcome recorded meanwhile matches whichever value it meets.
+            token = max(now + _lease(), max(self.tokens) + timedelta(microseconds=1))
+            self.tokens = [*tokens, token]
+        if _renew(ids, tokens, token) < len(ids):  # recorded meanwhile, locked by a writer, or taken
+            ours = {"status": OutboxEntry.Status.IN_FLIGHT, "leased_until__in": self.tokens}
+            taken = set(OutboxEntry.objects.filter(id__in=ids).exclude(**ours).values_list("id", flat=True))
+            with self.lock:
+                lost = taken & self.held  # (what this run recorded meanwhile is no longer held)
+                self.lost |= lost
+                self.held -= lost
+        with self.lock:
+            self.renewed_at, self.valid_until = started, started + settings.KITE_OUTBOX_LEASE_SECONDS
+
+    def finished(self, entries: list[OutboxEntry]) -> None:
+        self.held.difference_update(entry.pk for entry in entries)
+
+    def release(self, entries: list[OutboxEntry], delay_seconds: float = 0) -> None:
+        """Give claimed entries back untouched: no attempt was made, none is counted."""
+        if entries:
+            with self.lock:
+                _ours([e.id for e in entries], self.tokens).update(
+                    status=OutboxEntry.Status.PENDING,
+                    leased_until=None,
+                    next_attempt_at=timezone.now() + timedelta(seconds=delay_seconds),
+                )
+                self.finished(entries)
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=settings.KITE_OUTBOX_LEASE_SECONDS)
+
+
+def _ours(ids, tokens):
+    """The entries among `ids` still leased with one of `tokens`: no one else has taken them."""
+    return OutboxEntry.objects.filter(id__in=ids, status=OutboxEntry.Status.IN_FLIGHT, leased_until__in=tokens)
+
+
+_RENEW_SQL = """
+    UPDATE federation_outboxentry SET leased_until = %(token)s WHERE id IN (
+        SELECT id FROM federation_outboxentry
+        WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND leased_until = ANY(%(tokens)s)
+        FOR UPDATE SKIP LOCKED
+    )"""
+
+
+def _renew(ids: list[int], tokens: list, token) -> int:
+    """Move the lease of those of `ids` still ours to `token`. A row being written by someone else
+    (its outcome recorded, its peer revoked) is skipped, not waited for: it is renewed next time."""
+    if not settings.IS_POSTGRES:
+        return _ours(ids, tokens).update(leased_until=token)
+    with connection.cursor() as cursor:
+        cursor.execute(_RENEW_SQL, {"ids": ids, "tokens": tokens, "token": token})
+        return cursor.rowcount
+
+
+class _Keeper:
+    """One daemon thread per process keeping the live drains' flags set and leases renewed.
+    It sleeps while there are none (and then holds no database connection)."""
+
+    def __init__(self):
+        self.drains: set[Drain] = set()
+        self.changed = threading.Condition()
+        self.started = False
+
+    def add(self, drain: Drain) -> None:
+        with self.changed:
+            if not self.started:
+                threading.Thread(target=self._run, name="outbox-keeper", daemon=True).start()
+                self.started = True
+            self.drains.add(drain)
+            self.changed.notify()
+
+    def remove(self, drain: Drain) -> None:
+        with self.changed:
+            self.drains.discard(drain)
+
+    def _run(self) -> None:
+        while True:
+            with self.changed:
+                if not self.drains:
+                    db_connections.close_all()  # this thread's own: nothing to renew for a while
+                    self.changed.wait_for(lambda: self.drains)
+                drains = list(self.drains)
+            for drain in drains:
+                self._keep(drain)
+            time.sleep(FLAG_REFRESH_SECONDS)
+
+    @staticmethod
+    def _keep(drain: Drain) -> None:
+        try:
+            drain.refresh_flag()
+            if drain.renewal_due():
+                drain.renew()
+        except Exception:  # the database is away: the drain stops once its leases are no longer vouched for
+            log.warning("could not renew an outbox lease", exc_info=True)
+            db_connections.close_all()
+
+
+_keeper = _Keeper()
+os.register_at_fork(after_in_child=_keeper.__init__)  # a forked worker starts its own thread, with no drains
 
 
 def _helper_key(peer_id: int) -> str:
@@ -367,16 +551,6 @@ def _pacing_allows(peer: Peer, count: int) -> bool:
     return ratelimit.hit(f"peer-out:{peer.pk}", peer.rate_limit_per_second, cost=count).allowed
 
 
-def release(entries: list[OutboxEntry], delay_seconds: float = 0) -> None:
-    """Give claimed entries back untouched: no attempt was made, none is counted."""
-    if entries:
-        OutboxEntry.objects.filter(id__in=[e.id for e in entries], status=OutboxEntry.Status.IN_FLIGHT).update(
-            status=OutboxEntry.Status.PENDING,
-            leased_until=None,
-            next_attempt_at=timezone.now() + timedelta(seconds=delay_seconds),
-        )
-
-
 def target_for(peer: Peer) -> client.Target:
     from federation import certificates
 
@@ -397,7 +571,7 @@ def wire_event(entry: OutboxEntry) -> dict:
     return event
 
 
-def send(peer: Peer, target: client.Target, group: list[OutboxEntry]) -> bool:
+def send(peer: Peer, target: client.Target, group: list[OutboxEntry], drain: Drain) -> bool:
     batched = len(group) > 1 or (peer.batch_max or 1) > 1
     if batched:
         body, content_type, msg_id = [wire_event(e) for e in group], BATCH_CONTENT_TYPE, f"batch_{uuid.uuid4().hex}"
@@ -406,11 +580,15 @@ def send(peer: Peer, target: client.Target, group: list[OutboxEntry]) -> bool:
     try:
         answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id)
     except client.PeerCallError as failure:
-        _record_failure(peer, group, failure)
+        with drain.lock:  # a renewal's new token is then either known here or written after this
+            _record_failure(peer, group, failure, drain.tokens)
+            drain.finished(group)
         metrics.CALLS.labels(peer.name, "outbound", metrics.outcome_of(failure)).inc()
         return False
     metrics.CALLS.labels(peer.name, "outbound", "ok").inc()
-    _record_success(peer, group, answer, batched)
+    with drain.lock:
+        _record_success(peer, group, answer, batched, drain.tokens)
+        drain.finished(group)
     return True
 
 
@@ -418,10 +596,10 @@ _DELIVERED_SQL = """
     WITH done AS (
         UPDATE federation_outboxentry SET status = 'delivered', attempts = attempts + 1, leased_until = NULL,
                last_error = '', delivered_at = %(now)s
-        WHERE id = ANY(%(ids)s) RETURNING id
+        WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND leased_until = ANY(%(tokens)s) RETURNING id
     )
     INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
-    SELECT %(peer)s, id, %(now)s, %(status)s, 'delivered', %(latency)s, '' FROM done"""
+    SELECT %(peer)s, id, %(now)s, %(status)s, 'delivered', %(latency)s, '' FROM done RETURNING entry_id"""
 
 
 def _results(answer, group, batched) -> list[tuple[str, str]]:
@@ -440,49 +618,65 @@ def _results(answer, group, batched) -> list[tuple[str, str]]:
     return results
 
 
-def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAnswer, batched: bool) -> None:
+def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAnswer, batched: bool,
+                    tokens: list) -> None:  # fmt: skip
+    """Outcomes of entries still leased with one of `tokens` (another worker's lease: not ours to record)."""
     now = timezone.now()
     results = _results(answer, group, batched)
     delivered = [entry.pk for entry, (outcome, _) in zip(group, results, strict=True) if outcome == "delivered"]
     with transaction.atomic():
-        if settings.IS_POSTGRES:
-            # One statement for the delivered entries and their Delivery rows.
-            with connection.cursor() as cursor:
-                cursor.execute(_DELIVERED_SQL, {"now": now, "ids": delivered, "peer": peer.pk,
-                                                "status": answer.status_code, "latency": answer.latency_ms})  # fmt: skip
-        else:
-            OutboxEntry.objects.filter(pk__in=delivered).update(
-                status=OutboxEntry.Status.DELIVERED, attempts=F("attempts") + 1, leased_until=None, last_error="",
-                delivered_at=now,
-            )  # fmt: skip
+        recorded = set(_mark_delivered(peer, delivered, now, answer, tokens)) if delivered else set()
         # One UPDATE and Delivery row per rejected entry (rare).
         for entry, (outcome, detail) in zip(group, results, strict=True):
-            if outcome != "delivered":
-                OutboxEntry.objects.filter(pk=entry.pk).update(
-                    status=OutboxEntry.Status.DEAD, attempts=F("attempts") + 1, leased_until=None, last_error=detail
-                )
-        Delivery.objects.bulk_create(
-            Delivery(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
-                     outcome=outcome, latency_ms=answer.latency_ms, error=detail)
-            for entry, (outcome, detail) in zip(group, results, strict=True)
-            if outcome != "delivered" or not settings.IS_POSTGRES
-        )  # fmt: skip
-        learned = answer.headers.get("kite-instance", "")[:63]
-        updates = {"consecutive_failures": 0, "last_error": ""}
-        if learned and not peer.remote_instance_id:
-            updates["remote_instance_id"] = learned
-            forget_routes(peer.team_id)
-        if peer.consecutive_failures or peer.last_error or "remote_instance_id" in updates:
-            Peer.objects.filter(pk=peer.pk).update(**updates)
-            peer.consecutive_failures, peer.last_error = 0, ""
-            peer.remote_instance_id = updates.get("remote_instance_id", peer.remote_instance_id)
+            if outcome != "delivered" and _ours([entry.pk], tokens).update(
+                status=OutboxEntry.Status.DEAD, attempts=F("attempts") + 1, leased_until=None, last_error=detail
+            ):  # fmt: skip
+                recorded.add(entry.pk)
+                Delivery.objects.create(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
+                                        outcome=outcome, latency_ms=answer.latency_ms, error=detail)  # fmt: skip
+        _peer_after_success(peer, answer)
     for entry in group:
-        metrics.DELIVERY_SECONDS.observe((now - entry.event.received_at).total_seconds())
+        if entry.pk in recorded:
+            metrics.DELIVERY_SECONDS.observe((now - entry.event.received_at).total_seconds())
 
 
-def _record_failure(peer: Peer, group: list[OutboxEntry], failure: client.PeerCallError) -> None:
+def _mark_delivered(peer: Peer, ids: list[int], now, answer: client.PeerAnswer, tokens: list) -> list[int]:
+    if settings.IS_POSTGRES:  # one statement for the delivered entries and their Delivery rows
+        with connection.cursor() as cursor:
+            cursor.execute(_DELIVERED_SQL, {"now": now, "ids": ids, "peer": peer.pk, "tokens": list(tokens),
+                                            "status": answer.status_code, "latency": answer.latency_ms})  # fmt: skip
+            return [row[0] for row in cursor.fetchall()]
+    ours = list(_ours(ids, tokens).values_list("id", flat=True))  # SQLite: the write lock is ours meanwhile
+    OutboxEntry.objects.filter(pk__in=ours).update(
+        status=OutboxEntry.Status.DELIVERED, attempts=F("attempts") + 1, leased_until=None, last_error="",
+        delivered_at=now,
+    )  # fmt: skip
+    Delivery.objects.bulk_create(
+        Delivery(peer=peer, entry_id=pk, attempted_at=now, status_code=answer.status_code, outcome="delivered",
+                 latency_ms=answer.latency_ms, error="")
+        for pk in ours
+    )  # fmt: skip
+    return ours
+
+
+def _peer_after_success(peer: Peer, answer: client.PeerAnswer) -> None:
+    learned = answer.headers.get("kite-instance", "")[:63]
+    updates = {"consecutive_failures": 0, "last_error": ""}
+    if learned and not peer.remote_instance_id:
+        updates["remote_instance_id"] = learned
+        forget_routes(peer.team_id)
+    if peer.consecutive_failures or peer.last_error or "remote_instance_id" in updates:
+        Peer.objects.filter(pk=peer.pk).update(**updates)
+        peer.consecutive_failures, peer.last_error = 0, ""
+        peer.remote_instance_id = updates.get("remote_instance_id", peer.remote_instance_id)
+
+
+def _record_failure(peer: Peer, group: list[OutboxEntry], failure: client.PeerCallError, tokens: list) -> None:
+    """Backoff or dead letter for entries still leased with one of `tokens`; the peer's counters
+    only if one was (a worker that lost every entry leaves the judgement to the one that has them)."""
     now = timezone.now()
     with transaction.atomic():
+        recorded = []
         for entry in group:
             attempts = entry.attempts + 1
             if failure.kind in ("permanent", "gone") or (failure.kind == "transient" and attempts >= backoff.MAX_ATTEMPTS):
@@ -490,16 +684,18 @@ def _record_failure(peer: Peer, group: list[OutboxEntry], failure: client.PeerCa
             else:
                 delay = backoff.delay_after(attempts, retry_after=failure.retry_after)
                 status, next_at = OutboxEntry.Status.PENDING, now + timedelta(seconds=delay)
-            OutboxEntry.objects.filter(pk=entry.pk).update(
+            if _ours([entry.pk], tokens).update(
                 status=status, attempts=attempts, next_attempt_at=next_at, leased_until=None,
                 last_error=failure.detail[:1000],
-            )  # fmt: skip
+            ):  # fmt: skip
+                recorded.append(entry)
         Delivery.objects.bulk_create(
             Delivery(peer=peer, entry=entry, attempted_at=now, status_code=failure.status_code,
                      outcome=failure.kind, error=failure.detail[:1000])
-            for entry in group
+            for entry in recorded
         )  # fmt: skip
-        _peer_after_failure(peer, failure)
+        if recorded:
+            _peer_after_failure(peer, failure)
 
 
 def _peer_after_failure(peer: Peer, failure: client.PeerCallError) -> None:
@@ -530,7 +726,7 @@ def replay_dead(*, peer: Peer, limit: int, actor: str = "") -> int:
         )
         audit.record(audit.DEAD_LETTERS_REPLAYED, peer=peer, actor=actor, data={"requeued": count, "limit": limit})
     if count and peer.sends_to:
-        transaction.on_commit(lambda: kick(peer.pk))
+        transaction.on_commit(lambda: kick(peer.pk), robust=True)
     return count
 
 

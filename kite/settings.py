@@ -255,7 +255,12 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(KITE_DATA_DIR / "celerybeat-schedule")
 CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 KITE_HEARTBEAT_SECONDS = _positive_int("KITE_HEARTBEAT_SECONDS", 30)
 KITE_PROBE_DOWN_SECONDS = _positive_int("KITE_PROBE_DOWN_SECONDS", 5)
-KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 60)
+# How long a claimed outbox entry stays a worker's without a renewal. The delivering worker renews
+# it every quarter of this while it works (however long the peer takes), so a worker that dies
+# leaves its entries to be retried this long after its last renewal at most (plus the 1 s sweep).
+KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 5)
+if not 3 <= KITE_OUTBOX_LEASE_SECONDS <= 3600:
+    raise ImproperlyConfigured(f"KITE_OUTBOX_LEASE_SECONDS must be between 3 and 3600, got {KITE_OUTBOX_LEASE_SECONDS}")
 
 
 def _networks(name):

@@ -5,6 +5,7 @@ claims and database rows; only the far side's answers are chosen."""
 import json
 import ssl
 import threading
+import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -243,6 +244,150 @@ def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_
     assert outbox.wire_event(first[0])["data"] == {"n": 1} and first[0].event.extensions == {}
     assert [e.event.ce_id for e in outbox.claim(peer.pk, 10)] == ["c1"]
     assert outbox.claim(peer.pk, 10) == []
+
+
+# --- leases: short, renewed while a delivery runs, fenced ---------------------------------------
+
+
+def _claimed_by_a_drain(peer):
+    """Entries claimed as a deliver_peer run claims them, with the run's Drain."""
+    entries = outbox.claim(peer.pk, 10)
+    drain = outbox.Drain(outbox._kick_key(peer.pk))
+    drain.took(entries)
+    return entries, drain
+
+
+def _taken_over(peer):
+    """This worker stalled past its lease and another worker claimed the entries: theirs now."""
+    OutboxEntry.objects.update(leased_until=timezone.now() - timedelta(seconds=1))
+    return outbox.claim(peer.pk, 10)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_slower_than_the_lease_keeps_it_renewed_so_no_other_worker_takes_the_entry(
+    team, peer, endpoint, settings
+):
+    """The peer takes twice the lease to answer; meanwhile another worker (the peer's own
+    request thread, on a connection of its own) finds nothing to claim."""
+    from django.db import connections
+
+    settings.KITE_OUTBOX_LEASE_SECONDS = 3
+    _event(team)
+    seen = []
+
+    def slow(body):
+        try:
+            claimed_at = _entry().leased_until - timedelta(seconds=3)
+            while timezone.now() < claimed_at + timedelta(seconds=6):  # twice the lease
+                seen.append(outbox.claim(peer.pk, 10))
+                time.sleep(0.5)
+            seen.append(_entry().leased_until - claimed_at)
+        finally:
+            connections.close_all()
+        return {"id": json.loads(body)["id"], "duplicate": False}
+
+    endpoint.default = (202, {}, slow)
+    assert outbox.deliver_peer(peer.pk) == 1
+    *claims, lease_end = seen
+    assert claims and all(claim == [] for claim in claims)  # renewed every 0.75 s: never free
+    assert lease_end > timedelta(seconds=6)  # the lease was carried past twice its length
+    entry = _entry()
+    assert (entry.status, entry.attempts, len(endpoint.requests)) == ("delivered", 1, 1)
+    assert list(Delivery.objects.values_list("outcome", flat=True)) == ["delivered"]
+
+
+def test_a_renewal_moves_the_lease_forward_and_a_worker_that_lost_it_records_no_outcome(team, peer, endpoint):
+    _event(team)
+    mine, drain = _claimed_by_a_drain(peer)
+    claimed = _entry().leased_until
+    drain.renew()
+    renewed = _entry().leased_until
+    assert renewed > claimed and renewed == drain.tokens[-1] and drain.lost == set()
+
+    theirs = _taken_over(peer)
+    assert [e.pk for e in theirs] == [e.pk for e in mine] and theirs[0].leased_until not in drain.tokens
+    target = outbox.target_for(peer)
+    assert outbox.send(peer, target, mine, drain) is True  # it went out (the peer dedups by webhook-id) ...
+    endpoint.answers = [(503, {}, {"detail": "busy"})]
+    assert outbox.send(peer, target, mine, drain) is False
+    drain.release(mine)
+    # ... but neither its success, nor a failure, nor a release was recorded over theirs.
+    entry = _entry()
+    assert (entry.status, entry.leased_until, entry.attempts, entry.last_error) == (
+        "in_flight", theirs[0].leased_until, 0, "")  # fmt: skip
+    assert not Delivery.objects.exists()
+    assert Peer.objects.get(pk=peer.pk).consecutive_failures == 0
+
+    drain.took(mine)  # as if still held: a renewal finds it taken, and it is not sent again
+    drain.renew()
+    assert drain.lost == {entry.pk} and drain.held == set() and _entry().leased_until == theirs[0].leased_until
+    assert drain.still_ours(mine) == []
+
+
+def test_a_drain_whose_leases_go_unrenewed_stops_before_they_run_out(team, peer, endpoint, settings, monkeypatch):
+    """Renewals failing (the database away from the keeper thread): nothing is sent on a lease that
+    may have ended; what was not sent is left for whoever claims it once it has."""
+    settings.KITE_OUTBOX_LEASE_SECONDS = 3
+    monkeypatch.setattr(outbox.Drain, "renewal_due", lambda drain: False)
+    for n in range(5):
+        _event(team, f"u{n}")
+
+    def slow(body):
+        time.sleep(0.8)
+        return {"id": json.loads(body)["id"], "duplicate": False}
+
+    endpoint.default = (202, {}, slow)
+    started = time.monotonic()
+    delivered = outbox.deliver_peer(peer.pk)
+    assert time.monotonic() - started < 3 - 0.75 + 1  # stopped within the lease (a send started before may finish)
+    assert 1 <= delivered < 5 and len(endpoint.requests) == delivered
+    left = OutboxEntry.objects.exclude(status="delivered")
+    assert left.count() == 5 - delivered and {(e.status, e.attempts) for e in left} == {("in_flight", 0)}
+
+
+def test_a_killed_tasks_kick_flag_holds_kicks_back_two_seconds_at_most(peer):
+    from kite.ratelimit import _redis
+
+    _redis().delete(outbox._kick_key(peer.pk))
+    assert outbox._first_kick(peer.pk) is True  # the kick that queued a task, which is then killed
+    set_at = time.monotonic()
+    assert outbox._first_kick(peer.pk) is False
+    deadline = set_at + outbox.KICK_FLAG_SECONDS + 1
+    while not outbox._first_kick(peer.pk):  # the sweeper's kicks, every second
+        assert time.monotonic() < deadline, "the dead task's flag still holds kicks back"
+        time.sleep(0.05)
+    assert time.monotonic() - set_at <= 2.2
+
+
+def test_a_webhook_is_accepted_and_its_entry_kept_when_the_broker_cannot_take_the_kick(
+    client, team, peer, monkeypatch, django_capture_on_commit_callbacks
+):
+    import kombu.exceptions
+
+    from federation import tasks
+    from kite.ratelimit import _redis
+
+    _redis().delete(outbox._kick_key(peer.pk))
+    Source.objects.create(team=team, name="plain", kind="none")
+
+    def broker_down(*args, **kwargs):
+        raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(tasks.deliver_peer, "delay", broker_down)
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        response = client.post(f"/hooks/{team.id}/plain", b'{"id": "e1", "type": "x"}', content_type="application/json")
+    assert response.status_code == 202, response.content
+    assert callbacks  # the kick ran after commit, failed, and failed nothing else
+    assert list(OutboxEntry.objects.values_list("status", flat=True)) == ["pending"]  # for the sweeper
+    assert outbox.due_peer_ids() == [peer.pk]
+
+
+@pytest.mark.parametrize("value", ["2", "3601"])
+def test_a_lease_out_of_range_fails_at_start_naming_the_variable(tmp_path, value):
+    from tests.kite.test_settings import start
+
+    started = start(tmp_path, remove=("DATABASE_URL", "REDIS_URL"), KITE_OUTBOX_LEASE_SECONDS=value)
+    assert started.returncode != 0 and "KITE_OUTBOX_LEASE_SECONDS must be between 3 and 3600" in started.stderr
 
 
 def test_a_draining_task_holds_the_kick_flag_so_kicks_meanwhile_queue_nothing(team, peer, endpoint):
