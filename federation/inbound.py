@@ -132,14 +132,18 @@ def receipts_purge(now=None) -> int:
 
 
 def _check_instance_id(peer: Peer, sender: str) -> None:
-    """An instance ID belongs to one peer of a team: a row learning its ID cannot take one another
-    row of the team already has (loop rules and grants key on it). Changing it means re-peering."""
+    """A row learning its instance ID from a request cannot take one another row of the team has
+    (loop rules and grants key on it), unless the request proved to be that instance: signed v1a
+    by the same pinned certificate. Two rows of one instance that pin no certificate (a peer and a
+    trusted sender set up by hand) share an ID proven by nothing but its secrets, as before.
+    Changing an ID once learned means peering again."""
     if peer.remote_instance_id or not sender:
         return
-    taken = Peer.objects.filter(team_id=peer.team_id, remote_instance_id=sender).exclude(pk=peer.pk)
-    if taken.exclude(status=Peer.Status.REVOKED).exists():
-        raise Refusal(Code.INSTANCE_ID_TAKEN, f"Instance ID {sender!r} belongs to another peer of this team.", peer,
-                      status=409)  # fmt: skip
+    holders = (Peer.objects.filter(team_id=peer.team_id, remote_instance_id=sender).exclude(pk=peer.pk)
+               .exclude(status=Peer.Status.REVOKED).values_list("certificate_thumbprint", flat=True))  # fmt: skip
+    if any(pinned != peer.certificate_thumbprint for pinned in holders):
+        raise Refusal(Code.INSTANCE_ID_TAKEN, f"Instance ID {sender!r} belongs to another peer of this team, whose "
+                      "pinned certificate did not sign this request.", peer, status=409)  # fmt: skip
 
 
 def _check_certificate(peer: Peer, request, body: bytes, binding: signing.Binding) -> None:

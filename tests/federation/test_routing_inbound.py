@@ -10,7 +10,7 @@ from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 from prometheus_client import REGISTRY
 
-from federation import outbox, services, signing
+from federation import certificates, outbox, services, signing
 from federation.models import OutboxEntry, Peer
 from ingest.models import Event, Source
 from kite.models import Team
@@ -246,12 +246,15 @@ def test_hook_answers_name_this_instance(client, team, sender, settings):
     assert client.post(f"/hooks/{team.id}/kite", b"{}", content_type="application/json")["kite-instance"]
 
 
-def test_a_sender_row_not_yet_identified_is_tried_but_cannot_take_another_peers_instance_id(client, team):
-    # The team's peer row for B knows B's instance id and holds another inbound secret. A second,
-    # unidentified row signing as "kite-b" would take that id (which loop rules, provenance and
-    # grants key on): refused, nothing stored, nothing learned. Under its own id it is fine.
+def test_a_sender_row_not_yet_identified_is_tried_but_cannot_take_a_pinned_peers_instance_id(client, team):
+    # The team's peer row for B knows B's instance id, pins B's certificate and holds another
+    # inbound secret. A second, unidentified row signing as "kite-b" without that certificate would
+    # take the id (which loop rules, provenance and grants key on): refused, nothing stored,
+    # nothing learned. Under its own id it is fine.
+    b_cert = certificates.issue(team=Team.objects.create(name="b-holder"), subject="kite-b")
     services.peer_create(team=team, name="b-out", peer_hook_url="https://127.0.0.1:9/hooks/x/kite",
-                         outbound_token=SECRET, inbound_token=OTHER, scopes=["*"])  # fmt: skip
+                         outbound_token=SECRET, inbound_token=OTHER, scopes=["*"],
+                         certificate_pem=b_cert.pem)  # fmt: skip
     Peer.objects.filter(name="b-out").update(remote_instance_id="kite-b")
     inbound = services.trusted_sender_create(team=team, name="b-in", inbound_token=SECRET).row
     claimed = _signed_post(client, team, _ce("fb"), sender="kite-b")
@@ -260,6 +263,17 @@ def test_a_sender_row_not_yet_identified_is_tried_but_cannot_take_another_peers_
     assert Peer.objects.get(pk=inbound.pk).remote_instance_id == ""
     assert _signed_post(client, team, _ce("fc"), sender="kite-c").status_code == 202
     assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-c"
+
+
+def test_a_peer_and_a_trusted_sender_made_by_hand_for_one_instance_share_its_id(client, team):
+    # The by-hand bidirectional set-up: a peer row (we send to B) and a trusted sender (B sends to
+    # us), neither pinning a certificate. Their ID is proven by nothing but secrets either way.
+    services.peer_create(team=team, name="b-out", peer_hook_url="https://127.0.0.1:9/hooks/x/kite",
+                         outbound_token=SECRET, inbound_token=OTHER, scopes=["*"])  # fmt: skip
+    Peer.objects.filter(name="b-out").update(remote_instance_id="kite-b")
+    inbound = services.trusted_sender_create(team=team, name="b-in", inbound_token=SECRET).row
+    assert _signed_post(client, team, _ce("fb"), sender="kite-b").status_code == 202
+    assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-b"
 
 
 def test_a_scope_change_applies_to_the_next_event_at_once(client, team):
