@@ -24,6 +24,11 @@ from kite.errors import ApiError
 
 log = logging.getLogger(__name__)
 BATCH = 500
+# A stream holds one batch read from the store while it sends it, for as long as the client takes
+# to read it: sized after the last one to about BATCH_BYTES of event data (events of up to
+# KITE_MAX_BODY_BYTES each would make 500 of them half a gigabyte), starting small.
+BATCH_BYTES = 1024 * 1024
+FIRST_BATCH = 16
 IDLE_POLL_SECONDS = 5.0  # safety net if a notice is lost
 # While connected a listener keeps its team's `listening_until` ahead (webhooks skip the
 # broadcast when it has passed). A webhook that read the old value just before this listener
@@ -141,6 +146,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
     principal = None
     pump_task = None
     catch_up = ()
+    batch_limit = FIRST_BATCH
 
     async def connect(self):
         self.principal = await database_sync_to_async(_authenticate)(self.scope)
@@ -301,7 +307,11 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
 
     async def _send_new(self) -> str:
         while True:
-            batch = await _read(team_id=self.team_id, after=self.cursor, filters=self.filters, limit=BATCH)
+            limit = self.batch_limit
+            batch = await _read(team_id=self.team_id, after=self.cursor, filters=self.filters, limit=limit)
+            if batch:
+                average = sum(len(event.data) for event in batch) // len(batch) + 1
+                self.batch_limit = max(1, min(BATCH, BATCH_BYTES // average))
             for event in batch:
                 if not await self.still_allowed():  # events flowing without pause must not keep it open
                     return GONE
@@ -309,7 +319,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
                 if outcome != SENT:
                     return outcome
                 self.cursor = selectors.Cursor(event.txid, event.id)
-            if len(batch) < BATCH:
+            if len(batch) < limit:
                 return SENT
 
     async def send_event(self, event) -> str:

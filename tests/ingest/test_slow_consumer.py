@@ -175,6 +175,27 @@ async def test_a_stalled_listener_does_not_delay_another_listener_of_the_team(te
 
 
 @async_test
+async def test_a_stream_reads_the_store_in_batches_of_about_a_megabyte(team, api_key, shop, monkeypatch):
+    """What a stream holds while a slow client reads is one batch: bounded in bytes, not only in events."""
+    large = "y" * 100_000
+    posted = [f"large-{n}" for n in range(40)]
+    for event_id in posted:
+        await sync_to_async(hook)(team, shop, {"id": event_id, "type": "com.example.thing", "padding": large})
+    limits, read = [], consumers._read
+
+    async def recorded(**query):
+        limits.append(query["limit"])
+        return await read(**query)
+
+    monkeypatch.setattr(consumers, "_read", recorded)
+    async with listening(api_key, "?after=0") as listener:
+        assert ids(await receive_events(listener, len(posted))) == posted
+
+    per_megabyte = consumers.BATCH_BYTES // 100_000
+    assert limits[0] == consumers.FIRST_BATCH and set(limits[1:]) == {per_megabyte}, limits
+
+
+@async_test
 async def test_an_idle_stream_outlives_the_channel_layers_blocking_read(team, api_key, shop):
     """Redis answers a listener channel's BZPOPMIN after 5 s when nothing came; a read timeout of
     the same 5 s (redis-py's default) raced it and ended idle streams with a traceback."""
