@@ -60,6 +60,9 @@ def pair(args, label: str, root: Path, port: int, redis_dbs: tuple[int, int]) ->
     return bench
 
 
+CPU: dict[tuple[str, str], dict[str, list[float]]] = {}  # (mode, pair) → {"sender"|"receiver": [µs per event]}
+
+
 def alternate(pairs: list, rounds: int, batched: bool, events: int) -> dict[str, list[float]]:
     kind = "batched" if batched else "unbatched"
     rates = {bench.label: [] for bench in pairs}
@@ -67,8 +70,19 @@ def alternate(pairs: list, rounds: int, batched: bool, events: int) -> dict[str,
         for bench in pairs if r % 2 == 0 else list(reversed(pairs)):
             result = fb.throughput_round(bench, batched, events, f"sec{kind[0]}{r}{bench.label[0]}")
             rates[bench.label].append(result["steady_rate"])
-            log(f"{kind} round {r + 1} {bench.label}: {rates[bench.label][-1]:.0f} events/s")
+            cpu = CPU.setdefault((kind, bench.label), {"sender": [], "receiver": []})
+            cpu["sender"].append(result["cpu_us"][bench.a.label])
+            cpu["receiver"].append(result["cpu_us"][bench.b.label])
+            log(f"{kind} round {r + 1} {bench.label}: {rates[bench.label][-1]:.0f} events/s, CPU µs/event "
+                f"sender {cpu['sender'][-1]:.0f}, receiver {cpu['receiver'][-1]:.0f}")  # fmt: skip
     return rates
+
+
+def cpu_lines() -> list[str]:
+    lines = ["| delivery | pair | sender (A) CPU µs/event, median | receiver (B) CPU µs/event, median |", "|---|---|---|---|"]
+    for (kind, label), cpu in sorted(CPU.items()):
+        lines.append(f"| {kind} | {label} | {med(cpu['sender']):.0f} | {med(cpu['receiver']):.0f} |")
+    return lines
 
 
 def table(kind: str, rates: dict[str, list[float]], baseline: str, candidate: str) -> tuple[list[str], float]:
@@ -133,6 +147,10 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|",
         *u_lines,
         *b_lines,
+        "",
+        "CPU per delivered event in the same rounds (each instance's processes; PostgreSQL is shared by both pairs):",
+        "",
+        *cpu_lines(),
         "",
         f"Targets: unbatched ≥ −5 %: {fb.verdict(u_ratio >= 0.95)}; batched ≥ −2 %: {fb.verdict(b_ratio >= 0.98)}."
         + (f" Problems: {'; '.join(problems)}." if problems else " Every round delivered every event; none dead."),
