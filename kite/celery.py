@@ -1,9 +1,10 @@
 import os
+import signal
 from pathlib import Path
 
 import click
 from celery import Celery, bootsteps
-from celery.signals import after_task_publish, beat_init, task_postrun, task_prerun
+from celery.signals import after_task_publish, beat_init, task_postrun, task_prerun, worker_process_init
 
 from kite import celery_fixes  # noqa: F401 - workers survive a broker restart (see the module)
 
@@ -24,6 +25,16 @@ def _database_connections(**kwargs):
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+@worker_process_init.connect
+def _pool_process_ignores_sigterm(**kwargs):
+    """A stop signalled to runkite's whole process group (a terminal's kill, systemd's default
+    KillMode) also reached the prefork pool processes, which die of SIGTERM; one that died writing
+    a result kept the pool's result-queue lock for good, and the worker's warm shutdown then hung
+    until runkite SIGKILLed it. The worker process stops them itself once their task is done (the
+    pool's sentinel; SIGKILL after a time limit) and they die with it (Celery sets pdeathsig)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --- liveness files for health checks (docker/compose.yaml) ------------------------------------

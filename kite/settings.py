@@ -291,6 +291,9 @@ CELERY_BEAT_SCHEDULE = {
     "probe-down-peers": {"task": "federation.tasks.probe_down_peers", "schedule": float(KITE_PROBE_DOWN_SECONDS)},
     "purge-audit-and-deliveries": {"task": "federation.tasks.retention_purge", "schedule": 24 * 3600.0},
 }
+if not REDIS_URL:  # the embedded broker keeps every message it delivered (kite.broker)
+    CELERY_BEAT_SCHEDULE["purge-consumed-broker-messages"] = {"task": "kite.tasks.broker_purge_consumed",
+                                                              "schedule": 30.0}  # fmt: skip
 
 # --- Ingest ------------------------------------------------------------------
 KITE_MAX_BODY_BYTES = _positive_int("KITE_MAX_BODY_BYTES", 1024 * 1024)
