@@ -33,6 +33,16 @@ class PeerCreateSerializer(serializers.Serializer):
 
 
 class PeerUpdateSerializer(serializers.Serializer):
+    """A field PATCH will not apply is refused by name, never silently ignored."""
+
+    INSTEAD = {
+        "inbound_token": 'rotate it: POST /api/federation/peers/{id}/rotate-secret {"direction": "inbound"}',
+        "inbound_fingerprint": 'rotate the secret: POST /api/federation/peers/{id}/rotate-secret',
+        "outbound_fingerprint": 'set outbound_token, or POST /api/federation/peers/{id}/rotate-secret',
+        "status": "a peer's status follows its heartbeats; DELETE the peer to revoke it",
+        "remote_instance_id": "an instance ID is learned from the peer and changes only by peering again",
+    }
+
     name = serializers.CharField(max_length=63, required=False)
     peer_hook_url = serializers.CharField(max_length=500, required=False)
     outbound_token = serializers.CharField(required=False, max_length=500)
@@ -41,6 +51,14 @@ class PeerUpdateSerializer(serializers.Serializer):
     rate_limit_per_second = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100_000)
     tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71)
     certificate_pem = serializers.CharField(required=False, allow_blank=True, max_length=16_384, trim_whitespace=False)
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            refused = {field: [f"{field} cannot be changed here: {self.INSTEAD.get(field, 'not a field of a peer')}."]
+                       for field in sorted(set(data) - set(self.fields))}  # fmt: skip
+            if refused:
+                raise serializers.ValidationError(refused)
+        return super().to_internal_value(data)
 
 
 class TrustedSenderCreateSerializer(serializers.Serializer):

@@ -276,3 +276,18 @@ def test_a_long_team_name_still_gets_an_identity_certificate_for_its_invitation(
     team.save()
     created = api.post("/api/federation/invitations", {"name": "x"}, format="json")
     assert created.status_code == 201, created.json()
+
+
+@pytest.mark.parametrize("field, value, hint", [
+    ("inbound_token", "whsec_" + "A" * 43, "rotate-secret"),
+    ("status", "active", "heartbeats"),
+    ("remote_instance_id", "someone", "peering again"),
+    ("colour", "red", "not a field of a peer"),
+])  # fmt: skip
+def test_patching_a_field_a_peer_will_not_apply_is_a_400_naming_it_and_changes_nothing(api, field, value, hint):
+    created = api.post("/api/federation/peers", {"name": "b", "peer_hook_url": "https://127.0.0.1:9/hooks/x/kite",
+                                                 "outbound_token": "whsec_" + "B" * 43}, format="json").json()  # fmt: skip
+    before = Peer.objects.values().get(pk=created["id"])
+    refused = api.patch(f"/api/federation/peers/{created['id']}", {field: value, "scopes": ["x.*"]}, format="json")
+    assert refused.status_code == 400 and field in refused.json()["detail"] and hint in refused.json()["detail"]
+    assert Peer.objects.values().get(pk=created["id"]) == before
