@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Federation benchmark (issue 3): two real Kite instances, A → B, PostgreSQL + Redis.
+"""Federation benchmark: two real Kite instances, A → B, PostgreSQL + Redis.
 
 Starts its own PostgreSQL + Redis (scripts/services.sh, on ports of its own),
 two fresh databases and two Redis database numbers, and two instances A and B
@@ -640,7 +640,7 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
 
 def stored_latencies(bench: Bench, event_type: str, accepted: dict) -> dict:
     """A's 202 → the commit of the event at B, from B's own commit timestamps (PostgreSQL's
-    track_commit_timestamp, same clock as the generator's): the issue's "B's stored event",
+    track_commit_timestamp, same clock as the generator's): the target's "B's stored event",
     with no observer in the path. Empty when the server was started without it."""
     if bench.b.one("SHOW track_commit_timestamp") != "on":
         return {}
@@ -1029,7 +1029,7 @@ def report(args, facts, latency, low, tput, catchup, memory, costs, problems, st
     quiet = (facts["loadavg"] < args.quiet_load and not facts["busy"])
     lines = [
         start,
-        f"### Federation A → B (issue 3): run of {started:%Y-%m-%d %H:%M} UTC",
+        f"### Federation A → B: run of {started:%Y-%m-%d %H:%M} UTC",
         "",
         "Command (exactly as run):",
         "",
@@ -1126,7 +1126,7 @@ def report(args, facts, latency, low, tput, catchup, memory, costs, problems, st
         )
         + ".",
         "",
-        (f"A's 202 → stored at B (the issue's measure): target p50 ≤ 25 ms: {fed['stored_p50']:.1f} ms → "
+        (f"A's 202 → stored at B (the target's measure): target p50 ≤ 25 ms: {fed['stored_p50']:.1f} ms → "
          f"{verdict(fed['stored_p50'] <= 25)}; p99 ≤ 100 ms: {fed['stored_p99']:.1f} ms → "
          f"{verdict(fed['stored_p99'] <= 100)}. " if has_stored else "No commit timestamps (server without "
          "track_commit_timestamp): the listener figures below are the only measure. ")

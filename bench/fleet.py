@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fleet benchmark (issue 5): A's aggregated fleet over 10 peers of 100 agents each.
+"""Fleet benchmark: A's aggregated fleet over 10 peers of 100 agents each.
 
 Real processes, as bench/federation.py starts them (its own PostgreSQL + Redis on
 ports of its own, `manage.py runkite` per instance: uvicorn, Celery worker, beat,
@@ -206,7 +206,7 @@ def report(args, argv, facts, healthy, holed, snap, problems, started) -> str:
     budget = args.peer_timeout * 1000 + 150
     lines = [
         MARKS[0],
-        f"### Fleet (issue 5): run of {started:%Y-%m-%d %H:%M} UTC",
+        f"### Fleet: run of {started:%Y-%m-%d %H:%M} UTC",
         "",
         "Command (exactly as run):",
         "",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Ingest benchmark (issue 2): verified Stripe webhooks/s against a bare INSERT endpoint.
+"""Ingest benchmark: verified Stripe webhooks/s against a bare INSERT endpoint.
 
 Starts its own PostgreSQL + Redis (scripts/services.sh, on ports of its own), a
 fresh database and data dir, and Kite's web process the way production runs it

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trust benchmark (issue 4): two real Kite instances A and B, PostgreSQL + Redis.
+"""Trust benchmark: two real Kite instances A and B, PostgreSQL + Redis.
 
 Reuses bench/federation.py's set-up (its own services on its own ports, two fresh
 databases, `manage.py runkite` per instance with TLS, A → B federated by hand).
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             f"{probe['auth_v1']:.0f} → {probe['auth_both']:.0f} µs; +{extra:.0f} µs per request")  # fmt: skip
         lines = [
             "<!-- bench:trust:start -->",
-            f"### Trust (issue 4): run of {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
+            f"### Trust: run of {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
             "",
             f"Command: `cd {ROOT} && .venv/bin/python bench/trust.py {' '.join(argv or sys.argv[1:])}` — two "
             "instances as in bench/federation.py (own PostgreSQL + Redis, `runkite`, TLS on).",
