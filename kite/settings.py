@@ -112,22 +112,23 @@ if KITE_HSTS_SECONDS < 0:
 SECURE_HSTS_SECONDS = KITE_HSTS_SECONDS
 
 
-def _trusted_proxies(name):
-    """IPs and CIDRs as uvicorn's --forwarded-allow-ips reads them; uvicorn would take a typo for a
-    host name that never matches (or "*" for everyone), so anything that is not a network stops Kite."""
+def _networks(name):
+    """Comma-separated IPs and CIDRs. A typo must stop Kite: read as nothing, it would silently
+    refuse the peers it was meant to allow; passed on to uvicorn, it would be a host name that never
+    matches (or "*" for everyone)."""
     networks = []
     for item in filter(None, (part.strip() for part in env.str(name, default="").split(","))):
         try:
-            networks.append(str(ipaddress.ip_network(item)))
+            networks.append(ipaddress.ip_network(item))
         except ValueError as exc:
             raise ImproperlyConfigured(f"{name}: {item!r} is not an IP address or network ({exc})") from None
-    return networks
+    return tuple(networks)
 
 
 # X-Forwarded-For / -Proto are believed only from these peers (runkite passes them to uvicorn, which
 # rewrites the client address and scheme); empty: from nobody, not even loopback. There is no
 # SECURE_PROXY_SSL_HEADER: Django would believe X-Forwarded-Proto from any client.
-KITE_TRUSTED_PROXIES = _trusted_proxies("KITE_TRUSTED_PROXIES")
+KITE_TRUSTED_PROXIES = [str(network) for network in _networks("KITE_TRUSTED_PROXIES")]
 # Unset: /metrics answers loopback callers only. Label values name every team's peers and sources.
 KITE_METRICS_TOKEN = env.str("KITE_METRICS_TOKEN", default="").strip()
 if KITE_METRICS_TOKEN and not re.fullmatch(r"[\x21-\x7e]{16,}", KITE_METRICS_TOKEN):
@@ -261,17 +262,6 @@ KITE_PROBE_DOWN_SECONDS = _positive_int("KITE_PROBE_DOWN_SECONDS", 5)
 KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 5)
 if not 3 <= KITE_OUTBOX_LEASE_SECONDS <= 3600:
     raise ImproperlyConfigured(f"KITE_OUTBOX_LEASE_SECONDS must be between 3 and 3600, got {KITE_OUTBOX_LEASE_SECONDS}")
-
-
-def _networks(name):
-    # A typo must stop Kite: read as nothing, it would silently refuse the peers it was meant to allow.
-    networks = []
-    for item in filter(None, (part.strip() for part in env.str(name, default="").split(","))):
-        try:
-            networks.append(ipaddress.ip_network(item))
-        except ValueError as exc:
-            raise ImproperlyConfigured(f"{name}: {item!r} is not a network in CIDR notation ({exc})") from None
-    return tuple(networks)
 
 
 # Peer URLs may resolve to these beyond public addresses (federation.client's destination policy);
