@@ -122,8 +122,8 @@ def actor_of(principal) -> str:
 @dataclass
 class PeerCall:
     """What `client.call(..., audit_as=)` notes an outbound call on: Federation.PeerCalled and the
-    calls metric. `deferred`: the call is made inside a transaction that may roll back (accepting
-    an invitation) — the rows wait for `flush()`, which the caller runs once that is over."""
+    calls metric. `deferred`: the rows wait for `flush()`, which the caller runs once it knows which
+    peer row to name (accepting an invitation stores that row only after the handshake)."""
 
     peer: Peer | None = None
     team_id: str | None = None
