@@ -55,6 +55,7 @@ class Peer(models.Model):
         NONE = ""
         DOWN = "down"  # too many failures in a row: wait for a successful heartbeat
         AUTH_FAILED = "auth_failed"  # the peer refused our credentials: an operator must act
+        OPERATOR = "operator"  # paused for maintenance by an operator: only resume lifts it
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="peers")
     name = models.CharField(max_length=63)
