@@ -6,9 +6,15 @@ one thread hop per request (a2wsgi, used before, took four: bench/RESULTS.md).
 """
 
 import asyncio
+import multiprocessing
 import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kite.settings")
+
+if multiprocessing.parent_process() is not None:  # a worker of `uvicorn --workers N`: it ends with its master
+    from kite.lifeline import die_with_parent
+
+    die_with_parent()
 
 import django  # noqa: E402
 

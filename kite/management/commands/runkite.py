@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from kite import tls
+from kite import lifeline, tls
 
 STOP_GRACE_SECONDS = 10
 RESTART_FIRST_SECONDS = 1.0
@@ -135,7 +135,10 @@ class Supervisor:
                 self._schedule_restart(child, now)
 
     def _spawn(self, child: Child) -> None:
-        child.process, child.started_at = subprocess.Popen(child.argv, env=self.env), self.clock()
+        # preexec: each child (and so each uvicorn master, Celery worker, beat) ends when runkite does,
+        # even if runkite is SIGKILLed; runkite itself is single-threaded, where preexec_fn is safe.
+        process = subprocess.Popen(child.argv, env=self.env, preexec_fn=lifeline.die_with_parent)
+        child.process, child.started_at = process, self.clock()
 
     def _schedule_restart(self, child: Child, now: float) -> None:
         stayed_up = now - child.started_at >= self.stable
