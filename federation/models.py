@@ -32,6 +32,12 @@ class IdentityCertificate(models.Model):
     not_before = models.DateTimeField()
     not_after = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # An automatic renewal: the certificate this one replaces, retired once every peer with a
+    # signed channel acknowledged this one (federation.renewal); NULL again once it is gone.
+    replaces = models.OneToOneField(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="renewed_by"
+    )
+    expiry_warned_at = models.DateTimeField(null=True, blank=True, help_text="Federation.CertificateExpiring noted")
 
     def __str__(self):
         return f"{self.subject} ({self.thumbprint[:19]}…)"
@@ -214,3 +220,21 @@ class AuditEvent(models.Model):
 
     def __str__(self):
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.action} {self.peer_name} {self.outcome}"
+
+
+class CertificateAcknowledgement(models.Model):
+    """What a peer with a signed channel answered when told to pin one of our certificates."""
+
+    certificate = models.ForeignKey(IdentityCertificate, on_delete=models.CASCADE, related_name="acknowledgements")
+    peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="+")
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    pinned = models.BooleanField(default=True, help_text="False: the peer pins no certificate of ours")
+    attempts = models.PositiveIntegerField(default=0)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["certificate", "peer"], name="uniq_certificate_ack")]
+
+    def __str__(self):
+        return f"{self.certificate_id} → {self.peer_id} ({'acknowledged' if self.acknowledged_at else 'pending'})"
