@@ -41,6 +41,7 @@ CERTIFICATE_REVOKED = "Federation.CertificateRevoked"
 TOKEN_CREATED = "Federation.TokenCreated"
 TOKEN_DELETED = "Federation.TokenDeleted"
 TRUSTED_SENDER_CREATED = "Federation.TrustedSenderCreated"
+TRUSTED_SENDER_PROMOTED = "Federation.TrustedSenderPromoted"  # made a peer: PATCH /api/federation/trusted-senders/{id}
 INVITATION_CREATED = "Federation.InvitationCreated"
 INVITATION_ACCEPTED = "Federation.InvitationAccepted"
 GRANT_CREATED = "Federation.GrantCreated"

@@ -97,7 +97,19 @@ def _save_new(peer: Peer) -> None:
         with transaction.atomic():
             peer.save()
     except IntegrityError:
-        raise ApiError(f"Team already has a peer named {peer.name!r}.", Code.CONFLICT, status=409) from None
+        raise ApiError(_name_taken(peer), Code.CONFLICT, status=409) from None
+
+
+def _name_taken(peer: Peer) -> str:
+    """The 409's sentence; when the name is a trusted sender's and a peer is wanted, how to get one."""
+    taken = f"Team already has a peer named {peer.name!r}."
+    sender = Peer.objects.filter(team_id=peer.team_id, name=peer.name, role=Peer.Role.SENDER).exclude(
+        status=Peer.Status.REVOKED).first()  # fmt: skip
+    if sender is None or peer.role != Peer.Role.PEER:
+        return taken
+    return (f"{taken} It is trusted sender {sender.name!r} (id {sender.pk}): to send to it as well, make it a peer "
+            f"with PATCH /api/federation/trusted-senders/{sender.pk} {{peer_hook_url, outbound_token?, scopes, "
+            "max_hops?, tls_fingerprint?}: the same row, its inbound secret kept.")  # fmt: skip
 
 
 def peer_create(
@@ -166,6 +178,31 @@ def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
     unknown = set(changes) - PEER_FIELDS - {"outbound_token"}
     if unknown:
         raise ApiError(f"Cannot change {', '.join(sorted(unknown))} here.", Code.INVALID)
+def trusted_sender_promote(*, sender: Peer, peer_hook_url: str, scopes: list, outbound_token: str | None = None,
+                           max_hops: int = DEFAULT_MAX_HOPS, tls_fingerprint: str = "", actor: str = "") -> Issued:
+    """A trusted sender becomes a peer: the same row (id, name, inbound secret, pinned certificate,
+    learned instance ID) now also says where we send and how we sign. An outbound secret left out
+    is generated and returned once. Like a peer made by hand it is `accepted` until a heartbeat
+    passes."""
+    hook_url = _check_url(peer_hook_url)  # before the row lock: the destination policy resolves the name
+    scopes, tls_fingerprint = _check_scopes(scopes), _check_tls_fingerprint(tls_fingerprint)
+    outbound = _check_secret(outbound_token, "outbound_token") if outbound_token else crypto.new_webhook_secret()
+    with transaction.atomic():
+        row = Peer.objects.select_for_update().filter(pk=sender.pk, team_id=sender.team_id).first()
+        if row is None or row.status == Peer.Status.REVOKED:
+            raise ApiError("No such trusted sender in your team.", Code.NOT_FOUND, status=404)
+        if row.role != Peer.Role.SENDER:
+            raise ApiError(f"{row.name!r} is already a peer: change it with PATCH /api/federation/peers/{row.pk}.",
+                           Code.CONFLICT, status=409)  # fmt: skip
+        row.role, row.status, row.peer_hook_url, row.scopes = Peer.Role.PEER, Peer.Status.ACCEPTED, hook_url, scopes
+        row.max_hops, row.tls_fingerprint = max_hops, tls_fingerprint
+        _set_secret(row, "outbound", outbound)
+        row.save()
+        audit.record(audit.TRUSTED_SENDER_PROMOTED, peer=row, actor=actor,
+                     data={**peer_summary(row), "generated": [] if outbound_token else ["outbound_token"]})  # fmt: skip
+    return Issued(row, {} if outbound_token else {"outbound_token": outbound})
+
+
     if "name" in changes:
         peer.name = _check_name(changes["name"])
     if "peer_hook_url" in changes:

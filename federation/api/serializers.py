@@ -7,9 +7,15 @@ from rest_framework import serializers
 from federation import reachability
 from federation.models import AuditEvent, Delivery, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
+from kite.fields import StrictSerializer
+
+ROTATE = 'rotate it: POST /api/federation/peers/{id}/rotate-secret {"direction": "inbound"}'
 
 
-class TokenCreateSerializer(serializers.Serializer):
+class TokenCreateSerializer(StrictSerializer):
+    WHAT = "a token"
+    INSTEAD = {"token": "Kite generates the token and shows it once"}
+
     label = serializers.CharField(max_length=100)
 
 
@@ -19,7 +25,10 @@ class TokenSerializer(serializers.ModelSerializer):
         fields = ["id", "label", "fingerprint", "created_at"]
 
 
-class PeerCreateSerializer(serializers.Serializer):
+class PeerCreateSerializer(StrictSerializer):
+    WHAT = "a peer"
+    INSTEAD = {"paused": "POST /api/federation/peers/{id}/pause after creating it"}
+
     name = serializers.CharField(max_length=63)
     peer_hook_url = serializers.CharField(max_length=500)
     outbound_token = serializers.CharField(required=False, max_length=500)
@@ -32,16 +41,20 @@ class PeerCreateSerializer(serializers.Serializer):
                                             trim_whitespace=False)  # fmt: skip
 
 
-class PeerUpdateSerializer(serializers.Serializer):
+class PeerUpdateSerializer(StrictSerializer):
     """A field PATCH will not apply is refused by name, never silently ignored."""
 
+    WHAT = "a peer"
     INSTEAD = {
-        "inbound_token": 'rotate it: POST /api/federation/peers/{id}/rotate-secret {"direction": "inbound"}',
-        "inbound_fingerprint": 'rotate the secret: POST /api/federation/peers/{id}/rotate-secret',
-        "outbound_fingerprint": 'set outbound_token, or POST /api/federation/peers/{id}/rotate-secret',
-        "status": "a peer's status follows its heartbeats; DELETE the peer to revoke it",
-        "remote_instance_id": "an instance ID is learned from the peer and changes only by peering again",
-    }
+        "inbound_token": f"cannot be changed here: {ROTATE}",
+        "inbound_fingerprint": "cannot be changed here: rotate the secret: POST /api/federation/peers/{id}/rotate-secret",
+        "outbound_fingerprint": "cannot be changed here: set outbound_token, or POST "
+                                "/api/federation/peers/{id}/rotate-secret",
+        "status": "cannot be changed here: a peer's status follows its heartbeats; DELETE the peer to revoke it",
+        "remote_instance_id": "cannot be changed here: an instance ID is learned from the peer and changes only by "
+                              "peering again",
+        "paused": "cannot be changed here: POST /api/federation/peers/{id}/pause or …/resume",
+    }  # fmt: skip
 
     name = serializers.CharField(max_length=63, required=False)
     peer_hook_url = serializers.CharField(max_length=500, required=False)
@@ -52,37 +65,61 @@ class PeerUpdateSerializer(serializers.Serializer):
     tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71)
     certificate_pem = serializers.CharField(required=False, allow_blank=True, max_length=16_384, trim_whitespace=False)
 
-    def to_internal_value(self, data):
-        if isinstance(data, dict):
-            refused = {field: [f"{field} cannot be changed here: {self.INSTEAD.get(field, 'not a field of a peer')}."]
-                       for field in sorted(set(data) - set(self.fields))}  # fmt: skip
-            if refused:
-                raise serializers.ValidationError(refused)
-        return super().to_internal_value(data)
+
+MAKE_PEER = "a trusted sender only sends to us: make it a peer with PATCH /api/federation/trusted-senders/{id}"
 
 
-class TrustedSenderCreateSerializer(serializers.Serializer):
+class TrustedSenderCreateSerializer(StrictSerializer):
+    WHAT = "a trusted sender"
+    INSTEAD = {field: MAKE_PEER for field in ("peer_hook_url", "outbound_token", "scopes", "max_hops",
+                                               "tls_fingerprint", "rate_limit_per_second")}  # fmt: skip
+
     name = serializers.CharField(max_length=63)
     inbound_token = serializers.CharField(required=False, max_length=500)
     certificate_pem = serializers.CharField(required=False, allow_blank=True, max_length=16_384, default="",
                                             trim_whitespace=False)  # fmt: skip
 
 
-class InvitationCreateSerializer(serializers.Serializer):
+class TrustedSenderPromoteSerializer(StrictSerializer):
+    """PATCH /api/federation/trusted-senders/{id}: the same row becomes a peer (we send to it too)."""
+
+    WHAT = "a trusted sender made a peer"
+    LATER = "change it once it is a peer: PATCH /api/federation/peers/{id}"
+    INSTEAD = {
+        "inbound_token": f"the inbound secret is kept as it is; {ROTATE}",
+        "name": LATER, "rate_limit_per_second": LATER, "certificate_pem": LATER,
+    }  # fmt: skip
+
+    peer_hook_url = serializers.CharField(max_length=500)
+    outbound_token = serializers.CharField(required=False, max_length=500)
+    scopes = serializers.ListField(child=serializers.CharField(max_length=200))
+    max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32, default=DEFAULT_MAX_HOPS)
+    tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71, default="")
+
+
+class InvitationCreateSerializer(StrictSerializer):
+    WHAT = "an invitation"
+    INSTEAD = {"invitation": "Kite generates the invitation string and shows it once", "code": "Kite generates the code"}  # fmt: skip
+
     name = serializers.CharField(max_length=63, required=False, allow_blank=True, default="")
     scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
     max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
     ttl_seconds = serializers.IntegerField(required=False, min_value=60, max_value=7 * 24 * 3600, default=3600)
 
 
-class InvitationAcceptSerializer(serializers.Serializer):
+class InvitationAcceptSerializer(StrictSerializer):
+    WHAT = "an invitation's acceptance"
+
     invitation = serializers.CharField(max_length=4096)
     name = serializers.CharField(max_length=63, required=False, allow_blank=True, default="")
     scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
     max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
 
 
-class GrantCreateSerializer(serializers.Serializer):
+class GrantCreateSerializer(StrictSerializer):
+    WHAT = "a grant"
+    INSTEAD = {"token": "Kite generates the grant token and shows it once", "expires_at": "read-only (set by Kite from ttl_seconds)"}  # fmt: skip
+
     resource_kind = serializers.CharField(max_length=50)
     resource_id = serializers.CharField(max_length=100, required=False, allow_null=True, default=None)
     permission_scopes = serializers.ListField(child=serializers.CharField(max_length=50), required=False,
@@ -98,7 +135,10 @@ class GrantSerializer(serializers.ModelSerializer):
         fields = ["id", "resource_kind", "resource_id", "permission_scopes", "source_cidrs", "expires_at", "created_at"]
 
 
-class RotateSecretSerializer(serializers.Serializer):
+class RotateSecretSerializer(StrictSerializer):
+    WHAT = "a rotation"
+    INSTEAD = {"inbound_token": "send the new value as secret, with direction", "outbound_token": "send the new value as secret, with direction"}  # fmt: skip
+
     direction = serializers.ChoiceField(choices=["inbound", "outbound"])
     secret = serializers.CharField(required=False, allow_blank=True, max_length=500)
     # Carry the new secret to the peer over the signed channel. Default: yes when the peer has
@@ -108,7 +148,10 @@ class RotateSecretSerializer(serializers.Serializer):
     grace = serializers.BooleanField(required=False, default=True)
 
 
-class CertificateCreateSerializer(serializers.Serializer):
+class CertificateCreateSerializer(StrictSerializer):
+    WHAT = "a certificate"
+    INSTEAD = {"pem": "Kite generates the certificate: its private key never leaves this instance", "private_key": "Kite generates the key and never shows it"}  # fmt: skip
+
     subject = serializers.CharField(max_length=64)
     validity_days = serializers.IntegerField(required=False, min_value=1, max_value=825, default=90)
 
@@ -173,7 +216,9 @@ class DeliverySerializer(serializers.ModelSerializer):
         fields = ["id", "outbox_id", "attempted_at", "status_code", "outcome", "latency_ms", "error"]
 
 
-class ReplaySerializer(serializers.Serializer):
+class ReplaySerializer(StrictSerializer):
+    WHAT = "a replay"
+
     limit = serializers.IntegerField(min_value=1, max_value=100_000, default=100)
 
 

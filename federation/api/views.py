@@ -11,6 +11,7 @@ from federation.errors import Code
 from federation.models import IdentityCertificate
 from kite.auth import CanInvitePeers, CanManagePeers, CanViewAudit
 from kite.errors import ApiError
+from kite.fields import refuse_any
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class TokenDetail(APIView):
     permission_classes = [CanManagePeers]
 
     def delete(self, request, token_id):
+        refuse_any(request.data, what="deleting a token")
         token = selectors.tokens(request.user.team.id).filter(pk=token_id).first()
         if token is None:
             raise ApiError("No such token in your team.", Code.NOT_FOUND, status=404)
@@ -105,6 +107,7 @@ class PeerDetail(APIView):
         """Revoke here, and tell the peer (signed terminate) so that it stops sending too."""
         from federation import heartbeat
 
+        refuse_any(request.data, what="deleting a peer")
         peer, actor = _peer(request, peer_id), _actor(request)
         told = heartbeat.terminate(peer, "deleted by the other side", actor=actor) if peer.sends_to else None
         if told is not None and not told.ok:
@@ -121,6 +124,7 @@ class PeerPing(APIView):
     def post(self, request, peer_id):
         from federation import heartbeat
 
+        refuse_any(request.data, what="a ping")
         peer = _peer(request, peer_id)
         if not peer.sends_to:
             raise ApiError("This peer has no URL to ping (a trusted sender, or revoked).", Code.INVALID)
@@ -200,7 +204,18 @@ class TrustedSenderListCreate(APIView):
 class TrustedSenderDetail(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(request=s.TrustedSenderPromoteSerializer, responses={200: s.PeerSerializer})
+    def patch(self, request, sender_id):
+        """Make the trusted sender a peer: the same row (id, inbound secret) now also sends to it.
+        From then on it is listed by GET /api/federation/peers; an outbound_token left out is
+        generated and returned once."""
+        sender = _peer(request, sender_id, role="sender")
+        data = _valid(s.TrustedSenderPromoteSerializer, request.data)
+        issued = services.trusted_sender_promote(sender=sender, actor=_actor(request), **data)
+        return Response(_peer_body(issued.row, issued.secrets))
+
     def delete(self, request, sender_id):
+        refuse_any(request.data, what="revoking a trusted sender")
         services.peer_revoke(peer=_peer(request, sender_id, role="sender"), actor=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -227,6 +242,7 @@ class CertificateAnnounce(APIView):
     permission_classes = [CanManagePeers]
 
     def post(self, request, certificate_id):
+        refuse_any(request.data, what="an announcement")
         row = _certificate(request, certificate_id)
         return Response({"announced": channel.announce_certificate(team_id=row.team_id, pem=row.pem)})
 
@@ -235,6 +251,7 @@ class CertificateDetail(APIView):
     permission_classes = [CanManagePeers]
 
     def delete(self, request, certificate_id):
+        refuse_any(request.data, what="revoking a certificate")
         row = _certificate(request, certificate_id)
         certificates.revoke(certificate=row, actor=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -283,6 +300,7 @@ class PeerGrantDetail(APIView):
     permission_classes = [CanManagePeers]
 
     def delete(self, request, peer_id, grant_id):
+        refuse_any(request.data, what="revoking a grant")
         peer = _peer(request, peer_id)
         if not grants.revoke(peer=peer, grant_id=grant_id, actor=_actor(request)):
             raise ApiError("No such grant for this peer.", Code.NOT_FOUND, status=404)
