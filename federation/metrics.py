@@ -73,3 +73,34 @@ class OutboxCollector:
         return GaugeMetricFamily(
             "kite_outbox_entries", "Outbox entries per peer and status, read at scrape time.", labels=["peer", "status"]
         )
+
+
+class CertificateExpiryCollector:
+    """`kite_certificate_expiry_timestamp_seconds{team,thumbprint,subject}`: when each identity
+    certificate expires (unix time of not_after), read at scrape time. Alert on
+    `kite_certificate_expiry_timestamp_seconds - time() < 7 * 86400`."""
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        from federation.models import IdentityCertificate
+
+        family = self._family()
+        try:
+            rows = list(IdentityCertificate.objects.order_by("team_id", "not_after", "id")
+                        .values_list("team_id", "thumbprint", "subject", "not_after"))  # fmt: skip
+        except Exception:  # a scrape must not fail because the database is away
+            logger.exception("kite_certificate_expiry_timestamp_seconds: could not read the certificates")
+            return [family]
+        for team_id, thumbprint, subject, not_after in rows:
+            family.add_metric([team_id, thumbprint, subject], not_after.timestamp())
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "kite_certificate_expiry_timestamp_seconds",
+            "Unix time at which each identity certificate expires (its not_after).",
+            labels=["team", "thumbprint", "subject"],
+        )
