@@ -15,6 +15,10 @@ class FederationConfig(AppConfig):
 
         if not any(isinstance(c, OutboxCollector) for c in metrics.SCRAPE_COLLECTORS):
             metrics.SCRAPE_COLLECTORS.append(OutboxCollector())
+        from federation.metrics import CertificateExpiryCollector
+
+        if not any(isinstance(c, CertificateExpiryCollector) for c in metrics.SCRAPE_COLLECTORS):
+            metrics.SCRAPE_COLLECTORS.append(CertificateExpiryCollector())
         if inbound.adopt_provenance not in hooks.event_received:
             hooks.event_received.append(inbound.adopt_provenance)
         if outbox.route_event not in hooks.event_stored:

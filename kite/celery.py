@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 from celery import Celery, bootsteps
-from celery.signals import after_task_publish, beat_init, task_postrun, task_prerun, worker_process_init
+from celery.signals import after_task_publish, beat_init, task_postrun, task_prerun, worker_init, worker_process_init
 
 from kite import celery_fixes  # noqa: F401 - workers survive a broker restart (see the module)
 
@@ -25,6 +25,24 @@ def _database_connections(**kwargs):
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+@worker_init.connect
+def _keys_decrypt_what_is_stored(**kwargs):
+    """A worker whose KITE_ENCRYPTION_KEYS cannot decrypt the stored secrets would fail every delivery
+    and ping: it stops at start with one line naming the variable and the key file (kite.crypto)."""
+    import sys
+
+    import django
+
+    django.setup()
+    from kite import crypto
+
+    try:
+        crypto.check_stored_secrets()
+    except crypto.UndecryptableSecret as exc:
+        print(f"kite: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 @worker_process_init.connect

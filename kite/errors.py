@@ -14,6 +14,8 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from kite import crypto
+
 
 class Code(enum.StrEnum):
     INVALID = "invalid"
@@ -31,6 +33,7 @@ class Code(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     DATABASE_UNAVAILABLE = "database_unavailable"
     BROKER_UNAVAILABLE = "broker_unavailable"
+    ENCRYPTION_KEY_MISSING = "encryption_key_missing"
 
 
 log = logging.getLogger(__name__)
@@ -138,7 +141,14 @@ _SQLITE_UNAVAILABLE = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLIT
 def outage_error(exc: BaseException | None) -> ApiError | None:
     """The 503 for an exception that means the database or the broker (Redis) cannot be reached,
     else None. The caller may retry: nothing was half-stored (a transaction that failed rolled
-    back), and a broken database connection is closed so the next request opens a new one."""
+    back), and a broken database connection is closed so the next request opens a new one.
+    A stored secret the configured keys cannot decrypt is a 503 too: nothing was done, and the
+    request succeeds once the operator restores the key (kite.crypto.keys_origin says how)."""
+    if isinstance(exc, crypto.UndecryptableSecret):
+        log.error("%s", exc)
+        return ApiError("A secret stored on this instance cannot be decrypted with its KITE_ENCRYPTION_KEYS: its "
+                        "operator must restore the key that encrypted it.", Code.ENCRYPTION_KEY_MISSING, status=503,
+                        headers={"Retry-After": "60"})  # fmt: skip
     if _database_unreachable(exc):
         _close_broken_connections()
         log.warning("database unavailable: %s: %s", type(exc).__name__, str(exc).strip()[:300])

@@ -41,10 +41,10 @@ def _bool(name, default):
 
 
 def _port(name, default):
-    value = _env(name, env.int, default)
-    if not 0 < value < 65536:
-        raise ImproperlyConfigured(f"{name} must be a TCP port (1-65535), got {value}")
-    return value
+    raw = env.str(name, default=str(default)).strip()
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ImproperlyConfigured(f"{name} must be a TCP port (1-65535), got {raw!r}")
+    return int(raw)
 
 
 def _positive_int(name, default):
@@ -80,10 +80,14 @@ if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", KITE_INSTANCE_ID):
 SECRET_KEY = env.str("SECRET_KEY", default="") or datadir.persistent_value(
     KITE_DATA_DIR, "secret-key", datadir.new_secret_key
 )
+# Unset, the keys are read from this file (a key generated on first start); kite.crypto names both
+# when the keys cannot decrypt what is stored.
+KITE_ENCRYPTION_KEYS_FILE = KITE_DATA_DIR / "encryption-keys"
+KITE_ENCRYPTION_KEYS_FROM_ENV = bool(env.str("KITE_ENCRYPTION_KEYS", default="").strip())
 KITE_ENCRYPTION_KEYS = [
     key.strip()
     for key in (
-        env.str("KITE_ENCRYPTION_KEYS", default="")
+        env.str("KITE_ENCRYPTION_KEYS", default="").strip()
         or datadir.persistent_value(KITE_DATA_DIR, "encryption-keys", datadir.new_fernet_key)
     ).split(",")
     if key.strip()
@@ -94,7 +98,10 @@ for _number, _key in enumerate(KITE_ENCRYPTION_KEYS, start=1):
     try:
         Fernet(_key.encode())
     except ValueError as exc:  # say which key, never the key itself
-        raise ImproperlyConfigured(f"KITE_ENCRYPTION_KEYS: key #{_number} is not a Fernet key ({exc})") from None
+        _origin = "" if KITE_ENCRYPTION_KEYS_FROM_ENV else f" (unset: read from {KITE_ENCRYPTION_KEYS_FILE})"
+        raise ImproperlyConfigured(
+            f"KITE_ENCRYPTION_KEYS{_origin}: key #{_number} is not a Fernet key ({exc})"
+        ) from None
 
 DEBUG = _bool("KITE_DEBUG", False)
 ALLOWED_HOSTS = ["*"]  # Kite is reached by IP, by name and through proxies; Host is never trusted for URLs.
@@ -273,6 +280,13 @@ if KITE_AUDIT_RETENTION_DAYS < 0:
     raise ImproperlyConfigured(
         f"KITE_AUDIT_RETENTION_DAYS must be 0 (keep forever) or more, got {KITE_AUDIT_RETENTION_DAYS}"
     )
+# Identity certificates: a team's newest one is renewed this many days before it expires (and its
+# peers with a signed channel told); 0 turns automatic renewal off. The screens warn as early.
+KITE_CERTIFICATE_RENEW_DAYS = _env("KITE_CERTIFICATE_RENEW_DAYS", env.int, 14)
+if not 0 <= KITE_CERTIFICATE_RENEW_DAYS <= 365:
+    raise ImproperlyConfigured(
+        f"KITE_CERTIFICATE_RENEW_DAYS must be 0 (off) to 365 days, got {KITE_CERTIFICATE_RENEW_DAYS}"
+    )
 CELERY_BEAT_SCHEDULE = {
     "purge-old-events": {"task": "ingest.tasks.events_purge_expired", "schedule": 3600.0},
     "sweep-outbox": {"task": "federation.tasks.sweep_outbox", "schedule": 1.0},
@@ -280,6 +294,8 @@ CELERY_BEAT_SCHEDULE = {
     # A peer whose queue paused as down is probed more often, so it drains soon after it is back.
     "probe-down-peers": {"task": "federation.tasks.probe_down_peers", "schedule": float(KITE_PROBE_DOWN_SECONDS)},
     "purge-audit-and-deliveries": {"task": "federation.tasks.retention_purge", "schedule": 24 * 3600.0},
+    # As often as heartbeats: a peer that was down is told a renewed certificate soon after it is back.
+    "certificates": {"task": "federation.tasks.certificates_check", "schedule": float(KITE_HEARTBEAT_SECONDS)},
 }
 if not REDIS_URL:  # the embedded broker keeps every message it delivered (kite.broker)
     CELERY_BEAT_SCHEDULE["purge-consumed-broker-messages"] = {"task": "kite.tasks.broker_purge_consumed",

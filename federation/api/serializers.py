@@ -5,6 +5,7 @@ from django.utils.dateparse import parse_datetime
 from rest_framework import serializers
 
 from federation import reachability
+from federation import renewal as certificate_renewal
 from federation.models import AuditEvent, Delivery, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
 from kite.fields import StrictSerializer
@@ -157,9 +158,18 @@ class CertificateCreateSerializer(StrictSerializer):
 
 
 class CertificateSerializer(serializers.ModelSerializer):
+    renewal = serializers.SerializerMethodField(
+        help_text="expiring (within the warning window), replaces / renewed_by (certificate ids of an automatic "
+        "renewal), acknowledged_by (peers that pinned it), waiting_for (peers a renewal under way waits for: "
+        "[{peer_id, peer, reason}])"
+    )
+
     class Meta:
         model = IdentityCertificate
-        fields = ["id", "subject", "thumbprint", "pem", "not_before", "not_after", "created_at"]
+        fields = ["id", "subject", "thumbprint", "pem", "not_before", "not_after", "created_at", "renewal"]
+
+    def get_renewal(self, row) -> dict:
+        return certificate_renewal.status(row)
 
 
 class PeerSerializer(serializers.ModelSerializer):

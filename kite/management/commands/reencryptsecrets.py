@@ -10,9 +10,7 @@ from django.db import transaction
 
 from kite import crypto
 
-
-def encrypted_fields(model) -> list[str]:
-    return [field.name for field in model._meta.concrete_fields if field.name.endswith("_encrypted")]
+encrypted_fields = crypto.encrypted_fields
 
 
 class Command(BaseCommand):

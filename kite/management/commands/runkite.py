@@ -8,6 +8,8 @@ and the delay; the others keep running. Only Ctrl-C (or SIGTERM) stops all three
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -16,9 +18,9 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from kite import lifeline, tls
+from kite import crypto, lifeline, tls
 
 STOP_GRACE_SECONDS = 10
 RESTART_FIRST_SECONDS = 1.0
@@ -39,6 +41,8 @@ class Command(BaseCommand):
         if not options["no_setup"]:
             call_command("migrate", interactive=False, verbosity=0)
             call_command("bootstrap", stdout=self.stdout)
+        crypto.check_stored_secrets()  # keys that cannot decrypt what is stored: one line, nothing started
+        check_listen_address(settings.KITE_HOST, settings.KITE_PORT)
         env = self._child_env()
         commands = {"web": self._web_command()}
         if not options["no_worker"]:
@@ -71,7 +75,7 @@ class Command(BaseCommand):
             "--no-access-log", "--timeout-graceful-shutdown", "5", *proxy_header_args(settings.KITE_TRUSTED_PROXIES),
         ]  # fmt: skip
         if settings.KITE_TLS:
-            cert, key = tls.ensure_server_certificate(Path(settings.KITE_DATA_DIR) / "tls", [settings.KITE_HOST])
+            cert, key = server_certificate(Path(settings.KITE_DATA_DIR) / "tls", settings.KITE_HOST)
             command += ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         return command
 
@@ -79,6 +83,32 @@ class Command(BaseCommand):
         # Beat fires every second (the outbox sweeper): at INFO, Celery would log each run.
         level = "DEBUG" if settings.KITE_LOG_LEVEL == "DEBUG" else "WARNING"
         return [sys.executable, "-m", "celery", "-A", "kite", *args, "--loglevel", level]
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """uvicorn failing to bind would exit, be restarted and fail again, forever: say it once, start nothing."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        raise CommandError(f"KITE_HOST/KITE_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def server_certificate(directory: Path, host: str) -> tuple[Path, Path]:
+    """The certificate and key uvicorn will serve, generated if missing, loaded once here so that an
+    unreadable or broken one is one line now, not a web process failing on every restart."""
+    try:
+        cert, key = tls.ensure_server_certificate(directory, [host])
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise CommandError(f"KITE_TLS=on: {directory}/cert.pem and key.pem are not a PEM certificate and its "
+                           f"private key ({exc.reason or 'not loadable'}); fix them, or delete both to have Kite "
+                           "generate new ones") from None  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"KITE_TLS=on: cannot use the TLS certificate and key in {directory}: {exc}") from None
+    return cert, key
 
 
 def proxy_header_args(trusted: list[str]) -> list[str]:
