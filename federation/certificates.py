@@ -2,8 +2,9 @@
 
 The private key is encrypted at rest (MultiFernet) and never leaves the instance:
 it signs the `v1a` factor of outbound requests and is presented as the TLS client
-certificate. Several may be valid at once; the newest valid one signs, so rotating
-is: issue a new one, give peers its PEM, delete the old one.
+certificate. Several may be valid at once; all of them sign, the first in signing order is
+presented in TLS, so rotating is: issue a new one, give peers its PEM, delete the old one.
+federation.renewal does that by itself for peers with a signed channel.
 """
 
 import dataclasses
@@ -41,7 +42,9 @@ def thumbprint_of(certificate: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS, actor: str = "") -> IdentityCertificate:
+def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS, actor: str = "",
+          replaces: IdentityCertificate | None = None) -> IdentityCertificate:  # fmt: skip
+    """`replaces`: an automatic renewal (federation.renewal) of that certificate."""
     subject = (subject or "").strip()
     # The subject is the certificate's common name: X.509 allows 64 bytes of UTF-8 (RFC 5280 ub-common-name).
     if not subject or len(subject.encode()) > MAX_SUBJECT_BYTES:
@@ -78,6 +81,7 @@ def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS, act
             private_key_encrypted=crypto.encrypt(private_pem),
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
+            replaces=replaces,
         )
         audit.record(audit.CERTIFICATE_ISSUED, team=team, actor=actor, data=_audit_data(row))
     return row
@@ -94,7 +98,10 @@ def revoke(*, certificate: IdentityCertificate, actor: str = "") -> None:
 
 
 def _audit_data(row: IdentityCertificate) -> dict:
-    return {"id": row.pk, "subject": row.subject, "thumbprint": row.thumbprint, "not_after": row.not_after.isoformat()}
+    data = {"id": row.pk, "subject": row.subject, "thumbprint": row.thumbprint, "not_after": row.not_after.isoformat()}
+    if row.replaces_id:
+        data["replaces"] = row.replaces_id
+    return data
 
 
 def parse_peer_pem(pem: str) -> tuple[str, str]:
@@ -149,12 +156,17 @@ _signers_lock = threading.Lock()
 
 
 def valid(team_id: str) -> list[IdentityCertificate]:
-    """The team's valid certificates, newest first."""
+    """The team's valid certificates in signing order: newest first, except that a renewal still
+    under way (it `replaces` a certificate that is still valid) comes after the one it replaces.
+    The first is presented as the TLS client certificate and given in handshakes: until every
+    peer acknowledged the renewal, that is the one they all know."""
     now = timezone.now()
-    return list(
+    rows = list(
         IdentityCertificate.objects.filter(team_id=team_id, not_before__lte=now, not_after__gt=now)
         .order_by("-created_at", "-id")
     )
+    present = {row.pk for row in rows}
+    return [row for row in rows if row.replaces_id not in present] + [row for row in rows if row.replaces_id in present]
 
 
 def current(team_id: str) -> IdentityCertificate | None:
@@ -163,7 +175,7 @@ def current(team_id: str) -> IdentityCertificate | None:
 
 
 def signer_for(team_id: str) -> Signer | None:
-    """The newest valid certificate signs and is presented in TLS; the older valid ones sign too."""
+    """The first valid certificate (signing order) signs and is presented in TLS; the others sign too."""
     rows = valid(team_id)
     if not rows:
         return None

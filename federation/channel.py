@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cryptography import x509
-from django.db import transaction
+from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
 from federation import certificates, client, services, wire
 from federation.errors import Code
-from federation.models import Peer
+from federation.models import CertificateAcknowledgement, IdentityCertificate, Peer
 from kite import crypto
 from kite.errors import ApiError
 
@@ -133,19 +133,55 @@ def _repin(peer: Peer, pem: str) -> dict:
     return {"applied": "certificate_pem", "pinned": True, "thumbprint": thumbprint}
 
 
-def announce_certificate(*, team_id: str, pem: str) -> list[dict]:
-    """Tell every peer with a channel to pin `pem` (in parallel); one result per peer."""
-    peers = [peer for peer in Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER) if has_channel(peer)]
+def channel_peers(team_id: str) -> list[Peer]:
+    return [peer for peer in Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER) if has_channel(peer)]
 
-    def one(peer: Peer) -> dict:
+
+def announce_certificate(*, team_id: str, pem: str, peers: list[Peer] | None = None) -> list[dict]:
+    """Tell every peer with a channel (or `peers`) to pin `pem` (in parallel); one result per peer.
+    Each answer is recorded as that peer's acknowledgement of the certificate, or not (federation.renewal)."""
+    peers = channel_peers(team_id) if peers is None else peers
+
+    def one(peer: Peer) -> tuple[dict, object]:
         try:
             answer = tell(peer, {"certificate_pem": pem})
         except client.PeerCallError as failure:
-            return {"peer": peer.name, "ok": False, "error": str(failure)}
+            return {"peer": peer.name, "ok": False, "error": str(failure)}, None
+        finally:
+            connections.close_all()  # this thread's own (the audit row's): the pool's threads end here
         pinned = isinstance(answer.body, dict) and answer.body.get("pinned", False)
-        return {"peer": peer.name, "ok": True, "pinned": bool(pinned)}
+        return {"peer": peer.name, "ok": True, "pinned": bool(pinned)}, answer.body
 
     if not peers:
         return []
     with ThreadPoolExecutor(max_workers=min(16, len(peers))) as pool:
-        return list(pool.map(one, peers))
+        outcomes = list(pool.map(one, peers))
+    certificate = IdentityCertificate.objects.filter(team_id=team_id, pem=pem).first()
+    if certificate is not None:
+        for peer, (result, body) in zip(peers, outcomes, strict=True):
+            _note_acknowledgement(certificate, peer, body, result.get("error", ""))
+    return [result for result, _ in outcomes]
+
+
+def _note_acknowledgement(certificate: IdentityCertificate, peer: Peer, body: object, error: str) -> None:
+    """A peer acknowledged `certificate` when it answered that it pinned it, or that it pins no
+    certificate of ours (then retiring an older one cannot break it either)."""
+    pinned = isinstance(body, dict) and body.get("pinned") is True
+    if pinned and body.get("thumbprint", certificate.thumbprint) != certificate.thumbprint:
+        error = f"it answered that it pinned {str(body.get('thumbprint'))[:80]!r}, not {certificate.thumbprint}"
+    elif body is not None and not pinned and not (isinstance(body, dict) and body.get("pinned") is False):
+        error = f"its answer does not say it pinned the certificate: {str(body)[:200]}"
+    acknowledged = body is not None and not error
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            row, _ = CertificateAcknowledgement.objects.select_for_update().get_or_create(
+                certificate=certificate, peer=peer
+            )
+            row.attempts += 1
+            row.last_attempt_at, row.last_error = now, error[:2000]
+            if acknowledged:
+                row.acknowledged_at, row.pinned = row.acknowledged_at or now, pinned
+            row.save()
+    except IntegrityError:  # the certificate or the peer was deleted meanwhile: nothing to note
+        pass

@@ -41,3 +41,10 @@ def retention_purge() -> dict:
     from federation import services
 
     return services.retention_purge(days=settings.KITE_AUDIT_RETENTION_DAYS)
+
+
+@shared_task(ignore_result=True)
+def certificates_check() -> dict:
+    from federation import renewal
+
+    return renewal.check()
