@@ -10,11 +10,12 @@ class FederationConfig(AppConfig):
         from ingest import hooks, verifiers
 
         verifiers.register_verifier("kite", inbound.verify_kite_source)
-        from federation.metrics import OutboxCollector
+        from federation.metrics import OutboxCollector, PauseCollector
         from kite import metrics
 
-        if not any(isinstance(c, OutboxCollector) for c in metrics.SCRAPE_COLLECTORS):
-            metrics.SCRAPE_COLLECTORS.append(OutboxCollector())
+        for collector in (OutboxCollector, PauseCollector):
+            if not any(isinstance(c, collector) for c in metrics.SCRAPE_COLLECTORS):
+                metrics.SCRAPE_COLLECTORS.append(collector())
         from federation.metrics import CertificateExpiryCollector
 
         if not any(isinstance(c, CertificateExpiryCollector) for c in metrics.SCRAPE_COLLECTORS):

@@ -44,9 +44,13 @@ TRUSTED_SENDER_CREATED = "Federation.TrustedSenderCreated"
 TRUSTED_SENDER_PROMOTED = "Federation.TrustedSenderPromoted"  # made a peer: PATCH /api/federation/trusted-senders/{id}
 INVITATION_CREATED = "Federation.InvitationCreated"
 INVITATION_ACCEPTED = "Federation.InvitationAccepted"
+REMOTE_GRANT_STORED = "Federation.RemoteGrantStored"  # the fleet grant a hand-made peer gave us (fleet.services)
+REMOTE_GRANT_FORGOTTEN = "Federation.RemoteGrantForgotten"
 GRANT_CREATED = "Federation.GrantCreated"
 GRANT_REVOKED = "Federation.GrantRevoked"
 DEAD_LETTERS_REPLAYED = "Federation.DeadLettersReplayed"
+PEER_PAUSED = "Federation.PeerPaused"  # an operator held the queue for maintenance
+PEER_RESUMED = "Federation.PeerResumed"
 
 SYSTEM = "system"
 COMMAND_LINE = "manage.py"

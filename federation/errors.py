@@ -23,3 +23,4 @@ class Code(enum.StrEnum):
     CURRENT_SECRET_REQUIRED = "current_secret_required"  # rotate/terminate signed with a grace-period secret
     INSTANCE_ID_TAKEN = "instance_id_taken"  # another peer of the team has that instance ID
     LOCAL_SOURCE = "local_source"  # a federated event claiming to be born on this instance
+    TRUSTED_SENDER = "trusted_sender"  # asked of a trusted sender what only a peer we deliver to has (pause)

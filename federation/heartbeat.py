@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from django.db import close_old_connections
-from django.db.models import Case, Q, Value, When
+from django.db.models import Case, F, IntegerField, Q, Value, When
 from django.utils import timezone
 
 from federation import audit, client, outbox
@@ -100,7 +100,9 @@ def _clock(body: dict, sent_at: float) -> str:
 
 
 def heartbeat(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
-    """Ping and record it; a success enrols the peer and resumes a queue paused as down."""
+    """Ping and record it; a success enrols the peer and resumes a queue paused as down. A peer
+    paused by an operator is pinged all the same (its reachability stays current); only the
+    operator's resume lifts that pause."""
     result = ping(peer, actor=actor)
     now = timezone.now()
     updates = {"last_attempt_at": now, "last_heartbeat_at": now}
@@ -119,14 +121,18 @@ def heartbeat(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
                 When(last_inbound_at__isnull=False, then=Value(Peer.Status.ACTIVE)),
                 default=Value(Peer.Status.ENROLLED),
             )
-        if peer.paused == Peer.Pause.DOWN:
-            updates.update(paused=Peer.Pause.NONE, consecutive_failures=0)
+        # Only a queue paused as down is lifted, judged by the row as it is now: an operator's
+        # pause (or auth_failed) made since the row was read stays.
+        updates["paused"] = Case(When(paused=Peer.Pause.DOWN, then=Value(Peer.Pause.NONE)), default=F("paused"))
+        updates["consecutive_failures"] = Case(When(paused=Peer.Pause.DOWN, then=Value(0)),
+                                               default=F("consecutive_failures"),
+                                               output_field=IntegerField())  # fmt: skip
     else:
         updates["last_error"] = result.error[:1000]
     Peer.objects.filter(pk=peer.pk).exclude(status=Peer.Status.REVOKED).update(**updates)
     if "remote_instance_id" in updates:
         outbox.forget_routes(peer.team_id)
-    if result.ok and peer.paused == Peer.Pause.DOWN:
+    if result.ok and peer.paused == Peer.Pause.DOWN:  # lifted now, or paused anew meanwhile: the drain sees that
         outbox.kick(peer.pk)
     return result
 

@@ -75,6 +75,39 @@ class OutboxCollector:
         )
 
 
+class PauseCollector:
+    """`kite_peer_paused{peer,team,reason}`: 1 for the reason a live peer's queue is paused now
+    (operator: maintenance; down; auth_failed), 0 for the others — every live peer has all three,
+    so an alert on `== 1` sees a pause begin and end. Read from the database at scrape time."""
+
+    REASONS = ("operator", "down", "auth_failed")
+
+    def describe(self):
+        return [self._family()]
+
+    def collect(self):
+        from federation.models import Peer
+
+        family = self._family()
+        try:
+            rows = list(Peer.objects.filter(role=Peer.Role.PEER).exclude(status=Peer.Status.REVOKED)
+                        .order_by("team_id", "name").values_list("name", "team_id", "paused"))  # fmt: skip
+        except Exception:  # a scrape must not fail because the database is away
+            logger.exception("kite_peer_paused: could not read the peers")
+            return [family]
+        for name, team_id, paused in rows:
+            for reason in self.REASONS:
+                family.add_metric([name, team_id, reason], 1 if paused == reason else 0)
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "kite_peer_paused", "1 while a peer's queue is paused, by reason (operator, down, auth_failed).",
+            labels=["peer", "team", "reason"],
+        )  # fmt: skip
+
+
 class CertificateExpiryCollector:
     """`kite_certificate_expiry_timestamp_seconds{team,thumbprint,subject}`: when each identity
     certificate expires (unix time of not_after), read at scrape time. Alert on

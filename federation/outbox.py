@@ -20,7 +20,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db import connections as db_connections
-from django.db.models import Count, Exists, F, OuterRef
+from django.db.models import Case, Count, Exists, F, OuterRef, Value, When
 from django.utils import timezone
 
 from federation import audit, backoff, client, metrics, routing, services
@@ -703,12 +703,16 @@ def _peer_after_failure(peer: Peer, failure: client.PeerCallError) -> None:
         services.peer_revoke(peer=peer, reason="gone (410 from the peer)")
         return
     failures = peer.consecutive_failures + 1
-    paused = peer.paused
+    updates = {"consecutive_failures": failures, "last_error": failure.detail[:1000]}
+    pause = None
     if failure.kind == "auth":
-        paused = Peer.Pause.AUTH_FAILED
+        pause = Peer.Pause.AUTH_FAILED
     elif failure.kind == "transient" and failures >= backoff.DOWN_AFTER_FAILURES:
-        paused = Peer.Pause.DOWN
-    Peer.objects.filter(pk=peer.pk).update(consecutive_failures=failures, paused=paused, last_error=failure.detail[:1000])
+        pause = Peer.Pause.DOWN
+    if pause:  # over what the row holds now: an operator's pause (made while this call was out) stays
+        operators = When(paused=Peer.Pause.OPERATOR, then=Value(Peer.Pause.OPERATOR))
+        updates["paused"] = Case(operators, default=Value(pause))
+    Peer.objects.filter(pk=peer.pk).update(**updates)
 
 
 # --- operator actions and the sweeper ------------------------------------------

@@ -22,6 +22,10 @@ MIN_SECRET_LENGTH = 16
 MAX_SCOPES = 50
 PEER_FIELDS = {"name", "peer_hook_url", "scopes", "max_hops", "rate_limit_per_second", "tls_fingerprint",
                "certificate_pem"}  # fmt: skip
+# The columns peer_update writes for each field it takes.
+UPDATED_COLUMNS = {**{field: [field] for field in PEER_FIELDS - {"certificate_pem"}},
+                   "certificate_pem": ["certificate_pem", "certificate_thumbprint"],
+                   "outbound_token": ["outbound_secret_encrypted", "outbound_fingerprint"]}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -174,10 +178,6 @@ def trusted_sender_create(*, team: Team, name: str, inbound_token: str | None = 
     return Issued(peer, {} if inbound_token else {"inbound_token": secret})
 
 
-def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
-    unknown = set(changes) - PEER_FIELDS - {"outbound_token"}
-    if unknown:
-        raise ApiError(f"Cannot change {', '.join(sorted(unknown))} here.", Code.INVALID)
 def trusted_sender_promote(*, sender: Peer, peer_hook_url: str, scopes: list, outbound_token: str | None = None,
                            max_hops: int = DEFAULT_MAX_HOPS, tls_fingerprint: str = "", actor: str = "") -> Issued:
     """A trusted sender becomes a peer: the same row (id, name, inbound secret, pinned certificate,
@@ -203,6 +203,10 @@ def trusted_sender_promote(*, sender: Peer, peer_hook_url: str, scopes: list, ou
     return Issued(row, {} if outbound_token else {"outbound_token": outbound})
 
 
+def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
+    unknown = set(changes) - PEER_FIELDS - {"outbound_token"}
+    if unknown:
+        raise ApiError(f"Cannot change {', '.join(sorted(unknown))} here.", Code.INVALID)
     if "name" in changes:
         peer.name = _check_name(changes["name"])
     if "peer_hook_url" in changes:
@@ -218,12 +222,16 @@ def trusted_sender_promote(*, sender: Peer, peer_hook_url: str, scopes: list, ou
             setattr(peer, field, changes[field])
     if "outbound_token" in changes:
         _set_secret(peer, "outbound", _check_secret(changes["outbound_token"], "outbound_token"))
-    if peer.paused == Peer.Pause.AUTH_FAILED and {"outbound_token", "peer_hook_url", "tls_fingerprint",
-                                                  "certificate_pem"} & set(changes):  # fmt: skip
-        peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0  # the operator fixed something: try again
+    fixed = {"outbound_token", "peer_hook_url", "tls_fingerprint", "certificate_pem"} & set(changes)
     try:
         with transaction.atomic():
-            peer.save()
+            # Only the columns changed are written, and auth_failed is lifted as the row is now: a
+            # pause made since the peer was read (an operator's maintenance pause) stays.
+            peer.save(update_fields=[column for field in changes for column in UPDATED_COLUMNS[field]])
+            if fixed:  # the operator fixed something: try again
+                Peer.objects.filter(pk=peer.pk, paused=Peer.Pause.AUTH_FAILED).update(
+                    paused=Peer.Pause.NONE, consecutive_failures=0)  # fmt: skip
+            peer.refresh_from_db(fields=["paused", "consecutive_failures"])
             audit.record(audit.PEER_UPDATED, peer=peer, actor=actor, data={"changed": _changed(peer, changes)})
     except IntegrityError:
         raise ApiError(f"Team already has a peer named {peer.name!r}.", Code.CONFLICT, status=409) from None
@@ -343,3 +351,57 @@ def _delete_in_batches(queryset, batch: int) -> int:
         if not ids:
             return total
         total += queryset.model.objects.filter(id__in=ids).delete()[0]
+
+
+# --- an operator's maintenance pause ----------------------------------------------------------
+
+MAX_PAUSE_REASON = 200
+
+
+def _check_pausable(peer: Peer) -> None:
+    if peer.role != Peer.Role.PEER:
+        raise ApiError("A trusted sender only sends to us: there is no queue here to pause or resume.",
+                       Code.TRUSTED_SENDER)  # fmt: skip
+    if peer.status == Peer.Status.REVOKED:
+        raise ApiError("This peer is revoked: nothing is sent to it any more.", Code.PEER_REVOKED, status=409)
+
+
+def peer_pause(*, peer: Peer, reason: str = "", actor: str = "") -> tuple[Peer, bool]:
+    """Hold the peer's queue for maintenance: events keep queuing, no delivery is attempted (none
+    is burnt), heartbeats go on. Only `peer_resume` lifts it — not a heartbeat, not a fixed token.
+    Over a queue paused as down or auth_failed it takes their place. Returns the row and whether
+    it changed: pausing a paused peer changes nothing and audits nothing."""
+    _check_pausable(peer)
+    if not isinstance(reason, str) or len(reason) > MAX_PAUSE_REASON:
+        raise ApiError(f"reason must be text of at most {MAX_PAUSE_REASON} characters.", Code.INVALID)
+    with transaction.atomic():
+        row = Peer.objects.select_for_update().get(pk=peer.pk)
+        _check_pausable(row)  # revoked meanwhile
+        if row.paused == Peer.Pause.OPERATOR:
+            return row, False
+        previous, row.paused = row.paused, Peer.Pause.OPERATOR
+        Peer.objects.filter(pk=row.pk).update(paused=Peer.Pause.OPERATOR)
+        audit.record(audit.PEER_PAUSED, peer=row, actor=actor, detail=reason.strip(),
+                     data={"previous": previous or None})  # fmt: skip
+    return row, True
+
+
+def peer_resume(*, peer: Peer, actor: str = "") -> tuple[Peer, bool]:
+    """Lift an operator's pause and drain what queued meanwhile now (a kick after commit). A queue
+    paused as down or auth_failed is not the operator's pause: it stays as it is (a heartbeat or a
+    fixed token lifts those). Returns the row and whether it changed."""
+    _check_pausable(peer)
+    with transaction.atomic():
+        row = Peer.objects.select_for_update().get(pk=peer.pk)
+        _check_pausable(row)
+        if row.paused != Peer.Pause.OPERATOR:
+            return row, False
+        row.paused, row.consecutive_failures = Peer.Pause.NONE, 0
+        Peer.objects.filter(pk=row.pk).update(paused=Peer.Pause.NONE, consecutive_failures=0)
+        queued = OutboxEntry.objects.filter(peer=row, status=OutboxEntry.Status.PENDING).count()
+        audit.record(audit.PEER_RESUMED, peer=row, actor=actor, data={"pending": queued})
+        if row.sends_to:
+            from federation import outbox
+
+            transaction.on_commit(lambda: outbox.kick(row.pk), robust=True)
+    return row, True

@@ -494,3 +494,36 @@ def audit_log(request):
 
 def _midnight(day) -> datetime:
     return timezone.make_aware(datetime.combine(day, time.min))
+
+
+# --- an operator's maintenance pause -----------------------------------------------------------
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def peer_pause(request, peer_id):
+    peer = _peer(request, peer_id)
+    try:
+        peer, changed = services.peer_pause(peer=peer, reason=request.POST.get("reason", ""), actor=actor(request))
+    except ApiError as exc:
+        messages.error(request, exc.detail)
+    else:
+        messages.success(request, f"{peer.name} paused: events queue here and nothing is sent to it until you "
+                                  "resume; heartbeats go on." if changed else f"{peer.name} was paused already.")
+    return redirect("federation:peer", peer.pk)
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def peer_resume(request, peer_id):
+    peer = _peer(request, peer_id)
+    pending = selectors.outbox_depths([peer.pk])[peer.pk]["pending"]  # before: the worker may start at once
+    try:
+        peer, changed = services.peer_resume(peer=peer, actor=actor(request))
+    except ApiError as exc:
+        messages.error(request, exc.detail)
+    else:
+        queued = "1 queued entry is" if pending == 1 else f"{pending} queued entries are"
+        messages.success(request, f"{peer.name} resumed: {queued} being delivered now." if changed
+                         else f"{peer.name} was not paused by an operator: nothing to resume.")  # fmt: skip
+    return redirect("federation:peer", peer.pk)

@@ -270,3 +270,12 @@ class AuditEventSerializer(serializers.ModelSerializer):
 class AuditPageSerializer(serializers.Serializer):
     results = AuditEventSerializer(many=True)
     next = serializers.CharField(allow_null=True, help_text="pass as `before` for the next (older) page; null: no more")
+
+
+class PauseSerializer(StrictSerializer):
+    """POST …/pause: an optional reason, for the audit trail."""
+
+    WHAT = "a pause"
+    INSTEAD = {"paused": "the pause is the request itself; POST …/resume lifts it"}
+
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=200, default="")

@@ -15,6 +15,8 @@ urlpatterns = [
     path("peers/<int:peer_id>/outbox", views.PeerOutbox.as_view()),
     path("peers/<int:peer_id>/replay-dead", views.PeerReplayDead.as_view()),
     path("peers/<int:peer_id>/deliveries", views.PeerDeliveries.as_view()),
+    path("peers/<int:peer_id>/pause", views.PeerPause.as_view()),
+    path("peers/<int:peer_id>/resume", views.PeerResume.as_view()),
     path("certificates", views.CertificateListCreate.as_view()),
     path("certificates/<int:certificate_id>", views.CertificateDetail.as_view()),
     path("certificates/<int:certificate_id>/announce", views.CertificateAnnounce.as_view()),

@@ -319,3 +319,35 @@ class AuditList(APIView):
         rows, more = selectors.audit_events(request.user.team.id, filters, query["limit"])
         return Response({"results": s.AuditEventSerializer(rows, many=True).data,
                          "next": str(rows[-1].pk) if more else None})  # fmt: skip
+
+
+def _pausable_peer(request, peer_id):
+    """A peer or trusted sender of the team: the service says why a sender or a revoked peer has no pause."""
+    return _peer(request, peer_id, role=None)
+
+
+class PeerPause(APIView):
+    """Maintenance: events keep queuing, no delivery is attempted, heartbeats go on; only resume lifts it.
+    Pausing a paused peer is 200 and changes nothing (`changed: false`)."""
+
+    permission_classes = [CanManagePeers]
+
+    @extend_schema(request=s.PauseSerializer)
+    def post(self, request, peer_id):
+        peer = _pausable_peer(request, peer_id)
+        reason = _valid(s.PauseSerializer, request.data)["reason"]
+        peer, changed = services.peer_pause(peer=peer, reason=reason, actor=_actor(request))
+        return Response(_peer_body(peer, {"changed": changed}))
+
+
+class PeerResume(APIView):
+    """Lift an operator's pause and deliver the backlog now. Resuming a peer not paused by an
+    operator is 200 and changes nothing (`changed: false`; a down or auth_failed queue stays so)."""
+
+    permission_classes = [CanManagePeers]
+
+    def post(self, request, peer_id):
+        peer = _pausable_peer(request, peer_id)
+        refuse_any(request.data, what="a resume")
+        peer, changed = services.peer_resume(peer=peer, actor=_actor(request))
+        return Response(_peer_body(peer, {"changed": changed}))
