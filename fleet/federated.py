@@ -25,8 +25,10 @@ from federation import services as federation_services
 from federation.heartbeat import ping_url
 from federation.models import Peer
 from fleet import rows, selectors, services
+from fleet.errors import Code
 from fleet.services import PeerAnswer
 from kite import crypto
+from kite.errors import ApiError
 
 PATH = "/api/federation/fleet/agents"
 GRANT_HEADER = "kite-grant"
@@ -73,12 +75,12 @@ def prepare(peers: list[Peer]) -> list[Call]:
     return calls
 
 
-def _target(peer: Peer, signers: dict) -> client.Target:
+def _target(peer: Peer, signers: dict, path: str = PATH) -> client.Target:
     """What outbox.target_for(peer) builds, for our path, with the team's signer read once for
     all its peers (a query each otherwise)."""
     if peer.team_id not in signers:
         signers[peer.team_id] = certificates.signer_for(peer.team_id)
-    return client.Target(url=ping_url(peer, PATH), secret=federation_services.secret_of(peer, "outbound"),
+    return client.Target(url=ping_url(peer, path), secret=federation_services.secret_of(peer, "outbound"),
                          sender_id=settings.KITE_INSTANCE_ID, tls_fingerprint=peer.tls_fingerprint,
                          signer=signers[peer.team_id])  # fmt: skip
 
@@ -240,6 +242,95 @@ def _peer_part(peer: Peer, answer: PeerAnswer | None, snapshot, contacted) -> tu
 
 def _older_than_two_refreshes(moment) -> bool:
     return moment is None or timezone.now() - moment > timedelta(seconds=2 * settings.KITE_FLEET_REFRESH_SECONDS)
+
+
+# --- one peer's agent ----------------------------------------------------------------
+
+
+def remote_agent(*, team_id: str, agent_id: str, actor: str) -> dict:
+    """GET /api/fleet/agents/peer:<name>/<id>: the peer's agent, asked with the signed, grant-checked
+    GET /api/federation/fleet/agents/<id> within the per-peer timeout; when the peer does not answer,
+    its snapshot's row flagged stale. Refusals (ApiError): 404 `peer_not_found` (no live peer of that
+    name in the team), 404 `remote_agent_not_found` (the peer has none its grant shows us), 403
+    `no_access` (no grant from it, or it refused ours: old rows are not ours to show), 502
+    `peer_unreachable` (no answer, and the snapshot does not hold it). Nothing is written but the
+    call's audit row: a detail never rewrites the peer's snapshot."""
+    parts = rows.parse_remote_id(agent_id)
+    if parts is None:
+        raise ApiError(f"{agent_id[:120]!r} is not a peer's agent id (peer:<name>/<id>).",
+                       Code.REMOTE_AGENT_NOT_FOUND, status=404)  # fmt: skip
+    name, remote_id = parts
+    peer = next(iter(selectors.fleet_peers(team_id, name=name)), None)
+    if peer is None:
+        raise ApiError(f"No live peer named {name!r} in your team.", Code.PEER_NOT_FOUND, status=404)
+    if not rows.askable(remote_id):
+        raise ApiError(f"{peer.name} has no agent {remote_id[:100]!r}: a peer's agent ids are letters, digits, "
+                       "'.', '_', '~' or '-'.", Code.REMOTE_AGENT_NOT_FOUND, status=404)  # fmt: skip
+    grant = _grant_of(peer)
+    if not grant:
+        raise ApiError(NO_GRANT, Code.NO_ACCESS, status=403)
+    answer = _ask_for_agent(peer, grant, remote_id)
+    _record_agent_call(peer, remote_id, answer, actor)
+    if answer.outcome == "ok":
+        return rows.remote_detail(peer.name, answer.rows[0], stale=False, outcome="ok",
+                                  last_contact=selectors.iso(timezone.now()))  # fmt: skip
+    if answer.outcome == "not_found":
+        raise ApiError(f"{peer.name} has no agent {remote_id} that its grant to us shows.",
+                       Code.REMOTE_AGENT_NOT_FOUND, status=404)  # fmt: skip
+    if answer.outcome == "unauthorized":
+        raise ApiError(f"{peer.name} refused our fleet grant: {answer.detail}", Code.NO_ACCESS, status=403)
+    return _agent_from_snapshot(peer, remote_id, answer)
+
+
+def _ask_for_agent(peer: Peer, grant: str, remote_id: str) -> PeerAnswer:
+    """The call runs in the pool, so the wait is bounded by the per-peer timeout as a list's is."""
+    timeout = settings.KITE_FLEET_PEER_TIMEOUT_SECONDS
+    target = _target(peer, {}, path=f"{PATH}/{remote_id}")
+    started = time.perf_counter()
+    future = _executor().submit(fetch_agent, target, grant, remote_id, timeout)
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        return PeerAnswer("timeout", _ms_since(started), None, f"No answer within {timeout:g} s.")
+
+
+def fetch_agent(target: client.Target, grant: str, remote_id: str, timeout: float) -> PeerAnswer:
+    """One agent of a peer (runs in a pool thread: HTTP only, no database). Outcomes as fetch's,
+    plus `not_found`: the peer answered 404 agent_not_found (a Kite without the detail call answers
+    a plain 404 not_found: that is an `error`, and the snapshot serves)."""
+    started = time.perf_counter()
+    try:
+        answer = client.call(target, "GET", timeout=(timeout, timeout), headers={GRANT_HEADER: grant})
+    except client.PeerCallError as failure:
+        if failure.status_code == 404 and failure.code == Code.AGENT_NOT_FOUND:
+            return PeerAnswer("not_found", _ms_since(started), None, failure.detail)
+        return PeerAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
+    row = rows.detail_row(answer.body.get("agent")) if isinstance(answer.body, dict) else None
+    if row is None or str(row["id"]) != remote_id:
+        return PeerAnswer("error", answer.latency_ms, None, f"The peer's answer is not its agent {remote_id} "
+                          "({agent: {id, name, …}}).")  # fmt: skip
+    return PeerAnswer("ok", answer.latency_ms, [row])
+
+
+def _record_agent_call(peer: Peer, remote_id: str, answer: PeerAnswer, actor: str) -> None:
+    """Federation.PeerCalled as a list notes it, with the agent asked for in its data."""
+    agent = int(remote_id) if remote_id.isascii() and remote_id.isdigit() else remote_id
+    audit.record(audit.PEER_CALLED, peer=peer, actor=actor, endpoint=f"{PATH}/{remote_id}", outcome=answer.outcome,
+                 detail=answer.detail[:500], data={"method": "GET", "latency_ms": answer.latency_ms, "agent": agent})  # fmt: skip
+    metrics.CALLS.labels(peer.name, "outbound", answer.outcome).inc()
+
+
+def _agent_from_snapshot(peer: Peer, remote_id: str, answer: PeerAnswer) -> dict:
+    snapshot = selectors.snapshots([peer.pk]).get(peer.pk)
+    if snapshot is not None and snapshot.fetched_at is not None:  # a refused peer's snapshot holds no rows
+        row = next((row for row in snapshot.rows if str(row.get("id")) == remote_id), None)
+        if row is not None:
+            # A list row: when it was first seen and how it came are only in a live answer.
+            return rows.remote_detail(peer.name, {**row, "first_seen": None, "via": None}, stale=True,
+                                      outcome=answer.outcome, last_contact=selectors.iso(snapshot.fetched_at))  # fmt: skip
+    raise ApiError(f"{peer.name} did not answer ({answer.outcome}: {answer.detail[:300]}) and its last snapshot has "
+                   f"no agent {remote_id}.", Code.PEER_UNREACHABLE, status=502)  # fmt: skip
 
 
 # --- the beat task --------------------------------------------------------------------

@@ -18,6 +18,12 @@ MAX_HOST = 255
 MAX_REMOTE_ROWS = 5000  # a peer answering more is cut here
 MAX_REMOTE_ID = 100
 STATUSES = ("online", "offline")
+VIAS = ("listen", "api")  # fleet.models.Agent.Via
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # federation.services.PEER_NAME
+REMOTE_PREFIX = "peer:"
+# A peer's agent id that goes into the detail call's path as it is: URL-unreserved characters
+# need no quoting, so the path the caller signs is the path the peer checks. (A Kite's ids are numbers.)
+ASKABLE_ID = re.compile(r"[A-Za-z0-9._~-]{1,100}")
 # A grant's resource_id narrows the peer's view to one agent by name, or to the agents
 # carrying one label: "label:<key>=<value>".
 LABEL_GRANT_PREFIX = "label:"
@@ -147,6 +153,39 @@ def wire_rows(raws) -> list[dict]:
 def remote_row(peer_name: str, wire: dict, *, stale: bool) -> dict:
     """A checked peer row as our fleet shows it: namespaced `peer:<name>/<id>`, read-only."""
     return {**wire, "id": f"peer:{peer_name}/{wire['id']}", "peer": peer_name, "read_only": True, "stale": stale}
+
+
+def parse_remote_id(value: str) -> tuple[str, str] | None:
+    """`peer:<name>/<id>` as (peer name, the peer's id for the agent); None when it is not one."""
+    if not value.startswith(REMOTE_PREFIX):
+        return None
+    name, slash, remote_id = value[len(REMOTE_PREFIX):].partition("/")
+    if not slash or not PEER_NAME.fullmatch(name) or not remote_id or len(remote_id) > MAX_REMOTE_ID:
+        return None
+    return name, remote_id
+
+
+def askable(remote_id: str) -> bool:
+    """Whether the detail call may put `remote_id` in its path (no dot segment, nothing to quote)."""
+    return ASKABLE_ID.fullmatch(remote_id) is not None and remote_id not in (".", "..")
+
+
+def detail_row(raw) -> dict | None:
+    """One agent as a peer's detail answer tells it, checked like a listed row, plus `first_seen`
+    and `via`; None if malformed."""
+    row = wire_row(raw)
+    if row is None:
+        return None
+    via = raw.get("via")
+    return {**row, "first_seen": _timestamp(raw.get("first_seen")), "via": via if via in VIAS else None}
+
+
+def remote_detail(peer_name: str, detail: dict, *, stale: bool, outcome: str, last_contact: str | None) -> dict:
+    """A peer's agent as GET /api/fleet/agents/peer:<name>/<id> shows it: a local agent's detail
+    fields, namespaced and read-only, with the outcome of asking the peer now and when it last told
+    us about the agent."""
+    return {**remote_row(peer_name, detail, stale=stale), "first_seen": detail.get("first_seen"),
+            "via": detail.get("via"), "outcome": outcome, "last_contact": last_contact}  # fmt: skip
 
 
 def _timestamp(value) -> str | None:

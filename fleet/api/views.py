@@ -70,13 +70,24 @@ class AgentListRegister(APIView):
 
 class AgentDetail(APIView):
     def get(self, request, agent_id: str):
-        if agent_id.startswith("peer:"):
-            raise ApiError("A peer's agent is read-only and shown only in the list "
-                           "(GET /api/fleet/agents?federation=true&peer=<name>).", Code.READ_ONLY, status=404)  # fmt: skip
+        """One agent. `peer:<name>/<id>`: that peer's agent, asked over the signed, grant-checked
+        channel (`read_only: true`; `stale: true` when served from the peer's snapshot)."""
+        if agent_id.startswith(rows.REMOTE_PREFIX):
+            found = federated.remote_agent(team_id=request.user.team.id, agent_id=agent_id,
+                                           actor=audit.actor_of(request.user))  # fmt: skip
+            return Response(found)
         agent = selectors.agent_for_team(request.user.team.id, agent_id)
         if agent is None:
             raise ApiError("No such agent in your team.", Code.NOT_FOUND, status=404)
         return Response(selectors.agent_detail(agent))
+
+    def http_method_not_allowed(self, request, *args, **kwargs):
+        """Nothing changes an agent here (it registers itself with POST /api/fleet/agents); a
+        peer's agent is the peer's to change, and that is said so."""
+        if kwargs.get("agent_id", "").startswith(rows.REMOTE_PREFIX):
+            raise ApiError(f"{request.method} refused: a peer's agent is read-only here; it is changed on its own "
+                           "instance.", Code.READ_ONLY, status=405, headers={"Allow": "GET, HEAD, OPTIONS"})  # fmt: skip
+        return super().http_method_not_allowed(request, *args, **kwargs)
 
 
 class PeerRemoteGrant(APIView):

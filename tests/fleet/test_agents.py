@@ -195,13 +195,14 @@ def test_a_nul_in_the_list_query_is_400_not_a_database_error(api, team, query):
 def test_a_remote_agent_id_cannot_be_written(api, method):
     response = getattr(api, method)("/api/fleet/agents/peer:b/7", {"name": "x"}, format="json")
 
-    assert response.status_code == 405 and response.json()["code"] == "method_not_allowed"
+    assert response.status_code == 405 and response.json()["code"] == "read_only"
+    assert Agent.objects.count() == 0
 
 
-def test_a_remote_agent_id_has_no_detail_here(api):
+def test_a_remote_agent_of_a_peer_the_team_does_not_have_is_404(api):
     response = api.get("/api/fleet/agents/peer:b/7")
 
-    assert response.status_code == 404 and response.json()["code"] == "read_only"
+    assert response.status_code == 404 and response.json()["code"] == "peer_not_found"
 
 
 def test_a_local_agent_cannot_be_changed_through_its_detail_either(api):
