@@ -1,13 +1,15 @@
 """Settings → Federation and the audit log, in the browser (issue 6).
 
 Thin adapters over the same services and selectors as federation/api/views.py,
-with the same permissions (team admins). Mutations are POST (CSRF-checked); a
-generated secret, token or invitation is rendered once, in the POST's own
-response, never put in the session or a URL; everything else redirects after
-success. A refusal re-renders the form with the error on its field.
+with the same permissions (team admins). Mutations are POST (CSRF-checked) and
+redirect after success (Post/Redirect/Get: a reload never submits twice); a
+generated secret, token or invitation, or a ping's verdict, is shown once by the
+page redirected to (kite.once: encrypted in the session for one read, never in a
+URL). A refusal re-renders the form with the error on its field and changes
+nothing, so resubmitting it is harmless.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, time, timedelta
 
 from django.contrib import messages
@@ -21,6 +23,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from federation import certificates, channel, grants, heartbeat, invitations, outbox, reachability, selectors, services
 from federation import forms as f
 from federation.models import IdentityCertificate, OutboxEntry, Peer
+from kite import once
 from kite.errors import ApiError
 from kite.views import INVITE_PEERS, MANAGE_PEERS, VIEW_AUDIT, actor, apply_error, screen
 
@@ -38,11 +41,21 @@ def chip_of(peer: Peer, now: datetime) -> str:
 
 @dataclass(frozen=True)
 class Revealed:
-    """A plaintext shown once, and the sentence saying where it goes on the other side."""
+    """A plaintext shown once, and the sentence saying where it goes on the other side;
+    `slug` names its field (#reveal-<slug>)."""
 
     label: str
     value: str
     where: str = ""
+    slug: str = "secret"
+
+
+def _shown_once(kept: dict | None) -> list[Revealed]:
+    return [Revealed(**item) for item in (kept or {}).get("revealed", [])]
+
+
+def _with_once(request, url: str, *revealed: Revealed, **values):
+    return once.redirect_with(request, url, revealed=[asdict(item) for item in revealed], **values)
 
 
 def _peer(request, peer_id, role: str | None = "peer") -> Peer:
@@ -105,23 +118,36 @@ def _created(request, issued: services.Issued):
     if "outbound_token" in plain:
         revealed.append(Revealed("Outbound secret", plain["outbound_token"],
                                  f"On {peer.name}, paste this into the Inbound secret field of its peer for this "
-                                 "instance: it is what that side checks our requests with."))  # fmt: skip
+                                 "instance: it is what that side checks our requests with.", "1"))  # fmt: skip
     if "inbound_token" in plain:
         revealed.append(Revealed("Inbound secret", plain["inbound_token"],
                                  f"On {peer.name}, paste this into the Outbound secret field of its peer for this "
-                                 "instance: it is what that side signs its requests to us with."))  # fmt: skip
-    return render(request, "federation/peer_created.html", {"peer": peer, "revealed": revealed}, status=201)
+                                 "instance: it is what that side signs its requests to us with.", "2"))  # fmt: skip
+    return _with_once(request, reverse("federation:peer-created", args=[peer.pk]), *revealed)
+
+
+@require_GET
+@screen(MANAGE_PEERS)
+def peer_created(request, peer_id):
+    """Where a new peer's form redirects: its generated secrets once (`kept` is None on a reload)."""
+    kept = once.take(request)
+    return render(request, "federation/peer_created.html", {"peer": _peer(request, peer_id), "kept": kept is not None,
+                                                            "shown_once": _shown_once(kept)})  # fmt: skip
 
 
 @require_GET
 @screen(MANAGE_PEERS)
 def peer_detail(request, peer_id):
-    return _detail(request, _peer(request, peer_id))
+    """Where the peer's forms redirect: a secret they generated or a ping's verdict is shown once."""
+    kept = once.take(request) or {}
+    ping = kept.get("ping")
+    return _detail(request, _peer(request, peer_id), shown_once=_shown_once(kept),
+                   ping=heartbeat.PingResult(**ping) if ping else None)  # fmt: skip
 
 
 def _detail(request, peer: Peer, status: int = 200, **forms_and_results):
     """The peer page; `forms_and_results` replaces a blank form by a refused one, or adds a
-    ping verdict or a secret shown once."""
+    ping verdict or the secrets shown once."""
     wanted = request.GET.get("outbox", "")
     wanted = wanted if wanted in OutboxEntry.Status.values else ""
     initial = {"peer_hook_url": peer.peer_hook_url, "scopes": peer.scopes, "max_hops": peer.max_hops,
@@ -155,7 +181,7 @@ def peer_ping(request, peer_id):
         messages.error(request, "This peer has no URL to ping yet (an invitation not redeemed).")
         return redirect("federation:peer", peer.pk)
     result = heartbeat.heartbeat(peer, actor=actor(request))
-    return _detail(request, _peer(request, peer.pk), ping=result)
+    return _with_once(request, reverse("federation:peer", args=[peer.pk]), ping=result.as_dict())
 
 
 @require_POST
@@ -197,7 +223,7 @@ def _rotated(request, peer: Peer, direction: str, secret: str | None, rotated=No
     if rotated is not None and rotated.propagated:
         messages.success(request, f"{direction.capitalize()} secret rotated; {peer.name} was told over the signed "
                                   f"channel and switched itself. Fingerprint now {fingerprint}.")  # fmt: skip
-        return _detail(request, peer)
+        return redirect("federation:peer", peer.pk)
     if rotated is not None and rotated.error:
         messages.warning(request, f"{peer.name} could not be told over the channel ({rotated.error}): paste the "
                                   "secret below there.")  # fmt: skip
@@ -209,8 +235,8 @@ def _rotated(request, peer: Peer, direction: str, secret: str | None, rotated=No
         where = (f"On {peer.name}, paste this as the new inbound secret of its peer for this instance (Rotate "
                  "inbound secret). We sign with it from now on: deliveries wait until it is pasted there.")  # fmt: skip
     messages.success(request, f"{direction.capitalize()} secret rotated; fingerprint now {fingerprint}.")
-    revealed = Revealed(f"New {direction} secret", secret, where) if secret else None
-    return _detail(request, peer, rotated=revealed)
+    revealed = [Revealed(f"New {direction} secret", secret, where, "rotated")] if secret else []
+    return _with_once(request, reverse("federation:peer", args=[peer.pk]), *revealed)
 
 
 @require_POST
@@ -238,7 +264,9 @@ def grant_create(request, peer_id):
         else:
             where = (f"Give this to {peer.name}'s operator: they store it on their Fleet page (Fleet access from "
                      f"this instance). Valid until {grant.expires_at:%Y-%m-%d %H:%M} UTC.")  # fmt: skip
-            return _detail(request, peer, status=201, granted=Revealed(f"Grant fg-{grant.pk}", token, where))
+            messages.success(request, f"Grant fg-{grant.pk} created.")
+            revealed = Revealed(f"Grant fg-{grant.pk}", token, where, "grant")
+            return _with_once(request, reverse("federation:peer", args=[peer.pk]), revealed)
     return _detail(request, peer, status=400, grant_form=form)
 
 
@@ -317,10 +345,17 @@ def invite(request):
         else:
             where = ("Send it to the other side's operator over a private channel: they paste it on their Accept "
                      "an invitation page. It works once.")
-            revealed = Revealed("Invitation", invitation, where)
-            return render(request, "federation/invite.html", {"peer": peer, "revealed": revealed, "steps": STEPS},
-                          status=201)  # fmt: skip
+            revealed = Revealed("Invitation", invitation, where, "invitation")
+            return _with_once(request, reverse("federation:invited", args=[peer.pk]), revealed)
     return render(request, "federation/invite.html", {"form": form}, status=400 if form.is_bound else 200)
+
+
+@require_GET
+@screen(INVITE_PEERS)
+def invited(request, peer_id):
+    """Where an invitation's form redirects: the invitation once, then its expiry and progress."""
+    return render(request, "federation/invite.html", {"peer": _peer(request, peer_id), "steps": STEPS,
+                                                      "shown_once": _shown_once(once.take(request))})  # fmt: skip
 
 
 @require_http_methods(["GET", "POST"])
@@ -334,8 +369,15 @@ def accept(request):
             apply_error(form, exc, {**form.ERRORS, "unknown_invitation": "invitation", "invitation": "invitation",
                                     "instance_id_taken": "invitation"})  # fmt: skip
         else:
-            return render(request, "federation/accept.html", {"peer": peer, "steps": STEPS}, status=201)
+            return redirect("federation:accepted", peer.pk)
     return render(request, "federation/accept.html", {"form": form}, status=400 if form.is_bound else 200)
+
+
+@require_GET
+@screen(INVITE_PEERS)
+def accepted(request, peer_id):
+    """Where an accepted invitation redirects: the peering's progress."""
+    return render(request, "federation/accept.html", {"peer": _peer(request, peer_id), "steps": STEPS})
 
 
 @require_GET
@@ -350,11 +392,13 @@ def peer_progress(request, peer_id):
 # --- certificates ------------------------------------------------------------------
 
 
-def _certificates(request, form=None, issued=None, status=200):
+def _certificates(request, form=None, status=200):
+    kept = once.take(request) or {}
     now = timezone.now()
     rows = [{"row": row, "expired": row.not_after <= now, "expiring": now < row.not_after <= now + EXPIRY_WARNING}
             for row in IdentityCertificate.objects.filter(team_id=request.principal.team.id)
             .order_by("-created_at", "-id")]  # fmt: skip
+    issued = next((item["row"] for item in rows if item["row"].pk == kept.get("issued")), None)
     return render(request, "federation/certificates.html", {
         "rows": rows, "form": form or f.CertificateForm(), "issued": issued, "warning_days": EXPIRY_WARNING.days,
     }, status=status)  # fmt: skip
@@ -372,7 +416,7 @@ def certificate_list(request):
         except ApiError as exc:
             apply_error(form, exc, form.ERRORS)
         else:
-            return _certificates(request, issued=row, status=201)
+            return once.redirect_with(request, reverse("federation:certificates"), issued=row.pk)
     return _certificates(request, form=form, status=400)
 
 
@@ -400,7 +444,8 @@ def _tokens(request, status=200, **extra):
     team_id = request.principal.team.id
     return render(request, "federation/tokens.html", {
         "tokens": list(selectors.tokens(team_id)), "senders": list(selectors.trusted_senders(team_id)),
-        "token_form": f.TokenForm(), "sender_form": f.TrustedSenderForm(), **extra,
+        "token_form": f.TokenForm(), "sender_form": f.TrustedSenderForm(),
+        "shown_once": _shown_once(once.take(request)), **extra,
     }, status=status)  # fmt: skip
 
 
@@ -415,8 +460,10 @@ def token_list(request):
     issued = services.token_create(team=request.principal.team, actor=actor(request), **form.cleaned_data)
     revealed = Revealed(f"Token {issued.row.label}", issued.secrets["token"],
                         "Paste it where the other side's guide asks for this token: as the outbound secret of a "
-                        "peer on one side and the inbound secret (peer or trusted sender) on the other.")  # fmt: skip
-    return _tokens(request, status=201, revealed=revealed)
+                        "peer on one side and the inbound secret (peer or trusted sender) on the other.",
+                        "token")  # fmt: skip
+    messages.success(request, f"Token {issued.row.label} generated.")
+    return _with_once(request, reverse("federation:tokens"), revealed)
 
 
 @require_http_methods(["GET", "POST"])
@@ -445,11 +492,11 @@ def sender_create(request):
             apply_error(form, exc, form.ERRORS)
         else:
             secret = issued.secrets.get("inbound_token")
-            revealed = secret and Revealed(f"Inbound secret of {issued.row.name}", secret,
-                                           f"On {issued.row.name}, paste this as the outbound secret of its peer for "
-                                           "this instance.")  # fmt: skip
+            revealed = [Revealed(f"Inbound secret of {issued.row.name}", secret,
+                                 f"On {issued.row.name}, paste this as the outbound secret of its peer for this "
+                                 "instance.", "sender")] if secret else []  # fmt: skip
             messages.success(request, f"Trusted sender {issued.row.name} added.")
-            return _tokens(request, status=201, revealed=revealed or None)
+            return _with_once(request, reverse("federation:tokens"), *revealed)
     return _tokens(request, status=400, sender_form=form)
 
 

@@ -1,9 +1,13 @@
-"""Template filters of the screens: times as operators read them ("12 s ago", UTC)."""
+"""Template filters of the screens: times as operators read them ("12 s ago", UTC), long tokens
+that wrap at sensible points."""
 
+import re
 from datetime import UTC, datetime
 
 from django import template
 from django.utils import timezone
+from django.utils.html import conditional_escape
+from django.utils.safestring import mark_safe
 
 register = template.Library()
 
@@ -36,3 +40,14 @@ def ago(value) -> str:
 def utc(value) -> str:
     moment = _moment(value)
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if moment else "—"
+
+
+_BREAK_AFTER = re.compile(r"(?<=[/.\-_:?&=])")
+
+
+@register.filter
+def breaks(value) -> str:
+    """A long token (URL, id, event type) with a line-break opportunity after each / . - _ : ? & =,
+    so a narrow cell wraps it there rather than anywhere; copying it copies it unchanged."""
+    parts = [part for part in _BREAK_AFTER.split(str(value)) if part]
+    return mark_safe("<wbr>".join(str(conditional_escape(part)) for part in parts))

@@ -44,6 +44,12 @@ def _text(response) -> str:
     return response.content.decode()
 
 
+def _redirected(client, response, status: int = 302):
+    """A form's success redirects (Post/Redirect/Get): the page it leads to, read once."""
+    assert response.status_code == status, response.status_code
+    return client.get(response["Location"])
+
+
 # --- who may see what ----------------------------------------------------------------------
 
 TEAM_PAGES = ["/peers/", "/peers/new/", "/invite/", "/accept/", "/certificates/", "/tokens/"]
@@ -120,8 +126,10 @@ def test_new_peer_generates_both_secrets_shown_once_with_where_they_go(owner, te
     response = owner.post(BASE + "/peers/new/", {"name": "us-region", "peer_hook_url": PEER_URL,
                                                   "certificate_pem": pem, "scopes": "stripe.*, com.kite.agent.message",
                                                   "max_hops": 3})  # fmt: skip
-    assert response.status_code == 201
     peer = Peer.objects.get(name="us-region")
+    assert response["Location"] == f"{BASE}/peers/{peer.pk}/created"
+    response = _redirected(owner, response)
+    assert response.status_code == 200
     page = _text(response)
     outbound, inbound = services.secret_of(peer, "outbound"), services.secret_of(peer, "inbound")
     assert page.count(outbound) == 1 and page.count(inbound) == 1
@@ -129,6 +137,8 @@ def test_new_peer_generates_both_secrets_shown_once_with_where_they_go(owner, te
     assert peer.outbound_fingerprint in page and peer.inbound_fingerprint in page
     assert peer.scopes == ["stripe.*", "com.kite.agent.message"] and peer.certificate_thumbprint
     assert response["Cache-Control"].startswith("max-age=0")
+    again = _text(owner.get(f"{BASE}/peers/{peer.pk}/created"))  # a reload: shown once, then gone
+    assert outbound not in again and inbound not in again and "was shown once" in again
     detail = _text(owner.get(f"{BASE}/peers/{peer.pk}/"))
     assert outbound not in detail and inbound not in detail and peer.outbound_fingerprint in detail
 
@@ -136,7 +146,8 @@ def test_new_peer_generates_both_secrets_shown_once_with_where_they_go(owner, te
 def test_new_peer_with_pasted_secrets_reveals_nothing(owner):
     response = owner.post(BASE + "/peers/new/", {"name": "eu", "peer_hook_url": PEER_URL, "outbound_token": SECRET,
                                                   "inbound_token": SECRET + "in", "max_hops": 3})  # fmt: skip
-    assert response.status_code == 201 and SECRET not in _text(response)
+    response = _redirected(owner, response)
+    assert response.status_code == 200 and SECRET not in _text(response)
     assert "Both secrets were pasted" in _text(response)
 
 
@@ -181,7 +192,7 @@ def test_ping_shows_the_verdict_of_each_factor(owner, peer, monkeypatch):
     result = PingResult(False, 401, None, {"tls": "ok", "certificate": "not_configured", "secret": "mismatch",
                                            "clock": "ok"}, "bad_secret: the signature does not match")  # fmt: skip
     monkeypatch.setattr(heartbeat, "heartbeat", lambda peer, actor: result)
-    response = owner.post(f"{BASE}/peers/{peer.pk}/ping")
+    response = _redirected(owner, owner.post(f"{BASE}/peers/{peer.pk}/ping"))
     page = _text(response)
     assert response.status_code == 200 and "Ping: failed (401)" in page
     assert 'verdict-mismatch">mismatch' in page and "bad_secret: the signature does not match" in page
@@ -191,7 +202,7 @@ def test_ping_through_loopback_is_ok_and_audited(owner, team, other_team, loopba
     peer = services.peer_create(team=team, name="b", peer_hook_url=f"https://127.0.0.1:8443/hooks/{other_team.id}/kite",
                                 outbound_token=SECRET).row  # fmt: skip
     services.trusted_sender_create(team=other_team, name="a", inbound_token=SECRET)
-    page = _text(owner.post(f"{BASE}/peers/{peer.pk}/ping"))
+    page = _text(_redirected(owner, owner.post(f"{BASE}/peers/{peer.pk}/ping")))
     assert "200 OK" in page and 'verdict-ok">ok' in page
     assert AuditEvent.objects.filter(team=team, action=audit.PEER_CALLED, actor="user owner").exists()
 
@@ -211,6 +222,7 @@ def test_settings_change_scopes_hops_and_limit_and_refuse_http(owner, peer):
 
 def test_rotate_inbound_shows_the_new_secret_once_and_keeps_the_old_valid(owner, peer):
     response = owner.post(f"{BASE}/peers/{peer.pk}/rotate", {"inbound-direction": "inbound", "inbound-secret": ""})
+    response = _redirected(owner, response)
     assert response.status_code == 200
     peer.refresh_from_db()
     new = services.secret_of(peer, "inbound")
@@ -227,7 +239,7 @@ def test_rotate_outbound_with_a_pasted_secret_and_a_too_short_one(owner, peer):
     assert "at least 16" in refused.context["rotate_outbound"].errors["secret"][0]
     peer.refresh_from_db()
     assert peer.outbound_fingerprint == crypto.fingerprint(SECRET)
-    pasted = owner.post(url, {"outbound-direction": "outbound", "outbound-secret": SECRET + "new"})
+    pasted = _redirected(owner, owner.post(url, {"outbound-direction": "outbound", "outbound-secret": SECRET + "new"}))
     assert pasted.status_code == 200 and SECRET + "new" not in _text(pasted)
     peer.refresh_from_db()
     assert peer.outbound_fingerprint == crypto.fingerprint(SECRET + "new")
@@ -253,8 +265,9 @@ def test_grant_token_is_shown_once_and_a_bad_network_is_a_field_error(owner, pee
     created = owner.post(url, {"resource_kind": "fleet.agents", "permission_scopes": "read",
                                "source_cidrs": "10.0.0.0/8", "ttl_days": 7})  # fmt: skip
     grant = Grant.objects.get()
-    token = created.context["granted"].value
-    assert created.status_code == 201 and token.startswith(f"fg-{grant.pk}.") and _text(created).count(token) == 1
+    created = _redirected(owner, created)
+    token = created.context["shown_once"][0].value
+    assert created.status_code == 200 and token.startswith(f"fg-{grant.pk}.") and _text(created).count(token) == 1
     assert grant.source_cidrs == ["10.0.0.0/8"] and token not in _text(owner.get(f"{BASE}/peers/{peer.pk}/"))
     confirm = owner.get(f"{url}/{grant.pk}/revoke")
     assert "can no longer read fleet.agents" in _text(confirm)
@@ -287,12 +300,15 @@ def test_delete_when_the_other_side_cannot_be_told_warns(owner, peer, monkeypatc
 
 def test_invite_shows_the_invitation_once_with_its_expiry_and_progress(owner, team):
     response = owner.post(BASE + "/invite/", {"name": "eu", "scopes": "*", "max_hops": 3, "ttl_seconds": 86400})
-    assert response.status_code == 201
     peer = Peer.objects.get(team=team, name="eu")
-    invitation = response.context["revealed"].value
+    assert response["Location"] == f"{BASE}/invite/{peer.pk}/"
+    response = _redirected(owner, response)
+    invitation = response.context["shown_once"][0].value
     assert invitation.startswith(invitations.PREFIX) and _text(response).count(invitation) == 1
     assert peer.status == Peer.Status.PROPOSED and f"{peer.invitation_expires_at:%Y-%m-%d %H:%M}" in _text(response)
     assert owner.get(f"{BASE}/peers/{peer.pk}/progress").json()["status"] == "proposed"
+    again = _text(owner.get(f"{BASE}/invite/{peer.pk}/"))
+    assert invitation not in again and "was shown once" in again and "data-progress-url" in again
 
 
 def test_invite_name_taken_is_a_field_error(owner, peer):
@@ -325,8 +341,10 @@ def test_accept_refuses_an_expired_invitation_before_calling(owner, other_team, 
 def test_accept_through_loopback_then_the_reused_invitation_is_refused(owner, team, other_team, loopback):  # noqa: F811
     _, invitation = invitations.issue(team=other_team, name="b")
     response = owner.post(BASE + "/accept/", {"invitation": invitation, "name": "a"})
-    assert response.status_code == 201, response.context["form"].errors
+    assert response.status_code == 302, response.context["form"].errors
     peer = Peer.objects.get(team=team, name="a")
+    assert response["Location"] == f"{BASE}/accept/{peer.pk}/"
+    response = _redirected(owner, response)
     assert peer.status == Peer.Status.ACCEPTED and "data-progress-url" in _text(response)
     # While "a" lives, this team refuses a second peer for the same instance before calling; once
     # it is gone, the inviting side refuses the used code.
@@ -343,9 +361,9 @@ def test_accept_through_loopback_then_the_reused_invitation_is_refused(owner, te
 
 
 def test_certificate_issue_shows_the_pem_and_warns_of_expiry(owner, team):
-    response = owner.post(BASE + "/certificates/", {"subject": "kite-eu", "validity_days": 10})
+    response = _redirected(owner, owner.post(BASE + "/certificates/", {"subject": "kite-eu", "validity_days": 10}))
     row = IdentityCertificate.objects.get()
-    assert response.status_code == 201 and row.pem.strip() in _text(response).replace("&#x27;", "'")
+    assert "Issued: kite-eu" in _text(response) and row.pem.strip() in _text(response).replace("&#x27;", "'")
     assert "expires in" in _text(owner.get(BASE + "/certificates/"))
     IdentityCertificate.objects.filter(pk=row.pk).update(not_after=timezone.now() - timedelta(days=1))
     assert 'badge bad">expired' in _text(owner.get(BASE + "/certificates/"))
@@ -364,10 +382,10 @@ def test_certificate_of_another_team_is_not_found(outsider, team):
 
 
 def test_token_shown_once_then_listed_by_fingerprint_and_deleted(owner, outsider):
-    response = owner.post(BASE + "/tokens/", {"label": "peer-b-outbound"})
-    token = response.context["revealed"].value
+    response = _redirected(owner, owner.post(BASE + "/tokens/", {"label": "peer-b-outbound"}))
+    token = response.context["shown_once"][0].value
     row = FederationToken.objects.get()
-    assert response.status_code == 201 and _text(response).count(token) == 1
+    assert response.status_code == 200 and _text(response).count(token) == 1
     listing = _text(owner.get(BASE + "/tokens/"))
     assert row.fingerprint in listing and token not in listing
     assert owner.post(BASE + "/tokens/", {"label": ""}).status_code == 400
@@ -379,9 +397,9 @@ def test_trusted_sender_added_with_generated_secret_and_bad_pem_refused(owner):
     refused = owner.post(BASE + "/senders/", {"name": "a", "certificate_pem": "garbage"})
     assert refused.status_code == 400 and refused.context["sender_form"].errors["certificate_pem"]
     assert not Peer.objects.exists()
-    created = owner.post(BASE + "/senders/", {"name": "a"})
+    created = _redirected(owner, owner.post(BASE + "/senders/", {"name": "a"}))
     sender = Peer.objects.get(role=Peer.Role.SENDER)
-    assert created.status_code == 201 and _text(created).count(services.secret_of(sender, "inbound")) == 1
+    assert created.status_code == 200 and _text(created).count(services.secret_of(sender, "inbound")) == 1
     assert owner.post(f"{BASE}/senders/{sender.pk}/revoke").status_code == 302
     sender.refresh_from_db()
     assert sender.status == Peer.Status.REVOKED
