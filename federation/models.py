@@ -141,6 +141,7 @@ class OutboxEntry(models.Model):
     delivered_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        verbose_name_plural = "outbox entries"
         indexes = [
             models.Index(fields=["peer", "status", "next_attempt_at"], name="outbox_due"),
             models.Index(fields=["status", "leased_until"], name="outbox_leases"),
@@ -162,6 +163,7 @@ class Delivery(models.Model):
     error = models.TextField(blank=True)
 
     class Meta:
+        verbose_name_plural = "deliveries"
         indexes = [models.Index(fields=["peer", "-attempted_at"], name="delivery_recent")]
 
 
