@@ -66,6 +66,8 @@ def _factors_for_failure(failure: client.PeerCallError) -> dict:
         factors["tls"] = "failed"
     elif code in ("connection", "insecure_url"):  # insecure_url: refused by the destination policy, never connected
         factors["tls"] = "unknown"
+    elif code == "unknown_team":  # the peer has no team of that id: the hook URL is wrong, not the secret
+        factors["url"] = "unknown_team"
     elif code in ("bad_secret", "unknown_peer"):
         factors["secret"] = "mismatch"
         factors["clock"] = "ok"

@@ -10,6 +10,32 @@ from federation import CONTRACT_VERSION, audit, inbound, metrics
 from federation.outbox import BATCH_CAP
 from ingest.verifiers import lower_headers
 from kite.errors import ApiError, json_error
+from kite.fields import refuse_any, refuse_unapplied
+
+# What each peer-facing write takes (contract version 1); anything else is refused before the
+# signature is checked, so a refusal uses no webhook-id and records no contact.
+HANDSHAKE_FIELDS = ("code", "contract_version", "url", "instance_id", "team_id", "hook_url", "certificate_pem",
+                    "tls_fingerprint", "inbound_secret", "grant_token")  # fmt: skip
+MAX_REASON = 200
+
+
+def _refused_fields(body: bytes, accepted, what: str):
+    """A 400 response naming the fields of a JSON-object body outside `accepted`, or None (a body
+    that is not a JSON object is left to the endpoint's own check)."""
+    from federation import wire
+
+    if not body:
+        return None
+    try:
+        parsed = wire.json_object(body, what)
+    except wire.BadBody:
+        return None
+    try:
+        refuse_unapplied(parsed, accepted, what=what) if accepted else refuse_any(parsed, what=what)
+    except ApiError as exc:
+        metrics.CALLS.labels("unknown", "inbound", exc.code).inc()
+        return exc.response()
+    return None
 
 
 def capabilities() -> dict:
@@ -25,6 +51,9 @@ def _authenticated(request, body: bytes, *, current_only: bool = False):
     webhook-id not used before — or (None, the refusal response); a refusal is audited as
     Federation.AuthFailed with the failing factor, and counted."""
     headers = lower_headers(request.headers)
+    unknown = _unknown_team(request)
+    if unknown is not None:
+        return None, unknown
     try:
         peer = inbound.authenticate(headers, body, team_id=inbound.team_hint(request), method=request.method,
                                     path=request.path, current_only=current_only)  # fmt: skip
@@ -38,6 +67,20 @@ def _authenticated(request, body: bytes, *, current_only: bool = False):
         return None, exc.response()
 
 
+def _unknown_team(request):
+    """404 `unknown_team` when `?team=` (the team of the hook URL the caller was given) is not a team
+    here, as /hooks/<team>/kite answers: the caller's Ping then blames the URL, not its secret. It
+    says no more than that hook URL does to anyone; nothing is stored, the refusal is counted."""
+    from kite.models import Team
+
+    team_id = inbound.team_hint(request)
+    if team_id is None or Team.objects.filter(pk=team_id).exists():
+        return None
+    metrics.CALLS.labels("unknown", "inbound", "unknown_team").inc()
+    return json_error(f"No team {team_id!r} on this instance: check the team in the hook URL you were given.",
+                      "unknown_team", 404)  # fmt: skip
+
+
 def _noted(request, peer, outcome: str = "ok") -> None:
     """Federation.RemoteRequest: every inbound peer call but event deliveries (see inbound.verify_kite_source)."""
     audit.remote_request(peer=peer, endpoint=request.path, method=request.method, outcome=outcome,
@@ -47,6 +90,8 @@ def _noted(request, peer, outcome: str = "ok") -> None:
 @csrf_exempt
 @require_GET
 def ping(request):
+    if request.body:  # signed over an empty body: anything sent would be ignored
+        return json_error("A ping takes no body.", "invalid", 400)
     peer, refusal = _authenticated(request, b"")
     if refusal is not None:
         return refusal
@@ -67,13 +112,28 @@ def terminate(request):
     """The peer deleted us: revoke its row here (stop sending, stop accepting)."""
     from federation import services
 
+    bad = _refused_fields(request.body, ("reason",), "a termination")
+    if bad is not None:
+        return bad
     peer, refusal = _authenticated(request, request.body, current_only=True)
     if refusal is not None:
         return refusal
     _noted(request, peer)
-    services.peer_revoke(peer=peer, reason="terminated by the peer",
+    services.peer_revoke(peer=peer, reason=_termination_reason(request.body),
                          actor=f"peer {peer.remote_instance_id or peer.name}")  # fmt: skip
     return JsonResponse({"revoked": True, "instance_id": settings.KITE_INSTANCE_ID})
+
+
+def _termination_reason(body: bytes) -> str:
+    """The revocation's reason: "terminated by the peer", with the one it gave (printable, MAX_REASON at most)."""
+    from federation import wire
+
+    try:
+        given = wire.json_object(body, "termination").get("reason") if body else None
+    except wire.BadBody:
+        given = None
+    given = "".join(ch for ch in given if ch.isprintable())[:MAX_REASON].strip() if isinstance(given, str) else ""
+    return f"terminated by the peer ({given})" if given else "terminated by the peer"
 
 
 @csrf_exempt
@@ -83,6 +143,9 @@ def rotate(request):
     from federation import channel
 
     body = request.body
+    bad = _refused_fields(body, (*channel.CHANGES, "grace"), "a rotation")
+    if bad is not None:
+        return bad
     peer, refusal = _authenticated(request, body, current_only=True)
     if refusal is not None:
         return refusal
@@ -105,7 +168,13 @@ def handshake(request):
     body = request.body
     headers = lower_headers(request.headers)
     if request.method not in ("POST", "DELETE"):
-        return json_error("Use POST (or DELETE to withdraw).", "method_not_allowed", 405)
+        refused = json_error("Use POST (or DELETE to withdraw).", "method_not_allowed", 405)
+        refused["Allow"] = "POST, DELETE"
+        return refused
+    bad = _refused_fields(body, HANDSHAKE_FIELDS if request.method == "POST" else ("nonce",),
+                          "a handshake" if request.method == "POST" else "a withdrawal")  # fmt: skip
+    if bad is not None:
+        return bad
     try:
         if request.method == "DELETE":
             peer = invitations.withdraw(headers, body, path=request.path)
