@@ -33,10 +33,8 @@ AUDIT_PAGE = 100
 STEPS = [Peer.Status.PROPOSED, Peer.Status.ACCEPTED, Peer.Status.ENROLLED, Peer.Status.ACTIVE]
 
 
-def chip_of(peer: Peer, now: datetime) -> str:
-    ok = peer.last_attempt_at is not None and peer.last_attempt_at == peer.last_success_at
-    return reachability.chip(now=now, last_attempt_at=peer.last_attempt_at, last_success_at=peer.last_success_at,
-                             last_latency_ms=peer.last_latency_ms, last_attempt_ok=ok)  # fmt: skip
+def chip_of(peer: Peer, now: datetime) -> str | None:
+    return reachability.of_peer(peer, now=now)  # None for a revoked peer (templates/federation/_chip.html)
 
 
 @dataclass(frozen=True)

@@ -186,14 +186,8 @@ class PeerSerializer(serializers.ModelSerializer):
             "last_success_at", "last_latency_ms", "last_inbound_at", "outbox", "has_remote_grant", "created_at",
         ]  # fmt: skip
 
-    def get_reachability(self, peer) -> str:
-        return reachability.chip(
-            now=timezone.now(),
-            last_attempt_at=peer.last_attempt_at,
-            last_success_at=peer.last_success_at,
-            last_latency_ms=peer.last_latency_ms,
-            last_attempt_ok=peer.last_attempt_at is not None and peer.last_attempt_at == peer.last_success_at,
-        )
+    def get_reachability(self, peer) -> str | None:
+        return reachability.of_peer(peer, now=timezone.now())  # null for a revoked peer
 
     def get_has_remote_grant(self, peer) -> bool:
         return bool(peer.remote_grant_encrypted)

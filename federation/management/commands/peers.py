@@ -39,5 +39,5 @@ def _row(peer, data: dict) -> tuple:
     last = max(contacts) if contacts else None
     contact = f"{last.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC" if last else "never"
     outbox = data["outbox"]
-    return (peer.name, peer.status, data["reachability"], peer.paused or "-", outbox.get("pending", 0),
+    return (peer.name, peer.status, data["reachability"] or "-", peer.paused or "-", outbox.get("pending", 0),
             outbox.get("dead", 0), contact)  # fmt: skip

@@ -1,7 +1,8 @@
 from django.core.management.base import CommandError
 
-from federation import heartbeat
+from federation import heartbeat, selectors
 from federation.management.base import ACTOR, TeamCommand
+from federation.models import Peer
 
 
 class Command(TeamCommand):
@@ -12,7 +13,15 @@ class Command(TeamCommand):
         parser.add_argument("peer", help="peer name or id")
 
     def handle(self, *args, team, peer, **options):
-        found = self.peer(self.team(team), peer)
+        found_team = self.team(team)
+        # `peers` lists revoked peers too: name one and hear that it is revoked, not that it does not exist.
+        found = selectors.peer_by_ref(found_team.id, peer) or Peer.objects.filter(
+            team_id=found_team.id, role=Peer.Role.PEER, name=peer, status=Peer.Status.REVOKED).order_by("-pk").first()
+        if found is None:
+            found = self.peer(found_team, peer)  # the usual "has no peer named" error
+        if found.status == Peer.Status.REVOKED:
+            raise CommandError(f"Peer {found.name} is revoked (deleted here, or terminated by the other side): it is "
+                               "no longer pinged, and there is nothing to ping; peer again to reconnect.")  # fmt: skip
         if not found.sends_to:
             raise CommandError(f"Peer {found.name} has no URL to ping (a trusted sender, or revoked).")
         result = heartbeat.heartbeat(found, actor=ACTOR)
