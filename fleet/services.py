@@ -90,8 +90,8 @@ def _upsert_sql(count: int) -> str:
     )
 
 
-REMOTE_GRANT_STORED = "Federation.RemoteGrantStored"
-REMOTE_GRANT_FORGOTTEN = "Federation.RemoteGrantForgotten"
+REMOTE_GRANT_STORED = audit.REMOTE_GRANT_STORED  # named with the other actions: the Audit screen's filter lists them
+REMOTE_GRANT_FORGOTTEN = audit.REMOTE_GRANT_FORGOTTEN
 
 
 def remote_grant_set(*, peer: Peer, token: str | None, actor: str = "") -> Peer:
