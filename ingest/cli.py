@@ -69,6 +69,23 @@ def ssl_context(args) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=args.ca_file)
 
 
+def describe_filters(args) -> str:
+    shown = [f"{label} {value}" for label, value in (("source", args.source), ("type", args.type_glob),
+                                                      ("agent", args.agent)) if value]  # fmt: skip
+    return ", ".join(shown) or "every event of the team"
+
+
+def refusal_text(body: str) -> str:
+    """The server's {detail, code} as `code: detail` on one line; any other body as it came."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return " ".join(body.split())
+    if isinstance(answer, dict) and "code" in answer:
+        return f"{answer['code']}: {answer.get('detail', '')}"
+    return " ".join(body.split())
+
+
 def agent_params(args) -> dict:
     """What the fleet shows of this listener: sent with --agent only."""
     if not args.agent:
@@ -102,7 +119,8 @@ def current_cursor(instance: str, api_key: str, context) -> str:
             return json.load(response)["cursor"]
     except urllib.error.HTTPError as exc:
         if exc.code in FATAL_STATUSES:
-            raise Fatal(f"server refused: HTTP {exc.code} {exc.read().decode('utf-8', 'replace')}") from None
+            refusal = refusal_text(exc.read().decode("utf-8", "replace"))
+            raise Fatal(f"server refused: HTTP {exc.code} {refusal}") from None
         raise OSError(f"HTTP {exc.code}") from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ssl.SSLCertVerificationError):
@@ -115,7 +133,7 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
         raise Fatal("an API key is required: --api-key or $KITE_API_KEY")
     context = ssl_context(args)
     cursor = args.after or ("0-0" if args.from_start else None)
-    failures = 0
+    failures, listening = 0, False
     while True:
         try:
             if cursor is None:
@@ -134,7 +152,10 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
             ) as websocket:
                 if failures:
                     print(f"kite: reconnected, resuming after {cursor}", file=err, flush=True)
-                failures = 0
+                elif not listening:
+                    print(f"kite: listening on {args.instance.rstrip('/')} ({describe_filters(args)}); "
+                          "events print here, one JSON per line", file=err, flush=True)  # fmt: skip
+                failures, listening = 0, True
                 for message in websocket:
                     event = json.loads(message)
                     out.write(json.dumps(event, separators=(",", ":")) + "\n")
@@ -146,7 +167,7 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
             status = exc.response.status_code
             detail = exc.response.body.decode("utf-8", "replace") if exc.response.body else ""
             if status in FATAL_STATUSES:
-                raise Fatal(f"server refused the stream: HTTP {status} {detail}".strip()) from None
+                raise Fatal(f"server refused the stream: HTTP {status} {refusal_text(detail)}".strip()) from None
             reason = f"HTTP {status}"
         except InvalidURI as exc:
             raise Fatal(str(exc)) from None

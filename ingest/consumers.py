@@ -18,6 +18,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from ingest import broadcast, hooks, selectors
+from ingest.errors import Code
 from kite import auth
 from kite.auth import bearer_from_header, principal_for_key, principal_for_user
 from kite.errors import ApiError
@@ -96,7 +97,12 @@ def _filters(query: dict[str, list[str]], team_id: str) -> tuple[selectors.Event
 
     raw_after = one("after")
     after = selectors.cursor_parse(raw_after) if raw_after is not None else selectors.events_head(team_id=team_id)
-    return selectors.EventFilter(source=one("source"), type_glob=one("type"), agent=one("agent")), after
+    source = one("source")
+    if source is not None and not selectors.sources_for_team(team_id).filter(name=source).exists():
+        # A typo would otherwise be a stream that waits forever for events that never come.
+        raise ApiError(f"The team has no source {source[:50]!r} (GET /api/sources lists them).", Code.UNKNOWN_SOURCE,
+                       status=404)  # fmt: skip
+    return selectors.EventFilter(source=source, type_glob=one("type"), agent=one("agent")), after
 
 
 def keep_listening(team_id: str) -> None:
@@ -158,7 +164,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
         try:
             self.filters, self.cursor = await database_sync_to_async(_filters)(query, self.team_id)
         except ApiError as exc:
-            return await self.deny(400, exc.detail, exc.code)
+            return await self.deny(exc.status, exc.detail, exc.code)
         self.group = broadcast.group_for(self.team_id)
         self.notified = self.cursor
         self.wake = asyncio.Event()

@@ -6,6 +6,7 @@ import enum
 class Code(enum.StrEnum):
     INVALID = "invalid"
     CONFLICT = "conflict"
+    PLACEHOLDER_SECRET = "placeholder_secret"
     UNKNOWN_TEAM = "unknown_team"
     UNKNOWN_SOURCE = "unknown_source"
     METHOD_NOT_ALLOWED = "method_not_allowed"

@@ -43,6 +43,10 @@ def source_create(
         raise ApiError(f"kind must be one of stripe, github, standard, none; got {kind!r}.", Code.INVALID)
     if kind == Source.Kind.NONE and secret:
         raise ApiError("A `none` source is unverified and takes no secret.", Code.INVALID)
+    if secret and is_placeholder_secret(secret):
+        raise ApiError(f"secret {secret[:20]!r} is a placeholder, not a signing secret: paste the provider's secret "
+                       "(Stripe: the endpoint's whsec_…), or leave `secret` out and Kite generates one, shown once.",
+                       Code.PLACEHOLDER_SECRET)  # fmt: skip
     generated = None
     if kind in SIGNED_KINDS and not secret:
         secret = generated = crypto.new_webhook_secret()
@@ -56,6 +60,21 @@ def source_create(
     except IntegrityError:
         raise ApiError(f"Team already has a source named {name!r}.", Code.CONFLICT, status=409) from None
     return CreatedSource(source=source, secret=generated)
+
+
+_PLACEHOLDER_PREFIX = re.compile(r"^(whsec_|sk_|whk_|secret[_:-]?)", re.IGNORECASE)
+_PLACEHOLDER_BODY = re.compile(r"^(|[.…*x_-]+|<[^>]*>|\{+[^}]*\}+|\$\{?[A-Za-z_]+\}?)$", re.IGNORECASE)
+_PLACEHOLDER_WORDS = {"secret", "changeme", "change-me", "change_me", "placeholder", "todo", "xxx", "example",
+                      "your-secret", "your_secret", "yoursecret", "mysecret", "signing-secret", "signing_secret"}  # fmt: skip
+
+
+def is_placeholder_secret(secret: str) -> bool:
+    """A value copied from documentation, not a provider's secret: `whsec_...`, `whsec_…`, `<secret>`,
+    `xxxx`, `changeme`, `${SECRET}` — anything with an ellipsis in it. A real one is random."""
+    value = secret.strip()
+    if "..." in value or "…" in value or value.lower() in _PLACEHOLDER_WORDS:
+        return True
+    return bool(_PLACEHOLDER_BODY.match(_PLACEHOLDER_PREFIX.sub("", value, count=1)))
 
 
 def source_secret(source: Source) -> str | None:

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from kite import crypto, lifeline, tls
+from kite import crypto, instance_env, lifeline, tls
 
 STOP_GRACE_SECONDS = 10
 RESTART_FIRST_SECONDS = 1.0
@@ -42,6 +42,7 @@ class Command(BaseCommand):
             call_command("migrate", interactive=False, verbosity=0)
             call_command("bootstrap", stdout=self.stdout)
         crypto.check_stored_secrets()  # keys that cannot decrypt what is stored: one line, nothing started
+        instance_env.record(Path(settings.KITE_DATA_DIR), os.environ)  # for `manage.py --data-dir` (kite.instance_env)
         check_listen_address(settings.KITE_HOST, settings.KITE_PORT)
         env = self._child_env()
         commands = {"web": self._web_command()}
