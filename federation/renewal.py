@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from federation import audit, certificates, channel
@@ -44,8 +45,10 @@ def check(now: datetime | None = None) -> dict:
     """One beat over every team that has a certificate; idempotent, and safe to run twice at once."""
     now = now or timezone.now()
     done = {"warned": 0, "renewed": 0, "announced": 0, "retired": 0}
-    team_ids = IdentityCertificate.objects.values_list("team_id", flat=True).distinct().order_by()
-    for team_id in list(team_ids):
+    # Teams with work: a certificate within the warning window (a due renewal is one), or a renewal under way.
+    soon = Q(not_before__lte=now, not_after__gt=now, not_after__lte=now + timedelta(days=warning_days()))
+    team_ids = IdentityCertificate.objects.filter(soon | Q(replaces__isnull=False)).values_list("team_id", flat=True)
+    for team_id in sorted(set(team_ids)):
         done["warned"] += warn_expiring(team_id, now)
         if renew_days() and renew(team_id, now) is not None:
             done["renewed"] += 1
@@ -134,9 +137,15 @@ def _peers_we_call(team_id: str) -> list[Peer]:
 
 
 def waiting_for(certificate: IdentityCertificate) -> list[Waiting]:
-    """The peers that have not acknowledged `certificate`, each with the reason."""
+    """The peers that have not acknowledged `certificate`, each with the reason. An invitation not
+    yet redeemed waits too: it names the certificate being replaced, which the invitee checks the
+    handshake's answer against; once redeemed, the new peer is told like the others."""
     acks = {ack.peer_id: ack for ack in certificate.acknowledgements.all()}
-    waiting = []
+    now = timezone.now()
+    waiting = [Waiting(peer, f"invitation not redeemed yet (until {peer.invitation_expires_at:%Y-%m-%d %H:%M} UTC): "
+                             "it names the certificate being replaced")
+               for peer in Peer.objects.filter(team_id=certificate.team_id, status=Peer.Status.PROPOSED,
+                                               invitation_expires_at__gt=now).order_by("name")]  # fmt: skip
     for peer in _peers_we_call(certificate.team_id):
         ack = acks.get(peer.pk)
         if ack is not None and ack.acknowledged_at is not None:

@@ -167,6 +167,21 @@ def test_a_peer_without_a_signed_channel_keeps_the_old_certificate_and_is_named(
     assert new.replaces_id is None and renewal.status(new)["waiting_for"] == []
 
 
+def test_an_invitation_not_yet_redeemed_keeps_the_old_certificate_it_names(api, team):
+    old = certificates.issue(team=team, subject="kite-a", validity_days=3)
+    created = api.post("/api/federation/invitations", {"name": "pending"}, format="json").json()
+
+    renewal.check()
+
+    new = IdentityCertificate.objects.get(replaces=old)
+    (waiting,) = renewal.status(new)["waiting_for"]
+    assert waiting["peer_id"] == created["peer_id"] and "invitation not redeemed yet" in waiting["reason"]
+    assert certificates.current(team.id).pk == old.pk  # what the handshake's answer gives the invitee meanwhile
+    Peer.objects.filter(pk=created["peer_id"]).update(invitation_expires_at=timezone.now() - timedelta(seconds=1))
+    assert renewal.check()["retired"] == 1
+    assert list(IdentityCertificate.objects.filter(team=team)) == [new]
+
+
 def test_a_team_without_peers_renews_and_retires_at_once(team):
     old = certificates.issue(team=team, subject="kite-a", validity_days=1)
     assert renewal.check() == {"warned": 1, "renewed": 1, "announced": 0, "retired": 1}
