@@ -11,6 +11,7 @@ from fleet.errors import Code
 from fleet.models import Agent
 from kite.auth import CanManagePeers
 from kite.errors import ApiError
+from kite.fields import refuse_any, refuse_unapplied
 
 MAX_QUERY = 200
 _YES, _NO = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
@@ -60,6 +61,9 @@ class AgentListRegister(APIView):
     @extend_schema(request=_REGISTRATION)
     def post(self, request):
         """Register an agent, or refresh it (a heartbeat): {name, version?, host?, labels?}."""
+        refuse_unapplied(request.data, ("name", "version", "host", "labels"), what="an agent registration",
+                         instead={"status": "read-only (follows the agent's heartbeats)",
+                                  "peer": "read-only (a peer's agents are changed on their own instance)"})  # fmt: skip
         try:
             registration = rows.clean_registration(request.data)
         except rows.Invalid as invalid:
@@ -98,6 +102,7 @@ class PeerRemoteGrant(APIView):
 
     @extend_schema(request=_REMOTE_GRANT)
     def put(self, request, peer_id: int):
+        refuse_unapplied(request.data, ("token",), what="a remote grant")
         token = request.data.get("token") if isinstance(request.data, dict) else None
         if not isinstance(token, str):
             raise ApiError("Send {\"token\": \"fg-<id>.<secret>\"}.", Code.INVALID)
@@ -106,6 +111,7 @@ class PeerRemoteGrant(APIView):
         return Response(self._answer(peer))
 
     def delete(self, request, peer_id: int):
+        refuse_any(request.data, what="forgetting a remote grant")
         services.remote_grant_set(peer=self._peer(request, peer_id), token=None, actor=audit.actor_of(request.user))
         return Response(status=status.HTTP_204_NO_CONTENT)
 

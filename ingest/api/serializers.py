@@ -2,9 +2,12 @@ from django.conf import settings
 from rest_framework import serializers
 
 from ingest.models import Source
+from kite.fields import StrictSerializer
 
 
-class SourceCreateSerializer(serializers.Serializer):
+class SourceCreateSerializer(StrictSerializer):
+    WHAT = "a source"
+
     name = serializers.CharField(max_length=50)
     kind = serializers.ChoiceField(choices=["stripe", "github", "standard", "none"])
     secret = serializers.CharField(required=False, allow_blank=False, max_length=500, write_only=True)
