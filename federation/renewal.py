@@ -13,9 +13,11 @@ Each beat, per team:
   and the first `kite-key` are the ones every peer knows, and a peer pinned to either verifies.
 
 A peer we send to without a signed channel cannot be told: the old certificate is kept, and the
-screens say so, until an operator gave it the new PEM and revokes the old one.
+screens say so, until an operator gave it the new PEM and revokes the old one. An invitation not
+yet redeemed keeps it too (it names the old one); redeemed, its peer is told like the others.
 """
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -26,6 +28,8 @@ from django.utils import timezone
 
 from federation import audit, certificates, channel
 from federation.models import IdentityCertificate, Peer
+
+logger = logging.getLogger(__name__)
 
 CERTIFICATE_EXPIRING = "Federation.CertificateExpiring"
 CERTIFICATE_RENEWED = "Federation.CertificateRenewed"
@@ -42,20 +46,27 @@ def warning_days() -> int:
 
 
 def check(now: datetime | None = None) -> dict:
-    """One beat over every team that has a certificate; idempotent, and safe to run twice at once."""
+    """One beat over the teams with work; idempotent, and safe to run twice at once."""
     now = now or timezone.now()
     done = {"warned": 0, "renewed": 0, "announced": 0, "retired": 0}
     # Teams with work: a certificate within the warning window (a due renewal is one), or a renewal under way.
     soon = Q(not_before__lte=now, not_after__gt=now, not_after__lte=now + timedelta(days=warning_days()))
     team_ids = IdentityCertificate.objects.filter(soon | Q(replaces__isnull=False)).values_list("team_id", flat=True)
     for team_id in sorted(set(team_ids)):
-        done["warned"] += warn_expiring(team_id, now)
-        if renew_days() and renew(team_id, now) is not None:
-            done["renewed"] += 1
-        for renewal in under_way(team_id):
-            done["announced"] += announce(renewal)
-            done["retired"] += retire_if_acknowledged(renewal)
+        try:
+            _check_team(team_id, now, done)
+        except Exception:  # one team's failure (a database error) must not hold back the others
+            logger.exception("certificate check of team %s failed; retried at the next beat", team_id)
     return done
+
+
+def _check_team(team_id: str, now: datetime, done: dict) -> None:
+    done["warned"] += warn_expiring(team_id, now)
+    if renew_days() and renew(team_id, now) is not None:
+        done["renewed"] += 1
+    for renewal in under_way(team_id):
+        done["announced"] += announce(renewal)
+        done["retired"] += retire_if_acknowledged(renewal)
 
 
 # --- the expiry warning ------------------------------------------------------------
