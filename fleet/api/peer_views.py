@@ -27,9 +27,10 @@ from fleet.federated import GRANT_HEADER, PATH
 from ingest.verifiers import lower_headers
 from kite.errors import ApiError, Code as KiteCode, json_error
 
-# A Kite's agent ids are bigint primary keys; anything else names no agent here (and is refused
-# before any database work: a 10 KB id or a `../` costs nothing).
-AGENT_ID = re.compile(r"[0-9]{1,18}")
+# A Kite's agent ids are bigint primary keys, written as such (no sign, no leading zero: the caller
+# checks the answer is the id it asked for); anything else names no agent here, and is refused
+# before any database work: a 10 KB id or a `../` costs nothing.
+AGENT_ID = re.compile(r"[1-9][0-9]{0,17}")
 
 
 def _get_only(view):

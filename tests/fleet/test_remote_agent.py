@@ -251,7 +251,7 @@ def test_a_revoked_peer_is_not_known_at_all(granted):
     _unchanged_but_audit(before, team)
 
 
-ODD_IDS = ["../agents", "..%2F..%2Fping", "%2e%2e", "-1", "1.0", "0x10", "1e3", " 1", "%00", "١", "²",
+ODD_IDS = ["../agents", "..%2F..%2Fping", "%2e%2e", "-1", "+1", "0", "007", "1.0", "0x10", "1e3", " 1", "%00", "١", "²",
            "1/2", "9" * 19, "9" * 10_240, "a" * 10_240]  # fmt: skip
 
 
