@@ -20,17 +20,23 @@ TTL_SECONDS = 300  # the redirect is followed at once; a tab closed meanwhile le
 
 
 def redirect_with(request, url: str, **values) -> HttpResponseRedirect:
-    """Redirect to `url`, whose next GET reads `values` (JSON-serialisable) once."""
-    request.session[KEY] = {"path": urlsplit(url).path, "at": time.time(), "data": crypto.encrypt(json.dumps(values))}
+    """Redirect to `url`, whose next GET reads `values` (JSON-serialisable) once. Kept per page, so a
+    form submitted in another tab meanwhile does not replace what this one is about to show."""
+    now = time.time()
+    kept = {path: item for path, item in request.session.get(KEY, {}).items()
+            if isinstance(item, dict) and now - item.get("at", 0) <= TTL_SECONDS}  # fmt: skip
+    kept[urlsplit(url).path] = {"at": now, "data": crypto.encrypt(json.dumps(values))}
+    request.session[KEY] = kept
     return HttpResponseRedirect(url)
 
 
 def take(request) -> dict | None:
     """What a redirect left for this page, removed as it is read; None when nothing (any more)."""
     kept = request.session.get(KEY) if request.method == "GET" else None
-    if not kept or kept.get("path") != request.path:
+    if not isinstance(kept, dict) or not isinstance(kept.get(request.path), dict):
         return None
-    del request.session[KEY]
-    if time.time() - kept["at"] > TTL_SECONDS:
+    item = kept.pop(request.path)
+    request.session[KEY] = kept  # re-assigned: the session saves what was removed
+    if time.time() - item["at"] > TTL_SECONDS:
         return None
-    return json.loads(crypto.decrypt(kept["data"]))
+    return json.loads(crypto.decrypt(item["data"]))

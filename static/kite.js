@@ -121,5 +121,11 @@
     connect();
   }
 
-  document.addEventListener("DOMContentLoaded", function () { copyButtons(); progress(); tail(); });
+  // A value shown once is the page's first thing: give it the focus, so a screen reader reads it first.
+  function onceShown() {
+    var panel = document.getElementById("once");
+    if (panel) panel.focus({ preventScroll: true });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () { copyButtons(); onceShown(); progress(); tail(); });
 })();
