@@ -182,6 +182,26 @@ class TokenForm(forms.Form):
     label = forms.CharField(max_length=100, help_text="What it is for, e.g. peer-b-outbound.")
 
 
+class MakePeerForm(forms.Form):
+    """A trusted sender made a peer (PATCH /api/federation/trusted-senders/{id}): where we send and how."""
+
+    peer_hook_url = forms.CharField(label="Hook URL of the other side", max_length=500,
+                                    help_text="https://…/hooks/&lt;team id&gt;/kite, as its identity shows.")  # fmt: skip
+    outbound_token = forms.CharField(label="Outbound secret (we sign with it)", required=False, max_length=500,
+                                     help_text="What the other side checks from us (the inbound secret of its peer "
+                                               "for this instance); empty: generated, shown once.")  # fmt: skip
+    scopes = ScopesField()
+    max_hops = forms.IntegerField(min_value=1, max_value=32, initial=DEFAULT_MAX_HOPS)
+    tls_fingerprint = forms.CharField(label="Its TLS fingerprint", required=False, max_length=71,
+                                      help_text="sha256:… of its server certificate, to pin a self-signed one.")
+
+    ERRORS = {"insecure_url": "peer_hook_url", "peer_hook_url": "peer_hook_url", "Peer URL": "peer_hook_url",
+              "outbound_token": "outbound_token", "scopes": "scopes", "tls_fingerprint": "tls_fingerprint"}  # fmt: skip
+
+    def service_kwargs(self) -> dict:
+        return {**self.cleaned_data, "outbound_token": self.cleaned_data["outbound_token"].strip() or None}
+
+
 class TrustedSenderForm(forms.Form):
     name = forms.CharField(max_length=63)
     inbound_token = forms.CharField(label="Inbound secret", required=False, max_length=500, help_text=SECRET_HELP)

@@ -32,4 +32,5 @@ urlpatterns = [
     path("tokens/<int:token_id>/delete", views.token_delete, name="token-delete"),
     path("senders/", views.sender_create, name="sender-create"),
     path("senders/<int:sender_id>/revoke", views.sender_revoke, name="sender-revoke"),
+    path("senders/<int:sender_id>/make-peer", views.sender_promote, name="sender-promote"),
 ]

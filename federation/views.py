@@ -76,6 +76,11 @@ def _live_peer(request, peer_id) -> Peer:
 @require_GET
 @screen(MANAGE_PEERS)
 def peer_list(request):
+    return _peers_page(request)
+
+
+def _peers_page(request, *, refused: f.MakePeerForm | None = None, refused_id: int | None = None,
+                http_status: int = 200):
     form = f.PeerFilterForm(request.GET)
     wanted = form.cleaned_data if form.is_valid() else {}
     peers = selectors.peers(request.principal.team.id)
@@ -90,7 +95,33 @@ def peer_list(request):
     rows = [{"peer": peer, "chip": chip_of(peer, now), "depth": depths[peer.pk]} for peer in peers]
     if wanted.get("reachability"):
         rows = [row for row in rows if row["chip"] == wanted["reachability"]]
-    return render(request, "federation/peers.html", {"form": form, "rows": rows, "now": now})
+    return render(request, "federation/peers.html", {"form": form, "rows": rows, "now": now,
+                                                     "senders": _senders(request, refused, refused_id)},
+                  status=http_status)  # fmt: skip
+
+
+def _senders(request, refused: f.MakePeerForm | None = None, refused_id: int | None = None) -> list[dict]:
+    """The live trusted senders, each with its Make it a peer form (the refused one as it was sent)."""
+    senders = selectors.trusted_senders(request.principal.team.id).exclude(status=Peer.Status.REVOKED)
+    return [{"sender": sender, "form": refused if sender.pk == refused_id else f.MakePeerForm(prefix=f"s{sender.pk}")}
+            for sender in senders]  # fmt: skip
+
+
+@require_POST
+@screen(MANAGE_PEERS)
+def sender_promote(request, sender_id):
+    """Make it a peer: the same row, its inbound secret kept; a generated outbound secret is shown once."""
+    sender = _peer(request, sender_id, role="sender")
+    form = f.MakePeerForm(request.POST, prefix=f"s{sender.pk}")
+    if form.is_valid():
+        try:
+            issued = services.trusted_sender_promote(sender=sender, actor=actor(request), **form.service_kwargs())
+        except ApiError as exc:
+            apply_error(form, exc, form.ERRORS)
+        else:
+            messages.success(request, f"{sender.name} is a peer now: events matching its scopes are sent to it.")
+            return _created(request, issued)
+    return _peers_page(request, refused=form, refused_id=sender.pk, http_status=400)
 
 
 @require_http_methods(["GET", "POST"])

@@ -10,6 +10,7 @@ from federation import audit, outbox, services
 from federation.models import AuditEvent, OutboxEntry, Peer
 from ingest import services as ingest_services
 from tests.federation.test_api import SECRET
+from tests.screens import member, outsider, owner  # noqa: F401  (fixtures)
 
 A_HOOK = "https://127.0.0.1:9/hooks/tm_a/kite"
 OUTBOUND = "whsec_" + "O" * 43
@@ -121,4 +122,53 @@ def test_anonymous_and_members_cannot_make_a_peer(anonymous_api, sender, team):
     body = {"peer_hook_url": A_HOOK, "scopes": []}
     assert anonymous_api.patch(f"/api/federation/trusted-senders/{sender['id']}", body,
                                format="json").status_code == 401  # fmt: skip
+    assert _row(sender["id"])["role"] == "sender"
+
+
+# --- on the screen: the trusted sender's row on the peers page -----------------------------------------
+
+SCREEN = "/settings/federation/peers/"
+
+
+def _make_peer_form(sender_id: int, **fields) -> dict:
+    values = {"peer_hook_url": A_HOOK, "outbound_token": "", "scopes": "stripe.* demo.*", "max_hops": "3",
+              "tls_fingerprint": "", **fields}  # fmt: skip
+    return {f"s{sender_id}-{name}": value for name, value in values.items()}
+
+
+def test_the_peers_screen_makes_a_trusted_sender_a_peer_and_shows_a_generated_secret_once(owner, sender):
+    page = owner.get(SCREEN).content.decode()
+    assert "Trusted senders" in page and "instance-a" in page and "Make it a peer" in page
+    assert f"/settings/federation/senders/{sender['id']}/make-peer" in page
+    done = owner.post(f"/settings/federation/senders/{sender['id']}/make-peer", _make_peer_form(sender["id"]))
+    assert done.status_code == 302 and done["Location"] == f"/settings/federation/peers/{sender['id']}/created"
+    shown = owner.get(done["Location"]).content.decode()
+    row = Peer.objects.get(pk=sender["id"])
+    secret = services.secret_of(row, "outbound")
+    assert row.role == "peer" and row.scopes == ["stripe.*", "demo.*"] and row.peer_hook_url == A_HOOK
+    assert shown.count(secret) >= 1 and secret not in owner.get(done["Location"]).content.decode()  # once
+    assert AuditEvent.objects.filter(action=audit.TRUSTED_SENDER_PROMOTED, peer_id=row.pk).count() == 1
+    assert "Make it a peer" not in owner.get(SCREEN).content.decode()  # no trusted sender left
+    assert "instance-a" in owner.get(SCREEN).content.decode()  # listed with the peers
+
+
+def test_a_refused_make_it_a_peer_puts_the_error_on_its_field_and_changes_nothing(owner, sender, settings):
+    settings.KITE_PEER_ALLOWED_NETWORKS = ()
+    before = _row(sender["id"])
+    refused = owner.post(f"/settings/federation/senders/{sender['id']}/make-peer", _make_peer_form(sender["id"]))
+    assert refused.status_code == 400
+    page = refused.content.decode()
+    assert "127.0.0.1" in page and "KITE_PEER_ALLOWED_NETWORKS" in page and "<details open>" in page
+    assert _row(sender["id"]) == before
+    settings.KITE_PEER_ALLOWED_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"),)
+    short = owner.post(f"/settings/federation/senders/{sender['id']}/make-peer",
+                       _make_peer_form(sender["id"], outbound_token="short"))
+    assert short.status_code == 400 and "outbound_token must be a secret" in short.content.decode()
+    assert _row(sender["id"]) == before
+
+
+def test_only_the_team_admins_make_a_trusted_sender_a_peer_on_the_screen(member, outsider, sender):
+    url = f"/settings/federation/senders/{sender['id']}/make-peer"
+    assert member.post(url, _make_peer_form(sender["id"])).status_code == 403
+    assert outsider.post(url, _make_peer_form(sender["id"])).status_code == 404
     assert _row(sender["id"])["role"] == "sender"
