@@ -87,7 +87,7 @@ def warn_expiring(team_id: str, now: datetime) -> int:
         with transaction.atomic():
             if IdentityCertificate.objects.filter(pk=row.pk, expiry_warned_at__isnull=True).update(expiry_warned_at=now):
                 days = (row.not_after - now).total_seconds() / 86400
-                audit.record(CERTIFICATE_EXPIRING, team_id=team_id, actor=audit.SYSTEM, outcome="warning",
+                audit.record(CERTIFICATE_EXPIRING, team_id=team_id, actor=audit.SYSTEM,
                              detail=f"{row.subject} expires in {days:.1f} days ({row.not_after:%Y-%m-%d %H:%M} UTC).",
                              data=certificates._audit_data(row))  # fmt: skip
                 warned += 1

@@ -83,7 +83,7 @@ def test_a_due_certificate_is_renewed_announced_and_retired_once_the_peer_acknow
     assert certificates.signer_for(team.id).also_signed_by == ()
     assert _verified_by(other_team.id, team.id).pk == b_side.pk
     (expiring,) = audited(renewal.CERTIFICATE_EXPIRING, team)
-    assert expiring.data["thumbprint"] == old.thumbprint and expiring.outcome == "warning"
+    assert expiring.data["thumbprint"] == old.thumbprint and expiring.outcome == "ok"
     (renewed,) = audited(renewal.CERTIFICATE_RENEWED, team)
     assert (renewed.data["old"]["thumbprint"], renewed.data["new"]["thumbprint"]) == (old.thumbprint, new.thumbprint)
     (revoked,) = audited("Federation.CertificateRevoked", team)
