@@ -29,7 +29,8 @@ def kite(tmp_path_factory):
     try:
         kite = cluster.start("polish")
         for name in ("instance-b", "eu-west-production-replica"):
-            made = kite.api("POST", "/api/federation/peers", json={"name": name, "peer_hook_url": HOOK, "scopes": ["*"]})
+            body = {"name": name, "peer_hook_url": HOOK, "scopes": ["*"]}
+            made = kite.api("POST", "/api/federation/peers", json=body)
             assert made.status_code == 201, made.text
         for _ in range(3):  # outbox entries that fail (connection refused): errors in the peer's tables
             kite.post_event("plain", f"evt_{secrets.token_hex(8)}")
