@@ -56,7 +56,7 @@ def refused(data, accepted: Iterable[str], *, what: str, instead: Mapping[str, s
     if not isinstance(data, Mapping):
         return {}
     accepted = set(accepted)
-    return {field: explain(str(field), what, accepted, instead) for field in sorted(map(str, data)) if field not in accepted}
+    return {name: explain(name, what, accepted, instead) for name in sorted(map(str, data)) if name not in accepted}
 
 
 def refuse_unapplied(data, accepted: Iterable[str], *, what: str, instead: Mapping[str, str] | None = None) -> None:

@@ -1,5 +1,7 @@
 """Endpoints other Kite instances call, signed as in DESIGN §3 (not API-key auth)."""
 
+import time
+
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
@@ -19,12 +21,14 @@ HANDSHAKE_FIELDS = ("code", "contract_version", "url", "instance_id", "team_id",
 MAX_REASON = 200
 
 
-def _refused_fields(body: bytes, accepted, what: str):
-    """A 400 response naming the fields of a JSON-object body outside `accepted`, or None (a body
-    that is not a JSON object is left to the endpoint's own check)."""
+def _refused_fields(request, accepted, what: str):
+    """A 400 response naming the fields of a JSON-object body outside `accepted`, or None: for a body
+    that is not a JSON object, or signature headers that do not even parse, the endpoint's own
+    refusal (400 malformed_signature, 401 …) comes first."""
     from federation import wire
 
-    if not body:
+    body = request.body
+    if not body or not _signature_headers_parse(lower_headers(request.headers)):
         return None
     try:
         parsed = wire.json_object(body, what)
@@ -90,7 +94,7 @@ def _noted(request, peer, outcome: str = "ok") -> None:
 @csrf_exempt
 @require_GET
 def ping(request):
-    if request.body:  # signed over an empty body: anything sent would be ignored
+    if request.body and _signature_headers_parse(lower_headers(request.headers)):  # signed over no body
         return json_error("A ping takes no body.", "invalid", 400)
     peer, refusal = _authenticated(request, b"")
     if refusal is not None:
@@ -112,7 +116,7 @@ def terminate(request):
     """The peer deleted us: revoke its row here (stop sending, stop accepting)."""
     from federation import services
 
-    bad = _refused_fields(request.body, ("reason",), "a termination")
+    bad = _refused_fields(request, ("reason",), "a termination")
     if bad is not None:
         return bad
     peer, refusal = _authenticated(request, request.body, current_only=True)
@@ -143,7 +147,7 @@ def rotate(request):
     from federation import channel
 
     body = request.body
-    bad = _refused_fields(body, (*channel.CHANGES, "grace"), "a rotation")
+    bad = _refused_fields(request, (*channel.CHANGES, "grace"), "a rotation")
     if bad is not None:
         return bad
     peer, refusal = _authenticated(request, body, current_only=True)
@@ -159,6 +163,16 @@ def rotate(request):
     return JsonResponse(applied)
 
 
+def _signature_headers_parse(headers: dict) -> bool:
+    from federation import signing
+
+    try:
+        signing.parse_headers(headers, int(time.time()))
+    except signing.SignatureError:
+        return False
+    return True
+
+
 @csrf_exempt
 def handshake(request):
     """POST: an instance accepting one of our invitations (DESIGN §4). DELETE: it could not
@@ -171,7 +185,7 @@ def handshake(request):
         refused = json_error("Use POST (or DELETE to withdraw).", "method_not_allowed", 405)
         refused["Allow"] = "POST, DELETE"
         return refused
-    bad = _refused_fields(body, HANDSHAKE_FIELDS if request.method == "POST" else ("nonce",),
+    bad = _refused_fields(request, HANDSHAKE_FIELDS if request.method == "POST" else ("nonce",),
                           "a handshake" if request.method == "POST" else "a withdrawal")  # fmt: skip
     if bad is not None:
         return bad

@@ -48,7 +48,8 @@ class PeerUpdateSerializer(StrictSerializer):
     WHAT = "a peer"
     INSTEAD = {
         "inbound_token": f"cannot be changed here: {ROTATE}",
-        "inbound_fingerprint": "cannot be changed here: rotate the secret: POST /api/federation/peers/{id}/rotate-secret",
+        "inbound_fingerprint": "cannot be changed here: rotate the secret: POST "
+                               "/api/federation/peers/{id}/rotate-secret",
         "outbound_fingerprint": "cannot be changed here: set outbound_token, or POST "
                                 "/api/federation/peers/{id}/rotate-secret",
         "status": "cannot be changed here: a peer's status follows its heartbeats; DELETE the peer to revoke it",
@@ -100,7 +101,8 @@ class TrustedSenderPromoteSerializer(StrictSerializer):
 
 class InvitationCreateSerializer(StrictSerializer):
     WHAT = "an invitation"
-    INSTEAD = {"invitation": "Kite generates the invitation string and shows it once", "code": "Kite generates the code"}  # fmt: skip
+    INSTEAD = {"invitation": "Kite generates the invitation string and shows it once",
+               "code": "Kite generates the code"}  # fmt: skip
 
     name = serializers.CharField(max_length=63, required=False, allow_blank=True, default="")
     scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
@@ -119,7 +121,7 @@ class InvitationAcceptSerializer(StrictSerializer):
 
 class GrantCreateSerializer(StrictSerializer):
     WHAT = "a grant"
-    INSTEAD = {"token": "Kite generates the grant token and shows it once", "expires_at": "read-only (set by Kite from ttl_seconds)"}  # fmt: skip
+    INSTEAD = {"token": "Kite generates the grant token and shows it once"}
 
     resource_kind = serializers.CharField(max_length=50)
     resource_id = serializers.CharField(max_length=100, required=False, allow_null=True, default=None)
@@ -138,7 +140,7 @@ class GrantSerializer(serializers.ModelSerializer):
 
 class RotateSecretSerializer(StrictSerializer):
     WHAT = "a rotation"
-    INSTEAD = {"inbound_token": "send the new value as secret, with direction", "outbound_token": "send the new value as secret, with direction"}  # fmt: skip
+    INSTEAD = {field: "send the new value as secret, with direction" for field in ("inbound_token", "outbound_token")}
 
     direction = serializers.ChoiceField(choices=["inbound", "outbound"])
     secret = serializers.CharField(required=False, allow_blank=True, max_length=500)
@@ -151,7 +153,8 @@ class RotateSecretSerializer(StrictSerializer):
 
 class CertificateCreateSerializer(StrictSerializer):
     WHAT = "a certificate"
-    INSTEAD = {"pem": "Kite generates the certificate: its private key never leaves this instance", "private_key": "Kite generates the key and never shows it"}  # fmt: skip
+    INSTEAD = {"pem": "Kite generates the certificate: its private key never leaves this instance",
+               "private_key": "Kite generates the key and never shows it"}  # fmt: skip
 
     subject = serializers.CharField(max_length=64)
     validity_days = serializers.IntegerField(required=False, min_value=1, max_value=825, default=90)

@@ -140,6 +140,17 @@ def _handshake(world: World, body: dict):
     return answer.status_code, json.loads(answer.content)
 
 
+def _withdrawal(world: World, body: dict):
+    """A withdrawal as an invitee signs one (with a key of its own: no handshake of it is stored here)."""
+    raw = json.dumps(body).encode()
+    headers = signing.sign_headers(secret="whsec_" + "W" * 43, msg_id=f"wd_{secrets.token_hex(8)}",
+                                   timestamp=int(time.time()), body=raw, sender_id="kite-b-instance",
+                                   binding=signing.Binding("DELETE", invitations.HANDSHAKE_PATH, world.team.id))  # fmt: skip
+    answer = Client().delete(f"{invitations.HANDSHAKE_PATH}?team={world.team.id}", raw,
+                             content_type="application/json", **as_wsgi_headers(headers))  # fmt: skip
+    return answer.status_code, json.loads(answer.content)
+
+
 def _handshake_body(world: World) -> dict:
     if "invitation" not in world.ids:
         world.ids["invitation"] = invitations.issue(team=world.team, name="b-side")[1]
@@ -229,8 +240,8 @@ CASES = {
     ("POST", f"{P}/rotate"): Case(_signed(f"{P}/rotate"), lambda w: {"inbound_secret": "whsec_" + "N" * 43},
                                   "fingerprint"),
     ("POST", f"{P}/handshake"): Case(_handshake, _handshake_body, "status"),
-    ("DELETE", f"{P}/handshake"): Case(_api("DELETE", lambda w: f"{P}/handshake"), lambda w: {"nonce": "n" * 43},
-                                       "status", ok=(401,)),  # a nonce nobody was given: refused, and rightly
+    ("DELETE", f"{P}/handshake"): Case(_withdrawal, lambda w: {"nonce": "n" * 43}, "status",
+                                       ok=(401,)),  # a nonce nobody was given: refused, and rightly
     ("POST", "/api/fleet/agents"): Case(_api("POST", lambda w: "/api/fleet/agents"), lambda w: {"name": "w1"},
                                         "last_seen"),
     ("PUT", "/api/fleet/peers/<int:peer_id>/remote-grant"): Case(
