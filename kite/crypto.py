@@ -130,7 +130,7 @@ def check_stored_secrets() -> None:
     """Raise UndecryptableSecret (one line: the variable, the key file, the columns) when the keys
     cannot decrypt what is stored; say nothing when the database cannot be read yet (an outage, or
     not migrated): the processes start and wait for it as they always do."""
-    from django.db import DatabaseError
+    from django.db import Error as DatabaseError  # OperationalError, ProgrammingError and InterfaceError alike
 
     try:
         failed = undecryptable_columns()
