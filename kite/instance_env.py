@@ -5,13 +5,16 @@ another instance (the first one's data, or none) unless it is given the same var
 records the variables it started with in DIR/instance.env (mode 0600, next to the database and keys
 it protects already); `--data-dir` replaces the caller's Kite variables with that record. The
 secrets an operator may keep out of the data dir on purpose (KITE_ENCRYPTION_KEYS, SECRET_KEY,
-KITE_METRICS_TOKEN) are never recorded: a command takes them from its own environment.
+KITE_METRICS_TOKEN, and a DATABASE_URL or REDIS_URL that holds a password) are never recorded: the
+record names them, and a command takes them from its own environment.
 
 No Django here: manage.py applies it before settings are read.
 """
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -24,10 +27,19 @@ def is_kite_variable(name: str) -> bool:
     return name.startswith("KITE_") or name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY")
 
 
+def _secret(name: str, value: str) -> bool:
+    if name in NOT_RECORDED:
+        return True
+    return name.endswith("_URL") and bool(urlsplit(value).password)
+
+
 def record(data_dir: Path, environ) -> Path:
-    """Write the Kite variables of `environ` (but the secrets above) to data_dir/instance.env."""
-    lines = [f"{name}={value}\n" for name, value in sorted(environ.items())
-             if is_kite_variable(name) and name not in NOT_RECORDED and "\n" not in value]  # fmt: skip
+    """Write the Kite variables of `environ` (but the secrets above, only named) to data_dir/instance.env."""
+    lines = []
+    for name, value in sorted(environ.items()):
+        if not is_kite_variable(name) or "\n" in value:
+            continue
+        lines.append(f"# {name}: not recorded, a secret\n" if _secret(name, value) else f"{name}={value}\n")
     lines.append(f"KITE_DATA_DIR={data_dir}\n")
     path = Path(data_dir) / RECORD
     temporary = path.with_suffix(".tmp")
@@ -42,9 +54,15 @@ def read(path: Path) -> dict[str, str]:
     values = {}
     for line in path.read_text().splitlines():
         name, sep, value = line.partition("=")
-        if sep and is_kite_variable(name.strip()):
+        if sep and not line.startswith("#") and is_kite_variable(name.strip()):
             values[name.strip()] = value
     return values
+
+
+def unrecorded(path: Path) -> set[str]:
+    """The secrets the record names but does not hold (besides NOT_RECORDED)."""
+    found = re.findall(r"^# ([A-Z_]+): not recorded", path.read_text(), re.MULTILINE)
+    return {name for name in found if is_kite_variable(name)}
 
 
 def apply_data_dir_option(argv: list[str], environ) -> list[str]:
@@ -61,7 +79,8 @@ def apply_data_dir_option(argv: list[str], environ) -> list[str]:
     if not data_dir.is_dir():
         raise ImproperlyConfigured(f"{OPTION}: {data_dir} is not a directory")
     recorded = data_dir / RECORD
-    for name in [name for name in environ if is_kite_variable(name) and name not in NOT_RECORDED]:
+    kept = NOT_RECORDED | (unrecorded(recorded) if recorded.exists() else set())
+    for name in [name for name in environ if is_kite_variable(name) and name not in kept]:
         del environ[name]
     if recorded.exists():
         environ.update(read(recorded))

@@ -32,6 +32,18 @@ def test_the_record_holds_the_kite_variables_but_never_the_keys(tmp_path):
                                        "DATABASE_URL": "sqlite:////x.db", "KITE_DATA_DIR": str(tmp_path)}  # fmt: skip
 
 
+def test_a_database_url_with_a_password_is_named_not_recorded_and_taken_from_the_callers_environment(tmp_path):
+    secret_url = "postgres://kite:hunter2@db.internal/kite"
+    path = instance_env.record(tmp_path, {"DATABASE_URL": secret_url, "REDIS_URL": "redis://127.0.0.1:6379/0"})
+
+    assert "hunter2" not in path.read_text() and "# DATABASE_URL: not recorded" in path.read_text()
+    environ = {"DATABASE_URL": secret_url, "REDIS_URL": "redis://other:6379/1", "KITE_PORT": "1"}
+    argv = instance_env.apply_data_dir_option(["manage.py", "--data-dir", str(tmp_path), "peers"], environ)
+    assert argv == ["manage.py", "peers"]
+    assert environ == {"DATABASE_URL": secret_url, "REDIS_URL": "redis://127.0.0.1:6379/0",
+                       "KITE_DATA_DIR": str(tmp_path)}  # fmt: skip
+
+
 def test_data_dir_replaces_the_shells_kite_variables_with_the_instances(tmp_path):
     first, second = tmp_path / "var", tmp_path / "var-b"
     first.mkdir()
