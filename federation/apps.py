@@ -24,6 +24,10 @@ class FederationConfig(AppConfig):
             hooks.event_received.append(inbound.adopt_provenance)
         if outbox.route_event not in hooks.event_stored:
             hooks.event_stored.append(outbox.route_event)
+        from federation.journey import event_peers
+
+        if event_peers not in hooks.event_journey:
+            hooks.event_journey.append(event_peers)
 
         from django.db.models.signals import post_delete, post_save
 

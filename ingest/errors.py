@@ -18,3 +18,5 @@ class Code(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     STALE_TIMESTAMP = "stale_timestamp"
     BAD_CURSOR = "bad_cursor"
+    EVENT_NOT_FOUND = "event_not_found"  # no event of that id in the caller's team (404)
+    AMBIGUOUS_EVENT = "ambiguous_event"  # several sources of the team have that id: ?source= picks one (409)

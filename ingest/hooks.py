@@ -17,6 +17,9 @@ event_stored: list[Callable] = []
 # hooks run again about every 30 s while it stays connected (fleet keeps the agent online).
 listener_connected: list[Callable] = []
 listener_disconnected: list[Callable] = []
+# (event, attempts_shown) → [{peer, status, attempts, …}]: where a stored event went, for its journey
+# (GET /api/events/{id}/journey); federation answers with its outbox entry per peer and their attempts.
+event_journey: list[Callable] = []
 
 
 def event_stored_idle(source) -> bool:

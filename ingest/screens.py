@@ -7,12 +7,16 @@ team) and prepends what arrives. Without JavaScript the page is a snapshot with
 a Refresh link.
 """
 
+import json
+
 from django import forms
+from django.http import Http404
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from ingest import selectors, services
+from ingest import journey, selectors, services
 from ingest.models import Event, Source
+from kite.errors import ApiError
 from kite.views import screen
 
 RECENT = 50
@@ -55,3 +59,34 @@ def events(request):
     context = {"form": form, "events": found, "head": selectors.events_head(team_id=team_id),
                "source": wanted["source"], "type": wanted["type"], "unverified": unverified}  # fmt: skip
     return render(request, "events.html", context, status=200 if form.is_valid() else 400)
+
+
+DATA_SHOWN = 20_000  # characters of an event's data the journey page prints
+
+
+@require_GET
+@screen()
+def event_journey(request):
+    """/events/journey/?id=<CloudEvent id>&source=<its CloudEvent source>: what GET
+    /api/events/{id}/journey answers, for a person. The id is a query parameter, not a path
+    segment: a browser would resolve an id such as `..` or `a/../b` away before sending it."""
+    event_id, source = request.GET.get("id", ""), request.GET.get("source") or None
+    if not event_id:
+        raise Http404("Which event? Open one's journey from the Events screen (its ID).")
+    try:
+        event = journey.event_find(team_id=request.principal.team.id, event_id=event_id, source=source)
+    except journey.AmbiguousEvent as ambiguous:
+        return render(request, "journey.html", {"event_id": event_id, "ambiguous": ambiguous.sources}, status=409)
+    except ApiError as missing:
+        raise Http404(missing.detail) from None
+    context = {"event_id": event_id, "journey": journey.journey(event), "data": _data_text(event),
+               "can_manage_peers": request.principal.is_admin}  # fmt: skip
+    return render(request, "journey.html", context)
+
+
+def _data_text(event: Event) -> str:
+    try:
+        text = json.dumps(json.loads(event.data), indent=2, ensure_ascii=False)
+    except ValueError:
+        text = event.data
+    return text if len(text) <= DATA_SHOWN else text[:DATA_SHOWN] + "\n…"

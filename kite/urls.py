@@ -27,6 +27,7 @@ urlpatterns = [
     path("login/", kite_screens.LoginView.as_view(), name="login"),
     path("logout/", kite_screens.logout_view, name="logout"),
     path("events/", ingest_screens.events, name="events"),
+    path("events/journey/", ingest_screens.event_journey, name="event-journey"),
     path("audit/", federation_screens.audit_log, name="audit"),
     path("settings/federation/", include("federation.urls")),
     path("fleet/", include("fleet.urls")),

@@ -79,7 +79,12 @@
       sourceCell.appendChild(document.createTextNode(" "));
       sourceCell.appendChild(badge);
     }
-    [cell(when, "nowrap"), cell(event.type), sourceCell, cell(event.id, "mono small"), cell(fed, "small")].forEach(function (td) { tr.appendChild(td); });
+    var idCell = cell("", "mono small");
+    var journey = document.createElement("a");  // the event's journey page (ingest.screens.event_journey)
+    journey.href = "/events/journey/?" + new URLSearchParams({ id: event.id, source: event.source || "" });
+    journey.textContent = event.id;
+    idCell.appendChild(journey);
+    [cell(when, "nowrap"), cell(event.type), sourceCell, idCell, cell(fed, "small")].forEach(function (td) { tr.appendChild(td); });
     var data = document.createElement("td");
     var details = document.createElement("details");
     var summary = document.createElement("summary");

@@ -1,9 +1,9 @@
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import permissions, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ingest import selectors, services
+from ingest import journey, selectors, services
 from ingest.api.serializers import EventQuerySerializer, SourceCreateSerializer, SourceSerializer
 from kite.auth import CanManageSources, IsTeamMember
 
@@ -60,3 +60,20 @@ class EventHead(APIView):
 
     def get(self, request):
         return Response({"cursor": str(selectors.events_head(team_id=request.user.team.id))})
+
+
+class EventJourney(APIView):
+    """GET /api/events/{id}/journey → {event, arrival, peers, provenance}: how the event arrived,
+    each peer's outbox entry with its attempts (the newest 50 and a count), the instances it
+    crossed. 404 event_not_found (also for another team's); 409 ambiguous_event naming the
+    `sources` when several sources have the id and ?source= does not pick one."""
+
+    @extend_schema(parameters=[OpenApiParameter("source", str, description="The event's CloudEvent source, "
+                                                "or the name of the source it arrived on")])  # fmt: skip
+    def get(self, request, event_id: str):
+        try:
+            event = journey.event_find(team_id=request.user.team.id, event_id=event_id,
+                                       source=request.query_params.get("source") or None)  # fmt: skip
+        except journey.AmbiguousEvent as ambiguous:
+            return Response(ambiguous.body(), status=ambiguous.status)
+        return Response(journey.journey(event))
