@@ -5,6 +5,7 @@ import enum
 
 class Code(enum.StrEnum):
     INVALID = "invalid"
+    INVALID_FILTERS = "invalid_filters"  # a peer's filters: the detail names the path, e.g. filters[1].not.exact
     CONFLICT = "conflict"
     INSECURE_URL = "insecure_url"
     NOT_FOUND = "not_found"

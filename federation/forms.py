@@ -5,10 +5,12 @@ Ed25519 PEM, secret length, name shape …) stay in the services, whose refusals
 the views put on the field they name (kite.views.apply_error).
 """
 
+import json
 import re
 from datetime import UTC, datetime
 
 from django import forms
+from django.forms.fields import InvalidJSONInput
 from django.utils import timezone
 
 from federation import audit, grants, invitations, renewal
@@ -36,6 +38,31 @@ class ScopesField(forms.CharField):
 
     def to_python(self, value):
         return [scope for scope in re.split(r"[\s,]+", super().to_python(value)) if scope]
+
+
+FILTERS_HELP = ('CloudEvents filter expressions (exact, prefix, suffix, all, any, not) that must all match as well as '
+                'the scopes, e.g. [{"prefix": {"type": "com.stripe."}}, {"not": {"exact": {"subject": "test"}}}]. '
+                "Empty: every event in scope.")  # fmt: skip
+
+
+class FiltersField(forms.JSONField):
+    """A peer's filters as a JSON textarea; empty is none. Their rules stay in the services."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("required", False)
+        kwargs.setdefault("help_text", FILTERS_HELP)
+        widget = forms.Textarea(attrs={"rows": 4, "spellcheck": "false", "class": "mono",
+                                       "placeholder": '[{"prefix": {"type": "com.stripe."}}]'})  # fmt: skip
+        super().__init__(max_length=64_000, widget=widget, **kwargs)
+
+    def to_python(self, value):
+        value = super().to_python(value.strip() if isinstance(value, str) else value)
+        return [] if value is None else value
+
+    def prepare_value(self, value):
+        if isinstance(value, InvalidJSONInput):
+            return value
+        return json.dumps(value, indent=2, ensure_ascii=False) if value not in (None, "", []) else ""
 
 
 class PeerFilterForm(forms.Form):
@@ -80,12 +107,13 @@ class PeerCreateForm(forms.Form):
 class PeerSettingsForm(forms.Form):
     peer_hook_url = forms.CharField(label="Hook URL of the other side", max_length=500)
     scopes = ScopesField()
+    filters = FiltersField()
     max_hops = forms.IntegerField(min_value=1, max_value=32)
     rate_limit_per_second = forms.IntegerField(label="Rate limit (events/s)", required=False, min_value=1,
                                                max_value=100_000, help_text="Empty: no limit.")  # fmt: skip
 
-    ERRORS = {"insecure_url": "peer_hook_url", "peer_hook_url": "peer_hook_url", "Peer URL": "peer_hook_url",
-              "scopes": "scopes"}  # fmt: skip
+    ERRORS = {"invalid_filters": "filters", "insecure_url": "peer_hook_url", "peer_hook_url": "peer_hook_url",
+              "Peer URL": "peer_hook_url", "scopes": "scopes"}  # fmt: skip
 
     def changes(self, peer: Peer) -> dict:
         """Only what differs, so the audit row says what changed."""

@@ -76,6 +76,8 @@ class Peer(models.Model):
     previous_inbound_fingerprint = models.CharField(max_length=24, blank=True)
     previous_inbound_expires_at = models.DateTimeField(null=True, blank=True)
     scopes = models.JSONField(default=list, blank=True)
+    # CloudEvents Subscriptions API filter expressions that must all match too (federation/filters.py).
+    filters = models.JSONField(default=list, blank=True)
     max_hops = models.PositiveSmallIntegerField(default=DEFAULT_MAX_HOPS)
     rate_limit_per_second = models.PositiveIntegerField(null=True, blank=True)
     tls_fingerprint = models.CharField(max_length=71, blank=True)

@@ -54,6 +54,7 @@ class Route:
     remote_instance_id: str
     scopes: tuple[str, ...]
     max_hops: int
+    filters: tuple[dict, ...] = ()  # federation.filters expressions, all of which must match
 
 
 # Each process keeps the routes it read per team, with the team's `routes_version` they were
@@ -74,9 +75,10 @@ def routes_for(team_id: str, version: int | None = None) -> list[Route]:
         Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER)
         .exclude(status=Peer.Status.REVOKED)
         .exclude(peer_hook_url="")
-        .values_list("pk", "name", "remote_instance_id", "scopes", "max_hops")
+        .values_list("pk", "name", "remote_instance_id", "scopes", "max_hops", "filters")
     )
-    routes = [Route(pk, name, remote, tuple(scopes or ()), hops) for pk, name, remote, scopes, hops in peers]
+    routes = [Route(pk, name, remote, tuple(scopes or ()), hops, tuple(filters or ()))
+              for pk, name, remote, scopes, hops, filters in peers]  # fmt: skip
     with _routes_lock:
         _routes[team_id] = (version, routes)
     return routes
@@ -103,8 +105,9 @@ def route_event(event: Event, sender) -> None:
         return
     forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)
     entries = []
+    attributes = functools.cache(lambda: routing.wire_attributes(event, forward))  # once, for filters only
     for route in routes:
-        decision = _decide(event, forward, route, sender)
+        decision = _decide(event, forward, route, sender, attributes)
         if decision.send:
             entries.append(OutboxEntry(team_id=event.team_id, peer_id=route.pk, event=event,
                                        provenance=forward.extensions()))  # fmt: skip
@@ -128,7 +131,7 @@ def _routes_idle_for(source) -> bool:
 route_event.idle_for = _routes_idle_for
 
 
-def _decide(event, forward, peer, sender) -> routing.Decision:
+def _decide(event, forward, peer, sender, attributes=None) -> routing.Decision:
     if sender is not None and getattr(sender, "pk", None) == peer.pk:
         return routing.Decision(False, "loop_chain")  # never straight back to whoever sent it
     return routing.decide(
@@ -137,6 +140,8 @@ def _decide(event, forward, peer, sender) -> routing.Decision:
         peer_instance_id=peer.remote_instance_id,
         scopes=list(peer.scopes),
         max_hops=peer.max_hops,
+        filters=peer.filters,
+        attributes=attributes,
     )
 
 

@@ -1,8 +1,12 @@
-"""Which peers an event may go to: scopes and loop rules (DESIGN §4). Pure: no Django."""
+"""Which peers an event may go to: scopes, filters and loop rules (DESIGN §4). Pure: no Django."""
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+
+from federation import filters as peer_filters
+from ingest.cloudevent import rfc3339
 
 INTERNAL_PREFIX = "kite."  # kite.federation.delivery_failed and friends never leave the instance
 DEFAULT_MAX_HOPS = 3
@@ -58,14 +62,21 @@ def next_hop(arrived: Provenance | None, me: str) -> Provenance:
 @dataclass(frozen=True)
 class Decision:
     send: bool
-    reason: str = ""  # why not: internal, scope, loop_chain, loop_origin, max_hops
+    reason: str = ""  # why not: internal, scope, filter, loop_chain, loop_origin, max_hops
 
 
-def decide(*, event_type: str, forward: Provenance, peer_instance_id: str, scopes: list[str], max_hops: int) -> Decision:
+def decide(
+    *, event_type: str, forward: Provenance, peer_instance_id: str, scopes: list[str], max_hops: int,
+    filters: list | tuple = (), attributes: Callable[[], Mapping[str, str]] | None = None,
+) -> Decision:  # fmt: skip
+    """`attributes` gives the event's attributes as the peer would receive them (wire_attributes),
+    asked for only when the peer has filters."""
     if event_type.startswith(INTERNAL_PREFIX):
         return Decision(False, "internal")
     if not scope_matches(scopes, event_type):
         return Decision(False, "scope")
+    if filters and not peer_filters.matches(filters, attributes() if attributes else {}):
+        return Decision(False, "filter")
     if peer_instance_id and peer_instance_id == forward.origin:
         return Decision(False, "loop_origin")
     if peer_instance_id and peer_instance_id in forward.chain:
@@ -73,3 +84,18 @@ def decide(*, event_type: str, forward: Provenance, peer_instance_id: str, scope
     if forward.hops > max_hops:
         return Decision(False, "max_hops")
     return Decision(True)
+
+
+# What the outbox leaves out of the stored event when it sends it on (outbox.wire_event).
+NOT_FORWARDED = ("kitecursor", "kitefedpeer")
+
+
+def wire_attributes(event, forward: Provenance) -> dict[str, str]:
+    """The context attributes of a stored event as a peer receives it — its extensions, with the
+    provenance of this hop — in the canonical string form filters compare."""
+    attributes = {"specversion": "1.0", "id": event.ce_id, "source": event.ce_source, "type": event.ce_type,
+                  "time": rfc3339(event.ce_time), "datacontenttype": event.datacontenttype}  # fmt: skip
+    if event.ce_subject:
+        attributes["subject"] = event.ce_subject
+    extensions = {name: value for name, value in (event.extensions or {}).items() if name not in NOT_FORWARDED}
+    return peer_filters.canonical({**attributes, **extensions, **forward.extensions()})

@@ -9,6 +9,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from federation import audit, client
+from federation import filters as peer_filters
 from federation.errors import Code
 from federation.models import AuditEvent, Delivery, FederationToken, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
@@ -20,8 +21,8 @@ PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 TLS_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
 MIN_SECRET_LENGTH = 16
 MAX_SCOPES = 50
-PEER_FIELDS = {"name", "peer_hook_url", "scopes", "max_hops", "rate_limit_per_second", "tls_fingerprint",
-               "certificate_pem"}  # fmt: skip
+PEER_FIELDS = {"name", "peer_hook_url", "scopes", "filters", "max_hops", "rate_limit_per_second",
+               "tls_fingerprint", "certificate_pem"}  # fmt: skip
 # The columns peer_update writes for each field it takes.
 UPDATED_COLUMNS = {**{field: [field] for field in PEER_FIELDS - {"certificate_pem"}},
                    "certificate_pem": ["certificate_pem", "certificate_thumbprint"],
@@ -84,6 +85,13 @@ def _check_scopes(scopes) -> list[str]:
     return [scope.strip() for scope in scopes]
 
 
+def _check_filters(value) -> list:
+    try:
+        return peer_filters.validate(value)
+    except peer_filters.InvalidFilters as exc:
+        raise ApiError(str(exc), Code.INVALID_FILTERS) from None
+
+
 def _check_tls_fingerprint(value: str) -> str:
     value = (value or "").strip().lower()
     if value and not TLS_FINGERPRINT.match(value):
@@ -118,8 +126,9 @@ def _name_taken(peer: Peer) -> str:
 
 def peer_create(
     *, team: Team, name: str, peer_hook_url: str, outbound_token: str | None = None,
-    inbound_token: str | None = None, scopes: list | None = None, max_hops: int = DEFAULT_MAX_HOPS,
-    rate_limit_per_second: int | None = None, tls_fingerprint: str = "", certificate_pem: str = "", actor: str = "",
+    inbound_token: str | None = None, scopes: list | None = None, filters: list | None = None,
+    max_hops: int = DEFAULT_MAX_HOPS, rate_limit_per_second: int | None = None, tls_fingerprint: str = "",
+    certificate_pem: str = "", actor: str = "",
 ) -> Issued:  # fmt: skip
     """A peer configured by hand. Secrets left out are generated and returned once; a pasted
     certificate of the other side is pinned (its requests must then carry both factors)."""
@@ -129,6 +138,7 @@ def peer_create(
         role=Peer.Role.PEER,
         peer_hook_url=_check_url(peer_hook_url),
         scopes=_check_scopes(scopes if scopes is not None else []),
+        filters=_check_filters(filters if filters is not None else []),
         max_hops=max_hops,
         rate_limit_per_second=rate_limit_per_second,
         tls_fingerprint=_check_tls_fingerprint(tls_fingerprint),
@@ -152,8 +162,9 @@ def peer_summary(peer: Peer) -> dict:
     """What the audit trail keeps of a peer's configuration: fingerprints, never secrets."""
     return {
         "id": peer.pk, "role": peer.role, "status": peer.status, "peer_hook_url": peer.peer_hook_url,
-        "scopes": peer.scopes, "max_hops": peer.max_hops, "outbound_fingerprint": peer.outbound_fingerprint,
-        "inbound_fingerprint": peer.inbound_fingerprint, "certificate_thumbprint": peer.certificate_thumbprint,
+        "scopes": peer.scopes, "filters": peer.filters, "max_hops": peer.max_hops,
+        "outbound_fingerprint": peer.outbound_fingerprint, "inbound_fingerprint": peer.inbound_fingerprint,
+        "certificate_thumbprint": peer.certificate_thumbprint,
     }  # fmt: skip
 
 
@@ -213,6 +224,8 @@ def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
         peer.peer_hook_url = _check_url(changes["peer_hook_url"])
     if "scopes" in changes:
         peer.scopes = _check_scopes(changes["scopes"])
+    if "filters" in changes:
+        peer.filters = _check_filters(changes["filters"])
     if "tls_fingerprint" in changes:
         peer.tls_fingerprint = _check_tls_fingerprint(changes["tls_fingerprint"])
     if "certificate_pem" in changes:

@@ -179,8 +179,8 @@ def _detail(request, peer: Peer, status: int = 200, **forms_and_results):
     ping verdict or the secrets shown once."""
     wanted = request.GET.get("outbox", "")
     wanted = wanted if wanted in OutboxEntry.Status.values else ""
-    initial = {"peer_hook_url": peer.peer_hook_url, "scopes": peer.scopes, "max_hops": peer.max_hops,
-               "rate_limit_per_second": peer.rate_limit_per_second}  # fmt: skip
+    initial = {"peer_hook_url": peer.peer_hook_url, "scopes": peer.scopes, "filters": peer.filters,
+               "max_hops": peer.max_hops, "rate_limit_per_second": peer.rate_limit_per_second}  # fmt: skip
     context = {
         "peer": peer,
         "chip": chip_of(peer, timezone.now()),

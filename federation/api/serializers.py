@@ -2,12 +2,17 @@ from datetime import UTC
 
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.fields import empty
 
+from federation import filters as peer_filters
 from federation import reachability
 from federation import renewal as certificate_renewal
+from federation.errors import Code
 from federation.models import AuditEvent, Delivery, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
+from kite.errors import ApiError
 from kite.fields import StrictSerializer
 
 ROTATE = 'rotate it: POST /api/federation/peers/{id}/rotate-secret {"direction": "inbound"}'
@@ -26,6 +31,26 @@ class TokenSerializer(serializers.ModelSerializer):
         fields = ["id", "label", "fingerprint", "created_at"]
 
 
+@extend_schema_field({"type": "array", "items": {"type": "object"}, "example": [
+    {"prefix": {"type": "com.stripe."}}, {"not": {"exact": {"subject": "test"}}}]})  # fmt: skip
+class FiltersField(serializers.JSONField):
+    """CloudEvents Subscriptions API filter expressions (federation/filters.py), all of which must
+    match. A wrong one, null included, is a 400 `invalid_filters` naming its path."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("help_text", "CloudEvents Subscriptions API filter expressions (exact, prefix, suffix, "
+                                       "all, any, not), all of which must match, as well as scopes")  # fmt: skip
+        super().__init__(**kwargs)
+
+    def run_validation(self, data=empty):
+        if data is empty:
+            return super().run_validation(data)
+        try:
+            return peer_filters.validate(data)
+        except peer_filters.InvalidFilters as exc:
+            raise ApiError(str(exc), Code.INVALID_FILTERS) from None
+
+
 class PeerCreateSerializer(StrictSerializer):
     WHAT = "a peer"
     INSTEAD = {"paused": "POST /api/federation/peers/{id}/pause after creating it"}
@@ -35,6 +60,7 @@ class PeerCreateSerializer(StrictSerializer):
     outbound_token = serializers.CharField(required=False, max_length=500)
     inbound_token = serializers.CharField(required=False, max_length=500)
     scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False, default=list)
+    filters = FiltersField(required=False, default=list)
     max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32, default=DEFAULT_MAX_HOPS)
     rate_limit_per_second = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100_000)
     tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71, default="")
@@ -62,6 +88,7 @@ class PeerUpdateSerializer(StrictSerializer):
     peer_hook_url = serializers.CharField(max_length=500, required=False)
     outbound_token = serializers.CharField(required=False, max_length=500)
     scopes = serializers.ListField(child=serializers.CharField(max_length=200), required=False)
+    filters = FiltersField(required=False)
     max_hops = serializers.IntegerField(required=False, min_value=1, max_value=32)
     rate_limit_per_second = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=100_000)
     tls_fingerprint = serializers.CharField(required=False, allow_blank=True, max_length=71)
@@ -73,7 +100,7 @@ MAKE_PEER = "a trusted sender only sends to us: make it a peer with PATCH /api/f
 
 class TrustedSenderCreateSerializer(StrictSerializer):
     WHAT = "a trusted sender"
-    INSTEAD = {field: MAKE_PEER for field in ("peer_hook_url", "outbound_token", "scopes", "max_hops",
+    INSTEAD = {field: MAKE_PEER for field in ("peer_hook_url", "outbound_token", "scopes", "filters", "max_hops",
                                                "tls_fingerprint", "rate_limit_per_second")}  # fmt: skip
 
     name = serializers.CharField(max_length=63)
@@ -89,7 +116,7 @@ class TrustedSenderPromoteSerializer(StrictSerializer):
     LATER = "change it once it is a peer: PATCH /api/federation/peers/{id}"
     INSTEAD = {
         "inbound_token": f"the inbound secret is kept as it is; {ROTATE}",
-        "name": LATER, "rate_limit_per_second": LATER, "certificate_pem": LATER,
+        "name": LATER, "rate_limit_per_second": LATER, "certificate_pem": LATER, "filters": LATER,
     }  # fmt: skip
 
     peer_hook_url = serializers.CharField(max_length=500)
@@ -183,10 +210,11 @@ class PeerSerializer(serializers.ModelSerializer):
     class Meta:
         model = Peer
         fields = [
-            "id", "name", "role", "status", "reachability", "paused", "peer_hook_url", "scopes", "max_hops",
-            "rate_limit_per_second", "tls_fingerprint", "certificate_thumbprint", "remote_instance_id", "outbound_fingerprint",
-            "inbound_fingerprint", "batch_max", "consecutive_failures", "last_error", "last_heartbeat_at",
-            "last_success_at", "last_latency_ms", "last_inbound_at", "outbox", "has_remote_grant", "created_at",
+            "id", "name", "role", "status", "reachability", "paused", "peer_hook_url", "scopes", "filters",
+            "max_hops", "rate_limit_per_second", "tls_fingerprint", "certificate_thumbprint", "remote_instance_id",
+            "outbound_fingerprint", "inbound_fingerprint", "batch_max", "consecutive_failures", "last_error",
+            "last_heartbeat_at", "last_success_at", "last_latency_ms", "last_inbound_at", "outbox", "has_remote_grant",
+            "created_at",
         ]  # fmt: skip
 
     def get_reachability(self, peer) -> str | None:
