@@ -355,14 +355,30 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "kite.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "kite.schema.AutoSchema",
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Kite API",
-    "DESCRIPTION": "Webhooks in, CloudEvents out, federated between Kite instances.",
+    "DESCRIPTION": "Webhooks in, CloudEvents out, federated between Kite instances. Admin calls take "
+    "`Authorization: Bearer <api key>`; the `peer-facing` operations are what other Kite instances call, signed "
+    "with Standard Webhooks headers. Every error is `{detail, code}`.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # kite/schema.py: the plain views peers and providers call, the bearer scheme, the error shape.
+    "DEFAULT_GENERATOR_CLASS": "kite.schema.Generator",
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "kite.schema.postprocess"],
+    "COMPONENT_SPLIT_REQUEST": True,  # a field read-only in answers is not asked for in requests
+    "SCHEMA_PATH_PREFIX": r"/api/",
+    "ENUM_NAME_OVERRIDES": {  # several answers have a `status`: each its own enum
+        "PeerStatusEnum": "federation.models.Peer.Status",
+        "OutboxStatusEnum": "federation.models.OutboxEntry.Status",
+        "AgentStatusEnum": ["online", "offline"],
+    },
+    "TAGS": [
+        {"name": "peer-facing", "description": "Called by other Kite instances (and webhook providers), signed; "
+         "not with an API key."},
+    ],
 }
 
 # --- Static, auth, i18n --------------------------------------------------------

@@ -9,10 +9,12 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from federation import CONTRACT_VERSION, audit, inbound, metrics
+from federation.api import openapi
 from federation.outbox import BATCH_CAP
 from ingest.verifiers import lower_headers
 from kite.errors import ApiError, json_error
 from kite.fields import refuse_any, refuse_unapplied
+from kite.schema import documented_by
 
 # What each peer-facing write takes (contract version 1); anything else is refused before the
 # signature is checked, so a refusal uses no webhook-id and records no contact.
@@ -91,6 +93,7 @@ def _noted(request, peer, outcome: str = "ok") -> None:
                          sender=request.headers.get("kite-peer", ""), remote_addr=_remote_addr(request))  # fmt: skip
 
 
+@documented_by(openapi.PingDoc)
 @csrf_exempt
 @require_GET
 def ping(request):
@@ -110,6 +113,7 @@ def ping(request):
     )
 
 
+@documented_by(openapi.TerminateDoc)
 @csrf_exempt
 @require_POST
 def terminate(request):
@@ -140,6 +144,7 @@ def _termination_reason(body: bytes) -> str:
     return f"terminated by the peer ({given})" if given else "terminated by the peer"
 
 
+@documented_by(openapi.RotateDoc)
 @csrf_exempt
 @require_POST
 def rotate(request):
@@ -173,6 +178,7 @@ def _signature_headers_parse(headers: dict) -> bool:
     return True
 
 
+@documented_by(openapi.HandshakeDoc)
 @csrf_exempt
 def handshake(request):
     """POST: an instance accepting one of our invitations (DESIGN §4). DELETE: it could not

@@ -6,14 +6,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from federation import audit, certificates, channel, grants, outbox, selectors, services
-from federation.api import serializers as s
+from federation.api import openapi as o, serializers as s
 from federation.errors import Code
 from federation.models import IdentityCertificate
 from kite.auth import CanInvitePeers, CanManagePeers, CanViewAudit
 from kite.errors import ApiError
 from kite.fields import refuse_any
+from kite.schema import NoBody
 
 log = logging.getLogger(__name__)
+DELETED = {"request": NoBody, "responses": {204: None}}
 
 
 def _valid(serializer_class, data, **kwargs):
@@ -47,6 +49,7 @@ def _peer_body(peer, extra=None):
 
 
 class Identity(APIView):
+    @extend_schema(responses=o.IDENTITY)
     def get(self, request):
         return Response(selectors.identity(request.user.team))
 
@@ -54,10 +57,11 @@ class Identity(APIView):
 class TokenListCreate(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(operation_id="federation_tokens_list", responses=o.TOKENS)
     def get(self, request):
         return Response({"results": s.TokenSerializer(selectors.tokens(request.user.team.id), many=True).data})
 
-    @extend_schema(request=s.TokenCreateSerializer)
+    @extend_schema(request=s.TokenCreateSerializer, responses={201: o.TokenIssued})
     def post(self, request):
         issued = services.token_create(team=request.user.team, actor=_actor(request),
                                        **_valid(s.TokenCreateSerializer, request.data))  # fmt: skip
@@ -67,6 +71,7 @@ class TokenListCreate(APIView):
 class TokenDetail(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(**DELETED)
     def delete(self, request, token_id):
         refuse_any(request.data, what="deleting a token")
         token = selectors.tokens(request.user.team.id).filter(pk=token_id).first()
@@ -79,12 +84,13 @@ class TokenDetail(APIView):
 class PeerListCreate(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(operation_id="federation_peers_list", responses=o.PEERS)
     def get(self, request):
         peers = list(selectors.peers(request.user.team.id))
         depths = selectors.outbox_depths([peer.pk for peer in peers])
         return Response({"results": s.PeerSerializer(peers, many=True, context={"depths": depths}).data})
 
-    @extend_schema(request=s.PeerCreateSerializer)
+    @extend_schema(request=s.PeerCreateSerializer, responses={201: o.PeerIssued})
     def post(self, request):
         issued = services.peer_create(team=request.user.team, actor=_actor(request),
                                       **_valid(s.PeerCreateSerializer, request.data))  # fmt: skip
@@ -94,15 +100,17 @@ class PeerListCreate(APIView):
 class PeerDetail(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(responses=s.PeerSerializer)
     def get(self, request, peer_id):
         return Response(_peer_body(_peer(request, peer_id)))
 
-    @extend_schema(request=s.PeerUpdateSerializer)
+    @extend_schema(request=s.PeerUpdateSerializer, responses=s.PeerSerializer)
     def patch(self, request, peer_id):
         peer = _peer(request, peer_id)
         changes = _valid(s.PeerUpdateSerializer, request.data, partial=True)
         return Response(_peer_body(services.peer_update(peer=peer, actor=_actor(request), **changes)))
 
+    @extend_schema(**DELETED)
     def delete(self, request, peer_id):
         """Revoke here, and tell the peer (signed terminate) so that it stops sending too."""
         from federation import heartbeat
@@ -121,6 +129,7 @@ class PeerPing(APIView):
 
     permission_classes = [CanManagePeers]
 
+    @extend_schema(request=NoBody, responses=o.PING_RESULT)
     def post(self, request, peer_id):
         from federation import heartbeat
 
@@ -134,7 +143,7 @@ class PeerPing(APIView):
 class PeerRotateSecret(APIView):
     permission_classes = [CanManagePeers]
 
-    @extend_schema(request=s.RotateSecretSerializer)
+    @extend_schema(request=s.RotateSecretSerializer, responses=o.ROTATION)
     def post(self, request, peer_id):
         peer = selectors.peer_for_team(request.user.team.id, peer_id, role=None)
         if peer is None or peer.status == peer.Status.REVOKED:
@@ -158,7 +167,8 @@ class PeerRotateSecret(APIView):
 class PeerOutbox(APIView):
     permission_classes = [CanManagePeers]
 
-    @extend_schema(parameters=[OpenApiParameter("status", enum=["pending", "in_flight", "delivered", "dead"])])
+    @extend_schema(operation_id="federation_peers_outbox_list", responses=o.OUTBOX,
+                   parameters=[OpenApiParameter("status", enum=["pending", "in_flight", "delivered", "dead"])])
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
         wanted = request.query_params.get("status") or None
@@ -171,7 +181,7 @@ class PeerOutbox(APIView):
 class PeerReplayDead(APIView):
     permission_classes = [CanManagePeers]
 
-    @extend_schema(request=s.ReplaySerializer)
+    @extend_schema(request=s.ReplaySerializer, responses=o.REQUEUED)
     def post(self, request, peer_id):
         peer = _peer(request, peer_id)
         limit = _valid(s.ReplaySerializer, request.data)["limit"]
@@ -181,6 +191,7 @@ class PeerReplayDead(APIView):
 class PeerDeliveries(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(operation_id="federation_peers_deliveries_list", responses=o.DELIVERIES)
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
         return Response({"results": s.DeliverySerializer(selectors.deliveries(peer), many=True).data})
@@ -189,11 +200,12 @@ class PeerDeliveries(APIView):
 class TrustedSenderListCreate(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(operation_id="federation_trusted_senders_list", responses=o.SENDERS)
     def get(self, request):
         senders = selectors.trusted_senders(request.user.team.id)
         return Response({"results": s.TrustedSenderSerializer(senders, many=True).data})
 
-    @extend_schema(request=s.TrustedSenderCreateSerializer)
+    @extend_schema(request=s.TrustedSenderCreateSerializer, responses={201: o.TrustedSenderIssued})
     def post(self, request):
         data = _valid(s.TrustedSenderCreateSerializer, request.data)
         issued = services.trusted_sender_create(team=request.user.team, actor=_actor(request), **data)
@@ -204,7 +216,7 @@ class TrustedSenderListCreate(APIView):
 class TrustedSenderDetail(APIView):
     permission_classes = [CanManagePeers]
 
-    @extend_schema(request=s.TrustedSenderPromoteSerializer, responses={200: s.PeerSerializer})
+    @extend_schema(request=s.TrustedSenderPromoteSerializer, responses=o.PeerIssued)
     def patch(self, request, sender_id):
         """Make the trusted sender a peer: the same row (id, inbound secret) now also sends to it.
         From then on it is listed by GET /api/federation/peers; an outbound_token left out is
@@ -214,6 +226,7 @@ class TrustedSenderDetail(APIView):
         issued = services.trusted_sender_promote(sender=sender, actor=_actor(request), **data)
         return Response(_peer_body(issued.row, issued.secrets))
 
+    @extend_schema(**DELETED)
     def delete(self, request, sender_id):
         refuse_any(request.data, what="revoking a trusted sender")
         services.peer_revoke(peer=_peer(request, sender_id, role="sender"), actor=_actor(request))
@@ -223,11 +236,12 @@ class TrustedSenderDetail(APIView):
 class CertificateListCreate(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(operation_id="federation_certificates_list", responses=o.CERTIFICATES)
     def get(self, request):
         rows = IdentityCertificate.objects.filter(team_id=request.user.team.id).order_by("-created_at", "-id")
         return Response({"results": s.CertificateSerializer(rows, many=True).data})
 
-    @extend_schema(request=s.CertificateCreateSerializer)
+    @extend_schema(request=s.CertificateCreateSerializer, responses={201: o.CertificateIssued})
     def post(self, request):
         row = certificates.issue(team=request.user.team, actor=_actor(request),
                                  **_valid(s.CertificateCreateSerializer, request.data))  # fmt: skip
@@ -241,6 +255,7 @@ class CertificateAnnounce(APIView):
 
     permission_classes = [CanManagePeers]
 
+    @extend_schema(request=NoBody, responses=o.ANNOUNCED)
     def post(self, request, certificate_id):
         refuse_any(request.data, what="an announcement")
         row = _certificate(request, certificate_id)
@@ -250,6 +265,7 @@ class CertificateAnnounce(APIView):
 class CertificateDetail(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(**DELETED)
     def delete(self, request, certificate_id):
         refuse_any(request.data, what="revoking a certificate")
         row = _certificate(request, certificate_id)
@@ -260,7 +276,7 @@ class CertificateDetail(APIView):
 class InvitationCreate(APIView):
     permission_classes = [CanInvitePeers]
 
-    @extend_schema(request=s.InvitationCreateSerializer)
+    @extend_schema(request=s.InvitationCreateSerializer, responses={201: o.INVITATION})
     def post(self, request):
         from federation import invitations
 
@@ -273,7 +289,7 @@ class InvitationCreate(APIView):
 class InvitationAccept(APIView):
     permission_classes = [CanInvitePeers]
 
-    @extend_schema(request=s.InvitationAcceptSerializer)
+    @extend_schema(request=s.InvitationAcceptSerializer, responses={201: s.PeerSerializer})
     def post(self, request):
         from federation import invitations
 
@@ -285,11 +301,12 @@ class InvitationAccept(APIView):
 class PeerGrants(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(operation_id="federation_peers_grants_list", responses=o.GRANTS)
     def get(self, request, peer_id):
         peer = _peer(request, peer_id)
         return Response({"results": s.GrantSerializer(peer.grants.order_by("-created_at", "-id"), many=True).data})
 
-    @extend_schema(request=s.GrantCreateSerializer)
+    @extend_schema(request=s.GrantCreateSerializer, responses={201: o.GrantIssued})
     def post(self, request, peer_id):
         peer = _peer(request, peer_id)
         grant, token = grants.create(peer=peer, actor=_actor(request), **_valid(s.GrantCreateSerializer, request.data))
@@ -299,6 +316,7 @@ class PeerGrants(APIView):
 class PeerGrantDetail(APIView):
     permission_classes = [CanManagePeers]
 
+    @extend_schema(**DELETED)
     def delete(self, request, peer_id, grant_id):
         refuse_any(request.data, what="revoking a grant")
         peer = _peer(request, peer_id)
@@ -312,7 +330,7 @@ class AuditList(APIView):
 
     permission_classes = [CanViewAudit]
 
-    @extend_schema(parameters=[s.AuditQuerySerializer], responses=s.AuditPageSerializer)
+    @extend_schema(operation_id="audit_list", parameters=[s.AuditQuerySerializer], responses=s.AuditPageSerializer)
     def get(self, request):
         query = _valid(s.AuditQuerySerializer, request.query_params)
         filters = selectors.AuditFilter(**{key: query.get(key) for key in selectors.AuditFilter.FIELDS})
@@ -332,7 +350,7 @@ class PeerPause(APIView):
 
     permission_classes = [CanManagePeers]
 
-    @extend_schema(request=s.PauseSerializer)
+    @extend_schema(request=s.PauseSerializer, responses=o.PeerChanged)
     def post(self, request, peer_id):
         peer = _pausable_peer(request, peer_id)
         reason = _valid(s.PauseSerializer, request.data)["reason"]
@@ -346,6 +364,7 @@ class PeerResume(APIView):
 
     permission_classes = [CanManagePeers]
 
+    @extend_schema(request=NoBody, responses=o.PeerChanged)
     def post(self, request, peer_id):
         peer = _pausable_peer(request, peer_id)
         refuse_any(request.data, what="a resume")

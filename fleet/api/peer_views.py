@@ -22,10 +22,12 @@ from django.views.decorators.csrf import csrf_exempt
 from federation import audit, inbound, metrics
 from federation.grants import Refused
 from fleet import access, selectors
+from fleet.api import openapi
 from fleet.errors import Code
 from fleet.federated import GRANT_HEADER, PATH
 from ingest.verifiers import lower_headers
 from kite.errors import ApiError, Code as KiteCode, json_error
+from kite.schema import documented_by
 
 # A Kite's agent ids are bigint primary keys, written as such (no sign, no leading zero: the caller
 # checks the answer is the id it asked for); anything else names no agent here, and is refused
@@ -45,6 +47,7 @@ def _get_only(view):
     return csrf_exempt(wrapped)
 
 
+@documented_by(openapi.PeerAgentsDoc)
 @_get_only
 def agents(request):
     caller = _caller(request, PATH)
@@ -57,6 +60,7 @@ def agents(request):
     return HttpResponse(body, content_type="application/json")
 
 
+@documented_by(openapi.PeerAgentDoc)
 @_get_only
 def agent(request, agent_id: str):
     if not AGENT_ID.fullmatch(agent_id):

@@ -1,17 +1,19 @@
 import orjson
 from django.http import HttpResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from federation import audit, selectors as federation_selectors
 from fleet import federated, rows, selectors, services
+from fleet.api import openapi as o
 from fleet.errors import Code
 from fleet.models import Agent
 from kite.auth import CanManagePeers
 from kite.errors import ApiError
 from kite.fields import refuse_any, refuse_unapplied
+from kite.schema import NoBody
 
 MAX_QUERY = 200
 _YES, _NO = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
@@ -49,7 +51,7 @@ def _query(request) -> federated.Query:
 
 
 class AgentListRegister(APIView):
-    @extend_schema(parameters=_LIST_PARAMETERS)
+    @extend_schema(operation_id="fleet_agents_list", parameters=_LIST_PARAMETERS, responses=o.FLEET)
     def get(self, request):
         """Our agents; with federation=true also every live peer's (read-only, `peer:<name>/<id>`)."""
         query = _query(request)
@@ -58,7 +60,7 @@ class AgentListRegister(APIView):
         # tenth of the time DRF's JSONRenderer takes (bench/fleet.py).
         return HttpResponse(orjson.dumps(listed), content_type="application/json")
 
-    @extend_schema(request=_REGISTRATION)
+    @extend_schema(request=_REGISTRATION, responses={200: o.AgentDetail, 201: o.AgentDetail})
     def post(self, request):
         """Register an agent, or refresh it (a heartbeat): {name, version?, host?, labels?}."""
         refuse_unapplied(request.data, ("name", "version", "host", "labels"), what="an agent registration",
@@ -73,6 +75,8 @@ class AgentListRegister(APIView):
 
 
 class AgentDetail(APIView):
+    @extend_schema(parameters=[o.AGENT_ID], responses={200: o.AgentDetail, 502: OpenApiResponse(
+        description="the peer did not answer and its last snapshot has no such agent")})  # fmt: skip
     def get(self, request, agent_id: str):
         """One agent. `peer:<name>/<id>`: that peer's agent, asked over the signed, grant-checked
         channel (`read_only: true`; `stale: true` when served from the peer's snapshot)."""
@@ -100,7 +104,7 @@ class PeerRemoteGrant(APIView):
 
     permission_classes = [CanManagePeers]
 
-    @extend_schema(request=_REMOTE_GRANT)
+    @extend_schema(request=_REMOTE_GRANT, responses=o.REMOTE_GRANT_KEPT)
     def put(self, request, peer_id: int):
         refuse_unapplied(request.data, ("token",), what="a remote grant")
         token = request.data.get("token") if isinstance(request.data, dict) else None
@@ -110,6 +114,7 @@ class PeerRemoteGrant(APIView):
                                          actor=audit.actor_of(request.user))  # fmt: skip
         return Response(self._answer(peer))
 
+    @extend_schema(request=NoBody, responses={204: None})
     def delete(self, request, peer_id: int):
         refuse_any(request.data, what="forgetting a remote grant")
         services.remote_grant_set(peer=self._peer(request, peer_id), token=None, actor=audit.actor_of(request.user))

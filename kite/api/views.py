@@ -6,6 +6,8 @@ import logging
 from django.conf import settings
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -18,7 +20,15 @@ HEALTH_RETRY_SECONDS = 5
 FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-Ip")
 
 
+ME = inline_serializer("Me", {
+    "team": inline_serializer("MeTeam", {"id": serializers.CharField(), "name": serializers.CharField()}),
+    "instance_id": serializers.CharField(),
+    "public_url": serializers.CharField(),
+})  # fmt: skip
+
+
 class Me(APIView):
+    @extend_schema(responses=ME)
     def get(self, request):
         team = request.user.team
         return Response(
