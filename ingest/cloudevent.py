@@ -4,6 +4,8 @@ The pipeline assigns `source` (kite://<instance>/<team>/<source name>); this
 module decides `id`, `type`, `time`, `subject` and `data` per source kind.
 """
 
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -11,22 +13,24 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote_to_bytes
 
 MAX_ATTRIBUTE_LENGTH = 255
 AGENT_MESSAGE_TYPE = "com.kite.agent.message"
 DEFAULT_TYPE = "com.kite.webhook"
 # CloudEvents: extension names are lower-case letters and digits.
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
-_CORE_ATTRIBUTES = {"specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema", "data"}
+_CORE_ATTRIBUTES = {"specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema", "data",
+                    "data_base64"}  # fmt: skip
 _AGENT_URL = re.compile(r"^https?://[^/]+/agents/(?P<name>[A-Za-z0-9._-]{1,100})/?$")
 
 
 class MalformedEvent(Exception):
-    def __init__(self, code: str, detail: str):
+    def __init__(self, code: str, detail: str, status: int = 400):
         super().__init__(detail)
         self.code = code
         self.detail = detail
+        self.status = status
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Draft:
     source: str = ""  # set only when the event arrives already a CloudEvent (federation)
     extensions: dict[str, Any] = field(default_factory=dict)
     agent: str = ""  # the addressee of an agent message
+    dataschema: str = ""
+    data_base64: bool = False  # data_json is a JSON string holding the base64 of binary data
 
 
 def body_digest_id(body: bytes) -> str:
@@ -243,6 +249,8 @@ def draft_from_cloudevent(payload: dict, received_at: datetime) -> Draft:
     extensions.pop("kitefedpeer", None)  # who handed it to us is for the receiver to say, never the sender
     data = payload.get("data")
     subject = payload.get("subject")
+    dataschema = payload.get("dataschema")
+    binary = _data_base64(payload)
     return Draft(
         id=_text(payload["id"], "id"),
         type=_text(payload["type"], "type"),
@@ -251,16 +259,187 @@ def draft_from_cloudevent(payload: dict, received_at: datetime) -> Draft:
         subject=_text(subject, "subject") if subject not in (None, "") else "",
         datacontenttype=_text(payload.get("datacontenttype") or "application/json", "datacontenttype")[:100],
         # ASCII-escaped: a lone surrogate inside data must not reach the database raw.
-        data_json=json.dumps(data, separators=(",", ":")),
+        data_json=json.dumps(binary if binary is not None else data, separators=(",", ":")),
         extensions=extensions,
         agent=_agent_of(payload["type"], data),
+        dataschema=_text(dataschema, "dataschema") if dataschema not in (None, "") else "",
+        data_base64=binary is not None,
     )
+
+
+def _data_base64(payload: dict) -> str | None:
+    """`data_base64` of the JSON event format (binary data), as canonical base64, or None."""
+    if "data_base64" not in payload:
+        return None
+    if payload.get("data") is not None:
+        raise MalformedEvent("invalid_event", "A CloudEvent has `data` or `data_base64`, not both.")
+    try:
+        return base64.b64encode(base64.b64decode(payload["data_base64"], validate=True)).decode()
+    except (TypeError, ValueError, binascii.Error):
+        raise MalformedEvent("invalid_event", "CloudEvent attribute `data_base64` must be a base64 string.") from None
+
+
+# --- A CloudEvents producer (a `cloudevents` source): the HTTP protocol binding 1.0 -------------
+
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+DATA_BASE64 = "data_base64"  # stored among an event's extensions: its data is binary, kept as base64
+RESERVED_EXTENSION_PREFIX = "kite"  # Kite's own extensions: never taken from a producer
+MAX_DATA_DEPTH = 100
+MAX_DATACONTENTTYPE = 100  # the stored column's width: refused beyond, never cut
+_JSON_MEDIA = re.compile(r"^(application|text)/([a-z0-9.+-]+\+)?json$")  # as the CloudEvents SDKs read it
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+_OPTIONAL_STRINGS = ("subject", "datacontenttype", "dataschema", "time")
+_INT32 = range(-(2**31), 2**31)
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_json_media(content_type: str) -> bool:
+    return bool(_JSON_MEDIA.match(_media_type(content_type)))
+
+
+def from_cloudevents(headers, body: bytes, received_at: datetime) -> Draft | list:
+    """Structured mode, a batch (a list: a Draft or the MalformedEvent of each event) or binary mode."""
+    media = _media_type(headers.get("content-type", ""))
+    if media in (STRUCTURED_CONTENT_TYPE, BATCH_CONTENT_TYPE):
+        payload = parse_json(body)
+        if media == STRUCTURED_CONTENT_TYPE:
+            if not isinstance(payload, dict):
+                raise MalformedEvent("invalid_event", "A structured CloudEvent is a JSON object.")
+            return producer_draft(payload, received_at)
+        if not isinstance(payload, list) or not 0 < len(payload) <= MAX_BATCH:
+            raise MalformedEvent("invalid_event", f"A CloudEvents batch is a JSON array of 1-{MAX_BATCH} events.")
+        return [_producer_draft_or_error(item, received_at) for item in payload]
+    if media.startswith("application/cloudevents"):
+        raise MalformedEvent("unsupported_media_type", f"{media[:100]!r}: Kite reads the JSON event format only "
+                             f"({STRUCTURED_CONTENT_TYPE}, {BATCH_CONTENT_TYPE}) or binary mode.", status=415)  # fmt: skip
+    if not any(name.startswith("ce-") for name in headers):
+        raise MalformedEvent("invalid_event", "CloudEvent attribute `specversion` is missing: send "
+                             f"{STRUCTURED_CONTENT_TYPE}, a {BATCH_CONTENT_TYPE} batch, or binary mode (ce-* headers).")  # fmt: skip
+    return producer_draft(binary_mode_event(headers, body), received_at)
+
+
+def binary_mode_event(headers, body: bytes) -> dict:
+    """The event a binary-mode request carries, as the JSON event format would write it: JSON data
+    parsed, other data as a string when it is UTF-8 text, as `data_base64` when it is not."""
+    event = {}
+    for name, value in headers.items():
+        if not name.startswith("ce-"):
+            continue
+        attribute = name[3:]
+        if attribute in ("data", "datacontenttype", "data-base64"):
+            raise MalformedEvent("invalid_event", f"Header {name} is not a CloudEvents attribute in binary mode: "
+                                 "the data is the body and its type the Content-Type.")  # fmt: skip
+        event[attribute] = _header_value(name, value)
+    if headers.get("content-type"):
+        event["datacontenttype"] = headers["content-type"]
+    if not body:
+        return event
+    if is_json_media(event.get("datacontenttype", "application/json")):
+        event["data"] = parse_json(body)
+        return event
+    try:
+        event["data"] = body.decode("utf-8")
+    except UnicodeDecodeError:
+        event["data_base64"] = base64.b64encode(body).decode()
+    return event
+
+
+def _header_value(name: str, value: str) -> str:
+    """HTTP binding §3.1.3.2: printable ASCII, anything else percent-encoded UTF-8."""
+    try:
+        if not value.isascii():
+            raise ValueError
+        return unquote_to_bytes(value).decode("utf-8")
+    except ValueError:  # UnicodeDecodeError too
+        raise MalformedEvent("invalid_event", f"Header {name} must be printable ASCII, other characters "
+                             "percent-encoded UTF-8.") from None  # fmt: skip
+
+
+def _producer_draft_or_error(item, received_at):
+    if not isinstance(item, dict):
+        return MalformedEvent("invalid_event", "Each event of a batch is a JSON object.")
+    try:
+        return producer_draft(item, received_at)
+    except MalformedEvent as exc:
+        return exc
+
+
+def producer_draft(event: dict, received_at: datetime) -> Draft:
+    """A producer's event, checked as the CloudEvents spec says (each refusal names the attribute)
+    and refused when it claims what only Kite may say (a kite* extension, a kite: source)."""
+    _check_attributes(event)
+    time = _rfc3339_time(event["time"]) if "time" in event else received_at
+    draft = draft_from_cloudevent(event, received_at)
+    draft.time = time
+    return draft
+
+
+def _check_attributes(event: dict) -> None:
+    if "specversion" not in event:
+        raise MalformedEvent("invalid_event", "CloudEvent attribute `specversion` is missing.")
+    if event["specversion"] != "1.0":
+        raise MalformedEvent("invalid_event", 'CloudEvent attribute `specversion` must be "1.0".')
+    for name in ("id", "source", "type"):
+        if name not in event:
+            raise MalformedEvent("invalid_event", f"CloudEvent attribute `{name}` is missing.")
+        if not isinstance(event[name], str) or not event[name]:
+            raise MalformedEvent("invalid_event", f"CloudEvent attribute `{name}` must be a non-empty string.")
+    for name in _OPTIONAL_STRINGS:
+        if name in event and (not isinstance(event[name], str) or not event[name]):
+            raise MalformedEvent("invalid_event", f"CloudEvent attribute `{name}` must be a non-empty string.")
+    if len(event.get("datacontenttype", "")) > MAX_DATACONTENTTYPE:
+        raise MalformedEvent("invalid_event", f"CloudEvent attribute `datacontenttype` must be at most "
+                             f"{MAX_DATACONTENTTYPE} characters.")  # fmt: skip
+    if event["source"].lower().startswith("kite:"):
+        raise MalformedEvent("invalid_event", "CloudEvent attribute `source` must not be a kite: URI: those name "
+                             "the events Kite receives itself.")  # fmt: skip
+    _check_extensions(event)
+    if _deeper_than(event.get("data"), MAX_DATA_DEPTH):
+        raise MalformedEvent("invalid_event", f"CloudEvent `data` is nested deeper than {MAX_DATA_DEPTH} levels.")
+
+
+def _check_extensions(event: dict) -> None:
+    for name, value in event.items():
+        if name in _CORE_ATTRIBUTES:
+            continue
+        if not _EXTENSION_NAME.match(name):
+            raise MalformedEvent("invalid_event", f"CloudEvent extension name {name[:40]!r} must be 1-20 lower-case "
+                                 "letters (a-z) and digits.")  # fmt: skip
+        if name.startswith(RESERVED_EXTENSION_PREFIX):
+            raise MalformedEvent("invalid_event", f"CloudEvent extension `{name}` is reserved: extensions named "
+                                 f"{RESERVED_EXTENSION_PREFIX}* are Kite's own.")  # fmt: skip
+        if isinstance(value, int) and not isinstance(value, bool) and value not in _INT32:
+            raise MalformedEvent("invalid_event", f"Extension `{name}` is an Integer: a signed 32-bit number.")
+
+
+def _rfc3339_time(value: str) -> datetime:
+    try:
+        if not _RFC3339.match(value):
+            raise ValueError
+        return datetime.fromisoformat(value.upper().replace("Z", "+00:00")).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise MalformedEvent("invalid_event", "CloudEvent attribute `time` must be an RFC 3339 timestamp.") from None
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 CONVERTERS = {
     "stripe": from_stripe,
     "github": from_github,
     "standard": from_standard,
+    "cloudevents": from_cloudevents,
     "none": from_unverified,
     "kite": from_structured,
 }

@@ -17,6 +17,9 @@ class Code(enum.StrEnum):
     MISSING_SIGNATURE = "missing_signature"
     BAD_SIGNATURE = "bad_signature"
     STALE_TIMESTAMP = "stale_timestamp"
+    MISSING_TOKEN = "missing_token"
+    BAD_TOKEN = "bad_token"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     BAD_CURSOR = "bad_cursor"
     EVENT_NOT_FOUND = "event_not_found"  # no event of that id in the caller's team (404)
     AMBIGUOUS_EVENT = "ambiguous_event"  # several sources of the team have that id: ?source= picks one (409)

@@ -3,7 +3,7 @@ import json
 from django.db import models
 from django.utils import timezone
 
-from ingest.cloudevent import rfc3339
+from ingest.cloudevent import DATA_BASE64, rfc3339
 from kite.models import Team
 
 
@@ -32,13 +32,17 @@ class Source(models.Model):
         STRIPE = "stripe"
         GITHUB = "github"
         STANDARD = "standard"
+        CLOUDEVENTS = "cloudevents"
         NONE = "none", "none (unverified)"
         KITE = "kite", "kite (federation)"
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="sources")
     name = models.CharField(max_length=50)
-    kind = models.CharField(max_length=10, choices=Kind.choices)
+    kind = models.CharField(max_length=20, choices=Kind.choices)
     secret_encrypted = models.TextField(blank=True, help_text="MultiFernet token; never shown")
+    token_sha256 = models.CharField(
+        max_length=64, blank=True, help_text="A cloudevents source with auth=token: SHA-256 of its bearer token"
+    )
     secret_fingerprint = models.CharField(max_length=24, blank=True)
     rate_limit_per_second = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -94,7 +98,9 @@ class Event(models.Model):
         }
         if self.ce_subject:
             event["subject"] = self.ce_subject
-        event.update(self.extensions or {})
+        extensions = dict(self.extensions or {})  # also holds `dataschema` and the binary-data mark
+        binary = extensions.pop(DATA_BASE64, False)
+        event.update(extensions)
         event["kitecursor"] = self.cursor
-        event["data"] = json.loads(self.data)
+        event["data_base64" if binary else "data"] = json.loads(self.data)
         return event

@@ -18,13 +18,15 @@ from kite.models import Team
 
 SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
 BUILTIN_SOURCE = "kite"
-SIGNED_KINDS = {Source.Kind.STRIPE, Source.Kind.GITHUB, Source.Kind.STANDARD}
+SIGNED_KINDS = {Source.Kind.STRIPE, Source.Kind.GITHUB, Source.Kind.STANDARD, Source.Kind.CLOUDEVENTS}
+TOKEN_PREFIX = "kce"  # a cloudevents source's bearer token: kce_<43 characters>
 
 
 @dataclass(frozen=True)
 class CreatedSource:
     source: Source
     secret: str | None  # shown once when Kite generated it
+    token: str | None = None  # a cloudevents source with auth=token: its bearer token, shown once
 
 
 def source_ensure_builtin(*, team: Team) -> Source:
@@ -33,24 +35,34 @@ def source_ensure_builtin(*, team: Team) -> Source:
 
 
 def source_create(
-    *, team: Team, name: str, kind: str, secret: str | None = None, rate_limit_per_second: int | None = None
+    *,
+    team: Team,
+    name: str,
+    kind: str,
+    secret: str | None = None,
+    rate_limit_per_second: int | None = None,
+    auth: str | None = None,
 ) -> CreatedSource:
     if not SOURCE_NAME.match(name or ""):
         raise ApiError("name must be 1-50 lower-case letters, digits, '-' or '_'.", Code.INVALID)
     if name == BUILTIN_SOURCE or kind == Source.Kind.KITE:
         raise ApiError("The `kite` source is built in: every team has exactly one.", Code.INVALID)
     if kind not in Source.Kind.values:
-        raise ApiError(f"kind must be one of stripe, github, standard, none; got {kind!r}.", Code.INVALID)
+        raise ApiError(f"kind must be one of stripe, github, standard, cloudevents, none; got {kind!r}.", Code.INVALID)
+    _check_auth(kind, auth, secret)
     if kind == Source.Kind.NONE and secret:
         raise ApiError("A `none` source is unverified and takes no secret.", Code.INVALID)
     if secret and is_placeholder_secret(secret):
         raise ApiError(f"secret {secret[:20]!r} is a placeholder, not a signing secret: paste the provider's secret "
                        "(Stripe: the endpoint's whsec_…), or leave `secret` out and Kite generates one, shown once.",
                        Code.PLACEHOLDER_SECRET)  # fmt: skip
-    generated = None
-    if kind in SIGNED_KINDS and not secret:
-        secret = generated = crypto.new_webhook_secret()
+    generated = token = None
     source = Source(team=team, name=name, kind=kind, rate_limit_per_second=rate_limit_per_second)
+    if auth == "token":  # only its hash is kept: what a request's bearer token is compared with
+        token = crypto.new_bearer_token(TOKEN_PREFIX)
+        source.token_sha256, source.secret_fingerprint = crypto.sha256_hex(token), crypto.fingerprint(token)
+    elif kind in SIGNED_KINDS and not secret:
+        secret = generated = crypto.new_webhook_secret()
     if secret:
         source.secret_encrypted = crypto.encrypt(secret)
         source.secret_fingerprint = crypto.fingerprint(secret)
@@ -59,7 +71,18 @@ def source_create(
             source.save()
     except IntegrityError:
         raise ApiError(f"Team already has a source named {name!r}.", Code.CONFLICT, status=409) from None
-    return CreatedSource(source=source, secret=generated)
+    return CreatedSource(source=source, secret=generated, token=token)
+
+
+def _check_auth(kind: str, auth: str | None, secret: str | None) -> None:
+    if auth is None:
+        return
+    if kind != Source.Kind.CLOUDEVENTS:
+        raise ApiError("auth applies to a cloudevents source only (signature or token).", Code.INVALID)
+    if auth not in ("signature", "token"):
+        raise ApiError(f"auth must be signature or token; got {auth!r}.", Code.INVALID)
+    if auth == "token" and secret:
+        raise ApiError("A source with auth=token takes no secret: Kite generates its token, shown once.", Code.INVALID)
 
 
 _PLACEHOLDER_PREFIX = re.compile(r"^(whsec_|sk_|whk_|secret[_:-]?)", re.IGNORECASE)
@@ -81,6 +104,13 @@ def source_secret(source: Source) -> str | None:
     return crypto.decrypt_cached(source.secret_encrypted) if source.secret_encrypted else None
 
 
+def source_credential(source: Source) -> str | None:
+    """What the source's verifier checks a request with: its signing secret, or the hash of its token."""
+    if source.token_sha256:
+        return verifiers.TokenDigest(source.token_sha256)
+    return source_secret(source)
+
+
 def ce_source_for(source: Source) -> str:
     """Stable across URL changes and unique across instances and teams."""
     return f"kite://{settings.KITE_INSTANCE_ID}/{source.team_id}/{source.name}"
@@ -99,7 +129,8 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
     up a source's quota and crowd out the real sender.
     """
     try:
-        sender = verifiers.VERIFIERS[source.kind](source_secret(source), headers, body, int(time.time()), source.team_id)
+        sender = verifiers.VERIFIERS[source.kind](source_credential(source), headers, body, int(time.time()),
+                                                  source.team_id)  # fmt: skip
     except verifiers.VerificationError as exc:
         raise ApiError(exc.detail, exc.code, status=exc.status) from None
     verdict = ratelimit.hit(f"source:{source.pk}", source.rate_limit_per_second)
@@ -114,7 +145,7 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
         draft = cloudevent.CONVERTERS[source.kind](headers, body, timezone.now())
         draft = _received(source, draft, sender) if hooks.event_received else draft
     except cloudevent.MalformedEvent as exc:
-        raise ApiError(exc.detail, exc.code, status=400) from None
+        raise ApiError(exc.detail, exc.code, status=exc.status) from None
     if isinstance(draft, list):
         if getattr(source, "from_cache", False):
             raise SourceChanged  # a batch is stored in a transaction that cannot check the copy: read it
@@ -148,9 +179,21 @@ def _new_event(source: Source, draft: cloudevent.Draft) -> Event:
         ce_subject=draft.subject,
         datacontenttype=draft.datacontenttype,
         data=draft.data_json,
-        extensions=draft.extensions,
+        extensions=_stored_extensions(draft),
         agent=draft.agent,
     )
+
+
+def _stored_extensions(draft: cloudevent.Draft) -> dict:
+    """The extensions column also keeps `dataschema` and whether `data` is binary (Event.to_cloudevent)."""
+    if not (draft.dataschema or draft.data_base64):
+        return draft.extensions
+    extensions = dict(draft.extensions)
+    if draft.dataschema:
+        extensions["dataschema"] = draft.dataschema
+    if draft.data_base64:
+        extensions[cloudevent.DATA_BASE64] = True
+    return extensions
 
 
 def _insert(event: Event, sender) -> None:

@@ -124,6 +124,23 @@ def verify_standard(secret, headers, body, now, team_id=None):
         raise VerificationError("bad_signature", "webhook-signature does not match this source's secret.")
 
 
+class TokenDigest(str):
+    """The SHA-256 (hex) of a source's bearer token, handed to its verifier instead of a secret."""
+
+
+def verify_cloudevents(secret, headers, body, now, team_id=None):
+    """A CloudEvents producer: a Standard Webhooks signature, or `Authorization: Bearer <token>`
+    for a source created with auth=token (its hash compared in constant time)."""
+    if not isinstance(secret, TokenDigest):
+        return verify_standard(secret, headers, body, now, team_id)
+    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise VerificationError("missing_token", "Authorization: Bearer <the source's token> is required.")
+    digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
+    if not _same(secret, digest):
+        raise VerificationError("bad_token", "The bearer token is not this source's token.")
+
+
 def verify_none(secret, headers, body, now, team_id=None):
     """Explicitly unverified: the operator chose to accept anything."""
 
@@ -138,6 +155,7 @@ VERIFIERS: dict[str, Verifier] = {
     "stripe": verify_stripe,
     "github": verify_github,
     "standard": verify_standard,
+    "cloudevents": verify_cloudevents,
     "none": verify_none,
     # Replaced by the federation app (AppConfig.ready) with the peer verifier.
     "kite": verify_kite_unconfigured,

@@ -1,9 +1,10 @@
 """POST /hooks/{team_id}/{source}: the provider-facing edge. Plain Django, no DRF: it is the hot path."""
 
+import re
 import time
 
 from django.conf import settings
-from django.http import JsonResponse
+from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from ingest import selectors, services, verifiers
@@ -47,11 +48,39 @@ def _answer(response):
     return response
 
 
+# CloudEvents HTTP Webhook §4 (abuse protection): the validation request names the sender's
+# origin, a DNS name (a port at most); anything else is not reflected into a response header.
+_ORIGIN = re.compile(r"^[A-Za-z0-9*]([A-Za-z0-9.*-]{0,252})(:\d{1,5})?$")
+
+
+def _webhook_validation(request, team_id: str, name: str):
+    """OPTIONS on a cloudevents source's hook URL: 200 with WebHook-Allowed-Origin (the origin asked
+    for) and WebHook-Allowed-Rate (the source's limit a minute, `*` without one). Unauthenticated,
+    as the spec has it; it says no more than a POST's 404 or 401 would (the source exists). A
+    WebHook-Request-Callback is never called: the answer is given at once."""
+    found = _source(team_id, name)
+    if found.kind != found.Kind.CLOUDEVENTS:
+        raise ApiError("Use POST.", Code.METHOD_NOT_ALLOWED, status=405, headers={"Allow": "POST"})
+    origin = request.headers.get("WebHook-Request-Origin", "")
+    if not origin:
+        raise ApiError("WebHook-Request-Origin header is required.", Code.INVALID)
+    if not _ORIGIN.match(origin):
+        raise ApiError("WebHook-Request-Origin must be a DNS name, e.g. eventemitter.example.com.", Code.INVALID)
+    response = HttpResponse(status=200)
+    response["Allow"] = "POST, OPTIONS"
+    response["WebHook-Allowed-Origin"] = origin
+    rate = found.rate_limit_per_second
+    response["WebHook-Allowed-Rate"] = str(rate * 60) if rate else "*"
+    return response
+
+
 @csrf_exempt
 def hook(request, team_id: str, source: str):
     started = time.perf_counter()
     label = "unknown"
     try:
+        if request.method == "OPTIONS":
+            return _answer(_webhook_validation(request, team_id, source))
         if request.method != "POST":
             raise ApiError("Use POST.", Code.METHOD_NOT_ALLOWED, status=405, headers={"Allow": "POST"})
         found = _source(team_id, source)

@@ -29,6 +29,8 @@ class SourceListCreate(APIView):
         body = SourceSerializer(created.source).data
         if created.secret:
             body["secret"] = created.secret  # shown once
+        if created.token:
+            body["token"] = created.token  # shown once
         return Response(body, status=status.HTTP_201_CREATED)
 
 
