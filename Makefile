@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test browser-deps faketime-deps services-start services-stop bench clean
+.PHONY: run test browser-deps faketime-deps services-start services-stop bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ services-stop:
 # make bench BENCH_ARGS='--wait-quiet 1500'   (options: .venv/bin/python bench/ingest.py --help)
 bench: $(STAMP)
 	$(PY) bench/ingest.py $(BENCH_ARGS)
+
+# Cost as the data grows: 0, 1 M and 10 M stored events (about an hour and 25 GB of disk on a quiet machine).
+# make bench-scale BENCH_ARGS='--wait-quiet 1500'   (options: .venv/bin/python bench/scale.py --help)
+# wrk (Debian package) is installed when missing, as the browser tests' Chromium is.
+bench-scale: $(STAMP)
+	@command -v wrk >/dev/null || [ "$$(id -u)" != 0 ] || { echo "bench-scale: installing wrk (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(PY) bench/scale.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var

@@ -1,0 +1,648 @@
+#!/usr/bin/env python3
+"""Scale benchmark: what ingest, reads and storage cost as the data grows.
+
+Starts its own PostgreSQL + Redis (scripts/services.sh, ports of its own, fsync
+and synchronous_commit on: durable commits), a fresh database and Kite's web
+process as bench/ingest.py does (its Deployment: `manage.py runkite --no-worker
+--no-beat`, KITE_TLS=off as behind a TLS proxy), creates the Stripe source
+through the API, then for each size of `--sizes` (stored events; default
+0, 1 M, 10 M), smallest first:
+
+1. bulk load with SQL up to that many events (INSERT … SELECT generate_series,
+   chunks of one transaction each, every index in place): copies of a real
+   Stripe event Kite stored through its API (own ids, six event types, times
+   spread over 90 days, txids spread like separate transactions: a range of
+   transaction ids is consumed first so they stay older than any reader's
+   snapshot), 30 % federated in through the team's `kite` source with kitefed*
+   extensions; for every event of the Stripe source an outbox entry to a
+   (revoked) peer, delivered (0.5 % dead) with one delivery row (5 % with a
+   failed attempt before); one audit row per 20 events. VACUUM ANALYZE,
+   CHECKPOINT; the web process started afresh.
+2. ingest: verified Stripe webhooks, closed loop (bench/ingest.py's wrk
+   rounds), alternating with the physical ceiling: `pgbench`, one INSERT of
+   the same row per transaction, as many clients as wrk has connections, on
+   the same PostgreSQL with the same durability.
+3. reads: `GET /api/events?limit=100` sequentially on one keep-alive
+   connection — the first page, pages after random cursors, the tail (after
+   a cursor ~50 events before the head) and pages of one event type after
+   random cursors; p50/p99 per kind.
+4. replay: a listener (`WS /ws/events?after=0`, Bearer key) reading the team's
+   store from the start: events/s over the first `--replay-events` events.
+5. storage: pg_total_relation_size / rows of ingest_event,
+   federation_outboxentry, federation_delivery, federation_auditevent; the
+   web processes' RSS after start-up and after the measurements.
+
+Each figure is a median over `--rounds` rounds and is reported as a ratio to
+the first size's (the empty database's) figure of the same run. The result
+(exact command, machine facts, load average and other pytest processes) is
+printed and written into bench/RESULTS.md between the `bench:scale` markers.
+
+    .venv/bin/python bench/scale.py --wait-quiet 1500                    # the recorded run (~1 h, ~25 GB disk)
+    .venv/bin/python bench/scale.py --sizes 0,100000 --rounds 2 --duration 5 --no-write   # trial (~4 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import importlib.util
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import websockets
+
+_spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).with_name("ingest.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+ROOT = bench.ROOT
+PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
+PEER_NAME = "archive"
+KITE_SOURCE = "kite"
+STRIPE_TYPES = [
+    "com.stripe.payment_intent.succeeded", "com.stripe.charge.succeeded", "com.stripe.invoice.paid",
+    "com.stripe.customer.updated", "com.stripe.checkout.session.completed", "com.stripe.charge.refunded",
+]  # fmt: skip
+RARE_TYPE = "com.stripe.charge.refunded"  # 1 event in 50 of the bulk: the type-filtered read
+ROWS_PER_TXID = 4  # bulk rows share a transaction id this many at a time (batched receipts do)
+CHUNK = 200_000
+
+
+def log(message: str) -> None:
+    print(f"[scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
+
+
+def human(n: int) -> str:
+    if n >= 1_000_000 and n % 100_000 == 0:
+        return f"{n / 1_000_000:g} M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000} k"
+    return str(n)
+
+
+def rss_mb(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+# --------------------------------------------------------------------------- the deployment
+
+
+class Scale:
+    def __init__(self, args):
+        self.args = args
+        ingest_argv = [
+            "--port", str(args.port), "--pg-port", str(args.pg_port), "--redis-port", str(args.redis_port),
+            "--services-dir", args.services_dir, "--database", args.database, "--max-rate", str(args.max_rate),
+            "--wrk", args.wrk,
+        ]  # fmt: skip
+        if args.keep_services:
+            ingest_argv.append("--keep-services")
+        for item in args.env:
+            ingest_argv += ["--env", item]
+        self.dep = bench.Deployment(bench.build_parser().parse_args(ingest_argv))
+        self.db: psycopg.Connection | None = None
+        self.bulk_serial = 0
+
+    # --- set-up ------------------------------------------------------------
+
+    def start(self) -> None:
+        dep = self.dep
+        dep.start()
+        self.db = psycopg.connect(dep.database_url, autocommit=True)
+        self.team = dep.team_id
+        self.requests = bench.Requests(dep.secret, run_id=datetime.now(timezone.utc).strftime("s%H%M%S"))
+        # One real Stripe webhook through the API: the template the bulk rows copy.
+        conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=10)
+        signature, body = self.requests.batch(1)[0]
+        headers = {"Content-Type": "application/json", "Stripe-Signature": signature}
+        conn.request("POST", dep.paths["stripe"], body, headers)
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        assert answer.status == 202, answer.status
+        self.template = self.one(
+            "SELECT e.id, e.source_id, e.ce_id FROM ingest_event e JOIN ingest_source s ON s.id = e.source_id"
+            " WHERE s.team_id = %s AND s.name = %s ORDER BY e.id DESC LIMIT 1",
+            (self.team, bench.SOURCE_NAME),
+        )
+        # The federation history's peer (revoked: nothing new is routed to it, so a webhook takes
+        # the same path at every size) and the team's `kite` source, made by the ORM.
+        code = (
+            "import django, sys; django.setup()\n"
+            "from federation.models import Peer\nfrom ingest.models import Source\n"
+            "team = sys.argv[1]\n"
+            f"peer = Peer.objects.create(team_id=team, name={PEER_NAME!r}, role='peer', status='revoked',"
+            " peer_hook_url='https://archive.example/hooks/t/kite', remote_instance_id='kite-archive', scopes=['*'])\n"
+            f"source, _ = Source.objects.get_or_create(team_id=team, name={KITE_SOURCE!r},"
+            " defaults={'kind': 'kite'})\n"
+            "print(peer.pk, source.pk)"
+        )
+        out = bench.run([sys.executable, "-c", code, self.team], env=dep.env, capture=True).stdout.split()
+        self.peer_id, self.kite_source_id = int(out[-2]), int(out[-1])
+        self.stripe_source_id = self.template[1]
+
+    def one(self, query: str, params=()):
+        with self.db.cursor() as cur:
+            cur.execute(query, params)
+            row = cur.fetchone()
+        return row if row is None or len(row) > 1 else row[0]
+
+    def execute(self, query: str, params=()) -> None:
+        with self.db.cursor() as cur:
+            cur.execute(query, params)
+
+    def stored(self) -> int:
+        return self.one("SELECT count(*) FROM ingest_event")
+
+    # --- bulk load -----------------------------------------------------------
+
+    def burn_xids(self, count: int) -> int:
+        """Consume `count` transaction ids (one tiny committed transaction each, asynchronous
+        commit in this session only); returns the first of them. The bulk rows' txids are taken
+        from this range, so they are older than every running transaction, like real ones."""
+        first = self.one("SELECT pg_current_xact_id()::text::bigint")
+        self.execute("SET synchronous_commit = off")
+        self.execute(
+            "CREATE OR REPLACE PROCEDURE pg_temp.burn(n int) LANGUAGE plpgsql AS $$"
+            " BEGIN FOR i IN 1..n LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
+        )
+        done = 0
+        while done < count:
+            step = min(500_000, count - done)
+            self.execute("CALL pg_temp.burn(%s)", (step,))
+            done += step
+        self.execute("RESET synchronous_commit")
+        return first + 1
+
+    def load(self, target: int) -> dict:
+        """Bulk-load events (and their federation rows) until `target` events are stored."""
+        have = self.stored()
+        count = target - have
+        if count <= 0:
+            return {"added": 0, "seconds": 0.0}
+        started = time.monotonic()
+        log(f"bulk load: {have} → {target} events")
+        txid0 = self.burn_xids(count // ROWS_PER_TXID + 1)
+        burnt = time.monotonic() - started
+        template_id, _, template_ce_id = self.template
+        done = 0
+        while done < count:
+            n = min(CHUNK, count - done)
+            self.bulk_serial += 1
+            self.execute(BULK_SQL, {
+                "template": template_id, "tid": template_ce_id, "stripe": self.stripe_source_id,
+                "kite": self.kite_source_id, "peer": self.peer_id, "peer_name": PEER_NAME,
+                "start": done + 1, "end": done + n, "count": count, "txid0": txid0, "per_txid": ROWS_PER_TXID,
+                "salt": f"{self.bulk_serial}-{have}", "types": STRIPE_TYPES, "rare": RARE_TYPE,
+            })  # fmt: skip
+            done += n
+            if done % (CHUNK * 10) == 0 or done == count:
+                log(f"bulk load: {done}/{count} ({done / (time.monotonic() - started):.0f} events/s)")
+        self.execute("VACUUM ANALYZE")
+        self.execute("CHECKPOINT")
+        seconds = time.monotonic() - started
+        log(f"bulk load: {count} events in {seconds:.0f} s (xids {burnt:.0f} s), vacuumed, checkpointed")
+        return {"added": count, "seconds": seconds}
+
+    def sizes(self) -> dict:
+        out = {}
+        for table in ("ingest_event", "federation_outboxentry", "federation_delivery", "federation_auditevent"):
+            rows, size = self.one(f"SELECT count(*), pg_total_relation_size('{table}') FROM {table}")
+            out[table] = {"rows": rows, "bytes": size, "per_row": size / rows if rows else float("nan")}
+        out["database"] = self.one("SELECT pg_database_size(current_database())")
+        return out
+
+    # --- measurements --------------------------------------------------------
+
+    def web_pids(self) -> set[int]:
+        return bench._descendants(bench._proc_table(), self.dep.web.pid)
+
+    def ingest_round(self, duration: float) -> dict:
+        a = self.args
+        return bench.wrk_round(self.dep, self.requests, "stripe", duration, a.connections, a.wrk_threads)
+
+    def pgbench_round(self, duration: float) -> dict:
+        script = self.dep.work_dir / "insert.sql"
+        if not script.exists():
+            _, body = self.requests.batch(1)[0]
+            literal = body.decode().replace("'", "''")
+            script.write_text(
+                "INSERT INTO ingest_event (team_id, source_id, ce_id, ce_source, ce_type, ce_time, ce_subject,"
+                " datacontenttype, data, extensions, agent, received_at) VALUES"
+                f" ('{self.team}', {self.stripe_source_id}, 'pgb_' || md5(random()::text || clock_timestamp()::text),"
+                f" 'pgbench', 'com.stripe.payment_intent.succeeded', now(), '', 'application/json', '{literal}',"
+                " '{}'::jsonb, '', now());\n"
+            )
+        a = self.args
+        clients = a.pgbench_clients or a.connections
+        argv = [
+            a.pgbench, "-n", "-h", "127.0.0.1", "-p", str(a.pg_port), "-U", "postgres", "-c", str(clients),
+            "-j", str(a.wrk_threads), "-T", str(max(1, round(duration))), "-f", str(script), a.database,
+        ]  # fmt: skip
+        before = bench.cpu_snapshot(self.dep)
+        out = bench.run(argv, capture=True).stdout
+        after = bench.cpu_snapshot(self.dep)
+        tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+        done = re.search(r"number of transactions actually processed: (\d+)", out)
+        failed = re.search(r"number of failed transactions: (\d+)", out)
+        if not tps or not done:
+            raise SystemExit(f"pgbench printed no result:\n{out}")
+        return {"rate": float(tps[1]), "transactions": int(done[1]), "failed": int(failed[1]) if failed else 0,
+                "cpu_us": bench.cpu_per_event(before, after, int(done[1]))}  # fmt: skip
+
+    def cursors(self, count: int) -> list[str]:
+        rows = []
+        with self.db.cursor() as cur:
+            cur.execute(
+                "SELECT txid, id FROM ingest_event WHERE team_id = %s AND id IN"
+                " (SELECT (random() * (SELECT max(id) FROM ingest_event))::bigint FROM generate_series(1, %s))",
+                (self.team, count * 2),
+            )
+            rows = cur.fetchall()
+        random.shuffle(rows)
+        return [f"{t}-{i}" for t, i in rows[:count]] or ["0"]
+
+    def tail_cursor(self, behind: int = 50) -> str:
+        row = self.one(
+            "SELECT txid, id FROM (SELECT txid, id FROM ingest_event WHERE team_id = %s"
+            " ORDER BY txid DESC, id DESC LIMIT %s) t ORDER BY txid, id LIMIT 1",
+            (self.team, behind),
+        )
+        return f"{row[0]}-{row[1]}" if row else "0"
+
+    def reads_round(self, count: int) -> dict:
+        """Sequential GET /api/events on one keep-alive connection; latency per request."""
+        kinds = {
+            "first page": lambda i: "/api/events?limit=100",
+            "after a random cursor": lambda i: f"/api/events?limit=100&after={randoms[i % len(randoms)]}",
+            "tail (50 before the head)": lambda i: f"/api/events?limit=100&after={tail}",
+            f"type {RARE_TYPE.rsplit('.', 2)[-2]}.{RARE_TYPE.rsplit('.', 1)[-1]} after a random cursor": lambda i: (
+                f"/api/events?limit=100&type={RARE_TYPE}&after={randoms[(i * 7) % len(randoms)]}"
+            ),
+        }
+        randoms = self.cursors(count)
+        tail = self.tail_cursor()
+        headers = {"Authorization": f"Bearer {self.dep.api_key}"}
+        conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=30)
+        result = {}
+        for kind, path in kinds.items():
+            latencies, events, errors = [], 0, 0
+            for i in range(count):
+                t0 = time.perf_counter()
+                conn.request("GET", path(i), headers=headers)
+                answer = conn.getresponse()
+                body = answer.read()
+                latencies.append((time.perf_counter() - t0) * 1000)
+                if answer.status != 200:
+                    errors += 1
+                    continue
+                events += len(json.loads(body)["results"])
+            latencies.sort()
+            result[kind] = {"p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "max_ms": latencies[-1],
+                            "events_per_page": events / count, "errors": errors}  # fmt: skip
+        conn.close()
+        return result
+
+    def replay_round(self, limit: int, seconds: float) -> dict:
+        url = f"ws://127.0.0.1:{self.args.port}/ws/events?after=0"
+        headers = {"Authorization": f"Bearer {self.dep.api_key}"}
+
+        async def listen():
+            received, first = 0, None
+            async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+                opened = time.perf_counter()
+                deadline = opened + seconds
+                while received < limit and time.perf_counter() < deadline:
+                    try:
+                        await asyncio.wait_for(ws.recv(), timeout=max(0.01, deadline - time.perf_counter()))
+                    except TimeoutError:
+                        break
+                    received += 1
+                    if first is None:
+                        first = time.perf_counter() - opened
+                elapsed = time.perf_counter() - opened
+            return received, elapsed, first
+
+        received, elapsed, first = asyncio.run(listen())
+        # The listener pushed the team's listening_until ahead: the next webhooks would broadcast to it.
+        self.execute("UPDATE kite_team SET listening_until = NULL WHERE id = %s", (self.team,))
+        return {"events": received, "seconds": elapsed, "rate": received / elapsed if elapsed else 0.0,
+                "first_ms": (first or 0) * 1000}  # fmt: skip
+
+    def measure(self, size: int) -> dict:
+        a = self.args
+        dep = self.dep
+        dep._start_web()
+        time.sleep(1)
+        rss = {"start": rss_mb(self.web_pids())}
+        self.ingest_round(a.warmup)
+        self.pgbench_round(a.warmup)
+        rss["warm"] = rss_mb(self.web_pids())
+        rounds = []
+        for i in range(a.rounds):
+            result = {}
+            for name in ("stripe", "pgbench") if i % 2 == 0 else ("pgbench", "stripe"):
+                result[name] = self.ingest_round(a.duration) if name == "stripe" else self.pgbench_round(a.duration)
+            result["reads"] = self.reads_round(a.reads)
+            result["replay"] = self.replay_round(a.replay_events, a.replay_seconds)
+            rounds.append(result)
+            log(
+                f"{human(size)} round {i + 1}: stripe {result['stripe']['rate']:.0f}/s, pgbench "
+                f"{result['pgbench']['rate']:.0f}/s ({result['stripe']['rate'] / result['pgbench']['rate']:.0%}); "
+                + ", ".join(f"{k} p99 {v['p99_ms']:.1f} ms" for k, v in result["reads"].items())
+                + f"; replay {result['replay']['rate']:.0f} events/s"
+            )
+        rss["end"] = rss_mb(self.web_pids())
+        dep.stop_web()
+        non202 = sum(r["stripe"]["other"] + r["stripe"]["duplicate"] + r["stripe"]["socket_errors"] for r in rounds)
+        return {"size": size, "stored": self.stored(), "rounds": rounds, "rss": rss, "storage": self.sizes(),
+                "non202": non202}  # fmt: skip
+
+    def stop(self) -> None:
+        if self.db is not None:
+            self.db.close()
+        self.dep.stop()
+
+
+# One chunk of the bulk load: events (70 % from the Stripe source, 30 % federated in), an outbox
+# entry and one or two deliveries for each Stripe one, an audit row for one event in 20.
+BULK_SQL = """
+WITH t AS (SELECT * FROM ingest_event WHERE id = %(template)s::bigint),
+ev AS (
+  INSERT INTO ingest_event (team_id, source_id, ce_id, ce_source, ce_type, ce_time, ce_subject, datacontenttype,
+                            data, extensions, agent, received_at, txid)
+  SELECT t.team_id,
+         CASE WHEN g %% 10 < 7 THEN %(stripe)s::bigint ELSE %(kite)s::bigint END,
+         'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24),
+         t.ce_source,
+         CASE WHEN g %% 50 = 0 THEN %(rare)s::text ELSE (%(types)s::text[])[1 + (g %% 5)] END,
+         at, '', t.datacontenttype,
+         replace(t.data, %(tid)s::text, 'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24)),
+         CASE WHEN g %% 10 < 7 THEN t.extensions
+              ELSE t.extensions || jsonb_build_object('kitefedorigin', 'kite-origin-' || (g %% 3),
+                     'kitefedchain', '["kite-origin-' || (g %% 3) || '"]', 'kitefedhops', 1,
+                     'kitefedpeer', %(peer_name)s::text) END,
+         '', at + interval '40 ms',
+         %(txid0)s::bigint + (g - 1) / %(per_txid)s
+  FROM t, generate_series(%(start)s::int, %(end)s::int) g,
+       LATERAL (SELECT now() - interval '90 days' * (1 - g::float8 / %(count)s) AS at) s
+  RETURNING id, team_id, source_id, received_at
+),
+ob AS (
+  INSERT INTO federation_outboxentry (msg_id, team_id, peer_id, event_id, provenance, status, attempts,
+                                      next_attempt_at, leased_until, last_error, created_at, delivered_at)
+  SELECT gen_random_uuid(), team_id, %(peer)s::bigint, id,
+         jsonb_build_object('kitefedorigin', 'kite-self', 'kitefedchain', '["kite-self"]', 'kitefedhops', 1),
+         CASE WHEN id %% 200 = 0 THEN 'dead' ELSE 'delivered' END,
+         CASE WHEN id %% 20 = 0 THEN 2 ELSE 1 END, received_at, NULL,
+         CASE WHEN id %% 200 = 0 THEN 'HTTP 410 from the peer' ELSE '' END, received_at,
+         CASE WHEN id %% 200 = 0 THEN NULL ELSE received_at + interval '80 ms' END
+  FROM ev WHERE source_id = %(stripe)s::bigint
+  RETURNING id, created_at, attempts, status
+),
+dl AS (
+  INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
+  SELECT %(peer)s::bigint, id, created_at + interval '60 ms',
+         CASE WHEN status = 'dead' THEN 410 ELSE 202 END,
+         CASE WHEN status = 'dead' THEN 'permanent' ELSE 'delivered' END, 38, ''
+  FROM ob
+  UNION ALL
+  SELECT %(peer)s::bigint, id, created_at + interval '10 ms', 503, 'transient', 1200, 'HTTP 503 from the peer'
+  FROM ob WHERE attempts = 2
+  RETURNING 1
+)
+INSERT INTO federation_auditevent (team_id, at, action, peer_id, peer_name, actor, endpoint, outcome, detail, data)
+SELECT team_id, received_at, 'Federation.PeerCalled', %(peer)s::bigint, %(peer_name)s::text, 'kite-archive',
+       '/federation/ping', 'ok', '', jsonb_build_object('method', 'POST', 'latency_ms', 12)
+FROM ev WHERE id %% 20 = 0
+"""
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(args, facts, results, loads, started, finished) -> str:
+    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/scale.py", *sys.argv[1:]])
+    start, end = bench.markers(args.section)
+    quiet = "quiet" if facts["loadavg"] < 0.5 and not facts["pytest"] else "NOT quiet (see load average)"
+    base = results[0]
+    kinds = list(base["rounds"][0]["reads"])
+
+    def m(result, pick):
+        return med([pick(r) for r in result["rounds"]])
+
+    def ratio(value, ref):
+        return f"{value / ref:.0%}" if ref else "–"
+
+    stripe = [m(r, lambda x: x["stripe"]["rate"]) for r in results]
+    pgb = [m(r, lambda x: x["pgbench"]["rate"]) for r in results]
+    share = [m(r, lambda x: x["stripe"]["rate"] / x["pgbench"]["rate"]) for r in results]
+    replay = [m(r, lambda x: x["replay"]["rate"]) for r in results]
+    header = "| size (events stored at the end) | " + " | ".join(
+        f"{human(r['size'])} ({r['stored']:,})" for r in results) + " |"  # fmt: skip
+    rule = "|---|" + "---|" * len(results)
+    lines = [
+        start,
+        f"### {args.title or 'Scale: cost as the data grows'}: run of {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        "Command (exactly as run):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} before the "
+        f"run, {facts['loadavg_end']:.2f} after, other pytest processes at the start: {facts['pytest']} → {quiet}. "
+        f"Python {facts['python']}, Django {facts['django']}, uvicorn {facts['uvicorn']}, psycopg {facts['psycopg']}, "
+        f"PostgreSQL {facts['postgres']} (fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']}: "
+        f"durable commits, shared_buffers={facts['shared_buffers']}), Redis; all on loopback on this one machine, "
+        "load generators included.",
+        f"- Web: `{facts['web_command']}` with KITE_TLS=off, KITE_WEB_WORKERS={facts['web_workers']}, "
+        f"KITE_WSGI_THREADS={facts['wsgi_threads']}, started afresh at each size after the bulk load, VACUUM ANALYZE "
+        "and CHECKPOINT; no Celery worker/beat." + (f" Extra environment: {', '.join(args.env)}." if args.env else ""),
+        "- Data: bulk-loaded with SQL (bench/scale.py `BULK_SQL`): copies of a Stripe event Kite stored, own ids, "
+        f"six types ({RARE_TYPE} 1 in 50), 90 days of times, {ROWS_PER_TXID} rows per transaction id; 30 % "
+        "federated in (kitefed* extensions); each Stripe-source event has an outbox entry to a revoked peer "
+        "(delivered, 0.5 % dead) and one delivery row (5 % two); one audit row per 20 events. Load times: "
+        + ", ".join(f"{human(s)}: +{v['added']:,} in {v['seconds']:.0f} s" for s, v in loads.items() if v["added"])
+        + ".",
+        f"- Ingest: `wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s` of verified Stripe webhooks "
+        "(bench/ingest.py's rounds; 202s per second) alternating with "
+        f"`pgbench -c{args.pgbench_clients or args.connections} -j{args.wrk_threads} -T{max(1, round(args.duration))}`, "
+        "a custom script of one INSERT of the same 1 kB row into "
+        f"ingest_event per transaction (the physical ceiling), {args.rounds} rounds after a {args.warmup:g} s warm-up.",
+        f"- Reads: {args.reads} sequential `GET /api/events?limit=100` per kind and round on one keep-alive connection "
+        "(Bearer key), latency per request from this client. Replay: `WS /ws/events?after=0`, events/s over the first "
+        f"{args.replay_events:,} events (at most {args.replay_seconds:g} s).",
+        "",
+        header,
+        rule,
+        "| verified Stripe webhooks/s | " + " | ".join(
+            f"{v:.0f} ({ratio(v, stripe[0])})" for v in stripe) + " |",
+        "| pgbench INSERTs/s (ceiling) | " + " | ".join(f"{v:.0f} ({ratio(v, pgb[0])})" for v in pgb) + " |",
+        "| webhooks / pgbench (same round) | " + " | ".join(f"{v:.0%}" for v in share) + " |",
+        "| webhook p99 ms (wrk) | " + " | ".join(
+            f"{m(r, lambda x: x['stripe']['p99_ms']):.1f}" for r in results) + " |",
+        "| PostgreSQL CPU µs per webhook | " + " | ".join(
+            f"{m(r, lambda x: x['stripe']['cpu_us']['postgres']):.0f}" for r in results) + " |",
+    ]  # fmt: skip
+    for kind in kinds:
+        p99 = [m(r, lambda x, k=kind: x["reads"][k]["p99_ms"]) for r in results]
+        p50 = [m(r, lambda x, k=kind: x["reads"][k]["p50_ms"]) for r in results]
+        lines.append(
+            f"| /api/events, {kind}: p50 / **p99** ms | "
+            + " | ".join(f"{a:.1f} / **{b:.1f}** ({ratio(b, p99[0])})" for a, b in zip(p50, p99))
+            + " |"
+        )
+    lines.append(
+        "| replay from after=0, events/s | "
+        + " | ".join(
+            f"{v:.0f} ({ratio(v, replay[0])}, {m(r, lambda x: x['replay']['events']):,.0f} events)"
+            for v, r in zip(replay, results)
+        )
+        + " |"
+    )
+    for table, label in (("ingest_event", "event"), ("federation_outboxentry", "outbox entry"),
+                         ("federation_delivery", "delivery row"), ("federation_auditevent", "audit row")):  # fmt: skip
+        values = [r["storage"][table] for r in results]
+        lines.append(
+            f"| bytes per {label} (table + indexes + TOAST) | "
+            + " | ".join(f"{v['per_row']:.0f} ({v['rows']:,} rows)" if v["rows"] else "– (0 rows)" for v in values)
+            + " |"
+        )
+    lines.append(
+        "| database size | " + " | ".join(f"{r['storage']['database'] / 2**30:.2f} GiB" for r in results) + " |"
+    )
+    lines.append(
+        "| web RSS MB: started / warm / after | "
+        + " | ".join(f"{r['rss']['start']:.0f} / {r['rss']['warm']:.0f} / {r['rss']['end']:.0f}" for r in results)
+        + " |"
+    )
+    largest = results[-1]
+    worst_ingest = min(v / stripe[0] for v in stripe) if stripe[0] else float("nan")
+    read_p99 = max(m(largest, lambda x, k=k: x["reads"][k]["p99_ms"]) for k in kinds[:3])
+    checks = [
+        (f"ingest at every size ≥ 90 % of empty: lowest {worst_ingest:.0%}", worst_ingest >= 0.9),
+        (f"page, after-cursor and tail reads p99 ≤ 20 ms at {human(largest['size'])}: worst {read_p99:.1f} ms",
+         read_p99 <= 20),
+        (f"replay ≥ 5,000 events/s at every size: lowest {min(replay):.0f}/s", min(replay) >= 5000),
+        (f"ingest ≥ 60 % of pgbench at every size: lowest {min(share):.0%}", min(share) >= 0.6),
+    ]  # fmt: skip
+    lines += ["", "Targets:", ""]
+    lines += [f"- {text} → **{'met' if ok else 'not met'}**" for text, ok in checks]
+    non202 = sum(r["non202"] for r in results)
+    lines += [
+        "",
+        f"Ratios in brackets are to the {human(base['size'])} figure of this run; medians over {args.rounds} rounds. "
+        f"Non-202 answers to webhooks: {non202}. The run took {(finished - started).seconds} s.",
+        end,
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=lambda v: sorted(int(float(x)) for x in v.split(",")),
+                        default=[0, 1_000_000, 10_000_000],
+                        help="stored events, comma-separated, smallest first (1e6 works)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk / pgbench run")
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser.add_argument("--pgbench-clients", type=int, help="default: --connections")
+    parser.add_argument("--reads", type=int, default=500, help="requests per read kind and round")
+    parser.add_argument("--replay-events", type=int, default=100_000)
+    parser.add_argument("--replay-seconds", type=float, default=30)
+    parser.add_argument("--max-rate", type=float, default=4000, help="webhooks signed per second of a wrk run")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
+    parser.add_argument("--port", type=int, default=18490)
+    parser.add_argument("--pg-port", type=int, default=55540)
+    parser.add_argument("--redis-port", type=int, default=56540)
+    parser.add_argument("--services-dir", default="/tmp/kite-scale-services")
+    parser.add_argument("--database", default="kite_scale")
+    parser.add_argument("--keep-services", action="store_true", help="leave PostgreSQL and Redis running")
+    parser.add_argument("--wrk", default=bench.shutil.which("wrk") or "/usr/bin/wrk")
+    parser.add_argument("--pgbench", default=bench.shutil.which("pgbench") or PGBENCH)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to this long for load average < 0.5 and no pytest running")  # fmt: skip
+    parser.add_argument("--section", default="scale", help="section of bench/RESULTS.md to replace")
+    parser.add_argument("--title")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not Path(args.pgbench).exists():
+        raise SystemExit(f"no pgbench at {args.pgbench} (Debian's postgresql-15 ships it)")
+    if not Path(args.wrk).exists():
+        raise SystemExit(f"no wrk at {args.wrk} (apt-get install wrk)")
+    if args.wait_quiet:
+        bench.wait_until_quiet(args.wait_quiet)
+    initial = {"loadavg": os.getloadavg()[0], "pytest": bench.others_busy()}
+    started = datetime.now(timezone.utc)
+    scale = Scale(args)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        scale.start()
+        facts = bench.machine_facts(scale.dep) | initial
+        facts["shared_buffers"] = scale.one("SHOW shared_buffers")
+        facts["web_command"] = scale.dep.web_command
+        scale.dep.stop_web()
+        results, loads = [], {}
+        for size in args.sizes:
+            loads[size] = scale.load(size)
+            results.append(scale.measure(size))
+        finished = datetime.now(timezone.utc)
+        facts["loadavg_end"] = os.getloadavg()[0]
+        section = report(args, facts, results, loads, started, finished)
+        print(section)
+        if not args.no_write:
+            bench.write_results(section, args.section)
+            log(f"written to {bench.RESULTS}")
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        log("stopping web and services")
+        scale.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
