@@ -263,7 +263,7 @@ def _read_bounded(response, limit: int) -> bytes:
     chunks, size = [], 0
     try:
         declared = response.headers.get("content-length", "")
-        if declared.strip().isdigit() and int(declared) > limit:
+        if declared.strip().isascii() and declared.strip().isdigit() and int(declared) > limit:  # not "²"
             raise _too_large(response.status, limit)
         while chunk := response.read(_READ_CHUNK):
             chunks.append(chunk)

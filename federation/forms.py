@@ -17,6 +17,7 @@ from federation import audit, grants, invitations, renewal
 from federation.models import Peer
 from federation.routing import DEFAULT_MAX_HOPS
 from kite.errors import ApiError
+from kite.fields import AsciiIntegerFormField
 
 REACHABILITY = ("Reachable", "Slow", "Stale", "Unreachable", "Unknown")
 SCOPES_HELP = "Event type globs, separated by commas or spaces, e.g. stripe.* com.kite.agent.message. Empty: nothing."
@@ -252,4 +253,5 @@ class AuditFilterForm(forms.Form):
     outcome = forms.CharField(required=False, max_length=40, help_text="ok, or a code such as bad_secret")
     since = forms.DateField(label="From", required=False, widget=forms.DateInput(attrs={"type": "date"}))
     until = forms.DateField(label="To", required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    before = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
+    before = AsciiIntegerFormField(required=False, min_value=1, max_value=2**63 - 1,
+                                  widget=forms.HiddenInput)  # an audit event id

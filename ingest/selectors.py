@@ -14,7 +14,8 @@ from ingest.errors import Code
 from ingest.models import Event, Source
 from kite.errors import ApiError
 
-_CURSOR = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+_CURSOR = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")  # ASCII: \d also matches "٣", which int() reads as 3
+BIGINT_MAX = 2**63 - 1
 MAX_PAGE = 1000
 
 
@@ -33,8 +34,8 @@ START = Cursor(0, 0)
 def cursor_parse(raw: str | None) -> Cursor:
     if raw in (None, "", "0"):
         return START
-    match = _CURSOR.match(raw)
-    if not match:
+    match = _CURSOR.fullmatch(raw)
+    if not match or max(int(match[1]), int(match[2])) > BIGINT_MAX:
         raise ApiError(
             "after must be a cursor as returned in `next` or an event's `kitecursor` (e.g. 0-42).", Code.BAD_CURSOR
         )

@@ -10,6 +10,7 @@ endpoint to it.
 
 from collections.abc import Iterable, Mapping
 
+from django import forms
 from rest_framework import serializers
 
 from kite.errors import ApiError, Code
@@ -87,3 +88,22 @@ class StrictSerializer(serializers.Serializer):
         if found:
             raise serializers.ValidationError({field: [reason] for field, reason in found.items()})
         return super().to_internal_value(data)
+
+
+class AsciiIntegerField(serializers.IntegerField):
+    """An integer that, sent as text (a query parameter), is written in ASCII: int() also reads
+    "٣" as 3 and "１２" as 12 (str.isdigit() admits them, and "²", which int() refuses)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and not data.isascii():
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class AsciiIntegerFormField(forms.IntegerField):
+    """The same for a screen's form (a filter in the query string)."""
+
+    def to_python(self, value):
+        if isinstance(value, str) and not value.isascii():
+            raise forms.ValidationError(self.error_messages["invalid"], code="invalid")
+        return super().to_python(value)

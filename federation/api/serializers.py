@@ -13,7 +13,7 @@ from federation.errors import Code
 from federation.models import AuditEvent, Delivery, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
 from kite.errors import ApiError
-from kite.fields import StrictSerializer
+from kite.fields import AsciiIntegerField, StrictSerializer
 
 ROTATE = 'rotate it: POST /api/federation/peers/{id}/rotate-secret {"direction": "inbound"}'
 
@@ -281,7 +281,7 @@ class AuditQuerySerializer(serializers.Serializer):
     outcome = serializers.CharField(required=False, max_length=40, help_text="ok, or a failure code such as bad_secret")
     after = AuditBoundField(required=False, help_text="only events after this event id or time")
     before = AuditBoundField(required=False, help_text="only events before this event id (`next`) or time")
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
+    limit = AsciiIntegerField(required=False, min_value=1, max_value=500, default=100)
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
