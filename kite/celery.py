@@ -43,6 +43,9 @@ def _keys_decrypt_what_is_stored(**kwargs):
     except crypto.UndecryptableSecret as exc:
         print(f"kite: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    from kite import pooling
+
+    pooling.exit_if_prepared_statements_break("worker")  # behind a transaction-pooling PgBouncer
 
 
 @worker_process_init.connect

@@ -1,5 +1,6 @@
 import secrets
 import signal
+from collections.abc import Callable
 
 import pytest
 
@@ -13,9 +14,11 @@ class Instances:
         self.tmp_path_factory = tmp_path_factory
         self.started: list[tuple[Kite, Database | None, RedisDatabase | None]] = []
 
-    def start(self, label: str, *, embedded: bool = False, extra_env: dict | None = None) -> Kite:
+    def start(self, label: str, *, embedded: bool = False, extra_env: dict | None = None,
+              database_via: Callable[[str], str] | None = None) -> Kite:  # fmt: skip
         """embedded: no DATABASE_URL / REDIS_URL, i.e. SQLite, in-memory channel layer, SQLAlchemy broker.
-        extra_env: set for this instance's processes, over everything else."""
+        extra_env: set for this instance's processes, over everything else.
+        database_via: the DATABASE_URL Kite is given, from its database's own URL (e.g. through PgBouncer)."""
         database = None if embedded else Database(label)
         try:
             redis_db = None if embedded else RedisDatabase()
@@ -25,7 +28,7 @@ class Instances:
         kite = Kite(
             data_dir=self.tmp_path_factory.mktemp(label) / "data",
             instance_id=f"e2e-{label}-{secrets.token_hex(3)}",
-            database_url=database.url if database else None,
+            database_url=(database_via or str)(database.url) if database else None,
             redis_url=redis_db.url if redis_db else None,
             extra_env=extra_env or {},
         )

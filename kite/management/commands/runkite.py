@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from kite import crypto, instance_env, lifeline, tls
+from kite import crypto, instance_env, lifeline, pooling, tls
 
 STOP_GRACE_SECONDS = 10
 RESTART_FIRST_SECONDS = 1.0
@@ -38,6 +38,9 @@ class Command(BaseCommand):
         parser.add_argument("--worker-concurrency", type=int, default=2)
 
     def handle(self, *args, **options):
+        problem = pooling.prepared_statements_problem()  # before migrate, which could meet it first
+        if problem:
+            raise CommandError(problem)
         if not options["no_setup"]:
             call_command("migrate", interactive=False, verbosity=0)
             call_command("bootstrap", stdout=self.stdout)
