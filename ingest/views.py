@@ -8,9 +8,11 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from ingest import selectors, services, verifiers
+from ingest.api import openapi
 from ingest.errors import Code
 from kite import metrics, selectors as kite_selectors
 from kite.errors import ApiError
+from kite.schema import documented_by
 
 
 def _read_body(request) -> bytes:
@@ -74,6 +76,7 @@ def _webhook_validation(request, team_id: str, name: str):
     return response
 
 
+@documented_by(openapi.HookDoc)
 @csrf_exempt
 def hook(request, team_id: str, source: str):
     started = time.perf_counter()

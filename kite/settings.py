@@ -374,6 +374,7 @@ SPECTACULAR_SETTINGS = {
         "PeerStatusEnum": "federation.models.Peer.Status",
         "OutboxStatusEnum": "federation.models.OutboxEntry.Status",
         "AgentStatusEnum": ["online", "offline"],
+        "SourceKindEnum": "ingest.models.Source.Kind",
     },
     "TAGS": [
         {"name": "peer-facing", "description": "Called by other Kite instances (and webhook providers), signed; "

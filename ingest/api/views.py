@@ -1,9 +1,10 @@
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import permissions, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from ingest import journey, selectors, services
+from ingest.api import openapi as o
 from ingest.api.serializers import EventQuerySerializer, SourceCreateSerializer, SourceSerializer
 from kite.auth import CanManageSources, IsTeamMember
 
@@ -16,12 +17,12 @@ class SourceListCreate(APIView):
             return [IsTeamMember()]
         return [CanManageSources()]
 
-    @extend_schema(responses=SourceSerializer(many=True))
+    @extend_schema(operation_id="sources_list", responses=o.SOURCES)
     def get(self, request):
         sources = selectors.sources_for_team(request.user.team.id)
         return Response({"results": SourceSerializer(sources, many=True).data})
 
-    @extend_schema(request=SourceCreateSerializer, responses={201: SourceSerializer})
+    @extend_schema(request=SourceCreateSerializer, responses={201: o.SourceIssued})
     def post(self, request):
         params = SourceCreateSerializer(data=request.data)
         params.is_valid(raise_exception=True)
@@ -35,7 +36,7 @@ class SourceListCreate(APIView):
 
 
 class EventList(APIView):
-    @extend_schema(parameters=[EventQuerySerializer])
+    @extend_schema(operation_id="events_list", parameters=[EventQuerySerializer], responses=o.EVENTS)
     def get(self, request):
         params = EventQuerySerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
@@ -60,6 +61,7 @@ class EventList(APIView):
 class EventHead(APIView):
     """GET /api/events/head → {cursor}: pass it as `after` to read only newer events."""
 
+    @extend_schema(responses=o.HEAD)
     def get(self, request):
         return Response({"cursor": str(selectors.events_head(team_id=request.user.team.id))})
 
@@ -71,7 +73,9 @@ class EventJourney(APIView):
     `sources` when several sources have the id and ?source= does not pick one."""
 
     @extend_schema(parameters=[OpenApiParameter("source", str, description="The event's CloudEvent source, "
-                                                "or the name of the source it arrived on")])  # fmt: skip
+                                                "or the name of the source it arrived on")],
+                   responses={200: o.JOURNEY, 409: OpenApiResponse(
+                       description="several sources have that id: `sources` names them; pick one with ?source=")})
     def get(self, request, event_id: str):
         try:
             event = journey.event_find(team_id=request.user.team.id, event_id=event_id,
