@@ -96,7 +96,7 @@ def _verified_by(source: Source, unverified: bool, federated: bool) -> str:
     if source.kind == Source.Kind.NONE:
         return "nothing: an unverified source (anyone who knows its URL can post to it)"
     if unverified and federated:
-        return "the sending peer's signature; but the event came in unverified where it was first received"
+        return "nothing where it was first received (it came in unverified there); the sending peer's signature here"
     if unverified:
         return "nothing: the event says it came in unverified (kiteunverified)"
     return VERIFIED_BY.get(source.kind, f"the {source.kind} source's check")

@@ -253,7 +253,7 @@ def test_an_event_unverified_where_it_was_first_received_stays_verification_none
     assert deliver_signed(client, team, event, sender="kite-u").status_code == 202
     arrival = journey_of(api, "evt_anyone").json()["arrival"]
     assert (arrival["verification"], arrival["peer"]) == ("none", "a")
-    assert "unverified where it was first received" in arrival["verified_by"]
+    assert "it came in unverified there" in arrival["verified_by"]
 
 
 def test_a_malformed_chain_is_null_and_shown_as_carried(api, client, team, sender):
