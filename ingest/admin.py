@@ -9,7 +9,7 @@ class SourceAdmin(admin.ModelAdmin):
     list_select_related = ["team"]
     list_filter = ["kind"]
     search_fields = ["name"]
-    readonly_fields = ["secret_encrypted", "secret_fingerprint"]
+    readonly_fields = ["secret_encrypted", "secret_fingerprint", "token_sha256"]
 
 
 @admin.register(Event)

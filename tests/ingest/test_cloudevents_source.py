@@ -556,3 +556,30 @@ def test_options_on_a_source_of_another_kind_is_405(api, client, team):
 
     assert_error(response, 405, "method_not_allowed")
     assert "WebHook-Allowed-Origin" not in response
+
+
+# --- what a peer receives of it -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"\x00\xff binary", "text, not JSON", {"json": [1, 2]}])
+def test_a_peer_reading_the_event_as_federation_sends_it_stores_the_same_event(client, team, signed, data):
+    """The outbox sends Event.to_cloudevent() in structured mode; the receiving Kite's `kite` source
+    converter must give back the same attributes: dataschema, data_base64 and extensions included."""
+    from django.utils import timezone
+
+    from ingest import cloudevent, services
+
+    content_type = "application/json" if isinstance(data, dict) else "application/octet-stream"
+    assert send(client, team, signed, to_binary_event(producer_event(data, datacontenttype=content_type))).status_code
+    sent = Event.objects.get(ce_id="ord-1").to_cloudevent()
+    del sent["kitecursor"]
+
+    draft = cloudevent.CONVERTERS["kite"]({"content-type": STRUCTURED}, json.dumps(sent).encode(), timezone.now())
+    received = services._new_event(Source.objects.get(team=team, name="producer"), draft)
+    received.id, received.txid = 1, 0
+    again = received.to_cloudevent()
+    del again["kitecursor"]
+
+    assert again == sent
+    assert sent["dataschema"] == "https://shop.example.com/schemas/order.json"
+    assert ("data_base64" in sent) == isinstance(data, bytes)
