@@ -10,6 +10,7 @@ import re
 from datetime import UTC, datetime
 
 from django import forms
+from django.forms.boundfield import BoundField
 from django.forms.fields import InvalidJSONInput
 from django.utils import timezone
 
@@ -64,6 +65,16 @@ class FiltersField(forms.JSONField):
         if isinstance(value, InvalidJSONInput):
             return value
         return json.dumps(value, indent=2, ensure_ascii=False) if value not in (None, "", []) else ""
+
+    def get_bound_field(self, form, field_name):
+        return _WideField(form, self, field_name)
+
+
+class _WideField(BoundField):
+    """Its row of a .grid-form to itself (kite.css): JSON needs more room than a column."""
+
+    def css_classes(self, extra_classes=None):
+        return " ".join(filter(None, (super().css_classes(extra_classes), "wide")))
 
 
 class PeerFilterForm(forms.Form):

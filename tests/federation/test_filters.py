@@ -401,6 +401,7 @@ def test_the_settings_screen_edits_filters_as_json_and_puts_a_refusal_on_the_fie
     page = owner.get(f"/settings/federation/peers/{peer.pk}/")
     shown = page.context["settings_form"]["filters"].value()
     assert json.loads(shown) == EXAMPLE and 'name="filters"' in page.content.decode()
+    assert '<div class="wide">\n    <label for="id_filters">' in page.content.decode()  # a row of its own
     url = f"/settings/federation/peers/{peer.pk}/settings"
     base = {"peer_hook_url": PEER_URL, "scopes": "stripe.*", "max_hops": 3}
 
