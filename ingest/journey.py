@@ -36,8 +36,9 @@ class AmbiguousEvent(ApiError):
 
     def __init__(self, event_id: str, sources: list[str], more: bool):
         listed = ", ".join(sources) + (", …" if more else "")
-        super().__init__(f"Several sources of your team have an event {event_id!r}: {listed}. "
-                         "Name one with ?source= (the event's CloudEvent source).", Code.AMBIGUOUS_EVENT, status=409)  # fmt: skip
+        detail = f"Several sources of your team have an event {event_id!r}: {listed}. Name one with ?source= (the " \
+            "event's CloudEvent source)."
+        super().__init__(detail, Code.AMBIGUOUS_EVENT, status=409)
         self.sources = sources
 
     def body(self) -> dict:
@@ -99,6 +100,8 @@ def _verified_by(source: Source, unverified: bool, federated: bool) -> str:
         return "nothing where it was first received (it came in unverified there); the sending peer's signature here"
     if unverified:
         return "nothing: the event says it came in unverified (kiteunverified)"
+    if source.kind == Source.Kind.CLOUDEVENTS:
+        return "the source's bearer token" if source.token_sha256 else VERIFIED_BY[Source.Kind.STANDARD]
     return VERIFIED_BY.get(source.kind, f"the {source.kind} source's check")
 
 

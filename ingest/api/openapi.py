@@ -78,7 +78,8 @@ class Arrival(serializers.Serializer):
 
 class Provenance(serializers.Serializer):
     origin = serializers.CharField(allow_null=True)
-    chain = serializers.ListField(child=serializers.CharField())
+    chain = serializers.ListField(child=serializers.CharField(), allow_null=True,
+                                  help_text="null when the event's kitefedchain is not a JSON array of strings")
     hops = serializers.IntegerField(allow_null=True)
     here = serializers.CharField()
     path = serializers.ListField(child=serializers.CharField(), help_text="the instances it crossed, this one last")

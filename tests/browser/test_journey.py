@@ -51,7 +51,8 @@ def test_the_journey_opened_from_the_events_screen_on_both_sides(chromium, kites
         assert page.locator("[data-verification]").inner_text() == "none"  # a `none` source: unverified
         journey = page.locator("article.peer-journey[data-peer=b]")
         assert journey.locator("h3 .status").inner_text() == "delivered"
-        assert journey.get_by_role("link", name="b").get_attribute("href") == f"/settings/federation/peers/{peer['id']}/"
+        peer_page = journey.get_by_role("link", name="b").get_attribute("href")
+        assert peer_page == f"/settings/federation/peers/{peer['id']}/"
         rows = journey.locator("table.attempts tbody tr")
         assert rows.count() == 1
         cells = rows.first.locator("td").all_inner_texts()

@@ -61,8 +61,8 @@ def test_an_event_sent_a_to_b_is_delivered_on_as_journey_and_arrived_from_a_on_b
 
     on_b = _journey(b, event_id)
     arrival, provenance = on_b["arrival"], on_b["provenance"]
-    assert (arrival["source"], arrival["kind"], arrival["verification"], arrival["peer"]) == ("kite", "kite",
-                                                                                              "verified", "a")  # fmt: skip
+    seen = (arrival["source"], arrival["kind"], arrival["verification"], arrival["peer"])
+    assert seen == ("kite", "kite", "verified", "a")
     assert arrival["ce_source"] == on_a["arrival"]["ce_source"] == f"kite://{a.instance_id}/{a.team_id()}/stripe"
     assert (provenance["origin"], provenance["chain"], provenance["hops"]) == (a.instance_id, [a.instance_id], 1)
     assert provenance["path"] == [a.instance_id, b.instance_id] and provenance["here"] == b.instance_id

@@ -121,7 +121,7 @@ def test_another_teams_event_is_404_exactly_like_a_missing_one(api, outsider_api
     assert journey_of(api, "evt_owned").status_code == 200
 
 
-def test_a_member_session_reads_the_journey_and_an_outsiders_session_gets_404(member, outsider, client, team):  # noqa: F811
+def test_a_member_session_reads_it_and_an_outsiders_gets_404(member, outsider, client, team):  # noqa: F811
     post_stripe(client, team, "evt_member")
     assert member.get("/api/events/evt_member/journey").json()["arrival"]["source"] == "stripe"
     answer = outsider.get("/api/events/evt_member/journey")
@@ -143,6 +143,23 @@ def test_an_id_several_sources_have_is_409_naming_them_until_source_picks_one(ap
     assert journey_of(api, "evt_twice", source="").status_code == 409  # empty: not given
     unknown = journey_of(api, "evt_twice", source="kite://elsewhere/tm/x")
     assert unknown.status_code == 404 and unknown.json()["code"] == "event_not_found"
+
+
+def test_two_producers_with_one_id_on_a_cloudevents_source_are_told_apart_by_their_source(api, client, team):
+    token = api.post("/api/sources", {"name": "producers", "kind": "cloudevents", "auth": "token"},
+                     format="json").json()["token"]  # fmt: skip
+    for producer in ("urn:shop:orders", "urn:shop:billing"):
+        event = {"specversion": "1.0", "id": "42", "source": producer, "type": "com.shop.x", "data": {}}
+        answer = client.post(f"/hooks/{team.id}/producers", json.dumps(event),
+                             content_type="application/cloudevents+json", headers={"authorization": f"Bearer {token}"})
+        assert answer.status_code == 202, answer.content
+    ambiguous = journey_of(api, "42")
+    assert ambiguous.status_code == 409 and ambiguous.json()["sources"] == ["urn:shop:orders", "urn:shop:billing"]
+    assert journey_of(api, "42", source="producers").status_code == 409  # the Kite source has both
+    billing = journey_of(api, "42", source="urn:shop:billing").json()
+    assert billing["event"]["source"] == "urn:shop:billing"
+    assert (billing["arrival"]["kind"], billing["arrival"]["verification"]) == ("cloudevents", "verified")
+    assert billing["arrival"]["verified_by"] == "the source's bearer token"
 
 
 def test_ids_no_event_can_have_are_404_and_an_id_with_a_slash_is_found(api, client, team):
@@ -228,8 +245,8 @@ def test_a_federated_event_shows_the_sending_peer_and_the_chain_it_crossed(api, 
     assert deliver_signed(client, team, event, sender="kite-m").status_code == 202
     body = journey_of(api, "evt_far").json()
     arrival, provenance = body["arrival"], body["provenance"]
-    assert (arrival["source"], arrival["kind"], arrival["verification"], arrival["peer"]) == ("kite", "kite",
-                                                                                              "verified", "a")  # fmt: skip
+    seen = (arrival["source"], arrival["kind"], arrival["verification"], arrival["peer"])
+    assert seen == ("kite", "kite", "verified", "a")
     assert arrival["verified_by"] == "the sending peer's signature"
     here = settings.KITE_INSTANCE_ID
     assert provenance == {"origin": "kite-o", "chain": ["kite-o", "kite-m"], "hops": 2, "here": here,
@@ -288,7 +305,7 @@ def test_each_event_on_the_events_screen_links_to_its_journey(owner, client, tea
     assert f'href="/events/journey/?id=orders%2F7&amp;source={quote(stored.ce_source, safe="")}"' in page
 
 
-def test_the_journey_screen_shows_arrival_peers_attempts_and_provenance(owner, client, team, peer, endpoint):  # noqa: F811
+def test_the_screen_shows_arrival_peers_attempts_and_provenance(owner, client, team, peer, endpoint):  # noqa: F811
     endpoint.answers = [(503, {}, {"detail": "busy", "code": "x"})]
     stored = post_stripe(client, team, "evt_screen")
     outbox.deliver_peer(peer.pk)
@@ -314,7 +331,8 @@ def test_a_member_sees_the_journey_without_links_to_peer_settings(member, client
 
 def test_the_journey_screen_of_a_federated_event_draws_its_chain(owner, client, team, sender):  # noqa: F811
     event = {"specversion": "1.0", "id": "evt_chain", "source": "kite://kite-o/tm_o/stripe", "type": "com.x.y",
-             "data": {}, "kitefedorigin": "kite-o", "kitefedchain": json.dumps(["kite-o"]), "kitefedhops": 1}  # fmt: skip
+             "data": {}, "kitefedorigin": "kite-o", "kitefedchain": json.dumps(["kite-o"]),
+             "kitefedhops": 1}  # fmt: skip
     assert deliver_signed(client, team, event, sender="kite-o").status_code == 202
     page = _page(owner.get("/events/journey/", {"id": "evt_chain"}))
     assert '<li class="done">kite-o</li><li class="current">' + settings.KITE_INSTANCE_ID + " (here)</li>" in page
