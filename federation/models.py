@@ -166,7 +166,10 @@ class Delivery(models.Model):
 
     class Meta:
         verbose_name_plural = "deliveries"
-        indexes = [models.Index(fields=["peer", "-attempted_at"], name="delivery_recent")]
+        indexes = [
+            models.Index(fields=["peer", "-attempted_at"], name="delivery_recent"),
+            models.Index(fields=["attempted_at"], name="delivery_age"),  # the retention purge
+        ]
 
 
 class InboundReceipt(models.Model):
