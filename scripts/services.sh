@@ -86,6 +86,7 @@ auth_type = trust
 auth_file = $DIR/pgbouncer-users.txt
 pool_mode = transaction
 max_client_conn = 1000
+; fewer server sessions than one busy Kite instance holds connections: tests see real multiplexing
 default_pool_size = 10
 pidfile = $DIR/pgbouncer.pid
 logfile = $DIR/pgbouncer.log
@@ -112,7 +113,7 @@ pgbouncer_running() { [ -f "$DIR/pgbouncer.pid" ] && kill -0 "$(cat "$DIR/pgboun
 stop_pgbouncer() {
   pgbouncer_running || return 0
   local pid; pid="$(cat "$DIR/pgbouncer.pid")"
-  kill -INT "$pid" 2>/dev/null || true  # SIGINT: shut down at once, without waiting for clients
+  kill -INT "$pid" 2>/dev/null || true  # safe shutdown: running transactions finish, clients are not waited for
   for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
 }
