@@ -203,6 +203,7 @@ class CertificateSerializer(serializers.ModelSerializer):
 
 
 class PeerSerializer(serializers.ModelSerializer):
+    filters = FiltersField(read_only=True)
     reachability = serializers.SerializerMethodField()
     has_remote_grant = serializers.SerializerMethodField()
     outbox = serializers.SerializerMethodField()
