@@ -53,7 +53,7 @@ class PgBouncer:
 @pytest.fixture(scope="module")
 def pgbouncer() -> PgBouncer:
     url = os.environ.get("KITE_TEST_PGBOUNCER_URL")
-    assert url, "KITE_TEST_PGBOUNCER_URL is unset: run the tests with scripts/test.sh (scripts/services.sh starts PgBouncer)"
+    assert url, "KITE_TEST_PGBOUNCER_URL is unset: run the tests with scripts/test.sh (services.sh starts PgBouncer)"
     bouncer = PgBouncer(url)
     config = {row["key"]: row["value"] for row in bouncer.show("CONFIG")}
     assert config["pool_mode"] == "transaction", config["pool_mode"]
@@ -77,7 +77,8 @@ def federate(sender: Kite, receiver: Kite, name: str) -> dict:
         "name": name, "peer_hook_url": identity["hook_url"], "tls_fingerprint": identity["tls_fingerprint"],
         "scopes": ["stripe.*"], "outbound_token": token})  # fmt: skip
     assert peer.status_code == 201, peer.text
-    trusted = receiver.api("POST", "/api/federation/trusted-senders", json={"name": f"{name}-sender", "inbound_token": token})
+    trusted = receiver.api("POST", "/api/federation/trusted-senders",
+                           json={"name": f"{name}-sender", "inbound_token": token})  # fmt: skip
     assert trusted.status_code == 201, trusted.text
     return peer.json()
 
