@@ -9,7 +9,6 @@ and every delivery attempt — comes from the `event_journey` hooks federation r
 import json
 
 from django.conf import settings
-from django.db.models import Q
 
 from ingest import hooks
 from ingest.cloudevent import MAX_ATTRIBUTE_LENGTH, UNVERIFIED_EXTENSION
@@ -58,16 +57,21 @@ def _storable(value: str) -> bool:
 
 def event_find(*, team_id: str, event_id: str, source: str | None = None) -> Event:
     """The team's event with CloudEvent id `event_id`. `source` picks one when several sources
-    have that id: the event's CloudEvent source, or the name of the team's source it arrived on.
+    have that id: the event's CloudEvent source (one probe of the dedup index, as the journey
+    screen's links ask), or the name of the team's source it arrived on.
     Raises ApiError 404 event_not_found, AmbiguousEvent (409 ambiguous_event)."""
     if not _storable(event_id) or (source and not _storable(source)):
         raise _not_found(event_id)
     events = Event.objects.filter(team_id=team_id, ce_id=event_id).select_related("source")
     if source:
-        events = events.filter(Q(ce_source=source) | Q(source__name=source))
+        exact = events.filter(ce_source=source).first()  # (team, ce_source, ce_id) is unique
+        if exact is not None:
+            return exact
+        named = Source.objects.filter(team_id=team_id, name=source).values_list("pk", flat=True).first()
+        if named is None:
+            raise _not_found(event_id)
+        events = events.filter(source_id=named)
     found = list(events.order_by("id")[: AMBIGUOUS_LISTED + 1])
-    if source and len(found) > 1:
-        found = [event for event in found if event.ce_source == source] or found
     if not found:
         raise _not_found(event_id)
     if len(found) > 1:
