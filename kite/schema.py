@@ -89,6 +89,21 @@ class AutoSchema(openapi.AutoSchema):
         schema, required = self._get_request_for_media_type(declared, direction)
         return {"content": {"application/json": {"schema": schema}}, "required": required}
 
+    def _get_request_for_media_type(self, serializer, direction="request"):
+        """A PATCH whose serializer is `WholeOnPatch` validates its body whole (its required fields
+        stay required), not as a partial update."""
+        if self.method != "PATCH" or not isinstance(serializer, type) or not issubclass(serializer, WholeOnPatch):
+            return super()._get_request_for_media_type(serializer, direction)
+        self.method = "PUT"  # drf-spectacular makes a PATCH body partial by the method alone
+        try:
+            return super()._get_request_for_media_type(serializer, direction)
+        finally:
+            self.method = "PATCH"
+
+
+class WholeOnPatch:
+    """Mixed into a serializer given to @extend_schema(request=…) for a PATCH that is not partial."""
+
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):
     target_class = "kite.auth.ApiKeyAuthentication"

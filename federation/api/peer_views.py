@@ -1,12 +1,12 @@
 """Endpoints other Kite instances call, signed as in DESIGN §3 (not API-key auth)."""
 
+import functools
 import time
 
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from federation import CONTRACT_VERSION, audit, inbound, metrics
 from federation.api import openapi
@@ -42,6 +42,23 @@ def _refused_fields(request, accepted, what: str):
         metrics.CALLS.labels("unknown", "inbound", exc.code).inc()
         return exc.response()
     return None
+
+
+def _only(method: str):
+    """Another method is a 405 {detail, code} naming the one allowed (Django's require_GET answers an empty body)."""
+
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapped(request, *args, **kwargs):
+            if request.method != method:
+                refused = json_error(f"Use {method}.", "method_not_allowed", 405)
+                refused["Allow"] = method
+                return refused
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorate
 
 
 def capabilities() -> dict:
@@ -95,7 +112,7 @@ def _noted(request, peer, outcome: str = "ok") -> None:
 
 @documented_by(openapi.PingDoc)
 @csrf_exempt
-@require_GET
+@_only("GET")
 def ping(request):
     if request.body and _signature_headers_parse(lower_headers(request.headers)):  # signed over no body
         return json_error("A ping takes no body.", "invalid", 400)
@@ -115,7 +132,7 @@ def ping(request):
 
 @documented_by(openapi.TerminateDoc)
 @csrf_exempt
-@require_POST
+@_only("POST")
 def terminate(request):
     """The peer deleted us: revoke its row here (stop sending, stop accepting)."""
     from federation import services
@@ -146,7 +163,7 @@ def _termination_reason(body: bytes) -> str:
 
 @documented_by(openapi.RotateDoc)
 @csrf_exempt
-@require_POST
+@_only("POST")
 def rotate(request):
     """The peer rotated something and tells us over the signed channel (federation.channel)."""
     from federation import channel

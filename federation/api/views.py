@@ -216,7 +216,7 @@ class TrustedSenderListCreate(APIView):
 class TrustedSenderDetail(APIView):
     permission_classes = [CanManagePeers]
 
-    @extend_schema(request=s.TrustedSenderPromoteSerializer, responses=o.PeerIssued)
+    @extend_schema(request=o.TrustedSenderPromote, responses=o.PeerIssued)
     def patch(self, request, sender_id):
         """Make the trusted sender a peer: the same row (id, inbound secret) now also sends to it.
         From then on it is listed by GET /api/federation/peers; an outbound_token left out is

@@ -8,12 +8,15 @@ the instance is thrown away.
 - Reproducible: deterministic generation (no random seed, no example database: the same cases for
   the same schema and answers); the report names each failing request as a curl command.
 - Past the 404s: one object of each kind is made first (peer, invited peer, grant, token, trusted
-  sender, certificate, agent), and path parameters name one of them half of the time.
+  sender, certificate, agent, sources), and path parameters name one of them half of the time; the
+  peer-facing operations and the webhook hook (in the schema, signed: the admin key is no credential
+  there) get the team's id half of the time, so that their signature checks run.
 - Text that has broken parsers before (HOSTILE) is mixed into every string parameter and field:
   digits `str.isdigit()` admits but `int()` refuses or reads otherwise, NUL, huge numbers, dates
   at the edge of the calendar.
-- Besides `not_a_server_error`, every error answer must be Kite's one shape `{"detail", "code"}`:
-  the check below is loaded into the schemathesis process as its hooks module (SCHEMATHESIS_HOOKS).
+- Besides `not_a_server_error`, every error answer must be Kite's one shape `{"detail", "code"}`
+  (the check below, loaded into the schemathesis process as its hooks module: SCHEMATHESIS_HOOKS),
+  and every answer must match the schema (`response_schema_conformance`): a generated client reads it.
 """
 
 import json
@@ -37,6 +40,11 @@ HOSTILE = [
     "9" * 5000, "a\x00b", "\x00", "\u202e", "%00", "../../etc", "peer:x/1", "fg-².x", "fg-99999999999999999999.x",
     "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "2026-02-30T00:00:00Z", "2026-01-31T12:00:00Z",
 ]  # fmt: skip
+# What of it a header can carry (HTTP sends latin-1, no control character, no edge whitespace): the
+# headers of the signed, peer-facing operations take these instead, or the client could not send them.
+HEADER_HOSTILE = [value for value in HOSTILE if value == value.strip() and value.isprintable() and value.isascii()
+                  or value == "²"]  # fmt: skip
+SIGNED_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature", "kite-peer", "kite-key", "kite-grant")
 # uvicorn's own answer to a request it cannot parse (e.g. a header value it refuses), before Kite sees it.
 PROTOCOL_REFUSAL = (400, "Invalid HTTP request received.")
 
@@ -86,8 +94,11 @@ def seed_objects(kite) -> tuple[dict[str, list], dict[str, list]]:
     token = _made(kite, "/api/federation/tokens", {"label": "fuzz"})
     sender = _made(kite, "/api/federation/trusted-senders", {"name": "fuzz-sender"})
     agent = _made(kite, "/api/fleet/agents", {"name": "fuzz-agent"})
+    open_source = _made(kite, "/api/sources", {"name": "fuzz-open", "kind": "none"})
+    team_id = kite.team_id()
     kept = {"peer_id": [peer["id"], invited["peer_id"]], "grant_id": [grant["id"]],
-            "certificate_id": [certificate["id"]], "agent_id": [str(agent["id"]), agent["name"]]}  # fmt: skip
+            "certificate_id": [certificate["id"]], "agent_id": [str(agent["id"]), agent["name"]],
+            "team_id": [team_id], "source": ["kite", open_source["name"]], "query.team": [team_id]}  # fmt: skip
     deleted = {"peer_id": [doomed["id"]], "grant_id": [doomed_grant["id"]], "certificate_id": [doomed_certificate["id"]],
                "token_id": [token["id"]], "sender_id": [sender["id"]]}  # fmt: skip
     return kept, deleted
@@ -100,9 +111,13 @@ def _toml_list(values: list) -> str:
 
 
 def _bindings(ids: dict[str, list], prefix: str) -> tuple[list[str], list[str]]:
-    """(dictionaries, parameters) lines: each path parameter takes a seeded id half of the time."""
-    dictionaries = [f"[dictionaries.{prefix}{name}]\nvalues = {_toml_list(values)}" for name, values in ids.items()]
-    parameters = [f'"path.{name}" = {{ dictionary = "{prefix}{name}", probability = 0.5 }}' for name in ids]
+    """(dictionaries, parameters) lines: each parameter (`name`: a path one, or `query.name`) takes a
+    seeded value half of the time."""
+    dictionaries, parameters = [], []
+    for key, values in ids.items():
+        location, _, name = key.rpartition(".")
+        dictionaries.append(f"[dictionaries.{prefix}{name}]\nvalues = {_toml_list(values)}")
+        parameters.append(f'"{location or "path"}.{name}" = {{ dictionary = "{prefix}{name}", probability = 0.5 }}')
     return dictionaries, parameters
 
 
@@ -113,7 +128,9 @@ def config_toml(kept: dict[str, list], deleted: dict[str, list]) -> str:
         "[generation]", 'mode = "all"', f"max-examples = {MAX_EXAMPLES}", "deterministic = true",
         'dictionaries.string = { dictionary = "hostile", probability = 0.2 }',
         "[dictionaries.hostile]", f"values = {_toml_list(HOSTILE)}", *kept_dictionaries, *deleted_dictionaries,
+        "[dictionaries.header_hostile]", f"values = {_toml_list(HEADER_HOSTILE)}",
         "[parameters]", *kept_parameters,
+        *(f'"header.{name}" = {{ dictionary = "header_hostile", probability = 0.2 }}' for name in SIGNED_HEADERS),
         # DELETE: objects of its own, and no ids taken from earlier answers (those are the kept objects).
         "[[operations]]", 'include-method = "DELETE"', "[operations.parameters]", *deleted_parameters,
         *(f"[operations.phases.{phase}.extra-data-sources]\nresponses = false" for phase in ("coverage", "fuzzing")),
@@ -135,7 +152,7 @@ def schemathesis_run(kite, workdir: Path, config: str) -> subprocess.CompletedPr
         str(SCHEMATHESIS), "--config-file", str(workdir / "schemathesis.toml"), "run", f"{kite.url}/api/schema/",
         "--tls-verify", str(kite.cert),
         "--header", f"Authorization: Bearer {kite.admin_key}",
-        "--checks", f"not_a_server_error,{error_answers_are_json_detail_code.__name__}",
+        "--checks", f"not_a_server_error,response_schema_conformance,{error_answers_are_json_detail_code.__name__}",
         "--continue-on-failure", "--workers", "1", "--request-timeout", "30", "--no-color",
     ]  # fmt: skip
     return subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=RUN_SECONDS)
