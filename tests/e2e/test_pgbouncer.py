@@ -227,7 +227,11 @@ class PrivatePgBouncer:
         self.process = subprocess.Popen([*runner, "/usr/sbin/pgbouncer", "-q", str(self.dir / "pgbouncer.ini")],
                                         start_new_session=True)  # fmt: skip
         self.url = urlunsplit(server._replace(netloc=f"postgres@127.0.0.1:{self.port}", path="/postgres"))
-        wait_for(self._ready, 10, lambda: f"PgBouncer on {self.port}: {self._log()}")
+        try:
+            wait_for(self._ready, 10, lambda: f"PgBouncer on {self.port}: {self._log()}")
+        except BaseException:
+            self.stop()
+            raise
 
     def _ready(self) -> bool:
         assert self.process.poll() is None, self._log()
@@ -242,8 +246,9 @@ class PrivatePgBouncer:
         return log.read_text()[-2000:] if log.exists() else ""
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGINT)  # runuser does not pass it on: the group has PgBouncer
-        self.process.wait(timeout=10)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # runuser does not pass it on: the group has PgBouncer
+            self.process.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
