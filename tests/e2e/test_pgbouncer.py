@@ -246,9 +246,11 @@ class PrivatePgBouncer:
         return log.read_text()[-2000:] if log.exists() else ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        try:
             os.killpg(self.process.pid, signal.SIGINT)  # runuser does not pass it on: the group has PgBouncer
-            self.process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
