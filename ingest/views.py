@@ -52,7 +52,7 @@ def _answer(response):
 
 # CloudEvents HTTP Webhook §4 (abuse protection): the validation request names the sender's
 # origin, a DNS name (a port at most); anything else is not reflected into a response header.
-_ORIGIN = re.compile(r"^[A-Za-z0-9*]([A-Za-z0-9.*-]{0,252})(:\d{1,5})?$")
+_ORIGIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:\d{1,5})?$")
 
 
 def _webhook_validation(request, team_id: str, name: str):

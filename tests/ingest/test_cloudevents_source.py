@@ -540,7 +540,8 @@ def test_options_on_an_unknown_team_or_source_answers_as_a_post_would(client, te
 
 @pytest.mark.parametrize(
     "headers", [{}, {"WebHook-Request-Origin": "evil.example.com\tX-Injected: 1"}, {"WebHook-Request-Origin": "a b"},
-                {"WebHook-Request-Origin": "x" * 300}, {"WebHook-Request-Origin": "https://e.example.com/path"}]
+                {"WebHook-Request-Origin": "x" * 300}, {"WebHook-Request-Origin": "https://e.example.com/path"},
+                {"WebHook-Request-Origin": "*"}]
 )  # fmt: skip
 def test_options_without_a_sane_origin_is_400(client, team, signed, headers):
     response = client.options(f"/hooks/{team.id}/producer", headers=headers)
