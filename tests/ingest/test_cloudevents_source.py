@@ -584,3 +584,13 @@ def test_a_peer_reading_the_event_as_federation_sends_it_stores_the_same_event(c
     assert again == sent
     assert sent["dataschema"] == "https://shop.example.com/schemas/order.json"
     assert ("data_base64" in sent) == isinstance(data, bytes)
+
+
+def test_options_carrying_a_signed_event_stores_nothing(client, team, signed, events_before):
+    message = to_structured_event(producer_event({"n": 1}))
+    headers = {**signature_headers(signed["secret"], "m1", message.body), "WebHook-Request-Origin": "e.example.com"}
+
+    response = client.options(f"/hooks/{team.id}/producer", message.body, content_type=STRUCTURED, headers=headers)
+
+    assert response.status_code == 200 and response.content == b""
+    assert_nothing_stored(events_before)
