@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import http.client
 import importlib.util
 import json
@@ -301,8 +302,11 @@ class Scale:
         )
         return f"{row[0]}-{row[1]}" if row else "0"
 
-    def reads_round(self, count: int) -> dict:
-        """Sequential GET /api/events on one keep-alive connection; latency per request."""
+    def reads_round(self, count: int, slow_count: int) -> dict:
+        """Sequential GETs on one keep-alive connection; latency per request. The /api/events kinds
+        `count` times each; two reads whose cost grows with the tables (bench/RESULTS.md) `slow_count`
+        times: the peers list (it counts every outbox entry of each peer by status) and the audit
+        trail filtered on an outcome no row has (it reads every audit row of the team)."""
         kinds = {
             "first page": lambda i: "/api/events?limit=100",
             "after a random cursor": lambda i: f"/api/events?limit=100&after={randoms[i % len(randoms)]}",
@@ -310,6 +314,8 @@ class Scale:
             f"type {RARE_TYPE.rsplit('.', 2)[-2]}.{RARE_TYPE.rsplit('.', 1)[-1]} after a random cursor": lambda i: (
                 f"/api/events?limit=100&type={RARE_TYPE}&after={randoms[(i * 7) % len(randoms)]}"
             ),
+            "GET /api/federation/peers": lambda i: "/api/federation/peers",
+            "GET /api/audit?outcome=bad_secret": lambda i: "/api/audit?outcome=bad_secret",
         }
         randoms = self.cursors(count)
         tail = self.tail_cursor()
@@ -317,20 +323,23 @@ class Scale:
         conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=30)
         result = {}
         for kind, path in kinds.items():
-            latencies, events, errors = [], 0, 0
-            for i in range(count):
+            latencies, events, errors = [], 0, collections.Counter()
+            n = count if kind[0] != "G" else slow_count
+            for i in range(n):
                 t0 = time.perf_counter()
                 conn.request("GET", path(i), headers=headers)
                 answer = conn.getresponse()
                 body = answer.read()
                 latencies.append((time.perf_counter() - t0) * 1000)
                 if answer.status != 200:
-                    errors += 1
+                    errors[f"{answer.status} {body[:120].decode(errors='replace')}"] += 1
                     continue
                 events += len(json.loads(body)["results"])
             latencies.sort()
             result[kind] = {"p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "max_ms": latencies[-1],
-                            "events_per_page": events / count, "errors": errors}  # fmt: skip
+                            "results_per_page": events / n, "errors": sum(errors.values())}  # fmt: skip
+            if errors:
+                log(f"{kind}: answers other than 200: {dict(errors)}")
         conn.close()
         return result
 
@@ -374,7 +383,7 @@ class Scale:
             result = {}
             for name in ("stripe", "pgbench") if i % 2 == 0 else ("pgbench", "stripe"):
                 result[name] = self.ingest_round(a.duration) if name == "stripe" else self.pgbench_round(a.duration)
-            result["reads"] = self.reads_round(a.reads)
+            result["reads"] = self.reads_round(a.reads, a.slow_reads)
             result["replay"] = self.replay_round(a.replay_events, a.replay_seconds)
             rounds.append(result)
             log(
@@ -424,11 +433,11 @@ ob AS (
                                       next_attempt_at, leased_until, last_error, created_at, delivered_at)
   SELECT gen_random_uuid(), team_id, %(peer)s::bigint, id,
          jsonb_build_object('kitefedorigin', 'kite-self', 'kitefedchain', '["kite-self"]', 'kitefedhops', 1),
-         CASE WHEN id %% 200 = 0 THEN 'dead' ELSE 'delivered' END,
-         CASE WHEN id %% 20 = 0 THEN 2 ELSE 1 END, received_at, NULL,
-         CASE WHEN id %% 200 = 0 THEN 'HTTP 410 from the peer' ELSE '' END, received_at,
-         CASE WHEN id %% 200 = 0 THEN NULL ELSE received_at + interval '80 ms' END
-  FROM ev WHERE source_id = %(stripe)s::bigint
+         CASE WHEN h %% 200 = 0 THEN 'dead' ELSE 'delivered' END,
+         CASE WHEN h %% 20 = 1 THEN 2 ELSE 1 END, received_at, NULL,
+         CASE WHEN h %% 200 = 0 THEN 'HTTP 410 from the peer' ELSE '' END, received_at,
+         CASE WHEN h %% 200 = 0 THEN NULL ELSE received_at + interval '80 ms' END
+  FROM ev, LATERAL (SELECT hashint8(ev.id)::bigint + 2147483648 AS h) x WHERE source_id = %(stripe)s::bigint
   RETURNING id, created_at, attempts, status
 ),
 dl AS (
@@ -499,11 +508,16 @@ def report(args, facts, results, loads, started, finished) -> str:
         + ".",
         f"- Ingest: `wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s` of verified Stripe webhooks "
         "(bench/ingest.py's rounds; 202s per second) alternating with "
-        f"`pgbench -c{args.pgbench_clients or args.connections} -j{args.wrk_threads} -T{max(1, round(args.duration))}`, "
+        f"`pgbench -c{args.pgbench_clients or args.connections} -j{args.wrk_threads} "
+        f"-T{max(1, round(args.duration))}`, "
         "a custom script of one INSERT of the same 1 kB row into "
         f"ingest_event per transaction (the physical ceiling), {args.rounds} rounds after a {args.warmup:g} s warm-up.",
         f"- Reads: {args.reads} sequential `GET /api/events?limit=100` per kind and round on one keep-alive connection "
-        "(Bearer key), latency per request from this client. Replay: `WS /ws/events?after=0`, events/s over the first "
+        f"(Bearer key), latency per request from this client; {args.slow_reads} per round of "
+        "`GET /api/federation/peers` "
+        "(it counts each peer's outbox entries by status) and `GET /api/audit?outcome=bad_secret` (no such row: it "
+        "reads the team's whole audit trail), whose cost grows with the tables. "
+        "Replay: `WS /ws/events?after=0`, events/s over the first "
         f"{args.replay_events:,} events (at most {args.replay_seconds:g} s).",
         "",
         header,
@@ -521,7 +535,7 @@ def report(args, facts, results, loads, started, finished) -> str:
         p99 = [m(r, lambda x, k=kind: x["reads"][k]["p99_ms"]) for r in results]
         p50 = [m(r, lambda x, k=kind: x["reads"][k]["p50_ms"]) for r in results]
         lines.append(
-            f"| /api/events, {kind}: p50 / **p99** ms | "
+            f"| {kind if kind[0] == 'G' else '/api/events, ' + kind}: p50 / **p99** ms | "
             + " | ".join(f"{a:.1f} / **{b:.1f}** ({ratio(b, p99[0])})" for a, b in zip(p50, p99))
             + " |"
         )
@@ -552,6 +566,7 @@ def report(args, facts, results, loads, started, finished) -> str:
     largest = results[-1]
     worst_ingest = min(v / stripe[0] for v in stripe) if stripe[0] else float("nan")
     read_p99 = max(m(largest, lambda x, k=k: x["reads"][k]["p99_ms"]) for k in kinds[:3])
+    errors = sum(x["reads"][k]["errors"] for r in results for x in r["rounds"] for k in kinds)
     checks = [
         (f"ingest at every size ≥ 90 % of empty: lowest {worst_ingest:.0%}", worst_ingest >= 0.9),
         (f"page, after-cursor and tail reads p99 ≤ 20 ms at {human(largest['size'])}: worst {read_p99:.1f} ms",
@@ -565,7 +580,8 @@ def report(args, facts, results, loads, started, finished) -> str:
     lines += [
         "",
         f"Ratios in brackets are to the {human(base['size'])} figure of this run; medians over {args.rounds} rounds. "
-        f"Non-202 answers to webhooks: {non202}. The run took {(finished - started).seconds} s.",
+        f"Non-202 answers to webhooks: {non202}; non-200 answers to reads: {errors}. "
+        f"The run took {(finished - started).seconds} s.",
         end,
     ]
     return "\n".join(lines)
@@ -585,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--pgbench-clients", type=int, help="default: --connections")
-    parser.add_argument("--reads", type=int, default=500, help="requests per read kind and round")
+    parser.add_argument("--reads", type=int, default=500, help="requests per /api/events kind and round")
+    parser.add_argument("--slow-reads", type=int, default=20, help="requests per growing read and round")
     parser.add_argument("--replay-events", type=int, default=100_000)
     parser.add_argument("--replay-seconds", type=float, default=30)
     parser.add_argument("--max-rate", type=float, default=4000, help="webhooks signed per second of a wrk run")
