@@ -313,11 +313,11 @@ def from_cloudevents(headers, body: bytes, received_at: datetime) -> Draft | lis
             raise MalformedEvent("invalid_event", f"A CloudEvents batch is a JSON array of 1-{MAX_BATCH} events.")
         return [_producer_draft_or_error(item, received_at) for item in payload]
     if media.startswith("application/cloudevents"):
-        raise MalformedEvent("unsupported_media_type", f"{media[:100]!r}: Kite reads the JSON event format only "
-                             f"({STRUCTURED_CONTENT_TYPE}, {BATCH_CONTENT_TYPE}) or binary mode.", status=415)  # fmt: skip
+        detail = f"{media[:100]!r}: Kite reads the JSON event format ({STRUCTURED_CONTENT_TYPE}, a batch) or binary mode."
+        raise MalformedEvent("unsupported_media_type", detail, status=415)
     if not any(name.startswith("ce-") for name in headers):
-        raise MalformedEvent("invalid_event", "CloudEvent attribute `specversion` is missing: send "
-                             f"{STRUCTURED_CONTENT_TYPE}, a {BATCH_CONTENT_TYPE} batch, or binary mode (ce-* headers).")  # fmt: skip
+        raise MalformedEvent("invalid_event", "CloudEvent attribute `specversion` is missing: send structured "
+                             f"({STRUCTURED_CONTENT_TYPE}), batched or binary mode (ce-* headers).")  # fmt: skip
     return producer_draft(binary_mode_event(headers, body), received_at)
 
 

@@ -84,7 +84,8 @@ def test_structured_binary_and_batched_events_reach_kite_listen_and_the_api_attr
 
     assert {name: r.status_code for name, r in answers.items()} == dict.fromkeys(messages, 202)
     assert [(r["id"], r["result"]) for r in batched.json()] == [
-        ("batch-0", "accepted"), ("batch-1", "accepted"), ("batch-2", "accepted"), ("batch-0", "duplicate")]  # fmt: skip
+        ("batch-0", "accepted"), ("batch-1", "accepted"), ("batch-2", "accepted"), ("batch-0", "duplicate"),
+    ]  # fmt: skip
     ids = [*messages, "batch-0", "batch-1", "batch-2"]
     printed = {e["id"]: e for e in listener.wait_for_ids(ids)}
     answered = stored(shared_kite, source)

@@ -144,7 +144,8 @@ def test_a_source_auth_that_cannot_apply_is_400_and_nothing_created(api, team, b
 
 @committed
 def test_structured_mode_keeps_every_attribute_and_extension(api, client, team, signed):
-    sent = producer_event({"total": 42, "items": [{"sku": "a", "qty": 2}]}, time=datetime(2026, 3, 1, 10, 20, 30, 123456, tzinfo=UTC))
+    at = datetime(2026, 3, 1, 10, 20, 30, 123456, tzinfo=UTC)
+    sent = producer_event({"total": 42, "items": [{"sku": "a", "qty": 2}]}, time=at)
     message = to_structured_event(sent)
 
     response = send(client, team, signed, message)
