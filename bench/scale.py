@@ -25,7 +25,9 @@ through the API, then for each size of `--sizes` (stored events; default
 3. reads: `GET /api/events?limit=100` sequentially on one keep-alive
    connection — the first page, pages after random cursors, the tail (after
    a cursor ~50 events before the head) and pages of one event type after
-   random cursors; p50/p99 per kind.
+   random cursors; p50/p99 per kind. Also, fewer times, two reads whose cost
+   grows with the tables: `GET /api/federation/peers` (outbox counts by
+   status) and `GET /api/audit?outcome=bad_secret` (no row matches).
 4. replay: a listener (`WS /ws/events?after=0`, Bearer key) reading the team's
    store from the start: events/s over the first `--replay-events` events.
 5. storage: pg_total_relation_size / rows of ingest_event,
