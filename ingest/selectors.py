@@ -35,11 +35,12 @@ def cursor_parse(raw: str | None) -> Cursor:
     if raw in (None, "", "0"):
         return START
     match = _CURSOR.fullmatch(raw)
-    if not match or max(int(match[1]), int(match[2])) > BIGINT_MAX:
+    if not match:
         raise ApiError(
             "after must be a cursor as returned in `next` or an event's `kitecursor` (e.g. 0-42).", Code.BAD_CURSOR
         )
-    return Cursor(int(match[1]), int(match[2]))
+    # Past every event (19 nines): read as the largest cursor, so that no database is given a number beyond a bigint.
+    return Cursor(min(int(match[1]), BIGINT_MAX), min(int(match[2]), BIGINT_MAX))
 
 
 @dataclass(frozen=True)

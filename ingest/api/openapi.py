@@ -51,7 +51,7 @@ class HookDoc(APIView):
         operation_id="hooks_receive", tags=["webhooks", PEER_FACING],
         auth=[{PEER_SIGNATURE: []}, {}],
         request={"application/json": OpenApiTypes.OBJECT, "application/cloudevents+json": OpenApiTypes.OBJECT,
-                 "application/cloudevents-batch+json": OpenApiTypes.OBJECT},
+                 "application/cloudevents-batch+json": {"type": "array", "items": {"type": "object"}}},
         responses={
             202: OpenApiResponse(ACCEPTED, description="stored (duplicate: false)"),
             200: OpenApiResponse(PolymorphicProxySerializer("HookAnswer", [ACCEPTED, BATCH_RESULT], None, many=False),

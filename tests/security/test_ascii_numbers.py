@@ -45,8 +45,8 @@ def test_audit_ascii_numbers_still_work(api, team):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("after", ["٣-٣", "0-٣", "１２-1", "1-2x", "9223372036854775808-1", "1-" + "9" * 19])
-def test_event_cursors_are_ascii_and_fit_a_bigint(api, team, after):
+@pytest.mark.parametrize("after", ["٣-٣", "0-٣", "１２-1", "1-2x", "1-" + "9" * 20])
+def test_event_cursors_are_ascii(api, team, after):
     response = api.get("/api/events", {"after": after})
 
     assert response.status_code == 400, response.content
@@ -63,10 +63,11 @@ def test_event_limit_is_ascii(api, team, digits):
 
 
 @pytest.mark.django_db
-def test_event_ascii_cursor_and_limit_still_work(api, team):
-    response = api.get("/api/events", {"after": "9223372036854775807-9223372036854775807", "limit": "5"})
+@pytest.mark.parametrize("after", ["9223372036854775807-9223372036854775807", "9" * 19 + "-" + "9" * 19])
+def test_event_ascii_cursor_and_limit_still_work(api, team, after):
+    response = api.get("/api/events", {"after": after, "limit": "5"})
 
-    assert response.status_code == 200 and response.json()["results"] == []
+    assert response.status_code == 200 and response.json()["results"] == []  # past every event
 
 
 @pytest.mark.django_db
