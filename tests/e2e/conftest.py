@@ -38,10 +38,13 @@ class Instances:
     def close(self) -> None:
         """SIGTERM each running instance's process group: it must exit 0, all processes gone."""
         failures = []
+        running = [kite for kite, _, _ in self.started if kite.process is not None]
+        for kite in running:  # all at once: their shutdowns overlap
+            kite.signal_stop(signal.SIGTERM)
         for kite, database, redis_db in reversed(self.started):
             try:
-                if kite.process is not None:
-                    returncode = kite.stop(signal.SIGTERM)
+                if any(kite is other for other in running):
+                    returncode = kite.wait_stopped(signal.SIGTERM)
                     if returncode != 0:
                         failures.append(f"{kite.instance_id} exited {returncode} on SIGTERM:\n{kite.log_tail}")
             except AssertionError as exc:

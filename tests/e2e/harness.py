@@ -127,6 +127,7 @@ class Kite:
     redis_url: str | None = None
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    _stopping: subprocess.Popen | None = None  # signalled by signal_stop(), not yet waited for
     log_path: Path = None
     starts: int = 0
     extra_env: dict = field(default_factory=dict)  # e.g. a shifted clock (LD_PRELOAD libfaketime)
@@ -188,9 +189,18 @@ class Kite:
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         """Signal the whole process group, as Ctrl-C does; every process must be gone within STOP_SECONDS."""
-        process, self.process = self.process, None
-        if process.poll() is None:
-            os.killpg(process.pid, signum)
+        self.signal_stop(signum)
+        return self.wait_stopped(signum)
+
+    def signal_stop(self, signum: int = signal.SIGTERM) -> None:
+        """The first half of stop(): a test stopping several instances signals them all, then waits
+        for each, so their shutdowns overlap."""
+        self._stopping, self.process = self.process, None
+        if self._stopping.poll() is None:
+            os.killpg(self._stopping.pid, signum)
+
+    def wait_stopped(self, signum: int = signal.SIGTERM) -> int:
+        process, self._stopping = self._stopping, None
         try:
             returncode = process.wait(timeout=STOP_SECONDS)
             wait_for(lambda: group_is_gone(process.pid), 2, f"every process of {self.instance_id} to exit")
@@ -204,10 +214,11 @@ class Kite:
         return returncode
 
     def kill(self) -> None:
-        if self.process is not None and not group_is_gone(self.process.pid):
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
+        for process in (self.process, self._stopping):
+            if process is not None and not group_is_gone(process.pid):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.process = self._stopping = None
 
     @property
     def log_tail(self) -> str:

@@ -109,10 +109,13 @@ class Cluster:
         return kite
 
     def close(self):
+        running = [kite for kite, _, _ in self.started if kite.process is not None]
+        for kite in running:  # all at once: their shutdowns overlap
+            kite.signal_stop(signal.SIGTERM)
         for kite, database, redis_db in reversed(self.started):
             try:
-                if kite.process is not None:
-                    kite.stop(signal.SIGTERM)
+                if any(kite is other for other in running):
+                    kite.wait_stopped(signal.SIGTERM)
             finally:
                 kite.kill()
                 database.drop()
