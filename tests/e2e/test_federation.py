@@ -112,14 +112,18 @@ class Cluster:
         running = [kite for kite, _, _ in self.started if kite.process is not None]
         for kite in running:  # all at once: their shutdowns overlap
             kite.signal_stop(signal.SIGTERM)
-        for kite, database, redis_db in reversed(self.started):
+        failures = []
+        for kite, database, redis_db in reversed(self.started):  # every one stopped, even after a failure
             try:
                 if any(kite is other for other in running):
                     kite.wait_stopped(signal.SIGTERM)
+            except AssertionError as exc:
+                failures.append(str(exc))
             finally:
                 kite.kill()
                 database.drop()
                 redis_db.release()
+        assert not failures, failures
 
 
 @pytest.fixture(scope="module")
