@@ -20,7 +20,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db import connections as db_connections
-from django.db.models import Case, Count, Exists, F, OuterRef, Value, When
+from django.db.models import Case, Exists, F, OuterRef, Value, When
 from django.utils import timezone
 
 from federation import audit, backoff, client, metrics, routing, services
@@ -217,10 +217,6 @@ def _clear(key: str) -> None:
             _redis().delete(key)
         except Exception:
             pass
-
-
-def clear_kick(peer_id: int) -> None:
-    _clear(_kick_key(peer_id))
 
 
 # --- claiming and delivering ---------------------------------------------------
@@ -760,10 +756,3 @@ def sweep() -> int:
     for peer_id in peer_ids:
         kick(peer_id)
     return len(peer_ids)
-
-
-def depth_by_status(peer: Peer) -> dict[str, int]:
-    counts = {status: 0 for status in OutboxEntry.Status.values}
-    for row in OutboxEntry.objects.filter(peer=peer).values("status").annotate(n=Count("id")):
-        counts[row["status"]] = row["n"]
-    return counts

@@ -29,11 +29,6 @@ def event_stored_idle(source) -> bool:
     return all(getattr(hook, "idle_for", None) is not None and hook.idle_for(source) for hook in event_stored)
 
 
-def on_event_stored(func: Callable) -> Callable:
-    event_stored.append(func)
-    return func
-
-
 def on_listener_connected(func: Callable) -> Callable:
     listener_connected.append(func)
     return func

@@ -6,7 +6,6 @@ Bearer credentials are stored as SHA-256 digests; keys Kite must use itself
 
 import base64
 import hashlib
-import hmac
 import secrets
 from functools import lru_cache
 
@@ -27,10 +26,6 @@ def sha256_hex(value: str | bytes) -> str:
     if isinstance(value, str):
         value = value.encode()
     return hashlib.sha256(value).hexdigest()
-
-
-def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def fingerprint(secret: str) -> str:
