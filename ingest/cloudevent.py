@@ -215,11 +215,13 @@ def from_structured(headers, body: bytes, received_at: datetime) -> Draft | list
     return draft_from_cloudevent(payload, received_at)
 
 
-def _draft_or_error(item, received_at):
+def _draft_or_error(item, received_at, convert=None):
+    """One event of a batch: its draft (`convert`, by default the federation reading), or the error
+    that rejects it alone."""
     if not isinstance(item, dict):
         return MalformedEvent("invalid_event", "Each event of a batch is a JSON object.")
     try:
-        return draft_from_cloudevent(item, received_at)
+        return (convert or draft_from_cloudevent)(item, received_at)
     except MalformedEvent as exc:
         return exc
 
@@ -311,7 +313,7 @@ def from_cloudevents(headers, body: bytes, received_at: datetime) -> Draft | lis
             return producer_draft(payload, received_at)
         if not isinstance(payload, list) or not 0 < len(payload) <= MAX_BATCH:
             raise MalformedEvent("invalid_event", f"A CloudEvents batch is a JSON array of 1-{MAX_BATCH} events.")
-        return [_producer_draft_or_error(item, received_at) for item in payload]
+        return [_draft_or_error(item, received_at, producer_draft) for item in payload]
     if media.startswith("application/cloudevents"):
         detail = f"{media[:100]!r}: Kite reads the JSON event format ({STRUCTURED_CONTENT_TYPE}, a batch) or binary mode."
         raise MalformedEvent("unsupported_media_type", detail, status=415)
@@ -356,15 +358,6 @@ def _header_value(name: str, value: str) -> str:
     except ValueError:  # UnicodeDecodeError too
         raise MalformedEvent("invalid_event", f"Header {name} must be printable ASCII, other characters "
                              "percent-encoded UTF-8.") from None  # fmt: skip
-
-
-def _producer_draft_or_error(item, received_at):
-    if not isinstance(item, dict):
-        return MalformedEvent("invalid_event", "Each event of a batch is a JSON object.")
-    try:
-        return producer_draft(item, received_at)
-    except MalformedEvent as exc:
-        return exc
 
 
 def producer_draft(event: dict, received_at: datetime) -> Draft:

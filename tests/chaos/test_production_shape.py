@@ -35,9 +35,8 @@ import pytest
 import requests
 
 from tests.chaos.procs import alive, runkite_children, web_workers
-from tests.chaos.servers import RedisServer
+from tests.chaos.test_broker_restart import broker, instances  # noqa: F401  (fixtures)
 from tests.chaos.test_database_restart import restart_postgres
-from tests.e2e.conftest import Instances
 from tests.e2e.harness import REPO, wait_for
 from tests.signing import stripe_signature
 
@@ -152,23 +151,7 @@ def at(load: StripeLoad, second: float) -> None:
     time.sleep(max(0.0, load.started + second - time.monotonic()))
 
 
-@pytest.fixture
-def broker(tmp_path):
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def instances(tmp_path_factory):
-    started = Instances(tmp_path_factory)
-    try:
-        yield started
-    finally:
-        started.close()
-
-
-def test_every_fault_at_once_under_3000_stripe_webhooks_loses_and_duplicates_nothing(broker, instances, tmp_path):
+def test_every_fault_at_once_under_3000_stripe_webhooks_loses_and_duplicates_nothing(broker, instances, tmp_path):  # noqa: F811
     # (broker before instances: A's processes stop before its Redis does)
     a = instances.start("prod-a", extra_env={"REDIS_URL": broker.url})
     b = instances.start("prod-b")
