@@ -147,6 +147,12 @@ class OutboxEntry(models.Model):
         indexes = [
             models.Index(fields=["peer", "status", "next_attempt_at"], name="outbox_due"),
             models.Index(fields=["status", "leased_until"], name="outbox_leases"),
+            # A peer's owed and dead entries, counted without reading its delivered history
+            # (selectors.outbox_depths); the condition is OWED_OR_DEAD's.
+            models.Index(
+                fields=["peer", "status"], condition=models.Q(status__in=["pending", "in_flight", "dead"]),
+                name="outbox_owed",
+            ),
         ]
 
     def __str__(self):
@@ -223,6 +229,10 @@ class AuditEvent(models.Model):
         indexes = [
             models.Index(fields=["team", "-id"], name="audit_team_newest"),  # /api/audit pages by id
             models.Index(fields=["at"], name="audit_age"),
+            # /api/audit filtered on a value few rows have: found by index, not by reading every row
+            models.Index(fields=["team", "action", "-id"], name="audit_team_action"),
+            models.Index(fields=["team", "outcome", "-id"], name="audit_team_outcome"),
+            models.Index(fields=["team", "peer_name", "-id"], name="audit_team_peer"),
         ]
 
     def __str__(self):

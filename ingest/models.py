@@ -78,6 +78,8 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=["team", "txid", "id"], name="event_team_cursor"),
             models.Index(fields=["received_at"], name="event_received_at"),
+            # An event's journey by its id alone (no ?source=): uniq_event_dedup has ce_source first
+            models.Index(fields=["team", "ce_id"], name="event_team_ce_id"),
         ]
 
     def __str__(self):
