@@ -28,6 +28,10 @@ class FederationConfig(AppConfig):
 
         if event_peers not in hooks.event_journey:
             hooks.event_journey.append(event_peers)
+        from federation.retention import events_purging
+
+        if events_purging not in hooks.event_purging:
+            hooks.event_purging.append(events_purging)
 
         from django.db.models.signals import post_delete, post_save
 

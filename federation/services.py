@@ -1,11 +1,14 @@
 """Federation configuration: tokens, peers, trusted senders (DESIGN §3, §5)."""
 
+import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from federation import audit, client
@@ -23,6 +26,7 @@ MIN_SECRET_LENGTH = 16
 MAX_SCOPES = 50
 PEER_FIELDS = {"name", "peer_hook_url", "scopes", "filters", "max_hops", "rate_limit_per_second",
                "tls_fingerprint", "certificate_pem"}  # fmt: skip
+log = logging.getLogger(__name__)
 # The columns peer_update writes for each field it takes.
 UPDATED_COLUMNS = {**{field: [field] for field in PEER_FIELDS - {"certificate_pem"}},
                    "certificate_pem": ["certificate_pem", "certificate_thumbprint"],
@@ -345,25 +349,46 @@ def hook_url_for(team: Team) -> str:
     return f"{settings.KITE_PUBLIC_URL}/hooks/{team.id}/kite"
 
 
-def retention_purge(*, days: int, batch: int = 5000) -> dict[str, int]:
+RETENTION_BATCH = 5000  # rows per DELETE (each in a transaction of its own)
+RETENTION_PAUSE = 0.05  # seconds between batches: the purge yields the disk and CPU to the hot paths
+PURGE_LOG_EVERY = 50  # batches
+
+
+def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = RETENTION_PAUSE) -> dict[str, int]:
     """Audit events and delivery attempts older than `days` (KITE_AUDIT_RETENTION_DAYS; 0 keeps
-    them), deleted `batch` rows per statement so no purge holds long locks."""
+    them), deleted `batch` rows per statement, oldest first, with a pause between, so no purge holds
+    long locks. Restartable: every batch commits on its own."""
     if days <= 0:
         return {"audit": 0, "deliveries": 0}
     cutoff = timezone.now() - timedelta(days=days)
-    return {
-        "audit": _delete_in_batches(AuditEvent.objects.filter(at__lt=cutoff), batch),
-        "deliveries": _delete_in_batches(Delivery.objects.filter(attempted_at__lt=cutoff), batch),
-    }
+    purged = {
+        "audit": _delete_in_batches(AuditEvent.objects.filter(at__lt=cutoff), "at", batch, pause),
+        "deliveries": _delete_in_batches(Delivery.objects.filter(attempted_at__lt=cutoff), "attempted_at", batch,
+                                         pause),
+    }  # fmt: skip
+    if any(purged.values()):
+        log.info("retention purge: older than %d days, %d audit events and %d delivery attempts deleted", days,
+                 purged["audit"], purged["deliveries"])  # fmt: skip
+    return purged
 
 
-def _delete_in_batches(queryset, batch: int) -> int:
-    total = 0
+def _delete_in_batches(queryset, age_field: str, batch: int, pause: float) -> int:
+    """Delete the rows of `queryset` in (age_field, id) order — a range of the age index, each batch
+    starting where the last one stopped, so no batch steps over the rows deleted before it."""
+    total, batches, after = 0, 0, None
+    rows = queryset.order_by(age_field, "id")
     while True:
-        ids = list(queryset.order_by().values_list("id", flat=True)[:batch])
-        if not ids:
+        page = rows if after is None else rows.filter(Q(**{f"{age_field}__gt": after[1]})
+                                                      | Q(**{age_field: after[1], "id__gt": after[0]}))  # fmt: skip
+        found = list(page.values_list("id", age_field)[:batch])
+        if not found:
             return total
-        total += queryset.model.objects.filter(id__in=ids).delete()[0]
+        total += queryset.model.objects.filter(id__in=[pk for pk, _ in found])._raw_delete(queryset.db)
+        after, batches = found[-1], batches + 1
+        if batches % PURGE_LOG_EVERY == 0:
+            log.info("retention purge: %s, %d rows deleted so far", queryset.model._meta.db_table, total)
+        if len(found) == batch:
+            time.sleep(pause)
 
 
 # --- an operator's maintenance pause ----------------------------------------------------------

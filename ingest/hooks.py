@@ -20,6 +20,10 @@ listener_disconnected: list[Callable] = []
 # (event, attempts_shown) → [{peer, status, attempts, …}]: where a stored event went, for its journey
 # (GET /api/events/{id}/journey); federation answers with its outbox entry per peer and their attempts.
 event_journey: list[Callable] = []
+# (event ids) → the ids of those that must stay, called by the retention purge in its transaction
+# before it deletes a batch of expired events: a hook deletes its own rows that depend on the others
+# and keeps what must not go yet (federation: an event still owed to a peer).
+event_purging: list[Callable] = []
 
 
 def event_stored_idle(source) -> bool:

@@ -1,12 +1,14 @@
 """Sources and the ingest pipeline: verify → CloudEvent → dedup → store → broadcast."""
 
 import functools
+import logging
 import re
 import time
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from ingest import broadcast, cloudevent, hooks, verifiers
@@ -20,6 +22,7 @@ SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
 BUILTIN_SOURCE = "kite"
 SIGNED_KINDS = {Source.Kind.STRIPE, Source.Kind.GITHUB, Source.Kind.STANDARD, Source.Kind.CLOUDEVENTS}
 TOKEN_PREFIX = "kce"  # a cloudevents source's bearer token: kce_<43 characters>
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -357,14 +360,47 @@ def _store_batch_one_by_one(source: Source, items: list, sender) -> list[BatchIt
     return results
 
 
-def events_purge_expired(*, days: int, batch: int = 5000) -> int:
-    """Delete events older than `days` in batches; 0 days keeps everything."""
+PURGE_BATCH = 2000  # events per transaction: short row locks, little WAL per commit
+PURGE_PAUSE = 0.05  # seconds between batches: the purge yields the disk and CPU to ingest
+PURGE_LOG_EVERY = 50  # batches
+
+
+def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = PURGE_PAUSE) -> int:
+    """Delete events received more than `days` ago (0 keeps everything), oldest first, `batch` per
+    transaction with a pause between. An event some app still needs (ingest.hooks.event_purging:
+    federation keeps one still owed to a peer) stays until a later run. Restartable: every batch
+    commits on its own, and a run starts again from the oldest expired event."""
     if days <= 0:
         return 0
     cutoff = timezone.now() - timezone.timedelta(days=days)
-    total = 0
+    started, purged, kept, batches, after = time.monotonic(), 0, 0, 0, None
     while True:
-        ids = list(Event.objects.filter(received_at__lt=cutoff).values_list("id", flat=True)[:batch])
-        if not ids:
-            return total
-        total += Event.objects.filter(id__in=ids).delete()[0]
+        with transaction.atomic():
+            found = _expired_batch(cutoff, after, batch)
+            if not found:
+                break
+            keep = set().union(*(hook([pk for pk, _ in found]) for hook in hooks.event_purging))
+            gone = [pk for pk, _ in found if pk not in keep]
+            if gone:  # only("pk"): the deletion's own reads fetch no event's data
+                purged += Event.objects.filter(pk__in=gone).only("pk").delete()[1].get(Event._meta.label, 0)
+        kept, batches, after = kept + len(keep), batches + 1, found[-1]
+        if batches % PURGE_LOG_EVERY == 0:
+            log.info("event purge: %d deleted, %d kept so far, up to %s", purged, kept, after[1].isoformat())
+        if len(found) < batch:
+            break
+        time.sleep(pause)
+    if purged or kept:
+        log.info("event purge: %d events older than %d days deleted, %d kept (still needed), %.1f s",
+                 purged, days, kept, time.monotonic() - started)  # fmt: skip
+    return purged
+
+
+def _expired_batch(cutoff, after, batch: int) -> list[tuple[int, object]]:
+    """[(id, received_at)] of the next `batch` expired events after `after`, in event_received_at's
+    order (a range of the index, from where the previous batch stopped: kept events are not read
+    again, deleted ones not stepped over)."""
+    expired = Event.objects.filter(received_at__lt=cutoff)
+    if after is not None:
+        pk, received_at = after
+        expired = expired.filter(Q(received_at__gt=received_at) | Q(received_at=received_at, pk__gt=pk))
+    return list(expired.order_by("received_at", "pk").values_list("pk", "received_at")[:batch])

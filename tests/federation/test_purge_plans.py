@@ -21,8 +21,8 @@ def _plan(sql: str) -> str:
 
 
 def _batch_selects(captured, table: str) -> list[str]:
-    head = f'SELECT "{table}"."id" AS "id" FROM "{table}" WHERE'
-    return [q["sql"] for q in captured.captured_queries if q["sql"].startswith(head)]
+    head = f'SELECT "{table}"."id" AS "id", '  # and the row's age: the next batch starts after it
+    return [q["sql"] for q in captured.captured_queries if q["sql"].startswith(head) and " LIMIT " in q["sql"]]
 
 
 def _purge(table: str) -> tuple[dict, list[str]]:

@@ -1,0 +1,142 @@
+"""The event purge (KITE_EVENT_RETENTION_DAYS, ingest.services.events_purge_expired, hourly): what it
+deletes — expired events with their settled outbox entries and delivery attempts — and what it keeps:
+newer events, and an expired event still owed to a peer (pending or in flight), until a later run
+finds it delivered or dead. Batches are small transactions read by index, and a purge stopped
+midway keeps what it committed and finishes on the next run."""
+
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from federation import services
+from federation.models import Delivery, OutboxEntry
+from ingest import hooks
+from ingest import services as ingest_services
+from ingest.models import Event
+from tests.federation.test_api import PEER_URL
+from tests.federation.test_delivery import _event
+
+EXPIRED = timedelta(days=10)
+
+
+@pytest.fixture
+def peers(team):
+    return [services.peer_create(team=team, name=name, peer_hook_url=PEER_URL, scopes=["*"]).row
+            for name in ("b", "c")]  # fmt: skip
+
+
+def _stored(team, ce_id: str, statuses: tuple[str, str], attempts: int = 1, age: timedelta = EXPIRED) -> Event:
+    """An event received `age` ago, its entries to b and c in `statuses`, each with `attempts` attempts."""
+    event = _event(team, ce_id)
+    Event.objects.filter(pk=event.pk).update(received_at=timezone.now() - age)
+    for entry, status in zip(OutboxEntry.objects.filter(event=event).order_by("peer__name"), statuses, strict=True):
+        OutboxEntry.objects.filter(pk=entry.pk).update(status=status)
+        for _ in range(attempts):
+            Delivery.objects.create(peer_id=entry.peer_id, entry=entry, outcome="delivered", attempted_at=timezone.now())
+    return event
+
+
+def _left() -> dict:
+    return {
+        "events": set(Event.objects.values_list("ce_id", flat=True)),
+        "entries": set(OutboxEntry.objects.values_list("event__ce_id", "peer__name", "status")),
+        "attempts": Delivery.objects.count(),
+    }
+
+
+def test_expired_settled_events_go_with_their_entries_and_attempts_and_owed_ones_stay(team, peers):
+    _stored(team, "delivered", ("delivered", "delivered"), attempts=2)
+    _stored(team, "dead-and-delivered", ("dead", "delivered"))
+    _stored(team, "owed-to-c", ("delivered", "pending"))
+    _stored(team, "in-flight", ("in_flight", "dead"))
+    _stored(team, "recent", ("delivered", "delivered"), age=timedelta(days=2))
+    before_attempts = Delivery.objects.count()
+
+    assert ingest_services.events_purge_expired(days=7, batch=2, pause=0) == 2
+
+    left = _left()
+    assert left["events"] == {"owed-to-c", "in-flight", "recent"}
+    assert left["entries"] == {
+        ("owed-to-c", "b", "delivered"), ("owed-to-c", "c", "pending"), ("in-flight", "b", "in_flight"),
+        ("in-flight", "c", "dead"), ("recent", "b", "delivered"), ("recent", "c", "delivered"),
+    }  # fmt: skip
+    assert left["attempts"] == before_attempts - 2 * 2 - 2  # delivered: 2 entries × 2; dead-and-delivered: 2 × 1
+
+    # Once its last peer has it, the next run deletes it too.
+    OutboxEntry.objects.filter(event__ce_id="owed-to-c", status="pending").update(status="delivered")
+    assert ingest_services.events_purge_expired(days=7, pause=0) == 1
+    assert _left()["events"] == {"in-flight", "recent"}
+
+
+def test_an_expired_event_no_peer_was_owed_goes_and_zero_days_keeps_everything(team):
+    old = _stored(team, "no-peer", ())
+    assert not OutboxEntry.objects.exists()
+    assert ingest_services.events_purge_expired(days=0) == 0
+    assert Event.objects.filter(pk=old.pk).exists()
+    assert ingest_services.events_purge_expired(days=7, pause=0) == 1
+    assert not Event.objects.filter(pk=old.pk).exists()
+
+
+def test_batches_are_transactions_of_their_own_in_received_order(team, peers):
+    for n in range(5):
+        _stored(team, f"old-{n}", ("delivered", "dead"), age=EXPIRED + timedelta(minutes=5 - n))
+    with CaptureQueriesContext(connection) as captured:
+        assert ingest_services.events_purge_expired(days=7, batch=2, pause=0) == 5
+    deletes = [q["sql"] for q in captured.captured_queries if q["sql"].startswith('DELETE FROM "ingest_event"')]
+    assert len(deletes) == 3  # 2 + 2 + 1
+    # Each batch commits on its own (a savepoint of the test's transaction here): no long transaction.
+    assert sum(q["sql"].startswith("RELEASE SAVEPOINT") for q in captured.captured_queries) >= 3
+    assert not Event.objects.exists() and not OutboxEntry.objects.exists() and not Delivery.objects.exists()
+
+
+def test_a_purge_stopped_midway_keeps_what_it_committed_and_the_next_run_finishes(team, peers, transactional_db):
+    for n in range(5):
+        _stored(team, f"old-{n}", ("delivered", "delivered"), age=EXPIRED + timedelta(minutes=5 - n))
+    calls = []
+
+    def stop_at_the_second_batch(ids):
+        calls.append(ids)
+        if len(calls) == 2:
+            raise RuntimeError("worker killed")
+        return set()
+
+    hooks.event_purging.insert(0, stop_at_the_second_batch)
+    try:
+        with pytest.raises(RuntimeError):
+            ingest_services.events_purge_expired(days=7, batch=2, pause=0)
+    finally:
+        hooks.event_purging.remove(stop_at_the_second_batch)
+    # The first batch (the two oldest) is gone for good; the second rolled back whole.
+    assert _left()["events"] == {"old-2", "old-3", "old-4"}
+    assert OutboxEntry.objects.count() == 6 and Delivery.objects.count() == 6
+
+    assert ingest_services.events_purge_expired(days=7, batch=2, pause=0) == 3
+    assert _left() == {"events": set(), "entries": set(), "attempts": 0}
+
+
+def test_a_dead_letter_replayed_before_the_purge_is_owed_again_and_kept(team, peers):
+    from federation import outbox
+
+    event = _stored(team, "replayed", ("dead", "delivered"))
+    peer_b = peers[0]
+    assert outbox.replay_dead(peer=peer_b, limit=10) == 1
+    assert ingest_services.events_purge_expired(days=7, pause=0) == 0
+    assert Event.objects.filter(pk=event.pk).exists()
+    assert OutboxEntry.objects.get(event=event, peer=peer_b).status == "pending"
+
+
+def test_the_hourly_task_purges_with_the_configured_days(team, settings):
+    from ingest import tasks
+
+    assert [e["schedule"] for e in settings.CELERY_BEAT_SCHEDULE.values()
+            if e["task"] == "ingest.tasks.events_purge_expired"] == [3600.0]  # fmt: skip
+    _stored(team, "three-days", (), age=timedelta(days=3))
+    settings.KITE_EVENT_RETENTION_DAYS = 0
+    assert tasks.events_purge_expired() == 0
+    settings.KITE_EVENT_RETENTION_DAYS = 5
+    assert tasks.events_purge_expired() == 0
+    settings.KITE_EVENT_RETENTION_DAYS = 2
+    assert tasks.events_purge_expired() == 1
