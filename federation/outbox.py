@@ -27,7 +27,7 @@ from federation import audit, backoff, client, metrics, routing, services
 from federation.models import Delivery, OutboxEntry, Peer
 from ingest import cloudevent
 from ingest.models import Event, Source
-from kite import fastsql
+from kite import fastsql, tracing
 from kite.models import Team
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def route_event(event: Event, sender) -> None:
         if decision.reason == "max_hops":
             _emit_delivery_failed(event, route, forward)
     if entries:
-        fastsql.insert(entries)
+        with tracing.event_span("kite.outbox", event, {"kite.peer_ids": [entry.peer_id for entry in entries]}):
+            fastsql.insert(entries)
         for peer_id in {entry.peer_id for entry in entries}:
             transaction.on_commit(lambda peer_id=peer_id: kick(peer_id), robust=True)
 
@@ -578,15 +579,21 @@ def send(peer: Peer, target: client.Target, group: list[OutboxEntry], drain: Dra
         body, content_type, msg_id = [wire_event(e) for e in group], BATCH_CONTENT_TYPE, f"batch_{uuid.uuid4().hex}"
     else:
         body, content_type, msg_id = wire_event(group[0]), SINGLE_CONTENT_TYPE, str(group[0].msg_id)
+    traced = tracing.delivery(peer.name, group, batched)  # None unless tracing is on
     try:
-        answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id)
+        answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id,
+                             headers=traced and traced.headers)  # fmt: skip
     except client.PeerCallError as failure:
+        if traced:
+            traced.failed(failure.kind, failure.status_code, failure.detail)
         with drain.lock:  # a renewal's new token is then either known here or written after this
             _record_failure(peer, group, failure, drain.tokens)
             drain.finished(group)
         metrics.CALLS.labels(peer.name, "outbound", metrics.outcome_of(failure)).inc()
         return False
     metrics.CALLS.labels(peer.name, "outbound", "ok").inc()
+    if traced:
+        traced.answered(answer.status_code, [outcome for outcome, _ in _results(answer, group, batched)])
     with drain.lock:
         _record_success(peer, group, answer, batched, drain.tokens)
         drain.finished(group)
