@@ -17,6 +17,8 @@ from django.conf import settings
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from kite import tracing
+
 log = logging.getLogger(__name__)
 _server_loop: asyncio.AbstractEventLoop | None = None
 _private_loop: asyncio.AbstractEventLoop | None = None
@@ -94,6 +96,13 @@ def nobody_listening(event) -> bool:
 
 
 def event_stored(event) -> None:
+    if tracing.ENABLED:
+        with tracing.event_span("kite.broadcast", event, {"kite.listening": not nobody_listening(event)}):
+            return _event_stored(event)
+    return _event_stored(event)
+
+
+def _event_stored(event) -> None:
     if nobody_listening(event):
         return
     loop = _target_loop()

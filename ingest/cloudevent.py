@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
+from kite import tracing
+
 MAX_ATTRIBUTE_LENGTH = 255
 AGENT_MESSAGE_TYPE = "com.kite.agent.message"
 DEFAULT_TYPE = "com.kite.webhook"
@@ -247,6 +249,10 @@ def draft_from_cloudevent(payload: dict, received_at: datetime) -> Draft:
     if bad:
         raise MalformedEvent("invalid_event", f"Invalid CloudEvent extension name(s): {', '.join(sorted(bad))}.")
     extensions = {key: _extension_value(key, value) for key, value in extensions.items()}
+    if "traceparent" in extensions or "tracestate" in extensions:  # Distributed Tracing: W3C values only
+        problem = tracing.check_extensions(extensions)
+        if problem:
+            raise MalformedEvent("invalid_event", problem)
     extensions.pop("kitecursor", None)  # a read position of the sender's store means nothing here
     extensions.pop("kitefedpeer", None)  # who handed it to us is for the receiver to say, never the sender
     data = payload.get("data")

@@ -14,7 +14,7 @@ from django.utils import timezone
 from ingest import broadcast, cloudevent, hooks, verifiers
 from ingest.errors import Code
 from ingest.models import Event, Source
-from kite import crypto, fastsql, ratelimit
+from kite import crypto, fastsql, ratelimit, tracing
 from kite.errors import ApiError
 from kite.models import Team
 
@@ -132,8 +132,9 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
     up a source's quota and crowd out the real sender.
     """
     try:
-        sender = verifiers.VERIFIERS[source.kind](source_credential(source), headers, body, int(time.time()),
-                                                  source.team_id)  # fmt: skip
+        with tracing.span("kite.verify", {"kite.source.kind": source.kind}):
+            sender = verifiers.VERIFIERS[source.kind](source_credential(source), headers, body, int(time.time()),
+                                                      source.team_id)  # fmt: skip
     except verifiers.VerificationError as exc:
         raise ApiError(exc.detail, exc.code, status=exc.status) from None
     verdict = ratelimit.hit(f"source:{source.pk}", source.rate_limit_per_second)
@@ -149,11 +150,12 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
         draft = _received(source, draft, sender) if hooks.event_received else draft
     except cloudevent.MalformedEvent as exc:
         raise ApiError(exc.detail, exc.code, status=exc.status) from None
-    if isinstance(draft, list):
-        if getattr(source, "from_cache", False):
-            raise SourceChanged  # a batch is stored in a transaction that cannot check the copy: read it
-        return events_store_batch(source=source, items=draft, sender=sender)
-    return event_store(source=source, draft=draft, sender=sender)
+    if isinstance(draft, list) and getattr(source, "from_cache", False):
+        raise SourceChanged  # a batch is stored in a transaction that cannot check the copy: read it
+    with tracing.storing(draft, headers):  # each event leaves with a `traceparent` (kite.tracing)
+        if isinstance(draft, list):
+            return events_store_batch(source=source, items=draft, sender=sender)
+        return event_store(source=source, draft=draft, sender=sender)
 
 
 def _received(source: Source, draft, sender):

@@ -10,7 +10,7 @@ from django.views.decorators.csrf import csrf_exempt
 from ingest import selectors, services, verifiers
 from ingest.api import openapi
 from ingest.errors import Code
-from kite import metrics, selectors as kite_selectors
+from kite import metrics, selectors as kite_selectors, tracing
 from kite.errors import ApiError
 from kite.schema import documented_by
 
@@ -90,11 +90,12 @@ def hook(request, team_id: str, source: str):
         label = found.name
         body = _read_body(request)
         headers = verifiers.headers_of(request.META)
-        try:
-            result = services.webhook_receive(source=found, headers=headers, body=body)
-        except services.SourceChanged:  # verified against a cached copy that is out of date: again
-            found = _source(team_id, source, fresh=True)
-            result = services.webhook_receive(source=found, headers=headers, body=body)
+        with tracing.span("kite.receive", {"kite.source": found.name, "kite.team": team_id}):
+            try:
+                result = services.webhook_receive(source=found, headers=headers, body=body)
+            except services.SourceChanged:  # verified against a cached copy that is out of date: again
+                found = _source(team_id, source, fresh=True)
+                result = services.webhook_receive(source=found, headers=headers, body=body)
     except ApiError as exc:
         metrics.EVENTS_INGESTED.labels(label, exc.code).inc()
         return _answer(exc.response())
