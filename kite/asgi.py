@@ -20,6 +20,10 @@ import django  # noqa: E402
 
 django.setup()
 
+from kite import tracing  # noqa: E402
+
+tracing.setup(web=True)  # OTEL_EXPORTER_OTLP_ENDPOINT set: before the WSGI handler is built (its middleware first)
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402

@@ -48,6 +48,16 @@ def _keys_decrypt_what_is_stored(**kwargs):
     pooling.exit_if_prepared_statements_break("worker")  # behind a transaction-pooling PgBouncer
 
 
+@worker_init.connect
+@beat_init.connect
+def _tracing(**kwargs):
+    """OTEL_EXPORTER_OTLP_ENDPOINT set: traces (kite.tracing). Before the pool forks: the SDK's
+    export thread starts again in each pool process by itself."""
+    from kite import tracing
+
+    tracing.setup()
+
+
 @worker_process_init.connect
 def _pool_process_ignores_sigterm(**kwargs):
     """A stop signalled to runkite's whole process group (a terminal's kill, systemd's default

@@ -154,7 +154,8 @@ def _resource(environ):
     from django.conf import settings
     from opentelemetry.sdk.resources import Resource
 
-    resource = Resource.create({"service.instance.id": settings.KITE_INSTANCE_ID})
+    # Not service.instance.id: the SDK makes that one per process (anew in each forked worker).
+    resource = Resource.create({"kite.instance_id": settings.KITE_INSTANCE_ID})
     if not environ.get("OTEL_SERVICE_NAME") and str(resource.attributes.get("service.name", "")).startswith(
         "unknown_service"
     ):
