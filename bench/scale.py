@@ -57,7 +57,6 @@ import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -70,7 +69,14 @@ _spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).wi
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
+_spec = importlib.util.spec_from_file_location("scale_federation", Path(__file__).with_name("scale_federation.py"))
+scale_federation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scale_federation)
+
 ROOT = bench.ROOT
+WEB_PHASES = {"ingest", "reads", "replay"}
+FEDERATION_PHASES = {"federation", "backlog"}
+PHASES = ["ingest", "reads", "replay", "storage", "federation", "backlog"]
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 PEER_NAME = "archive"
 KITE_SOURCE = "kite"
@@ -134,8 +140,11 @@ class Scale:
         for item in args.env:
             ingest_argv += ["--env", item]
         self.dep = bench.Deployment(bench.build_parser().parse_args(ingest_argv))
+        if args.phases & FEDERATION_PHASES:  # B's commit timestamps: A's 202 → stored at B
+            self.dep.services_env["KITE_PG_OPTIONS"] = "-c track_commit_timestamp=on"
         self.db: psycopg.Connection | None = None
         self.bulk_serial = 0
+        self.federation = None
 
     # --- set-up ------------------------------------------------------------
 
@@ -374,33 +383,56 @@ class Scale:
     def measure(self, size: int) -> dict:
         a = self.args
         dep = self.dep
-        dep._start_web()
-        time.sleep(1)
-        rss = {"start": rss_mb(self.web_pids())}
-        self.ingest_round(a.warmup)
-        self.pgbench_round(a.warmup)
-        rss["warm"] = rss_mb(self.web_pids())
-        rounds = []
-        for i in range(a.rounds):
-            result = {}
+        phases = a.phases
+        result = {"size": size, "rounds": [], "non202": 0}
+        if phases & WEB_PHASES:
+            dep._start_web()
+            time.sleep(1)
+            rss = {"start": rss_mb(self.web_pids())}
+            if "ingest" in phases:
+                self.ingest_round(a.warmup)
+                self.pgbench_round(a.warmup)
+            rss["warm"] = rss_mb(self.web_pids())
+            for i in range(a.rounds):
+                result["rounds"].append(self.web_round(i))
+            rss["end"] = rss_mb(self.web_pids())
+            dep.stop_web()
+            result["rss"] = rss
+            result["non202"] = sum(r["stripe"]["other"] + r["stripe"]["duplicate"] + r["stripe"]["socket_errors"]
+                                   for r in result["rounds"] if "stripe" in r)  # fmt: skip
+        if "storage" in phases:
+            result["storage"] = self.sizes()
+        result["stored"] = self.stored()
+        if phases & FEDERATION_PHASES:
+            if self.federation is None:
+                self.federation = scale_federation.AtScale(a, dep)
+            result["federation"] = self.federation.measure(size, phases)
+        return result
+
+    def web_round(self, i: int) -> dict:
+        a, phases = self.args, self.args.phases
+        result = {}
+        if "ingest" in phases:
             for name in ("stripe", "pgbench") if i % 2 == 0 else ("pgbench", "stripe"):
                 result[name] = self.ingest_round(a.duration) if name == "stripe" else self.pgbench_round(a.duration)
+        if "reads" in phases:
             result["reads"] = self.reads_round(a.reads, a.slow_reads)
+        if "replay" in phases:
             result["replay"] = self.replay_round(a.replay_events, a.replay_seconds)
-            rounds.append(result)
-            log(
-                f"{human(size)} round {i + 1}: stripe {result['stripe']['rate']:.0f}/s, pgbench "
-                f"{result['pgbench']['rate']:.0f}/s ({result['stripe']['rate'] / result['pgbench']['rate']:.0%}); "
-                + ", ".join(f"{k} p99 {v['p99_ms']:.1f} ms" for k, v in result["reads"].items())
-                + f"; replay {result['replay']['rate']:.0f} events/s"
-            )
-        rss["end"] = rss_mb(self.web_pids())
-        dep.stop_web()
-        non202 = sum(r["stripe"]["other"] + r["stripe"]["duplicate"] + r["stripe"]["socket_errors"] for r in rounds)
-        return {"size": size, "stored": self.stored(), "rounds": rounds, "rss": rss, "storage": self.sizes(),
-                "non202": non202}  # fmt: skip
+        parts = []
+        if "stripe" in result:
+            parts.append(f"stripe {result['stripe']['rate']:.0f}/s, pgbench {result['pgbench']['rate']:.0f}/s "
+                         f"({result['stripe']['rate'] / result['pgbench']['rate']:.0%})")  # fmt: skip
+        if "reads" in result:
+            parts.append(", ".join(f"{k} p99 {v['p99_ms']:.1f} ms" for k, v in result["reads"].items()))
+        if "replay" in result:
+            parts.append(f"replay {result['replay']['rate']:.0f} events/s")
+        log(f"round {i + 1}: " + "; ".join(parts))
+        return result
 
     def stop(self) -> None:
+        if self.federation is not None:
+            self.federation.close()
         if self.db is not None:
             self.db.close()
         self.dep.stop()
@@ -467,8 +499,8 @@ def report(args, facts, results, loads, started, finished) -> str:
     command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/scale.py", *sys.argv[1:]])
     start, end = bench.markers(args.section)
     quiet = "quiet" if facts["loadavg"] < 0.5 and not facts["pytest"] else "NOT quiet (see load average)"
+    phases = args.phases
     base = results[0]
-    kinds = list(base["rounds"][0]["reads"])
 
     def m(result, pick):
         return med([pick(r) for r in result["rounds"]])
@@ -476,10 +508,6 @@ def report(args, facts, results, loads, started, finished) -> str:
     def ratio(value, ref):
         return f"{value / ref:.0%}" if ref else "–"
 
-    stripe = [m(r, lambda x: x["stripe"]["rate"]) for r in results]
-    pgb = [m(r, lambda x: x["pgbench"]["rate"]) for r in results]
-    share = [m(r, lambda x: x["stripe"]["rate"] / x["pgbench"]["rate"]) for r in results]
-    replay = [m(r, lambda x: x["replay"]["rate"]) for r in results]
     header = "| size (events stored at the end) | " + " | ".join(
         f"{human(r['size'])} ({r['stored']:,})" for r in results) + " |"  # fmt: skip
     rule = "|---|" + "---|" * len(results)
@@ -497,8 +525,10 @@ def report(args, facts, results, loads, started, finished) -> str:
         f"run, {facts['loadavg_end']:.2f} after, other pytest processes at the start: {facts['pytest']} → {quiet}. "
         f"Python {facts['python']}, Django {facts['django']}, uvicorn {facts['uvicorn']}, psycopg {facts['psycopg']}, "
         f"PostgreSQL {facts['postgres']} (fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']}: "
-        f"durable commits, shared_buffers={facts['shared_buffers']}), Redis; all on loopback on this one machine, "
+        f"durable commits, shared_buffers={facts['shared_buffers']}, "
+        f"track_commit_timestamp={facts['track_commit_timestamp']}), Redis; all on loopback on this one machine, "
         "load generators included.",
+        f"- Phases: {', '.join(p for p in PHASES if p in phases)}.",
         f"- Web: `{facts['web_command']}` with KITE_TLS=off, KITE_WEB_WORKERS={facts['web_workers']}, "
         f"KITE_WSGI_THREADS={facts['wsgi_threads']}, started afresh at each size after the bulk load, VACUUM ANALYZE "
         "and CHECKPOINT; no Celery worker/beat." + (f" Extra environment: {', '.join(args.env)}." if args.env else ""),
@@ -508,88 +538,241 @@ def report(args, facts, results, loads, started, finished) -> str:
         "(delivered, 0.5 % dead) and one delivery row (5 % two); one audit row per 20 events. Load times: "
         + ", ".join(f"{human(s)}: +{v['added']:,} in {v['seconds']:.0f} s" for s, v in loads.items() if v["added"])
         + ".",
-        f"- Ingest: `wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s` of verified Stripe webhooks "
-        "(bench/ingest.py's rounds; 202s per second) alternating with "
-        f"`pgbench -c{args.pgbench_clients or args.connections} -j{args.wrk_threads} "
-        f"-T{max(1, round(args.duration))}`, "
-        "a custom script of one INSERT of the same 1 kB row into "
-        f"ingest_event per transaction (the physical ceiling), {args.rounds} rounds after a {args.warmup:g} s warm-up.",
-        f"- Reads: {args.reads} sequential `GET /api/events?limit=100` per kind and round on one keep-alive connection "
-        f"(Bearer key), latency per request from this client; {args.slow_reads} per round of "
-        "`GET /api/federation/peers` "
-        "(it counts each peer's outbox entries by status) and `GET /api/audit?outcome=bad_secret` (no such row: it "
-        "reads the team's whole audit trail), whose cost grows with the tables. "
-        "Replay: `WS /ws/events?after=0`, events/s over the first "
-        f"{args.replay_events:,} events (at most {args.replay_seconds:g} s).",
-        "",
-        header,
-        rule,
-        "| verified Stripe webhooks/s | " + " | ".join(
-            f"{v:.0f} ({ratio(v, stripe[0])})" for v in stripe) + " |",
-        "| pgbench INSERTs/s (ceiling) | " + " | ".join(f"{v:.0f} ({ratio(v, pgb[0])})" for v in pgb) + " |",
-        "| webhooks / pgbench (same round) | " + " | ".join(f"{v:.0%}" for v in share) + " |",
-        "| webhook p99 ms (wrk) | " + " | ".join(
-            f"{m(r, lambda x: x['stripe']['p99_ms']):.1f}" for r in results) + " |",
-        "| PostgreSQL CPU µs per webhook | " + " | ".join(
-            f"{m(r, lambda x: x['stripe']['cpu_us']['postgres']):.0f}" for r in results) + " |",
     ]  # fmt: skip
-    for kind in kinds:
-        p99 = [m(r, lambda x, k=kind: x["reads"][k]["p99_ms"]) for r in results]
-        p50 = [m(r, lambda x, k=kind: x["reads"][k]["p50_ms"]) for r in results]
+    if "ingest" in phases:
         lines.append(
-            f"| {kind if kind[0] == 'G' else '/api/events, ' + kind}: p50 / **p99** ms | "
-            + " | ".join(f"{a:.1f} / **{b:.1f}** ({ratio(b, p99[0])})" for a, b in zip(p50, p99))
+            f"- Ingest: `wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s` of verified Stripe "
+            "webhooks (bench/ingest.py's rounds; 202s per second) alternating with "
+            f"`pgbench -c{args.pgbench_clients or args.connections} -j{args.wrk_threads} "
+            f"-T{max(1, round(args.duration))}`, a custom script of one INSERT of the same 1 kB row into "
+            f"ingest_event per transaction (the physical ceiling), {args.rounds} rounds after a {args.warmup:g} s "
+            "warm-up."
+        )
+    if "reads" in phases:
+        lines.append(
+            f"- Reads: {args.reads} sequential `GET /api/events?limit=100` per kind and round on one keep-alive "
+            f"connection (Bearer key), latency per request from this client; {args.slow_reads} per round of "
+            "`GET /api/federation/peers` (it counts each peer's outbox entries by status) and "
+            "`GET /api/audit?outcome=bad_secret` (no such row: it reads the team's whole audit trail), whose cost "
+            "grows with the tables."
+        )
+    if "replay" in phases:
+        lines.append(
+            f"- Replay: `WS /ws/events?after=0`, events/s over the first {args.replay_events:,} events (at most "
+            f"{args.replay_seconds:g} s)."
+        )
+    if phases & FEDERATION_PHASES:
+        lines.append(federation_method(args))
+    lines += ["", header, rule]
+    checks = []
+    if "ingest" in phases:
+        stripe = [m(r, lambda x: x["stripe"]["rate"]) for r in results]
+        pgb = [m(r, lambda x: x["pgbench"]["rate"]) for r in results]
+        share = [m(r, lambda x: x["stripe"]["rate"] / x["pgbench"]["rate"]) for r in results]
+        lines += [
+            "| verified Stripe webhooks/s | " + " | ".join(f"{v:.0f} ({ratio(v, stripe[0])})" for v in stripe) + " |",
+            "| pgbench INSERTs/s (ceiling) | " + " | ".join(f"{v:.0f} ({ratio(v, pgb[0])})" for v in pgb) + " |",
+            "| webhooks / pgbench (same round) | " + " | ".join(f"{v:.0%}" for v in share) + " |",
+            "| webhook p99 ms (wrk) | " + " | ".join(
+                f"{m(r, lambda x: x['stripe']['p99_ms']):.1f}" for r in results) + " |",
+            "| PostgreSQL CPU µs per webhook | " + " | ".join(
+                f"{m(r, lambda x: x['stripe']['cpu_us']['postgres']):.0f}" for r in results) + " |",
+        ]  # fmt: skip
+        worst_ingest = min(v / stripe[0] for v in stripe) if stripe[0] else float("nan")
+        checks += [
+            (f"ingest at every size ≥ 90 % of empty: lowest {worst_ingest:.0%}", worst_ingest >= 0.9),
+            (f"ingest ≥ 60 % of pgbench at every size: lowest {min(share):.0%}", min(share) >= 0.6),
+        ]
+    errors = 0
+    if "reads" in phases:
+        kinds = list(base["rounds"][0]["reads"])
+        for kind in kinds:
+            p99 = [m(r, lambda x, k=kind: x["reads"][k]["p99_ms"]) for r in results]
+            p50 = [m(r, lambda x, k=kind: x["reads"][k]["p50_ms"]) for r in results]
+            lines.append(
+                f"| {kind if kind[0] == 'G' else '/api/events, ' + kind}: p50 / **p99** ms | "
+                + " | ".join(f"{a:.1f} / **{b:.1f}** ({ratio(b, p99[0])})" for a, b in zip(p50, p99))
+                + " |"
+            )
+        largest = results[-1]
+        read_p99 = max(m(largest, lambda x, k=k: x["reads"][k]["p99_ms"]) for k in kinds[:3])
+        errors = sum(x["reads"][k]["errors"] for r in results for x in r["rounds"] for k in kinds)
+        checks.append((f"page, after-cursor and tail reads p99 ≤ 20 ms at {human(largest['size'])}: worst "
+                       f"{read_p99:.1f} ms", read_p99 <= 20))  # fmt: skip
+    if "replay" in phases:
+        replay = [m(r, lambda x: x["replay"]["rate"]) for r in results]
+        lines.append(
+            "| replay from after=0, events/s | "
+            + " | ".join(
+                f"{v:.0f} ({ratio(v, replay[0])}, {m(r, lambda x: x['replay']['events']):,.0f} events)"
+                for v, r in zip(replay, results)
+            )
             + " |"
         )
-    lines.append(
-        "| replay from after=0, events/s | "
-        + " | ".join(
-            f"{v:.0f} ({ratio(v, replay[0])}, {m(r, lambda x: x['replay']['events']):,.0f} events)"
-            for v, r in zip(replay, results)
-        )
-        + " |"
-    )
-    for table, label in (("ingest_event", "event"), ("federation_outboxentry", "outbox entry"),
-                         ("federation_delivery", "delivery row"), ("federation_auditevent", "audit row")):  # fmt: skip
-        values = [r["storage"][table] for r in results]
+        checks.append((f"replay ≥ 5,000 events/s at every size: lowest {min(replay):.0f}/s", min(replay) >= 5000))
+    if "storage" in phases:
+        for table, label in (("ingest_event", "event"), ("federation_outboxentry", "outbox entry"),
+                             ("federation_delivery", "delivery row"), ("federation_auditevent", "audit row")):  # fmt: skip
+            values = [r["storage"][table] for r in results]
+            lines.append(
+                f"| bytes per {label} (table + indexes + TOAST) | "
+                + " | ".join(f"{v['per_row']:.0f} ({v['rows']:,} rows)" if v["rows"] else "– (0 rows)" for v in values)
+                + " |"
+            )
         lines.append(
-            f"| bytes per {label} (table + indexes + TOAST) | "
-            + " | ".join(f"{v['per_row']:.0f} ({v['rows']:,} rows)" if v["rows"] else "– (0 rows)" for v in values)
+            "| database size | " + " | ".join(f"{r['storage']['database'] / 2**30:.2f} GiB" for r in results) + " |"
+        )
+    if phases & WEB_PHASES:
+        lines.append(
+            "| web RSS MB: started / warm / after | "
+            + " | ".join(f"{r['rss']['start']:.0f} / {r['rss']['warm']:.0f} / {r['rss']['end']:.0f}" for r in results)
             + " |"
         )
-    lines.append(
-        "| database size | " + " | ".join(f"{r['storage']['database'] / 2**30:.2f} GiB" for r in results) + " |"
-    )
-    lines.append(
-        "| web RSS MB: started / warm / after | "
-        + " | ".join(f"{r['rss']['start']:.0f} / {r['rss']['warm']:.0f} / {r['rss']['end']:.0f}" for r in results)
-        + " |"
-    )
-    largest = results[-1]
-    worst_ingest = min(v / stripe[0] for v in stripe) if stripe[0] else float("nan")
-    read_p99 = max(m(largest, lambda x, k=k: x["reads"][k]["p99_ms"]) for k in kinds[:3])
-    errors = sum(x["reads"][k]["errors"] for r in results for x in r["rounds"] for k in kinds)
-    checks = [
-        (f"ingest at every size ≥ 90 % of empty: lowest {worst_ingest:.0%}", worst_ingest >= 0.9),
-        (f"page, after-cursor and tail reads p99 ≤ 20 ms at {human(largest['size'])}: worst {read_p99:.1f} ms",
-         read_p99 <= 20),
-        (f"replay ≥ 5,000 events/s at every size: lowest {min(replay):.0f}/s", min(replay) >= 5000),
-        (f"ingest ≥ 60 % of pgbench at every size: lowest {min(share):.0%}", min(share) >= 0.6),
-    ]  # fmt: skip
+    problems, notes = [], []
+    if phases & FEDERATION_PHASES:
+        rows, fed_checks, problems, notes = federation_rows(args, [r["federation"] for r in results])
+        lines += rows
+        checks += fed_checks
+    for note in notes:
+        lines += ["", note]
     lines += ["", "Targets:", ""]
     lines += [f"- {text} → **{'met' if ok else 'not met'}**" for text, ok in checks]
     non202 = sum(r["non202"] for r in results)
     lines += [
         "",
-        f"Ratios in brackets are to the {human(base['size'])} figure of this run; medians over {args.rounds} rounds. "
-        f"Non-202 answers to webhooks: {non202}; non-200 answers to reads: {errors}. "
-        f"The run took {(finished - started).seconds} s.",
+        f"Ratios in brackets are to the {human(base['size'])} figure of this run; medians over {args.rounds} rounds"
+        + (f" ({args.backlog_rounds} for the backlog)" if "backlog" in phases and args.backlog else "")
+        + ". "
+        + (f"Non-202 answers to webhooks: {non202}. " if "ingest" in phases else "")
+        + (f"Non-200 answers to reads: {errors}. " if "reads" in phases else "")
+        + (("Federation checks (B holds exactly the events queued at A, no dead entry at A, the peer deleted "
+            "cleanly): " + ("all held. " if not problems else "**problems: " + "; ".join(problems) + "**. "))
+           if phases & FEDERATION_PHASES else "")
+        + f"The run took {(finished - started).seconds} s.",
         end,
     ]
     return "\n".join(lines)
 
 
+def federation_method(args) -> str:
+    text = (
+        "- Federation (bench/scale_federation.py, reusing bench/federation.py's rounds): A = this instance, its "
+        "data dir and database, started as `manage.py runkite` (web, Celery worker concurrency 2, beat; KITE_TLS=on, "
+        "KITE_PROBE_DOWN_SECONDS=1, KITE_HEARTBEAT_SECONDS=3600) after the phases above; B = a second `runkite`, "
+        "its own database on the same PostgreSQL, Redis db 2. At each size peered as an operator does it (B's "
+        "token, A adds B with B's pinned TLS fingerprint and scopes [\"*\"], B trusts A), measured, B deleted as a "
+        "peer through A's API; the events, outbox entries and delivery rows the phase added are deleted at A and "
+        "B's stored events truncated, so the next size starts from the bulk-loaded data alone."
+    )
+    if "federation" in args.phases:
+        text += (
+            f" Latency: an open loop of ~0.6 kB events posted to a `none` source on A at {args.fed_rate:g}/s for "
+            f"{args.fed_duration:g} s per round over {args.fed_connections} keep-alive TLS connections, after a 3 s "
+            "warm-up; A's 202 → the commit of the event at B (B's commit timestamps), and → B's WebSocket listener."
+        )
+    if "backlog" in args.phases:
+        text += (
+            f" Batched drain: {args.batched:,} events + outbox entries written into A's database not due, made due "
+            "in one UPDATE, one event posted to kick; time from the UPDATE's commit until B stored them all (B's "
+            "rows counted by its cursor index, new transactions only), batch_max 500."
+        )
+        if args.backlog:
+            text += (
+                f" Backlog: the same with {args.backlog:,} entries ({args.backlog_rounds} round(s)); A's Celery "
+                "worker processes' RSS (VmRSS, /proc) every second while it drains."
+            )
+        if args.catchup:
+            text += (
+                " Catch-up (bench/federation.py's round): B stopped, events posted to A until A marks B `down`, the "
+                f"rest of {args.catchup:,} written into A's database due, B started: time from B answering /healthz "
+                f"to all {args.catchup:,} stored at B ({args.catchup_rounds} rounds)."
+            )
+    return text
+
+
+def federation_rows(args, feds: list[dict]) -> tuple[list[str], list[tuple[str, bool]], list[str], list[str]]:
+    def ratio(value, ref):
+        return f"{value / ref:.0%}" if ref else "–"
+
+    rows, checks, problems, notes = [], [], [], []
+    if "latency" in feds[0]:
+        stored99 = [med([r.get("stored_p99") for r in f["latency"]]) for f in feds]
+        stored50 = [med([r.get("stored_p50") for r in f["latency"]]) for f in feds]
+        listen50 = [med([r["p50"] for r in f["latency"]]) for f in feds]
+        listen99 = [med([r["p99"] for r in f["latency"]]) for f in feds]
+        achieved = [med([r["achieved"] for r in f["latency"]]) for f in feds]
+        missing = sum(r["missing"] + r["errors"] for f in feds for r in f["latency"])
+        rows += [
+            f"| A's 202 → stored at B at {args.fed_rate:g}/s: p50 / **p99** ms | " + " | ".join(
+                f"{a:.1f} / **{b:.1f}** ({ratio(b, stored99[0])})" for a, b in zip(stored50, stored99)) + " |",
+            "| A's 202 → B's listener: p50 / p99 ms | " + " | ".join(
+                f"{a:.1f} / {b:.1f}" for a, b in zip(listen50, listen99)) + " |",
+            "| latency rounds: achieved events/s | " + " | ".join(f"{v:.0f}" for v in achieved) + " |",
+        ]  # fmt: skip
+        worst = max(v / stored99[0] for v in stored99) if stored99[0] else float("nan")
+        checks.append((f"A → B p99 (stored at B) ≤ 1.5× the empty database's at every size: worst {worst:.2f}× "
+                       f"({max(stored99):.1f} ms vs {stored99[0]:.1f} ms)", worst <= 1.5))  # fmt: skip
+        if missing:
+            problems.append(f"{missing} latency events not stored/answered")
+    if "batched" in feds[0]:
+        batched = [med([r["rate"] for r in f["batched"]]) for f in feds]
+        rows.append(f"| batched drain of {args.batched:,}, events/s | "
+                    + " | ".join(f"{v:.0f} ({ratio(v, batched[0])})" for v in batched) + " |")  # fmt: skip
+        if feds[0].get("backlog"):
+            backlog = [med([r["rate"] for r in f["backlog"]]) for f in feds]
+            rows += [
+                f"| backlog of {args.backlog:,}: events/s (vs the empty database's batched) | "
+                + " | ".join(f"**{v:.0f}** ({ratio(v, batched[0])})" for v in backlog) + " |",
+                "| backlog: release UPDATE s / slowest tenth events/s / A's worker RSS MB before → peak → end | "
+                + " | ".join(
+                    f"{med([r['update_seconds'] for r in f['backlog']]):.1f} / "
+                    f"{med([min(r['tenth_rates'] or [float('nan')]) for r in f['backlog']]):.0f} / "
+                    f"{med([r['rss_before'] for r in f['backlog']]):.0f} → {med([r['rss_peak'] for r in f['backlog']]):.0f}"
+                    f" → {med([r['rss_end'] for r in f['backlog']]):.0f}" for f in feds) + " |",
+            ]  # fmt: skip
+            checks.append((f"backlog of {args.backlog:,} drains at ≥ the empty database's batched rate "
+                           f"({batched[0]:.0f}/s) at every size: lowest {min(backlog):.0f}/s",
+                           min(backlog) >= batched[0]))  # fmt: skip
+            for name in feds[0]["backlog"][0]["plans"]:
+                rows.append(f"| backlog due: {name} (EXPLAIN ANALYZE ms / buffers) | " + " | ".join(
+                    f"{med([r['plans'][name]['ms'] for r in f['backlog']]):.2f} / "
+                    f"{f['backlog'][-1]['plans'][name]['buffers']}" for f in feds) + " |")  # fmt: skip
+            notes.append(f"Plans with the backlog of {args.backlog:,} due at {human(args.sizes[-1])} (EXPLAIN ANALYZE, "
+                         "first child first): " + "; ".join(f"{name}: {plan['nodes']}" for name, plan in
+                                                          feds[-1]["backlog"][-1]["plans"].items()) + ".")  # fmt: skip
+            growth = max(r["rss_peak"] - r["rss_before"] for f in feds for r in f["backlog"])
+            checks.append((f"A's worker RSS while a backlog drains: peak − before < 20 MB at every size: worst "
+                           f"{growth:.1f} MB", growth < 20))  # fmt: skip
+        if feds[0].get("catchup"):
+            drain = [med([r["drain"] for r in f["catchup"]]) for f in feds]
+            rows.append(f"| catch-up of {args.catchup:,}: s from B healthy to all stored (first after s) | "
+                        + " | ".join(f"**{v:.2f}** ({med([r['first_after'] for r in f['catchup']]):.2f})"
+                                     for v, f in zip(drain, feds)) + " |")  # fmt: skip
+            checks.append((f"catch-up of {args.catchup:,} ≤ 30 s at every size: worst {max(drain):.2f} s",
+                           max(drain) <= 30))  # fmt: skip
+    rows += [
+        "| A's Celery worker RSS MB (all its processes): started / after the federation phases | "
+        + " | ".join(f"{f['worker_rss']['start']:.0f} / {f['worker_rss']['end']:.0f}" for f in feds) + " |",
+        "| A's web RSS MB under runkite: started / after | "
+        + " | ".join(f"{f['web_rss']['start']:.0f} / {f['web_rss']['end']:.0f}" for f in feds) + " |",
+    ]  # fmt: skip
+    spread = max(f["worker_rss"]["end"] for f in feds) - feds[0]["worker_rss"]["end"]
+    checks.append((f"A's worker RSS after the federation phases flat across sizes (≤ the empty database's + 20 MB): "
+                   f"+{spread:.1f} MB at most", spread <= 20))  # fmt: skip
+    for f in feds:
+        problems += f["problems"]
+    return rows, checks, problems, notes
+
+
 # --------------------------------------------------------------------------- main
+
+
+def phase_list(value: str) -> set[str]:
+    phases = {p.strip() for p in value.split(",") if p.strip()}
+    unknown = phases - set(PHASES)
+    if unknown or not phases:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
+    return phases
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -608,8 +791,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replay-events", type=int, default=100_000)
     parser.add_argument("--replay-seconds", type=float, default=30)
     parser.add_argument("--max-rate", type=float, default=4000, help="webhooks signed per second of a wrk run")
+    parser.add_argument("--phases", type=phase_list, default=set(PHASES),
+                        help=f"comma-separated, any of {','.join(PHASES)} (default: all)")  # fmt: skip
+    parser.add_argument("--fed-rate", type=float, default=200, help="offered events/s of the A → B latency rounds")
+    parser.add_argument("--fed-duration", type=float, default=20, help="seconds per A → B latency round")
+    parser.add_argument("--fed-connections", type=int, default=16, help="connections of the latency generator")
+    parser.add_argument("--batched", type=int, default=10_000, help="events per batched drain round (the baseline)")
+    parser.add_argument("--backlog", type=lambda v: int(float(v)), default=1_000_000,
+                        help="entries of the backlog round (0: none)")  # fmt: skip
+    parser.add_argument("--backlog-rounds", type=int, default=1)
+    parser.add_argument("--catchup", type=lambda v: int(float(v)), default=100_000,
+                        help="events queued while B is down (0: no catch-up)")  # fmt: skip
+    parser.add_argument("--catchup-rounds", type=int, default=3)
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
-    parser.add_argument("--port", type=int, default=18490)
+    parser.add_argument("--port", type=int, default=18490, help="A's port")
+    parser.add_argument("--b-port", type=int, help="B's port (default: --port + 1)")
     parser.add_argument("--pg-port", type=int, default=55540)
     parser.add_argument("--redis-port", type=int, default=56540)
     parser.add_argument("--services-dir", default="/tmp/kite-scale-services")
@@ -627,9 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not Path(args.pgbench).exists():
+    if "ingest" in args.phases and not Path(args.pgbench).exists():
         raise SystemExit(f"no pgbench at {args.pgbench} (Debian's postgresql-15 ships it)")
-    if not Path(args.wrk).exists():
+    if "ingest" in args.phases and not Path(args.wrk).exists():
         raise SystemExit(f"no wrk at {args.wrk} (apt-get install wrk)")
     if args.wait_quiet:
         bench.wait_until_quiet(args.wait_quiet)
@@ -641,6 +837,7 @@ def main(argv=None) -> int:
         scale.start()
         facts = bench.machine_facts(scale.dep) | initial
         facts["shared_buffers"] = scale.one("SHOW shared_buffers")
+        facts["track_commit_timestamp"] = scale.one("SHOW track_commit_timestamp")
         facts["web_command"] = scale.dep.web_command
         scale.dep.stop_web()
         results, loads = [], {}
