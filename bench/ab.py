@@ -14,8 +14,10 @@ bench/RESULTS.md.
 
 A variant is `label[:key=value;key=value…]` with keys server (uvicorn|gunicorn),
 app (an ASGI app, e.g. kite.bench.experiment:application), patch
-(KITE_BENCH_PATCH, see kite/bench/experiment.py), workers, threads, and
-env.NAME for any other environment variable.
+(KITE_BENCH_PATCH, see kite/bench/experiment.py), workers, threads, tree (a
+checkout of another revision, e.g. from `git worktree add`, whose code the web
+server runs: an A/B of two revisions), and env.NAME for any other environment
+variable.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def parse_variant(text: str) -> dict:
             variant["env"][key[4:]] = value
         elif key == "patch":
             variant["env"]["KITE_BENCH_PATCH"] = value
-        elif key in ("server", "app", "workers", "threads"):
+        elif key in ("server", "app", "workers", "threads", "tree"):
             variant[key] = value
         else:
             raise SystemExit(f"unknown key {key!r} in variant {text!r}")
@@ -53,7 +55,7 @@ def parse_variant(text: str) -> dict:
 def deployment_args(args, variant: dict) -> argparse.Namespace:
     argv = ["--server", variant["server"], "--app", variant["app"], "--port", str(args.port)]
     argv += ["--pg-port", str(args.pg_port), "--redis-port", str(args.redis_port), "--services-dir", args.services_dir]
-    for key in ("workers", "threads"):
+    for key in ("workers", "threads", "tree"):
         if variant.get(key):
             argv += [f"--{key}", variant[key]]
     for key, value in variant["env"].items():
@@ -179,6 +181,8 @@ def describe(variant: dict, dep) -> str:
     parts = ["gunicorn gthread" if variant["server"] == "gunicorn" else "uvicorn"]
     if variant["app"] != "kite.asgi:application":
         parts.append(variant["app"])
+    if variant.get("tree"):
+        parts.append(f"code of {variant['tree']}")
     parts.append(f"workers {variant.get('workers') or 'default'}, threads {variant.get('threads') or 'default'}")
     parts += [f"{k}={v}" for k, v in variant["env"].items()]
     return ", ".join(parts)

@@ -325,7 +325,8 @@ class Deployment:
         log(f"web: {self.web_command}")
         self.web_log = (self.work_dir / "web.log").open("w")
         self.web = subprocess.Popen(
-            argv, env=self.env, cwd=ROOT, stdout=self.web_log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, env=self.env, cwd=self.args.tree or ROOT, stdout=self.web_log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -756,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="KITE_WEB_WORKERS (default: Kite's default)")
     parser.add_argument("--threads", type=int, help="KITE_WSGI_THREADS (default: Kite's default)")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
+    parser.add_argument("--tree", help="serve the code of this checkout (another revision; bench/ab.py's tree=)")
     parser.add_argument("--port", type=int, default=18480)
     parser.add_argument("--pg-port", type=int, default=55532)
     parser.add_argument("--redis-port", type=int, default=56479)
