@@ -10,10 +10,10 @@ class FederationConfig(AppConfig):
         from ingest import hooks, verifiers
 
         verifiers.register_verifier("kite", inbound.verify_kite_source)
-        from federation.metrics import OutboxCollector, PauseCollector
+        from federation.metrics import OutboxCollector, PeerStateCollector
         from kite import metrics
 
-        for collector in (OutboxCollector, PauseCollector):
+        for collector in (OutboxCollector, PeerStateCollector):
             if not any(isinstance(c, collector) for c in metrics.SCRAPE_COLLECTORS):
                 metrics.SCRAPE_COLLECTORS.append(collector())
         from federation.metrics import CertificateExpiryCollector

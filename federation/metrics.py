@@ -1,11 +1,13 @@
 """Federation metrics (DESIGN §7). Counters live in prometheus_client (multiprocess-safe);
-`kite_outbox_entries` is read from the database at scrape time (OutboxCollector)."""
+the outbox, peer and certificate gauges are read from the database at scrape time (the collectors)."""
 
 import logging
 
+from django.utils import timezone
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from federation import reachability
 from federation.errors import Code
 
 logger = logging.getLogger(__name__)
@@ -48,25 +50,32 @@ def outcome_of(failure) -> str:
 class OutboxCollector:
     """`kite_outbox_entries{peer,status}`: the entries still owed (pending, in flight) or given up
     (dead) per live peer, by one GROUP BY at scrape time — exact with any number of processes.
-    Delivered entries are not counted: they only grow (see kite_federation_calls_total)."""
+    Delivered entries are not counted: they only grow (see kite_federation_calls_total).
+    `kite_outbox_oldest_pending_age_seconds{peer}`: how long the oldest entry still owed to each
+    live peer has waited (0: none owed) — a stuck queue, whatever its depth."""
 
     STATUSES = ("pending", "in_flight", "dead")
+    OWED = ("pending", "in_flight")
 
     def describe(self):
-        return [self._family()]
+        return [self._family(), self._age_family()]
 
     def collect(self):
         from federation import selectors
 
-        family = self._family()
+        family, ages = self._family(), self._age_family()
         try:
             counts = selectors.outbox_gauge(self.STATUSES)
+            oldest = oldest_owed(self.OWED)
         except Exception:  # a scrape must not fail because the database is away
             logger.exception("kite_outbox_entries: could not read the outbox")
-            return [family]
+            return [family, ages]
         for (peer, status), value in sorted(counts.items()):
             family.add_metric([peer, status], value)
-        return [family]
+        now = timezone.now()
+        for peer in sorted({peer for peer, _ in counts}):
+            ages.add_metric([peer], max(0.0, (now - oldest[peer]).total_seconds()) if peer in oldest else 0.0)
+        return [family, ages]
 
     @staticmethod
     def _family() -> GaugeMetricFamily:
@@ -74,31 +83,69 @@ class OutboxCollector:
             "kite_outbox_entries", "Outbox entries per peer and status, read at scrape time.", labels=["peer", "status"]
         )
 
+    @staticmethod
+    def _age_family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "kite_outbox_oldest_pending_age_seconds",
+            "Seconds since the oldest entry still owed to each peer (pending or in flight) was queued; 0 when none is.",
+            labels=["peer"],
+        )
 
-class PauseCollector:
-    """`kite_peer_paused{peer,team,reason}`: 1 for the reason a live peer's queue is paused now
-    (operator: maintenance; down; auth_failed), 0 for the others — every live peer has all three,
-    so an alert on `== 1` sees a pause begin and end. Read from the database at scrape time."""
+
+def oldest_owed(statuses) -> dict:
+    """{peer name: created_at of its oldest entry in `statuses`} over live peers (names shared by
+    several teams' peers: the oldest of them). Reads the outbox_due index's (peer, status) range."""
+    from django.db.models import Min
+
+    from federation.models import OutboxEntry, Peer
+
+    rows = (
+        OutboxEntry.objects.filter(status__in=list(statuses), peer__role=Peer.Role.PEER)
+        .exclude(peer__status=Peer.Status.REVOKED)
+        .values("peer__name")
+        .annotate(oldest=Min("created_at"))
+        .order_by()
+    )
+    oldest: dict = {}
+    for row in rows:
+        name = row["peer__name"]
+        oldest[name] = min(oldest.get(name, row["oldest"]), row["oldest"])
+    return oldest
+
+
+class PeerStateCollector:
+    """Two state sets per live peer, read from the database at scrape time, one sample per state so
+    an alert on `== 1` sees a state begin and end:
+    `kite_peer_paused{peer,team,reason}`: 1 for the reason the peer's queue is paused now (operator:
+    maintenance; down; auth_failed), 0 for the others;
+    `kite_peer_reachability{peer,team,state}`: 1 for the peer's reachability chip (reachable, slow,
+    stale, unreachable: no success for 5 minutes, unknown: never tried), 0 for the others."""
 
     REASONS = ("operator", "down", "auth_failed")
+    STATES = ("reachable", "slow", "stale", "unreachable", "unknown")
+    FIELDS = ("name", "team", "paused", "status", "last_attempt_at", "last_success_at", "last_latency_ms")
 
     def describe(self):
-        return [self._family()]
+        return [self._family(), self._reachability_family()]
 
     def collect(self):
         from federation.models import Peer
 
-        family = self._family()
+        paused, reachable = self._family(), self._reachability_family()
         try:
-            rows = list(Peer.objects.filter(role=Peer.Role.PEER).exclude(status=Peer.Status.REVOKED)
-                        .order_by("team_id", "name").values_list("name", "team_id", "paused"))  # fmt: skip
+            peers = list(Peer.objects.filter(role=Peer.Role.PEER).exclude(status=Peer.Status.REVOKED)
+                         .order_by("team_id", "name").only(*self.FIELDS))  # fmt: skip
         except Exception:  # a scrape must not fail because the database is away
             logger.exception("kite_peer_paused: could not read the peers")
-            return [family]
-        for name, team_id, paused in rows:
+            return [paused, reachable]
+        now = timezone.now()
+        for peer in peers:
             for reason in self.REASONS:
-                family.add_metric([name, team_id, reason], 1 if paused == reason else 0)
-        return [family]
+                paused.add_metric([peer.name, peer.team_id, reason], 1 if peer.paused == reason else 0)
+            chip = reachability.of_peer(peer, now=now).lower()
+            for state in self.STATES:
+                reachable.add_metric([peer.name, peer.team_id, state], 1 if chip == state else 0)
+        return [paused, reachable]
 
     @staticmethod
     def _family() -> GaugeMetricFamily:
@@ -106,6 +153,14 @@ class PauseCollector:
             "kite_peer_paused", "1 while a peer's queue is paused, by reason (operator, down, auth_failed).",
             labels=["peer", "team", "reason"],
         )  # fmt: skip
+
+    @staticmethod
+    def _reachability_family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "kite_peer_reachability",
+            "1 for each peer's reachability now (reachable, slow, stale, unreachable, unknown), 0 for the others.",
+            labels=["peer", "team", "state"],
+        )
 
 
 class CertificateExpiryCollector:
