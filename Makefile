@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test browser-deps faketime-deps services-start services-stop bench bench-scale clean
+.PHONY: run test browser-deps faketime-deps prometheus-deps services-start services-stop bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) manage.py runkite
 
-test: $(STAMP) browser-deps faketime-deps
+test: $(STAMP) browser-deps faketime-deps prometheus-deps
 	scripts/test.sh
 
 # The browser tests (tests/browser) drive Debian's Chromium: installed like PostgreSQL and Redis
@@ -32,6 +32,12 @@ browser-deps:
 faketime-deps:
 	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || [ "$$(id -u)" != 0 ] || { echo "test: installing faketime (Debian package)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }
+
+# tests/test_prometheus.py checks /metrics, deploy/prometheus/alerts.yml and its unit tests with
+# promtool, and runs Prometheus against live instances: Debian's prometheus package, installed the same way.
+prometheus-deps:
+	@test -x /usr/bin/promtool || [ "$$(id -u)" != 0 ] || { echo "test: installing prometheus (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
 services-start:
 	scripts/services.sh start
