@@ -8,24 +8,27 @@ events' entries and their delivery attempts are deleted here by index, in the pu
 
 from federation.models import Delivery, OutboxEntry
 
-OWED = [OutboxEntry.Status.PENDING, OutboxEntry.Status.IN_FLIGHT]
-SETTLED = [OutboxEntry.Status.DELIVERED, OutboxEntry.Status.DEAD]
+OWED = [OutboxEntry.Status.PENDING.value, OutboxEntry.Status.IN_FLIGHT.value]
+SETTLED = [OutboxEntry.Status.DELIVERED.value, OutboxEntry.Status.DEAD.value]
 
 
 def events_purging(event_ids: list[int]) -> set[int]:
-    """Delete the settled outbox entries (and attempts) of events not owed to any peer; return the
-    ids of the events still owed. The settled entries are locked first, so a dead letter replayed
-    meanwhile waits for the purge's commit and then finds nothing to requeue (or, replayed before,
-    is owed and kept) — no entry is deleted after it became owed again."""
-    settled = list(
-        OutboxEntry.objects.select_for_update()
-        .filter(event_id__in=event_ids, status__in=SETTLED)
-        .order_by()
-        .values_list("pk", "event_id")
-    )
-    owed = set(OutboxEntry.objects.filter(event_id__in=event_ids, status__in=OWED).values_list("event_id", flat=True))
-    doomed = [pk for pk, event_id in settled if event_id not in owed]
-    if doomed:
-        Delivery.objects.filter(entry_id__in=doomed)._raw_delete(Delivery.objects.db)
-        OutboxEntry.objects.filter(pk__in=doomed)._raw_delete(OutboxEntry.objects.db)
-    return owed
+    """Delete the settled outbox entries (and their attempts) of the events not owed to any peer;
+    return the ids of the events still owed, which stay with all their entries."""
+    owed = _owed(event_ids, OWED)
+    settled = [pk for pk in event_ids if pk not in owed]
+    if not settled:
+        return owed
+    entries = OutboxEntry.objects.filter(event_id__in=settled, status__in=SETTLED)
+    Delivery.objects.filter(entry__in=entries)._raw_delete(Delivery.objects.db)
+    # The DELETE locks each entry and checks its status again after any wait: an entry a replay made
+    # pending meanwhile is not deleted. Whatever is left was not settled: its event is owed again.
+    entries._raw_delete(OutboxEntry.objects.db)
+    return owed | _owed(settled, None)
+
+
+def _owed(event_ids: list[int], statuses: list[str] | None) -> set[int]:
+    entries = OutboxEntry.objects.filter(event_id__in=event_ids)
+    if statuses is not None:
+        entries = entries.filter(status__in=statuses)
+    return set(entries.order_by().values_list("event_id", flat=True).distinct())

@@ -350,14 +350,16 @@ def hook_url_for(team: Team) -> str:
 
 
 RETENTION_BATCH = 5000  # rows per DELETE (each in a transaction of its own)
-RETENTION_PAUSE = 0.05  # seconds between batches: the purge yields the disk and CPU to the hot paths
+RETENTION_PAUSE = 0.05  # seconds at least between batches
+RETENTION_YIELD = 1.0  # and after each batch a rest this many times as long as it took: the hot paths get the rest
 PURGE_LOG_EVERY = 50  # batches
 
 
 def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = RETENTION_PAUSE) -> dict[str, int]:
     """Audit events and delivery attempts older than `days` (KITE_AUDIT_RETENTION_DAYS; 0 keeps
-    them), deleted `batch` rows per statement, oldest first, with a pause between, so no purge holds
-    long locks. Restartable: every batch commits on its own."""
+    them), deleted `batch` rows per statement, oldest first, resting between batches (at least
+    `pause`, and as long as the batch took), so no purge holds long locks or takes more than about
+    half of a busy database's time. Restartable: every batch commits on its own."""
     if days <= 0:
         return {"audit": 0, "deliveries": 0}
     cutoff = timezone.now() - timedelta(days=days)
@@ -380,6 +382,7 @@ def _delete_in_batches(queryset, age_field: str, batch: int, pause: float) -> in
     while True:
         page = rows if after is None else rows.filter(Q(**{f"{age_field}__gt": after[1]})
                                                       | Q(**{age_field: after[1], "id__gt": after[0]}))  # fmt: skip
+        began = time.monotonic()
         found = list(page.values_list("id", age_field)[:batch])
         if not found:
             return total
@@ -388,7 +391,7 @@ def _delete_in_batches(queryset, age_field: str, batch: int, pause: float) -> in
         if batches % PURGE_LOG_EVERY == 0:
             log.info("retention purge: %s, %d rows deleted so far", queryset.model._meta.db_table, total)
         if len(found) == batch:
-            time.sleep(pause)
+            time.sleep(max(pause, (time.monotonic() - began) * RETENTION_YIELD))
 
 
 # --- an operator's maintenance pause ----------------------------------------------------------

@@ -363,20 +363,23 @@ def _store_batch_one_by_one(source: Source, items: list, sender) -> list[BatchIt
 
 
 PURGE_BATCH = 2000  # events per transaction: short row locks, little WAL per commit
-PURGE_PAUSE = 0.05  # seconds between batches: the purge yields the disk and CPU to ingest
+PURGE_PAUSE = 0.05  # seconds at least between batches
+PURGE_YIELD = 1.0  # and after each batch a rest this many times as long as it took: ingest gets the rest
 PURGE_LOG_EVERY = 50  # batches
 
 
 def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = PURGE_PAUSE) -> int:
     """Delete events received more than `days` ago (0 keeps everything), oldest first, `batch` per
-    transaction with a pause between. An event some app still needs (ingest.hooks.event_purging:
-    federation keeps one still owed to a peer) stays until a later run. Restartable: every batch
-    commits on its own, and a run starts again from the oldest expired event."""
+    transaction, resting between batches (at least `pause`, and as long as the batch took, so the
+    purge takes at most about half of a busy database's time). An event some app still needs
+    (ingest.hooks.event_purging: federation keeps one still owed to a peer) stays until a later run.
+    Restartable: every batch commits on its own, and a run starts again from the oldest expired event."""
     if days <= 0:
         return 0
     cutoff = timezone.now() - timezone.timedelta(days=days)
     started, purged, kept, batches, after = time.monotonic(), 0, 0, 0, None
     while True:
+        began = time.monotonic()
         with transaction.atomic():
             found = _expired_batch(cutoff, after, batch)
             if not found:
@@ -387,10 +390,11 @@ def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = 
                 purged += Event.objects.filter(pk__in=gone).only("pk").delete()[1].get(Event._meta.label, 0)
         kept, batches, after = kept + len(keep), batches + 1, found[-1]
         if batches % PURGE_LOG_EVERY == 0:
-            log.info("event purge: %d deleted, %d kept so far, up to %s", purged, kept, after[1].isoformat())
+            log.info("event purge: %d deleted, %d kept so far, up to %s, %.0f s", purged, kept,
+                     after[1].isoformat(), time.monotonic() - started)  # fmt: skip
         if len(found) < batch:
             break
-        time.sleep(pause)
+        time.sleep(max(pause, (time.monotonic() - began) * PURGE_YIELD))
     if purged or kept:
         log.info("event purge: %d events older than %d days deleted, %d kept (still needed), %.1f s",
                  purged, days, kept, time.monotonic() - started)  # fmt: skip

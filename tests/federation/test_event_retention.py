@@ -140,3 +140,56 @@ def test_the_hourly_task_purges_with_the_configured_days(team, settings):
     assert tasks.events_purge_expired() == 0
     settings.KITE_EVENT_RETENTION_DAYS = 2
     assert tasks.events_purge_expired() == 1
+
+
+def test_a_dead_letter_replayed_while_the_batch_deletes_is_kept_with_its_event(team, peers, monkeypatch):
+    from federation import retention
+
+    event = _stored(team, "racing", ("dead", "delivered"))
+    dead = OutboxEntry.objects.get(event=event, status="dead")
+    real = retention._owed
+
+    def replayed_right_after_the_check(event_ids, statuses):
+        found = real(event_ids, statuses)
+        if statuses == retention.OWED:  # a replay commits between the purge's check and its DELETE
+            OutboxEntry.objects.filter(pk=dead.pk).update(status="pending")
+        return found
+
+    monkeypatch.setattr(retention, "_owed", replayed_right_after_the_check)
+    assert ingest_services.events_purge_expired(days=7, pause=0) == 0
+    assert Event.objects.filter(pk=event.pk).exists()
+    assert OutboxEntry.objects.get(pk=dead.pk).status == "pending"  # delivered to b after all, later
+    assert not OutboxEntry.objects.filter(event=event, status="delivered").exists()  # c's settled one went
+
+
+def test_webhooks_are_stored_while_a_purge_batch_is_open(team, peers, transactional_db):
+    """The purge's transaction holds row locks on expired events and settled entries only: storing a
+    new event (and routing it to the peers) in another connection does not wait for it."""
+    import threading
+
+    from django.db import connections
+
+    _stored(team, "old", ("delivered", "dead"))
+    stored = {}
+
+    def store_meanwhile(ids):
+        def store():
+            try:
+                stored["event"] = _event(team, "fresh")
+            finally:
+                connections.close_all()
+
+        worker = threading.Thread(target=store)
+        worker.start()
+        worker.join(timeout=10)
+        stored["waited"] = worker.is_alive()
+        return set()
+
+    hooks.event_purging.append(store_meanwhile)  # after federation's: its deletions are made and locked
+    try:
+        assert ingest_services.events_purge_expired(days=7, pause=0) == 1
+    finally:
+        hooks.event_purging.remove(store_meanwhile)
+    assert stored["waited"] is False and stored["event"].ce_id == "fresh"
+    assert set(OutboxEntry.objects.filter(event__ce_id="fresh").values_list("status", flat=True)) == {"pending"}
+    assert _left()["events"] == {"fresh"}
