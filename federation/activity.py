@@ -103,37 +103,36 @@ def outbox_health(peer_ids: list[int]) -> dict[int, dict]:
 def _series(kind: str, scope: str, window: Window, now: datetime,
             count: Callable[[datetime, datetime], dict[int, tuple]], empty: tuple) -> list[tuple]:  # fmt: skip
     """One tuple per bucket of `window`; `count(start, end)` answers {bucket start (Unix s): tuple}
-    for [start, end) in one query, and is asked only from the oldest bucket not cached on."""
-    starts = window.starts(now)
+    for [start, end) in one query, and is asked only from the oldest bucket not cached on. The
+    settled buckets of one series are one cache entry: one read per page, one write when a bucket
+    settled since (two pages writing at once write the same figures)."""
+    starts = [int(start.timestamp()) for start in window.starts(now)]
     width = int(window.width.total_seconds())
-    keys = {start: f"{CACHE_PREFIX}:{kind}:{scope}:{width}:{int(start.timestamp())}"
-            for start in starts if start + window.width <= now - SETTLE}  # fmt: skip
-    values = {start: tuple(found) for start, found in _cached(keys).items()}
-    missing = [start for start in starts if start not in values]
+    settled = {start for start in starts if start + width <= (now - SETTLE).timestamp()}
+    key = f"{CACHE_PREFIX}:{kind}:{scope}:{width}"
+    kept = {start: tuple(value) for start, value in _cached(key).items() if start in settled}
+    missing = [start for start in starts if start not in kept]
+    values = dict(kept)
     if missing:
-        counted = count(missing[0], starts[-1] + window.width)
-        fresh = {start: counted.get(int(start.timestamp()), empty) for start in missing}
-        values.update(fresh)
-        _keep({keys[start]: value for start, value in fresh.items() if start in keys}, window)
+        counted = count(datetime.fromtimestamp(missing[0], UTC), datetime.fromtimestamp(starts[-1] + width, UTC))
+        values.update({start: counted.get(start, empty) for start in missing})
+    if settled - kept.keys():
+        _keep(key, {start: values[start] for start in settled}, window)
     return [values[start] for start in starts]
 
 
-def _cached(keys: dict[datetime, str]) -> dict[datetime, tuple]:
-    if not keys:
-        return {}
+def _cached(key: str) -> dict[int, tuple]:
     try:
-        found = cache.get_many(list(keys.values()))
+        found = cache.get(key)
     except Exception:  # the cache is an accelerator: without it every bucket is counted again
         logger.warning("activity cache unavailable: counting every bucket", exc_info=True)
         return {}
-    return {start: found[key] for start, key in keys.items() if key in found}
+    return found if isinstance(found, dict) else {}
 
 
-def _keep(values: dict[str, tuple], window: Window) -> None:
-    if not values:
-        return
+def _keep(key: str, values: dict[int, tuple], window: Window) -> None:
     try:
-        cache.set_many(values, timeout=int((window.width * (window.count + 1) + SETTLE).total_seconds()))
+        cache.set(key, values, timeout=int((window.width * (window.count + 1) + SETTLE).total_seconds()))
     except Exception:
         logger.warning("activity cache unavailable: buckets not kept", exc_info=True)
 

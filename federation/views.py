@@ -20,7 +20,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from federation import certificates, channel, grants, heartbeat, invitations, outbox, reachability, selectors, services
+from federation import activity, certificates, channel, grants, heartbeat, invitations, outbox, reachability, selectors
+from federation import overview, services
 from federation import forms as f
 from federation.models import IdentityCertificate, OutboxEntry, Peer
 from kite import once
@@ -188,6 +189,7 @@ def _detail(request, peer: Peer, status: int = 200, **forms_and_results):
         "outbox_status": wanted,
         "entries": selectors.outbox_entries(peer, status=wanted or None)[:DETAIL_ROWS],
         "deliveries": selectors.deliveries(peer)[:DETAIL_ROWS // 2],
+        "activity": overview.peer_charts(activity.peer_last_day(peer, timezone.now())),
         "grants": list(peer.grants.order_by("-created_at", "-id")),
         "now": timezone.now(),
         "live": peer.status != Peer.Status.REVOKED,

@@ -138,6 +138,18 @@ class _Plot:
         return parts
 
 
+def figures_table(*, caption: str, headers: list[str], rows: list[tuple]) -> str:
+    """A chart's text alternative: the first column names the row (a time), the others are figures
+    (`number`). Written here rather than in a template: a day of buckets is ~500 cells."""
+    numeric = ' class="num"'
+    head = "".join(f'<th scope="col"{numeric if index else ""}>{escape(text)}</th>' for index, text in enumerate(headers))
+    body = "".join(f'<tr><th scope="row" class="nowrap">{escape(str(row[0]))}</th>'
+                   + "".join(f'<td class="num">{escape(number(value))}</td>' for value in row[1:]) + "</tr>"
+                   for row in rows)  # fmt: skip
+    return (f'<table><caption class="visually-hidden">{escape(caption)}</caption><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>")
+
+
 def _legend(series: list[Series]) -> list[str]:
     parts, x = ['<g class="legend" aria-hidden="true">'], LEFT
     for index, item in enumerate(series):

@@ -4,6 +4,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from kite.api import views as kite_views
+from federation import overview as overview_screen
 from federation import views as federation_screens
 from ingest import screens as ingest_screens
 from kite import views as kite_screens
@@ -23,7 +24,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("ingest.urls")),
     # The browser (issue 6): server-rendered screens behind a login.
-    path("", kite_screens.home),
+    path("", overview_screen.overview, name="overview"),  # the landing screen
     path("login/", kite_screens.LoginView.as_view(), name="login"),
     path("logout/", kite_screens.logout_view, name="logout"),
     path("events/", ingest_screens.events, name="events"),

@@ -1,4 +1,4 @@
-"""The browser's shell: login, the home redirect, and what every screen shares.
+"""The browser's shell: login, logout, and what every screen shares.
 
 Screens are thin adapters like the JSON API: a logged-in user maps to a team
 (`kite.auth.principal_for_user`), team admins hold the federation permissions,
@@ -13,7 +13,7 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
-from django.shortcuts import redirect, render
+from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 
 from kite.auth import principal_for_user
@@ -64,14 +64,10 @@ def apply_error(form, error: ApiError, fields: dict[str, str]) -> None:
     form.add_error(None, detail)
 
 
-def home(request):
-    return redirect("events")
-
-
 class LoginView(auth_views.LoginView):
     template_name = "login.html"
     redirect_authenticated_user = True
-    next_page = "events"  # without ?next=
+    next_page = "overview"  # without ?next=: the landing screen
 
 
 def logout_view(request):
