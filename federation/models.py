@@ -147,12 +147,6 @@ class OutboxEntry(models.Model):
         indexes = [
             models.Index(fields=["peer", "status", "next_attempt_at"], name="outbox_due"),
             models.Index(fields=["status", "leased_until"], name="outbox_leases"),
-            # A peer's owed and dead entries, counted without reading its delivered history
-            # (selectors.outbox_depths); the condition is OWED_OR_DEAD's.
-            models.Index(
-                fields=["peer", "status"], condition=models.Q(status__in=["pending", "in_flight", "dead"]),
-                name="outbox_owed",
-            ),
         ]
 
     def __str__(self):

@@ -40,14 +40,14 @@ def peer_by_ref(team_id: str, ref: str, role: str | None = "peer") -> Peer | Non
     return found or (peers.filter(pk=int(ref)).first() if ref.isascii() and ref.isdigit() else None)
 
 
-# What a peer's outbox counts show: its queue and its dead letters — the rows of the partial index
-# outbox_owed. Delivered history is not counted: it grows with every event (700,000 entries: a
-# 300-500 ms read of the whole table per listing of the peers) and is nobody's work to do.
+# What a peer's outbox counts show: its queue and its dead letters, an index-only range of
+# outbox_due (peer, status, …). Delivered history is not counted: it grows with every event (at
+# 700,000 entries a 400 ms read of the whole table per listing of the peers) and is nobody's work.
 OWED_OR_DEAD = [OutboxEntry.Status.PENDING.value, OutboxEntry.Status.IN_FLIGHT.value, OutboxEntry.Status.DEAD.value]
 
 
 def outbox_depths(peer_ids: list[int]) -> dict[int, dict[str, int]]:
-    """{peer_id: {pending, in_flight, dead}} in one index-only read of outbox_owed."""
+    """{peer_id: {pending, in_flight, dead}} in one index-only read of outbox_due."""
     depths = {pk: {status: 0 for status in OWED_OR_DEAD} for pk in peer_ids}
     rows = (
         OutboxEntry.objects.filter(peer_id__in=peer_ids, status__in=OWED_OR_DEAD)

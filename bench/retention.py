@@ -1,0 +1,560 @@
+#!/usr/bin/env python3
+"""Retention benchmark: webhook latency while a day of expired rows is purged.
+
+An operator storing `--per-day` events a day purges one day of them every day — the events, their
+outbox entries and delivery attempts, the day's audit rows — while webhooks keep arriving. This
+measures what that purge costs the webhooks.
+
+Set-up (bench/scale.py's, through bench/ingest.py's Deployment: PostgreSQL + Redis on ports of their own,
+fsync and synchronous_commit on, a fresh database, Kite's web process `manage.py runkite --no-worker
+--no-beat`, KITE_TLS=off as behind a TLS proxy, a Stripe source made through the API): bulk load with
+SQL `--days` whole days of `--per-day` events each, day k received between k+1 and k days ago (an
+hour's margin at each end), shaped as bench/scale.py's bulk: 70 % from the Stripe source, each of
+those with an outbox entry to a (revoked) peer — delivered, 0.5 % dead, 0.1 % still pending — and
+one or two delivery rows; 30 % federated in; one audit row per 20 events. VACUUM ANALYZE,
+CHECKPOINT.
+
+Then `--rounds` pairs of rounds, alternating which goes first:
+
+- baseline: verified Stripe webhooks at `--rate`/s, open loop (bench/ingest.py's generator: latency
+  from each request's intended send time), `--chunk`-second runs for `--baseline-seconds`, no purge;
+- purge: the same load while another process runs the real tasks — ingest.tasks.events_purge_expired,
+  then federation.tasks.retention_purge — with KITE_EVENT_RETENTION_DAYS = KITE_AUDIT_RETENTION_DAYS
+  set so that exactly the oldest day still stored has expired; the load runs in `--chunk`-second runs
+  for as long as the purge does (at least one).
+
+Reported: p50/p99 of each kind of round, medians over rounds, the ratio purge p99 / baseline p99
+(target ≤ 2), and the purge's duration and rows deleted per second (events, outbox entries, delivery
+attempts, audit rows, counted before and after). `--purge-code previous` runs the purge as Kite did
+before batching by index (for comparison; not the tasks). Printed, and written into bench/RESULTS.md
+between the `bench:retention` markers unless --no-write.
+
+    .venv/bin/python bench/retention.py --per-day 100000 --rounds 2 --no-write   # trial, ~5 min
+    .venv/bin/python bench/retention.py --per-day 1000000 --rounds 3 --wait-quiet 1500   # the recorded run
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+
+_spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).with_name("ingest.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+ROOT = bench.ROOT
+PEER_NAME = "archive"
+KITE_SOURCE = "kite"
+STRIPE_TYPES = [
+    "com.stripe.payment_intent.succeeded", "com.stripe.charge.succeeded", "com.stripe.invoice.paid",
+    "com.stripe.customer.updated", "com.stripe.checkout.session.completed", "com.stripe.charge.refunded",
+]  # fmt: skip
+ROWS_PER_TXID = 4  # bulk rows share a transaction id this many at a time (batched receipts do)
+TABLES = ("ingest_event", "federation_outboxentry", "federation_delivery", "federation_auditevent")
+CHUNK = 200_000
+MARGIN_HOURS = 1  # a day's events stay this far from its ends: the load and the purges may be minutes apart
+
+
+def log(message: str) -> None:
+    print(f"[retention {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000 if values else float("nan")
+
+
+# One chunk of one day's bulk: bench/scale.py's shape, with the day's times and 0.1 % of the
+# entries still pending (a peer that was down): the purge must keep those events.
+BULK_SQL = """
+WITH t AS (SELECT * FROM ingest_event WHERE id = %(template)s::bigint),
+ev AS (
+  INSERT INTO ingest_event (team_id, source_id, ce_id, ce_source, ce_type, ce_time, ce_subject, datacontenttype,
+                            data, extensions, agent, received_at, txid)
+  SELECT t.team_id,
+         CASE WHEN g %% 10 < 7 THEN %(stripe)s::bigint ELSE %(kite)s::bigint END,
+         'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24),
+         t.ce_source,
+         (%(types)s::text[])[1 + (g %% 6)],
+         at, '', t.datacontenttype,
+         replace(t.data, %(tid)s::text, 'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24)),
+         CASE WHEN g %% 10 < 7 THEN t.extensions
+              ELSE t.extensions || jsonb_build_object('kitefedorigin', 'kite-origin-' || (g %% 3),
+                     'kitefedchain', '["kite-origin-' || (g %% 3) || '"]', 'kitefedhops', 1,
+                     'kitefedpeer', %(peer_name)s::text) END,
+         '', at + interval '40 ms',
+         %(txid0)s::bigint + (g - 1) / %(per_txid)s
+  FROM t, generate_series(%(start)s::int, %(end)s::int) g,
+       LATERAL (SELECT now() - interval '1 day' * %(day)s::int - interval '1 hour' * %(margin)s::int
+                       - (interval '1 day' - interval '2 hours' * %(margin)s::int) * (g::float8 / %(count)s)
+                AS at) s
+  RETURNING id, team_id, source_id, received_at
+),
+ob AS (
+  INSERT INTO federation_outboxentry (msg_id, team_id, peer_id, event_id, provenance, status, attempts,
+                                      next_attempt_at, leased_until, last_error, created_at, delivered_at)
+  SELECT gen_random_uuid(), team_id, %(peer)s::bigint, id,
+         jsonb_build_object('kitefedorigin', 'kite-self', 'kitefedchain', '["kite-self"]', 'kitefedhops', 1),
+         CASE WHEN h %% 200 = 0 THEN 'dead' WHEN h %% 1000 = 7 THEN 'pending' ELSE 'delivered' END,
+         CASE WHEN h %% 20 = 1 THEN 2 ELSE 1 END, received_at, NULL,
+         CASE WHEN h %% 200 = 0 THEN 'HTTP 410 from the peer' ELSE '' END, received_at,
+         CASE WHEN h %% 200 = 0 OR h %% 1000 = 7 THEN NULL ELSE received_at + interval '80 ms' END
+  FROM ev, LATERAL (SELECT hashint8(ev.id)::bigint + 2147483648 AS h) x WHERE source_id = %(stripe)s::bigint
+  RETURNING id, created_at, attempts, status
+),
+dl AS (
+  INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
+  SELECT %(peer)s::bigint, id, created_at + interval '60 ms',
+         CASE WHEN status = 'dead' THEN 410 ELSE 202 END,
+         CASE WHEN status = 'dead' THEN 'permanent' ELSE 'delivered' END, 38, ''
+  FROM ob WHERE status <> 'pending'
+  UNION ALL
+  SELECT %(peer)s::bigint, id, created_at + interval '10 ms', 503, 'transient', 1200, 'HTTP 503 from the peer'
+  FROM ob WHERE attempts = 2
+  RETURNING 1
+)
+INSERT INTO federation_auditevent (team_id, at, action, peer_id, peer_name, actor, endpoint, outcome, detail, data)
+SELECT team_id, received_at, 'Federation.PeerCalled', %(peer)s::bigint, %(peer_name)s::text, 'kite-archive',
+       '/federation/ping', 'ok', '', jsonb_build_object('method', 'POST', 'latency_ms', 12)
+FROM ev WHERE id %% 20 = 0
+"""
+
+# The purge process: the real tasks, with the retention of the environment.
+PURGE_TASKS = """
+import json, time, django
+django.setup()
+from ingest import tasks as ingest_tasks
+from federation import tasks as federation_tasks
+t0 = time.monotonic()
+events = ingest_tasks.events_purge_expired()
+t1 = time.monotonic()
+other = federation_tasks.retention_purge()
+t2 = time.monotonic()
+print(json.dumps({"events": events, "other": other, "event_seconds": t1 - t0, "other_seconds": t2 - t1}))
+"""
+
+# The purge as Kite ran it before batching by index (each batch: ids by a fresh scan of the age
+# index, then Django's cascading delete, which also reads every event's row), for comparison.
+PURGE_PREVIOUS = """
+import json, os, time, django
+django.setup()
+from django.utils import timezone
+from federation.models import AuditEvent, Delivery
+from ingest.models import Event
+days = int(os.environ["KITE_EVENT_RETENTION_DAYS"])
+cutoff = timezone.now() - timezone.timedelta(days=days)
+def batches(queryset, batch=5000):
+    total = 0
+    while True:
+        ids = list(queryset.order_by().values_list("id", flat=True)[:batch])
+        if not ids:
+            return total
+        total += queryset.model.objects.filter(id__in=ids).delete()[0]
+t0 = time.monotonic()
+events = batches(Event.objects.filter(received_at__lt=cutoff))
+t1 = time.monotonic()
+other = {"audit": batches(AuditEvent.objects.filter(at__lt=cutoff)),
+         "deliveries": batches(Delivery.objects.filter(attempted_at__lt=cutoff))}
+t2 = time.monotonic()
+print(json.dumps({"events": events, "other": other, "event_seconds": t1 - t0, "other_seconds": t2 - t1}))
+"""
+
+
+# The three reads that read whole tables at scale before (outbox counts of every status; federation
+# 0014 and ingest 0003, as Kite runs
+# them (the SQL captured from the selectors), EXPLAIN ANALYZE'd with and without their new indexes.
+EXPLAIN_CAPTURE = """
+import json, sys, django
+django.setup()
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from federation import selectors
+from ingest import journey
+team, peer = sys.argv[1], int(sys.argv[2])
+reads = {}
+with CaptureQueriesContext(connection) as c:
+    selectors.outbox_depths([peer])
+reads["outbox_depths (GET /api/federation/peers)"] = c.captured_queries[-1]["sql"]
+with CaptureQueriesContext(connection) as c:
+    selectors.audit_events(team, selectors.AuditFilter(outcome="bad_secret"), 50)
+reads["GET /api/audit?outcome=bad_secret"] = c.captured_queries[-1]["sql"]
+with CaptureQueriesContext(connection) as c:
+    try:
+        journey.event_find(team_id=team, event_id="evt_no_such_event")
+    except Exception:
+        pass
+reads["GET /api/events/{id}/journey (no ?source=)"] = c.captured_queries[-1]["sql"]
+print(json.dumps(reads))
+"""
+# outbox_depths before: every status, delivered history included.
+PREVIOUS_DEPTHS = ('SELECT "federation_outboxentry"."peer_id", "federation_outboxentry"."status", '
+                   'COUNT("federation_outboxentry"."id") AS "n" FROM "federation_outboxentry" '
+                   'WHERE "federation_outboxentry"."peer_id" IN ({peer}) GROUP BY 1, 2')
+NEW_INDEXES = ["audit_team_action", "audit_team_outcome", "audit_team_peer", "event_team_ce_id"]
+
+
+class LockWaits(threading.Thread):
+    """Samples pg_stat_activity every 50 ms while a purge runs: how many times a backend was seen
+    waiting for a lock (the webhooks' INSERTs must never wait for the purge)."""
+
+    def __init__(self, database_url: str):
+        super().__init__(daemon=True)
+        self.url, self.seen, self.samples, self.done = database_url, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as db:
+            while not self.done.wait(0.05):
+                waiting = db.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                     " AND datname = current_database()").fetchone()[0]  # fmt: skip
+                self.seen += waiting
+                self.samples += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+class Retention:
+    def __init__(self, args):
+        self.args = args
+        ingest_argv = [
+            "--port", str(args.port), "--pg-port", str(args.pg_port), "--redis-port", str(args.redis_port),
+            "--services-dir", args.services_dir, "--database", args.database,
+            *(["--keep-services"] if args.keep_services else []), *[f"--env={item}" for item in args.env],
+        ]  # fmt: skip
+        self.dep = bench.Deployment(bench.build_parser().parse_args(ingest_argv))
+        self.db: psycopg.Connection | None = None
+        self.loaded_days: list[int] = []
+        self.other = 0
+
+    def start(self) -> None:
+        """bench/scale.py's set-up: the deployment, one real Stripe webhook through the API (the
+        template the bulk rows copy), a revoked peer for the federation history, the `kite` source."""
+        dep = self.dep
+        dep.start()
+        self.db = psycopg.connect(dep.database_url, autocommit=True)
+        self.requests = bench.Requests(dep.secret, run_id=datetime.now(timezone.utc).strftime("r%H%M%S"))
+        signature, body = self.requests.batch(1)[0]
+        conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=10)
+        conn.request("POST", dep.paths["stripe"], body, {"Content-Type": "application/json",
+                                                         "Stripe-Signature": signature})  # fmt: skip
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        assert answer.status == 202, answer.status
+        self.template = self.one(
+            "SELECT e.id, e.source_id, e.ce_id FROM ingest_event e JOIN ingest_source s ON s.id = e.source_id"
+            " WHERE s.team_id = %s AND s.name = %s ORDER BY e.id DESC LIMIT 1",
+            (dep.team_id, bench.SOURCE_NAME),
+        )
+        code = (
+            "import django, sys; django.setup()\n"
+            "from federation.models import Peer\nfrom ingest.models import Source\n"
+            "team = sys.argv[1]\n"
+            f"peer = Peer.objects.create(team_id=team, name={PEER_NAME!r}, role='peer', status='revoked',"
+            " peer_hook_url='https://archive.example/hooks/t/kite', remote_instance_id='kite-archive', scopes=['*'])\n"
+            f"source, _ = Source.objects.get_or_create(team_id=team, name={KITE_SOURCE!r},"
+            " defaults={'kind': 'kite'})\n"
+            "print(peer.pk, source.pk)"
+        )
+        out = bench.run([sys.executable, "-c", code, dep.team_id], env=dep.env, capture=True).stdout.split()
+        self.peer_id, self.kite_source_id = int(out[-2]), int(out[-1])
+        self.stripe_source_id = self.template[1]
+
+    def one(self, query: str, params=()):
+        with self.db.cursor() as cur:
+            cur.execute(query, params)
+            row = cur.fetchone()
+        return row if row is None or len(row) > 1 else row[0]
+
+    def execute(self, query: str, params=()) -> None:
+        with self.db.cursor() as cur:
+            cur.execute(query, params)
+
+    def burn_xids(self, count: int) -> int:
+        """Consume `count` transaction ids (bench/scale.py): the bulk rows' txids come from this range,
+        so they are older than every running transaction, like real ones."""
+        first = self.one("SELECT pg_current_xact_id()::text::bigint")
+        self.execute("SET synchronous_commit = off")
+        self.execute(
+            "CREATE OR REPLACE PROCEDURE pg_temp.burn(n int) LANGUAGE plpgsql AS $$"
+            " BEGIN FOR i IN 1..n LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
+        )
+        done = 0
+        while done < count:
+            step = min(500_000, count - done)
+            self.execute("CALL pg_temp.burn(%s)", (step,))
+            done += step
+        self.execute("RESET synchronous_commit")
+        return first + 1
+
+    def counts(self) -> dict[str, int]:
+        return {table: self.one(f"SELECT count(*) FROM {table}") for table in TABLES}
+
+    def load(self) -> None:
+        a, s = self.args, self
+        started = time.monotonic()
+        total = a.days * a.per_day
+        log(f"bulk load: {a.days} days × {a.per_day} events")
+        txid0 = s.burn_xids(total // ROWS_PER_TXID + 1)
+        template_id, _, template_ce_id = s.template
+        for day in range(a.days, 0, -1):  # the oldest day first, as they would have arrived
+            done = 0
+            while done < a.per_day:
+                n = min(CHUNK, a.per_day - done)
+                s.execute(BULK_SQL, {
+                    "template": template_id, "tid": template_ce_id, "stripe": s.stripe_source_id,
+                    "kite": s.kite_source_id, "peer": s.peer_id, "peer_name": PEER_NAME,
+                    "start": done + 1, "end": done + n, "count": a.per_day, "day": day, "margin": MARGIN_HOURS,
+                    "txid0": txid0 + (a.days - day) * a.per_day // ROWS_PER_TXID,
+                    "per_txid": ROWS_PER_TXID, "salt": f"day{day}", "types": STRIPE_TYPES,
+                })  # fmt: skip
+                done += n
+            self.loaded_days.append(day)
+            log(f"bulk load: day {day} ({a.per_day} events) done, {time.monotonic() - started:.0f} s")
+        s.execute("VACUUM ANALYZE")
+        s.execute("CHECKPOINT")
+        log(f"bulk load: {total} events in {time.monotonic() - started:.0f} s; {self.counts()}")
+
+    def explain(self) -> str:
+        """EXPLAIN ANALYZE of the three reads, with the new indexes and without them (dropped in a
+        transaction rolled back after), outbox_depths also as it was before."""
+        out = bench.run([sys.executable, "-c", EXPLAIN_CAPTURE, self.dep.team_id, str(self.peer_id)],
+                        env=self.dep.env, capture=True).stdout  # fmt: skip
+        reads = json.loads(out.strip().splitlines()[-1])
+        sections = []
+        for name, sql in reads.items():
+            plans = {"with the new indexes": self.plan(sql)}
+            if name.startswith("outbox_depths"):
+                plans["as before (every status)"] = self.plan(
+                    PREVIOUS_DEPTHS.format(peer=self.peer_id), drop=NEW_INDEXES)
+            plans["without the new indexes"] = self.plan(sql, drop=NEW_INDEXES)
+            for label, plan in plans.items():
+                sections.append(f"### {name}: {label}\n\n    " + "\n    ".join(plan))
+        return "\n\n".join(sections)
+
+    def plan(self, sql: str, drop=()) -> list[str]:
+        self.one("SELECT 1")  # warm the connection
+        with self.db.cursor() as cur:
+            cur.execute("BEGIN")
+            for index in drop:
+                cur.execute(f'DROP INDEX IF EXISTS "{index}"')
+            cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql)  # once to warm the cache, then the one shown
+            cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql)
+            rows = [row[0] for row in cur.fetchall()]
+            cur.execute("ROLLBACK")
+        return rows
+
+    # --- rounds ------------------------------------------------------------
+
+    def load_chunk(self) -> list[float]:
+        """One `--chunk`-second open-loop run at `--rate`: the latencies of the 202s, seconds."""
+        a = self.args
+        path = self.dep.paths["stripe"]
+        raws = [
+            (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{a.port}\r\nContent-Type: application/json\r\n"
+             f"Stripe-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+            for signature, body in self.requests.batch(int(a.rate * a.chunk))
+        ]  # fmt: skip
+        latencies, statuses, errors, _, _ = bench.asyncio.run(
+            bench._open_loop("127.0.0.1", a.port, raws, a.rate, a.chunk, a.connections)
+        )
+        self.other += sum(v for k, v in statuses.items() if k != 202) + sum(
+            v for k, v in errors.items() if not k.startswith("retried"))  # fmt: skip
+        return latencies
+
+    def baseline_round(self) -> dict:
+        latencies, chunks = [], max(1, round(self.args.baseline_seconds / self.args.chunk))
+        for _ in range(chunks):
+            latencies += self.load_chunk()
+        return {"p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "requests": len(latencies)}
+
+    def purge_round(self) -> dict:
+        day = self.loaded_days.pop(0)  # the oldest day still stored: retention `day` days expires it alone
+        before = self.counts()
+        env = dict(self.dep.env, KITE_EVENT_RETENTION_DAYS=str(day), KITE_AUDIT_RETENTION_DAYS=str(day),
+                   KITE_LOG_LEVEL="INFO")  # fmt: skip
+        code = PURGE_PREVIOUS if self.args.purge_code == "previous" else PURGE_TASKS
+        purge_log = (self.dep.work_dir / f"purge-{day}.log").open("w")
+        started = time.monotonic()
+        purge = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=purge_log, text=True)  # fmt: skip
+        latencies, chunks = [], 0
+        waits = LockWaits(self.dep.database_url)
+        waits.start()
+        while purge.poll() is None or chunks == 0:
+            latencies += self.load_chunk()
+            chunks += 1
+        out, _ = purge.communicate()
+        waits.stop()
+        seconds = time.monotonic() - started
+        purge_log.close()
+        if purge.returncode != 0:
+            raise SystemExit(f"purge failed: {(self.dep.work_dir / f'purge-{day}.log').read_text()[-2000:]}")
+        result = json.loads(out.strip().splitlines()[-1])
+        after = self.counts()
+        deleted = {table: before[table] - after[table] for table in TABLES}
+        # Rows this run's webhooks added meanwhile are not deletions: only ingest_event grows.
+        deleted["ingest_event"] = result["events"]
+        purge_seconds = result["event_seconds"] + result["other_seconds"]
+        return {
+            "day": day, "p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "requests": len(latencies),
+            "chunks": chunks, "deleted": deleted, "rows": sum(deleted.values()), "purge_seconds": purge_seconds,
+            "event_seconds": result["event_seconds"], "other_seconds": result["other_seconds"],
+            "rows_per_second": sum(deleted.values()) / purge_seconds if purge_seconds else float("nan"),
+            "wall_seconds": seconds, "lock_waits": waits.seen, "lock_samples": waits.samples,
+        }  # fmt: skip
+
+    def measure(self) -> list[dict]:
+        a = self.args
+        self.dep._start_web()
+        self.other = 0
+        time.sleep(1)
+        self.load_chunk()  # warm-up
+        self.other = 0
+        rounds = []
+        for i in range(a.rounds):
+            order = ("baseline", "purge") if i % 2 == 0 else ("purge", "baseline")
+            result = {kind: self.baseline_round() if kind == "baseline" else self.purge_round() for kind in order}
+            rounds.append(result)
+            b, p = result["baseline"], result["purge"]
+            log(f"round {i + 1}: baseline p99 {b['p99_ms']:.1f} ms, while purging p99 {p['p99_ms']:.1f} ms "
+                f"({p['p99_ms'] / b['p99_ms']:.2f}×); purge of day {p['day']}: {p['rows']} rows in "
+                f"{p['purge_seconds']:.1f} s ({p['rows_per_second']:.0f} rows/s) {p['deleted']}; backends seen "
+                f"waiting for a lock: {p['lock_waits']} in {p['lock_samples']} samples")  # fmt: skip
+        self.dep.stop_web()
+        return rounds
+
+    def stop(self) -> None:
+        if self.db is not None:
+            self.db.close()
+        self.dep.stop()
+
+
+def report(args, facts, rounds, other, started, finished) -> str:
+    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/retention.py", *sys.argv[1:]])
+    start, end = bench.markers(args.section)
+
+    def med(kind, key):
+        return statistics.median(r[kind][key] for r in rounds)
+
+    ratios = [r["purge"]["p99_ms"] / r["baseline"]["p99_ms"] for r in rounds]
+    ratio = statistics.median(ratios)
+    purge = [r["purge"] for r in rounds]
+    deleted = {t: statistics.median(p["deleted"][t] for p in purge) for t in TABLES}
+    quiet = "quiet" if facts["loadavg"] < 0.5 and not facts["pytest"] else "NOT quiet (see load average)"
+    lines = [
+        start,
+        f"## {args.title or 'Retention: webhooks while a day of expired rows is purged'}",
+        "",
+        f"Run {started:%Y-%m-%d %H:%M} UTC on {facts['nproc']} CPUs ({facts['cpu']}), PostgreSQL {facts['postgres']}"
+        f" (fsync {facts['fsync']}, synchronous_commit {facts['synchronous_commit']}); load average "
+        f"{facts['loadavg']:.2f} at the start, {facts['loadavg_end']:.2f} at the end ({quiet}).",
+        "",
+        f"    {command}",
+        "",
+        f"{args.days} days of {args.per_day:,} events loaded (with their outbox entries, delivery rows and audit rows);"
+        f" verified Stripe webhooks offered at {args.rate:g}/s (open loop); purge code: {args.purge_code}.",
+        "",
+        "| | baseline (no purge) | while purging | ratio |",
+        "|---|---|---|---|",
+        f"| webhook p50 ms | {med('baseline', 'p50_ms'):.1f} | {med('purge', 'p50_ms'):.1f} | "
+        f"{med('purge', 'p50_ms') / med('baseline', 'p50_ms'):.2f}× |",
+        f"| webhook p99 ms | {med('baseline', 'p99_ms'):.1f} | {med('purge', 'p99_ms'):.1f} | "
+        f"{ratio:.2f}× (median of the rounds' ratios: {', '.join(f'{x:.2f}' for x in ratios)}) |",
+        "",
+        f"Purge of one day (median over {len(rounds)} rounds): "
+        + ", ".join(f"{deleted[t]:,.0f} {t}" for t in TABLES)
+        + f" rows deleted in {statistics.median(p['purge_seconds'] for p in purge):.1f} s "
+        f"(events and their dependants {statistics.median(p['event_seconds'] for p in purge):.1f} s, audit and "
+        f"delivery retention {statistics.median(p['other_seconds'] for p in purge):.1f} s): "
+        f"{statistics.median(p['rows_per_second'] for p in purge):,.0f} rows/s.",
+        "",
+        f"- Backends seen waiting for a lock while purging (pg_stat_activity every 50 ms): "
+        f"{sum(p['lock_waits'] for p in purge)} in {sum(p['lock_samples'] for p in purge)} samples.",
+        f"- Target: webhook p99 while purging ≤ 2× the baseline → **{'met' if ratio <= 2 else 'not met'}** "
+        f"({ratio:.2f}×).",
+        f"- Answers other than 202 (and connection errors): {other}. The run took {(finished - started).seconds} s.",
+        end,
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-day", type=lambda v: int(float(v)), default=1_000_000, help="events a day (1e6 works)")
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of rounds (baseline, purge); one day each")
+    parser.add_argument("--days", type=int, help="days loaded (default: rounds + 1; the newest is never purged)")
+    parser.add_argument("--rate", type=float, default=400, help="webhooks offered per second")
+    parser.add_argument("--chunk", type=float, default=5, help="seconds per open-loop run")
+    parser.add_argument("--baseline-seconds", type=float, default=20)
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections opened ahead")
+    parser.add_argument("--explain", action="store_true",
+                        help="after the load, EXPLAIN ANALYZE the reads that scanned before the scale indexes; no rounds")
+    parser.add_argument("--purge-code", choices=["tasks", "previous"], default="tasks")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
+    parser.add_argument("--port", type=int, default=18495)
+    parser.add_argument("--pg-port", type=int, default=55545)
+    parser.add_argument("--redis-port", type=int, default=56545)
+    parser.add_argument("--services-dir", default="/tmp/kite-retention-services")
+    parser.add_argument("--database", default="kite_retention")
+    parser.add_argument("--keep-services", action="store_true", help="leave PostgreSQL and Redis running")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to this long for load average < 0.5 and no pytest running")  # fmt: skip
+    parser.add_argument("--section", default="retention", help="section of bench/RESULTS.md to replace")
+    parser.add_argument("--title")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.days = args.days or args.rounds + 1
+    if args.days < args.rounds + 1:
+        raise SystemExit("--days must be at least --rounds + 1: each purge round expires one day, the newest stays")
+    if args.wait_quiet:
+        bench.wait_until_quiet(args.wait_quiet)
+    initial = {"loadavg": os.getloadavg()[0], "pytest": bench.others_busy()}
+    started = datetime.now(timezone.utc)
+    run = Retention(args)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        run.start()
+        facts = bench.machine_facts(run.dep) | initial
+        run.dep.stop_web()
+        run.load()
+        if args.explain:
+            print(run.explain())
+            return 0
+        rounds = run.measure()
+        facts["loadavg_end"] = os.getloadavg()[0]
+        section = report(args, facts, rounds, run.other, started, datetime.now(timezone.utc))
+        print(section)
+        if not args.no_write:
+            bench.write_results(section, args.section)
+            log(f"written to {bench.RESULTS}")
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        log("stopping web and services")
+        run.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
