@@ -52,7 +52,7 @@ class OutboxCollector:
     (dead) per live peer, by one GROUP BY at scrape time — exact with any number of processes.
     Delivered entries are not counted: they only grow (see kite_federation_calls_total).
     `kite_outbox_oldest_pending_age_seconds{peer}`: how long the oldest entry still owed to each
-    live peer has waited (0: none owed) — a stuck queue, whatever its depth."""
+    live peer has waited (0: none owed) — a stuck queue, whatever its depth. Same GROUP BY."""
 
     STATUSES = ("pending", "in_flight", "dead")
     OWED = ("pending", "in_flight")
@@ -61,12 +61,9 @@ class OutboxCollector:
         return [self._family(), self._age_family()]
 
     def collect(self):
-        from federation import selectors
-
         family, ages = self._family(), self._age_family()
         try:
-            counts = selectors.outbox_gauge(self.STATUSES)
-            oldest = oldest_owed(self.OWED)
+            counts, oldest = outbox_by_peer(self.STATUSES, owed=self.OWED)
         except Exception:  # a scrape must not fail because the database is away
             logger.exception("kite_outbox_entries: could not read the outbox")
             return [family, ages]
@@ -92,25 +89,34 @@ class OutboxCollector:
         )
 
 
-def oldest_owed(statuses) -> dict:
-    """{peer name: created_at of its oldest entry in `statuses`} over live peers (names shared by
-    several teams' peers: the oldest of them). Reads the outbox_due index's (peer, status) range."""
-    from django.db.models import Min
+def outbox_by_peer(statuses, *, owed) -> tuple[dict[tuple[str, str], int], dict]:
+    """({(peer name, status): entries}, {peer name: created_at of its oldest entry in `owed`}) for
+    every live peer, 0 included, in one GROUP BY: the join only takes the wanted statuses, so
+    delivered history is never scanned. Peers of several teams may share a name: their counts add
+    up and the oldest of their entries counts, as a label set must be unique."""
+    from django.db.models import Count, FilteredRelation, Min, Q
 
-    from federation.models import OutboxEntry, Peer
+    from federation.models import Peer
 
     rows = (
-        OutboxEntry.objects.filter(status__in=list(statuses), peer__role=Peer.Role.PEER)
-        .exclude(peer__status=Peer.Status.REVOKED)
-        .values("peer__name")
-        .annotate(oldest=Min("created_at"))
+        Peer.objects.filter(role=Peer.Role.PEER)
+        .exclude(status=Peer.Status.REVOKED)
+        .annotate(entry=FilteredRelation("outbox", condition=Q(outbox__status__in=list(statuses))))
+        .values("pk", "name", "entry__status")
+        .annotate(n=Count("entry__id"), oldest=Min("entry__created_at"))
         .order_by()
     )
+    counts: dict[tuple[str, str], int] = {}
     oldest: dict = {}
     for row in rows:
-        name = row["peer__name"]
-        oldest[name] = min(oldest.get(name, row["oldest"]), row["oldest"])
-    return oldest
+        name, status = row["name"], row["entry__status"]
+        for each in statuses:
+            counts.setdefault((name, each), 0)
+        if status:
+            counts[(name, status)] += row["n"]
+        if status in owed:
+            oldest[name] = min(oldest.get(name, row["oldest"]), row["oldest"])
+    return counts, oldest
 
 
 class PeerStateCollector:
