@@ -173,7 +173,18 @@ def _emit_delivery_failed(event: Event, peer: Peer, forward: routing.Provenance)
 # --- kicking: wake a worker for a peer after commit ------------------------------
 
 
+_local = None  # a web process's courier (federation.courier): delivers what this process just stored
+
+
 def kick(peer_id: int) -> None:
+    """After commit: deliver the peer's due entries soon — by this web process's courier when
+    it takes the peer, else by a worker's task."""
+    if _local is not None and _local.wake(peer_id):
+        return
+    _kick_task(peer_id)
+
+
+def _kick_task(peer_id: int) -> None:
     from federation import tasks
 
     if settings.REDIS_URL and not _first_kick(peer_id):
@@ -315,33 +326,85 @@ def deliver_peer(peer_id: int, helper: bool = False) -> int:
     drain.hold_flag()
     _keeper.add(drain)
     try:
-        return _drain(peer_id, drain, helper)
+        return _drain(PeerView(peer_id), drain, HELPER if helper else TASK)
     finally:
         _keeper.remove(drain)
         drain.clear_flag()
 
 
-def _drain(peer_id: int, drain: "Drain", helper: bool) -> int:
-    delivered, peer, read_at, target = 0, None, 0.0, None
+TASK, HELPER, COURIER = "task", "helper", "courier"  # who drains: a kicked task, its helper, a web process
+
+
+def deliver_locally(courier) -> None:
+    """From now on this process's kicks wake `courier` (federation.courier) first."""
+    global _local
+    _local = courier
+
+
+def deliver_fresh(view: "PeerView") -> int:
+    """A courier's drain: what is due for the peer, until a claim is empty or full (a backlog,
+    left to a task) or a call fails. No kick flag; the keeper renews its leases."""
+    drain = Drain(None)
+    _keeper.add(drain)
+    try:
+        return _drain(view, drain, COURIER)
+    finally:
+        _keeper.remove(drain)
+
+
+class PeerView:
+    """A peer's row and the target its calls go to, as one drain (or a courier, across drains)
+    sees them: read again when older than PEER_REREAD_SECONDS or after `forget()`; the target is
+    rebuilt only when what it is made of changed (URL, secret, pin, team)."""
+
+    def __init__(self, peer_id: int):
+        self.peer_id = peer_id
+        self.peer: Peer | None = None
+        self.target: client.Target | None = None
+        self.read_at = 0.0
+        self.made_of: tuple = ()
+
+    def current(self) -> Peer | None:
+        """The peer if its queue may send now (a peer that sends, not paused), else None."""
+        if self.peer is None or time.monotonic() - self.read_at >= PEER_REREAD_SECONDS:
+            self.peer, self.read_at = Peer.objects.filter(pk=self.peer_id).first(), time.monotonic()
+            if self.peer is not None and self.peer.sends_to and not self.peer.paused:
+                made_of = (self.peer.peer_hook_url, self.peer.outbound_secret_encrypted, self.peer.tls_fingerprint,
+                           self.peer.team_id)  # fmt: skip
+                if self.target is None or made_of != self.made_of:
+                    self.target, self.made_of = target_for(self.peer), made_of
+        if self.peer is None or not self.peer.sends_to or self.peer.paused:
+            return None
+        return self.peer
+
+    def forget(self) -> None:
+        self.peer = None
+
+
+def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
+    """Claim and send until nothing is due (or a call fails). A courier stops at a full claim and
+    leaves the backlog to a task (kicked here): a web process delivers what it just stored, not
+    what piled up while a peer was away."""
+    delivered = 0
     while True:
-        if peer is None or time.monotonic() - read_at >= PEER_REREAD_SECONDS:
-            peer, read_at = Peer.objects.filter(pk=peer_id).first(), time.monotonic()
-            if peer is None or not peer.sends_to or peer.paused:
-                return delivered
-            target = target_for(peer)
+        peer = view.current()
+        if peer is None:
+            return delivered
+        target = view.target
         size = min(peer.batch_max or 1, BATCH_CAP)
         limit = size if size > 1 else CLAIM_UNBATCHED
         entries = claim(peer.pk, limit)
         if not entries:
-            if helper or not drain.flag_held:
+            if mode != TASK or not drain.flag_held:
                 return delivered
             drain.clear_flag()
             continue
         drain.took(entries)
-        if not drain.flag_held:  # entries after all: hold the flag again (a task queued meanwhile finds little)
+        if mode == TASK and not drain.flag_held:  # entries after all: hold the flag again (a task queued meanwhile finds little)
             drain.hold_flag()
-        if len(entries) == limit and not helper:
-            _call_helper(peer_id)
+        backlog = len(entries) == limit
+        if backlog and mode == TASK:
+            _call_helper(peer.pk)
         groups = [entries] if size > 1 else [[entry] for entry in entries]
         for index, group in enumerate(groups):
             group = drain.still_ours(group)
@@ -354,8 +417,12 @@ def _drain(peer_id: int, drain: "Drain", helper: bool) -> int:
                 return delivered
             if not send(peer, target, group, drain):
                 drain.release([e for g in groups[index + 1 :] for e in g])
+                view.forget()  # the failure may have paused the queue: read the row again next time
                 return delivered
             delivered += len(group)
+        if backlog and mode == COURIER:
+            _kick_task(peer.pk)
+            return delivered
 
 
 class Drain:
@@ -369,10 +436,10 @@ class Drain:
     an outcome or a release applies only where leased_until is still one of `tokens`; an entry a
     renewal finds taken is `lost` and is neither sent nor recorded here."""
 
-    def __init__(self, flag: str):
-        self.flag = flag
+    def __init__(self, flag: str | None):
+        self.flag = flag  # None: a courier's drain, which no kick waits on
         self.lock = threading.Lock()
-        self.flag_held = True  # set by the kick (or _call_helper) that queued this run
+        self.flag_held = flag is not None  # set by the kick (or _call_helper) that queued this run
         self.flag_set_at = time.monotonic()
         self.held: set[int] = set()
         self.tokens: list = []
@@ -381,6 +448,8 @@ class Drain:
         self.valid_until = 0.0  # monotonic: the leases of `held` are known to last until then
 
     def hold_flag(self) -> None:
+        if self.flag is None:
+            return
         with self.lock:
             self.flag_held, self.flag_set_at = True, time.monotonic()
             _hold(self.flag)

@@ -29,9 +29,12 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
 
+from federation import courier  # noqa: E402
 from ingest import broadcast  # noqa: E402
 from ingest.routing import websocket_urlpatterns  # noqa: E402
 from kite.bridge import WSGIBridge  # noqa: E402
+
+_courier = courier.install()  # on PostgreSQL this process delivers what it stores (federation.courier)
 
 _router = ProtocolTypeRouter(
     {
@@ -57,6 +60,8 @@ async def _lifespan(receive, send):
             broadcast.set_server_loop(asyncio.get_running_loop())
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            if _courier is not None:  # calls out finish (≤ 5 s) rather than wait for their leases to end
+                await asyncio.get_running_loop().run_in_executor(None, _courier.close, 5.0)
             await send({"type": "lifespan.shutdown.complete"})
             return
 

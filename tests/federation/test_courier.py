@@ -1,0 +1,144 @@
+"""A web process's courier delivers what it has just stored, with the outbox's own claim, leases and
+records: against a real HTTPS endpoint on loopback, real PostgreSQL and Redis, committed transactions
+(the courier is woken on commit, so these tests commit)."""
+
+import threading
+import time
+
+import pytest
+
+from federation import courier as courier_module
+from federation import outbox
+from federation.models import Delivery, OutboxEntry, Peer
+from tests.federation.test_delivery import Endpoint, SECRET, _event
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def redis_client():
+    import redis
+    from django.conf import settings
+
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+@pytest.fixture
+def endpoint(tmp_path):
+    started = Endpoint(tmp_path)
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def peer(team, endpoint):
+    from federation import services
+
+    return services.peer_create(
+        team=team, name="b", peer_hook_url=endpoint.url, outbound_token=SECRET, scopes=["*"],
+        tls_fingerprint=endpoint.fingerprint,
+    ).row  # fmt: skip
+
+
+@pytest.fixture
+def courier():
+    installed = courier_module.Courier()
+    outbox.deliver_locally(installed)
+    yield installed
+    installed.close(5)
+    outbox.deliver_locally(None)
+
+
+def _wait(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def _kick_flag(peer) -> bool:
+    return bool(redis_client().exists(f"kite:kick:{peer.pk}"))
+
+
+def test_a_committed_event_is_delivered_by_the_courier_without_a_task(team, peer, endpoint, courier):
+    redis_client().delete(f"kite:kick:{peer.pk}")
+    started = time.monotonic()
+    _event(team, "c1")
+    assert _wait(lambda: OutboxEntry.objects.get(event__ce_id="c1").status == "delivered")
+    took = time.monotonic() - started
+    assert len(endpoint.requests) == 1 and b'"c1"' in endpoint.requests[0][1]
+    delivery = Delivery.objects.get(entry__event__ce_id="c1")
+    assert (delivery.outcome, delivery.status_code) == ("delivered", 202)
+    assert not _kick_flag(peer), "a task was queued for a delivery the courier made"
+    assert took < 2.0, f"took {took:.2f} s"
+
+
+def test_a_paused_peer_gets_nothing_from_the_courier(team, peer, endpoint, courier):
+    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.OPERATOR)
+    _event(team, "p1")
+    time.sleep(0.5)
+    assert endpoint.requests == []
+    assert OutboxEntry.objects.get(event__ce_id="p1").status == "pending"
+
+
+def test_a_failed_call_backs_off_as_a_task_would_and_the_next_wake_reads_the_peer_again(team, peer, endpoint,
+                                                                                        courier):  # fmt: skip
+    endpoint.answers.append((503, {}, {"detail": "busy", "code": "busy"}))
+    _event(team, "f1")
+    assert _wait(lambda: Delivery.objects.filter(entry__event__ce_id="f1").exists())
+    entry = OutboxEntry.objects.get(event__ce_id="f1")
+    assert (entry.status, entry.attempts) == ("pending", 1)
+    assert Peer.objects.get(pk=peer.pk).consecutive_failures == 1
+    # The operator pauses right after the failure: the next event's wake sees it (no cached row).
+    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.OPERATOR)
+    _event(team, "f2")
+    time.sleep(0.5)
+    assert len(endpoint.requests) == 1
+    assert OutboxEntry.objects.get(event__ce_id="f2").status == "pending"
+
+
+def test_a_backlog_is_left_to_a_task_after_one_full_claim(team, peer, endpoint, courier):
+    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.OPERATOR)
+    for index in range(outbox.CLAIM_UNBATCHED + 5):  # unbatched peer (batch_max NULL): claims of 20
+        _event(team, f"b{index}")
+    redis_client().delete(f"kite:kick:{peer.pk}")
+    Peer.objects.filter(pk=peer.pk).update(paused="")
+    outbox.kick(peer.pk)  # as resuming the peer does, from a web process
+    assert _wait(lambda: _kick_flag(peer))  # the backlog went to a worker's task
+    assert _wait(lambda: len(endpoint.requests) == outbox.CLAIM_UNBATCHED)
+    time.sleep(0.3)
+    statuses = list(OutboxEntry.objects.values_list("status", flat=True))
+    assert statuses.count("delivered") == outbox.CLAIM_UNBATCHED  # one claim's worth, then it stopped
+    assert statuses.count("pending") == 5  # no worker runs in this test: they wait for the task
+
+
+def test_close_waits_for_the_call_out_and_then_refuses_wakes(team, peer, endpoint, courier):
+    gate = threading.Event()
+
+    def slow(body):
+        gate.wait(3)
+        return {"id": "x", "duplicate": False}
+
+    endpoint.default = (202, {}, slow)
+    _event(team, "s1")
+    assert _wait(lambda: len(endpoint.requests) == 1)
+    threading.Timer(0.3, gate.set).start()
+    started = time.monotonic()
+    assert courier.close(5) is True
+    assert time.monotonic() - started >= 0.2  # it waited for the answer
+    assert OutboxEntry.objects.get(event__ce_id="s1").status == "delivered"
+    assert courier.wake(peer.pk) is False  # closed: a kick now queues a task
+
+
+def test_past_max_waiting_a_kick_queues_a_task(team, peer, endpoint):
+    full = courier_module.Courier(max_waiting=0)
+    outbox.deliver_locally(full)
+    try:
+        redis_client().delete(f"kite:kick:{peer.pk}")
+        _event(team, "w1")
+        assert _kick_flag(peer)
+        time.sleep(0.3)
+        assert endpoint.requests == []
+    finally:
+        outbox.deliver_locally(None)
