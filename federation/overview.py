@@ -86,7 +86,7 @@ def peer_charts(buckets: list[activity.Bucket]) -> dict:
     """A peer's last 24 h: latency percentiles of delivered attempts, and deliveries against failures."""
     labels = [_minute(bucket.start) for bucket in buckets]
     delivered, failed = sum(b.delivered for b in buckets), sum(b.failed for b in buckets)
-    span = f"{buckets[0].start:%Y-%m-%d %H:%M}–{buckets[-1].start:%H:%M} UTC, per 15 minutes"
+    span = f"since {buckets[0].start:%Y-%m-%d %H:%M} UTC, per 15 minutes"
     latest = next((b for b in reversed(buckets) if b.p50_ms is not None), None)
     worst = max((b for b in buckets if b.p95_ms is not None), key=lambda b: b.p95_ms, default=None)
     latency = f"Last 24 h ({span}): "

@@ -121,7 +121,7 @@ class _Plot:
         path = " ".join("M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in points) for points in runs if len(points) > 1)
         if path:
             parts.append(f'<path d="{path}" fill="none"/>')
-        parts.extend(f'<circle cx="{points[0][0]:.1f}" cy="{points[0][1]:.1f}" r="2.5"/>'
+        parts.extend(f'<circle cx="{points[0][0]:.1f}" cy="{points[0][1]:.1f}" r="3.5"/>'
                      for points in runs if len(points) == 1)  # fmt: skip
         parts.append("</g>")
         return parts

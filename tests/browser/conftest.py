@@ -53,7 +53,7 @@ class Operator:
         self.page.fill("#id_password", bootstrap_password(self.kite))
         self.page.click("main button[type=submit]")
         try:
-            self.page.wait_for_url(re.compile(r".*/events/$"))
+            self.page.wait_for_url(re.compile(r"^https://[^/]+/$"))  # the Overview
         except Exception:
             self.shot(f"login-failed-{self.label}")
             raise

@@ -193,7 +193,7 @@ ONE_LINERS = "main thead th, main .status, main .chip, main .badge, main .verdic
 def _pages(kite) -> list[str]:
     first = _peer_id(kite, "instance-b")
     return [f"{SETTINGS}/peers/", f"{SETTINGS}/peers/{first}/", f"{SETTINGS}/tokens/", f"{SETTINGS}/certificates/",
-            "/events/", "/audit/", "/fleet/?federation=on"]  # fmt: skip
+            "/", "/events/", "/audit/", "/fleet/?federation=on"]  # fmt: skip
 
 
 @pytest.mark.parametrize("width, url_lines", [(1280, 1), (390, 4)])

@@ -84,3 +84,13 @@ def test_numbers_read_as_operators_expect():
     assert charts.number(1234567) == "1,234,567"
     assert charts.number(12.34, "ms") == "12.3 ms"
     assert charts.number(250.6, "ms") == "251 ms"
+
+
+def test_the_figures_table_names_each_row_and_escapes_every_text():
+    table = ET.fromstring(charts.figures_table(caption="Per <minute>", headers=["Minute", "Events <in>"],
+                                               rows=[("09:00", 1234), ("<b>", None)]))  # fmt: skip
+    assert table.find("caption").text == "Per <minute>"
+    assert [th.get("scope") for th in table.find("thead/tr")] == ["col", "col"]
+    rows = table.findall("tbody/tr")
+    assert [(row[0].get("scope"), row[0].text, row[1].text) for row in rows] == [("row", "09:00", "1,234"),
+                                                                                ("row", "<b>", "—")]  # fmt: skip

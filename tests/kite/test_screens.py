@@ -24,12 +24,12 @@ def _text(response) -> str:
 def test_login_then_events_and_logout_by_post(team, client):
     user = get_user_model().objects.create_user("ada", password="correct horse")
     services.membership_add(team=team, user=user, role=Membership.Role.ADMIN)
-    assert client.get("/")["Location"] == "/events/"
+    assert client.get("/")["Location"] == "/login/?next=/"  # the Overview (tests/federation/test_overview.py)
     assert client.get("/events/")["Location"] == "/login/?next=/events/"
     refused = client.post("/login/", {"username": "ada", "password": "wrong"})
     assert refused.status_code == 200 and "Please enter a correct username and password" in _text(refused)
     logged_in = client.post("/login/", {"username": "ada", "password": "correct horse", "next": ""})
-    assert logged_in.status_code == 302 and logged_in["Location"] == "/events/"
+    assert logged_in.status_code == 302 and logged_in["Location"] == "/"
     page = _text(client.get("/events/"))
     for link in ('href="/events/"', 'href="/fleet/"', 'href="/settings/federation/peers/"', 'href="/audit/"'):
         assert link in page

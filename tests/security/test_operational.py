@@ -114,7 +114,7 @@ def test_login_over_https_sets_secure_httponly_lax_cookies(kites):
                              data={"username": "admin", "password": bootstrap_password(kite), "csrfmiddlewaretoken": csrf},
                              headers={"Referer": kite.url + "/login/"})  # fmt: skip
 
-    assert logged_in.status_code == 302 and logged_in.headers["Location"] == "/events/", logged_in.text
+    assert logged_in.status_code == 302 and logged_in.headers["Location"] == "/", logged_in.text
     csrf_cookie, session_cookie = set_cookies(form)["csrftoken"], set_cookies(logged_in)["sessionid"]
     for attribute in ("; Secure", "; SameSite=Lax"):
         assert attribute in csrf_cookie and attribute in session_cookie, (csrf_cookie, session_cookie)
