@@ -15,20 +15,21 @@ SETTLED = [OutboxEntry.Status.DELIVERED.value, OutboxEntry.Status.DEAD.value]
 def events_purging(event_ids: list[int]) -> set[int]:
     """Delete the settled outbox entries (and their attempts) of the events not owed to any peer;
     return the ids of the events still owed, which stay with all their entries."""
-    owed = _owed(event_ids, OWED)
+    entries = _entries(event_ids)
+    owed = {event_id for event_id, status in entries if status in OWED}
     settled = [pk for pk in event_ids if pk not in owed]
-    if not settled:
+    expected = sum(1 for event_id, _ in entries if event_id not in owed)
+    if not expected:
         return owed
-    entries = OutboxEntry.objects.filter(event_id__in=settled, status__in=SETTLED)
-    Delivery.objects.filter(entry__in=entries)._raw_delete(Delivery.objects.db)
+    doomed = OutboxEntry.objects.filter(event_id__in=settled, status__in=SETTLED)
+    Delivery.objects.filter(entry__in=doomed)._raw_delete(Delivery.objects.db)
     # The DELETE locks each entry and checks its status again after any wait: an entry a replay made
-    # pending meanwhile is not deleted. Whatever is left was not settled: its event is owed again.
-    entries._raw_delete(OutboxEntry.objects.db)
-    return owed | _owed(settled, None)
+    # pending since it was read is not deleted, and its event is owed again.
+    if doomed._raw_delete(OutboxEntry.objects.db) != expected:
+        owed |= {event_id for event_id, _ in _entries(settled)}
+    return owed
 
 
-def _owed(event_ids: list[int], statuses: list[str] | None) -> set[int]:
-    entries = OutboxEntry.objects.filter(event_id__in=event_ids)
-    if statuses is not None:
-        entries = entries.filter(status__in=statuses)
-    return set(entries.order_by().values_list("event_id", flat=True).distinct())
+def _entries(event_ids: list[int]) -> list[tuple[int, str]]:
+    """(event id, status) of every outbox entry of the events: one probe of the event_id index each."""
+    return list(OutboxEntry.objects.filter(event_id__in=event_ids).order_by().values_list("event_id", "status"))

@@ -147,15 +147,16 @@ def test_a_dead_letter_replayed_while_the_batch_deletes_is_kept_with_its_event(t
 
     event = _stored(team, "racing", ("dead", "delivered"))
     dead = OutboxEntry.objects.get(event=event, status="dead")
-    real = retention._owed
+    real, reads = retention._entries, []
 
-    def replayed_right_after_the_check(event_ids, statuses):
-        found = real(event_ids, statuses)
-        if statuses == retention.OWED:  # a replay commits between the purge's check and its DELETE
+    def replayed_right_after_the_read(event_ids):
+        found = real(event_ids)
+        reads.append(found)
+        if len(reads) == 1:  # a replay commits between the purge's read and its DELETE
             OutboxEntry.objects.filter(pk=dead.pk).update(status="pending")
         return found
 
-    monkeypatch.setattr(retention, "_owed", replayed_right_after_the_check)
+    monkeypatch.setattr(retention, "_entries", replayed_right_after_the_read)
     assert ingest_services.events_purge_expired(days=7, pause=0) == 0
     assert Event.objects.filter(pk=event.pk).exists()
     assert OutboxEntry.objects.get(pk=dead.pk).status == "pending"  # delivered to b after all, later
@@ -193,3 +194,21 @@ def test_webhooks_are_stored_while_a_purge_batch_is_open(team, peers, transactio
     assert stored["waited"] is False and stored["event"].ce_id == "fresh"
     assert set(OutboxEntry.objects.filter(event__ce_id="fresh").values_list("status", flat=True)) == {"pending"}
     assert _left()["events"] == {"fresh"}
+
+
+def test_a_row_no_hook_deletes_fails_the_batch_and_loses_nothing(team, peers, transactional_db):
+    """The events go with one DELETE (no per-row cascade): a row that still refers to one — of an app
+    with no event_purging hook — makes the batch's commit fail, and the batch stays whole."""
+    from django.db import IntegrityError
+
+    from federation import retention
+
+    _stored(team, "old", ("delivered", "dead"))
+    hooks.event_purging.remove(retention.events_purging)
+    try:
+        with pytest.raises(IntegrityError):
+            ingest_services.events_purge_expired(days=7, pause=0)
+    finally:
+        hooks.event_purging.append(retention.events_purging)
+    assert _left()["events"] == {"old"} and OutboxEntry.objects.count() == 2 and Delivery.objects.count() == 2
+    assert ingest_services.events_purge_expired(days=7, pause=0) == 1
