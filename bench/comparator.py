@@ -88,6 +88,19 @@ def ensure_venv(path: Path) -> Path:
     return python
 
 
+def cpu_tree(root: int) -> float:
+    """CPU seconds of a process tree: utime + stime + the reaped children's cutime + cstime of
+    every live process in it, so that processes that exited (PostgreSQL backends) still count."""
+    total = 0.0
+    for pid in fed.descendants(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(value) for value in fields[11:15]) / fed._TICK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 class Compare(fed.Bench):
     def __init__(self, args):
         super().__init__(args)
@@ -192,9 +205,16 @@ class Compare(fed.Bench):
         super().stop()
 
     def cpu_snapshot(self) -> dict[str, float]:
-        snapshot = super().cpu_snapshot()
-        snapshot["receiver"] = fed.cpu_seconds(fed.descendants(self.receiver.pid))
-        snapshot["comparator"] = fed.cpu_seconds(fed.descendants(self.worker.pid))
+        """CPU seconds so far per process group (exited processes included: see cpu_tree)."""
+        groups = {"a": self.a.process.pid, "b": self.b.process.pid, "receiver": self.receiver.pid,
+                  "comparator": self.worker.pid}  # fmt: skip
+        snapshot = {name: cpu_tree(pid) for name, pid in groups.items()}
+        directory = self.services[0].directory
+        try:
+            snapshot["postgres"] = cpu_tree(int(Path(directory, "pg", "postmaster.pid").read_text().split()[0]))
+            snapshot["redis"] = cpu_tree(int(Path(directory, "redis.pid").read_text().strip()))
+        except (OSError, ValueError, IndexError):
+            snapshot["postgres"] = snapshot["redis"] = 0.0
         return snapshot
 
     # --- rounds ----------------------------------------------------------------

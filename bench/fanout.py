@@ -15,10 +15,11 @@ one event per POST).
 1. ingest: verified Stripe webhooks in a closed loop (wrk, bench/ingest.py's rounds), the team
    having 0 peers (the rows made senders), 200 peers none of which matches (scopes elsewhere:
    routing alone) and 200 matching peers (200 outbox entries and 200 kicks per event),
-   alternating in the same run. Web alone, as bench/ingest.py measures it: nothing delivers
-   meanwhile (with 200 peers each accepted event owes 200 deliveries; what the worker can
-   deliver is phase 2's concern). After each round the outbox is checked (200 entries per
-   accepted event) and emptied.
+   alternating in the same run. Web alone, as bench/ingest.py measures it: no worker runs (with
+   200 peers each accepted event owes 200 deliveries; delivering them is phase 3's concern);
+   the web process's courier (KITE_WEB_DELIVERY, on by default) does deliver for the few peers
+   it takes, as it does in production. After each round the outbox is checked (200 entries per
+   stored event) and emptied.
 2. profile: the same webhook path in one process (`ingest.services.webhook_receive`), wall time
    per event with 0 / 200 non-matching / 200 matching peers, and a cProfile of the 200-peer case:
    where an event's time goes (routing, the outbox INSERT, the kicks after commit).
@@ -60,7 +61,8 @@ def _load(name: str):
 
 
 ing = _load("ingest")
-fed = _load("federation")
+cmp = _load("comparator")  # cpu_tree
+fed = cmp.fed
 from kite import tls  # noqa: E402
 
 SECTION = "fanout"
@@ -78,7 +80,12 @@ class Fanout:
         args.env = [*args.env, "KITE_PEER_ALLOWED_NETWORKS=127.0.0.0/8,::1/128",
                     # no 200 pings every 30 s in the middle of a round (phase 3 measures deliveries alone)
                     "KITE_HEARTBEAT_SECONDS=3600"]  # fmt: skip
-        self.dep = ing.Deployment(args)
+        # bench/ingest.py's own defaults for whatever its Deployment reads, with this run's ports and paths
+        dep_args = ing.build_parser().parse_args([])
+        for name in ("port", "pg_port", "redis_port", "services_dir", "database", "keep_services", "wrk", "max_rate",
+                     "env"):  # fmt: skip
+            setattr(dep_args, name, getattr(args, name))
+        self.dep = ing.Deployment(dep_args)
         self.receiver: subprocess.Popen | None = None
         self.celery: dict[str, subprocess.Popen] = {}
         self.problems: list[str] = []
@@ -184,11 +191,11 @@ class Fanout:
     def cpu(self) -> dict[str, float]:
         groups = {"web": self.dep.web.pid, "receiver": self.receiver.pid,
                   **{name: p.pid for name, p in self.celery.items()}}  # fmt: skip
-        snapshot = {name: fed.cpu_seconds(fed.descendants(pid)) for name, pid in groups.items()}
+        snapshot = {name: cmp.cpu_tree(pid) for name, pid in groups.items()}
         try:
             postmaster = int(Path(self.args.services_dir, "pg", "postmaster.pid").read_text().split()[0])
-            snapshot["postgres"] = fed.cpu_seconds(fed.descendants(postmaster))
-            snapshot["redis"] = fed.cpu_seconds([int(Path(self.args.services_dir, "redis.pid").read_text())])
+            snapshot["postgres"] = cmp.cpu_tree(postmaster)
+            snapshot["redis"] = cmp.cpu_tree(int(Path(self.args.services_dir, "redis.pid").read_text()))
         except (OSError, ValueError, IndexError):
             pass
         return snapshot
@@ -420,6 +427,30 @@ out["parts_ms"] = {
     "200 tasks published, Task.delay each (as kicks do)": median_ms(publish_one_by_one, 5),
     "200 tasks published over one producer": median_ms(publish_one_producer, 5),
 }
+# The worker's side: one event to 200 peers, each peer's deliver_peer run here one after another
+# (as one worker process runs the 200 tasks), profiled, with its database statements counted.
+from django.db import connection as db
+set_peers("peer", ["stripe.*"])
+with db.cursor() as c:
+    c.execute("TRUNCATE federation_outboxentry CASCADE")  # only this event's entries are due
+receive(1)
+queries = [0]
+def counting(execute, sql, params, many, context):
+    queries[0] += 1
+    return execute(sql, params, many, context)
+profiler = cProfile.Profile()
+with db.execute_wrapper(counting):
+    started = time.perf_counter()
+    profiler.enable()
+    delivered = sum(outbox.deliver_peer(p) for p in peer_ids)
+    profiler.disable()
+    wall = time.perf_counter() - started
+stats = pstats.Stats(profiler)
+rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])
+out["worker"] = {"delivered": delivered, "ms_per_delivery (profiled)": wall * 1000 / len(peer_ids),
+                 "queries_per_delivery": queries[0] / len(peer_ids)}
+out["worker_top"] = [f"{ct * 1000 / len(peer_ids):8.3f} ms  {nc / len(peer_ids):6.1f} calls  {os.path.relpath(path) if path.startswith('/') else path}:{line} {func}"
+                     for (path, line, func), (cc, nc, tt, ct, callers) in rows[:40]]
 print(json.dumps(out))
 """
 
@@ -457,7 +488,8 @@ def report(args, facts, bench: Fanout, ingest: list[dict], profile: dict | None,
         f"-t{args.wrk_threads} -c{args.connections}`, {args.duration:g} s per run, {args.rounds} rounds, the three "
         "cases alternating: the team with 0 peers (the 200 rows made senders), 200 peers none of whose scopes match "
         "(routing alone), 200 matching peers (each event: 200 outbox entries in its transaction, 200 kicks after "
-        "commit). Web alone: nothing delivers meanwhile; the outbox is counted and emptied after each run.",
+        "commit). Web alone, no worker: only the web process's courier (KITE_WEB_DELIVERY, on by default) delivers, "
+        "for the few peers it takes at a time; the outbox is counted and emptied after each run.",
         "",
         "| round | " + " | ".join(f"{v} events/s (p50 / p99 ms)" for v in INGEST_VARIANTS) + " |",
         "|---|" + "---|" * len(INGEST_VARIANTS),
@@ -496,6 +528,12 @@ def report(args, facts, bench: Fanout, ingest: list[dict], profile: dict | None,
             "",
             "The parts on their own, no profiler (median of 15, or 5 for the publishes, ms for 200 peers): "
             + "; ".join(f"{name} **{ms:.1f}**" for name, ms in profile["parts_ms"].items()) + ".",
+            "",
+            f"The worker's side, the same way: one event to {args.peers} peers, each peer's `deliver_peer` run "
+            "in one process one after another (as one worker process runs the tasks), profiled: "
+            f"{profile['worker']['ms_per_delivery (profiled)']:.1f} ms and "
+            f"{profile['worker']['queries_per_delivery']:.1f} database statements per delivery "
+            f"({profile['worker']['delivered']} delivered).",
             "",
         ]
     if latency:
@@ -584,8 +622,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.workers = args.threads = None  # bench/ingest.py's Deployment: Kite's defaults
-    args.server, args.app = "uvicorn", "kite.asgi:application"
     waited_from = time.monotonic()
     if args.wait_quiet:
         fed.wait_until_quiet(args.wait_quiet, args.quiet_load)
@@ -614,6 +650,7 @@ def main(argv=None) -> int:
             log("profile, top by cumulative time (200 matching peers):\n" + "\n".join(profile["top"]))
             log("profile, none matching: " + json.dumps(profile["none_matching_ms"]) + "; parts: "
                 + json.dumps(profile["parts_ms"]))
+            log("profile, worker side: " + json.dumps(profile["worker"]) + "\n" + "\n".join(profile["worker_top"]))
         if args.latency_rounds:
             bench.start_celery()
             time.sleep(2)
