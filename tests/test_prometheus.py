@@ -59,7 +59,7 @@ def test_promtool_accepts_the_rules():
 
 
 def test_the_rule_unit_tests_pass():
-    assert RULE_TESTS == [REPO / "deploy" / "prometheus" / "alerts_test.yml"]
+    assert [path.name for path in RULE_TESTS] == ["alerts_long_test.yml", "alerts_test.yml"]
     tested = promtool("test", "rules", *map(str, RULE_TESTS))
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout
@@ -88,12 +88,16 @@ def _mutant_fails(tmp_path: Path, alertname: str, mutate) -> subprocess.Complete
     mutant = tmp_path / alertname
     mutant.mkdir(parents=True)
     (mutant / "alerts.yml").write_text(yaml.safe_dump(document))
-    tests = yaml.safe_load(RULE_TESTS[0].read_text())
-    tests["tests"] = [case for case in tests["tests"]
-                      if any(check["alertname"] == alertname for check in case["alert_rule_test"])]  # fmt: skip
-    assert tests["tests"], alertname
-    (mutant / "alerts_test.yml").write_text(yaml.safe_dump(tests))
-    return promtool("test", "rules", str(mutant / "alerts_test.yml"))
+    written = []
+    for path in RULE_TESTS:
+        tests = yaml.safe_load(path.read_text())
+        tests["tests"] = [case for case in tests["tests"]
+                          if any(check["alertname"] == alertname for check in case["alert_rule_test"])]  # fmt: skip
+        if tests["tests"]:
+            written.append(mutant / path.name)
+            written[-1].write_text(yaml.safe_dump(tests))
+    assert written, alertname
+    return promtool("test", "rules", *map(str, written))
 
 
 @pytest.mark.parametrize("alertname", sorted({rule["alert"] for rule in rules()}))
@@ -355,7 +359,8 @@ def forge_delivery(kite: FedKite, team_id: str) -> requests.Response:
 
 
 def alerts_named(server: Prometheus, alertname: str, kite: FedKite) -> list[dict]:
-    return [alert["labels"] for alert in server.alerts()
+    """The labels of each alert of that name about `kite`, with its summary as the label `summary`."""
+    return [{**alert["labels"], "summary": alert["annotations"]["summary"]} for alert in server.alerts()
             if alert["labels"]["alertname"] == alertname and alert["labels"]["instance"] == f"127.0.0.1:{kite.port}"]
 
 
@@ -426,11 +431,23 @@ def test_live_metrics_pass_promtool_and_prometheus_raises_the_alerts_the_traffic
         return [(name, labels) for name, kite, labels in expected
                 if not any(labels.items() <= alert.items() for alert in alerts_named(server, name, kite))]  # fmt: skip
 
+    def named_in_summary(alert: dict) -> bool:
+        return all(alert[label] in alert["summary"] for label in ("peer", "team", "source") if label in alert)
+
     wait_for(lambda: not missing(), 60, lambda: f"alerts {missing()}; Prometheus has {server.alerts()}")
     for quiet in ("KiteDown", "KiteOutboxStalled", "KiteDeliveryLatencyHigh"):
         assert not [alert for alert in server.alerts() if alert["labels"]["alertname"] == quiet], quiet
     assert not alerts_named(server, "KitePeerAuthFailed", a)[0].keys() - {
-        "alertname", "severity", "job", "instance", "peer", "team", "reason"}  # fmt: skip
+        "alertname", "severity", "job", "instance", "peer", "team", "reason", "summary"}  # fmt: skip
+    for name, kite, _ in expected:
+        raised = alerts_named(server, name, kite)
+        assert all(named_in_summary(alert) for alert in raised), raised
+
+    # The dashboard's instance variable, asked as Grafana asks it, finds both instances.
+    variable = {each["name"]: each for each in json.loads(DASHBOARD.read_text())["templating"]["list"]}["instance"]
+    selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"]).groups()
+    found = server.api(f"label/{label}/values", **{"match[]": selector})
+    assert sorted(found) == sorted(f"127.0.0.1:{kite.port}" for kite in (a, b))
 
     # Every dashboard query answers with data, but for what this traffic may not cause (an event
     # dropped by a filter, a refusal left out of the audit trail).
