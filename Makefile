@@ -37,7 +37,7 @@ faketime-deps:
 # promtool, and runs Prometheus against live instances: Debian's prometheus package, installed the same way.
 prometheus-deps:
 	@test -x /usr/bin/promtool || [ "$$(id -u)" != 0 ] || { echo "test: installing prometheus (Debian package)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 services-start:
 	scripts/services.sh start
