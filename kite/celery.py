@@ -4,7 +4,15 @@ from pathlib import Path
 
 import click
 from celery import Celery, bootsteps
-from celery.signals import after_task_publish, beat_init, task_postrun, task_prerun, worker_init, worker_process_init
+from celery.signals import (
+    after_task_publish,
+    beat_init,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 from kite import celery_fixes  # noqa: F401 - workers survive a broker restart (see the module)
 
@@ -56,6 +64,14 @@ def _tracing(**kwargs):
     from kite import tracing
 
     tracing.setup()
+
+
+@worker_process_shutdown.connect
+def _tracing_flush(**kwargs):
+    """A pool process ends without running atexit: what its exporter still holds is sent first."""
+    from kite import tracing
+
+    tracing.flush(timeout_millis=1000)  # a collector that is away holds up no shutdown
 
 
 @worker_process_init.connect

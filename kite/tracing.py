@@ -146,7 +146,9 @@ def setup(*, web: bool = False, environ=os.environ) -> bool:
         from opentelemetry.instrumentation.django import DjangoInstrumentor
 
         if not DjangoInstrumentor().is_instrumented_by_opentelemetry:
-            DjangoInstrumentor().instrument(tracer_provider=_provider)
+            # Health checks and scrapes make no trace unless the variables the instrumentation reads say otherwise.
+            excluded = environ.get("OTEL_PYTHON_DJANGO_EXCLUDED_URLS") or environ.get("OTEL_PYTHON_EXCLUDED_URLS")
+            DjangoInstrumentor().instrument(tracer_provider=_provider, excluded_urls=excluded or "healthz,metrics")
     return True
 
 
