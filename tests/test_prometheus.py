@@ -171,6 +171,9 @@ def test_the_dashboard_is_valid_json_with_a_datasource_variable_and_every_panel_
         assert panel["targets"], panel["title"]
         for target in [panel, *panel["targets"]]:
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    cells = [(panel["title"], x, y) for panel in dashboard["panels"] for grid in [panel["gridPos"]]
+             for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])]
+    assert all(0 <= x < 24 for _, x, _ in cells) and len({cell[1:] for cell in cells}) == len(cells)  # no overlap
     titles = " ".join(panel["title"].lower() for panel in panels)
     for subject in ("webhooks received", "refused", "ingest latency", "delivered", "delivery latency", "outbox depth",
                     "oldest pending", "reachability", "paused", "certificates"):  # fmt: skip
