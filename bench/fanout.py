@@ -420,12 +420,16 @@ def publish_one_producer():
     with app.producer_or_acquire() as producer:
         for p in peer_ids:
             tasks.deliver_peer.apply_async((p,), producer=producer)
+def flags_pipelined_one_task():  # what a kick of all the event's peers at once would cost the request
+    flags_pipelined()
+    app.send_task("federation.tasks.deliver_peer", args=(peer_ids[0],), kwargs={"also": peer_ids})
 out["parts_ms"] = {
     "outbox INSERT of 200 entries": median_ms(insert),
     "200 Redis SET NX, one by one (as kicks do)": median_ms(flags_one_by_one),
     "200 Redis SET NX, one pipeline": median_ms(flags_pipelined),
     "200 tasks published, Task.delay each (as kicks do)": median_ms(publish_one_by_one, 5),
     "200 tasks published over one producer": median_ms(publish_one_producer, 5),
+    "200 flags in one pipeline + one task naming the 200 peers published": median_ms(flags_pipelined_one_task),
 }
 # The worker's side: one event to 200 peers, each peer's deliver_peer run here one after another
 # (as one worker process runs the 200 tasks), profiled, with its database statements counted.
