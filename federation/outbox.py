@@ -405,24 +405,40 @@ def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
         backlog = len(entries) == limit
         if backlog and mode == TASK:
             _call_helper(peer.pk)
-        groups = [entries] if size > 1 else [[entry] for entry in entries]
-        for index, group in enumerate(groups):
-            group = drain.still_ours(group)
-            if group is None:  # renewals failed (the database?): what is left here goes back when its lease ends
+        chunks = [[entries]] if size > 1 else _in_flight(entries, proven=delivered > 0)
+        for index, chunk in enumerate(chunks):
+            groups = drain.still_ours_all(chunk)
+            if groups is None:  # renewals failed (the database?): what is left here goes back when its lease ends
                 return delivered
-            if not group:
+            if not groups:
                 continue
-            if not _pacing_allows(peer, len(group)):
-                drain.release([e for g in groups[index:] for e in g], delay_seconds=1)
+            paced = _paced(peer, groups)
+            if not paced:
+                drain.release([e for c in chunks[index:] for g in c for e in g], delay_seconds=1)
                 return delivered
-            if not send(peer, target, group, drain):
-                drain.release([e for g in groups[index + 1 :] for e in g])
+            sent, failed = send_all(peer, target, paced, drain)
+            delivered += sent
+            if len(paced) < len(groups):  # over the peer's rate: the rest waits a second
+                drain.release([e for g in groups[len(paced) :] for e in g] + [e for c in chunks[index + 1 :] for g in c
+                                                                           for e in g], delay_seconds=1)  # fmt: skip
+                return delivered
+            if failed:
+                drain.release([e for c in chunks[index + 1 :] for g in c for e in g])
                 view.forget()  # the failure may have paused the queue: read the row again next time
                 return delivered
-            delivered += len(group)
         if backlog and mode == COURIER:
             _kick_task(peer.pk)
             return delivered
+
+
+def _in_flight(entries: list[OutboxEntry], proven: bool) -> list[list[list[OutboxEntry]]]:
+    """Unbatched: KITE_OUTBOX_IN_FLIGHT calls at a time, one event each — after a first call alone
+    until one has succeeded in this drain, so a peer that is down or refuses us gets one attempt
+    per drain, not a volley."""
+    step = settings.KITE_OUTBOX_IN_FLIGHT
+    first = [] if proven else [[[entries[0]]]]
+    rest = entries if proven else entries[1:]
+    return first + [[[entry] for entry in rest[i : i + step]] for i in range(0, len(rest), step)]
 
 
 class Drain:
@@ -473,6 +489,17 @@ class Drain:
                 self.valid_until = self.renewed_at + settings.KITE_OUTBOX_LEASE_SECONDS
             self.held.update(entry.pk for entry in entries)
             self.tokens.append(entries[0].leased_until)  # one claim, one lease
+
+    def still_ours_all(self, groups: list[list[OutboxEntry]]) -> list[list[OutboxEntry]] | None:
+        """`still_ours` of each group, the emptied ones left out; None as there."""
+        kept = []
+        for group in groups:
+            group = self.still_ours(group)
+            if group is None:
+                return None
+            if group:
+                kept.append(group)
+        return kept
 
     def still_ours(self, group: list[OutboxEntry]) -> list[OutboxEntry] | None:
         """The entries of `group` this run may send now; None once its leases cannot be vouched for."""
@@ -614,6 +641,16 @@ def _call_helper(peer_id: int) -> None:
         log.warning("could not queue a helper delivery for peer %s", peer_id, exc_info=True)
 
 
+def _paced(peer: Peer, groups: list[list[OutboxEntry]]) -> list[list[OutboxEntry]]:
+    """The first of `groups` the peer's outbound rate allows now."""
+    allowed = []
+    for group in groups:
+        if not _pacing_allows(peer, len(group)):
+            break
+        allowed.append(group)
+    return allowed
+
+
 def _pacing_allows(peer: Peer, count: int) -> bool:
     from kite import ratelimit
 
@@ -643,40 +680,74 @@ def wire_event(entry: OutboxEntry) -> dict:
 
 
 def send(peer: Peer, target: client.Target, group: list[OutboxEntry], drain: Drain) -> bool:
-    batched = len(group) > 1 or (peer.batch_max or 1) > 1
+    """One call with `group` (one event, or a batch), its outcome recorded. False if it failed."""
+    return not send_all(peer, target, [group], drain)[1]
+
+
+def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]], drain: Drain) -> tuple[int, bool]:
+    """One call per group, all in flight at once (each on its own connection); then every outcome
+    recorded, the successes in one statement. (entries in calls that succeeded — a batch's
+    rejected events included —, whether a call failed)."""
+    batched = len(groups[0]) > 1 or (peer.batch_max or 1) > 1
+    if len(groups) == 1:
+        outcomes = [_call(target, groups[0], batched)]
+    else:
+        outcomes = list(_calls().map(lambda group: _call(target, group, batched), groups))
+    succeeded = [(group, answer) for group, answer in zip(groups, outcomes, strict=True)
+                 if isinstance(answer, client.PeerAnswer)]  # fmt: skip
+    failed = [(group, failure) for group, failure in zip(groups, outcomes, strict=True)
+              if isinstance(failure, client.PeerCallError)]  # fmt: skip
+    for _group, failure in failed:
+        metrics.CALLS.labels(peer.name, "outbound", metrics.outcome_of(failure)).inc()
+    if succeeded:
+        metrics.CALLS.labels(peer.name, "outbound", "ok").inc(len(succeeded))
+    with drain.lock:  # a renewal's new token is then either known here or written after this
+        if succeeded:
+            _record_success(peer, succeeded, batched, drain.tokens)
+        for group, failure in failed:
+            _record_failure(peer, group, failure, drain.tokens)
+        for group in groups:
+            drain.finished(group)
+    return sum(len(group) for group, _answer in succeeded), bool(failed)
+
+
+def _call(target: client.Target, group: list[OutboxEntry], batched: bool):
+    """The answer, or the PeerCallError (returned, not raised: calls run side by side)."""
     if batched:
         body, content_type, msg_id = [wire_event(e) for e in group], BATCH_CONTENT_TYPE, f"batch_{uuid.uuid4().hex}"
     else:
         body, content_type, msg_id = wire_event(group[0]), SINGLE_CONTENT_TYPE, str(group[0].msg_id)
-    traced = tracing.delivery(peer.name, group, batched)  # None unless tracing is on
     try:
-        answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id,
-                             headers=traced and traced.headers)  # fmt: skip
+        return client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id)
     except client.PeerCallError as failure:
-        if traced:
-            traced.failed(failure.kind, failure.status_code, failure.detail)
-        with drain.lock:  # a renewal's new token is then either known here or written after this
-            _record_failure(peer, group, failure, drain.tokens)
-            drain.finished(group)
-        metrics.CALLS.labels(peer.name, "outbound", metrics.outcome_of(failure)).inc()
-        return False
-    metrics.CALLS.labels(peer.name, "outbound", "ok").inc()
-    if traced:
-        traced.answered(answer.status_code, [outcome for outcome, _ in _results(answer, group, batched)])
-    with drain.lock:
-        _record_success(peer, group, answer, batched, drain.tokens)
-        drain.finished(group)
-    return True
+        return failure
+
+
+_pool: list = []  # the calls' threads of this process (made on first use; a forked child makes its own)
+
+
+def _calls():
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(max_workers=2 * settings.KITE_OUTBOX_IN_FLIGHT, thread_name_prefix="outbox-call"))
+    return _pool[0]
+
+
+os.register_at_fork(after_in_child=_pool.clear)
 
 
 _DELIVERED_SQL = """
-    WITH done AS (
+    WITH answered AS (
+        SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::int[], %(latencies)s::int[]) AS a(id, status, latency)
+    ), done AS (
         UPDATE federation_outboxentry SET status = 'delivered', attempts = attempts + 1, leased_until = NULL,
                last_error = '', delivered_at = %(now)s
         WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND leased_until = ANY(%(tokens)s) RETURNING id
     )
     INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
-    SELECT %(peer)s, id, %(now)s, %(status)s, 'delivered', %(latency)s, '' FROM done RETURNING entry_id"""
+    SELECT %(peer)s, done.id, %(now)s, answered.status, 'delivered', answered.latency, ''
+    FROM done JOIN answered ON answered.id = done.id RETURNING entry_id"""
 
 
 def _results(answer, group, batched) -> list[tuple[str, str]]:
@@ -695,45 +766,57 @@ def _results(answer, group, batched) -> list[tuple[str, str]]:
     return results
 
 
-def _record_success(peer: Peer, group: list[OutboxEntry], answer: client.PeerAnswer, batched: bool,
+def _record_success(peer: Peer, succeeded: list[tuple[list[OutboxEntry], client.PeerAnswer]], batched: bool,
                     tokens: list) -> None:  # fmt: skip
-    """Outcomes of entries still leased with one of `tokens` (another worker's lease: not ours to record)."""
+    """Outcomes of entries still leased with one of `tokens` (another worker's lease: not ours to
+    record), for every successful call: the delivered ones in one statement."""
     now = timezone.now()
-    results = _results(answer, group, batched)
-    delivered = [entry.pk for entry, (outcome, _) in zip(group, results, strict=True) if outcome == "delivered"]
+    delivered, rejected = [], []  # (entry, answer) | (entry, answer, detail)
+    for group, answer in succeeded:
+        for entry, (outcome, detail) in zip(group, _results(answer, group, batched), strict=True):
+            if outcome == "delivered":
+                delivered.append((entry, answer))
+            else:
+                rejected.append((entry, answer, detail))
     with transaction.atomic():
-        recorded = set(_mark_delivered(peer, delivered, now, answer, tokens)) if delivered else set()
+        recorded = set(_mark_delivered(peer, delivered, now, tokens)) if delivered else set()
         # One UPDATE and Delivery row per rejected entry (rare).
-        for entry, (outcome, detail) in zip(group, results, strict=True):
-            if outcome != "delivered" and _ours([entry.pk], tokens).update(
+        for entry, answer, detail in rejected:
+            if _ours([entry.pk], tokens).update(
                 status=OutboxEntry.Status.DEAD, attempts=F("attempts") + 1, leased_until=None, last_error=detail
             ):  # fmt: skip
                 recorded.add(entry.pk)
                 Delivery.objects.create(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
-                                        outcome=outcome, latency_ms=answer.latency_ms, error=detail)  # fmt: skip
-        _peer_after_success(peer, answer)
-    for entry in group:
-        if entry.pk in recorded:
-            metrics.DELIVERY_SECONDS.observe((now - entry.event.received_at).total_seconds())
+                                        outcome="dead", latency_ms=answer.latency_ms, error=detail)  # fmt: skip
+        _peer_after_success(peer, succeeded[-1][1])
+    for group, _answer in succeeded:
+        for entry in group:
+            if entry.pk in recorded:
+                metrics.DELIVERY_SECONDS.observe((now - entry.event.received_at).total_seconds())
 
 
-def _mark_delivered(peer: Peer, ids: list[int], now, answer: client.PeerAnswer, tokens: list) -> list[int]:
+def _mark_delivered(peer: Peer, delivered: list[tuple[OutboxEntry, client.PeerAnswer]], now, tokens: list) -> list[int]:
+    """Mark delivered (where still ours) and write their Delivery rows, each with its call's status and latency."""
+    ids = [entry.pk for entry, _answer in delivered]
+    statuses = [answer.status_code for _entry, answer in delivered]
+    latencies = [answer.latency_ms for _entry, answer in delivered]
     if settings.IS_POSTGRES:  # one statement for the delivered entries and their Delivery rows
         with connection.cursor() as cursor:
             cursor.execute(_DELIVERED_SQL, {"now": now, "ids": ids, "peer": peer.pk, "tokens": list(tokens),
-                                            "status": answer.status_code, "latency": answer.latency_ms})  # fmt: skip
+                                            "statuses": statuses, "latencies": latencies})  # fmt: skip
             return [row[0] for row in cursor.fetchall()]
-    ours = list(_ours(ids, tokens).values_list("id", flat=True))  # SQLite: the write lock is ours meanwhile
+    ours = set(_ours(ids, tokens).values_list("id", flat=True))  # SQLite: the write lock is ours meanwhile
     OutboxEntry.objects.filter(pk__in=ours).update(
         status=OutboxEntry.Status.DELIVERED, attempts=F("attempts") + 1, leased_until=None, last_error="",
         delivered_at=now,
     )  # fmt: skip
     Delivery.objects.bulk_create(
-        Delivery(peer=peer, entry_id=pk, attempted_at=now, status_code=answer.status_code, outcome="delivered",
+        Delivery(peer=peer, entry_id=entry.pk, attempted_at=now, status_code=answer.status_code, outcome="delivered",
                  latency_ms=answer.latency_ms, error="")
-        for pk in ours
+        for entry, answer in delivered
+        if entry.pk in ours
     )  # fmt: skip
-    return ours
+    return sorted(ours)
 
 
 def _peer_after_success(peer: Peer, answer: client.PeerAnswer) -> None:

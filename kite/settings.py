@@ -269,6 +269,11 @@ KITE_PROBE_DOWN_SECONDS = _positive_int("KITE_PROBE_DOWN_SECONDS", 5)
 KITE_OUTBOX_LEASE_SECONDS = _positive_int("KITE_OUTBOX_LEASE_SECONDS", 5)
 if not 3 <= KITE_OUTBOX_LEASE_SECONDS <= 3600:
     raise ImproperlyConfigured(f"KITE_OUTBOX_LEASE_SECONDS must be between 3 and 3600, got {KITE_OUTBOX_LEASE_SECONDS}")
+# Calls in flight at once to one peer that takes one event per POST (no batches): each its own
+# connection; outcomes recorded together. 1: one call at a time.
+KITE_OUTBOX_IN_FLIGHT = _positive_int("KITE_OUTBOX_IN_FLIGHT", 4)
+if KITE_OUTBOX_IN_FLIGHT > 32:
+    raise ImproperlyConfigured(f"KITE_OUTBOX_IN_FLIGHT must be between 1 and 32, got {KITE_OUTBOX_IN_FLIGHT}")
 
 
 # Peer URLs may resolve to these beyond public addresses (federation.client's destination policy);

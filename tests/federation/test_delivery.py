@@ -328,6 +328,7 @@ def test_a_drain_whose_leases_go_unrenewed_stops_before_they_run_out(team, peer,
     """Renewals failing (the database away from the keeper thread): nothing is sent on a lease that
     may have ended; what was not sent is left for whoever claims it once it has."""
     settings.KITE_OUTBOX_LEASE_SECONDS = 3
+    settings.KITE_OUTBOX_IN_FLIGHT = 1  # one call after another, so the lease runs out mid-drain
     monkeypatch.setattr(outbox.Drain, "renewal_due", lambda drain: False)
     for n in range(5):
         _event(team, f"u{n}")
