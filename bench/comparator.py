@@ -40,6 +40,7 @@ import argparse
 import importlib.util
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,6 +204,8 @@ class Compare(fed.Bench):
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         super().stop()
+        if not self.args.keep_data:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def cpu_snapshot(self) -> dict[str, float]:
         """CPU seconds so far per process group (exited processes included: see cpu_tree)."""
