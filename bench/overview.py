@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"OVERVIEW-BENCH ([\d,]+) attempts loaded in ([\d.]+) s; cold cache: overview (\d+) ms, peer screen "
                   r"(\d+) ms; median warm: overview ([\d.]+) ms, peer screen ([\d.]+) ms, peers list \(no chart\) "
-                  r"([\d.]+) ms")  # fmt: skip
-FIELDS = ["load_s", "cold_overview_ms", "cold_peer_ms", "overview_ms", "peer_ms", "peers_list_ms"]
+                  r"([\d.]+) ms; of which charts \(queries and SVG\): overview ([\d.]+) ms, peer screen ([\d.]+) ms")
+FIELDS = ["load_s", "cold_overview_ms", "cold_peer_ms", "overview_ms", "peer_ms", "peers_list_ms",
+          "overview_charts_ms", "peer_charts_ms"]
 
 
 def one_round(events: int, pg_port: int, redis_port: int) -> dict:

@@ -1,11 +1,15 @@
 """Traffic over time for the Overview (a team, per minute, last hour) and a peer's screen (per
 15 minutes, last 24 h): counted in SQL, one query per series, whatever the number of peers.
 
-A bucket that ended more than SETTLE ago no longer changes (events and delivery attempts are
-written with the time they happen, and committed within moments), so its figures are kept in
-the cache (Redis in production) and a page reads only what is still open: the current bucket
-and the one before. With a million delivery attempts in the last hour, a page's queries read
-about two minutes' worth of rows; a cold cache (a restart of Redis) costs one full count once.
+Rows older than SETTLE (10 s) no longer change: events and delivery attempts are written with
+the time they happen and committed at once (one statement, or one short transaction). So what
+has been counted is kept in the cache (Redis in production) and not read again:
+- the Overview's counts are kept final up to SETTLE before the previous page, and a page counts
+  only the rows written since then (plus SETTLE's worth) — with a million delivery attempts in
+  the last hour and a page every few seconds, a few thousand rows, not the busy current minute;
+- a peer's 15-minute buckets (percentiles do not add up) are kept once they ended SETTLE ago; a
+  page reads the current one, a peer's last quarter of an hour.
+A cold cache (Redis restarted, or nobody looked for an hour) costs one full count once.
 
 PostgreSQL buckets with date_bin and takes percentiles with percentile_cont; SQLite (the
 one-command start) buckets on Unix seconds and reads the same percentiles, interpolated the same
@@ -29,7 +33,7 @@ from ingest.models import Event
 
 logger = logging.getLogger(__name__)
 
-SETTLE = timedelta(seconds=60)
+SETTLE = timedelta(seconds=10)
 PERCENTILES = (0.5, 0.95)
 CACHE_PREFIX = "kite:activity:v1"
 QUEUED = (OutboxEntry.Status.PENDING, OutboxEntry.Status.IN_FLIGHT)
@@ -66,8 +70,8 @@ class Bucket:
 
 def team_last_hour(team_id: str, now: datetime) -> list[Bucket]:
     """Events in, deliveries out and failed attempts per minute, over the team's peers."""
-    events = _series("events", team_id, LAST_HOUR, now, lambda a, b: _events(team_id, a, b), (0,))
-    sent = _series("sent", team_id, LAST_HOUR, now, lambda a, b: _attempts(_team_peers(team_id), a, b), (0, 0))
+    events = _tallies("events", team_id, LAST_HOUR, now, lambda *span: _events(team_id, *span), 1)
+    sent = _tallies("sent", team_id, LAST_HOUR, now, lambda *span: _attempts(team_id, *span), 2)
     return [Bucket(start, events=e[0], delivered=s[0], failed=s[1])
             for start, e, s in zip(LAST_HOUR.starts(now), events, sent, strict=True)]  # fmt: skip
 
@@ -100,6 +104,35 @@ def outbox_health(peer_ids: list[int]) -> dict[int, dict]:
 # --- settled buckets from the cache, open ones from the database ----------------------------------
 
 
+def _tallies(kind: str, scope: str, window: Window, now: datetime,
+             count: Callable[[datetime, datetime, datetime], list[tuple]], size: int) -> list[tuple]:  # fmt: skip
+    """Counts per bucket of `window`, kept final up to SETTLE before the last page: a page counts only
+    the rows written since (and SETTLE's worth again), however busy the current minute.
+    `count(start, end, final_before)` answers (bucket start, whether before `final_before`, *counts)."""
+    starts = [int(start.timestamp()) for start in window.starts(now)]
+    width, zeros = int(window.width.total_seconds()), (0,) * size
+    key = f"{CACHE_PREFIX}:{kind}:{scope}:{width}"
+    kept = _cached(key)
+    until = kept.get("until") if isinstance(kept.get("until"), float) else None
+    if until is None or not starts[0] <= until <= now.timestamp():
+        until, final = float(starts[0]), {}
+    else:
+        final = {start: tuple(value) for start, value in kept.get("buckets", {}).items() if start >= starts[0]}
+    mark = max((now - SETTLE).timestamp(), until)
+    provisional: dict[int, tuple] = {}
+    for bucket, is_final, *counts in count(_moment(until), _moment(starts[-1] + width), _moment(mark)):
+        into = final if is_final else provisional
+        into[int(bucket)] = tuple(a + int(b or 0) for a, b in zip(into.get(int(bucket), zeros), counts, strict=True))
+    if mark > until or not kept:
+        _keep(key, {"until": mark, "buckets": final}, window)
+    return [tuple(a + b for a, b in zip(final.get(start, zeros), provisional.get(start, zeros), strict=True))
+            for start in starts]  # fmt: skip
+
+
+def _moment(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
 def _series(kind: str, scope: str, window: Window, now: datetime,
             count: Callable[[datetime, datetime], dict[int, tuple]], empty: tuple) -> list[tuple]:  # fmt: skip
     """One tuple per bucket of `window`; `count(start, end)` answers {bucket start (Unix s): tuple}
@@ -110,7 +143,7 @@ def _series(kind: str, scope: str, window: Window, now: datetime,
     width = int(window.width.total_seconds())
     settled = {start for start in starts if start + width <= (now - SETTLE).timestamp()}
     key = f"{CACHE_PREFIX}:{kind}:{scope}:{width}"
-    kept = {start: tuple(value) for start, value in _cached(key).items() if start in settled}
+    kept = {start: tuple(value) for start, value in _cached(key).items() if isinstance(start, int) and start in settled}
     missing = [start for start in starts if start not in kept]
     values = dict(kept)
     if missing:
@@ -121,7 +154,7 @@ def _series(kind: str, scope: str, window: Window, now: datetime,
     return [values[start] for start in starts]
 
 
-def _cached(key: str) -> dict[int, tuple]:
+def _cached(key: str) -> dict:
     try:
         found = cache.get(key)
     except Exception:  # the cache is an accelerator: without it every bucket is counted again
@@ -130,7 +163,7 @@ def _cached(key: str) -> dict[int, tuple]:
     return found if isinstance(found, dict) else {}
 
 
-def _keep(key: str, values: dict[int, tuple], window: Window) -> None:
+def _keep(key: str, values: dict, window: Window) -> None:
     try:
         cache.set(key, values, timeout=int((window.width * (window.count + 1) + SETTLE).total_seconds()))
     except Exception:
@@ -151,23 +184,27 @@ def _param(moment: datetime):
     return moment if settings.IS_POSTGRES else connection.ops.adapt_datetimefield_value(moment)
 
 
-def _team_peers(team_id: str) -> tuple[str, list]:
-    return f"SELECT id FROM {Peer._meta.db_table} WHERE team_id = %s", [team_id]
+def _count_if(condition: str) -> str:
+    if settings.IS_POSTGRES:
+        return f"COUNT(*) FILTER (WHERE {condition})"
+    return f"SUM(CASE WHEN {condition} THEN 1 ELSE 0 END)"
 
 
-def _events(team_id: str, start: datetime, end: datetime) -> dict[int, tuple]:
+def _events(team_id: str, start: datetime, end: datetime, final_before: datetime) -> list[tuple]:
     bucket = _bucket("received_at", int(LAST_HOUR.width.total_seconds()))
-    sql = (f"SELECT {bucket}, COUNT(*) FROM {Event._meta.db_table} "
-           "WHERE team_id = %s AND received_at >= %s AND received_at < %s GROUP BY 1")  # fmt: skip
-    return {int(b): (n,) for b, n in _rows(sql, [team_id, _param(start), _param(end)])}
+    sql = (f"SELECT {bucket}, received_at < %s, COUNT(*) FROM {Event._meta.db_table} "
+           "WHERE team_id = %s AND received_at >= %s AND received_at < %s GROUP BY 1, 2")  # fmt: skip
+    return _rows(sql, [_param(final_before), team_id, _param(start), _param(end)])
 
 
-def _attempts(peers: tuple[str, list], start: datetime, end: datetime) -> dict[int, tuple]:
+def _attempts(team_id: str, start: datetime, end: datetime, final_before: datetime) -> list[tuple]:
+    """Over every peer of the team, revoked ones included (their attempts happened)."""
     bucket = _bucket("attempted_at", int(LAST_HOUR.width.total_seconds()))
-    sql = (f"SELECT {bucket}, SUM(CASE WHEN outcome = 'delivered' THEN 1 ELSE 0 END), "
-           f"SUM(CASE WHEN outcome = 'delivered' THEN 0 ELSE 1 END) FROM {Delivery._meta.db_table} "
-           f"WHERE peer_id IN ({peers[0]}) AND attempted_at >= %s AND attempted_at < %s GROUP BY 1")  # fmt: skip
-    return {int(b): (int(ok), int(bad)) for b, ok, bad in _rows(sql, [*peers[1], _param(start), _param(end)])}
+    delivered, failed = _count_if("outcome = 'delivered'"), _count_if("outcome <> 'delivered'")
+    sql = (f"SELECT {bucket}, attempted_at < %s, {delivered}, {failed} FROM {Delivery._meta.db_table} "
+           f"WHERE peer_id IN (SELECT id FROM {Peer._meta.db_table} WHERE team_id = %s) "
+           "AND attempted_at >= %s AND attempted_at < %s GROUP BY 1, 2")  # fmt: skip
+    return _rows(sql, [_param(final_before), team_id, _param(start), _param(end)])
 
 
 def _peer_attempts(peer_id: int, start: datetime, end: datetime) -> dict[int, tuple]:

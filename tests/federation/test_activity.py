@@ -99,24 +99,39 @@ def test_latency_percentiles_per_15_minutes_are_percentile_cont_of_the_delivered
     assert all(bucket.p50_ms is None for bucket in buckets if not bucket.delivered)
 
 
-def test_settled_buckets_come_from_the_cache_and_open_ones_from_the_database(team, two_peers):
+def test_what_was_counted_is_not_read_again_and_only_the_last_seconds_are(team, two_peers):
     a, _ = two_peers
     event = _event(team, 0, NOW - timedelta(minutes=30))
     _attempt(a, event, NOW - timedelta(minutes=30))
     first = activity.team_last_hour(team.id, NOW)
     assert sum(bucket.delivered for bucket in first) == 1
 
-    # Rows written later into a settled minute (which the product never does) show that it is not read again;
-    # one in the minute before the current one, still within SETTLE of now, is.
+    # Rows written later with older times (which the product never does) show what is read again: nothing
+    # before SETTLE ahead of the previous page; a row within SETTLE of it is counted.
     _attempt(a, event, NOW - timedelta(minutes=30))
-    _attempt(a, event, NOW - timedelta(seconds=45))  # 10:19:45: that minute ended 30 s ago
+    _attempt(a, event, NOW - activity.SETTLE - timedelta(seconds=5))
+    _attempt(a, event, NOW - timedelta(seconds=5))
     with CaptureQueriesContext(connection) as queries:
-        again = activity.team_last_hour(team.id, NOW)
-    assert [bucket.delivered for bucket in again if bucket.delivered] == [1, 1]
-    assert len(queries) == 2  # events and attempts, each from the oldest bucket not cached on
+        again = activity.team_last_hour(team.id, NOW + timedelta(seconds=1))
+    assert sum(bucket.delivered for bucket in again) == 2
+    assert len(queries) == 2  # events and attempts, each since the previous page's mark
 
-    later = activity.team_last_hour(team.id, NOW + timedelta(minutes=2))  # 10:19 has settled meanwhile
-    assert [b.delivered for b in later if b.delivered] == [1, 1]
+    later = activity.team_last_hour(team.id, NOW + timedelta(minutes=2))  # the 5 s row is final by now
+    assert sum(bucket.delivered for bucket in later) == 2
+    assert activity.team_last_hour(team.id, NOW + timedelta(minutes=31))[0].delivered == 0  # 09:50 left the window
+
+
+def test_a_peers_ended_buckets_come_from_the_cache_and_the_current_one_from_the_database(team, two_peers):
+    a, _ = two_peers
+    event = _event(team, 0, NOW)
+    _attempt(a, event, NOW - timedelta(hours=3), latency=40)
+    assert sum(bucket.delivered for bucket in activity.peer_last_day(a, NOW)) == 1
+    _attempt(a, event, NOW - timedelta(hours=3), latency=40)  # into an ended bucket: not read again
+    _attempt(a, event, NOW - timedelta(seconds=30), latency=50)  # the current bucket: read every time
+    with CaptureQueriesContext(connection) as queries:
+        buckets = activity.peer_last_day(a, NOW)
+    assert len(queries) == 1
+    assert [(b.delivered, b.p50_ms) for b in buckets if b.delivered] == [(1, 40), (1, 50)]
 
 
 def test_the_number_of_queries_does_not_grow_with_the_peers(team):
