@@ -335,8 +335,9 @@ def report(args, facts, rounds: list[dict], variants, problems, started, finishe
         "saving an `Order` queues one `fire_webhook` Celery task per webhook (post_save), which reads the webhook "
         "and its secrets, stores a WebhookEvent row, POSTs the HMAC-signed JSON with a new `requests.Session` "
         "(a new TLS connection per delivery: the package's code) and marks the row SUCCESS. Celery prefork, "
-        "**2 worker processes**, prefetch 4, JSON, results ignored, Django connections kept (CONN_MAX_AGE 60); "
-        "its own database on the same PostgreSQL, Redis db 3.",
+        "**2 worker processes**, prefetch 4, JSON, results ignored, database connections kept between tasks as "
+        "Kite keeps them (CONN_MAX_AGE 60 and CELERY_DB_REUSE_MAX 1000: Celery's default closes them after every "
+        "task); its own database on the same PostgreSQL, Redis db 3.",
         "- Kite: A and B as in bench/federation.py (`manage.py runkite`: uvicorn, Celery worker with "
         "**2 prefork processes** (runkite's default), beat; TLS on), A → B federated with scopes [\"*\"]. A has a "
         "second peer `sink`: the receiver below (https, its certificate pinned with tls_fingerprint, "
