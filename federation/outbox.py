@@ -690,9 +690,9 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
     rejected events included —, whether a call failed)."""
     batched = len(groups[0]) > 1 or (peer.batch_max or 1) > 1
     if len(groups) == 1:
-        outcomes = [_call(target, groups[0], batched)]
+        outcomes = [_call(peer, target, groups[0], batched)]
     else:
-        outcomes = list(_calls().map(lambda group: _call(target, group, batched), groups))
+        outcomes = list(_calls().map(lambda group: _call(peer, target, group, batched), groups))
     succeeded = [(group, answer) for group, answer in zip(groups, outcomes, strict=True)
                  if isinstance(answer, client.PeerAnswer)]  # fmt: skip
     failed = [(group, failure) for group, failure in zip(groups, outcomes, strict=True)
@@ -711,16 +711,23 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
     return sum(len(group) for group, _answer in succeeded), bool(failed)
 
 
-def _call(target: client.Target, group: list[OutboxEntry], batched: bool):
+def _call(peer: Peer, target: client.Target, group: list[OutboxEntry], batched: bool):
     """The answer, or the PeerCallError (returned, not raised: calls run side by side)."""
     if batched:
         body, content_type, msg_id = [wire_event(e) for e in group], BATCH_CONTENT_TYPE, f"batch_{uuid.uuid4().hex}"
     else:
         body, content_type, msg_id = wire_event(group[0]), SINGLE_CONTENT_TYPE, str(group[0].msg_id)
+    traced = tracing.delivery(peer.name, group, batched)  # None unless tracing is on
     try:
-        return client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id)
+        answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id,
+                             headers=traced and traced.headers)  # fmt: skip
     except client.PeerCallError as failure:
+        if traced:
+            traced.failed(failure.kind, failure.status_code, failure.detail)
         return failure
+    if traced:
+        traced.answered(answer.status_code, [outcome for outcome, _ in _results(answer, group, batched)])
+    return answer
 
 
 _pool: list = []  # the calls' threads of this process (made on first use; a forked child makes its own)
