@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Scale benchmark: what ingest, reads and storage cost as the data grows.
+"""Scale benchmark: what ingest, reads, storage and federation cost as the data grows.
 
 Starts its own PostgreSQL + Redis (scripts/services.sh, ports of its own, fsync
 and synchronous_commit on: durable commits), a fresh database and Kite's web
@@ -33,14 +33,32 @@ through the API, then for each size of `--sizes` (stored events; default
 5. storage: pg_total_relation_size / rows of ingest_event,
    federation_outboxentry, federation_delivery, federation_auditevent; the
    web processes' RSS after start-up and after the measurements.
+6. federation (bench/scale_federation.py, reusing bench/federation.py's
+   rounds): this instance (A, its data) started as `runkite` with worker and
+   beat (TLS on), peered as an operator does with a second instance B (own
+   database on the same PostgreSQL, track_commit_timestamp on); A → B latency
+   at `--fed-rate` events/s, A's 202 → the event's commit at B, p50/p99.
+7. backlog: batched drains of `--batched` entries (the baseline), one of
+   `--backlog` entries (written with SQL, not due, released in one UPDATE;
+   A's worker RSS every second, EXPLAIN ANALYZE of the claim and the sweeper
+   with it due), and catch-up: B stopped, `--catchup` events queued at A, B
+   started, time from B healthy to all stored. Then B is deleted as a peer
+   (the next size's webhooks take the same path) and what the phase added is
+   deleted at A and B.
 
-Each figure is a median over `--rounds` rounds and is reported as a ratio to
-the first size's (the empty database's) figure of the same run. The result
-(exact command, machine facts, load average and other pytest processes) is
-printed and written into bench/RESULTS.md between the `bench:scale` markers.
+`--phases` picks among ingest, reads, replay, storage, federation, backlog
+(each size is loaded whatever the phases), so a long run can be split. Each
+figure is a median over `--rounds` rounds (`--backlog-rounds` for the backlog)
+and is reported as a ratio to the first size's (the empty database's) figure
+of the same run. The result (exact command, machine facts, load average and
+other pytest processes) is printed and written into bench/RESULTS.md between
+the `bench:scale` markers.
 
-    .venv/bin/python bench/scale.py --wait-quiet 1500                    # the recorded run (~1 h, ~25 GB disk)
-    .venv/bin/python bench/scale.py --sizes 0,100000 --rounds 2 --duration 5 --no-write   # trial (~4 min)
+    .venv/bin/python bench/scale.py --wait-quiet 1500                    # the recorded run (~1 h 45 min, ~30 GB)
+    .venv/bin/python bench/scale.py --wait-quiet 1500 --phases ingest,reads,replay,storage   # or in two runs (~1 h)
+    .venv/bin/python bench/scale.py --wait-quiet 1500 --phases federation,backlog --section scale-federation  # (~1 h)
+    .venv/bin/python bench/scale.py --sizes 0,100000 --rounds 2 --duration 5 --backlog 50000 --catchup 20000 \
+        --catchup-rounds 1 --fed-duration 5 --batched 5000 --no-write                     # trial (~9 min)
 """
 
 from __future__ import annotations

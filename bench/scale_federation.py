@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+import psycopg
 
 _spec = importlib.util.spec_from_file_location("bench_federation", Path(__file__).with_name("federation.py"))
 fed = importlib.util.module_from_spec(_spec)
@@ -43,7 +47,23 @@ _spec.loader.exec_module(fed)
 
 SOURCE = fed.SOURCE
 PEER_NAME = "b"
-PLANS = {"claim of 500": fed.NEW_CLAIM, "sweeper probe": [fed.NEW_SWEEP]}
+# Prints the claim's SQL and the sweeper's (captured as it runs; datetimes marked) as JSON.
+SQL_PROBE = r"""
+import json
+import django
+django.setup()
+from django.db import connection
+from federation import outbox
+captured = []
+def capture(execute, sql, params, many, context):
+    captured.append((sql, params))
+    return execute(sql, params, many, context)
+with connection.execute_wrapper(capture):
+    outbox.due_peer_ids()
+sql, params = captured[-1]
+marked = [{"now": True} if hasattr(v, "isoformat") else v for v in params]
+print(json.dumps({"claim": outbox._claim_sql()[0], "sweep": [sql, marked]}))
+"""
 
 
 def log(message: str) -> None:
@@ -92,6 +112,7 @@ class AtScale(fed.Bench):
         self.horizons: dict[int, int] = {}  # B's max event id → the transaction horizon read with it
         self.b_running = False
         self.source_made = False
+        self._production_sql: dict | None = None
 
     # --- per size: peer, measure, unpeer, clean up ----------------------------------
 
@@ -136,8 +157,6 @@ class AtScale(fed.Bench):
         log(f"federation {size}: A → B peered (peer {self.peer_id}), first event delivered")
 
     def a_one(self, query: str, params=()):
-        import psycopg
-
         with psycopg.connect(self.a.database_url, autocommit=True) as conn:
             return conn.execute(query, params).fetchone()[0]
 
@@ -236,23 +255,35 @@ class AtScale(fed.Bench):
 
     # --- query plans -----------------------------------------------------------------
 
+    def production_sql(self) -> dict:
+        """The claim and the sweeper's query exactly as federation/outbox.py issues them (read from
+        Django in a subprocess with A's settings; the sweeper's captured while it runs)."""
+        if self._production_sql is None:
+            done = subprocess.run([sys.executable, "-c", SQL_PROBE], cwd=fed.ROOT, capture_output=True, text=True,
+                                  env={**self.a.env, "DJANGO_SETTINGS_MODULE": "kite.settings"})  # fmt: skip
+            if done.returncode != 0:
+                raise SystemExit(f"SQL probe failed:\n{done.stderr[-3000:]}")
+            self._production_sql = json.loads(done.stdout.strip().splitlines()[-1])
+        return self._production_sql
+
     def plans(self, repeat: int = 3) -> dict:
-        """EXPLAIN ANALYZE of the delivery's claim and of the sweeper's probe with the backlog queued,
-        `now` an hour and a half ahead so that every queued entry counts as due (nothing is written:
-        the claim's SELECT … FOR UPDATE SKIP LOCKED parts, as federation/outbox.py issues them, and
-        bench/federation.py's copy of the sweeper's query). Median ms, buffers, the plan's nodes."""
-        params = {"peer": self.peer_id, "now": datetime.now(timezone.utc) + timedelta(minutes=90)}
+        """EXPLAIN ANALYZE of the delivery's claim (500 entries; in a transaction rolled back) and of
+        the sweeper's query with the backlog queued, `now` 90 minutes ahead so that every queued
+        entry counts as due. Median ms, buffers of the last run, the plan's nodes."""
+        sql = self.production_sql()
+        at = datetime.now(timezone.utc) + timedelta(minutes=90)
+        claim = {"now": at, "peer": self.peer_id, "limit": fed.BATCH_MAX, "lease": at + timedelta(seconds=5)}
+        sweep = [at if isinstance(v, dict) else v for v in sql["sweep"][1]]
         out = {}
-        for name, queries in PLANS.items():
+        for name, query, params in (("claim of 500", sql["claim"], claim), ("sweeper", sql["sweep"][0], sweep)):
             runs = []
             for _ in range(repeat):
-                ms, buffers, nodes = 0.0, 0, []
-                for query in queries:
+                with self.a.db.transaction():
                     plan = self.a.sql("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, params)[0][0][0]
-                    ms += plan["Execution Time"]
-                    buffers += plan["Plan"]["Shared Hit Blocks"] + plan["Plan"]["Shared Read Blocks"]
-                    nodes.append(plan_nodes(plan["Plan"]))
-                runs.append((ms, buffers, "; ".join(nodes)))
+                    raise psycopg.Rollback()  # the claim's UPDATE leases nothing for good
+                top = plan["Plan"]
+                runs.append((plan["Execution Time"], top["Shared Hit Blocks"] + top["Shared Read Blocks"],
+                             plan_nodes(top)))  # fmt: skip
             out[name] = {"ms": med([r[0] for r in runs]), "buffers": runs[-1][1], "nodes": runs[-1][2]}
         return out
 
