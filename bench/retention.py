@@ -163,7 +163,7 @@ def batches(queryset, batch=5000):
         ids = list(queryset.order_by().values_list("id", flat=True)[:batch])
         if not ids:
             return total
-        total += queryset.model.objects.filter(id__in=ids).delete()[0]
+        total += queryset.model.objects.filter(id__in=ids).delete()[1].get(queryset.model._meta.label, 0)
 t0 = time.monotonic()
 events = batches(Event.objects.filter(received_at__lt=cutoff))
 t1 = time.monotonic()
@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-seconds", type=float, default=20)
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections opened ahead")
     parser.add_argument("--explain", action="store_true",
-                        help="after the load, EXPLAIN ANALYZE the reads that scanned before the scale indexes; no rounds")
+                        help="after the load, EXPLAIN ANALYZE the reads that scanned before; no rounds")
     parser.add_argument("--purge-code", choices=["tasks", "previous"], default="tasks")
     parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
     parser.add_argument("--port", type=int, default=18495)

@@ -355,18 +355,23 @@ RETENTION_YIELD = 1.0  # and after each batch a rest this many times as long as 
 PURGE_LOG_EVERY = 50  # batches
 
 
-def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = RETENTION_PAUSE) -> dict[str, int]:
+def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = RETENTION_PAUSE,
+                    budget: float | None = None) -> dict[str, int]:  # fmt: skip
     """Audit events and delivery attempts older than `days` (KITE_AUDIT_RETENTION_DAYS; 0 keeps
     them), deleted `batch` rows per statement, oldest first, resting between batches (at least
     `pause`, and as long as the batch took), so no purge holds long locks or takes more than about
-    half of a busy database's time. Restartable: every batch commits on its own."""
+    half of a busy database's time. Restartable: every batch commits on its own; a run that has taken
+    `budget` seconds (ingest.services.purge_budget()) stops there and leaves the rest to the next."""
     if days <= 0:
         return {"audit": 0, "deliveries": 0}
+    from ingest.services import purge_budget
+
     cutoff = timezone.now() - timedelta(days=days)
+    deadline = time.monotonic() + (purge_budget() if budget is None else budget)
     purged = {
-        "audit": _delete_in_batches(AuditEvent.objects.filter(at__lt=cutoff), "at", batch, pause),
+        "audit": _delete_in_batches(AuditEvent.objects.filter(at__lt=cutoff), "at", batch, pause, deadline),
         "deliveries": _delete_in_batches(Delivery.objects.filter(attempted_at__lt=cutoff), "attempted_at", batch,
-                                         pause),
+                                         pause, deadline),
     }  # fmt: skip
     if any(purged.values()):
         log.info("retention purge: older than %d days, %d audit events and %d delivery attempts deleted", days,
@@ -374,7 +379,7 @@ def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = R
     return purged
 
 
-def _delete_in_batches(queryset, age_field: str, batch: int, pause: float) -> int:
+def _delete_in_batches(queryset, age_field: str, batch: int, pause: float, deadline: float) -> int:
     """Delete the rows of `queryset` in (age_field, id) order — a range of the age index, each batch
     starting where the last one stopped, so no batch steps over the rows deleted before it."""
     total, batches, after = 0, 0, None
@@ -390,6 +395,10 @@ def _delete_in_batches(queryset, age_field: str, batch: int, pause: float) -> in
         after, batches = found[-1], batches + 1
         if batches % PURGE_LOG_EVERY == 0:
             log.info("retention purge: %s, %d rows deleted so far", queryset.model._meta.db_table, total)
+        if time.monotonic() >= deadline:
+            log.info("retention purge: %s stopped at its time budget, the next run goes on",
+                     queryset.model._meta.db_table)  # fmt: skip
+            return total
         if len(found) == batch:
             time.sleep(max(pause, (time.monotonic() - began) * RETENTION_YIELD))
 

@@ -368,16 +368,25 @@ PURGE_YIELD = 1.0  # and after each batch a rest this many times as long as it t
 PURGE_LOG_EVERY = 50  # batches
 
 
-def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = PURGE_PAUSE) -> int:
+def purge_budget() -> float:
+    """Seconds a purge run may take: well within the Celery task's soft time limit. A run that meets it
+    stops after a committed batch; the next scheduled run goes on from there."""
+    return 0.75 * settings.CELERY_TASK_SOFT_TIME_LIMIT
+
+
+def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = PURGE_PAUSE,
+                         budget: float | None = None) -> int:  # fmt: skip
     """Delete events received more than `days` ago (0 keeps everything), oldest first, `batch` per
     transaction, resting between batches (at least `pause`, and as long as the batch took, so the
     purge takes at most about half of a busy database's time). An event some app still needs
     (ingest.hooks.event_purging: federation keeps one still owed to a peer) stays until a later run.
-    Restartable: every batch commits on its own, and a run starts again from the oldest expired event."""
+    Restartable: every batch commits on its own, and a run starts again from the oldest expired event;
+    one that has run `budget` seconds (purge_budget()) stops there and leaves the rest to the next."""
     if days <= 0:
         return 0
     cutoff = timezone.now() - timezone.timedelta(days=days)
     started, purged, kept, batches, after = time.monotonic(), 0, 0, 0, None
+    deadline = started + (purge_budget() if budget is None else budget)
     while True:
         began = time.monotonic()
         with transaction.atomic():
@@ -393,6 +402,9 @@ def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = 
             log.info("event purge: %d deleted, %d kept so far, up to %s, %.0f s", purged, kept,
                      after[1].isoformat(), time.monotonic() - started)  # fmt: skip
         if len(found) < batch:
+            break
+        if time.monotonic() >= deadline:
+            log.info("event purge: stopped at its time budget; the next run goes on from %s", after[1].isoformat())
             break
         time.sleep(max(pause, (time.monotonic() - began) * PURGE_YIELD))
     if purged or kept:

@@ -35,7 +35,7 @@ def _stored(team, ce_id: str, statuses: tuple[str, str], attempts: int = 1, age:
     for entry, status in zip(OutboxEntry.objects.filter(event=event).order_by("peer__name"), statuses, strict=True):
         OutboxEntry.objects.filter(pk=entry.pk).update(status=status)
         for _ in range(attempts):
-            Delivery.objects.create(peer_id=entry.peer_id, entry=entry, outcome="delivered", attempted_at=timezone.now())
+            Delivery.objects.create(peer_id=entry.peer_id, entry=entry, outcome="delivered")
     return event
 
 
@@ -212,3 +212,21 @@ def test_a_row_no_hook_deletes_fails_the_batch_and_loses_nothing(team, peers, tr
         hooks.event_purging.append(retention.events_purging)
     assert _left()["events"] == {"old"} and OutboxEntry.objects.count() == 2 and Delivery.objects.count() == 2
     assert ingest_services.events_purge_expired(days=7, pause=0) == 1
+
+
+def test_a_run_stops_at_its_time_budget_after_a_committed_batch_and_the_next_goes_on(team, settings):
+    for n in range(5):
+        _stored(team, f"old-{n}", (), age=EXPIRED + timedelta(minutes=5 - n))
+    assert ingest_services.purge_budget() == 0.75 * settings.CELERY_TASK_SOFT_TIME_LIMIT
+    assert ingest_services.events_purge_expired(days=7, batch=2, pause=0, budget=0) == 2
+    assert _left()["events"] == {"old-2", "old-3", "old-4"}
+    assert ingest_services.events_purge_expired(days=7, batch=2, pause=0) == 3
+
+
+def test_the_audit_and_delivery_purge_stops_at_its_time_budget_too(team, peers):
+    from federation.models import AuditEvent
+
+    old = timezone.now() - timedelta(days=100)
+    AuditEvent.objects.bulk_create([AuditEvent(team=team, action="Federation.PeerCalled", at=old) for _ in range(5)])
+    assert services.retention_purge(days=90, batch=2, pause=0, budget=0) == {"audit": 2, "deliveries": 0}
+    assert services.retention_purge(days=90, batch=2, pause=0) == {"audit": 3, "deliveries": 0}
