@@ -10,7 +10,7 @@ import pytest
 from federation import courier as courier_module
 from federation import outbox
 from federation.models import Delivery, OutboxEntry, Peer
-from tests.federation.test_delivery import Endpoint, SECRET, _event
+from tests.federation.test_delivery import _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -20,23 +20,6 @@ def redis_client():
     from django.conf import settings
 
     return redis.Redis.from_url(settings.REDIS_URL)
-
-
-@pytest.fixture
-def endpoint(tmp_path):
-    started = Endpoint(tmp_path)
-    yield started
-    started.close()
-
-
-@pytest.fixture
-def peer(team, endpoint):
-    from federation import services
-
-    return services.peer_create(
-        team=team, name="b", peer_hook_url=endpoint.url, outbound_token=SECRET, scopes=["*"],
-        tls_fingerprint=endpoint.fingerprint,
-    ).row  # fmt: skip
 
 
 @pytest.fixture

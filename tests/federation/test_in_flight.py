@@ -5,28 +5,9 @@ import json
 import threading
 import time
 
-import pytest
-
 from federation import outbox
 from federation.models import Delivery, OutboxEntry, Peer
-from tests.federation.test_delivery import Endpoint, SECRET, _event
-
-
-@pytest.fixture
-def endpoint(tmp_path):
-    started = Endpoint(tmp_path)
-    yield started
-    started.close()
-
-
-@pytest.fixture
-def peer(team, endpoint):
-    from federation import services
-
-    return services.peer_create(
-        team=team, name="b", peer_hook_url=endpoint.url, outbound_token=SECRET, scopes=["*"],
-        tls_fingerprint=endpoint.fingerprint,
-    ).row  # fmt: skip
+from tests.federation.test_delivery import _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
 
 
 class Overlap:
