@@ -629,14 +629,12 @@ def report(args, facts, results, loads, started, finished) -> str:
         )
         checks.append((f"replay ≥ 5,000 events/s at every size: lowest {min(replay):.0f}/s", min(replay) >= 5000))
     if "storage" in phases:
-        for table, label in (("ingest_event", "event"), ("federation_outboxentry", "outbox entry"),
-                             ("federation_delivery", "delivery row"), ("federation_auditevent", "audit row")):  # fmt: skip
+        tables = (("ingest_event", "event"), ("federation_outboxentry", "outbox entry"),
+                  ("federation_delivery", "delivery row"), ("federation_auditevent", "audit row"))  # fmt: skip
+        for table, label in tables:
             values = [r["storage"][table] for r in results]
-            lines.append(
-                f"| bytes per {label} (table + indexes + TOAST) | "
-                + " | ".join(f"{v['per_row']:.0f} ({v['rows']:,} rows)" if v["rows"] else "– (0 rows)" for v in values)
-                + " |"
-            )
+            cells = [f"{v['per_row']:.0f} ({v['rows']:,} rows)" if v["rows"] else "– (0 rows)" for v in values]
+            lines.append(f"| bytes per {label} (table + indexes + TOAST) | " + " | ".join(cells) + " |")
         lines.append(
             "| database size | " + " | ".join(f"{r['storage']['database'] / 2**30:.2f} GiB" for r in results) + " |"
         )
@@ -712,6 +710,9 @@ def federation_rows(args, feds: list[dict]) -> tuple[list[str], list[tuple[str, 
     def ratio(value, ref):
         return f"{value / ref:.0%}" if ref else "–"
 
+    def bm(f, key):  # median over a size's backlog rounds
+        return med([r[key] for r in f["backlog"]])
+
     rows, checks, problems, notes = [], [], [], []
     if "latency" in feds[0]:
         stored99 = [med([r.get("stored_p99") for r in f["latency"]]) for f in feds]
@@ -743,10 +744,8 @@ def federation_rows(args, feds: list[dict]) -> tuple[list[str], list[tuple[str, 
                 + " | ".join(f"**{v:.0f}** ({ratio(v, batched[0])})" for v in backlog) + " |",
                 "| backlog: release UPDATE s / slowest tenth events/s / A's worker RSS MB before → peak → end | "
                 + " | ".join(
-                    f"{med([r['update_seconds'] for r in f['backlog']]):.1f} / "
-                    f"{med([min(r['tenth_rates'] or [float('nan')]) for r in f['backlog']]):.0f} / "
-                    f"{med([r['rss_before'] for r in f['backlog']]):.0f} → {med([r['rss_peak'] for r in f['backlog']]):.0f}"
-                    f" → {med([r['rss_end'] for r in f['backlog']]):.0f}" for f in feds) + " |",
+                    f"{bm(f, 'update_seconds'):.1f} / {bm(f, 'slowest_tenth'):.0f} / {bm(f, 'rss_before'):.0f} → "
+                    f"{bm(f, 'rss_peak'):.0f} → {bm(f, 'rss_end'):.0f}" for f in feds) + " |",
             ]  # fmt: skip
             checks.append((f"backlog of {args.backlog:,} drains at ≥ the empty database's batched rate "
                            f"({batched[0]:.0f}/s) at every size: lowest {min(backlog):.0f}/s",

@@ -337,6 +337,7 @@ class AtScale(fed.Bench):
             "first_after": first.timestamp() - released,
             "steady_rate": (stored - 1) / max((last - first).total_seconds(), 1e-6),
             "tenth_rates": tenth_rates,
+            "slowest_tenth": min(tenth_rates or [float("nan")]),
             "cpu_us": self.cpu_per_event(cpu_before, cpu_after, count),
             "rss_before": before,
             "rss_peak": max(rss),
@@ -372,9 +373,10 @@ class AtScale(fed.Bench):
             for i in range(a.backlog_rounds if a.backlog else 0):
                 r = self.backlog_round(a.backlog, f"s{size}q{i + 1}")
                 out["backlog"].append(r)
+                tenths = [round(x) for x in r["tenth_rates"]]
                 log(f"{size} backlog r{i + 1}: {a.backlog:,} in {r['seconds']:.1f} s = {r['rate']:.0f}/s after the "
-                    f"release UPDATE ({r['update_seconds']:.1f} s); per tenth {[round(x) for x in r['tenth_rates']]}; "
-                    f"worker RSS {r['rss_before']:.0f} → peak {r['rss_peak']:.0f} → {r['rss_end']:.0f} MB")  # fmt: skip
+                    f"release UPDATE ({r['update_seconds']:.1f} s); per tenth {tenths}; worker RSS "
+                    f"{r['rss_before']:.0f} → peak {r['rss_peak']:.0f} → {r['rss_end']:.0f} MB")  # fmt: skip
             out["catchup"] = []
             for i in range(a.catchup_rounds if a.catchup else 0):
                 r = fed.catchup_round(self, a.catchup, f"s{size}c{i + 1}")
