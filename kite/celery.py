@@ -56,11 +56,11 @@ def _keys_decrypt_what_is_stored(**kwargs):
     pooling.exit_if_prepared_statements_break("worker")  # behind a transaction-pooling PgBouncer
 
 
-@worker_init.connect
-@beat_init.connect
+@worker_process_init.connect
 def _tracing(**kwargs):
-    """OTEL_EXPORTER_OTLP_ENDPOINT set: traces (kite.tracing). Before the pool forks: the SDK's
-    export thread starts again in each pool process by itself."""
+    """OTEL_EXPORTER_OTLP_ENDPOINT set: traces (kite.tracing), set up in each pool process, where
+    tasks run: an exporter made before the fork would hand each child its locks and connections
+    as they were at that moment. (Beat is not traced: it only publishes.)"""
     from kite import tracing
 
     tracing.setup()

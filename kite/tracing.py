@@ -4,7 +4,8 @@ Imports nothing but the standard library until set up (ingest.cloudevent, which 
 its checks of outside values).
 
 Off unless the standard OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is
-set. Then each process (web, worker, beat) sets up the SDK with a batch exporter over OTLP/HTTP
+set. Then each web process and each worker pool process sets up the SDK (beat, which only
+publishes, is not traced) with a batch exporter over OTLP/HTTP
 (protobuf), the exporter reading its own OTEL_EXPORTER_OTLP_* variables, OTEL_SERVICE_NAME (default
 `kite`) and OTEL_TRACES_SAMPLER as the SDK defines them; Django's and Celery's instrumentation are
 installed. With nothing set there is no provider, no exporter, no thread, no middleware: every hook

@@ -161,7 +161,12 @@ def test_one_trace_spans_a_b_c_and_continues_the_webhooks_traceparent(traced, co
     def all_there():
         return expected <= {(s["service"], s["name"]) for s in collector.in_trace(trace_id)}
 
-    wait_for(all_there, 20, lambda: f"spans of {trace_id}: {sorted({(s['service'], s['name']) for s in collector.in_trace(trace_id)})}")
+    def missing() -> str:
+        seen = {(s["service"], s["name"]) for s in collector.in_trace(trace_id)}
+        everywhere = sorted({(s["service"], s["name"]) for s in collector.spans})
+        return f"spans of {trace_id}: missing {sorted(expected - seen)}; every span seen: {everywhere}"
+
+    wait_for(all_there, 20, missing)
     spans = collector.in_trace(trace_id)
     by = {(s["service"], s["name"]): s for s in spans}
     # A's request span continues the sender's span; A's store span is the event's traceparent.
