@@ -454,6 +454,9 @@ class Scale:
         if self.db is not None:
             self.db.close()
         self.dep.stop()
+        if self.dep.services_started and not self.args.keep_services:
+            # The stopped PostgreSQL's files: ~25 GB at 10 M events, left in /tmp otherwise.
+            bench.shutil.rmtree(self.args.services_dir, ignore_errors=True)
 
 
 # One chunk of the bulk load: events (70 % from the Stripe source, 30 % federated in), an outbox
