@@ -20,7 +20,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db import connections as db_connections
-from django.db.models import Case, Exists, F, OuterRef, Value, When
+from django.db.models import Case, Exists, F, OuterRef, Q, Subquery, Value, When
 from django.utils import timezone
 
 from federation import audit, backoff, client, metrics, routing, services
@@ -903,15 +903,18 @@ def replay_dead(*, peer: Peer, limit: int, actor: str = "") -> int:
 
 def due_peer_ids() -> list[int]:
     """Peers with something due and a queue that is not paused: an index probe per peer,
-    not a scan of every due entry (the sweeper runs every second, backlog or not)."""
+    not a scan of every due entry (the sweeper runs every second, backlog or not). The probe
+    asks for the peer's first pending entry in `outbox_due`'s own order — one index entry read —
+    and compares its time: asked as "does a due one exist", PostgreSQL walked the table past
+    the peer's delivered history (53 ms at 100,000 entries, growing with the table)."""
     now = timezone.now()
+    first_pending = (OutboxEntry.objects.filter(peer_id=OuterRef("pk"), status=OutboxEntry.Status.PENDING)
+                     .order_by("next_attempt_at").values("next_attempt_at")[:1])  # fmt: skip
     return list(
         Peer.objects.filter(paused="", role=Peer.Role.PEER)
         .exclude(status=Peer.Status.REVOKED)
-        .filter(
-            Exists(_pending_due(now).filter(peer_id=OuterRef("pk")))
-            | Exists(_lease_expired(now).filter(peer_id=OuterRef("pk")))
-        )
+        .annotate(first_pending=Subquery(first_pending))
+        .filter(Q(first_pending__lte=now) | Exists(_lease_expired(now).filter(peer_id=OuterRef("pk"))))
         .order_by("pk")
         .values_list("pk", flat=True)
     )
