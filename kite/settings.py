@@ -420,3 +420,12 @@ try:
     KITE_VERSION = _package_version("kite")
 except Exception:  # running from a checkout that was not pip-installed
     KITE_VERSION = "0.1.0"
+
+# --- Tracing (kite/tracing.py) -------------------------------------------------
+# On when the standard OTEL_EXPORTER_OTLP_ENDPOINT is set; read here so that a protocol Kite cannot
+# export over stops every process at start, naming the variable.
+import os as _os  # noqa: E402
+
+from kite import tracing as _tracing  # noqa: E402
+
+KITE_TRACING = _tracing.configured(_os.environ)

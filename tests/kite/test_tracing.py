@@ -62,6 +62,15 @@ def test_a_protocol_other_than_http_protobuf_fails_loudly_naming_the_variable(na
         tracing.configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", name: "grpc"})
 
 
+def test_every_process_stops_at_start_on_a_protocol_kite_cannot_export_over(tmp_path):
+    from tests.kite.test_settings import start
+
+    started = start(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4317", OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+    assert started.returncode != 0
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='grpc'" in started.stderr and "http/protobuf" in started.stderr
+    assert start(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT="http://collector:4318").returncode == 0
+
+
 def _web_process(tmp_path, **otel) -> dict:
     """What a web process (kite.asgi, as uvicorn loads it) set up: threads, modules, middleware."""
     code = (
