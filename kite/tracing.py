@@ -273,16 +273,17 @@ class _Delivery:
         self.batch = None
         links = None
         if batched:
-            self.batch = _tracer.start_span("kite.deliver.batch", kind=SpanKind.PRODUCER,
-                                            attributes={"kite.peer": peer, "kite.batch_size": len(entries)})  # fmt: skip
+            attributes = {"kite.peer": peer, "kite.batch_size": len(entries)}
+            self.batch = _tracer.start_span("kite.deliver.batch", kind=SpanKind.PRODUCER, attributes=attributes)
             links = [trace.Link(self.batch.get_span_context())]
         self.spans = []
         for entry in entries:
             event = entry.event
             attributes = {"kite.peer": peer, "kite.attempt": entry.attempts + 1, "cloudevents.event_id": event.ce_id,
                           "kite.batch_size": len(entries)}  # fmt: skip
-            self.spans.append(_tracer.start_span("kite.deliver", context=_context_of(event.extensions or {}),
-                                                 kind=SpanKind.PRODUCER, links=links, attributes=attributes))  # fmt: skip
+            parent = _context_of(event.extensions or {})
+            self.spans.append(_tracer.start_span("kite.deliver", context=parent, kind=SpanKind.PRODUCER, links=links,
+                                                 attributes=attributes))  # fmt: skip
         hop = self.batch if self.batch is not None else self.spans[0]
         self.headers = {TRACEPARENT: _traceparent(hop.get_span_context())}
 

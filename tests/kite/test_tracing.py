@@ -29,7 +29,8 @@ def test_w3c_traceparent_is_valid(value):
 
 @pytest.mark.parametrize("value", [
     "", None, 42, PARENT.upper(), PARENT + "-extra", " " + PARENT, "01" + PARENT[2:], "ff" + PARENT[2:],
-    "00-00000000000000000000000000000000-b7ad6b7169203331-01", "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01", "x" * 1000,
 ])  # fmt: skip
 def test_anything_else_is_not_a_traceparent(value):
@@ -40,7 +41,8 @@ def test_anything_else_is_not_a_traceparent(value):
     ("congo=t61rcWkgMzE", True), ("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE", True), ("a=1, ,b=2", True),
     ("tenant@vendor=x", True), ("", True), ("a=1,a=2", False), ("A=1", False), ("a=", False), ("a=b=c", False),
     (",".join(f"k{i}=v" for i in range(33)), False), (",".join(f"k{i}=v" for i in range(32)), True),
-    ("k=" + "v" * 256, True), ("k=" + "v" * 257, False), ("a=" + "v" * 255 + ",b=" + "v" * 255, False),  # past MAX_TRACESTATE (512)
+    ("k=" + "v" * 256, True), ("k=" + "v" * 257, False),
+    ("a=" + "v" * 255 + ",b=" + "v" * 255, False),  # valid members, but past MAX_TRACESTATE (512)
 ])  # fmt: skip
 def test_tracestate_is_w3c_and_at_most_512_characters(value, valid):
     assert tracing.valid_tracestate(value) is valid
