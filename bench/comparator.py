@@ -339,7 +339,10 @@ def report(args, facts, rounds: list[dict], variants, problems, started, finishe
         "Kite keeps them (CONN_MAX_AGE 60 and CELERY_DB_REUSE_MAX 1000: Celery's default closes them after every "
         "task); its own database on the same PostgreSQL, Redis db 3.",
         "- Kite: A and B as in bench/federation.py (`manage.py runkite`: uvicorn, Celery worker with "
-        "**2 prefork processes** (runkite's default), beat; TLS on), A → B federated with scopes [\"*\"]. A has a "
+        "**2 prefork processes** (runkite's default), beat; TLS on; defaults otherwise: an unbatched drain keeps "
+        f"KITE_OUTBOX_IN_FLIGHT={facts['in_flight']} calls in flight to its peer, and the web process's courier "
+        f"(KITE_WEB_DELIVERY={facts['web_delivery']}) starts what the release's commit kicks and hands a backlog to "
+        "the worker), A → B federated with scopes [\"*\"]. A has a "
         "second peer `sink`: the receiver below (https, its certificate pinned with tls_fingerprint, "
         "127.0.0.0/8 allowed by KITE_PEER_ALLOWED_NETWORKS; not a Kite: it advertises no batch_max).",
         "- Receiver (`bench/receiver.py`): one asyncio process (uvloop), HTTPS keep-alive, answers 200 and "
@@ -400,6 +403,15 @@ PATH_GROUPS = {  # the process groups each variant's deliveries run through
 }
 
 
+def kite_settings(bench: Compare) -> dict:
+    code = ("import django; django.setup(); from django.conf import settings as s; "
+            "print(s.KITE_OUTBOX_IN_FLIGHT, s.KITE_WEB_DELIVERY)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**bench.a.env, "DJANGO_SETTINGS_MODULE": "kite.settings"})  # fmt: skip
+    in_flight, web_delivery = done.stdout.split()[-2:]
+    return {"in_flight": in_flight, "web_delivery": "on" if web_delivery == "True" else "off"}
+
+
 def markers() -> tuple[str, str]:
     return f"<!-- bench:{SECTION}:start -->", f"<!-- bench:{SECTION}:end -->"
 
@@ -409,7 +421,7 @@ def markers() -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=5000, help="events per round and variant")
+    parser.add_argument("--events", type=int, default=3000, help="events per round and variant")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated, from " + ", ".join(VARIANTS) + " (comparator and kite-* needed "
@@ -447,7 +459,7 @@ def main(argv=None) -> int:
     rounds = []
     try:
         bench.start()
-        facts = fed.machine_facts(bench) | initial
+        facts = fed.machine_facts(bench) | initial | kite_settings(bench)
         for v in variants:  # warm-up, discarded: connections, caches, the worker's first tasks
             bench.round(v, min(100, args.events), f"warm{v.replace('-', '')}")
         for i in range(args.rounds):
