@@ -71,7 +71,7 @@ def traffic_chart(buckets: list[activity.Bucket]) -> dict:
         labels=labels, unit="/min", series=[
             charts.Series("Events in", [b.events for b in buckets]),
             charts.Series("Deliveries out", [b.delivered for b in buckets]),
-            charts.Series("Failed attempts", [b.failed for b in buckets], kind="bars"),
+            charts.Series("Failed attempts", [b.failed for b in buckets], kind="bars", tone="bad"),
         ],
     )  # fmt: skip
     table = charts.figures_table(
@@ -106,7 +106,7 @@ def peer_charts(buckets: list[activity.Bucket]) -> dict:
     attempts_svg = charts.time_chart(
         chart_id="attempts-chart", title="Deliveries and failed attempts, last 24 hours", desc=attempts, labels=labels,
         series=[charts.Series("Delivered", [b.delivered for b in buckets]),
-                charts.Series("Failed attempts", [b.failed for b in buckets], kind="bars")],
+                charts.Series("Failed attempts", [b.failed for b in buckets], kind="bars", tone="bad")],
     )  # fmt: skip
     table = charts.figures_table(
         caption="Delivered attempts, failed attempts and the latency of the delivered ones per 15 minutes, "

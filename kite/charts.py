@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from html import escape
 
 WIDTH, HEIGHT = 720, 220
-LEFT, RIGHT, TOP, BOTTOM = 56, 12, 30, 26  # room for the y labels, the legend and the x labels
+LEFT, RIGHT, TOP, BOTTOM = 72, 12, 30, 26  # room for the y labels, the legend and the x labels
 X_LABELS = 6
 
 
@@ -26,6 +26,10 @@ class Series:
     name: str
     values: list[float | None]
     kind: str = "line"  # line | bars
+    tone: str = ""  # "bad": drawn in the screens' colour for failures, whatever its place
+
+    def css(self, index: int) -> str:
+        return f"series series-{index}" + (f" tone-{self.tone}" if self.tone else "")
 
 
 def nice_max(value: float) -> float:
@@ -116,8 +120,7 @@ class _Plot:
             else:
                 run.append((self.x(position), self.y(value)))
         runs = runs + [run] if run else runs
-        css = f"series series-{index}"
-        parts = [f'<g class="{css}" aria-hidden="true">']
+        parts = [f'<g class="{item.css(index)}" aria-hidden="true">']
         path = " ".join("M" + " L".join(f"{x:.1f},{y:.1f}" for x, y in points) for points in runs if len(points) > 1)
         if path:
             parts.append(f'<path d="{path}" fill="none"/>')
@@ -128,7 +131,7 @@ class _Plot:
 
     def bars(self, item: Series, index: int) -> list[str]:
         width = max(self.inner_w / self.count * 0.7, 1)
-        parts = [f'<g class="series series-{index} bars" aria-hidden="true">']
+        parts = [f'<g class="{item.css(index)} bars" aria-hidden="true">']
         for position, value in enumerate(item.values):
             if value:
                 y = self.y(value)
@@ -155,7 +158,7 @@ def _legend(series: list[Series]) -> list[str]:
     for index, item in enumerate(series):
         shape = (f'<rect x="{x}" y="8" width="12" height="10"/>' if item.kind == "bars"
                  else f'<line x1="{x}" x2="{x + 14}" y1="13" y2="13"/>')  # fmt: skip
-        parts.append(f'<g class="series series-{index}">{shape}</g>')
+        parts.append(f'<g class="{item.css(index)}">{shape}</g>')
         parts.append(f'<text x="{x + 18}" y="17">{escape(item.name)}</text>')
         x += 18 + 7 * len(item.name) + 18
     parts.append("</g>")

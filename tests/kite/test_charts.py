@@ -60,6 +60,8 @@ def test_bars_are_drawn_for_non_zero_values_only():
     svg = _chart()
     bars = svg.find(f"{SVG}g[@class='series series-1 bars']")
     assert len(bars.findall(SVG + "rect")) == 2
+    failures = _chart(series=[charts.Series("Failed", [0, 2, 0, 1], kind="bars", tone="bad")])
+    assert failures.find(f"{SVG}g[@class='series series-0 tone-bad bars']") is not None  # red wherever it stands
 
 
 def test_nothing_to_show_is_an_empty_chart_not_an_error():
