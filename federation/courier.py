@@ -73,7 +73,7 @@ class Courier:
                 self._deliver(view)
             except Exception:  # the database is away, say: the sweeper hands what is due to a worker
                 log.warning("courier: delivery to peer %s failed; a worker will retry", peer_id, exc_info=True)
-                view.forget()
+                view.forget(target=True)
                 connections.close_all()
             with self.changed:
                 if self.state.pop(peer_id) == "again":

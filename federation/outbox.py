@@ -118,8 +118,8 @@ def route_event(event: Event, sender) -> None:
     if entries:
         with tracing.event_span("kite.outbox", event, {"kite.peer_ids": [entry.peer_id for entry in entries]}):
             fastsql.insert(entries)
-        for peer_id in {entry.peer_id for entry in entries}:
-            transaction.on_commit(lambda peer_id=peer_id: kick(peer_id), robust=True)
+        peer_ids = sorted({entry.peer_id for entry in entries})
+        transaction.on_commit(lambda: kick_all(peer_ids), robust=True)
 
 
 def _routes_idle_for(source) -> bool:
@@ -182,6 +182,44 @@ def kick(peer_id: int) -> None:
     if _local is not None and _local.wake(peer_id):
         return
     _kick_task(peer_id)
+
+
+TASK_PEERS = 10  # peers per task when one event wakes many at once (its kick flags last 2 s)
+
+
+def kick_all(peer_ids: list[int]) -> None:
+    """After an event's commit: `kick` for each of its peers, in fewer round trips — the courier
+    takes what it can, the others' kick flags are set in one Redis round trip and they go to the
+    workers TASK_PEERS to a task. An event matching 200 peers was 200 Redis round trips and 200
+    task messages before its 202 (~0.65 s)."""
+    rest = [peer_id for peer_id in peer_ids if _local is None or not _local.wake(peer_id)]
+    if len(rest) <= 1:
+        for peer_id in rest:
+            _kick_task(peer_id)
+        return
+    from federation import tasks
+
+    if settings.REDIS_URL:
+        rest = _first_kicks(rest)
+    for start in range(0, len(rest), TASK_PEERS):
+        chunk = rest[start : start + TASK_PEERS]
+        try:
+            tasks.deliver_peers.delay(chunk)
+        except Exception:  # the broker is down: the sweeper will find the entries
+            log.warning("could not queue delivery for peers %s; the sweeper will retry", chunk, exc_info=True)
+
+
+def _first_kicks(peer_ids: list[int]) -> list[int]:
+    """`_first_kick` for many peers in one round trip: those whose flag this call set."""
+    from kite.ratelimit import _redis
+
+    try:
+        pipe = _redis().pipeline(transaction=False)
+        for peer_id in peer_ids:
+            pipe.set(_kick_key(peer_id), 1, nx=True, ex=KICK_FLAG_SECONDS)
+        return [peer_id for peer_id, first in zip(peer_ids, pipe.execute(), strict=True) if first]
+    except Exception:
+        return peer_ids
 
 
 def _kick_task(peer_id: int) -> None:
@@ -354,31 +392,36 @@ def deliver_fresh(view: "PeerView") -> int:
 
 class PeerView:
     """A peer's row and the target its calls go to, as one drain (or a courier, across drains)
-    sees them: read again when older than PEER_REREAD_SECONDS or after `forget()`; the target is
-    rebuilt only when what it is made of changed (URL, secret, pin, team)."""
+    sees them: the row read again when older than PEER_REREAD_SECONDS or after `forget()`; the
+    target (secret, pin, the team's signing certificates) rebuilt when what the row says of it
+    changed or it is older than PEER_REREAD_SECONDS — a renewed certificate signs within a second,
+    as in a task's drain — and after a failed call."""
 
     def __init__(self, peer_id: int):
         self.peer_id = peer_id
         self.peer: Peer | None = None
         self.target: client.Target | None = None
-        self.read_at = 0.0
+        self.read_at = self.built_at = 0.0
         self.made_of: tuple = ()
 
     def current(self) -> Peer | None:
         """The peer if its queue may send now (a peer that sends, not paused), else None."""
-        if self.peer is None or time.monotonic() - self.read_at >= PEER_REREAD_SECONDS:
-            self.peer, self.read_at = Peer.objects.filter(pk=self.peer_id).first(), time.monotonic()
-            if self.peer is not None and self.peer.sends_to and not self.peer.paused:
-                made_of = (self.peer.peer_hook_url, self.peer.outbound_secret_encrypted, self.peer.tls_fingerprint,
-                           self.peer.team_id)  # fmt: skip
-                if self.target is None or made_of != self.made_of:
-                    self.target, self.made_of = target_for(self.peer), made_of
+        now = time.monotonic()
+        if self.peer is None or now - self.read_at >= PEER_REREAD_SECONDS:
+            self.peer, self.read_at = Peer.objects.filter(pk=self.peer_id).first(), now
         if self.peer is None or not self.peer.sends_to or self.peer.paused:
             return None
+        made_of = (self.peer.peer_hook_url, self.peer.outbound_secret_encrypted, self.peer.tls_fingerprint,
+                   self.peer.team_id)  # fmt: skip
+        if self.target is None or made_of != self.made_of or now - self.built_at >= PEER_REREAD_SECONDS:
+            self.target, self.made_of, self.built_at = target_for(self.peer), made_of, now
         return self.peer
 
-    def forget(self) -> None:
+    def forget(self, target: bool = False) -> None:
+        """Read the row again next time (and rebuild the target, with `target`)."""
         self.peer = None
+        if target:
+            self.target = None
 
 
 def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
@@ -424,7 +467,7 @@ def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
                 return delivered
             if failed:
                 drain.release([e for c in chunks[index + 1 :] for g in c for e in g])
-                view.forget()  # the failure may have paused the queue: read the row again next time
+                view.forget(target=True)  # the failure may have paused the queue or be a stale certificate
                 return delivered
         if backlog and mode == COURIER:
             _kick_task(peer.pk)

@@ -10,7 +10,7 @@ import pytest
 from federation import courier as courier_module
 from federation import outbox
 from federation.models import Delivery, OutboxEntry, Peer
-from tests.federation.test_delivery import _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
+from tests.federation.test_delivery import SECRET, _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -128,3 +128,44 @@ def test_past_max_waiting_a_kick_queues_a_task(team, peer, endpoint):
         assert endpoint.requests == []
     finally:
         outbox.deliver_locally(None)
+
+
+def test_an_event_matching_many_peers_wakes_them_in_one_round_trip_and_few_task_messages(team, endpoint):
+    """The courier takes what it can; the other peers' kick flags are set together and they go to
+    the workers outbox.TASK_PEERS to a message (not one message per peer before the 202)."""
+    import json
+
+    from federation import services, tasks
+
+    peers = [services.peer_create(team=team, name=f"p{n:02d}", peer_hook_url=endpoint.url, outbound_token=SECRET,
+                                  scopes=["*"], tls_fingerprint=endpoint.fingerprint).row
+             for n in range(25)]  # fmt: skip
+    broker = redis_client()
+    broker.delete("celery", *[f"kite:kick:{peer.pk}" for peer in peers])
+    small = courier_module.Courier(max_waiting=3)
+    outbox.deliver_locally(small)
+    try:
+        _event(team, "many")  # its commit wakes them all (flags live 2 s: looked at right away)
+        flags = [_kick_flag(peer) for peer in peers]
+        # The courier takes three waiting at a time (more in all if its threads pick some up meanwhile).
+        taken = [peer.pk for peer, flagged in zip(peers, flags, strict=True) if not flagged]
+        to_workers = [peer.pk for peer, flagged in zip(peers, flags, strict=True) if flagged]
+        assert len(taken) >= 3 and len(to_workers) >= 10
+        assert _wait(lambda: len(endpoint.requests) == len(taken))
+    finally:
+        small.close(5)
+        outbox.deliver_locally(None)
+    messages = [json.loads(raw) for raw in broker.lrange("celery", 0, -1)]
+    assert [m["headers"]["task"] for m in messages] == ["federation.tasks.deliver_peers"] * -(-len(to_workers) // 10)
+    queued = sorted(peer_id for m in messages for peer_id in _task_args(m)[0][0])
+    assert queued == to_workers
+    broker.delete("celery")
+    assert tasks.deliver_peers(to_workers[:2]) == 2  # what a worker does with one such message
+    assert OutboxEntry.objects.filter(peer_id__in=to_workers[:2], status="delivered").count() == 2
+
+
+def _task_args(message):
+    import base64
+    import json
+
+    return json.loads(base64.b64decode(message["body"]))
