@@ -385,8 +385,10 @@ def _delete_in_batches(queryset, age_field: str, batch: int, pause: float, deadl
     total, batches, after = 0, 0, None
     rows = queryset.order_by(age_field, "id")
     while True:
+        # The >= bound makes the range an index condition (the OR alone would only filter).
         page = rows if after is None else rows.filter(Q(**{f"{age_field}__gt": after[1]})
-                                                      | Q(**{age_field: after[1], "id__gt": after[0]}))  # fmt: skip
+                                                      | Q(**{age_field: after[1], "id__gt": after[0]}),
+                                                      **{f"{age_field}__gte": after[1]})  # fmt: skip
         began = time.monotonic()
         found = list(page.values_list("id", age_field)[:batch])
         if not found:

@@ -420,5 +420,8 @@ def _expired_batch(cutoff, after, batch: int) -> list[tuple[int, object]]:
     expired = Event.objects.filter(received_at__lt=cutoff)
     if after is not None:
         pk, received_at = after
-        expired = expired.filter(Q(received_at__gt=received_at) | Q(received_at=received_at, pk__gt=pk))
+        # The >= bound makes the range an index condition: the OR alone would be a filter on a scan
+        # from the oldest entry of the index again.
+        expired = expired.filter(Q(received_at__gt=received_at) | Q(received_at=received_at, pk__gt=pk),
+                                 received_at__gte=received_at)  # fmt: skip
     return list(expired.order_by("received_at", "pk").values_list("pk", "received_at")[:batch])

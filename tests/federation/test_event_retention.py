@@ -15,7 +15,7 @@ from federation import services
 from federation.models import Delivery, OutboxEntry
 from ingest import hooks
 from ingest import services as ingest_services
-from ingest.models import Event
+from ingest.models import Event, Source
 from tests.federation.test_api import PEER_URL
 from tests.federation.test_delivery import _event
 
@@ -230,3 +230,32 @@ def test_the_audit_and_delivery_purge_stops_at_its_time_budget_too(team, peers):
     AuditEvent.objects.bulk_create([AuditEvent(team=team, action="Federation.PeerCalled", at=old) for _ in range(5)])
     assert services.retention_purge(days=90, batch=2, pause=0, budget=0) == {"audit": 2, "deliveries": 0}
     assert services.retention_purge(days=90, batch=2, pause=0) == {"audit": 3, "deliveries": 0}
+
+
+def test_every_batch_reads_a_range_of_the_age_index_from_where_the_last_stopped(team):
+    """50,000 recent events and 30 expired: each batch's SELECT is planned as a range of
+    event_received_at starting at the last batch's end (not a scan from the oldest entry again,
+    nor a read of the table), as the purge runs it."""
+    source = Source.objects.get(team=team, name="kite")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO ingest_event (team_id, source_id, ce_id, ce_source, ce_type, ce_time, ce_subject,"
+            " datacontenttype, data, extensions, agent, received_at)"
+            " SELECT %s, %s, 'evt_' || g, 'kite://bulk', 'com.example.bulk', now(), '', 'application/json', '{}',"
+            " '{}'::jsonb, '', now() - interval '1 second' * g - interval '10 days' * (g <= 30)::int"
+            " FROM generate_series(1, 50030) g",
+            [team.pk, source.pk],
+        )
+        cursor.execute("ANALYZE ingest_event")
+    with CaptureQueriesContext(connection) as captured:
+        assert ingest_services.events_purge_expired(days=7, batch=10, pause=0) == 30
+    selects = [q["sql"] for q in captured.captured_queries
+               if q["sql"].startswith('SELECT "ingest_event"."id" AS "pk", "ingest_event"."received_at"')]  # fmt: skip
+    assert len(selects) == 4  # 10 + 10 + 10, and the one that finds none
+    for n, sql in enumerate(selects):
+        with connection.cursor() as cursor:
+            cursor.execute("EXPLAIN " + sql)
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        condition = next(line for line in plan.splitlines() if "Index Cond" in line)
+        assert "event_received_at" in plan and "Seq Scan" not in plan, plan
+        assert (">=" in condition) == (n > 0) and "<" in condition, plan
