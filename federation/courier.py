@@ -96,7 +96,8 @@ class Courier:
 
     @staticmethod
     def _deliver(view: outbox.PeerView) -> int:
-        view.forget()  # each wake reads the peer row, as a task does: a pause applies at once
+        view.forget(target=True)  # each wake reads the peer row and its target afresh, as a task does: a pause,
+        # a new secret or a new certificate applies to the next event
         return outbox.deliver_fresh(view)
 
 
