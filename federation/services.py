@@ -351,7 +351,7 @@ def hook_url_for(team: Team) -> str:
 
 RETENTION_BATCH = 5000  # rows per DELETE (each in a transaction of its own)
 RETENTION_PAUSE = 0.05  # seconds at least between batches
-RETENTION_YIELD = 1.0  # and after each batch a rest this many times as long as it took: the hot paths get the rest
+RETENTION_YIELD = 2.0  # and after each batch a rest twice as long as it took: at most a third of the time
 PURGE_LOG_EVERY = 50  # batches
 
 
@@ -359,8 +359,8 @@ def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = R
                     budget: float | None = None) -> dict[str, int]:  # fmt: skip
     """Audit events and delivery attempts older than `days` (KITE_AUDIT_RETENTION_DAYS; 0 keeps
     them), deleted `batch` rows per statement, oldest first, resting between batches (at least
-    `pause`, and as long as the batch took), so no purge holds long locks or takes more than about
-    half of a busy database's time. Restartable: every batch commits on its own; a run that has taken
+    `pause`, and twice as long as the batch took), so no purge holds long locks or takes more than
+    about a third of a busy database's time. Restartable: every batch commits on its own; a run that has taken
     `budget` seconds (ingest.services.purge_budget()) stops there and leaves the rest to the next."""
     if days <= 0:
         return {"audit": 0, "deliveries": 0}

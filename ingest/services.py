@@ -364,7 +364,7 @@ def _store_batch_one_by_one(source: Source, items: list, sender) -> list[BatchIt
 
 PURGE_BATCH = 2000  # events per transaction: short row locks, little WAL per commit
 PURGE_PAUSE = 0.05  # seconds at least between batches
-PURGE_YIELD = 1.0  # and after each batch a rest this many times as long as it took: ingest gets the rest
+PURGE_YIELD = 2.0  # and after each batch a rest twice as long as it took: the purge takes at most a third
 PURGE_LOG_EVERY = 50  # batches
 
 
@@ -377,8 +377,8 @@ def purge_budget() -> float:
 def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = PURGE_PAUSE,
                          budget: float | None = None) -> int:  # fmt: skip
     """Delete events received more than `days` ago (0 keeps everything), oldest first, `batch` per
-    transaction, resting between batches (at least `pause`, and as long as the batch took, so the
-    purge takes at most about half of a busy database's time). An event some app still needs
+    transaction, resting between batches (at least `pause`, and twice as long as the batch took, so
+    the purge takes at most about a third of a busy database's time). An event some app still needs
     (ingest.hooks.event_purging: federation keeps one still owed to a peer) stays until a later run.
     Restartable: every batch commits on its own, and a run starts again from the oldest expired event;
     one that has run `budget` seconds (purge_budget()) stops there and leaves the rest to the next."""
