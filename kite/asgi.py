@@ -34,8 +34,6 @@ from ingest import broadcast  # noqa: E402
 from ingest.routing import websocket_urlpatterns  # noqa: E402
 from kite.bridge import WSGIBridge  # noqa: E402
 
-_courier = courier.install()  # on PostgreSQL this process delivers what it stores (federation.courier)
-
 _router = ProtocolTypeRouter(
     {
         "http": WSGIBridge(
@@ -44,6 +42,9 @@ _router = ProtocolTypeRouter(
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
     }
 )
+
+
+_serving: dict = {}
 
 
 async def application(scope, receive, send):
@@ -58,10 +59,13 @@ async def _lifespan(receive, send):
         message = await receive()
         if message["type"] == "lifespan.startup":
             broadcast.set_server_loop(asyncio.get_running_loop())
+            # A serving process (not one that only imports the app, as tests do) delivers what it
+            # stores, on PostgreSQL (federation.courier).
+            _serving["courier"] = courier.install()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            if _courier is not None:  # calls out finish (≤ 5 s) rather than wait for their leases to end
-                await asyncio.get_running_loop().run_in_executor(None, _courier.close, 5.0)
+            if _serving.get("courier") is not None:  # calls out finish (≤ 5 s) rather than wait for their leases
+                await asyncio.get_running_loop().run_in_executor(None, _serving["courier"].close, 5.0)
             await send({"type": "lifespan.shutdown.complete"})
             return
 

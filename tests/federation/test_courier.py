@@ -169,3 +169,15 @@ def _task_args(message):
     import json
 
     return json.loads(base64.b64decode(message["body"]))
+
+
+def test_importing_the_asgi_app_installs_no_courier_only_serving_it_does(team, peer, endpoint):
+    """Tests and tools import kite.asgi; only a process that serves it (lifespan startup) delivers:
+    here a committed event's kick queues a worker's task."""
+    import kite.asgi  # noqa: F401
+
+    redis_client().delete(f"kite:kick:{peer.pk}")
+    _event(team, "imported")
+    assert _kick_flag(peer)
+    time.sleep(0.3)
+    assert endpoint.requests == []
