@@ -261,6 +261,31 @@ def test_b_down_for_a_while_loses_nothing_and_dead_letters_nothing(cluster):
     wait_for(lambda: not a.outbox(peer["id"], "pending"), 10, "A's queue to be empty")
 
 
+def test_the_web_process_delivers_what_it_stored_while_the_worker_is_frozen(cluster):
+    """The courier: with A's Celery worker stopped (SIGSTOP), an event posted to A still reaches B
+    promptly — the web process that stored it sent it. Thawed, the worker finds nothing left to do."""
+    import os
+
+    from tests.chaos.procs import runkite_children
+
+    a, b = cluster.start("courier-a"), cluster.start("courier-b")
+    peer = federate(a, b, "b", scopes=["stripe.*"])
+    worker = runkite_children(a.process.pid)["worker"]
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        event_id = f"evt_{secrets.token_hex(4)}"
+        a.post_event("plain", event_id)
+        wait_for(lambda: event_id in stored_ids(b, source="kite"), 10, "the event at B, sent by A's web process")
+        wait_for(lambda: [e for e in a.outbox(peer["id"]) if e["event_id"] and e["status"] == "delivered"], 5,
+                 "A to record the delivery")  # fmt: skip
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    time.sleep(2)
+    assert stored_ids(b, source="kite").count(event_id) == 1
+    deliveries = a.api("GET", f"/api/federation/peers/{peer['id']}/deliveries").json()["results"]
+    assert [d["outcome"] for d in deliveries] == ["delivered"] * len(deliveries) and len(deliveries) >= 1
+
+
 def test_worker_killed_mid_delivery_still_delivers(cluster):
     a, b = cluster.start("crash-a"), cluster.start("crash-b")
     token = b.token("crash")
