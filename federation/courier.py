@@ -8,10 +8,15 @@ ends and the sweeper hands it to a worker. What the courier saves is the hop thr
 a worker's task start (a Redis round trip, the worker's dispatch, a task that reads the peer again):
 the larger part of the time from an event's 202 to its call when the peer is keeping up.
 
-It is the fast path only. A few threads per process (THREADS) serve the peers woken; more peers
-waiting than MAX_WAITING, or a claim that comes back full (a backlog), go to the workers' tasks as
-before, so a web process never spends itself draining what piled up while a peer was away. Embedded
-(SQLite) and worker processes have no courier: every kick there is a task.
+It is the fast path for a peer that keeps up, and steps aside when events come faster than that:
+a peer whose courier drain is already sending, or whose worker task is draining (its kick flag is
+set), goes to the workers' tasks as before — one drain that claims what piled up meanwhile in one
+batch beats a drain per event in the web process, where calls share the interpreter with requests
+(bench/RESULTS.md: at 200 events/s a courier taking every event doubled p99). A few threads per
+process (THREADS) serve the peers woken; more peers waiting than MAX_WAITING, or a claim that comes
+back full (a backlog), go to the workers too, so a web process never spends itself draining what
+piled up while a peer was away. Embedded (SQLite) and worker processes have no courier: every kick
+there is a task.
 """
 
 import collections
@@ -34,7 +39,7 @@ class Courier:
         self.threads, self.max_waiting = threads, max_waiting
         self.changed = threading.Condition()
         self.waiting: collections.deque[int] = collections.deque()
-        self.state: dict[int, str] = {}  # peer id → "waiting" | "sending" | "again" (woken while sending)
+        self.state: dict[int, str] = {}  # peer id → "waiting" | "sending"
         self.views: dict[int, outbox.PeerView] = {}
         self.started = 0
         self.closing = False
@@ -45,13 +50,10 @@ class Courier:
             if self.closing:
                 return False
             state = self.state.get(peer_id)
-            if state == "sending":
-                self.state[peer_id] = "again"  # its thread claims once more when done
-                return True
-            if state is not None:
-                return True  # waiting, or already to go again
-            if len(self.waiting) >= self.max_waiting:
-                return False
+            if state == "waiting":
+                return True  # its drain has not claimed yet: it will take this event too
+            if state is not None or len(self.waiting) >= self.max_waiting:
+                return False  # sending already: events are coming faster than one drain at a time, a task's turn
             self.state[peer_id] = "waiting"
             self.waiting.append(peer_id)
             if self.started < self.threads:
@@ -76,9 +78,7 @@ class Courier:
                 view.forget(target=True)
                 connections.close_all()
             with self.changed:
-                if self.state.pop(peer_id) == "again":
-                    self.state[peer_id] = "waiting"
-                    self.waiting.append(peer_id)
+                del self.state[peer_id]
                 self.changed.notify_all()  # close() waits for the state to empty
 
     def close(self, timeout: float) -> bool:
@@ -90,8 +90,6 @@ class Courier:
             for peer_id, state in list(self.state.items()):
                 if state == "waiting":
                     del self.state[peer_id]
-                else:
-                    self.state[peer_id] = "sending"
             return self.changed.wait_for(lambda: not self.state, timeout=timeout)
 
     @staticmethod

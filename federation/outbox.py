@@ -178,10 +178,27 @@ _local = None  # a web process's courier (federation.courier): delivers what thi
 
 def kick(peer_id: int) -> None:
     """After commit: deliver the peer's due entries soon — by this web process's courier when
-    it takes the peer, else by a worker's task."""
-    if _local is not None and _local.wake(peer_id):
+    it takes the peer (no task is draining it and its courier is not sending already), else by
+    a worker's task."""
+    if _local is not None and not _task_draining([peer_id])[0] and _local.wake(peer_id):
         return
     _kick_task(peer_id)
+
+
+def _task_draining(peer_ids: list[int]) -> list[bool]:
+    """Whether a worker's task holds each peer's kick flag (is queued or draining): then it takes
+    the new entries at its next claim, and the courier stays out of its way."""
+    if not settings.REDIS_URL:
+        return [False] * len(peer_ids)
+    from kite.ratelimit import _redis
+
+    try:
+        pipe = _redis().pipeline(transaction=False)
+        for peer_id in peer_ids:
+            pipe.exists(_kick_key(peer_id))
+        return [bool(held) for held in pipe.execute()]
+    except Exception:
+        return [False] * len(peer_ids)
 
 
 TASK_PEERS = 10  # peers per task when one event wakes many at once (its kick flags last 2 s)
@@ -192,7 +209,11 @@ def kick_all(peer_ids: list[int]) -> None:
     takes what it can, the others' kick flags are set in one Redis round trip and they go to the
     workers TASK_PEERS to a task. An event matching 200 peers was 200 Redis round trips and 200
     task messages before its 202 (~0.65 s)."""
-    rest = [peer_id for peer_id in peer_ids if _local is None or not _local.wake(peer_id)]
+    if _local is None:
+        rest = list(peer_ids)
+    else:
+        draining = _task_draining(peer_ids)
+        rest = [peer_id for peer_id, busy in zip(peer_ids, draining, strict=True) if busy or not _local.wake(peer_id)]
     if len(rest) <= 1:
         for peer_id in rest:
             _kick_task(peer_id)

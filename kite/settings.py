@@ -309,9 +309,10 @@ if not REDIS_URL:  # the embedded broker keeps every message it delivered (kite.
 # --- Ingest ------------------------------------------------------------------
 KITE_MAX_BODY_BYTES = _positive_int("KITE_MAX_BODY_BYTES", 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = KITE_MAX_BODY_BYTES
-# A web process delivers the events it has just stored itself (federation.courier); off: every
-# delivery goes through a worker's task. PostgreSQL only (embedded SQLite always uses the worker).
-KITE_WEB_DELIVERY = _bool("KITE_WEB_DELIVERY", True)
+# on: a web process delivers the events it has just stored itself when the peer keeps up
+# (federation.courier): lower latency at low rates, a higher p99 at 200 events/s on a 2-core machine
+# (bench/RESULTS.md). off: every delivery goes through a worker's task. PostgreSQL only.
+KITE_WEB_DELIVERY = _bool("KITE_WEB_DELIVERY", False)
 KITE_EVENT_RETENTION_DAYS = _env("KITE_EVENT_RETENTION_DAYS", env.int, 0)  # 0 keeps events forever
 if KITE_EVENT_RETENTION_DAYS < 0:
     raise ImproperlyConfigured(

@@ -94,14 +94,14 @@ class Cluster:
         self.tmp = tmp_path_factory
         self.started: list[tuple[FedKite, Database, RedisDatabase]] = []
 
-    def start(self, label: str) -> FedKite:
+    def start(self, label: str, **env: str) -> FedKite:
         database, redis_db = Database(label), RedisDatabase()
         kite = FedKite(
             data_dir=self.tmp.mktemp(label) / "data",
             instance_id=f"fed-{label}-{secrets.token_hex(3)}",
             database_url=database.url,
             redis_url=redis_db.url,
-            extra_env=dict(FAST),
+            extra_env=dict(FAST, **env),
         )
         self.started.append((kite, database, redis_db))
         kite.start()
@@ -262,13 +262,14 @@ def test_b_down_for_a_while_loses_nothing_and_dead_letters_nothing(cluster):
 
 
 def test_the_web_process_delivers_what_it_stored_while_the_worker_is_frozen(cluster):
-    """The courier: with A's Celery worker stopped (SIGSTOP), an event posted to A still reaches B
-    promptly — the web process that stored it sent it. Thawed, the worker finds nothing left to do."""
+    """KITE_WEB_DELIVERY=on (the courier): with A's Celery worker stopped (SIGSTOP), an event posted
+    to A still reaches B promptly — the web process that stored it sent it. Thawed, the worker finds
+    nothing left to do. (With it off, the default, the event waits for the worker: checked.)"""
     import os
 
     from tests.chaos.procs import runkite_children
 
-    a, b = cluster.start("courier-a"), cluster.start("courier-b")
+    a, b = cluster.start("courier-a", KITE_WEB_DELIVERY="on"), cluster.start("courier-b")
     peer = federate(a, b, "b", scopes=["stripe.*"])
     worker = runkite_children(a.process.pid)["worker"]
     os.kill(worker, signal.SIGSTOP)

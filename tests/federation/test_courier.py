@@ -181,3 +181,43 @@ def test_importing_the_asgi_app_installs_no_courier_only_serving_it_does(team, p
     assert _kick_flag(peer)
     time.sleep(0.3)
     assert endpoint.requests == []
+
+
+def test_an_event_while_a_task_drains_the_peer_is_left_to_that_task(team, peer, endpoint, courier):
+    redis_client().set(f"kite:kick:{peer.pk}", 1, ex=30)  # as a worker's draining task holds it
+    try:
+        _event(team, "t1")
+        time.sleep(0.5)
+        assert endpoint.requests == []  # the task's next claim takes it
+        assert OutboxEntry.objects.get(event__ce_id="t1").status == "pending"
+    finally:
+        redis_client().delete(f"kite:kick:{peer.pk}")
+
+
+def test_an_event_while_the_courier_is_sending_to_the_peer_goes_to_a_task(team, peer, endpoint, courier):
+    """Events faster than one drain at a time: the next one queues a worker's task (which claims
+    what piled up in one go) rather than waiting for another courier drain."""
+    import json
+
+    gate = threading.Event()
+
+    def slow(body):
+        gate.wait(5)
+        return {"id": "x", "duplicate": False}
+
+    broker = redis_client()
+    broker.delete("celery", f"kite:kick:{peer.pk}")
+    endpoint.default = (202, {}, slow)
+    try:
+        _event(team, "s1")
+        assert _wait(lambda: len(endpoint.requests) == 1)  # the courier is sending s1
+        _event(team, "s2")
+        assert _kick_flag(peer)
+        tasks = [json.loads(raw)["headers"]["task"] for raw in broker.lrange("celery", 0, -1)]
+        assert tasks == ["federation.tasks.deliver_peer"]
+    finally:
+        gate.set()
+    # The courier's drain claims again after s1 and finds s2 too (the queued task would find nothing).
+    assert _wait(lambda: set(OutboxEntry.objects.values_list("status", flat=True)) == {"delivered"})
+    assert sorted(json.loads(body)["id"] for _headers, body in endpoint.requests) == ["s1", "s2"]
+    broker.delete("celery")
