@@ -75,7 +75,7 @@ class Courier:
                 self._deliver(view)
             except Exception:  # the database is away, say: the sweeper hands what is due to a worker
                 log.warning("courier: delivery to peer %s failed; a worker will retry", peer_id, exc_info=True)
-                view.forget(target=True)
+                view.forget()
                 connections.close_all()
             with self.changed:
                 del self.state[peer_id]
@@ -94,7 +94,7 @@ class Courier:
 
     @staticmethod
     def _deliver(view: outbox.PeerView) -> int:
-        view.forget(target=True)  # each wake reads the peer row and its target afresh, as a task does: a pause,
+        view.forget()  # each wake reads the peer row and its target afresh, as a task does: a pause,
         # a new secret or a new certificate applies to the next event
         return outbox.deliver_fresh(view)
 

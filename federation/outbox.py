@@ -261,12 +261,7 @@ def _kick_key(peer_id: int) -> str:
 def _first_kick(peer_id: int) -> bool:
     """Coalesce kicks: while a task for the peer is queued or draining, the flag is set and a
     kick queues nothing; the draining task picks the new entries up at its next claim."""
-    from kite.ratelimit import _redis
-
-    try:
-        return bool(_redis().set(_kick_key(peer_id), 1, nx=True, ex=KICK_FLAG_SECONDS))
-    except Exception:
-        return True
+    return bool(_first_kicks([peer_id]))
 
 
 def _hold(key: str) -> None:
@@ -412,37 +407,30 @@ def deliver_fresh(view: "PeerView") -> int:
 
 
 class PeerView:
-    """A peer's row and the target its calls go to, as one drain (or a courier, across drains)
-    sees them: the row read again when older than PEER_REREAD_SECONDS or after `forget()`; the
-    target (secret, pin, the team's signing certificates) rebuilt when what the row says of it
-    changed or it is older than PEER_REREAD_SECONDS — a renewed certificate signs within a second,
-    as in a task's drain — and after a failed call."""
+    """A peer's row and the target its calls go to (secret, pin, the team's signing certificates),
+    as one drain (or a courier, across drains) sees them: both read again when older than
+    PEER_REREAD_SECONDS — an operator's pause, a new secret or a renewed certificate applies within
+    a second — and after `forget()` (a failed call, a courier's wake)."""
 
     def __init__(self, peer_id: int):
         self.peer_id = peer_id
         self.peer: Peer | None = None
         self.target: client.Target | None = None
-        self.read_at = self.built_at = 0.0
-        self.made_of: tuple = ()
+        self.read_at = 0.0
 
     def current(self) -> Peer | None:
         """The peer if its queue may send now (a peer that sends, not paused), else None."""
-        now = time.monotonic()
-        if self.peer is None or now - self.read_at >= PEER_REREAD_SECONDS:
-            self.peer, self.read_at = Peer.objects.filter(pk=self.peer_id).first(), now
+        if self.peer is None or time.monotonic() - self.read_at >= PEER_REREAD_SECONDS:
+            self.peer, self.read_at, self.target = Peer.objects.filter(pk=self.peer_id).first(), time.monotonic(), None
         if self.peer is None or not self.peer.sends_to or self.peer.paused:
             return None
-        made_of = (self.peer.peer_hook_url, self.peer.outbound_secret_encrypted, self.peer.tls_fingerprint,
-                   self.peer.team_id)  # fmt: skip
-        if self.target is None or made_of != self.made_of or now - self.built_at >= PEER_REREAD_SECONDS:
-            self.target, self.made_of, self.built_at = target_for(self.peer), made_of, now
+        if self.target is None:
+            self.target = target_for(self.peer)
         return self.peer
 
-    def forget(self, target: bool = False) -> None:
-        """Read the row again next time (and rebuild the target, with `target`)."""
+    def forget(self) -> None:
+        """Read the row and build the target again next time."""
         self.peer = None
-        if target:
-            self.target = None
 
 
 def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
@@ -488,7 +476,7 @@ def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
                 return delivered
             if failed:
                 drain.release([e for c in chunks[index + 1 :] for g in c for e in g])
-                view.forget(target=True)  # the failure may have paused the queue or be a stale certificate
+                view.forget()  # the failure may have paused the queue or be a stale certificate
                 return delivered
         if backlog and mode == COURIER:
             _kick_task(peer.pk)

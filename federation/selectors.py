@@ -2,7 +2,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db.models import Count, FilteredRelation, Q
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from federation.models import AuditEvent, Delivery, FederationToken, IdentityCertificate, OutboxEntry, Peer
@@ -58,27 +58,6 @@ def outbox_depths(peer_ids: list[int]) -> dict[int, dict[str, int]]:
     for row in rows:
         depths[row["peer_id"]][row["status"]] = row["n"]
     return depths
-
-
-def outbox_gauge(statuses) -> dict[tuple[str, str], int]:
-    """{(peer name, status): entries} for every live peer, 0 included, in one GROUP BY (the join
-    only takes the wanted statuses, so delivered history is never scanned). Peers of several
-    teams may share a name: their counts add up, as a label set must be unique."""
-    rows = (
-        Peer.objects.filter(role=Peer.Role.PEER)
-        .exclude(status=Peer.Status.REVOKED)
-        .annotate(owed=FilteredRelation("outbox", condition=Q(outbox__status__in=list(statuses))))
-        .values("pk", "name", "owed__status")
-        .annotate(n=Count("owed__id"))
-        .order_by()
-    )
-    counts: dict[tuple[str, str], int] = {}
-    for row in rows:
-        for status in statuses:
-            counts.setdefault((row["name"], status), 0)
-        if row["owed__status"]:
-            counts[(row["name"], row["owed__status"])] += row["n"]
-    return counts
 
 
 def outbox_entries(peer: Peer, status: str | None = None):
