@@ -1,3 +1,4 @@
+import faulthandler
 import os
 import signal
 from pathlib import Path
@@ -72,6 +73,13 @@ def _tracing_flush(**kwargs):
     from kite import tracing
 
     tracing.flush(timeout_millis=1000)  # a collector that is away holds up no shutdown
+
+
+@worker_process_init.connect
+def _pool_process_dumps_stacks(**kwargs):
+    """SIGUSR1 prints every thread's stack to stderr, as Celery's handler does in the worker process:
+    runkite sends it to a worker (and its pool processes) that did not stop in its grace time."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 @worker_process_init.connect

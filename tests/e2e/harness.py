@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 KITE_CLI = Path(sys.executable).with_name("kite")  # the console script users run
 PG_ADMIN_URL = "postgres://postgres@127.0.0.1:55432/postgres"
 START_SECONDS = 60
-STOP_SECONDS = 12  # runkite itself SIGKILLs a child after 10 s, and says so in its log
+STOP_SECONDS = 18  # runkite itself SIGKILLs a child after 15 s (STOP_GRACE_SECONDS), and says so in its log
 # Variables of the test run that must not leak into a Kite under test.
 _SCRUBBED = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "SECRET_KEY")
 

@@ -136,6 +136,42 @@ def test_only_a_stop_signal_stops_everything_and_runkite_then_exits_0(signum):
     assert "web" not in err and "did not stop" not in err
 
 
+STUCK_WORKER = textwrap.dedent("""
+    import faulthandler, os, signal, subprocess, sys, time
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a warm shutdown that never ends
+    if len(sys.argv) == 1:
+        pool = subprocess.Popen([sys.executable, __file__, "pool"])
+    def held_in_the_parent(): time.sleep(60)
+    def held_in_the_pool(): time.sleep(60)
+    print("ready", flush=True)
+    held_in_the_pool() if len(sys.argv) > 1 else held_in_the_parent()
+""")
+
+
+def test_a_child_that_does_not_stop_in_its_grace_says_where_it_is_stuck_before_it_is_killed(tmp_path, monkeypatch, capfd):
+    """A worker whose shutdown hangs: before runkite kills it, it and its pool processes print every
+    thread's stack (SIGUSR1: Celery's handler in the worker, faulthandler in the pool: kite.celery)."""
+    from kite.management.commands import runkite
+
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_WORKER)
+    monkeypatch.setattr(runkite, "STOP_GRACE_SECONDS", 1)
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert [worker.stdout.readline(), worker.stdout.readline()] == ["ready\n"] * 2  # both have their handler
+    pool = runkite.children_of(worker.pid)
+    assert len(pool) == 1
+
+    runkite.stop_all({"worker": worker})
+
+    assert worker.returncode == -signal.SIGKILL
+    err = capfd.readouterr().err
+    assert "kite: worker did not stop in 1 s; killing it" in err
+    assert "in held_in_the_parent" in err and "in held_in_the_pool" in err, err
+    for pid in pool:
+        os.kill(pid, signal.SIGKILL)
+
+
 # --- liveness files: what the compose health checks read (kite/celery.py) -----------------------------
 
 

@@ -22,7 +22,10 @@ from django.core.management.base import BaseCommand, CommandError
 
 from kite import crypto, instance_env, lifeline, pooling, tls
 
-STOP_GRACE_SECONDS = 10
+# A worker's warm shutdown waits for its running tasks, and a delivery in flight to a peer that
+# accepted the connection but does not answer ends at its read timeout (federation.client, 10 s).
+STOP_GRACE_SECONDS = 15
+DUMP_SIGNAL = {"worker": signal.SIGUSR1}  # a child that says where it is stuck before it is killed (kite.celery)
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 STABLE_SECONDS = 60.0  # up this long, a child is healthy again: its next exit restarts after the first delay
@@ -182,7 +185,7 @@ class Supervisor:
         child.process, child.restart_at = None, now + delay
 
     def stop(self) -> None:
-        _stop_all({child.name: child.process for child in self.children if child.process is not None})
+        stop_all({child.name: child.process for child in self.children if child.process is not None})
 
 
 def _say(message: str) -> None:
@@ -206,7 +209,7 @@ def supervise(commands: dict[str, list[str]], env: dict, **delays) -> int:
     return 0
 
 
-def _stop_all(children: dict[str, subprocess.Popen]) -> None:
+def stop_all(children: dict[str, subprocess.Popen]) -> None:
     for child in children.values():
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -215,6 +218,26 @@ def _stop_all(children: dict[str, subprocess.Popen]) -> None:
         try:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"kite: {name} did not stop in {STOP_GRACE_SECONDS} s; killing it", file=sys.stderr)
+            print(f"kite: {name} did not stop in {STOP_GRACE_SECONDS} s; killing it", file=sys.stderr, flush=True)
+            if name in DUMP_SIGNAL:
+                dump_stacks(child.pid, DUMP_SIGNAL[name])
             child.kill()
             child.wait()
+
+
+def dump_stacks(pid: int, signum: int) -> None:
+    """Have a process and its own children print every thread's stack to the log (Celery's SIGUSR1
+    handler in the worker, faulthandler in its pool processes), so a stop that had to kill says why."""
+    for target in (pid, *children_of(pid)):
+        try:
+            os.kill(target, signum)
+        except OSError:
+            pass
+    time.sleep(1.0)
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []  # not Linux, or gone: the dump is a diagnostic only
