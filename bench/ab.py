@@ -10,11 +10,11 @@ bench/RESULTS.md.
 
     .venv/bin/python bench/ab.py --variant prod --variant 'gunicorn:server=gunicorn'
     .venv/bin/python bench/ab.py --variant prod \\
-        --variant 'before:app=kite.bench.experiment:application;patch=orm-source,per-event-broadcast'
+        --variant 'before:app=bench.experiment:application;patch=orm-source,per-event-broadcast'
 
 A variant is `label[:key=value;key=value…]` with keys server (uvicorn|gunicorn),
-app (an ASGI app, e.g. kite.bench.experiment:application), patch
-(KITE_BENCH_PATCH, see kite/bench/experiment.py), workers, threads, tree (a
+app (an ASGI app, e.g. bench.experiment:application), patch
+(KITE_BENCH_PATCH, see bench/experiment.py), workers, threads, tree (a
 checkout of another revision, e.g. from `git worktree add`, whose code the web
 server runs: an A/B of two revisions), and env.NAME for any other environment
 variable.

@@ -647,7 +647,7 @@ def report(args, dep, facts, closed, opened, verified, started, finished) -> str
         "payment_intent.succeeded bodies, each with a unique event id and a valid Stripe-Signature made for its "
         "round: source (this process's copy) → signature check → CloudEvent → one autocommit statement: dedup INSERT "
         "guarded by the source row's version and the team's routes version → broadcast → metrics. "
-        "**bare**: `POST /bench/bare/{team}/…` (kite/bench/views.py): same body, same server and middleware, "
+        "**bare**: `POST /bench/bare/{team}/…` (kite/bench_endpoints.py): same body, same server and middleware, "
         "the same INSERT into ingest_event as one autocommit statement, nothing else"
         + (". **noop**: `/bench/noop`, no database." if "noop" in names else "."),
         f"- Closed loop: `wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s` per endpoint, "

@@ -5,7 +5,7 @@ app runs in a thread; a plain response goes back to the loop whole and is sent
 from there. Only a streaming response (FileResponse from WhiteNoise,
 StreamingHttpResponse) hops to the loop once per chunk. a2wsgi, which served
 HTTP before, hops for the body, the response start, each chunk and the end; the
-one-hop experiment (kite/bench/experiment.py then) served +43 % Stripe webhooks/s
+one-hop experiment (then a patch in bench/experiment.py) served +43 % Stripe webhooks/s
 in bench/RESULTS.md's 18:45 A/B.
 
 A body larger than `max_body` is left to the app to refuse: what was not read

@@ -414,6 +414,13 @@ LOGGING = {
 }
 
 KITE_BENCH_ENDPOINTS = _bool("KITE_BENCH_ENDPOINTS", False)
+if KITE_BENCH_ENDPOINTS:  # at every start of every process; logging is not set up yet: Python's last resort, stderr
+    import logging as _logging
+
+    _logging.getLogger("kite.settings").warning(
+        "KITE_BENCH_ENDPOINTS is on: /bench/bare/{team}/{source} stores events for any team with no signature "
+        "check (benchmark baselines, kite/bench_endpoints.py). Never on an instance anyone else can reach."
+    )
 
 try:
     from importlib.metadata import version as _package_version

@@ -35,7 +35,7 @@ urlpatterns = [
 ]
 
 if settings.KITE_BENCH_ENDPOINTS:
-    urlpatterns.append(path("bench/", include("kite.bench.urls")))
+    urlpatterns.append(path("bench/", include("kite.bench_endpoints")))  # baselines of bench/ingest.py
 
 handler400 = "kite.errors.handler400"
 handler404 = "kite.errors.handler404"

@@ -1,17 +1,26 @@
-"""Baseline endpoints for bench/ingest.py (mounted only with KITE_BENCH_ENDPOINTS=on).
+"""Baseline endpoints for bench/ingest.py, mounted at /bench/ only with KITE_BENCH_ENDPOINTS=on
+(kite/urls.py; off by default, and kite/settings.py warns at every start when it is on).
 
 `bare` is the physical ceiling of the ingest database path on the same serving
 stack: the same Django process, middleware and connection handling, and the
 same INSERT into ingest_event as a real webhook, as one statement in its own
 transaction (autocommit: one round trip, like a real webhook of a team without
 peers) through the same prepared INSERT (kite.fastsql) — but no source lookup,
-no signature check, no CloudEvent conversion, no broadcast and no metrics. `noop` is the ceiling of the serving stack alone (no database).
+no signature check, no CloudEvent conversion, no broadcast and no metrics.
+`noop` is the ceiling of the serving stack alone (no database). Neither asks
+who is calling: benchmark baselines, never for an instance anyone can reach.
+
+Plain views here rather than in bench/: a baseline has to be served by the very
+stack it is the ceiling of (the settings, URLconf and middleware `runkite`
+serves), and bench/ingest.py also serves other checkouts (`--tree`), which
+mount it the same way.
 """
 
 import threading
 import uuid
 
 from django.http import HttpResponseNotAllowed, JsonResponse
+from django.urls import path
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
@@ -59,3 +68,9 @@ def bare(request, team_id: str, source: str):
 @csrf_exempt
 def noop(request):
     return JsonResponse({"ok": True}, status=202)
+
+
+urlpatterns = [
+    path("bare/<str:team_id>/<str:source>", bare),
+    path("noop", noop),
+]

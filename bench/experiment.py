@@ -3,7 +3,13 @@
 Used by bench/ab.py to measure a tuning idea (or the state before one) against
 production on the same deployment, e.g.:
 
-    .venv/bin/python bench/ab.py --variant prod --variant 'before:patch=orm-source,per-event-broadcast'
+    .venv/bin/python bench/ab.py --variant prod \
+        --variant 'before:app=bench.experiment:application;patch=orm-source,per-event-broadcast'
+
+The web server imports it as `bench.experiment` from its working directory, the
+checkout it serves (bench/ingest.py starts it there; `bench` is a namespace
+package: no __init__.py). It patches Kite's modules in that server process only;
+nothing in the kite package knows of it.
 
 Patches (comma-separated):
   orm-source           the hook's source lookup through the ORM (as before the raw query)
