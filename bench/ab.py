@@ -23,17 +23,15 @@ variable.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import shlex
 import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).with_name("ingest.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+import common
+
+bench = common.load("ingest")
 
 
 def parse_variant(text: str) -> dict:
@@ -64,14 +62,10 @@ def deployment_args(args, variant: dict) -> argparse.Namespace:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--variant", action="append", required=True)
     parser.add_argument("--endpoints", default="stripe,bare", help="comma-separated: stripe, bare, noop")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=8)
-    parser.add_argument("--warmup", type=float, default=2)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--wrk-threads", type=int, default=2)
+    common.wrk_arguments(parser, rounds=3, duration=8, warmup=2)
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--pg-port", type=int, default=55532)
     parser.add_argument("--redis-port", type=int, default=56479)
@@ -127,7 +121,7 @@ def main() -> int:
         table = render(args, variants, deployments, endpoints, results, load_before, busy_before, load_after, started)
         print(table)
         if args.section:
-            bench.write_results(table, args.section)
+            common.write_results(table, args.section)
         return 0
     except KeyboardInterrupt:
         return 130
@@ -135,14 +129,14 @@ def main() -> int:
         for dep in deployments[::-1]:
             if dep is not first:
                 dep.data_dir = Path("/nonexistent")  # shared with the first: removed once, by it
-                dep.services_started = False
+                dep.services.started = False
             dep.stop()
 
 
 def render(args, variants, deployments, endpoints, results, load_before, busy_before, load_after, started) -> str:
     med = statistics.median
-    start, end = bench.markers(args.section or "ab")
-    command = "cd " + str(bench.ROOT) + " && " + shlex.join([".venv/bin/python", "bench/ab.py", *sys.argv[1:]])
+    start, end = common.markers(args.section or "ab")
+    command = common.command("ab.py")
     lines = [
         start,
         f"### {args.title or 'A/B'}: run of {started:%Y-%m-%d %H:%M} UTC",

@@ -37,11 +37,8 @@ CPU per delivered event per process group from /proc. Medians over rounds; ratio
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,20 +47,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
-import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+import common
+
+ROOT = common.ROOT
 sys.path.insert(0, str(ROOT))
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"kitebench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fed = _load("federation")
+fed = common.load("federation")
 from kite import tls  # noqa: E402  (after the path: run as a script from anywhere)
 
 SECTION = "comparator"
@@ -89,25 +80,11 @@ def ensure_venv(path: Path) -> Path:
     return python
 
 
-def cpu_tree(root: int) -> float:
-    """CPU seconds of a process tree: utime + stime + the reaped children's cutime + cstime of
-    every live process in it, so that processes that exited (PostgreSQL backends) still count."""
-    total = 0.0
-    for pid in fed.descendants(root):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(value) for value in fields[11:15]) / fed._TICK
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
 class Compare(fed.Bench):
     def __init__(self, args):
         super().__init__(args)
         self.work = Path(tempfile.mkdtemp(prefix="kite-comparator-"))
-        self.receiver_port = args.port + 2
-        self.receiver: subprocess.Popen | None = None
+        self.receiver = common.Receiver(self.work, args.port + 2, "type")
         self.worker: subprocess.Popen | None = None
         self.redis_url = f"redis://127.0.0.1:{args.redis_port}/3"
         self.cmp_database = f"postgres://postgres@127.0.0.1:{args.pg_port}/kite_comparator"
@@ -116,7 +93,8 @@ class Compare(fed.Bench):
 
     def start(self) -> None:
         super().start()  # services, A and B, A → B federated, first event delivered
-        self.start_receiver()
+        self.receiver.start()
+        self.cert = self.receiver.cert
         answer = self.a.api("POST", "/api/federation/peers", json={
             "name": "sink", "peer_hook_url": f"{self.receiver_url}/hooks/kite", "scopes": ["*"],
             "tls_fingerprint": tls.fingerprint_of_pem(Path(self.cert).read_bytes()),
@@ -127,30 +105,7 @@ class Compare(fed.Bench):
 
     @property
     def receiver_url(self) -> str:
-        return f"https://127.0.0.1:{self.receiver_port}"
-
-    def start_receiver(self) -> None:
-        cert, key = tls.ensure_server_certificate(self.work / "tls", ["127.0.0.1"])
-        self.cert = str(cert)
-        out = open(self.work / "receiver.log", "wb")
-        self.receiver = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "receiver.py"), "--port", str(self.receiver_port), "--cert",
-             str(cert), "--key", str(key), "--key-by", "type"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.stats_session = requests.Session()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                self.stats()
-                return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise SystemExit(f"receiver did not start: {(self.work / 'receiver.log').read_text()}")
-
-    def stats(self) -> dict:
-        answer = self.stats_session.get(f"{self.receiver_url}/_stats", verify=self.cert, timeout=5)
-        return answer.json()["keys"]
+        return self.receiver.url
 
     def comparator_env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in fed._SCRUBBED and not k.startswith("KITE_")}
@@ -170,9 +125,7 @@ class Compare(fed.Bench):
         from celery import Celery
 
         self.python = ensure_venv(Path(self.args.comparator_venv))
-        with psycopg.connect(f"postgres://postgres@127.0.0.1:{self.args.pg_port}/postgres", autocommit=True) as admin:
-            admin.execute('DROP DATABASE IF EXISTS "kite_comparator" WITH (FORCE)')
-            admin.execute('CREATE DATABASE "kite_comparator"')
+        self.services[0].fresh_database("kite_comparator")
         self.services[0].flush_redis(3)
         self.comparator_run("manage.py", "migrate", "-v", "0")
         self.comparator_run("produce.py", "setup", f"{self.receiver_url}/hooks/comparator", "whsec-comparator-bench")
@@ -195,30 +148,18 @@ class Compare(fed.Bench):
         raise SystemExit("comparator worker did not answer a ping within 60 s")
 
     def stop(self) -> None:
-        for process in (self.worker, self.receiver):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+        for process in (self.worker, self.receiver.process):
+            common.stop_process(process)
         super().stop()
         if not self.args.keep_data:
             shutil.rmtree(self.work, ignore_errors=True)
 
     def cpu_snapshot(self) -> dict[str, float]:
         """CPU seconds so far per process group (exited processes included: see cpu_tree)."""
-        groups = {"a": self.a.process.pid, "b": self.b.process.pid, "receiver": self.receiver.pid,
+        groups = {"a": self.a.process.pid, "b": self.b.process.pid, "receiver": self.receiver.process.pid,
                   "comparator": self.worker.pid}  # fmt: skip
-        snapshot = {name: cpu_tree(pid) for name, pid in groups.items()}
-        directory = self.services[0].directory
-        try:
-            snapshot["postgres"] = cpu_tree(int(Path(directory, "pg", "postmaster.pid").read_text().split()[0]))
-            snapshot["redis"] = cpu_tree(int(Path(directory, "redis.pid").read_text().strip()))
-        except (OSError, ValueError, IndexError):
-            snapshot["postgres"] = snapshot["redis"] = 0.0
-        return snapshot
+        snapshot = {name: common.cpu_tree(pid) for name, pid in groups.items()}
+        return snapshot | self.services[0].cpu(reaped=True)
 
     # --- rounds ----------------------------------------------------------------
 
@@ -251,7 +192,7 @@ class Compare(fed.Bench):
     def wait_receiver(self, event_type: str, count: int, released: float, before: dict) -> dict:
         deadline = time.monotonic() + max(120, count / 10)
         while True:
-            entry = self.stats().get(event_type)
+            entry = self.receiver.stats().get(event_type)
             if entry and entry[0] >= count:
                 break
             if time.monotonic() > deadline:
@@ -311,21 +252,12 @@ class Compare(fed.Bench):
 
 
 def report(args, facts, rounds: list[dict], variants, problems, started, finished) -> str:
-    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/comparator.py", *sys.argv[1:]])
-    start, end = markers()
     quiet = facts["loadavg"] < args.quiet_load and not facts["busy"]
     rate = {v: med([r[v]["rate"] for r in rounds]) for v in variants}
     ratio = {v: med([r[v]["rate"] / r["comparator"]["rate"] for r in rounds]) for v in variants}
     lines = [
-        start,
-        f"### Delivery: Kite against django-webhook + Celery: run of {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        "Command (exactly as run):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *common.section_head(SECTION, "Delivery: Kite against django-webhook + Celery", started,
+                             common.command("comparator.py")),
         f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} at the start, "
         f"{facts['loadavg_end']:.2f} at the end; pytest / benchmark processes at the start: {len(facts['busy'])} → "
         f"{'quiet' if quiet else '**NOT quiet**'}. Python {facts['python']}, Django {facts['django']}, Celery "
@@ -388,10 +320,9 @@ def report(args, facts, rounds: list[dict], variants, problems, started, finishe
         f"Run took {(finished - started).seconds} s. Checked every round: the receiver (or B) got exactly the "
         "events queued, none twice; no dead entry at A; every comparator WebhookEvent SUCCESS; the unbatched "
         "rounds stayed unbatched (batch_max NULL after) — "
-        + ("all held." if not problems else "**problems: " + "; ".join(problems) + "**"),
-        end,
+        + common.held(problems),
     ]
-    return "\n".join(lines)
+    return common.section_text(lines, SECTION)
 
 
 CPU_GROUPS = ("a", "b", "comparator", "receiver", "postgres", "redis")
@@ -404,23 +335,15 @@ PATH_GROUPS = {  # the process groups each variant's deliveries run through
 
 
 def kite_settings(bench: Compare) -> dict:
-    code = ("import django; django.setup(); from django.conf import settings as s; "
-            "print(s.KITE_OUTBOX_IN_FLIGHT, s.KITE_WEB_DELIVERY)")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                          env={**bench.a.env, "DJANGO_SETTINGS_MODULE": "kite.settings"})  # fmt: skip
-    in_flight, web_delivery = done.stdout.split()[-2:]
+    in_flight, web_delivery = common.kite_settings(bench.a.env, "s.KITE_OUTBOX_IN_FLIGHT", "s.KITE_WEB_DELIVERY")[-2:]
     return {"in_flight": in_flight, "web_delivery": "on" if web_delivery == "True" else "off"}
-
-
-def markers() -> tuple[str, str]:
-    return f"<!-- bench:{SECTION}:start -->", f"<!-- bench:{SECTION}:end -->"
 
 
 # --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--events", type=int, default=3000, help="events per round and variant")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS),
@@ -428,17 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the ratios)")  # fmt: skip
     parser.add_argument("--comparator-venv", default="/tmp/kite-comparator-venv",
                         help="the comparator's venv; created with pip when missing")  # fmt: skip
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for A and B")
-    parser.add_argument("--port", type=int, default=18630, help="A's port; B's is the next, the receiver's the one after")
-    parser.add_argument("--pg-port", type=int, default=25652)
-    parser.add_argument("--redis-port", type=int, default=26652)
-    parser.add_argument("--services-dir", default="/tmp/kite-comparator-services")
-    parser.add_argument("--keep-services", action="store_true")
+    common.service_arguments(parser, port=18630, pg_port=25652, redis_port=26652, env="extra environment for A and B",
+                             services_dir="/tmp/kite-comparator-services",
+                             port_help="A's port; B's is the next, the receiver's the one after")  # fmt: skip
     parser.add_argument("--keep-data", action="store_true")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="first wait up to this long for a quiet machine")  # fmt: skip
-    parser.add_argument("--quiet-load", type=float, default=1.0)
+    common.output_arguments(parser, quiet_load=1.0)
     return parser
 
 
@@ -449,41 +366,31 @@ def main(argv=None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown or "comparator" not in variants:
         raise SystemExit(f"--variants: unknown {sorted(unknown)} or no comparator")
-    waited_from = time.monotonic()
-    if args.wait_quiet:
-        fed.wait_until_quiet(args.wait_quiet, args.quiet_load)
-    initial = {"loadavg": os.getloadavg()[0], "busy": fed.others_busy(), "waited": time.monotonic() - waited_from}
-    started = datetime.now(timezone.utc)
+    initial = fed.at_start(args)
     bench = Compare(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return common.run_main(lambda: measure(args, bench, variants, initial), bench.stop, log,
+                           "stopping the comparator, the receiver, A, B and the services")
+
+
+def measure(args, bench: Compare, variants: list[str], initial: dict) -> int:
+    started = datetime.now(timezone.utc)
     rounds = []
-    try:
-        bench.start()
-        facts = fed.machine_facts(bench) | initial | kite_settings(bench)
-        for v in variants:  # warm-up, discarded: connections, caches, the worker's first tasks
-            bench.round(v, min(100, args.events), f"warm{v.replace('-', '')}")
-        for i in range(args.rounds):
-            order = variants[i % len(variants):] + variants[: i % len(variants)]
-            results = {}
-            for v in order:
-                results[v] = r = bench.round(v, args.events, f"r{i + 1}{v.replace('-', '')}")
-                log(f"r{i + 1} {v}: {args.events} in {r['seconds']:.2f} s = {r['rate']:.0f}/s (steady "
-                    f"{r['steady_rate']:.0f}/s, first after {r['first_after']:.2f} s); CPU µs/event "
-                    + " ".join(f"{k} {x:.0f}" for k, x in r["cpu_us"].items()))  # fmt: skip
-            rounds.append(results)
-        facts["loadavg_end"] = os.getloadavg()[0]
-        section = report(args, facts, rounds, variants, bench.problems, started, datetime.now(timezone.utc))
-        print(section)
-        if not args.no_write:
-            fed.write_results(section, markers())
-            log(f"written to {fed.RESULTS}")
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("stopping the comparator, the receiver, A, B and the services")
-        bench.stop()
+    bench.start()
+    facts = fed.machine_facts(bench) | initial | kite_settings(bench)
+    for v in variants:  # warm-up, discarded: connections, caches, the worker's first tasks
+        bench.round(v, min(100, args.events), f"warm{v.replace('-', '')}")
+    for i in range(args.rounds):
+        order = variants[i % len(variants):] + variants[: i % len(variants)]
+        results = {}
+        for v in order:
+            results[v] = r = bench.round(v, args.events, f"r{i + 1}{v.replace('-', '')}")
+            log(f"r{i + 1} {v}: {args.events} in {r['seconds']:.2f} s = {r['rate']:.0f}/s (steady "
+                f"{r['steady_rate']:.0f}/s, first after {r['first_after']:.2f} s); CPU µs/event "
+                + " ".join(f"{k} {x:.0f}" for k, x in r["cpu_us"].items()))  # fmt: skip
+        rounds.append(results)
+    facts["loadavg_end"] = os.getloadavg()[0]
+    section = report(args, facts, rounds, variants, bench.problems, started, datetime.now(timezone.utc))
+    return common.publish(section, SECTION, not args.no_write, log)
 
 
 if __name__ == "__main__":

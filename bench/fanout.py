@@ -34,12 +34,9 @@ one event per POST).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -49,20 +46,13 @@ from pathlib import Path
 import psycopg
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+import common
+
+ROOT = common.ROOT
 sys.path.insert(0, str(ROOT))
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"kitebench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ing = _load("ingest")
-cmp = _load("comparator")  # cpu_tree
-fed = cmp.fed
+ing = common.load("ingest")
+fed = common.load("federation")
 from kite import tls  # noqa: E402
 
 SECTION = "fanout"
@@ -86,7 +76,7 @@ class Fanout:
                      "env"):  # fmt: skip
             setattr(dep_args, name, getattr(args, name))
         self.dep = ing.Deployment(dep_args)
-        self.receiver: subprocess.Popen | None = None
+        self.receiver = common.Receiver(self.dep.work_dir, args.receiver_port, "id")
         self.celery: dict[str, subprocess.Popen] = {}
         self.problems: list[str] = []
 
@@ -95,7 +85,8 @@ class Fanout:
     def start(self) -> None:
         self.dep.start()
         self.db = psycopg.connect(self.dep.database_url, autocommit=True)
-        self.start_receiver()
+        self.receiver.start()
+        self.cert, self.receiver_url = self.receiver.cert, self.receiver.url
         fingerprint = tls.fingerprint_of_pem(Path(self.cert).read_bytes())
         started = time.monotonic()
         for i in range(self.args.peers):
@@ -107,28 +98,8 @@ class Fanout:
         self.peers_seconds = time.monotonic() - started
         log(f"{self.args.peers} peers made through the API in {self.peers_seconds:.1f} s")
 
-    def start_receiver(self) -> None:
-        cert, key = tls.ensure_server_certificate(self.dep.work_dir / "tls", ["127.0.0.1"])
-        self.cert = str(cert)
-        self.receiver_url = f"https://127.0.0.1:{self.args.receiver_port}"
-        out = open(self.dep.work_dir / "receiver.log", "wb")
-        self.receiver = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "receiver.py"), "--port", str(self.args.receiver_port), "--cert",
-             str(cert), "--key", str(key), "--key-by", "id"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.stats_session = requests.Session()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                self.stats()
-                return
-            except requests.RequestException:
-                time.sleep(0.1)
-        raise SystemExit(f"receiver did not start: {(self.dep.work_dir / 'receiver.log').read_text()}")
-
     def stats(self) -> dict:
-        return self.stats_session.get(f"{self.receiver_url}/_stats", verify=self.cert, timeout=5).json()["keys"]
+        return self.receiver.stats()
 
     def start_celery(self) -> None:
         env = {**self.dep.env, "PROMETHEUS_MULTIPROC_DIR": str(self.dep.data_dir / "metrics")}
@@ -153,14 +124,8 @@ class Fanout:
         log(f"worker (concurrency {self.args.concurrency}) and beat up")
 
     def stop(self) -> None:
-        for process in [*self.celery.values(), self.receiver]:
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+        for process in [*self.celery.values(), self.receiver.process]:
+            common.stop_process(process)
         self.dep.stop()
 
     # --- helpers -------------------------------------------------------------------
@@ -189,16 +154,10 @@ class Fanout:
         return entries
 
     def cpu(self) -> dict[str, float]:
-        groups = {"web": self.dep.web.pid, "receiver": self.receiver.pid,
+        groups = {"web": self.dep.web.pid, "receiver": self.receiver.process.pid,
                   **{name: p.pid for name, p in self.celery.items()}}  # fmt: skip
-        snapshot = {name: cmp.cpu_tree(pid) for name, pid in groups.items()}
-        try:
-            postmaster = int(Path(self.args.services_dir, "pg", "postmaster.pid").read_text().split()[0])
-            snapshot["postgres"] = cmp.cpu_tree(postmaster)
-            snapshot["redis"] = cmp.cpu_tree(int(Path(self.args.services_dir, "redis.pid").read_text()))
-        except (OSError, ValueError, IndexError):
-            pass
-        return snapshot
+        snapshot = {name: common.cpu_tree(pid) for name, pid in groups.items()}
+        return snapshot | self.dep.services.cpu(reaped=True)
 
     # --- 1. ingest ---------------------------------------------------------------------
 
@@ -339,13 +298,15 @@ for rnd in range(3):
         receive(5)
         out["wall_ms"].setdefault(name, []).append(receive(count))
 out["wall_ms"] = {k: sorted(v)[len(v) // 2] for k, v in out["wall_ms"].items()}
-set_peers("peer", ["stripe.*"])
-receive(5)
-profiler = cProfile.Profile()
-profiler.enable()
-receive(count)
-profiler.disable()
-stats = pstats.Stats(profiler)
+def profiled(role, scopes):
+    set_peers(role, scopes)
+    receive(5)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    receive(count)
+    profiler.disable()
+    return pstats.Stats(profiler)
+stats = profiled("peer", ["stripe.*"])
 def cum(name, file_part, caller=None):
     total = 0.0
     for (path, line, func), (cc, nc, tt, ct, callers) in stats.stats.items():
@@ -368,13 +329,7 @@ rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])
 out["top"] = [f"{ct * 1000 / count:8.2f} ms  {nc / count:6.0f} calls  {os.path.relpath(path) if path.startswith('/') else path}:{line} {func}"
               for (path, line, func), (cc, nc, tt, ct, callers) in rows[:30]]
 # Routing alone: the 200-peer loop when no scope matches (every peer dropped and counted).
-set_peers("peer", ["nothing.here.*"])
-receive(5)
-profiler = cProfile.Profile()
-profiler.enable()
-receive(count)
-profiler.disable()
-stats = pstats.Stats(profiler)
+stats = profiled("peer", ["nothing.here.*"])
 out["none_matching_ms"] = {
     "webhook_receive (profiled)": cum("webhook_receive", "ingest/services.py"),
     "route_event": cum("route_event", "federation/outbox.py"),
@@ -465,19 +420,9 @@ print(json.dumps(out))
 
 def report(args, facts, bench: Fanout, ingest: list[dict], profile: dict | None, latency: list[dict],
            started, finished) -> str:  # fmt: skip
-    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/fanout.py", *sys.argv[1:]])
-    start, end = markers()
     quiet = facts["loadavg"] < args.quiet_load and not facts["busy"]
     lines = [
-        start,
-        f"### Fan-out: one event to 200 peers: run of {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        "Command (exactly as run):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *common.section_head(SECTION, "Fan-out: one event to 200 peers", started, common.command("fanout.py")),
         f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} at the start, "
         f"{facts['loadavg_end']:.2f} at the end; pytest / benchmark processes at the start: {len(facts['busy'])} → "
         f"{'quiet' if quiet else '**NOT quiet**'}. PostgreSQL {facts['postgres']} (fsync={facts['fsync']}, "
@@ -573,22 +518,15 @@ def report(args, facts, bench: Fanout, ingest: list[dict], profile: dict | None,
     lines += [
         f"Run took {(finished - started).seconds} s. Checked: every answer 202; 200 outbox entries per accepted "
         "event with 200 matching peers, none otherwise; every delivery arrived once on its own path; every entry "
-        "delivered — " + ("all held." if not bench.problems else "**problems: " + "; ".join(bench.problems) + "**"),
-        end,
+        "delivered — " + common.held(bench.problems),
     ]
-    return "\n".join(lines)
-
-
-def markers() -> tuple[str, str]:
-    return f"<!-- bench:{SECTION}:start -->", f"<!-- bench:{SECTION}:end -->"
+    return common.section_text(lines, SECTION)
 
 
 def machine_facts(bench: Fanout) -> dict:
     dep = bench.dep
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")  # fmt: skip
     return {
-        "nproc": os.cpu_count(), "cpu": cpu, "web_workers": dep.setting("KITE_WEB_WORKERS"),
+        "nproc": os.cpu_count(), "cpu": common.cpu_model(), "web_workers": dep.setting("KITE_WEB_WORKERS"),
         "wsgi_threads": dep.setting("KITE_WSGI_THREADS"), "postgres": bench.one("SHOW server_version"),
         "fsync": bench.one("SHOW fsync"), "synchronous_commit": bench.one("SHOW synchronous_commit"),
     }  # fmt: skip
@@ -598,90 +536,69 @@ def machine_facts(bench: Fanout) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--peers", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3, help="ingest rounds (each: the three cases)")
-    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
-    parser.add_argument("--warmup", type=float, default=3)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--wrk-threads", type=int, default=2)
+    common.wrk_arguments(parser, rounds=3, duration=10, warmup=3, rounds_help="ingest rounds (each: the three cases)",
+                         duration_help="seconds per wrk run")
     parser.add_argument("--max-rate", type=float, default=4000, help="requests signed per second of a wrk run")
     parser.add_argument("--profile-events", type=int, default=50, help="events per case of the profile (0: skip)")
     parser.add_argument("--latency-rounds", type=int, default=10, help="delivery rounds per case (0: skip)")
     parser.add_argument("--concurrency", type=int, default=2, help="Celery worker concurrency (runkite's default)")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
-    parser.add_argument("--port", type=int, default=18640)
+    common.service_arguments(parser, port=18640, pg_port=25662, redis_port=26662,
+                             services_dir="/tmp/kite-fanout-services", database="kite_fanout")  # fmt: skip
     parser.add_argument("--receiver-port", type=int, default=18641)
-    parser.add_argument("--pg-port", type=int, default=25662)
-    parser.add_argument("--redis-port", type=int, default=26662)
-    parser.add_argument("--services-dir", default="/tmp/kite-fanout-services")
-    parser.add_argument("--database", default="kite_fanout")
-    parser.add_argument("--keep-services", action="store_true")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="first wait up to this long for a quiet machine")  # fmt: skip
-    parser.add_argument("--quiet-load", type=float, default=1.0)
+    common.output_arguments(parser, quiet_load=1.0)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    waited_from = time.monotonic()
-    if args.wait_quiet:
-        fed.wait_until_quiet(args.wait_quiet, args.quiet_load)
-    initial = {"loadavg": os.getloadavg()[0], "busy": fed.others_busy(), "waited": time.monotonic() - waited_from}
-    started = datetime.now(timezone.utc)
+    initial = fed.at_start(args)
     bench = Fanout(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    return common.run_main(lambda: measure(args, bench, initial), bench.stop, log,
+                           "stopping the worker, beat, the receiver, web and the services")
+
+
+def measure(args, bench: Fanout, initial: dict) -> int:
+    started = datetime.now(timezone.utc)
     ingest, profile, latency = [], None, []
-    try:
-        bench.start()
-        facts = machine_facts(bench) | initial
-        requests_ = ing.Requests(bench.dep.secret, run_id=started.strftime("%H%M%S"))
-        for variant in INGEST_VARIANTS:  # warm-up, discarded
-            bench.ingest_round(variant, requests_, args.warmup)
-        for i in range(args.rounds):
-            order = INGEST_VARIANTS[i % 3:] + INGEST_VARIANTS[: i % 3]
-            results = {v: bench.ingest_round(v, requests_, args.duration) for v in order}
-            ingest.append(results)
-            log(f"ingest r{i + 1}: " + "; ".join(
-                f"{v} {r['rate']:.0f}/s p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms web {r['cpu_us']['web']:.0f} µs"
-                for v, r in results.items()))  # fmt: skip
-        if args.profile_events:
-            profile = bench.profile()
-            bench.empty_outbox()
-            log("profile, ms per event: " + json.dumps(profile["wall_ms"]) + " " + json.dumps(profile["per_event_ms"]))
-            log("profile, top by cumulative time (200 matching peers):\n" + "\n".join(profile["top"]))
-            log("profile, none matching: " + json.dumps(profile["none_matching_ms"]) + "; parts: "
-                + json.dumps(profile["parts_ms"]))
-            log("profile, worker side: " + json.dumps(profile["worker"]) + "\n" + "\n".join(profile["worker_top"]))
-        if args.latency_rounds:
-            bench.start_celery()
-            time.sleep(2)
-            for variant in ("200 matching peers", "1 matching peer"):  # warm-up: connections, caches
-                bench.latency_round(variant, requests_, f"warm {variant}")
-            for i in range(args.latency_rounds):
-                for variant in ("200 matching peers", "1 matching peer")[:: 1 if i % 2 == 0 else -1]:
-                    r = bench.latency_round(variant, requests_, f"r{i + 1} {variant}")
-                    r["variant"] = variant
-                    latency.append(r)
-                    log(f"delivery r{i + 1} {variant}: 202 in {r['answer_ms']:.1f} ms; first {r['first_s']:.3f} s, "
-                        f"all {r['all_s']:.3f} s, marked {r['marked_s']:.3f} s; CPU µs/delivery "
-                        + " ".join(f"{k} {v:.0f}" for k, v in r["cpu_us"].items()))  # fmt: skip
-        facts["loadavg_end"] = os.getloadavg()[0]
-        section = report(args, facts, bench, ingest, profile, latency, started, datetime.now(timezone.utc))
-        print(section)
-        if not args.no_write and ingest:
-            fed.write_results(section, markers())
-            log(f"written to {fed.RESULTS}")
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("stopping the worker, beat, the receiver, web and the services")
-        bench.stop()
+    bench.start()
+    facts = machine_facts(bench) | initial
+    requests_ = ing.Requests(bench.dep.secret, run_id=started.strftime("%H%M%S"))
+    for variant in INGEST_VARIANTS:  # warm-up, discarded
+        bench.ingest_round(variant, requests_, args.warmup)
+    for i in range(args.rounds):
+        order = INGEST_VARIANTS[i % 3:] + INGEST_VARIANTS[: i % 3]
+        results = {v: bench.ingest_round(v, requests_, args.duration) for v in order}
+        ingest.append(results)
+        log(f"ingest r{i + 1}: " + "; ".join(
+            f"{v} {r['rate']:.0f}/s p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms web {r['cpu_us']['web']:.0f} µs"
+            for v, r in results.items()))  # fmt: skip
+    if args.profile_events:
+        profile = bench.profile()
+        bench.empty_outbox()
+        log("profile, ms per event: " + json.dumps(profile["wall_ms"]) + " " + json.dumps(profile["per_event_ms"]))
+        log("profile, top by cumulative time (200 matching peers):\n" + "\n".join(profile["top"]))
+        log("profile, none matching: " + json.dumps(profile["none_matching_ms"]) + "; parts: "
+            + json.dumps(profile["parts_ms"]))
+        log("profile, worker side: " + json.dumps(profile["worker"]) + "\n" + "\n".join(profile["worker_top"]))
+    if args.latency_rounds:
+        bench.start_celery()
+        time.sleep(2)
+        for variant in ("200 matching peers", "1 matching peer"):  # warm-up: connections, caches
+            bench.latency_round(variant, requests_, f"warm {variant}")
+        for i in range(args.latency_rounds):
+            for variant in ("200 matching peers", "1 matching peer")[:: 1 if i % 2 == 0 else -1]:
+                r = bench.latency_round(variant, requests_, f"r{i + 1} {variant}")
+                r["variant"] = variant
+                latency.append(r)
+                log(f"delivery r{i + 1} {variant}: 202 in {r['answer_ms']:.1f} ms; first {r['first_s']:.3f} s, "
+                    f"all {r['all_s']:.3f} s, marked {r['marked_s']:.3f} s; CPU µs/delivery "
+                    + " ".join(f"{k} {v:.0f}" for k, v in r["cpu_us"].items()))  # fmt: skip
+    facts["loadavg_end"] = os.getloadavg()[0]
+    section = report(args, facts, bench, ingest, profile, latency, started, datetime.now(timezone.utc))
+    return common.publish(section, SECTION, not args.no_write and bool(ingest), log)
 
 
 if __name__ == "__main__":

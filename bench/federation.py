@@ -42,10 +42,8 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import secrets
-import shlex
 import shutil
 import signal
 import ssl
@@ -61,29 +59,20 @@ import psycopg
 import requests
 import websockets
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
+import common
+
+ROOT = common.ROOT
+RESULTS = common.RESULTS
 SECTION = "federation"
 SOURCE = "plain"
 PEER_NAME = "b"
 BATCH_MAX = 500  # what B's ping advertises (federation.outbox.BATCH_CAP)
-KEEPALIVE_SECONDS = 4.0  # the generator drops connections idle this long (uvicorn closes them at 5 s)
+BELOW_EPHEMERAL = "below the ephemeral port range (32768+)"
 _SCRUBBED = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "SECRET_KEY", "DJANGO_SETTINGS_MODULE")
 
 
-def log(message: str) -> None:
-    print(f"[fedbench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else float("nan")
-
-
-def pct(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
+log = common.logger("fedbench")
+med, pct = common.med, common.pct
 
 
 def payload(event_id: str, event_type: str) -> bytes:
@@ -104,60 +93,6 @@ def payload(event_id: str, event_type: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _proc_table() -> dict[int, int]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                table[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    return table
-
-
-def descendants(root: int) -> set[int]:
-    table = _proc_table()
-    found, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in table.items():
-            if ppid == parent and pid not in found:
-                found.add(pid)
-                frontier.append(pid)
-    return found
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICK
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 class Instance:
@@ -199,9 +134,7 @@ class Instance:
         return str(self.data_dir / "tls" / "cert.pem")
 
     def create_database(self) -> None:
-        with psycopg.connect(f"postgres://postgres@127.0.0.1:{self.services.pg_port}/postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
-            admin.execute(f'CREATE DATABASE "{self.db_name}"')
+        self.services.fresh_database(self.db_name)
 
     def start(self) -> float:
         """Start runkite; returns the time.time() at which /healthz first answered 200."""
@@ -212,21 +145,8 @@ class Instance:
                 [sys.executable, "manage.py", "runkite"], cwd=ROOT, env=self.env, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"{self.label}: runkite exited with {self.process.returncode}:\n{self.log_tail()}")
-            if os.path.exists(self.cert):
-                try:
-                    answer = requests.get(f"{self.url}/healthz", verify=self.cert, timeout=2)
-                    if answer.status_code == 200:
-                        healthy_at = time.time()
-                        break
-                except requests.RequestException:
-                    pass
-            time.sleep(0.05)
-        else:
-            raise SystemExit(f"{self.label}: no /healthz within 90 s:\n{self.log_tail()}")
+        healthy_at = common.wait_healthy(f"{self.label}: runkite", f"{self.url}/healthz", self.process, timeout=90,
+                                         interval=0.05, log_tail=self.log_tail, verify=self.cert)  # fmt: skip
         if self.db is None:
             self.db = psycopg.connect(self.database_url, autocommit=True)
         self.session = requests.Session()
@@ -247,13 +167,7 @@ class Instance:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # runkite stops web, worker and beat
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        common.stop_process(process)  # runkite stops web, worker and beat
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             try:
@@ -281,7 +195,8 @@ class Instance:
         """The Celery worker's processes (main + prefork children), not beat."""
         if self.process is None:
             return []
-        return sorted(p for p in descendants(self.process.pid) if " worker " in f" {cmdline(p)} " and "celery" in cmdline(p))
+        pids = common.descendants(self.process.pid)
+        return sorted(p for p in pids if " worker " in f" {common.cmdline(p)} " and "celery" in common.cmdline(p))
 
     def close(self) -> None:
         self.stop()
@@ -294,39 +209,18 @@ class Instance:
 # --------------------------------------------------------------------------- setup
 
 
-class Services:
-    """One PostgreSQL + Redis pair started by scripts/services.sh on ports of its own."""
+class Services(common.Services):
+    """One PostgreSQL + Redis pair started by scripts/services.sh on ports of its own; kept with
+    --keep-services, its files with --keep-data."""
 
     def __init__(self, args, pg_port: int, redis_port: int, directory: str):
-        self.args, self.pg_port, self.redis_port, self.directory = args, pg_port, redis_port, directory
         # track_commit_timestamp: B's commit time of each event, read back after a latency round.
-        self.env = dict(os.environ, KITE_TEST_PG_PORT=str(pg_port), KITE_TEST_REDIS_PORT=str(redis_port),
-                        KITE_SERVICES_DIR=directory, KITE_PG_OPTIONS="-c track_commit_timestamp=on")  # fmt: skip
-        self.started = False
-
-    def start(self) -> None:
-        log(f"services: PostgreSQL :{self.pg_port}, Redis :{self.redis_port} in {self.directory}")
-        self.started = True
-        for attempt in range(6):
-            done = subprocess.run(["scripts/services.sh", "start"], cwd=ROOT, env=self.env, capture_output=True,
-                                  text=True)  # fmt: skip
-            if done.returncode == 0:
-                return
-            # The ports lie in the ephemeral range: a client socket in TIME_WAIT on one of them
-            # (some other program's connection) blocks the bind for up to a minute.
-            log(f"services did not start ({done.stdout.strip()} {done.stderr.strip()}); retrying in 15 s")
-            time.sleep(15)
-        raise SystemExit(f"services on :{self.pg_port}/:{self.redis_port} did not start")
-
-    def flush_redis(self, number: int) -> None:
-        subprocess.run(["redis-cli", "-p", str(self.redis_port), "-n", str(number), "flushdb"], check=True,
-                       capture_output=True)  # fmt: skip
+        super().__init__(pg_port, redis_port, directory, log, pg_options="-c track_commit_timestamp=on")
+        self.args = args
 
     def stop(self) -> None:
-        if self.started and not self.args.keep_services:
-            subprocess.run(["scripts/services.sh", "stop"], cwd=ROOT, env=self.env, capture_output=True)
-            if not self.args.keep_data:
-                shutil.rmtree(self.directory, ignore_errors=True)
+        if not self.args.keep_services:
+            super().stop(remove=not self.args.keep_data)
 
 
 class Bench:
@@ -366,18 +260,7 @@ class Bench:
         for kite in (a, b):
             answer = kite.api("POST", "/api/sources", json={"name": SOURCE, "kind": "none"})
             assert answer.status_code == 201, answer.text
-        token = b.api("POST", "/api/federation/tokens", json={"label": "from-a"}).json()["token"]
-        identity = b.api("GET", "/api/federation/identity").json()
-        answer = a.api("POST", "/api/federation/peers", json={
-            "name": PEER_NAME, "peer_hook_url": identity["hook_url"], "outbound_token": token, "scopes": ["*"],
-            "tls_fingerprint": identity["tls_fingerprint"],
-        })  # fmt: skip
-        assert answer.status_code == 201, answer.text
-        self.peer_id = answer.json()["id"]
-        answer = b.api("POST", "/api/federation/trusted-senders", json={"name": "a", "inbound_token": token})
-        assert answer.status_code == 201, answer.text
-        self.hook_a = f"/hooks/{self.team_a}/{SOURCE}"
-        self.hook_b = f"/hooks/{self.team_b}/{SOURCE}"
+        self.federate("from-a", "a")
         # A first event end to end: also the template the SQL backlogs copy.
         self.post(a, self.hook_a, self.next_id("warm"), "com.bench.warm")
         self.wait_stored(["com.bench.warm"], 1, timeout=30)
@@ -386,6 +269,23 @@ class Bench:
             " WHERE e.ce_type = 'com.bench.warm' ORDER BY e.id DESC LIMIT 1"
         )
         log(f"federated A → B (peer {self.peer_id}); first event delivered; batch_max {self.batch_max()}")
+
+    def federate(self, token_label: str, sender_name: str) -> None:
+        """A → B the getting-started way: B makes a token, A adds B as its peer PEER_NAME (scopes ["*"],
+        B's pinned TLS fingerprint), B trusts A as `sender_name`."""
+        a, b = self.a, self.b
+        token = b.api("POST", "/api/federation/tokens", json={"label": token_label}).json()["token"]
+        identity = b.api("GET", "/api/federation/identity").json()
+        answer = a.api("POST", "/api/federation/peers", json={
+            "name": PEER_NAME, "peer_hook_url": identity["hook_url"], "outbound_token": token, "scopes": ["*"],
+            "tls_fingerprint": identity["tls_fingerprint"],
+        })  # fmt: skip
+        assert answer.status_code == 201, answer.text
+        self.peer_id = answer.json()["id"]
+        answer = b.api("POST", "/api/federation/trusted-senders", json={"name": sender_name, "inbound_token": token})
+        assert answer.status_code == 201, answer.text
+        self.hook_a = f"/hooks/{self.team_a}/{SOURCE}"
+        self.hook_b = f"/hooks/{self.team_b}/{SOURCE}"
 
     def stop(self) -> None:
         for kite in (self.b, self.a):
@@ -429,20 +329,11 @@ class Bench:
 
     def cpu_snapshot(self) -> dict[str, float]:
         """CPU seconds used so far by A's and B's processes and by the PostgreSQL server(s)."""
-        snapshot = {kite.label: cpu_seconds(descendants(kite.process.pid)) for kite in (self.a, self.b)}
-        for services, name in zip(self.services, ("postgres", "postgres-b") if len(self.services) > 1 else ("postgres",)):
-            try:
-                postmaster = int(Path(services.directory, "pg", "postmaster.pid").read_text().split()[0])
-                snapshot[name] = cpu_seconds(descendants(postmaster))
-            except (OSError, ValueError, IndexError):
-                snapshot[name] = 0.0
-        redis_pids = set()
-        for services in self.services:
-            try:
-                redis_pids.add(int(Path(services.directory, "redis.pid").read_text().strip()))
-            except (OSError, ValueError):
-                pass
-        snapshot["redis"] = cpu_seconds(redis_pids)
+        snapshot = {kite.label: common.cpu_seconds(common.descendants(kite.process.pid)) for kite in (self.a, self.b)}
+        servers = [services.cpu() for services in self.services]
+        for cpu, name in zip(servers, ("postgres", "postgres-b") if len(self.services) > 1 else ("postgres",)):
+            snapshot[name] = cpu["postgres"]
+        snapshot["redis"] = sum(cpu["redis"] for cpu in servers)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         snapshot["load generator"] = usage.ru_utime + usage.ru_stime
         return snapshot
@@ -536,41 +427,25 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
             arrivals.setdefault(event_id, at)
 
     reader_task = asyncio.create_task(read())
-    idle: list = []  # (reader, writer, perf_counter of last use)
-    opened = 0
+    pool = common.KeepAlive("127.0.0.1", target.port, ssl=target_ctx)
     outcomes: collections.Counter = collections.Counter()
-
-    async def connect():
-        nonlocal opened
-        opened += 1
-        return await asyncio.open_connection("127.0.0.1", target.port, ssl=target_ctx)
-
-    for _ in range(connections):
-        idle.append((*await connect(), time.perf_counter()))
+    await pool.open(connections)
     accepted: dict[str, float] = {}
     intended_at: dict[str, float] = {}
     ingest_ms: list[float] = []
+    count = int(rate * duration)
+    ids = [f"{prefix}-{i:06d}-{secrets.token_hex(2)}" for i in range(count)]
+    raws = [common.raw_post(path, target.port, payload(event_id, event_type), {"Content-Type": "application/json"})
+            for event_id in ids]  # fmt: skip
 
-    async def exchange(reader, writer, raw: bytes) -> int:
-        writer.write(raw)
-        head_bytes = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head_bytes)
-        await reader.readexactly(int(length[1]) if length else 0)
-        return int(head_bytes[9:12])
-
-    async def one(event_id: str, raw: bytes, intended: float):
+    async def one(i: int, intended: float):
+        event_id, raw = ids[i], raws[i]
         for attempt in (1, 2):
-            conn = None
-            while idle and conn is None:  # uvicorn closes keep-alive connections idle for 5 s
-                reader, writer, used = idle.pop()
-                if time.perf_counter() - used < KEEPALIVE_SECONDS and not reader.at_eof():
-                    conn = (reader, writer)
-                else:
-                    writer.close()
+            conn = pool.checkout()
             fresh = conn is None
-            reader, writer = conn or await connect()
+            reader, writer = conn or await pool.connect()
             try:
-                status = await exchange(reader, writer, raw)
+                status = await common.exchange(reader, writer, raw)
             except Exception as exc:
                 writer.close()
                 if fresh or attempt == 2:
@@ -578,7 +453,7 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
                     return
                 continue  # closed under us before it was read: once more on a new connection, as clients do
             now = time.perf_counter()
-            idle.append((reader, writer, now))
+            pool.checkin(reader, writer)
             outcomes[status] += 1
             if status == 202:
                 accepted[event_id] = now
@@ -586,25 +461,7 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
                 ingest_ms.append((now - intended) * 1000)
             return
 
-    count = int(rate * duration)
-    ids = [f"{prefix}-{i:06d}-{secrets.token_hex(2)}" for i in range(count)]
-    raws = []
-    for event_id in ids:
-        body = payload(event_id, event_type)
-        raws.append(
-            (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\nContent-Type: application/json\r\n"
-             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        )  # fmt: skip
-    tasks = []
-    start = time.perf_counter() + 0.05
-    for i, (event_id, raw) in enumerate(zip(ids, raws, strict=True)):
-        intended = start + i / rate
-        delay = intended - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(event_id, raw, intended)))
-    await asyncio.gather(*tasks)
-    sent_seconds = time.perf_counter() - start
+    sent_seconds = await common.at_rate(count, rate, one)
     deadline = time.perf_counter() + 60
     while time.perf_counter() < deadline and not set(accepted) <= set(arrivals):
         await asyncio.sleep(0.05)
@@ -613,8 +470,7 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
     if trace is not None:  # wall-clock times, to line up with timestamps in the databases
         offset = time.time() - time.perf_counter()
         trace.update({i: (accepted[i] + offset, arrivals.get(i, float("nan")) + offset) for i in accepted})
-    for _, writer, _ in idle:
-        writer.close()
+    pool.close()
     latencies = sorted((arrivals[i] - accepted[i]) * 1000 for i in accepted if i in arrivals)
     from_send = sorted((arrivals[i] - intended_at[i]) * 1000 for i in accepted if i in arrivals)
     ingest_ms.sort()
@@ -625,7 +481,7 @@ async def _latency_round(target: Instance, path: str, listener: Instance, ws_sou
         "errors": sum(n for outcome, n in outcomes.items() if outcome != 202),
         "outcomes": dict(outcomes),
         "missing": len(set(accepted) - set(arrivals)),
-        "connections": opened,
+        "connections": pool.opened,
         "p50": pct(latencies, 50),
         "p95": pct(latencies, 95),
         "p99": pct(latencies, 99),
@@ -658,15 +514,9 @@ def latency_round(bench: Bench, kind: str, rate: float, duration: float, tag: st
         args = (bench.a, bench.hook_a, bench.b, "kite", rate, duration, f"com.bench.lat.{tag}", f"lat-{tag}")
     else:  # baseline: B's own ingest → B's listener, no federation
         args = (bench.b, bench.hook_b, bench.b, SOURCE, rate, duration, f"com.bench.local.{tag}", f"loc-{tag}")
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
     cpu_before, started = bench.cpu_snapshot(), time.monotonic()
     accepted: dict = {} if trace is None else trace
-    result = runner(_latency_round(*args, connections=bench.args.connections, trace=accepted))
+    result = common.run_async(_latency_round(*args, connections=bench.args.connections, trace=accepted))
     elapsed = time.monotonic() - started
     cpu_after = bench.cpu_snapshot()
     if kind == "federated":
@@ -883,7 +733,7 @@ def memory_run(bench: Bench, count: int) -> dict:
     samples: list[tuple[float, int, float, dict]] = []  # (t, stored, total RSS, per pid)
 
     def sample(t0: float, after: int):
-        per = {pid: rss_mb(pid) for pid in pids}
+        per = {pid: common.rss_mb(pid) for pid in pids}
         stored = bench.stored_at_b(event_type, after)[0]
         samples.append((time.time() - t0, stored, sum(v for v in per.values() if v), per))
         return stored
@@ -931,7 +781,7 @@ def memory_run(bench: Bench, count: int) -> dict:
         "seconds": done - released,
         "rate": stored / (done - released),
         "pids": pids,
-        "cmdlines": {pid: cmdline(pid)[:80] for pid in pids},
+        "cmdlines": {pid: common.cmdline(pid)[:80] for pid in pids},
         "before": before,
         "at_tenth": at_tenth,
         "peak": peak,
@@ -950,28 +800,14 @@ def memory_run(bench: Bench, count: int) -> dict:
 
 
 def machine_facts(bench: Bench) -> dict:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    versions = subprocess.run(
-        [sys.executable, "-c", "import django, uvicorn, celery, psycopg; "
-         "print(django.get_version(), uvicorn.__version__, celery.__version__, psycopg.__version__)"],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    kite_settings = subprocess.run(
-        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings as s; "
-         "print(s.KITE_WEB_WORKERS, s.KITE_WSGI_THREADS, s.CELERY_WORKER_PREFETCH_MULTIPLIER)"],
-        cwd=ROOT, env={**bench.a.env, "DJANGO_SETTINGS_MODULE": "kite.settings"}, capture_output=True, text=True,
-        check=True,
-    ).stdout.split()  # fmt: skip
+    versions = common.versions("django", "uvicorn", "celery", "psycopg")
+    kite_settings = common.kite_settings(bench.a.env, "s.KITE_WEB_WORKERS", "s.KITE_WSGI_THREADS")
     return {
         "web_workers": kite_settings[0],
         "wsgi_threads": kite_settings[1],
         "separate": len(bench.services) > 1,
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": common.cpu_model(),
         "python": platform.python_version(),
         "django": versions[0],
         "uvicorn": versions[1],
@@ -983,40 +819,34 @@ def machine_facts(bench: Bench) -> dict:
     }
 
 
+BUSY = ("pytest", "bench/ingest.py|bench/ab.py")  # not a quiet machine while one of these runs
+
+
 def others_busy() -> list[str]:
-    found = []
-    for pattern in ("pytest", "bench/ingest.py|bench/ab.py"):
-        out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-        found += [pid for pid in out if int(pid) != os.getpid()]
-    return found
+    return common.others_busy(BUSY)
 
 
 def wait_until_quiet(limit: float, threshold: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        load, busy = os.getloadavg()[0], others_busy()
-        if load < threshold and not busy:
-            log(f"quiet: load {load:.2f}, no pytest or ingest benchmark running")
-            return
-        log(f"waiting for a quiet machine: load {load:.2f}, {len(busy)} pytest/ingest-bench processes")
-        time.sleep(min(30, max(1, deadline - time.monotonic())))
-    log("the machine did not get quiet; measuring anyway (the report says so)")
+    common.wait_until_quiet(limit, log, threshold, BUSY)
 
 
-def markers() -> tuple[str, str]:
-    return f"<!-- bench:{SECTION}:start -->", f"<!-- bench:{SECTION}:end -->"
+def at_start(args) -> dict:
+    """The machine before the run (after waiting for a quiet one, if asked, and how long that took)."""
+    waited_from = time.monotonic()
+    if args.wait_quiet:
+        wait_until_quiet(args.wait_quiet, args.quiet_load)
+    return {"loadavg": os.getloadavg()[0], "busy": others_busy(), "waited": time.monotonic() - waited_from}
 
 
-def write_results(section: str, marks: tuple[str, str] | None = None) -> None:
-    """Put `section` between its markers in bench/RESULTS.md (appended the first time)."""
-    start, end = marks or markers()
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+def pair_arguments(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """A script's own arguments (--wait-quiet and --no-write added) and this script's defaults for the
+    Bench it starts, after waiting for a quiet machine if asked (bench/trust.py, bench/security.py)."""
+    common.output_arguments(parser)
+    own = parser.parse_args(argv)
+    args = build_parser().parse_args(["--no-write"])
+    if own.wait_quiet:
+        wait_until_quiet(own.wait_quiet, args.quiet_load)
+    return own, args
 
 
 def verdict(ok: bool) -> str:
@@ -1024,19 +854,9 @@ def verdict(ok: bool) -> str:
 
 
 def report(args, facts, latency, low, tput, catchup, memory, costs, problems, started, finished) -> str:
-    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/federation.py", *sys.argv[1:]])
-    start, end = markers()
     quiet = (facts["loadavg"] < args.quiet_load and not facts["busy"])
     lines = [
-        start,
-        f"### Federation A → B: run of {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        "Command (exactly as run):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *common.section_head(SECTION, "Federation A → B", started, common.command("federation.py")),
         f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} at the start, "
         f"{facts['loadavg_end']:.2f} at the end; pytest / ingest-benchmark processes at the start: "
         f"{len(facts['busy'])} → {'quiet' if quiet else '**NOT quiet**'}"
@@ -1246,17 +1066,16 @@ def report(args, facts, latency, low, tput, catchup, memory, costs, problems, st
         f"Run took {(finished - started).seconds} s. Checked after every throughput, catch-up and memory round: "
         "B holds exactly the events queued at A (counted per round by event type; B's dedup key rules out a "
         "second copy) and A has no dead entry — "
-        + ("all held." if not problems else "**problems: " + "; ".join(problems) + "**"),
-        end,
+        + common.held(problems),
     ]
-    return "\n".join(lines)
+    return common.section_text(lines, SECTION)
 
 
 # --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--rate", type=float, default=200, help="offered events/s of the latency phase")
     parser.add_argument("--duration", type=float, default=20, help="seconds per federated latency round")
     parser.add_argument("--baseline-duration", type=float, default=10, help="seconds per local-baseline round")
@@ -1272,19 +1091,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-timeout", type=float, default=300)
     parser.add_argument("--phases", default="latency,throughput,costs,catchup,memory")
     parser.add_argument("--quick", action="store_true", help="short trial: 1 round each, small backlogs")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for A and B")
-    parser.add_argument("--port", type=int, default=18610, help="A's port; B's is the next")
-    parser.add_argument("--pg-port", type=int, default=25632, help="below the ephemeral port range (32768+)")
-    parser.add_argument("--redis-port", type=int, default=26579)
-    parser.add_argument("--services-dir", default="/tmp/kite-fedbench-services")
+    common.service_arguments(parser, port=18610, pg_port=25632, redis_port=26579, env="extra environment for A and B",
+                             services_dir="/tmp/kite-fedbench-services", port_help="A's port; B's is the next",
+                             pg_port_help=BELOW_EPHEMERAL)  # fmt: skip
     parser.add_argument("--separate-services", action="store_true",
                         help="B gets a PostgreSQL + Redis of its own (ports +1, dir + '-b') instead of sharing A's")
-    parser.add_argument("--keep-services", action="store_true")
     parser.add_argument("--keep-data", action="store_true", help="keep data dirs and logs (printed)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="first wait up to this long for a quiet machine")  # fmt: skip
-    parser.add_argument("--quiet-load", type=float, default=1.0, help="1-min load average counted as quiet")
+    common.output_arguments(parser, quiet_load=1.0)
     return parser
 
 
@@ -1295,89 +1108,83 @@ def main(argv=None) -> int:
         args.unbatched, args.batched, args.tput_rounds = 300, 2000, 1
         args.catchup, args.catchup_rounds, args.memory = 2000, 1, min(args.memory, 10000)
     phases = set(args.phases.split(","))
-    waited_from = time.monotonic()
-    if args.wait_quiet:
-        wait_until_quiet(args.wait_quiet, args.quiet_load)
-    initial = {"loadavg": os.getloadavg()[0], "busy": others_busy(), "waited": time.monotonic() - waited_from}
-    started = datetime.now(timezone.utc)
+    initial = at_start(args)
     bench = Bench(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    latency, tput, catchup, memory, costs, low = [], [], [], None, None, None
-    try:
-        bench.start()
-        facts = machine_facts(bench) | initial
-        if "latency" in phases:
-            latency_round(bench, "federated", args.rate, 3, "warm")  # warm-up, discarded
-            latency_round(bench, "local", args.rate, 2, "warm")
-            for i in range(args.rounds):
-                pair = {}
-                for kind in ("federated", "local") if i % 2 == 0 else ("local", "federated"):
-                    duration = args.duration if kind == "federated" else args.baseline_duration
-                    pair[kind] = latency_round(bench, kind, args.rate, duration, f"r{i + 1}")
-                    r = pair[kind]
-                    stored = f"stored at B p50 {r['stored_p50']:.1f} p99 {r['stored_p99']:.1f} ms; " if "stored_p50" in r else ""
-                    log(f"latency {kind} r{i + 1}: {stored}listener {r['achieved']:.0f}/s p50 {r['p50']:.1f} p95 {r['p95']:.1f} "
-                        f"p99 {r['p99']:.1f} max {r['max']:.0f} ms; missing {r['missing']}, errors {r['errors']}, "
-                        f"A/B 202 p50 {r['ingest_p50']:.1f} p99 {r['ingest_p99']:.1f} ms")  # fmt: skip
-                latency.append(pair)
-            if args.low_rate:
-                low = {kind: latency_round(bench, kind, args.low_rate, args.baseline_duration, "low")
-                       for kind in ("federated", "local")}  # fmt: skip
-                log(f"latency at {args.low_rate:g}/s: federated p50 {low['federated']['p50']:.1f} p99 "
-                    f"{low['federated']['p99']:.1f} ms, local p50 {low['local']['p50']:.1f} p99 {low['local']['p99']:.1f} ms")
-        if "trace" in phases:
-            for rate in (args.low_rate or 20, args.rate):
-                log(trace_report(bench, rate, args.baseline_duration))
-        if "throughput" in phases:
-            for i in range(args.tput_rounds):
-                pair = {}
-                for batched in (False, True) if i % 2 == 0 else (True, False):
-                    kind = "batched" if batched else "unbatched"
-                    count = args.batched if batched else args.unbatched
-                    pair[kind] = throughput_round(bench, batched, count, f"{kind}{i + 1}")
-                    r = pair[kind]
-                    log(f"throughput {kind} r{i + 1}: {count} in {r['seconds']:.2f} s = {r['rate']:.0f}/s "
-                        f"(steady {r['steady_rate']:.0f}/s, first after {r['first_after']:.2f} s), "
-                        f"batch_max after {r['batch_max_after']}, CPU µs/event "
-                        + " ".join(f"{k} {v:.0f}" for k, v in r["cpu_us"].items()))  # fmt: skip
-                tput.append(pair)
-        if "costs" in phases:
-            costs = batch_store_costs(bench)
-            log("batch store, 500 events, median ms wall / client CPU: "
-                + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in costs.items()))  # fmt: skip
-        if "catchup" in phases:
-            for i in range(args.catchup_rounds):
-                r = catchup_round(bench, args.catchup, f"r{i + 1}")
-                catchup.append(r)
-                log(f"catch-up r{i + 1}: down after {r['posted_until_down']} posts ({r['down_after']:.1f} s); "
-                    f"drained {r['stored']} in {r['drain']:.2f} s after healthy (first after {r['first_after']:.2f} s)")
-        if "memory" in phases and args.memory:
-            memory = memory_run(bench, args.memory)
-            log(f"memory: {memory['stored']} in {memory['seconds']:.1f} s ({memory['rate']:.0f}/s); RSS MB before "
-                f"{memory['before']:.1f}, at 10% {memory['at_tenth']}, peak {memory['peak']:.1f}, end "
-                f"{memory['end']:.1f}; decile rates {[round(r) for r in memory['decile_rates']]}; CPU µs/event "
-                + " ".join(f"{k} {v:.0f}" for k, v in memory["cpu_us"].items()))  # fmt: skip
-            log(f"memory samples (s, stored, MB): {memory['samples']}")
-        depth = bench.outbox_depth()
-        log(f"A's outbox at the end: {depth}")
-        finished = datetime.now(timezone.utc)
-        facts["loadavg_end"] = os.getloadavg()[0]
-        if latency and tput and catchup:
-            section = report(args, facts, latency, low, tput, catchup, memory, costs, bench.problems, started,
-                             finished)  # fmt: skip
-            print(section)
-            if not args.no_write:
-                write_results(section)
-                log(f"written to {RESULTS}")
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
+
+    def stop() -> None:
         if args.keep_data:
             log(f"data dirs: {bench.a.data_dir}, {bench.b.data_dir}")
-        log("stopping A, B and the services")
         bench.stop()
+
+    return common.run_main(lambda: measure(args, bench, phases, initial), stop, log, "stopping A, B and the services")
+
+
+def measure(args, bench: Bench, phases: set[str], initial: dict) -> int:
+    started = datetime.now(timezone.utc)
+    latency, tput, catchup, memory, costs, low = [], [], [], None, None, None
+    bench.start()
+    facts = machine_facts(bench) | initial
+    if "latency" in phases:
+        latency_round(bench, "federated", args.rate, 3, "warm")  # warm-up, discarded
+        latency_round(bench, "local", args.rate, 2, "warm")
+        for i in range(args.rounds):
+            pair = {}
+            for kind in ("federated", "local") if i % 2 == 0 else ("local", "federated"):
+                duration = args.duration if kind == "federated" else args.baseline_duration
+                pair[kind] = latency_round(bench, kind, args.rate, duration, f"r{i + 1}")
+                r = pair[kind]
+                stored = f"stored at B p50 {r['stored_p50']:.1f} p99 {r['stored_p99']:.1f} ms; " if "stored_p50" in r else ""
+                log(f"latency {kind} r{i + 1}: {stored}listener {r['achieved']:.0f}/s p50 {r['p50']:.1f} p95 {r['p95']:.1f} "
+                    f"p99 {r['p99']:.1f} max {r['max']:.0f} ms; missing {r['missing']}, errors {r['errors']}, "
+                    f"A/B 202 p50 {r['ingest_p50']:.1f} p99 {r['ingest_p99']:.1f} ms")  # fmt: skip
+            latency.append(pair)
+        if args.low_rate:
+            low = {kind: latency_round(bench, kind, args.low_rate, args.baseline_duration, "low")
+                   for kind in ("federated", "local")}  # fmt: skip
+            log(f"latency at {args.low_rate:g}/s: federated p50 {low['federated']['p50']:.1f} p99 "
+                f"{low['federated']['p99']:.1f} ms, local p50 {low['local']['p50']:.1f} p99 {low['local']['p99']:.1f} ms")
+    if "trace" in phases:
+        for rate in (args.low_rate or 20, args.rate):
+            log(trace_report(bench, rate, args.baseline_duration))
+    if "throughput" in phases:
+        for i in range(args.tput_rounds):
+            pair = {}
+            for batched in (False, True) if i % 2 == 0 else (True, False):
+                kind = "batched" if batched else "unbatched"
+                count = args.batched if batched else args.unbatched
+                pair[kind] = throughput_round(bench, batched, count, f"{kind}{i + 1}")
+                r = pair[kind]
+                log(f"throughput {kind} r{i + 1}: {count} in {r['seconds']:.2f} s = {r['rate']:.0f}/s "
+                    f"(steady {r['steady_rate']:.0f}/s, first after {r['first_after']:.2f} s), "
+                    f"batch_max after {r['batch_max_after']}, CPU µs/event "
+                    + " ".join(f"{k} {v:.0f}" for k, v in r["cpu_us"].items()))  # fmt: skip
+            tput.append(pair)
+    if "costs" in phases:
+        costs = batch_store_costs(bench)
+        log("batch store, 500 events, median ms wall / client CPU: "
+            + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in costs.items()))  # fmt: skip
+    if "catchup" in phases:
+        for i in range(args.catchup_rounds):
+            r = catchup_round(bench, args.catchup, f"r{i + 1}")
+            catchup.append(r)
+            log(f"catch-up r{i + 1}: down after {r['posted_until_down']} posts ({r['down_after']:.1f} s); "
+                f"drained {r['stored']} in {r['drain']:.2f} s after healthy (first after {r['first_after']:.2f} s)")
+    if "memory" in phases and args.memory:
+        memory = memory_run(bench, args.memory)
+        log(f"memory: {memory['stored']} in {memory['seconds']:.1f} s ({memory['rate']:.0f}/s); RSS MB before "
+            f"{memory['before']:.1f}, at 10% {memory['at_tenth']}, peak {memory['peak']:.1f}, end "
+            f"{memory['end']:.1f}; decile rates {[round(r) for r in memory['decile_rates']]}; CPU µs/event "
+            + " ".join(f"{k} {v:.0f}" for k, v in memory["cpu_us"].items()))  # fmt: skip
+        log(f"memory samples (s, stored, MB): {memory['samples']}")
+    depth = bench.outbox_depth()
+    log(f"A's outbox at the end: {depth}")
+    finished = datetime.now(timezone.utc)
+    facts["loadavg_end"] = os.getloadavg()[0]
+    if latency and tput and catchup:
+        section = report(args, facts, latency, low, tput, catchup, memory, costs, bench.problems, started,
+                         finished)  # fmt: skip
+        return common.publish(section, SECTION, not args.no_write, log)
+    return 0
 
 
 if __name__ == "__main__":

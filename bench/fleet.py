@@ -29,10 +29,8 @@ between the `bench:fleet` markers.
 """
 
 import argparse
-import importlib.util
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -43,15 +41,14 @@ from pathlib import Path
 
 import requests
 
+import common
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("fedbench", ROOT / "bench" / "federation.py")
-fb = importlib.util.module_from_spec(spec)
-sys.modules["fedbench"] = fb
-spec.loader.exec_module(fb)
+fb = common.load("federation")
 log, med, pct, verdict = fb.log, fb.med, fb.pct, fb.verdict
 
 PEERS, AGENTS = 10, 100
-MARKS = ("<!-- bench:fleet:start -->", "<!-- bench:fleet:end -->")
+SECTION = "fleet"
 
 # Run inside P (`manage.py shell -c`): the teams, their agents, their rows for A and grants.
 SETUP_P = """
@@ -195,7 +192,6 @@ def pooled(result: dict, key: str) -> float:
 
 
 def report(args, argv, facts, healthy, holed, snap, problems, started) -> str:
-    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/fleet.py", *argv])
     quiet = facts["loadavg"] < args.quiet_load and not facts["busy"]
 
     def rows(result):
@@ -205,15 +201,7 @@ def report(args, argv, facts, healthy, holed, snap, problems, started) -> str:
     hole_p99 = max(r["p99"] for r in holed["rounds"])
     budget = args.peer_timeout * 1000 + 150
     lines = [
-        MARKS[0],
-        f"### Fleet: run of {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        "Command (exactly as run):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *common.section_head(SECTION, "Fleet", started, common.command("fleet.py", argv)),
         f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} at the start, "
         f"{facts['loadavg_end']:.2f} at the end; pytest / benchmark processes at the start: {len(facts['busy'])} → "
         f"{'quiet' if quiet else '**NOT quiet**'}. Python {facts['python']}, Django {facts['django']}, uvicorn "
@@ -257,29 +245,23 @@ def report(args, argv, facts, healthy, holed, snap, problems, started) -> str:
         "",
         f"Median of the round p50s **{pooled(snap, 'p50'):.1f} ms**; target p50 ≤ 15 ms: "
         f"{verdict(pooled(snap, 'p50') <= 15)}.",
-        MARKS[1],
     ]
-    return "\n".join(lines)
+    return common.section_text(lines, SECTION)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--healthy", type=int, default=100, help="requests per all-healthy round")
     parser.add_argument("--holed", type=int, default=25, help="requests per black-holed round (~2 s each)")
     parser.add_argument("--snapshot", type=int, default=200, help="requests per snapshot-only round")
     parser.add_argument("--peer-timeout", type=float, default=2.0, help="A's KITE_FLEET_PEER_TIMEOUT_SECONDS")
     parser.add_argument("--quick", action="store_true", help="trial: 1 round of each, fewer requests")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for A and P")
-    parser.add_argument("--port", type=int, default=18640, help="A's port; P's is the next")
-    parser.add_argument("--pg-port", type=int, default=25652, help="below the ephemeral port range (32768+)")
-    parser.add_argument("--redis-port", type=int, default=26599)
-    parser.add_argument("--services-dir", default="/tmp/kite-fleetbench-services")
-    parser.add_argument("--keep-services", action="store_true")
+    common.service_arguments(parser, port=18640, pg_port=25652, redis_port=26599, env="extra environment for A and P",
+                             services_dir="/tmp/kite-fleetbench-services", port_help="A's port; P's is the next",
+                             pg_port_help=fb.BELOW_EPHEMERAL)  # fmt: skip
     parser.add_argument("--keep-data", action="store_true")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS")
-    parser.add_argument("--quiet-load", type=float, default=1.0)
+    common.output_arguments(parser, quiet_load=1.0)
     return parser
 
 
@@ -290,35 +272,26 @@ def main(argv=None) -> int:
         args.rounds, args.healthy, args.holed, args.snapshot = 1, 30, 5, 50
     if args.peer_timeout != 2.0:
         args.env.append(f"KITE_FLEET_PEER_TIMEOUT_SECONDS={args.peer_timeout}")
-    if args.wait_quiet:
-        fb.wait_until_quiet(args.wait_quiet, args.quiet_load)
-    initial = {"loadavg": os.getloadavg()[0], "busy": fb.others_busy()}
-    started = datetime.now(timezone.utc)
+    initial = fb.at_start(args)
     bench = FleetBench(args)
-    try:
-        bench.start()
-        facts = fb.machine_facts(bench) | initial
-        session = requests.Session()
-        session.headers["Authorization"] = f"Bearer {bench.a.admin_key}"
-        timed_lists(session, bench, 10, snapshot=False, hole=False)  # warm-up: connections, caches
-        healthy = phase(session, bench, "all healthy", args.rounds, args.healthy, snapshot=False, hole=False)
-        bench.add_black_hole()
-        holed = phase(session, bench, "one black-holed", args.rounds, args.holed, snapshot=False, hole=True)
-        timed_lists(session, bench, 10, snapshot=True, hole=True)
-        snap = phase(session, bench, "snapshot-only", args.rounds, args.snapshot, snapshot=True, hole=True)
-        facts["loadavg_end"] = os.getloadavg()[0]
-        section = report(args, argv, facts, healthy, holed, snap, sorted(set(bench.problems))[:5], started)
-        print(section)
-        if not args.no_write:
-            fb.write_results(section, MARKS)
-            log(f"written to {fb.RESULTS}")
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("stopping A, P and the services")
-        bench.stop()
+    return common.run_main(lambda: measure(args, argv, bench, initial), bench.stop, log, "stopping A, P and the services")
+
+
+def measure(args, argv, bench: FleetBench, initial: dict) -> int:
+    started = datetime.now(timezone.utc)
+    bench.start()
+    facts = fb.machine_facts(bench) | initial
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {bench.a.admin_key}"
+    timed_lists(session, bench, 10, snapshot=False, hole=False)  # warm-up: connections, caches
+    healthy = phase(session, bench, "all healthy", args.rounds, args.healthy, snapshot=False, hole=False)
+    bench.add_black_hole()
+    holed = phase(session, bench, "one black-holed", args.rounds, args.holed, snapshot=False, hole=True)
+    timed_lists(session, bench, 10, snapshot=True, hole=True)
+    snap = phase(session, bench, "snapshot-only", args.rounds, args.snapshot, snapshot=True, hole=True)
+    facts["loadavg_end"] = os.getloadavg()[0]
+    section = report(args, argv, facts, healthy, holed, snap, sorted(set(bench.problems))[:5], started)
+    return common.publish(section, SECTION, not args.no_write, log)
 
 
 if __name__ == "__main__":

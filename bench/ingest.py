@@ -42,19 +42,20 @@ import resource
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
+import common
+
+ROOT = common.ROOT
+RESULTS = common.RESULTS
 SOURCE_NAME = "stripe-bench"
+QUIET = "first wait up to this long for load average < 0.5 and no pytest running"
 
 WRK_LUA = r"""
 local threads = {}
@@ -122,12 +123,8 @@ end
 # --------------------------------------------------------------------------- helpers
 
 
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def run(argv, env=None, capture=False, check=True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, env=env, cwd=ROOT, check=check, text=True, capture_output=capture)
+log = common.logger("bench")
+run = common.run
 
 
 def http_json(method: str, url: str, body=None, token: str | None = None, timeout=10):
@@ -219,16 +216,11 @@ class Requests:
 class Deployment:
     def __init__(self, args):
         self.args = args
-        self.services_env = dict(
-            os.environ,
-            KITE_TEST_PG_PORT=str(args.pg_port),
-            KITE_TEST_REDIS_PORT=str(args.redis_port),
-            KITE_SERVICES_DIR=args.services_dir,
-        )
+        # The ports lie in the ephemeral range: a client socket in TIME-WAIT can hold one for a minute.
+        self.services = common.Services(args.pg_port, args.redis_port, args.services_dir, log, attempts=20, pause=5)
         self.data_dir = Path(tempfile.mkdtemp(prefix="kite-bench-data-"))
         self.work_dir = Path(tempfile.mkdtemp(prefix="kite-bench-work-"))
         self.web: subprocess.Popen | None = None
-        self.services_started = False
         self.base = f"http://127.0.0.1:{args.port}"
         self.database_url = f"postgres://postgres@127.0.0.1:{args.pg_port}/{args.database}"
         self.env = dict(
@@ -253,19 +245,9 @@ class Deployment:
             self.env[key] = value
 
     def start(self):
-        log(f"services: PostgreSQL :{self.args.pg_port}, Redis :{self.args.redis_port} in {self.args.services_dir}")
-        self.services_started = True
-        for attempt in range(20):
-            started = run(["scripts/services.sh", "start"], env=self.services_env, capture=True, check=False)
-            if started.returncode == 0:
-                break
-            # The ports lie in the ephemeral range: a client socket in TIME-WAIT can hold one for a minute.
-            log(f"services did not start (attempt {attempt + 1}): {started.stderr.strip()[-200:]}; retrying in 5 s")
-            time.sleep(5)
-        else:
-            raise SystemExit("scripts/services.sh start kept failing")
-        self._fresh_database()
-        run(["redis-cli", "-p", str(self.args.redis_port), "flushall"], capture=True)
+        self.services.start()
+        self.services.fresh_database(self.args.database)
+        self.services.flush_redis()
         py = sys.executable
         run([py, "manage.py", "migrate", "--verbosity", "0"], env=self.env)
         run([py, "manage.py", "bootstrap"], env=self.env, capture=True)
@@ -284,20 +266,13 @@ class Deployment:
             "noop": "/bench/noop",
         }
 
-    def _fresh_database(self):
-        psql = ["psql", "-h", "127.0.0.1", "-p", str(self.args.pg_port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
-        psql = [shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql", *psql[1:]]
-        db = self.args.database
-        run([*psql, "-q", "-c", f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'], capture=True)
-        run([*psql, "-q", "-c", f'CREATE DATABASE "{db}"'], capture=True)
-        self.psql = [*psql, "-d", db, "-At"]
-
     def setting(self, name: str) -> str:
-        code = f"import django; django.setup(); from django.conf import settings; print(settings.{name})"
-        return run([sys.executable, "-c", code], env=self.env, capture=True).stdout.strip()
+        return common.kite_settings(self.env, f"s.{name}")[0]
 
     def sql(self, query: str) -> str:
-        return run([*self.psql, "-c", query], capture=True).stdout.strip()
+        psql = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
+        argv = [psql, "-h", "127.0.0.1", "-p", str(self.args.pg_port), "-U", "postgres", "-d", self.args.database]
+        return run([*argv, "-v", "ON_ERROR_STOP=1", "-At", "-c", query], capture=True).stdout.strip()
 
     def _web_argv(self) -> list[str]:
         if self.args.server == "uvicorn" and self.args.app == "kite.asgi:application":
@@ -328,79 +303,26 @@ class Deployment:
             argv, env=self.env, cwd=self.args.tree or ROOT, stdout=self.web_log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.web.poll() is not None:
-                raise SystemExit(f"web exited with {self.web.returncode}: {(self.work_dir / 'web.log').read_text()}")
-            try:
-                if http_json("GET", f"{self.base}/healthz", timeout=2)[0] == 200:
-                    return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.2)
-        raise SystemExit("web did not answer /healthz within 60 s")
+        common.wait_healthy("web", f"{self.base}/healthz", self.web, timeout=60, interval=0.2,
+                            log_tail=lambda: (self.work_dir / "web.log").read_text())  # fmt: skip
 
     def stop_web(self):
-        if self.web is not None and self.web.poll() is None:
-            self.web.send_signal(signal.SIGTERM)  # runkite (or uvicorn, gunicorn) stops its workers
-            try:
-                self.web.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.web.pid, signal.SIGKILL)
-                self.web.wait()
+        common.stop_process(self.web, group=False)  # runkite (or uvicorn, gunicorn) stops its workers
         self.web = None
 
     def stop(self):
         self.stop_web()
-        if self.services_started and not self.args.keep_services:
-            run(["scripts/services.sh", "stop"], env=self.services_env, capture=True, check=False)
+        if not self.args.keep_services:
+            self.services.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- CPU accounting
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_table() -> dict[int, tuple[int, float]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
-    return table
-
-
-def _descendants(table, root: int) -> set[int]:
-    found, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, _) in table.items():
-            if ppid == parent and pid not in found:
-                found.add(pid)
-                frontier.append(pid)
-    return found
-
-
 def cpu_snapshot(dep: Deployment) -> dict[str, float]:
     """CPU seconds used so far by the web processes and by the bench's PostgreSQL and Redis."""
-    table = _proc_table()
-    groups = {"web": _descendants(table, dep.web.pid)}
-    try:
-        postmaster = int(Path(dep.args.services_dir, "pg", "postmaster.pid").read_text().split()[0])
-        groups["postgres"] = _descendants(table, postmaster)
-    except (OSError, ValueError, IndexError):
-        groups["postgres"] = set()
-    try:
-        groups["redis"] = {int(Path(dep.args.services_dir, "redis.pid").read_text().strip())}
-    except (OSError, ValueError):
-        groups["redis"] = set()
-    snapshot = {name: sum(table[pid][1] for pid in pids if pid in table) for name, pids in groups.items()}
+    snapshot = {"web": common.cpu_seconds(common.descendants(dep.web.pid)), **dep.services.cpu()}
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     snapshot["loadgen"] = usage.ru_utime + usage.ru_stime
     return snapshot
@@ -452,115 +374,77 @@ def wrk_round(dep: Deployment, requests: Requests, name: str, duration: float, c
 # --------------------------------------------------------------------------- open loop (asyncio)
 
 
-KEEPALIVE_REUSE_SECONDS = 4.0  # uvicorn closes keep-alive connections idle for 5 s
-
-
-async def _open_loop(host, port, raw_requests: list[bytes], rate: float, duration: float, warm: int):
+async def _open_loop(port: int, raw_requests: list[bytes], rate: float, warm: int):
     """Send raw_requests[i] at start + i/rate whatever happened before (open loop), each on an idle
     keep-alive connection or a new one; latency runs from the intended send time."""
-    idle: collections.deque = collections.deque()  # (reader, writer, idle since), most recent last
-    opened = 0
+    pool = common.KeepAlive("127.0.0.1", port)
     latencies: list[float] = []
     statuses: collections.Counter = collections.Counter()
     errors: collections.Counter = collections.Counter()
+    await pool.open(warm)
 
-    async def connect():
-        nonlocal opened
-        opened += 1
-        reader, writer = await asyncio.open_connection(host, port)
-        return reader, writer, time.perf_counter()
-
-    def checkout():
-        while idle:
-            reader, writer, since = idle.pop()
-            if time.perf_counter() - since < KEEPALIVE_REUSE_SECONDS:
-                return reader, writer
-            writer.close()  # the server may be closing it right now
-        return None
-
-    async def exchange(reader, writer, raw: bytes) -> int:
-        writer.write(raw)
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
-        if length is None:
-            raise RuntimeError("response without Content-Length")
-        await reader.readexactly(int(length[1]))
-        return int(head[9:12])
-
-    for _ in range(warm):
-        idle.append(await connect())
-
-    async def one(raw: bytes, intended: float):
-        reused = checkout()
+    async def one(i: int, intended: float):
+        raw = raw_requests[i]
+        reused = pool.checkout()
         try:
-            reader, writer = reused or (await connect())[:2]
+            reader, writer = reused or await pool.connect()
             try:
-                status = await exchange(reader, writer, raw)
+                status = await common.exchange(reader, writer, raw)
             except (asyncio.IncompleteReadError, ConnectionError):
                 if reused is None:
                     raise
                 writer.close()  # a keep-alive connection closed under us: once more on a new one, as clients do
                 errors["retried on a new connection"] += 1
-                reader, writer = (await connect())[:2]
-                status = await exchange(reader, writer, raw)
+                reader, writer = await pool.connect()
+                status = await common.exchange(reader, writer, raw)
         except Exception as exc:
             errors[type(exc).__name__] += 1
             return
         latencies.append(time.perf_counter() - intended)
         statuses[status] += 1
-        idle.append((reader, writer, time.perf_counter()))
+        pool.checkin(reader, writer)
 
-    tasks = []
-    count = int(rate * duration)
-    start = time.perf_counter() + 0.05  # not loop.time(): uvloop's clock has 1 ms steps
-    for i in range(count):
-        intended = start + i / rate
-        delay = intended - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(raw_requests[i], intended)))
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - start
-    for _, writer, _ in idle:
-        writer.close()
-    return latencies, statuses, errors, opened, elapsed
+    elapsed = await common.at_rate(len(raw_requests), rate, one)
+    pool.close()
+    return latencies, statuses, errors, pool.opened, elapsed
+
+
+def signed_requests(dep: Deployment, requests: Requests, name: str, count: int) -> list[bytes]:
+    """`count` freshly signed webhooks for endpoint `name`, as raw HTTP/1.1 requests."""
+    return [
+        common.raw_post(dep.paths[name], dep.args.port, body,
+                        {"Content-Type": "application/json", "Stripe-Signature": signature})
+        for signature, body in requests.batch(count)
+    ]  # fmt: skip
+
+
+def open_loop(dep: Deployment, raws: list[bytes], rate: float):
+    """(latencies in s, sorted; statuses; errors; connections opened; elapsed s) of one open-loop run."""
+    latencies, statuses, errors, opened, elapsed = common.run_async(
+        _open_loop(dep.args.port, raws, rate, dep.args.connections)
+    )
+    return sorted(latencies), statuses, errors, opened, elapsed
+
+
+def not_accepted(statuses, errors) -> int:
+    """Answers other than 202, and requests that got no answer (a retry on a new connection is not one)."""
+    return sum(v for k, v in statuses.items() if k != 202) + sum(
+        v for k, v in errors.items() if not k.startswith("retried"))  # fmt: skip
 
 
 def open_loop_round(dep: Deployment, requests: Requests, name: str, rate: float, duration: float):
-    path = dep.paths[name]
-    raws = [
-        (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{dep.args.port}\r\nContent-Type: application/json\r\n"
-            f"Stripe-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        + body
-        for signature, body in requests.batch(int(rate * duration))
-    ]
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    latencies, statuses, errors, opened, elapsed = runner(
-        _open_loop("127.0.0.1", dep.args.port, raws, rate, duration, dep.args.connections)
-    )
-    latencies.sort()
-
-    def pct(p):
-        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000 if latencies else float("nan")
-
+    raws = signed_requests(dep, requests, name, int(rate * duration))
+    latencies, statuses, errors, opened, elapsed = open_loop(dep, raws, rate)
     return {
         "offered": rate,
         "achieved": statuses.get(202, 0) / elapsed,
         "accepted": statuses.get(202, 0),
-        "other": sum(v for k, v in statuses.items() if k != 202)
-        + sum(v for k, v in errors.items() if not k.startswith("retried")),
+        "other": not_accepted(statuses, errors),
         "outcomes": dict(statuses) | dict(errors),
         "connections": opened,
-        "p50_ms": pct(50),
-        "p90_ms": pct(90),
-        "p99_ms": pct(99),
+        "p50_ms": common.pct(latencies, 50) * 1000,
+        "p90_ms": common.pct(latencies, 90) * 1000,
+        "p99_ms": common.pct(latencies, 99) * 1000,
         "max_ms": latencies[-1] * 1000 if latencies else float("nan"),
     }
 
@@ -569,33 +453,18 @@ def open_loop_round(dep: Deployment, requests: Requests, name: str, rate: float,
 
 
 def machine_facts(dep: Deployment) -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = run(
-        [sys.executable, "-c", "import django, uvicorn, a2wsgi, psycopg; "
-         "print(django.get_version(), uvicorn.__version__, a2wsgi.__version__ if hasattr(a2wsgi, '__version__') "
-         "else '?', psycopg.__version__)"],
-        capture=True,
-    ).stdout.split()  # fmt: skip
-    settings = run(
-        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings as s; "
-         "print(s.KITE_WEB_WORKERS, s.KITE_WSGI_THREADS, s.DATABASES['default'].get('CONN_MAX_AGE'), "
-         "s.DATABASES['default'].get('CONN_HEALTH_CHECKS'), bool(s.DATABASES['default'].get('OPTIONS', {}).get('pool')))"],
-        env=dep.env, capture=True,
-    ).stdout.split()  # fmt: skip
+    versions = common.versions("django", "uvicorn", "psycopg")
+    settings = common.kite_settings(
+        dep.env, "s.KITE_WEB_WORKERS", "s.KITE_WSGI_THREADS", "s.DATABASES['default'].get('CONN_MAX_AGE')",
+        "s.DATABASES['default'].get('CONN_HEALTH_CHECKS')", "bool(s.DATABASES['default'].get('OPTIONS', {}).get('pool'))",
+    )  # fmt: skip
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": common.cpu_model(),
         "python": platform.python_version(),
         "django": versions[0],
         "uvicorn": versions[1],
-        "psycopg": versions[3],
+        "psycopg": versions[2],
         "postgres": dep.sql("SHOW server_version"),
         "synchronous_commit": dep.sql("SHOW synchronous_commit"),
         "fsync": dep.sql("SHOW fsync"),
@@ -607,36 +476,30 @@ def machine_facts(dep: Deployment) -> dict:
     }
 
 
-def med(values):
-    return statistics.median(values) if values else float("nan")
+med = common.med
+write_results = common.write_results
+markers = common.markers
 
 
-def markers(section: str) -> tuple[str, str]:
-    return f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
-
-
-def report(args, dep, facts, closed, opened, verified, started, finished) -> str:
-    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/ingest.py", *sys.argv[1:]])
-    names = [n for n in ("stripe", "bare", "noop") if closed and n in closed[0]]
-    rates = {name: [r[name]["rate"] for r in closed] for name in names}
-    ratios = [r["stripe"]["rate"] / r["bare"]["rate"] for r in closed]
-    start, end = markers(args.section)
+def machine_line(facts: dict, durability: str) -> str:
+    """The report's line on the machine (bench/scale.py's too); `durability` closes PostgreSQL's brackets."""
     quiet = "quiet" if facts["loadavg"] < 0.5 and not facts["pytest"] else "NOT quiet (see load average)"
-    lines = [
-        start,
-        f"### {args.title or args.section}: run of {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        "Command (exactly as run):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+    return (
         f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} before the "
         f"run, {facts['loadavg_end']:.2f} after, other pytest processes at the start: {facts['pytest']} → {quiet}. "
         f"Python {facts['python']}, Django {facts['django']}, uvicorn {facts['uvicorn']}, psycopg {facts['psycopg']}, "
         f"PostgreSQL {facts['postgres']} (fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']}: "
-        "durable commits), Redis; all on loopback on this one machine, load generators included.",
+        f"{durability}), Redis; all on loopback on this one machine, load generators included."
+    )
+
+
+def report(args, dep, facts, closed, opened, verified, started, finished) -> str:
+    names = [n for n in ("stripe", "bare", "noop") if closed and n in closed[0]]
+    rates = {name: [r[name]["rate"] for r in closed] for name in names}
+    ratios = [r["stripe"]["rate"] / r["bare"]["rate"] for r in closed]
+    lines = [
+        *common.section_head(args.section, args.title or args.section, started, common.command("ingest.py")),
+        machine_line(facts, "durable commits"),
         f"- Web: `{dep.web_command}` with KITE_TLS=off (plain HTTP, as behind the TLS proxy), "
         f"KITE_WEB_WORKERS={facts['web_workers']}, KITE_WSGI_THREADS={facts['wsgi_threads']}, "
         f"CONN_MAX_AGE={facts['conn_max_age']}, CONN_HEALTH_CHECKS={facts['conn_health_checks']}, "
@@ -718,33 +581,17 @@ def report(args, dep, facts, closed, opened, verified, started, finished) -> str
         f"{verified['stored']} Stripe events are stored (the few more are requests wrk cut off at the end of a run, "
         f"stored but never answered); non-2xx answers to webhooks: {verified['non202']}. "
         f"The run took {(finished - started).seconds} s.",
-        end,
     ]
-    return "\n".join(lines)
-
-
-def write_results(section: str, name: str) -> None:
-    start, end = markers(name)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        after = rest.split(end, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    return common.section_text(lines, args.section)
 
 
 # --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="closed-loop rounds (each: real, then bare)")
-    parser.add_argument("--duration", type=float, default=10, help="seconds per closed-loop run")
-    parser.add_argument("--warmup", type=float, default=3, help="seconds of warm-up per endpoint")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--wrk-threads", type=int, default=2)
+    parser = common.argument_parser(__doc__)
+    common.wrk_arguments(parser, rounds=5, duration=10, warmup=3, rounds_help="closed-loop rounds (each: real, then bare)",
+                         duration_help="seconds per closed-loop run", warmup_help="seconds of warm-up per endpoint")
     parser.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")], default=[400.0, 800.0],
                         help="offered loads of the open-loop phase, requests/s, comma-separated")
     parser.add_argument("--open-duration", type=float, default=10)
@@ -756,111 +603,96 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--app", default="kite.asgi:application", help="ASGI app (other than the default: experiments)")
     parser.add_argument("--workers", type=int, help="KITE_WEB_WORKERS (default: Kite's default)")
     parser.add_argument("--threads", type=int, help="KITE_WSGI_THREADS (default: Kite's default)")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
     parser.add_argument("--tree", help="serve the code of this checkout (another revision; bench/ab.py's tree=)")
-    parser.add_argument("--port", type=int, default=18480)
-    parser.add_argument("--pg-port", type=int, default=55532)
-    parser.add_argument("--redis-port", type=int, default=56479)
-    parser.add_argument("--services-dir", default="/tmp/kite-bench-services")
-    parser.add_argument("--database", default="kite_bench")
-    parser.add_argument("--keep-services", action="store_true", help="leave PostgreSQL and Redis running")
+    common.service_arguments(parser, port=18480, pg_port=55532, redis_port=56479,
+                             services_dir="/tmp/kite-bench-services", database="kite_bench")  # fmt: skip
     parser.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="first wait up to this long for load average < 0.5 and no pytest running")
-    parser.add_argument("--section", default="ingest", help="name of the section of bench/RESULTS.md to replace")
-    parser.add_argument("--title", help="heading of that section")
+    common.output_arguments(parser, QUIET, section="ingest")
     parser.add_argument("--hold", action="store_true", help="set up, print how to reach it, wait for Ctrl-C (profiling)")
     return parser
 
 
 def others_busy() -> int:
-    return len(run(["pgrep", "-f", "pytest"], capture=True, check=False).stdout.split())
+    return len(common.others_busy())
 
 
 def wait_until_quiet(limit: float) -> None:
     """Wait (up to `limit` s) for the 1-min load average < 0.5 and no pytest running elsewhere."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        load, busy = os.getloadavg()[0], others_busy()
-        if load < 0.5 and not busy:
-            return
-        log(f"waiting for a quiet machine: load {load:.2f}, {busy} pytest processes")
-        time.sleep(min(30, max(1, deadline - time.monotonic())))
-    log("the machine did not get quiet; measuring anyway (the report says so)")
+    common.wait_until_quiet(limit, log)
+
+
+def at_start(args) -> dict:
+    """The machine before the run (after waiting for a quiet one, if asked): load average, pytest processes."""
+    if args.wait_quiet:
+        wait_until_quiet(args.wait_quiet)
+    return {"loadavg": os.getloadavg()[0], "pytest": others_busy()}
+
+
+def run_measured(args, deployment, measure, log) -> int:
+    """`measure(args, deployment, the machine at the start)`'s exit code; `deployment` stopped at the end
+    (bench/scale.py's and bench/retention.py's main too)."""
+    initial = at_start(args)
+    return common.run_main(lambda: measure(args, deployment, initial), deployment.stop, log, "stopping web and services")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.wait_quiet:
-        wait_until_quiet(args.wait_quiet)
-    initial = {"loadavg": os.getloadavg()[0], "pytest": others_busy()}
+    return run_measured(args, Deployment(args), measure, log)
 
+
+def measure(args, dep: Deployment, initial: dict) -> int:
     started = datetime.now(timezone.utc)
-    dep = Deployment(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        dep.start()
-        facts = machine_facts(dep) | initial
-        log(f"team {dep.team_id}; load average {facts['loadavg']:.2f}")
-        if args.hold:
-            print(json.dumps({"base": dep.base, "paths": dep.paths, "secret": dep.secret, "web_pid": dep.web.pid,
-                              "work_dir": str(dep.work_dir), "data_dir": str(dep.data_dir)}), flush=True)
-            signal.pause()
-        requests = Requests(dep.secret, run_id=started.strftime("%H%M%S"))
-        names = ["stripe", "bare"] + (["noop"] if args.noop else [])
-        warm = {name: wrk_round(dep, requests, name, args.warmup, args.connections, args.wrk_threads) for name in names}
-        closed = []
-        for i in range(args.rounds):
-            result = {}
-            for name in names if i % 2 == 0 else list(reversed(names)):
-                result[name] = wrk_round(dep, requests, name, args.duration, args.connections, args.wrk_threads)
-            closed.append(result)
-            log(
-                f"closed round {i + 1}: "
-                + "  ".join(
-                    f"{n} {result[n]['rate']:.0f}/s (p99 {result[n]['p99_ms']:.1f} ms, CPU µs/event web "
-                    f"{result[n]['cpu_us']['web']:.0f} pg {result[n]['cpu_us']['postgres']:.0f})"
-                    for n in names
-                )
-                + f"  ratio {result['stripe']['rate'] / result['bare']['rate']:.0%}"
+    dep.start()
+    facts = machine_facts(dep) | initial
+    log(f"team {dep.team_id}; load average {facts['loadavg']:.2f}")
+    if args.hold:
+        print(json.dumps({"base": dep.base, "paths": dep.paths, "secret": dep.secret, "web_pid": dep.web.pid,
+                          "work_dir": str(dep.work_dir), "data_dir": str(dep.data_dir)}), flush=True)
+        signal.pause()
+    requests = Requests(dep.secret, run_id=started.strftime("%H%M%S"))
+    names = ["stripe", "bare"] + (["noop"] if args.noop else [])
+    warm = {name: wrk_round(dep, requests, name, args.warmup, args.connections, args.wrk_threads) for name in names}
+    closed = []
+    for i in range(args.rounds):
+        result = {}
+        for name in names if i % 2 == 0 else list(reversed(names)):
+            result[name] = wrk_round(dep, requests, name, args.duration, args.connections, args.wrk_threads)
+        closed.append(result)
+        log(
+            f"closed round {i + 1}: "
+            + "  ".join(
+                f"{n} {result[n]['rate']:.0f}/s (p99 {result[n]['p99_ms']:.1f} ms, CPU µs/event web "
+                f"{result[n]['cpu_us']['web']:.0f} pg {result[n]['cpu_us']['postgres']:.0f})"
+                for n in names
             )
-        opened: dict[float, list] = {}
-        for rate in args.rates:
-            opened[rate] = []
-            for i in range(args.open_rounds):
-                result = {}
-                for name in ("stripe", "bare") if i % 2 == 0 else ("bare", "stripe"):
-                    result[name] = open_loop_round(dep, requests, name, rate, args.open_duration)
-                opened[rate].append(result)
-                log(
-                    f"open round {i + 1} at {rate:g}/s: "
-                    + "  ".join(
-                        f"{n} p50 {result[n]['p50_ms']:.1f} p99 {result[n]['p99_ms']:.1f} ms "
-                        f"({result[n]['achieved']:.0f}/s, outcomes {result[n]['outcomes']})"
-                        for n in ("stripe", "bare")
-                    )
+            + f"  ratio {result['stripe']['rate'] / result['bare']['rate']:.0%}"
+        )
+    opened: dict[float, list] = {}
+    for rate in args.rates:
+        opened[rate] = []
+        for i in range(args.open_rounds):
+            result = {}
+            for name in ("stripe", "bare") if i % 2 == 0 else ("bare", "stripe"):
+                result[name] = open_loop_round(dep, requests, name, rate, args.open_duration)
+            opened[rate].append(result)
+            log(
+                f"open round {i + 1} at {rate:g}/s: "
+                + "  ".join(
+                    f"{n} p50 {result[n]['p50_ms']:.1f} p99 {result[n]['p99_ms']:.1f} ms "
+                    f"({result[n]['achieved']:.0f}/s, outcomes {result[n]['outcomes']})"
+                    for n in ("stripe", "bare")
                 )
-        stored = int(dep.sql(f"SELECT count(*) FROM ingest_event e JOIN ingest_source s ON s.id = e.source_id "
-                             f"WHERE s.name = '{SOURCE_NAME}' AND e.ce_type LIKE 'com.stripe.payment_intent.%'"))  # fmt: skip
-        everything = [warm, *closed, *(r for rounds in opened.values() for r in rounds)]
-        reported = sum(r["stripe"]["accepted"] for r in everything)
-        non202 = sum(r["stripe"]["other"] + r["stripe"].get("duplicate", 0) for r in everything)
-        verified = {"reported": reported, "stored": stored, "non202": non202}
-        finished = datetime.now(timezone.utc)
-        facts["loadavg_end"] = os.getloadavg()[0]
-        section = report(args, dep, facts, closed, opened, verified, started, finished)
-        print(section)
-        if not args.no_write:
-            write_results(section, args.section)
-            log(f"written to {RESULTS}")
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("stopping web and services")
-        dep.stop()
+            )
+    stored = int(dep.sql(f"SELECT count(*) FROM ingest_event e JOIN ingest_source s ON s.id = e.source_id "
+                         f"WHERE s.name = '{SOURCE_NAME}' AND e.ce_type LIKE 'com.stripe.payment_intent.%'"))  # fmt: skip
+    everything = [warm, *closed, *(r for rounds in opened.values() for r in rounds)]
+    reported = sum(r["stripe"]["accepted"] for r in everything)
+    non202 = sum(r["stripe"]["other"] + r["stripe"].get("duplicate", 0) for r in everything)
+    verified = {"reported": reported, "stored": stored, "non202": non202}
+    finished = datetime.now(timezone.utc)
+    facts["loadavg_end"] = os.getloadavg()[0]
+    section = report(args, dep, facts, closed, opened, verified, started, finished)
+    return common.publish(section, args.section, not args.no_write, log)
 
 
 if __name__ == "__main__":

@@ -22,24 +22,20 @@ bench/RESULTS.md between the `bench:perevent` markers unless --no-write).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("bench_federation", Path(__file__).with_name("federation.py"))
-fb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fb)
+import common
+
+fb = common.load("federation")
 
 LATENCY = ("KITE_WEB_DELIVERY", ["on", "off"])
 THROUGHPUT = ("KITE_OUTBOX_IN_FLIGHT", ["4", "1"])
 
 
-def log(message: str) -> None:
-    print(f"[perevent {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = common.logger("perevent")
 
 
 def with_setting(bench, name: str, value: str) -> None:
@@ -127,13 +123,8 @@ def report(args, facts, lat, tput, started) -> str:
 
 
 def write(section: str) -> None:
-    path = fb.ROOT / "bench" / "RESULTS.md"
-    text = path.read_text()
-    start, end = "<!-- bench:perevent:start -->", "<!-- bench:perevent:end -->"
-    block = f"{start}\n{section}\n{end}"
-    text = text[: text.index(start)] + block + text[text.index(end) + len(end) :] if start in text else (
-        text.rstrip("\n") + "\n\n" + block + "\n")  # fmt: skip
-    path.write_text(text)
+    start, end = common.markers("perevent")
+    common.write_results(f"{start}\n{section}\n{end}", "perevent")
 
 
 def main(argv=None) -> int:

@@ -37,29 +37,23 @@ between the `bench:retention` markers unless --no-write.
 from __future__ import annotations
 
 import argparse
-import http.client
-import importlib.util
 import json
 import os
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import psycopg
 
-_spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).with_name("ingest.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+import common
+
+bench = common.load("ingest")
 
 ROOT = bench.ROOT
-PEER_NAME = "archive"
-KITE_SOURCE = "kite"
+PEER_NAME = common.BulkLoad.PEER_NAME
 STRIPE_TYPES = [
     "com.stripe.payment_intent.succeeded", "com.stripe.charge.succeeded", "com.stripe.invoice.paid",
     "com.stripe.customer.updated", "com.stripe.checkout.session.completed", "com.stripe.charge.refunded",
@@ -70,69 +64,22 @@ CHUNK = 200_000
 MARGIN_HOURS = 1  # a day's events stay this far from its ends: the load and the purges may be minutes apart
 
 
-def log(message: str) -> None:
-    print(f"[retention {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = common.logger("retention")
 
 
 def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(p / 100 * len(values)))] * 1000 if values else float("nan")
+    """The p-th percentile of latencies in s, in ms."""
+    return common.pct(sorted(values), p) * 1000
 
 
-# One chunk of one day's bulk: bench/scale.py's shape, with the day's times and 0.1 % of the
-# entries still pending (a peer that was down): the purge must keep those events.
-BULK_SQL = """
-WITH t AS (SELECT * FROM ingest_event WHERE id = %(template)s::bigint),
-ev AS (
-  INSERT INTO ingest_event (team_id, source_id, ce_id, ce_source, ce_type, ce_time, ce_subject, datacontenttype,
-                            data, extensions, agent, received_at, txid)
-  SELECT t.team_id,
-         CASE WHEN g %% 10 < 7 THEN %(stripe)s::bigint ELSE %(kite)s::bigint END,
-         'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24),
-         t.ce_source,
-         (%(types)s::text[])[1 + (g %% 6)],
-         at, '', t.datacontenttype,
-         replace(t.data, %(tid)s::text, 'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24)),
-         CASE WHEN g %% 10 < 7 THEN t.extensions
-              ELSE t.extensions || jsonb_build_object('kitefedorigin', 'kite-origin-' || (g %% 3),
-                     'kitefedchain', '["kite-origin-' || (g %% 3) || '"]', 'kitefedhops', 1,
-                     'kitefedpeer', %(peer_name)s::text) END,
-         '', at + interval '40 ms',
-         %(txid0)s::bigint + (g - 1) / %(per_txid)s
-  FROM t, generate_series(%(start)s::int, %(end)s::int) g,
-       LATERAL (SELECT now() - interval '1 day' * %(day)s::int - interval '1 hour' * %(margin)s::int
-                       - (interval '1 day' - interval '2 hours' * %(margin)s::int) * (g::float8 / %(count)s)
-                AS at) s
-  RETURNING id, team_id, source_id, received_at
-),
-ob AS (
-  INSERT INTO federation_outboxentry (msg_id, team_id, peer_id, event_id, provenance, status, attempts,
-                                      next_attempt_at, leased_until, last_error, created_at, delivered_at)
-  SELECT gen_random_uuid(), team_id, %(peer)s::bigint, id,
-         jsonb_build_object('kitefedorigin', 'kite-self', 'kitefedchain', '["kite-self"]', 'kitefedhops', 1),
-         CASE WHEN h %% 200 = 0 THEN 'dead' WHEN h %% 1000 = 7 THEN 'pending' ELSE 'delivered' END,
-         CASE WHEN h %% 20 = 1 THEN 2 ELSE 1 END, received_at, NULL,
-         CASE WHEN h %% 200 = 0 THEN 'HTTP 410 from the peer' ELSE '' END, received_at,
-         CASE WHEN h %% 200 = 0 OR h %% 1000 = 7 THEN NULL ELSE received_at + interval '80 ms' END
-  FROM ev, LATERAL (SELECT hashint8(ev.id)::bigint + 2147483648 AS h) x WHERE source_id = %(stripe)s::bigint
-  RETURNING id, created_at, attempts, status
-),
-dl AS (
-  INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
-  SELECT %(peer)s::bigint, id, created_at + interval '60 ms',
-         CASE WHEN status = 'dead' THEN 410 ELSE 202 END,
-         CASE WHEN status = 'dead' THEN 'permanent' ELSE 'delivered' END, 38, ''
-  FROM ob WHERE status <> 'pending'
-  UNION ALL
-  SELECT %(peer)s::bigint, id, created_at + interval '10 ms', 503, 'transient', 1200, 'HTTP 503 from the peer'
-  FROM ob WHERE attempts = 2
-  RETURNING 1
+# One chunk of one day's bulk: bench/scale.py's shape (common.BulkLoad's), with the day's times and
+# 0.1 % of the entries still pending (a peer that was down): the purge must keep those events.
+BULK_SQL = common.BulkLoad.bulk_sql(
+    ce_type="(%(types)s::text[])[1 + (g %% 6)]",
+    received="now() - interval '1 day' * %(day)s::int - interval '1 hour' * %(margin)s::int"
+    " - (interval '1 day' - interval '2 hours' * %(margin)s::int) * (g::float8 / %(count)s)",
+    pending="h %% 1000 = 7",
 )
-INSERT INTO federation_auditevent (team_id, at, action, peer_id, peer_name, actor, endpoint, outcome, detail, data)
-SELECT team_id, received_at, 'Federation.PeerCalled', %(peer)s::bigint, %(peer_name)s::text, 'kite-archive',
-       '/federation/ping', 'ok', '', jsonb_build_object('method', 'POST', 'latency_ms', 12)
-FROM ev WHERE id %% 20 = 0
-"""
 
 # The purge process: the real tasks, with the retention of the environment.
 PURGE_TASKS = """
@@ -232,7 +179,7 @@ class LockWaits(threading.Thread):
         self.join()
 
 
-class Retention:
+class Retention(common.BulkLoad):
     def __init__(self, args):
         self.args = args
         ingest_argv = [
@@ -241,70 +188,15 @@ class Retention:
             *(["--keep-services"] if args.keep_services else []), *[f"--env={item}" for item in args.env],
         ]  # fmt: skip
         self.dep = bench.Deployment(bench.build_parser().parse_args(ingest_argv))
-        self.db: psycopg.Connection | None = None
         self.loaded_days: list[int] = []
         self.other = 0
 
     def start(self) -> None:
         """bench/scale.py's set-up: the deployment, one real Stripe webhook through the API (the
         template the bulk rows copy), a revoked peer for the federation history, the `kite` source."""
-        dep = self.dep
-        dep.start()
-        self.db = psycopg.connect(dep.database_url, autocommit=True)
-        self.requests = bench.Requests(dep.secret, run_id=datetime.now(timezone.utc).strftime("r%H%M%S"))
-        signature, body = self.requests.batch(1)[0]
-        conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=10)
-        conn.request("POST", dep.paths["stripe"], body, {"Content-Type": "application/json",
-                                                         "Stripe-Signature": signature})  # fmt: skip
-        answer = conn.getresponse()
-        answer.read()
-        conn.close()
-        assert answer.status == 202, answer.status
-        self.template = self.one(
-            "SELECT e.id, e.source_id, e.ce_id FROM ingest_event e JOIN ingest_source s ON s.id = e.source_id"
-            " WHERE s.team_id = %s AND s.name = %s ORDER BY e.id DESC LIMIT 1",
-            (dep.team_id, bench.SOURCE_NAME),
-        )
-        code = (
-            "import django, sys; django.setup()\n"
-            "from federation.models import Peer\nfrom ingest.models import Source\n"
-            "team = sys.argv[1]\n"
-            f"peer = Peer.objects.create(team_id=team, name={PEER_NAME!r}, role='peer', status='revoked',"
-            " peer_hook_url='https://archive.example/hooks/t/kite', remote_instance_id='kite-archive', scopes=['*'])\n"
-            f"source, _ = Source.objects.get_or_create(team_id=team, name={KITE_SOURCE!r},"
-            " defaults={'kind': 'kite'})\n"
-            "print(peer.pk, source.pk)"
-        )
-        out = bench.run([sys.executable, "-c", code, dep.team_id], env=dep.env, capture=True).stdout.split()
-        self.peer_id, self.kite_source_id = int(out[-2]), int(out[-1])
-        self.stripe_source_id = self.template[1]
-
-    def one(self, query: str, params=()):
-        with self.db.cursor() as cur:
-            cur.execute(query, params)
-            row = cur.fetchone()
-        return row if row is None or len(row) > 1 else row[0]
-
-    def execute(self, query: str, params=()) -> None:
-        with self.db.cursor() as cur:
-            cur.execute(query, params)
-
-    def burn_xids(self, count: int) -> int:
-        """Consume `count` transaction ids (bench/scale.py): the bulk rows' txids come from this range,
-        so they are older than every running transaction, like real ones."""
-        first = self.one("SELECT pg_current_xact_id()::text::bigint")
-        self.execute("SET synchronous_commit = off")
-        self.execute(
-            "CREATE OR REPLACE PROCEDURE pg_temp.burn(n int) LANGUAGE plpgsql AS $$"
-            " BEGIN FOR i IN 1..n LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
-        )
-        done = 0
-        while done < count:
-            step = min(500_000, count - done)
-            self.execute("CALL pg_temp.burn(%s)", (step,))
-            done += step
-        self.execute("RESET synchronous_commit")
-        return first + 1
+        self.dep.start()
+        self.requests = bench.Requests(self.dep.secret, run_id=datetime.now(timezone.utc).strftime("r%H%M%S"))
+        self.seed(bench.SOURCE_NAME)
 
     def counts(self) -> dict[str, int]:
         return {table: self.one(f"SELECT count(*) FROM {table}") for table in TABLES}
@@ -368,17 +260,9 @@ class Retention:
     def load_chunk(self) -> list[float]:
         """One `--chunk`-second open-loop run at `--rate`: the latencies of the 202s, seconds."""
         a = self.args
-        path = self.dep.paths["stripe"]
-        raws = [
-            (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{a.port}\r\nContent-Type: application/json\r\n"
-             f"Stripe-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-            for signature, body in self.requests.batch(int(a.rate * a.chunk))
-        ]  # fmt: skip
-        latencies, statuses, errors, _, _ = bench.asyncio.run(
-            bench._open_loop("127.0.0.1", a.port, raws, a.rate, a.chunk, a.connections)
-        )
-        self.other += sum(v for k, v in statuses.items() if k != 202) + sum(
-            v for k, v in errors.items() if not k.startswith("retried"))  # fmt: skip
+        raws = bench.signed_requests(self.dep, self.requests, "stripe", int(a.rate * a.chunk))
+        latencies, statuses, errors, _, _ = bench.open_loop(self.dep, raws, a.rate)
+        self.other += bench.not_accepted(statuses, errors)
         return latencies
 
     def baseline_round(self) -> dict:
@@ -450,8 +334,8 @@ class Retention:
 
 
 def report(args, facts, rounds, other, started, finished) -> str:
-    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/retention.py", *sys.argv[1:]])
-    start, end = bench.markers(args.section)
+    command = common.command("retention.py")
+    start = common.markers(args.section)[0]
 
     def med(kind, key):
         return statistics.median(r[kind][key] for r in rounds)
@@ -493,13 +377,12 @@ def report(args, facts, rounds, other, started, finished) -> str:
         f"- Target: webhook p99 while purging ≤ 2× the baseline → **{'met' if ratio <= 2 else 'not met'}** "
         f"({ratio:.2f}×).",
         f"- Answers other than 202 (and connection errors): {other}. The run took {(finished - started).seconds} s.",
-        end,
     ]
-    return "\n".join(lines)
+    return common.section_text(lines, args.section)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--per-day", type=lambda v: int(float(v)), default=1_000_000, help="events a day (1e6 works)")
     parser.add_argument("--rounds", type=int, default=3, help="pairs of rounds (baseline, purge); one day each")
     parser.add_argument("--days", type=int, help="days loaded (default: rounds + 1; the newest is never purged)")
@@ -510,18 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--explain", action="store_true",
                         help="after the load, EXPLAIN ANALYZE the reads that scanned before; no rounds")
     parser.add_argument("--purge-code", choices=["tasks", "previous"], default="tasks")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
-    parser.add_argument("--port", type=int, default=18495)
-    parser.add_argument("--pg-port", type=int, default=55545)
-    parser.add_argument("--redis-port", type=int, default=56545)
-    parser.add_argument("--services-dir", default="/tmp/kite-retention-services")
-    parser.add_argument("--database", default="kite_retention")
-    parser.add_argument("--keep-services", action="store_true", help="leave PostgreSQL and Redis running")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="first wait up to this long for load average < 0.5 and no pytest running")  # fmt: skip
-    parser.add_argument("--section", default="retention", help="section of bench/RESULTS.md to replace")
-    parser.add_argument("--title")
+    common.service_arguments(parser, port=18495, pg_port=55545, redis_port=56545,
+                             services_dir="/tmp/kite-retention-services", database="kite_retention")  # fmt: skip
+    common.output_arguments(parser, bench.QUIET, section="retention")
     return parser
 
 
@@ -530,34 +404,22 @@ def main(argv=None) -> int:
     args.days = args.days or args.rounds + 1
     if args.days < args.rounds + 1:
         raise SystemExit("--days must be at least --rounds + 1: each purge round expires one day, the newest stays")
-    if args.wait_quiet:
-        bench.wait_until_quiet(args.wait_quiet)
-    initial = {"loadavg": os.getloadavg()[0], "pytest": bench.others_busy()}
+    return bench.run_measured(args, Retention(args), measure, log)
+
+
+def measure(args, run: Retention, initial: dict) -> int:
     started = datetime.now(timezone.utc)
-    run = Retention(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        run.start()
-        facts = bench.machine_facts(run.dep) | initial
-        run.dep.stop_web()
-        run.load()
-        if args.explain:
-            print(run.explain())
-            return 0
-        rounds = run.measure()
-        facts["loadavg_end"] = os.getloadavg()[0]
-        section = report(args, facts, rounds, run.other, started, datetime.now(timezone.utc))
-        print(section)
-        if not args.no_write:
-            bench.write_results(section, args.section)
-            log(f"written to {bench.RESULTS}")
+    run.start()
+    facts = bench.machine_facts(run.dep) | initial
+    run.dep.stop_web()
+    run.load()
+    if args.explain:
+        print(run.explain())
         return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("stopping web and services")
-        run.stop()
+    rounds = run.measure()
+    facts["loadavg_end"] = os.getloadavg()[0]
+    section = report(args, facts, rounds, run.other, started, datetime.now(timezone.utc))
+    return common.publish(section, args.section, not args.no_write, log)
 
 
 if __name__ == "__main__":

@@ -67,37 +67,29 @@ import argparse
 import asyncio
 import collections
 import http.client
-import importlib.util
 import json
 import os
 import random
 import re
-import shlex
-import signal
-import statistics
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psycopg
 import websockets
 
-_spec = importlib.util.spec_from_file_location("bench_ingest", Path(__file__).with_name("ingest.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+import common
 
-_spec = importlib.util.spec_from_file_location("scale_federation", Path(__file__).with_name("scale_federation.py"))
-scale_federation = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scale_federation)
+bench = common.load("ingest")
+scale_federation = common.load("scale_federation")
 
 ROOT = bench.ROOT
 WEB_PHASES = {"ingest", "reads", "replay"}
 FEDERATION_PHASES = {"federation", "backlog"}
 PHASES = ["ingest", "reads", "replay", "storage", "federation", "backlog"]
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
-PEER_NAME = "archive"
-KITE_SOURCE = "kite"
+PEER_NAME = common.BulkLoad.PEER_NAME
 STRIPE_TYPES = [
     "com.stripe.payment_intent.succeeded", "com.stripe.charge.succeeded", "com.stripe.invoice.paid",
     "com.stripe.customer.updated", "com.stripe.checkout.session.completed", "com.stripe.charge.refunded",
@@ -107,19 +99,8 @@ ROWS_PER_TXID = 4  # bulk rows share a transaction id this many at a time (batch
 CHUNK = 200_000
 
 
-def log(message: str) -> None:
-    print(f"[scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else float("nan")
-
-
-def pct(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
+log = common.logger("scale")
+med, pct = common.med, common.pct
 
 
 def human(n: int) -> str:
@@ -131,21 +112,13 @@ def human(n: int) -> str:
 
 
 def rss_mb(pids) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
+    return sum(common.rss_mb(pid) or 0.0 for pid in pids)
 
 
 # --------------------------------------------------------------------------- the deployment
 
 
-class Scale:
+class Scale(common.BulkLoad):
     def __init__(self, args):
         self.args = args
         ingest_argv = [
@@ -159,81 +132,23 @@ class Scale:
             ingest_argv += ["--env", item]
         self.dep = bench.Deployment(bench.build_parser().parse_args(ingest_argv))
         if args.phases & FEDERATION_PHASES:  # B's commit timestamps: A's 202 → stored at B
-            self.dep.services_env["KITE_PG_OPTIONS"] = "-c track_commit_timestamp=on"
-        self.db: psycopg.Connection | None = None
+            self.dep.services.env["KITE_PG_OPTIONS"] = "-c track_commit_timestamp=on"
         self.bulk_serial = 0
         self.federation = None
 
     # --- set-up ------------------------------------------------------------
 
     def start(self) -> None:
-        dep = self.dep
-        dep.start()
-        self.db = psycopg.connect(dep.database_url, autocommit=True)
-        self.team = dep.team_id
-        self.requests = bench.Requests(dep.secret, run_id=datetime.now(timezone.utc).strftime("s%H%M%S"))
-        # One real Stripe webhook through the API: the template the bulk rows copy.
-        conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=10)
-        signature, body = self.requests.batch(1)[0]
-        headers = {"Content-Type": "application/json", "Stripe-Signature": signature}
-        conn.request("POST", dep.paths["stripe"], body, headers)
-        answer = conn.getresponse()
-        answer.read()
-        conn.close()
-        assert answer.status == 202, answer.status
-        self.template = self.one(
-            "SELECT e.id, e.source_id, e.ce_id FROM ingest_event e JOIN ingest_source s ON s.id = e.source_id"
-            " WHERE s.team_id = %s AND s.name = %s ORDER BY e.id DESC LIMIT 1",
-            (self.team, bench.SOURCE_NAME),
-        )
-        # The federation history's peer (revoked: nothing new is routed to it, so a webhook takes
-        # the same path at every size) and the team's `kite` source, made by the ORM.
-        code = (
-            "import django, sys; django.setup()\n"
-            "from federation.models import Peer\nfrom ingest.models import Source\n"
-            "team = sys.argv[1]\n"
-            f"peer = Peer.objects.create(team_id=team, name={PEER_NAME!r}, role='peer', status='revoked',"
-            " peer_hook_url='https://archive.example/hooks/t/kite', remote_instance_id='kite-archive', scopes=['*'])\n"
-            f"source, _ = Source.objects.get_or_create(team_id=team, name={KITE_SOURCE!r},"
-            " defaults={'kind': 'kite'})\n"
-            "print(peer.pk, source.pk)"
-        )
-        out = bench.run([sys.executable, "-c", code, self.team], env=dep.env, capture=True).stdout.split()
-        self.peer_id, self.kite_source_id = int(out[-2]), int(out[-1])
-        self.stripe_source_id = self.template[1]
-
-    def one(self, query: str, params=()):
-        with self.db.cursor() as cur:
-            cur.execute(query, params)
-            row = cur.fetchone()
-        return row if row is None or len(row) > 1 else row[0]
-
-    def execute(self, query: str, params=()) -> None:
-        with self.db.cursor() as cur:
-            cur.execute(query, params)
+        """bench/ingest.py's deployment, then the template webhook, the revoked peer and the `kite` source."""
+        self.dep.start()
+        self.team = self.dep.team_id
+        self.requests = bench.Requests(self.dep.secret, run_id=datetime.now(timezone.utc).strftime("s%H%M%S"))
+        self.seed(bench.SOURCE_NAME)
 
     def stored(self) -> int:
         return self.one("SELECT count(*) FROM ingest_event")
 
     # --- bulk load -----------------------------------------------------------
-
-    def burn_xids(self, count: int) -> int:
-        """Consume `count` transaction ids (one tiny committed transaction each, asynchronous
-        commit in this session only); returns the first of them. The bulk rows' txids are taken
-        from this range, so they are older than every running transaction, like real ones."""
-        first = self.one("SELECT pg_current_xact_id()::text::bigint")
-        self.execute("SET synchronous_commit = off")
-        self.execute(
-            "CREATE OR REPLACE PROCEDURE pg_temp.burn(n int) LANGUAGE plpgsql AS $$"
-            " BEGIN FOR i IN 1..n LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
-        )
-        done = 0
-        while done < count:
-            step = min(500_000, count - done)
-            self.execute("CALL pg_temp.burn(%s)", (step,))
-            done += step
-        self.execute("RESET synchronous_commit")
-        return first + 1
 
     def load(self, target: int) -> dict:
         """Bulk-load events (and their federation rows) until `target` events are stored."""
@@ -276,7 +191,7 @@ class Scale:
     # --- measurements --------------------------------------------------------
 
     def web_pids(self) -> set[int]:
-        return bench._descendants(bench._proc_table(), self.dep.web.pid)
+        return common.descendants(self.dep.web.pid)
 
     def ingest_round(self, duration: float) -> dict:
         a = self.args
@@ -454,72 +369,23 @@ class Scale:
         if self.db is not None:
             self.db.close()
         self.dep.stop()
-        if self.dep.services_started and not self.args.keep_services:
+        if self.dep.services.started and not self.args.keep_services:
             # The stopped PostgreSQL's files: ~25 GB at 10 M events, left in /tmp otherwise.
-            bench.shutil.rmtree(self.args.services_dir, ignore_errors=True)
+            shutil.rmtree(self.args.services_dir, ignore_errors=True)
 
 
-# One chunk of the bulk load: events (70 % from the Stripe source, 30 % federated in), an outbox
-# entry and one or two deliveries for each Stripe one, an audit row for one event in 20.
-BULK_SQL = """
-WITH t AS (SELECT * FROM ingest_event WHERE id = %(template)s::bigint),
-ev AS (
-  INSERT INTO ingest_event (team_id, source_id, ce_id, ce_source, ce_type, ce_time, ce_subject, datacontenttype,
-                            data, extensions, agent, received_at, txid)
-  SELECT t.team_id,
-         CASE WHEN g %% 10 < 7 THEN %(stripe)s::bigint ELSE %(kite)s::bigint END,
-         'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24),
-         t.ce_source,
-         CASE WHEN g %% 50 = 0 THEN %(rare)s::text ELSE (%(types)s::text[])[1 + (g %% 5)] END,
-         at, '', t.datacontenttype,
-         replace(t.data, %(tid)s::text, 'evt_' || substr(md5(%(salt)s::text || '-' || g), 1, 24)),
-         CASE WHEN g %% 10 < 7 THEN t.extensions
-              ELSE t.extensions || jsonb_build_object('kitefedorigin', 'kite-origin-' || (g %% 3),
-                     'kitefedchain', '["kite-origin-' || (g %% 3) || '"]', 'kitefedhops', 1,
-                     'kitefedpeer', %(peer_name)s::text) END,
-         '', at + interval '40 ms',
-         %(txid0)s::bigint + (g - 1) / %(per_txid)s
-  FROM t, generate_series(%(start)s::int, %(end)s::int) g,
-       LATERAL (SELECT now() - interval '90 days' * (1 - g::float8 / %(count)s) AS at) s
-  RETURNING id, team_id, source_id, received_at
-),
-ob AS (
-  INSERT INTO federation_outboxentry (msg_id, team_id, peer_id, event_id, provenance, status, attempts,
-                                      next_attempt_at, leased_until, last_error, created_at, delivered_at)
-  SELECT gen_random_uuid(), team_id, %(peer)s::bigint, id,
-         jsonb_build_object('kitefedorigin', 'kite-self', 'kitefedchain', '["kite-self"]', 'kitefedhops', 1),
-         CASE WHEN h %% 200 = 0 THEN 'dead' ELSE 'delivered' END,
-         CASE WHEN h %% 20 = 1 THEN 2 ELSE 1 END, received_at, NULL,
-         CASE WHEN h %% 200 = 0 THEN 'HTTP 410 from the peer' ELSE '' END, received_at,
-         CASE WHEN h %% 200 = 0 THEN NULL ELSE received_at + interval '80 ms' END
-  FROM ev, LATERAL (SELECT hashint8(ev.id)::bigint + 2147483648 AS h) x WHERE source_id = %(stripe)s::bigint
-  RETURNING id, created_at, attempts, status
-),
-dl AS (
-  INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
-  SELECT %(peer)s::bigint, id, created_at + interval '60 ms',
-         CASE WHEN status = 'dead' THEN 410 ELSE 202 END,
-         CASE WHEN status = 'dead' THEN 'permanent' ELSE 'delivered' END, 38, ''
-  FROM ob
-  UNION ALL
-  SELECT %(peer)s::bigint, id, created_at + interval '10 ms', 503, 'transient', 1200, 'HTTP 503 from the peer'
-  FROM ob WHERE attempts = 2
-  RETURNING 1
+# One chunk of the bulk load (common.BulkLoad's), its events' times spread over 90 days, a rare type
+# for one event in 50.
+BULK_SQL = common.BulkLoad.bulk_sql(
+    ce_type="CASE WHEN g %% 50 = 0 THEN %(rare)s::text ELSE (%(types)s::text[])[1 + (g %% 5)] END",
+    received="now() - interval '90 days' * (1 - g::float8 / %(count)s)",
 )
-INSERT INTO federation_auditevent (team_id, at, action, peer_id, peer_name, actor, endpoint, outcome, detail, data)
-SELECT team_id, received_at, 'Federation.PeerCalled', %(peer)s::bigint, %(peer_name)s::text, 'kite-archive',
-       '/federation/ping', 'ok', '', jsonb_build_object('method', 'POST', 'latency_ms', 12)
-FROM ev WHERE id %% 20 = 0
-"""
 
 
 # --------------------------------------------------------------------------- report
 
 
 def report(args, facts, results, loads, started, finished) -> str:
-    command = "cd " + str(ROOT) + " && " + shlex.join([".venv/bin/python", "bench/scale.py", *sys.argv[1:]])
-    start, end = bench.markers(args.section)
-    quiet = "quiet" if facts["loadavg"] < 0.5 and not facts["pytest"] else "NOT quiet (see load average)"
     phases = args.phases
     base = results[0]
 
@@ -533,22 +399,10 @@ def report(args, facts, results, loads, started, finished) -> str:
         f"{human(r['size'])} ({r['stored']:,})" for r in results) + " |"  # fmt: skip
     rule = "|---|" + "---|" * len(results)
     lines = [
-        start,
-        f"### {args.title or 'Scale: cost as the data grows'}: run of {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        "Command (exactly as run):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"- Machine: {facts['nproc']} CPUs ({facts['cpu']}); 1-min load average {facts['loadavg']:.2f} before the "
-        f"run, {facts['loadavg_end']:.2f} after, other pytest processes at the start: {facts['pytest']} → {quiet}. "
-        f"Python {facts['python']}, Django {facts['django']}, uvicorn {facts['uvicorn']}, psycopg {facts['psycopg']}, "
-        f"PostgreSQL {facts['postgres']} (fsync={facts['fsync']}, synchronous_commit={facts['synchronous_commit']}: "
-        f"durable commits, shared_buffers={facts['shared_buffers']}, "
-        f"track_commit_timestamp={facts['track_commit_timestamp']}), Redis; all on loopback on this one machine, "
-        "load generators included.",
+        *common.section_head(args.section, args.title or "Scale: cost as the data grows", started,
+                             common.command("scale.py")),
+        bench.machine_line(facts, f"durable commits, shared_buffers={facts['shared_buffers']}, "
+                                  f"track_commit_timestamp={facts['track_commit_timestamp']}"),
         f"- Phases: {', '.join(p for p in PHASES if p in phases)}.",
         f"- Web: `{facts['web_command']}` with KITE_TLS=off, KITE_WEB_WORKERS={facts['web_workers']}, "
         f"KITE_WSGI_THREADS={facts['wsgi_threads']}, started afresh at each size after the bulk load, VACUUM ANALYZE "
@@ -668,9 +522,8 @@ def report(args, facts, results, loads, started, finished) -> str:
             "cleanly): " + ("all held. " if not problems else "**problems: " + "; ".join(problems) + "**. "))
            if phases & FEDERATION_PHASES else "")
         + f"The run took {(finished - started).seconds} s.",
-        end,
     ]
-    return "\n".join(lines)
+    return common.section_text(lines, args.section)
 
 
 def federation_method(args) -> str:
@@ -796,15 +649,11 @@ def phase_list(value: str) -> set[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--sizes", type=lambda v: sorted(int(float(x)) for x in v.split(",")),
                         default=[0, 1_000_000, 10_000_000],
                         help="stored events, comma-separated, smallest first (1e6 works)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk / pgbench run")
-    parser.add_argument("--warmup", type=float, default=3)
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--wrk-threads", type=int, default=2)
+    common.wrk_arguments(parser, rounds=3, duration=10, warmup=3, duration_help="seconds per wrk / pgbench run")
     parser.add_argument("--pgbench-clients", type=int, help="default: --connections")
     parser.add_argument("--reads", type=int, default=500, help="requests per /api/events kind and round")
     parser.add_argument("--slow-reads", type=int, default=20, help="requests per growing read and round")
@@ -823,21 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--catchup", type=lambda v: int(float(v)), default=100_000,
                         help="events queued while B is down (0: no catch-up)")  # fmt: skip
     parser.add_argument("--catchup-rounds", type=int, default=3)
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="extra environment for Kite")
-    parser.add_argument("--port", type=int, default=18490, help="A's port")
+    common.service_arguments(parser, port=18490, pg_port=55540, redis_port=56540, port_help="A's port",
+                             services_dir="/tmp/kite-scale-services", database="kite_scale")  # fmt: skip
     parser.add_argument("--b-port", type=int, help="B's port (default: --port + 1)")
-    parser.add_argument("--pg-port", type=int, default=55540)
-    parser.add_argument("--redis-port", type=int, default=56540)
-    parser.add_argument("--services-dir", default="/tmp/kite-scale-services")
-    parser.add_argument("--database", default="kite_scale")
-    parser.add_argument("--keep-services", action="store_true", help="leave PostgreSQL and Redis running")
-    parser.add_argument("--wrk", default=bench.shutil.which("wrk") or "/usr/bin/wrk")
-    parser.add_argument("--pgbench", default=bench.shutil.which("pgbench") or PGBENCH)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
-                        help="first wait up to this long for load average < 0.5 and no pytest running")  # fmt: skip
-    parser.add_argument("--section", default="scale", help="section of bench/RESULTS.md to replace")
-    parser.add_argument("--title")
+    parser.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
+    parser.add_argument("--pgbench", default=shutil.which("pgbench") or PGBENCH)
+    common.output_arguments(parser, bench.QUIET, section="scale")
     return parser
 
 
@@ -847,37 +687,25 @@ def main(argv=None) -> int:
         raise SystemExit(f"no pgbench at {args.pgbench} (Debian's postgresql-15 ships it)")
     if "ingest" in args.phases and not Path(args.wrk).exists():
         raise SystemExit(f"no wrk at {args.wrk} (apt-get install wrk)")
-    if args.wait_quiet:
-        bench.wait_until_quiet(args.wait_quiet)
-    initial = {"loadavg": os.getloadavg()[0], "pytest": bench.others_busy()}
+    return bench.run_measured(args, Scale(args), measure, log)
+
+
+def measure(args, scale: Scale, initial: dict) -> int:
     started = datetime.now(timezone.utc)
-    scale = Scale(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        scale.start()
-        facts = bench.machine_facts(scale.dep) | initial
-        facts["shared_buffers"] = scale.one("SHOW shared_buffers")
-        facts["track_commit_timestamp"] = scale.one("SHOW track_commit_timestamp")
-        facts["web_command"] = scale.dep.web_command
-        scale.dep.stop_web()
-        results, loads = [], {}
-        for size in args.sizes:
-            loads[size] = scale.load(size)
-            results.append(scale.measure(size))
-        finished = datetime.now(timezone.utc)
-        facts["loadavg_end"] = os.getloadavg()[0]
-        section = report(args, facts, results, loads, started, finished)
-        print(section)
-        if not args.no_write:
-            bench.write_results(section, args.section)
-            log(f"written to {bench.RESULTS}")
-        return 0
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        log("stopping web and services")
-        scale.stop()
+    scale.start()
+    facts = bench.machine_facts(scale.dep) | initial
+    facts["shared_buffers"] = scale.one("SHOW shared_buffers")
+    facts["track_commit_timestamp"] = scale.one("SHOW track_commit_timestamp")
+    facts["web_command"] = scale.dep.web_command
+    scale.dep.stop_web()
+    results, loads = [], {}
+    for size in args.sizes:
+        loads[size] = scale.load(size)
+        results.append(scale.measure(size))
+    finished = datetime.now(timezone.utc)
+    facts["loadavg_end"] = os.getloadavg()[0]
+    section = report(args, facts, results, loads, started, finished)
+    return common.publish(section, args.section, not args.no_write, log)
 
 
 if __name__ == "__main__":

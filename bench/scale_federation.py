@@ -29,24 +29,20 @@ millions of rows that bench/federation.py's empty database does not:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import psycopg
 
-_spec = importlib.util.spec_from_file_location("bench_federation", Path(__file__).with_name("federation.py"))
-fed = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fed)
+import common
+
+fed = common.load("federation")
 
 SOURCE = fed.SOURCE
-PEER_NAME = "b"
 # Prints the claim's SQL and the sweeper's (captured as it runs; datetimes marked) as JSON.
 SQL_PROBE = r"""
 import json
@@ -66,8 +62,8 @@ print(json.dumps({"claim": outbox._claim_sql()[0], "sweep": [sql, marked]}))
 """
 
 
-def log(message: str) -> None:
-    print(f"[scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = common.logger("scale")
+med = common.med
 
 
 def plan_nodes(node: dict) -> str:
@@ -79,11 +75,6 @@ def plan_nodes(node: dict) -> str:
         return label
     inner = plan_nodes(children[0]) if len(children) == 1 else "(" + " | ".join(plan_nodes(c) for c in children) + ")"
     return f"{label} → {inner}"
-
-
-def med(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else float("nan")
 
 
 class AtScale(fed.Bench):
@@ -132,18 +123,7 @@ class AtScale(fed.Bench):
             answer = a.api("POST", "/api/sources", json={"name": SOURCE, "kind": "none"})
             assert answer.status_code == 201, answer.text
             self.source_made = True
-        token = b.api("POST", "/api/federation/tokens", json={"label": f"from-a-{size}"}).json()["token"]
-        identity = b.api("GET", "/api/federation/identity").json()
-        answer = a.api("POST", "/api/federation/peers", json={
-            "name": PEER_NAME, "peer_hook_url": identity["hook_url"], "outbound_token": token, "scopes": ["*"],
-            "tls_fingerprint": identity["tls_fingerprint"],
-        })  # fmt: skip
-        assert answer.status_code == 201, answer.text
-        self.peer_id = answer.json()["id"]
-        answer = b.api("POST", "/api/federation/trusted-senders", json={"name": f"a-{size}", "inbound_token": token})
-        assert answer.status_code == 201, answer.text
-        self.hook_a = f"/hooks/{self.team_a}/{SOURCE}"
-        self.hook_b = f"/hooks/{self.team_b}/{SOURCE}"
+        self.federate(f"from-a-{size}", f"a-{size}")
         warm = f"com.bench.warm.{size}"
         after = self.b_max_event_id()
         self.post(a, self.hook_a, self.next_id("warm"), warm)
@@ -246,12 +226,12 @@ class AtScale(fed.Bench):
     # --- memory ---------------------------------------------------------------------
 
     def worker_rss(self) -> float:
-        return sum(fed.rss_mb(pid) or 0.0 for pid in self.a.worker_pids())
+        return sum(common.rss_mb(pid) or 0.0 for pid in self.a.worker_pids())
 
     def web_rss(self) -> float:
         """uvicorn and its workers: runkite's processes but itself and Celery's (worker, beat)."""
-        pids = fed.descendants(self.a.process.pid) - {self.a.process.pid}
-        return sum(fed.rss_mb(pid) or 0.0 for pid in pids if "celery" not in fed.cmdline(pid))
+        pids = common.descendants(self.a.process.pid) - {self.a.process.pid}
+        return sum(common.rss_mb(pid) or 0.0 for pid in pids if "celery" not in common.cmdline(pid))
 
     # --- query plans -----------------------------------------------------------------
 

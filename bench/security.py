@@ -17,8 +17,6 @@ Targets: ≤ 5 % slower unbatched, ≤ 2 % batched.
     .venv/bin/python bench/security.py --rounds 8 --wait-quiet 600
 """
 
-import argparse
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -26,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("fedbench", ROOT / "bench" / "federation.py")
-fb = importlib.util.module_from_spec(spec)
-sys.modules["fedbench"] = fb
-spec.loader.exec_module(fb)
+fb = common.load("federation")
 log, med = fb.log, fb.med
 
 BASELINE = "7b15c96"  # before bound signatures, the replay store and the destination policy
@@ -95,17 +92,12 @@ def table(kind: str, rates: dict[str, list[float]], baseline: str, candidate: st
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--baseline", default=BASELINE, help="git revision to compare with (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=8, help="rounds per variant and mode")
     parser.add_argument("--events", type=int, default=1000, help="events per unbatched round")
     parser.add_argument("--batched-events", type=int, default=5000, help="events per batched round")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    own = parser.parse_args(argv)
-    args = fb.build_parser().parse_args(["--no-write"])
-    if own.wait_quiet:
-        fb.wait_until_quiet(own.wait_quiet, args.quiet_load)
+    own, args = fb.pair_arguments(parser, argv)
     tree = Path(tempfile.mkdtemp(prefix="kite-baseline-"))
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(tree), own.baseline], check=True,
                    capture_output=True)  # fmt: skip
@@ -159,13 +151,7 @@ def main(argv=None) -> int:
     report = "\n".join(lines)
     print(report)
     if not own.no_write:
-        text = fb.RESULTS.read_text()
-        start, end = "<!-- bench:security:start -->", "<!-- bench:security:end -->"
-        if start in text:
-            text = text[: text.index(start)] + report + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + report + "\n"
-        fb.RESULTS.write_text(text)
+        common.write_results(report, "security")
     return 0 if not problems else 1
 
 

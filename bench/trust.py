@@ -16,17 +16,14 @@ databases, `manage.py runkite` per instance with TLS, A → B federated by hand)
     .venv/bin/python bench/trust.py --wait-quiet 600
 """
 
-import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
+import common
+
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("fedbench", ROOT / "bench" / "federation.py")
-fb = importlib.util.module_from_spec(spec)
-sys.modules["fedbench"] = fb
-spec.loader.exec_module(fb)
+fb = common.load("federation")
 log, med = fb.log, fb.med
 
 
@@ -79,17 +76,12 @@ def alternate(bench, rounds: int, batched: bool, events: int) -> tuple[dict, dic
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--invitations", type=int, default=7, help="invitation rounds")
     parser.add_argument("--events", type=int, default=1000, help="events per unbatched round")
     parser.add_argument("--rounds", type=int, default=6, help="throughput rounds per variant")
     parser.add_argument("--batched-events", type=int, default=5000, help="events per batched round")
-    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    own = parser.parse_args(argv)
-    args = fb.build_parser().parse_args(["--no-write"])
-    if own.wait_quiet:
-        fb.wait_until_quiet(own.wait_quiet, args.quiet_load)
+    own, args = fb.pair_arguments(parser, argv)
     bench = fb.Bench(args)
     try:
         bench.start()
@@ -167,7 +159,7 @@ def main(argv=None) -> int:
         section = "\n".join(lines)
         print(section)
         if not own.no_write:
-            fb.write_results(section, ("<!-- bench:trust:start -->", "<!-- bench:trust:end -->"))
+            common.write_results(section, "trust")
             log("written to bench/RESULTS.md")
     finally:
         bench.stop()
