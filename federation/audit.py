@@ -25,6 +25,7 @@ from django.db import transaction
 
 from federation import metrics
 from federation.models import AuditEvent, Peer
+from kite import ratelimit
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ def _refusal_allowed(team_id: str | None, outcome: str) -> bool:
     """Whether this refusal gets a row. The limits are asked narrowest first and stop at the first
     no: a flood costs one Redis round trip per refusal, as before, and each wider counter only
     counts what the narrower ones let through."""
-    from kite import ratelimit
-
     pool = "team" if team_id else "teamless"
     team_id = team_id or TEAMLESS
     limits = (

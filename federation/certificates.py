@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from django.db import transaction
 from django.utils import timezone
 
-from federation import audit
+from federation import audit, client
 from federation.errors import Code
 from federation.models import IdentityCertificate
 from kite import crypto
@@ -83,7 +83,7 @@ def issue(*, team, subject: str, validity_days: int = DEFAULT_VALIDITY_DAYS, act
             not_after=certificate.not_valid_after_utc,
             replaces=replaces,
         )
-        audit.record(audit.CERTIFICATE_ISSUED, team=team, actor=actor, data=_audit_data(row))
+        audit.record(audit.CERTIFICATE_ISSUED, team=team, actor=actor, data=audit_data(row))
     return row
 
 
@@ -92,12 +92,12 @@ def revoke(*, certificate: IdentityCertificate, actor: str = "") -> None:
     are given the newer PEM)."""
     certificate_id = certificate.pk
     with transaction.atomic():
-        audit.record(audit.CERTIFICATE_REVOKED, team_id=certificate.team_id, actor=actor, data=_audit_data(certificate))
+        audit.record(audit.CERTIFICATE_REVOKED, team_id=certificate.team_id, actor=actor, data=audit_data(certificate))
         certificate.delete()
     forget(certificate_id)
 
 
-def _audit_data(row: IdentityCertificate) -> dict:
+def audit_data(row: IdentityCertificate) -> dict:
     data = {"id": row.pk, "subject": row.subject, "thumbprint": row.thumbprint, "not_after": row.not_after.isoformat()}
     if row.replaces_id:
         data["replaces"] = row.replaces_id
@@ -208,9 +208,8 @@ def _signer(row: IdentityCertificate) -> Signer:
 
     @functools.cache
     def ca_context() -> ssl.SSLContext:
-        from federation.client import SYSTEM_CAS
-
-        context = ssl.create_default_context(cafile=SYSTEM_CAS if isinstance(SYSTEM_CAS, str) else None)
+        cas = client.SYSTEM_CAS  # read when first needed: a test points it at its own CA
+        context = ssl.create_default_context(cafile=cas if isinstance(cas, str) else None)
         _load_chain(context, chain)
         return context
 

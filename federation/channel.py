@@ -16,7 +16,7 @@ from cryptography import x509
 from django.db import IntegrityError, connections, transaction
 from django.utils import timezone
 
-from federation import certificates, client, services, wire
+from federation import audit, certificates, client, peers, services, wire
 from federation.errors import Code
 from federation.models import CertificateAcknowledgement, IdentityCertificate, Peer
 from kite import crypto
@@ -35,12 +35,8 @@ def has_channel(peer: Peer) -> bool:
 
 def tell(peer: Peer, change: dict, *, actor: str = "") -> client.PeerAnswer:
     """Send one change, signed with the current secret and certificates; raises PeerCallError."""
-    from federation import audit
-    from federation.heartbeat import ping_url
-    from federation.outbox import target_for
-
-    target = target_for(peer)
-    target = client.Target(ping_url(peer, ROTATE_PATH), target.secret, target.sender_id, target.tls_fingerprint,
+    target = peers.target_for(peer)
+    target = client.Target(peers.ping_url(peer, ROTATE_PATH), target.secret, target.sender_id, target.tls_fingerprint,
                            target.signer)  # fmt: skip
     return client.call(target, "POST", client.encode(change), timeout=TIMEOUT,
                        audit_as=audit.PeerCall(peer=peer, actor=actor or audit.SYSTEM))  # fmt: skip
@@ -74,7 +70,7 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, prop
     if not (peer.sends_to and peer.outbound_secret_encrypted):  # no URL to call, or no secret to sign it with
         raise ApiError(f"{peer.name!r} cannot be told over a channel (a trusted sender, or an invitation not yet "
                        "accepted): rotate with propagate=false.", Code.INVALID)  # fmt: skip
-    new = services._check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
+    new = peers.check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
     if direction == "outbound":
         try:
             tell(peer, {"inbound_secret": new, **({} if grace else {"grace": False})}, actor=actor)
@@ -114,7 +110,7 @@ def apply(peer: Peer, change: object) -> dict:
     if name == "certificate_pem":
         return _repin(peer, value)
     direction = name.removesuffix("_secret")
-    issued = services.rotate_secret(peer=peer, direction=direction, secret=services._check_secret(value, name),
+    issued = services.rotate_secret(peer=peer, direction=direction, secret=peers.check_secret(value, name),
                                     grace=grace, actor=f"peer {peer.name}")  # fmt: skip
     return {"applied": name, "fingerprint": getattr(issued.row, f"{direction}_fingerprint")}
 

@@ -10,7 +10,9 @@ connected to), answers read up to a size limit, and turning answers into one
 
 import ipaddress
 import json
+import os
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -180,9 +182,6 @@ def _refused(host: str, address: str, why: str) -> str:
 
 def _system_cas() -> str | bool:
     """DESIGN §3: peers without a pin are verified by the system CAs (not certifi's bundle)."""
-    import os
-    import ssl
-
     for candidate in (os.environ.get("SSL_CERT_FILE"), ssl.get_default_verify_paths().cafile,
                       "/etc/ssl/certs/ca-certificates.crt"):  # fmt: skip
         if candidate and os.path.exists(candidate):

@@ -1,7 +1,7 @@
 """A web process delivers what it has just stored: no queue, no worker between the commit and the call.
 
 An event's outbox entries are committed with it; the commit then wakes this process's courier
-(outbox.kick), whose threads claim the peer's due entries and send them exactly as a worker's task
+(dispatch.kick), whose threads claim the peer's due entries and send them exactly as a worker's task
 does — same claim (SKIP LOCKED), same leases renewed by the keeper thread, same outcome records —
 so nothing about at-least-once changes: an entry a dying web process held comes back when its lease
 ends and the sweeper hands it to a worker. What the courier saves is the hop through the broker and
@@ -23,9 +23,10 @@ import collections
 import logging
 import threading
 
+from django.conf import settings
 from django.db import connections
 
-from federation import outbox
+from federation import dispatch, outbox
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,8 @@ class Courier:
 
 def install() -> Courier | None:
     """In a web process (kite.asgi), on PostgreSQL: kicks go to this process's courier."""
-    from django.conf import settings
-
     if not settings.IS_POSTGRES or not settings.KITE_WEB_DELIVERY:
         return None
     courier = Courier()
-    outbox.deliver_locally(courier)
+    dispatch.deliver_locally(courier)
     return courier

@@ -27,7 +27,7 @@ KINDS = {"fleet.agents"}
 MAX_CIDRS = 32
 
 
-def _digest(secret: str) -> str:
+def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -55,10 +55,10 @@ def create(*, peer: Peer, resource_kind: str, resource_id: str | None = None, pe
     with transaction.atomic():
         grant = Grant.objects.create(
             team_id=peer.team_id, peer=peer, resource_kind=resource_kind, resource_id=resource_id or None,
-            permission_scopes=scopes, source_cidrs=cidrs, secret_sha256=_digest(secret),
+            permission_scopes=scopes, source_cidrs=cidrs, secret_sha256=digest(secret),
             expires_at=timezone.now() + timedelta(seconds=ttl_seconds),
         )  # fmt: skip
-        audit.record(audit.GRANT_CREATED, peer=peer, actor=actor, data=_audit_data(grant))
+        audit.record(audit.GRANT_CREATED, peer=peer, actor=actor, data=audit_data(grant))
     return grant, f"fg-{grant.pk}.{secret}"
 
 
@@ -68,12 +68,12 @@ def revoke(*, peer: Peer, grant_id: int, actor: str = "") -> bool:
         grant = peer.grants.filter(pk=grant_id).first()
         if grant is None:
             return False
-        audit.record(audit.GRANT_REVOKED, peer=peer, actor=actor, data=_audit_data(grant))
+        audit.record(audit.GRANT_REVOKED, peer=peer, actor=actor, data=audit_data(grant))
         grant.delete()
     return True
 
 
-def _audit_data(grant: Grant) -> dict:
+def audit_data(grant: Grant) -> dict:
     return {
         "id": grant.pk, "resource_kind": grant.resource_kind, "resource_id": grant.resource_id,
         "permission_scopes": grant.permission_scopes, "source_cidrs": grant.source_cidrs,
@@ -120,7 +120,7 @@ def _lookup(token: str) -> Grant:
         raise Refused("bad_grant", "Send a grant token 'fg-<id>.<secret>'.")
     # Plain SQL: every peer call that reads a grant makes this query (the ORM's compilation cost more).
     grant = next(iter(Grant.objects.raw(f"SELECT * FROM {Grant._meta.db_table} WHERE id = %s", [int(grant_id)])), None)
-    if grant is None or not hmac.compare_digest(grant.secret_sha256, _digest(secret)):
+    if grant is None or not hmac.compare_digest(grant.secret_sha256, digest(secret)):
         raise Refused("bad_grant", "Unknown grant token.")
     return grant
 

@@ -1,46 +1,20 @@
 """Ping peers: persist the outcome, move states, resume a paused queue (DESIGN §4)."""
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 from django.db import close_old_connections
 from django.db.models import Case, F, IntegerField, Q, Value, When
 from django.utils import timezone
 
-from federation import audit, client, outbox
+from federation import audit, client, dispatch, enqueue, peers
+from federation.contract import BATCH_CAP
 from federation.models import Peer
 
 PING_TIMEOUT = (3.0, 5.0)
 CLOCK_TOLERANCE_SECONDS = 300
-
-
-_KITE_HOOK = re.compile(r"/hooks/([A-Za-z0-9_-]{1,64})/kite/?")
-
-
-def ping_url(peer: Peer, path: str = "/api/federation/ping") -> str:
-    """The peer's `path`, on the host of its hook URL. A Kite hook URL names the team whose rows
-    know us: `?team=` tells the peer, so it tries that team's secrets only, not those of every team
-    peered with this instance (inbound.team_hint; the signature still decides)."""
-    parts = urlsplit(peer.peer_hook_url)
-    hook = _KITE_HOOK.fullmatch(parts.path)
-    return urlunsplit((parts.scheme, parts.netloc, path, f"team={hook.group(1)}" if hook else "", ""))
-
-
-def terminate(peer: Peer, reason: str, *, actor: str = audit.SYSTEM) -> "PingResult":
-    """Tell the peer we are deleting it (signed POST /api/federation/terminate): it marks us
-    revoked and stops sending. Best effort: the peer is revoked here whatever it answers."""
-    target = outbox.target_for(peer)
-    target = client.Target(**{**target.__dict__, "url": ping_url(peer, "/api/federation/terminate")})
-    try:
-        answer = client.call(target, "POST", client.encode({"reason": reason}), timeout=PING_TIMEOUT,
-                             audit_as=audit.PeerCall(peer=peer, actor=actor))  # fmt: skip
-    except client.PeerCallError as failure:
-        return PingResult(False, failure.status_code, None, _factors_for_failure(failure), failure.detail)
-    return PingResult(True, answer.status_code, answer.latency_ms, {}, "", answer.body)
 
 
 @dataclass
@@ -59,7 +33,7 @@ class PingResult:
         }  # fmt: skip
 
 
-def _factors_for_failure(failure: client.PeerCallError) -> dict:
+def factors_for_failure(failure: client.PeerCallError) -> dict:
     code = failure.code
     factors = {"tls": "ok", "certificate": "not_configured", "secret": "unknown", "clock": "unknown"}
     if code == "tls":
@@ -80,13 +54,13 @@ def _factors_for_failure(failure: client.PeerCallError) -> dict:
 
 
 def ping(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
-    target = outbox.target_for(peer)
-    target = client.Target(**{**target.__dict__, "url": ping_url(peer)})
+    target = peers.target_for(peer)
+    target = client.Target(**{**target.__dict__, "url": peers.ping_url(peer)})
     started = time.time()
     try:
         answer = client.call(target, "GET", timeout=PING_TIMEOUT, audit_as=audit.PeerCall(peer=peer, actor=actor))
     except client.PeerCallError as failure:
-        return PingResult(False, failure.status_code, None, _factors_for_failure(failure), failure.detail)
+        return PingResult(False, failure.status_code, None, factors_for_failure(failure), failure.detail)
     body = answer.body if isinstance(answer.body, dict) else {}
     factors = {"tls": "ok", "certificate": "ok" if target.signer else "not_configured", "secret": "ok",
                "clock": _clock(body, started)}  # fmt: skip
@@ -112,7 +86,7 @@ def heartbeat(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
         updates.update(last_success_at=now, last_latency_ms=result.latency_ms, last_error="")
         capabilities = result.body.get("capabilities") if isinstance(result.body, dict) else None
         if isinstance(capabilities, dict) and isinstance(capabilities.get("batch_max"), int):
-            updates["batch_max"] = max(1, min(capabilities["batch_max"], outbox.BATCH_CAP))
+            updates["batch_max"] = max(1, min(capabilities["batch_max"], BATCH_CAP))
         remote = result.body.get("instance_id") if isinstance(result.body, dict) else None
         if isinstance(remote, str) and remote and not peer.remote_instance_id:
             updates["remote_instance_id"] = remote[:63]
@@ -133,9 +107,9 @@ def heartbeat(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
         updates["last_error"] = result.error[:1000]
     Peer.objects.filter(pk=peer.pk).exclude(status=Peer.Status.REVOKED).update(**updates)
     if "remote_instance_id" in updates:
-        outbox.forget_routes(peer.team_id)
+        enqueue.forget_routes(peer.team_id)
     if result.ok and peer.paused == Peer.Pause.DOWN:  # lifted now, or paused anew meanwhile: the drain sees that
-        outbox.kick(peer.pk)
+        dispatch.kick(peer.pk)
     return result
 
 

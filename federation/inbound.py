@@ -17,9 +17,10 @@ from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from federation import audit, metrics, routing, services, signing
+from federation import audit, certificates, dispatch, enqueue, metrics, routing, signing
 from federation.errors import Code
 from federation.models import InboundReceipt, Peer
+from federation.peers import inbound_secrets
 from ingest.cloudevent import MalformedEvent
 from ingest.verifiers import VerificationError
 from kite import ratelimit
@@ -63,7 +64,7 @@ def _first_match(peers: list[Peer], request, body: bytes, method: str, path: str
     matched = None
     for peer in peers:
         message = request.hmac_message(body, signing.Binding(method, path, peer.team_id))
-        for index, secret in enumerate(services.inbound_secrets(peer)):
+        for index, secret in enumerate(inbound_secrets(peer)):
             if signing.hmac_matches(secret, request, message) and matched is None:
                 matched = Match(peer, current=index == 0)
     return matched
@@ -171,8 +172,6 @@ def _check_certificate(peer: Peer, request, body: bytes, binding: signing.Bindin
 
 @functools.lru_cache(maxsize=256)
 def _verifier(pem: str):
-    from federation import certificates
-
     return certificates.verifier_for(pem)
 
 
@@ -204,15 +203,11 @@ def _note_contact(peer: Peer, sender: str) -> None:
     ):
         # A new peering (invitation): the other side just reached us; ping back now rather than at
         # the next heartbeat, so both sides are enrolled and active within seconds.
-        from federation.invitations import _enrol_soon
-
-        transaction.on_commit(lambda: _enrol_soon(peer.pk))
+        transaction.on_commit(lambda: dispatch.enrol_soon(peer.pk))
     if updates:
         Peer.objects.filter(pk=peer.pk).update(**updates)
         if "remote_instance_id" in updates:
-            from federation.outbox import forget_routes
-
-            forget_routes(peer.team_id)
+            enqueue.forget_routes(peer.team_id)
         for field, value in updates.items():
             if field != "status":
                 setattr(peer, field, value)

@@ -23,9 +23,11 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from federation import CONTRACT_VERSION, audit, certificates, client, services, signing, wire
+from federation import audit, certificates, client, dispatch, grants, peers, services, signing, wire
+from federation.contract import CONTRACT_VERSION, capabilities
 from federation.errors import Code
 from federation.models import Grant, Peer
+from federation.selectors import server_tls_fingerprint
 from kite import crypto
 from kite.errors import ApiError
 
@@ -73,9 +75,9 @@ def issue(*, team, name: str = "", scopes: list | None = None, max_hops: int | N
     expires_at = timezone.now() + timedelta(seconds=ttl_seconds)
     peer = Peer(
         team=team,
-        name=services._check_name(name or f"invited-{secrets.token_hex(3)}"),
+        name=peers.check_name(name or f"invited-{secrets.token_hex(3)}"),
         role=Peer.Role.PEER,
-        scopes=services._check_scopes(scopes if scopes is not None else []),
+        scopes=peers.check_scopes(scopes if scopes is not None else []),
         status=Peer.Status.PROPOSED,
         invitation_code_sha256=_digest(code),
         invitation_expires_at=expires_at,
@@ -84,19 +86,17 @@ def issue(*, team, name: str = "", scopes: list | None = None, max_hops: int | N
         peer.max_hops = max_hops
     with transaction.atomic():
         certificate = _own_certificate(team, actor)
-        services._save_new(peer)
+        peers.save_new(peer)
         audit.record(audit.INVITATION_CREATED, peer=peer, actor=actor, data={
             "peer_id": peer.pk, "scopes": peer.scopes, "max_hops": peer.max_hops,
             "expires_at": expires_at.isoformat(), "certificate_thumbprint": certificate.thumbprint,
         })  # fmt: skip
-    from federation.selectors import server_tls_fingerprint
-
     payload = {
         "contract_version": CONTRACT_VERSION,
         "url": settings.KITE_PUBLIC_URL,
         "instance_id": settings.KITE_INSTANCE_ID,
         "team_id": team.id,
-        "hook_url": services.hook_url_for(team),
+        "hook_url": peers.hook_url_for(team),
         "certificate_thumbprint": certificate.thumbprint,
         "tls_fingerprint": server_tls_fingerprint() or None,
         "code": code,
@@ -138,11 +138,11 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
     offer = parse(invitation)
     if offer["instance_id"] == settings.KITE_INSTANCE_ID and offer["team_id"] == team.id:
         raise ApiError("This is your own team's invitation: give it to the other instance's operator.", Code.INVALID)
-    services._check_url(offer["url"])  # the handshake goes there: refused here as a bad input, not a 502
-    services._check_url(offer["hook_url"])
-    name = services._check_name(name or offer["instance_id"])
-    scopes = services._check_scopes(scopes if scopes is not None else [])
-    services._check_tls_fingerprint(offer.get("tls_fingerprint") or "")
+    peers.check_url(offer["url"])  # the handshake goes there: refused here as a bad input, not a 502
+    peers.check_url(offer["hook_url"])
+    name = peers.check_name(name or offer["instance_id"])
+    scopes = peers.check_scopes(scopes if scopes is not None else [])
+    peers.check_tls_fingerprint(offer.get("tls_fingerprint") or "")
     _check_free(team, name, offer["instance_id"][:63])
     certificate = _own_certificate(team, actor)
     checked_here = crypto.new_webhook_secret()  # what we verify: never leaves except to A, once
@@ -169,7 +169,7 @@ def accept(*, team, invitation: str, name: str = "", scopes: list | None = None,
         raise
     finally:
         called.flush()
-    transaction.on_commit(lambda: _enrol_soon(peer.pk), robust=True)
+    transaction.on_commit(lambda: dispatch.enrol_soon(peer.pk), robust=True)
     return peer
 
 
@@ -188,13 +188,13 @@ def _our_side(team, offer: dict, answer: client.PeerAnswer, *, name: str, scopes
     peer = Peer(
         team=team, name=name, role=Peer.Role.PEER, peer_hook_url=offer["hook_url"],
         remote_instance_id=offer["instance_id"][:63], scopes=scopes,
-        tls_fingerprint=services._check_tls_fingerprint(offer.get("tls_fingerprint") or ""),
+        tls_fingerprint=peers.check_tls_fingerprint(offer.get("tls_fingerprint") or ""),
         status=Peer.Status.ACCEPTED, certificate_pem=their_pem, certificate_thumbprint=their_thumbprint,
     )  # fmt: skip
     if max_hops is not None:
         peer.max_hops = max_hops
-    services._set_secret(peer, "inbound", checked_here)
-    services._set_secret(peer, "outbound", services._check_secret(str(reply.get("inbound_secret", "")),
+    peers.set_secret(peer, "inbound", checked_here)
+    peers.set_secret(peer, "outbound", peers.check_secret(str(reply.get("inbound_secret", "")),
                                                                   "inbound_secret"))  # fmt: skip
     if isinstance(reply.get("grant_token"), str) and reply["grant_token"].startswith("fg-"):
         peer.remote_grant_encrypted = crypto.encrypt(reply["grant_token"][:200])
@@ -235,11 +235,9 @@ def _next_grant_id() -> int:
 
 
 def _handshake_request(team, offer: dict, certificate, checked_here: str, grant_token: str) -> bytes:
-    from federation.selectors import server_tls_fingerprint
-
     return client.encode({
         "code": offer["code"], "url": settings.KITE_PUBLIC_URL, "instance_id": settings.KITE_INSTANCE_ID,
-        "team_id": team.id, "hook_url": services.hook_url_for(team), "certificate_pem": certificate.pem,
+        "team_id": team.id, "hook_url": peers.hook_url_for(team), "certificate_pem": certificate.pem,
         "tls_fingerprint": server_tls_fingerprint() or None, "inbound_secret": checked_here,
         "contract_version": CONTRACT_VERSION, "grant_token": grant_token,
     })  # fmt: skip
@@ -259,20 +257,18 @@ def _handshake(target: client.Target, body: bytes, called: audit.PeerCall) -> cl
 def _store_accepted(peer: Peer, grant_token: str, offer: dict, actor: str) -> None:
     """Our side, in one short transaction: the peer row and the default grant A now holds the token of.
     The name or instance ID may have been taken while the handshake ran: 409, and A is told."""
-    from federation import grants
-
     grant_id, _, grant_secret = grant_token.removeprefix("fg-").partition(".")
     with transaction.atomic():
         _check_free(peer.team, peer.name, peer.remote_instance_id)
-        services._save_new(peer)
+        peers.save_new(peer)
         grant = Grant.objects.create(
             pk=int(grant_id), team_id=peer.team_id, peer=peer, resource_kind="fleet.agents",
-            permission_scopes=["read"], secret_sha256=grants._digest(grant_secret),
+            permission_scopes=["read"], secret_sha256=grants.digest(grant_secret),
             expires_at=timezone.now() + timedelta(seconds=grants.DEFAULT_TTL_SECONDS),
         )  # fmt: skip
-        audit.record(audit.GRANT_CREATED, peer=peer, actor=actor, data=grants._audit_data(grant))
+        audit.record(audit.GRANT_CREATED, peer=peer, actor=actor, data=grants.audit_data(grant))
         audit.record(audit.INVITATION_ACCEPTED, peer=peer, actor=actor, data={
-            **services.peer_summary(peer), "inviting_instance": offer["instance_id"], "url": offer["url"],
+            **peers.peer_summary(peer), "inviting_instance": offer["instance_id"], "url": offer["url"],
         })  # fmt: skip
 
 
@@ -312,16 +308,6 @@ def _abandon(target: client.Target, reply: dict, called: audit.PeerCall) -> None
         pass
 
 
-def _enrol_soon(peer_id: int) -> None:
-    """Ping at once instead of at the next heartbeat: enrolled (and active) within seconds."""
-    from federation import tasks
-
-    try:
-        tasks.heartbeat_peer.delay(peer_id)
-    except Exception:  # the broker is down: the regular heartbeat will do it
-        pass
-
-
 # --- A: the handshake endpoint ---------------------------------------------------------
 
 
@@ -349,9 +335,9 @@ def redeem(headers: dict[str, str], raw: bytes, *, path: str = HANDSHAKE_PATH) -
     if not INSTANCE_ID.fullmatch(instance_id):
         raise HandshakeRefused(400, Code.INVALID, "instance_id must be 1-63 letters, digits, '.', '_' or '-'.", invited)
     try:  # before the transaction: the destination policy resolves the name (no I/O under a row lock)
-        hook_url = services._check_url(str(offer.get("hook_url", "")))
-        tls_fingerprint = services._check_tls_fingerprint(str(offer.get("tls_fingerprint") or ""))
-        checked_there = services._check_secret(str(offer.get("inbound_secret", "")), "inbound_secret")
+        hook_url = peers.check_url(str(offer.get("hook_url", "")))
+        tls_fingerprint = peers.check_tls_fingerprint(str(offer.get("tls_fingerprint") or ""))
+        checked_there = peers.check_secret(str(offer.get("inbound_secret", "")), "inbound_secret")
     except ApiError as exc:
         raise HandshakeRefused(400, exc.code, exc.detail, invited) from None
     nonce = secrets.token_urlsafe(32)
@@ -368,8 +354,8 @@ def redeem(headers: dict[str, str], raw: bytes, *, path: str = HANDSHAKE_PATH) -
         checked_here = crypto.new_webhook_secret()
         peer.remote_instance_id = instance_id
         peer.certificate_pem, peer.certificate_thumbprint = their_pem, their_thumbprint
-        services._set_secret(peer, "inbound", checked_here)
-        services._set_secret(peer, "outbound", checked_there)
+        peers.set_secret(peer, "inbound", checked_here)
+        peers.set_secret(peer, "outbound", checked_there)
         peer.status = Peer.Status.ACCEPTED
         peer.invitation_code_sha256, peer.invitation_expires_at = "", None  # single use
         peer.handshake_nonce_sha256 = _digest(nonce)  # B may withdraw this row, and only this one, for a while
@@ -379,13 +365,9 @@ def redeem(headers: dict[str, str], raw: bytes, *, path: str = HANDSHAKE_PATH) -
             peer.remote_grant_encrypted = crypto.encrypt(given[:200])
         peer.save()
         team = peer.team
-        from federation import grants
-
         _, grant_token = grants.create(peer=peer, resource_kind="fleet.agents", actor=audit.SYSTEM)  # the default
     # No ping from here yet: B stores its side only after this answer. B pings at once, and
     # its first signed request makes this side ping back (inbound._note_contact).
-    from federation.api.peer_views import capabilities
-
     body = {
         "instance_id": settings.KITE_INSTANCE_ID, "certificate_pem": _own_certificate(team).pem,
         "inbound_secret": checked_here, "capabilities": capabilities(), "peer_name": peer.name,

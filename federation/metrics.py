@@ -3,12 +3,14 @@ the outbox, peer and certificate gauges are read from the database at scrape tim
 
 import logging
 
+from django.db.models import Count, FilteredRelation, Min, Q
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from federation import reachability
 from federation.errors import Code
+from federation.models import IdentityCertificate, Peer
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +96,6 @@ def outbox_by_peer(statuses, *, owed) -> tuple[dict[tuple[str, str], int], dict]
     every live peer, 0 included, in one GROUP BY: the join only takes the wanted statuses, so
     delivered history is never scanned. Peers of several teams may share a name: their counts add
     up and the oldest of their entries counts, as a label set must be unique."""
-    from django.db.models import Count, FilteredRelation, Min, Q
-
-    from federation.models import Peer
-
     rows = (
         Peer.objects.filter(role=Peer.Role.PEER)
         .exclude(status=Peer.Status.REVOKED)
@@ -135,8 +133,6 @@ class PeerStateCollector:
         return [self._family(), self._reachability_family()]
 
     def collect(self):
-        from federation.models import Peer
-
         paused, reachable = self._family(), self._reachability_family()
         try:
             peers = list(Peer.objects.filter(role=Peer.Role.PEER).exclude(status=Peer.Status.REVOKED)
@@ -178,8 +174,6 @@ class CertificateExpiryCollector:
         return [self._family()]
 
     def collect(self):
-        from federation.models import IdentityCertificate
-
         family = self._family()
         try:
             rows = list(IdentityCertificate.objects.order_by("team_id", "not_after", "id")

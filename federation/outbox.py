@@ -1,4 +1,6 @@
-"""The transactional outbox: route → enqueue (in the event's transaction) → claim → deliver.
+"""The transactional outbox after an event's commit: claim → deliver → record; dead letters
+replayed; the sweeper. (Entries are written by federation.enqueue, their peers woken by
+federation.dispatch.)
 
 Rows first, tasks second (STYLE §4): the on-commit kick is only the fast path;
 the beat sweeper finds anything due every second; a claim is a conditional
@@ -8,13 +10,12 @@ within seconds and a live one's never go to a second worker mid-delivery.
 """
 
 import functools
-import json
 import logging
 import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from django.conf import settings
@@ -23,266 +24,17 @@ from django.db import connections as db_connections
 from django.db.models import Case, Exists, F, OuterRef, Q, Subquery, Value, When
 from django.utils import timezone
 
-from federation import audit, backoff, client, metrics, routing, services
+from federation import audit, backoff, client, dispatch, enqueue, metrics, peers, services
+from federation.contract import BATCH_CAP, BATCH_CONTENT_TYPE, SINGLE_CONTENT_TYPE
+from federation.dispatch import FLAG_REFRESH_SECONDS
 from federation.models import Delivery, OutboxEntry, Peer
-from ingest import cloudevent
-from ingest.models import Event, Source
-from kite import fastsql, tracing
-from kite.models import Team
+from ingest.models import Event
+from kite import ratelimit, tracing
 
 log = logging.getLogger(__name__)
 CLAIM_UNBATCHED = 20
-BATCH_CAP = 500
-BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
-SINGLE_CONTENT_TYPE = "application/cloudevents+json"
-FAILED_TYPE = "kite.federation.delivery_failed"
 PEER_REREAD_SECONDS = 1.0
-KICK_FLAG_SECONDS = 2  # a killed task's flag holds back kicks (and the sweeper's) this long at most
-FLAG_REFRESH_SECONDS = 0.5  # a live drain's flag is set again this often (by the keeper thread)
 RENEWALS_PER_LEASE = 4  # a live drain's leases are renewed every quarter of KITE_OUTBOX_LEASE_SECONDS
-
-
-# --- routing: runs inside the transaction that stores the event ---------------
-
-
-@dataclass(frozen=True)
-class Route:
-    """What routing needs of a peer; cached per team so storing an event costs no query."""
-
-    pk: int
-    name: str
-    remote_instance_id: str
-    scopes: tuple[str, ...]
-    max_hops: int
-    filters: tuple[dict, ...] = ()  # federation.filters expressions, all of which must match
-
-
-# Each process keeps the routes it read per team, with the team's `routes_version` they were
-# read at. Any change to a team's peers bumps that version in the same transaction; webhooks
-# read it along with their source, so an event of a team without peers costs no query and
-# no round trip, and a change is seen by the next event in every process.
-_routes: dict[str, tuple[int, list[Route]]] = {}
-_routes_lock = threading.Lock()
-
-
-def routes_for(team_id: str, version: int | None = None) -> list[Route]:
-    if version is None:  # not read with a webhook's source: one indexed read
-        version = Team.objects.filter(pk=team_id).values_list("routes_version", flat=True).first() or 0
-    cached = _routes.get(team_id)
-    if cached is not None and cached[0] == version:
-        return cached[1]
-    peers = (
-        Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER)
-        .exclude(status=Peer.Status.REVOKED)
-        .exclude(peer_hook_url="")
-        .values_list("pk", "name", "remote_instance_id", "scopes", "max_hops", "filters")
-    )
-    routes = [Route(pk, name, remote, tuple(scopes or ()), hops, tuple(filters or ()))
-              for pk, name, remote, scopes, hops, filters in peers]  # fmt: skip
-    with _routes_lock:
-        _routes[team_id] = (version, routes)
-    return routes
-
-
-def forget_routes(team_id: str | None = None) -> None:
-    """A peer's routing fields changed: bump the team's routes version, in the caller's
-    transaction when there is one, so that every process reloads at its next event."""
-    with _routes_lock:
-        if team_id is None:
-            _routes.clear()
-        else:
-            _routes.pop(team_id, None)
-    teams = Team.objects.all() if team_id is None else Team.objects.filter(pk=team_id)
-    teams.update(routes_version=F("routes_version") + 1)
-
-
-def route_event(event: Event, sender) -> None:
-    if event.ce_type.startswith(routing.INTERNAL_PREFIX):
-        return
-    source = event.source if Event._meta.get_field("source").is_cached(event) else None
-    routes = routes_for(event.team_id, getattr(source, "team_routes_version", None))
-    if not routes:
-        return
-    forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)
-    entries = []
-    attributes = functools.cache(lambda: routing.wire_attributes(event, forward))  # once, for filters only
-    for route in routes:
-        decision = _decide(event, forward, route, sender, attributes)
-        if decision.send:
-            entries.append(OutboxEntry(team_id=event.team_id, peer_id=route.pk, event=event,
-                                       provenance=forward.extensions()))  # fmt: skip
-            continue
-        metrics.DROPPED.labels(route.name, decision.reason).inc()
-        if decision.reason == "max_hops":
-            _emit_delivery_failed(event, route, forward)
-    if entries:
-        with tracing.event_span("kite.outbox", event, {"kite.peer_ids": [entry.peer_id for entry in entries]}):
-            fastsql.insert(entries)
-        peer_ids = sorted({entry.peer_id for entry in entries})
-        transaction.on_commit(lambda: kick_all(peer_ids), robust=True)
-
-
-def _routes_idle_for(source) -> bool:
-    """This process knows the source's team has no peer to route to at the routes version read
-    with the source. Never reads: what is not cached (yet) is not known to be idle."""
-    cached = _routes.get(source.team_id)
-    return cached is not None and cached[0] == getattr(source, "team_routes_version", None) and not cached[1]
-
-
-route_event.idle_for = _routes_idle_for
-
-
-def _decide(event, forward, peer, sender, attributes=None) -> routing.Decision:
-    if sender is not None and getattr(sender, "pk", None) == peer.pk:
-        return routing.Decision(False, "loop_chain")  # never straight back to whoever sent it
-    return routing.decide(
-        event_type=event.ce_type,
-        forward=forward,
-        peer_instance_id=peer.remote_instance_id,
-        scopes=list(peer.scopes),
-        max_hops=peer.max_hops,
-        filters=peer.filters,
-        attributes=attributes,
-    )
-
-
-def _emit_delivery_failed(event: Event, peer: Peer, forward: routing.Provenance) -> None:
-    from ingest.services import event_store
-
-    source = Source.objects.get(team_id=event.team_id, name="kite")
-    data = {
-        "peer": peer.name,
-        "reason": "max_hops",
-        "max_hops": peer.max_hops,
-        "hops": forward.hops - 1,
-        "event": {"id": event.ce_id, "source": event.ce_source, "type": event.ce_type},
-        "chain": list(forward.chain),
-    }
-    event_store(
-        source=source,
-        draft=cloudevent.Draft(
-            id=f"drop-{uuid.uuid4()}",
-            type=FAILED_TYPE,
-            source=f"kite://{settings.KITE_INSTANCE_ID}/{event.team_id}/federation",
-            time=timezone.now(),
-            data_json=json.dumps(data),
-        ),
-    )
-
-
-# --- kicking: wake a worker for a peer after commit ------------------------------
-
-
-_local = None  # a web process's courier (federation.courier): delivers what this process just stored
-
-
-def kick(peer_id: int) -> None:
-    """After commit: deliver the peer's due entries soon — by this web process's courier when
-    it takes the peer (no task is draining it and its courier is not sending already), else by
-    a worker's task."""
-    if _local is not None and not _task_draining([peer_id])[0] and _local.wake(peer_id):
-        return
-    _kick_task(peer_id)
-
-
-def _task_draining(peer_ids: list[int]) -> list[bool]:
-    """Whether a worker's task holds each peer's kick flag (is queued or draining): then it takes
-    the new entries at its next claim, and the courier stays out of its way."""
-    if not settings.REDIS_URL:
-        return [False] * len(peer_ids)
-    from kite.ratelimit import _redis
-
-    try:
-        pipe = _redis().pipeline(transaction=False)
-        for peer_id in peer_ids:
-            pipe.exists(_kick_key(peer_id))
-        return [bool(held) for held in pipe.execute()]
-    except Exception:
-        return [False] * len(peer_ids)
-
-
-TASK_PEERS = 10  # peers per task when one event wakes many at once (its kick flags last 2 s)
-
-
-def kick_all(peer_ids: list[int]) -> None:
-    """After an event's commit: `kick` for each of its peers, in fewer round trips — the courier
-    takes what it can, the others' kick flags are set in one Redis round trip and they go to the
-    workers TASK_PEERS to a task. An event matching 200 peers was 200 Redis round trips and 200
-    task messages before its 202 (~0.65 s)."""
-    if _local is None:
-        rest = list(peer_ids)
-    else:
-        draining = _task_draining(peer_ids)
-        rest = [peer_id for peer_id, busy in zip(peer_ids, draining, strict=True) if busy or not _local.wake(peer_id)]
-    if len(rest) <= 1:
-        for peer_id in rest:
-            _kick_task(peer_id)
-        return
-    from federation import tasks
-
-    if settings.REDIS_URL:
-        rest = _first_kicks(rest)
-    for start in range(0, len(rest), TASK_PEERS):
-        chunk = rest[start : start + TASK_PEERS]
-        try:
-            tasks.deliver_peers.delay(chunk)
-        except Exception:  # the broker is down: the sweeper will find the entries
-            log.warning("could not queue delivery for peers %s; the sweeper will retry", chunk, exc_info=True)
-
-
-def _first_kicks(peer_ids: list[int]) -> list[int]:
-    """`_first_kick` for many peers in one round trip: those whose flag this call set."""
-    from kite.ratelimit import _redis
-
-    try:
-        pipe = _redis().pipeline(transaction=False)
-        for peer_id in peer_ids:
-            pipe.set(_kick_key(peer_id), 1, nx=True, ex=KICK_FLAG_SECONDS)
-        return [peer_id for peer_id, first in zip(peer_ids, pipe.execute(), strict=True) if first]
-    except Exception:
-        return peer_ids
-
-
-def _kick_task(peer_id: int) -> None:
-    from federation import tasks
-
-    if settings.REDIS_URL and not _first_kick(peer_id):
-        return
-    try:
-        tasks.deliver_peer.delay(peer_id)
-    except Exception:  # the broker is down: the sweeper will find the entry
-        log.warning("could not queue delivery for peer %s; the sweeper will retry", peer_id, exc_info=True)
-
-
-def _kick_key(peer_id: int) -> str:
-    return f"kite:kick:{peer_id}"
-
-
-def _first_kick(peer_id: int) -> bool:
-    """Coalesce kicks: while a task for the peer is queued or draining, the flag is set and a
-    kick queues nothing; the draining task picks the new entries up at its next claim."""
-    return bool(_first_kicks([peer_id]))
-
-
-def _hold(key: str) -> None:
-    """A long drain keeps its flag alive (else a second task would start draining alongside)."""
-    if settings.REDIS_URL:
-        from kite.ratelimit import _redis
-
-        try:
-            _redis().set(key, 1, ex=KICK_FLAG_SECONDS)
-        except Exception:
-            pass
-
-
-def _clear(key: str) -> None:
-    if settings.REDIS_URL:
-        from kite.ratelimit import _redis
-
-        try:
-            _redis().delete(key)
-        except Exception:
-            pass
 
 
 # --- claiming and delivering ---------------------------------------------------
@@ -376,7 +128,7 @@ def deliver_peer(peer_id: int, helper: bool = False) -> int:
     until a claim of its comes back empty; SKIP LOCKED keeps the two apart. The peer row is
     read again at most once a second (an operator's pause or new secret applies within a second).
     While it runs, the keeper thread keeps its flag set and its leases renewed (`Drain`)."""
-    drain = Drain(_helper_key(peer_id) if helper else _kick_key(peer_id))
+    drain = Drain(dispatch.helper_key(peer_id) if helper else dispatch.kick_key(peer_id))
     drain.hold_flag()
     _keeper.add(drain)
     try:
@@ -387,12 +139,6 @@ def deliver_peer(peer_id: int, helper: bool = False) -> int:
 
 
 TASK, HELPER, COURIER = "task", "helper", "courier"  # who drains: a kicked task, its helper, a web process
-
-
-def deliver_locally(courier) -> None:
-    """From now on this process's kicks wake `courier` (federation.courier) first."""
-    global _local
-    _local = courier
 
 
 def deliver_fresh(view: "PeerView") -> int:
@@ -425,7 +171,7 @@ class PeerView:
         if self.peer is None or not self.peer.sends_to or self.peer.paused:
             return None
         if self.target is None:
-            self.target = target_for(self.peer)
+            self.target = peers.target_for(self.peer)
         return self.peer
 
     def forget(self) -> None:
@@ -456,7 +202,7 @@ def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
             drain.hold_flag()
         backlog = len(entries) == limit
         if backlog and mode == TASK:
-            _call_helper(peer.pk)
+            dispatch.call_helper(peer.pk)
         chunks = [[entries]] if size > 1 else _in_flight(entries, proven=delivered > 0)
         for index, chunk in enumerate(chunks):
             groups = drain.still_ours_all(chunk)
@@ -479,7 +225,7 @@ def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
                 view.forget()  # the failure may have paused the queue or be a stale certificate
                 return delivered
         if backlog and mode == COURIER:
-            _kick_task(peer.pk)
+            dispatch.queue_task(peer.pk)
             return delivered
 
 
@@ -497,7 +243,7 @@ class Drain:
     """What one deliver_peer run holds, kept alive by the keeper thread while the run lives: its
     kick flag (set again every FLAG_REFRESH_SECONDS) and the leases of the entries it claimed and
     has not finished (renewed every 1/RENEWALS_PER_LEASE of the lease). A process that dies stops
-    both: its flag lapses within KICK_FLAG_SECONDS, its entries are claimable once their lease ends.
+    both: its flag lapses within dispatch.KICK_FLAG_SECONDS, its entries are claimable once their lease ends.
 
     Every leased_until a run writes is its fencing token: a later claim of the entry by another
     worker needs the lease to have ended, so it writes a later value, never one of ours. A renewal,
@@ -507,7 +253,7 @@ class Drain:
     def __init__(self, flag: str | None):
         self.flag = flag  # None: a courier's drain, which no kick waits on
         self.lock = threading.Lock()
-        self.flag_held = flag is not None  # set by the kick (or _call_helper) that queued this run
+        self.flag_held = flag is not None  # set by the kick (or dispatch.call_helper) that queued this run
         self.flag_set_at = time.monotonic()
         self.held: set[int] = set()
         self.tokens: list = []
@@ -520,19 +266,19 @@ class Drain:
             return
         with self.lock:
             self.flag_held, self.flag_set_at = True, time.monotonic()
-            _hold(self.flag)
+            dispatch.set_flag(self.flag)
 
     def clear_flag(self) -> None:
         with self.lock:
             if self.flag_held:
                 self.flag_held = False
-                _clear(self.flag)
+                dispatch.clear_flag(self.flag)
 
     def refresh_flag(self) -> None:
         with self.lock:
             if self.flag_held and time.monotonic() - self.flag_set_at >= FLAG_REFRESH_SECONDS:
                 self.flag_set_at = time.monotonic()
-                _hold(self.flag)
+                dispatch.set_flag(self.flag)
 
     def took(self, entries: list[OutboxEntry]) -> None:
         with self.lock:
@@ -675,24 +421,6 @@ _keeper = _Keeper()
 os.register_at_fork(after_in_child=_keeper.__init__)  # a forked worker starts its own thread, with no drains
 
 
-def _helper_key(peer_id: int) -> str:
-    return f"kite:kick-helper:{peer_id}"
-
-
-def _call_helper(peer_id: int) -> None:
-    from federation import tasks
-
-    if not settings.REDIS_URL:
-        return  # embedded: one worker process, nobody to help
-    from kite.ratelimit import _redis
-
-    try:
-        if _redis().set(_helper_key(peer_id), 1, nx=True, ex=KICK_FLAG_SECONDS):
-            tasks.deliver_peer.delay(peer_id, helper=True)
-    except Exception:
-        log.warning("could not queue a helper delivery for peer %s", peer_id, exc_info=True)
-
-
 def _paced(peer: Peer, groups: list[list[OutboxEntry]]) -> list[list[OutboxEntry]]:
     """The first of `groups` the peer's outbound rate allows now."""
     allowed = []
@@ -704,23 +432,9 @@ def _paced(peer: Peer, groups: list[list[OutboxEntry]]) -> list[list[OutboxEntry
 
 
 def _pacing_allows(peer: Peer, count: int) -> bool:
-    from kite import ratelimit
-
     if not peer.rate_limit_per_second:
         return True
     return ratelimit.hit(f"peer-out:{peer.pk}", peer.rate_limit_per_second, cost=count).allowed
-
-
-def target_for(peer: Peer) -> client.Target:
-    from federation import certificates
-
-    return client.Target(
-        url=peer.peer_hook_url,
-        secret=services.secret_of(peer, "outbound"),
-        sender_id=settings.KITE_INSTANCE_ID,
-        tls_fingerprint=peer.tls_fingerprint,
-        signer=certificates.signer_for(peer.team_id),
-    )
 
 
 def wire_event(entry: OutboxEntry) -> dict:
@@ -786,8 +500,6 @@ _pool: list = []  # the calls' threads of this process (made on first use; a for
 
 
 def _calls():
-    from concurrent.futures import ThreadPoolExecutor
-
     if not _pool:
         _pool.append(ThreadPoolExecutor(max_workers=2 * settings.KITE_OUTBOX_IN_FLIGHT, thread_name_prefix="outbox-call"))
     return _pool[0]
@@ -883,7 +595,7 @@ def _peer_after_success(peer: Peer, answer: client.PeerAnswer) -> None:
     updates = {"consecutive_failures": 0, "last_error": ""}
     if learned and not peer.remote_instance_id:
         updates["remote_instance_id"] = learned
-        forget_routes(peer.team_id)
+        enqueue.forget_routes(peer.team_id)
     if peer.consecutive_failures or peer.last_error or "remote_instance_id" in updates:
         Peer.objects.filter(pk=peer.pk).update(**updates)
         peer.consecutive_failures, peer.last_error = 0, ""
@@ -949,7 +661,7 @@ def replay_dead(*, peer: Peer, limit: int, actor: str = "") -> int:
         )
         audit.record(audit.DEAD_LETTERS_REPLAYED, peer=peer, actor=actor, data={"requeued": count, "limit": limit})
     if count and peer.sends_to:
-        transaction.on_commit(lambda: kick(peer.pk), robust=True)
+        transaction.on_commit(lambda: dispatch.kick(peer.pk), robust=True)
     return count
 
 
@@ -975,5 +687,5 @@ def due_peer_ids() -> list[int]:
 def sweep() -> int:
     peer_ids = due_peer_ids()
     for peer_id in peer_ids:
-        kick(peer_id)
+        dispatch.kick(peer_id)
     return len(peer_ids)

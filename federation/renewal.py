@@ -89,7 +89,7 @@ def warn_expiring(team_id: str, now: datetime) -> int:
                 days = (row.not_after - now).total_seconds() / 86400
                 audit.record(CERTIFICATE_EXPIRING, team_id=team_id, actor=audit.SYSTEM,
                              detail=f"{row.subject} expires in {days:.1f} days ({row.not_after:%Y-%m-%d %H:%M} UTC).",
-                             data=certificates._audit_data(row))  # fmt: skip
+                             data=certificates.audit_data(row))  # fmt: skip
                 warned += 1
     return warned
 
@@ -112,7 +112,7 @@ def renew(team_id: str, now: datetime) -> IdentityCertificate | None:
                                  replaces=old)  # fmt: skip
         audit.record(CERTIFICATE_RENEWED, team_id=team_id, actor=ACTOR,
                      detail=f"{old.thumbprint} expires {old.not_after:%Y-%m-%d %H:%M} UTC: renewed by {new.thumbprint}.",
-                     data={"old": certificates._audit_data(old), "new": certificates._audit_data(new)})  # fmt: skip
+                     data={"old": certificates.audit_data(old), "new": certificates.audit_data(new)})  # fmt: skip
     return new
 
 

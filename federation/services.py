@@ -1,29 +1,24 @@
-"""Federation configuration: tokens, peers, trusted senders (DESIGN §3, §5)."""
+"""Federation configuration, an operator's actions: tokens, peers and trusted senders (create,
+change, pause, resume, rotate a secret, revoke, delete), and the retention purge (DESIGN §3, §5)."""
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from federation import audit, client
-from federation import filters as peer_filters
+from federation import audit, client, dispatch, enqueue, heartbeat, peers
 from federation.errors import Code
 from federation.models import AuditEvent, Delivery, FederationToken, OutboxEntry, Peer
 from federation.routing import DEFAULT_MAX_HOPS
+from ingest import services as ingest_services
 from kite import crypto
 from kite.errors import ApiError
 from kite.models import Team
 
-PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-TLS_FINGERPRINT = re.compile(r"^sha256:[0-9a-f]{64}$")
-MIN_SECRET_LENGTH = 16
-MAX_SCOPES = 50
 PEER_FIELDS = {"name", "peer_hook_url", "scopes", "filters", "max_hops", "rate_limit_per_second",
                "tls_fingerprint", "certificate_pem"}  # fmt: skip
 log = logging.getLogger(__name__)
@@ -61,73 +56,6 @@ def _token_data(token: FederationToken) -> dict:
     return {"id": token.pk, "label": token.label, "fingerprint": token.fingerprint}
 
 
-def _check_name(name: str) -> str:
-    if not PEER_NAME.match(name or ""):
-        raise ApiError("name must be 1-63 letters, digits, '.', '_' or '-'.", Code.INVALID)
-    return name
-
-
-def _check_secret(value: str, field: str) -> str:
-    if not isinstance(value, str) or len(value.strip()) < MIN_SECRET_LENGTH:
-        raise ApiError(f"{field} must be a secret of at least {MIN_SECRET_LENGTH} characters.", Code.INVALID)
-    return value.strip()
-
-
-def _check_url(url: str) -> str:
-    try:
-        return client.check_url(url)
-    except client.UnsafeUrl as exc:
-        raise ApiError(str(exc), Code.INSECURE_URL) from None
-
-
-def _check_scopes(scopes) -> list[str]:
-    if not isinstance(scopes, list) or len(scopes) > MAX_SCOPES:
-        raise ApiError(f"scopes must be a list of at most {MAX_SCOPES} globs.", Code.INVALID)
-    for scope in scopes:
-        if not isinstance(scope, str) or not scope.strip() or len(scope) > 200:
-            raise ApiError("Every scope must be a non-empty glob such as 'stripe.*'.", Code.INVALID)
-    return [scope.strip() for scope in scopes]
-
-
-def _check_filters(value) -> list:
-    try:
-        return peer_filters.validate(value)
-    except peer_filters.InvalidFilters as exc:
-        raise ApiError(str(exc), Code.INVALID_FILTERS) from None
-
-
-def _check_tls_fingerprint(value: str) -> str:
-    value = (value or "").strip().lower()
-    if value and not TLS_FINGERPRINT.match(value):
-        raise ApiError("tls_fingerprint must be 'sha256:' and 64 hex digits.", Code.INVALID)
-    return value
-
-
-def _set_secret(peer: Peer, direction: str, secret: str) -> None:
-    setattr(peer, f"{direction}_secret_encrypted", crypto.encrypt(secret))
-    setattr(peer, f"{direction}_fingerprint", crypto.fingerprint(secret))
-
-
-def _save_new(peer: Peer) -> None:
-    try:
-        with transaction.atomic():
-            peer.save()
-    except IntegrityError:
-        raise ApiError(_name_taken(peer), Code.CONFLICT, status=409) from None
-
-
-def _name_taken(peer: Peer) -> str:
-    """The 409's sentence; when the name is a trusted sender's and a peer is wanted, how to get one."""
-    taken = f"Team already has a peer named {peer.name!r}."
-    sender = Peer.objects.filter(team_id=peer.team_id, name=peer.name, role=Peer.Role.SENDER).exclude(
-        status=Peer.Status.REVOKED).first()  # fmt: skip
-    if sender is None or peer.role != Peer.Role.PEER:
-        return taken
-    return (f"{taken} It is trusted sender {sender.name!r} (id {sender.pk}): to send to it as well, make it a peer "
-            f"with PATCH /api/federation/trusted-senders/{sender.pk} {{peer_hook_url, outbound_token?, scopes, "
-            "max_hops?, tls_fingerprint?}: the same row, its inbound secret kept.")  # fmt: skip
-
-
 def peer_create(
     *, team: Team, name: str, peer_hook_url: str, outbound_token: str | None = None,
     inbound_token: str | None = None, scopes: list | None = None, filters: list | None = None,
@@ -138,58 +66,42 @@ def peer_create(
     certificate of the other side is pinned (its requests must then carry both factors)."""
     peer = Peer(
         team=team,
-        name=_check_name(name),
+        name=peers.check_name(name),
         role=Peer.Role.PEER,
-        peer_hook_url=_check_url(peer_hook_url),
-        scopes=_check_scopes(scopes if scopes is not None else []),
-        filters=_check_filters(filters if filters is not None else []),
+        peer_hook_url=peers.check_url(peer_hook_url),
+        scopes=peers.check_scopes(scopes if scopes is not None else []),
+        filters=peers.check_filters(filters if filters is not None else []),
         max_hops=max_hops,
         rate_limit_per_second=rate_limit_per_second,
-        tls_fingerprint=_check_tls_fingerprint(tls_fingerprint),
+        tls_fingerprint=peers.check_tls_fingerprint(tls_fingerprint),
         status=Peer.Status.ACCEPTED,
     )
-    _pin_certificate(peer, certificate_pem)
+    peers.pin_certificate(peer, certificate_pem)
     generated = {}
     for direction, given in (("outbound", outbound_token), ("inbound", inbound_token)):
-        secret = _check_secret(given, f"{direction}_token") if given else crypto.new_webhook_secret()
+        secret = peers.check_secret(given, f"{direction}_token") if given else crypto.new_webhook_secret()
         if not given:
             generated[f"{direction}_token"] = secret
-        _set_secret(peer, direction, secret)
+        peers.set_secret(peer, direction, secret)
     with transaction.atomic():
-        _save_new(peer)
+        peers.save_new(peer)
         audit.record(audit.PEER_CREATED, peer=peer, actor=actor,
-                     data={**peer_summary(peer), "generated": sorted(generated)})  # fmt: skip
+                     data={**peers.peer_summary(peer), "generated": sorted(generated)})  # fmt: skip
     return Issued(peer, generated)
-
-
-def peer_summary(peer: Peer) -> dict:
-    """What the audit trail keeps of a peer's configuration: fingerprints, never secrets."""
-    return {
-        "id": peer.pk, "role": peer.role, "status": peer.status, "peer_hook_url": peer.peer_hook_url,
-        "scopes": peer.scopes, "filters": peer.filters, "max_hops": peer.max_hops,
-        "outbound_fingerprint": peer.outbound_fingerprint, "inbound_fingerprint": peer.inbound_fingerprint,
-        "certificate_thumbprint": peer.certificate_thumbprint,
-    }  # fmt: skip
-
-
-def _pin_certificate(peer: Peer, pem: str) -> None:
-    from federation import certificates
-
-    peer.certificate_pem, peer.certificate_thumbprint = certificates.parse_peer_pem(pem) if pem.strip() else ("", "")
 
 
 def trusted_sender_create(*, team: Team, name: str, inbound_token: str | None = None, certificate_pem: str = "",
                           actor: str = "") -> Issued:  # fmt: skip
     """A peer that only sends to us: we check its requests with `inbound_token` (and, pasted,
     its certificate)."""
-    peer = Peer(team=team, name=_check_name(name), role=Peer.Role.SENDER, status=Peer.Status.ACCEPTED)
-    _pin_certificate(peer, certificate_pem)
-    secret = _check_secret(inbound_token, "inbound_token") if inbound_token else crypto.new_webhook_secret()
-    _set_secret(peer, "inbound", secret)
+    peer = Peer(team=team, name=peers.check_name(name), role=Peer.Role.SENDER, status=Peer.Status.ACCEPTED)
+    peers.pin_certificate(peer, certificate_pem)
+    secret = peers.check_secret(inbound_token, "inbound_token") if inbound_token else crypto.new_webhook_secret()
+    peers.set_secret(peer, "inbound", secret)
     with transaction.atomic():
-        _save_new(peer)
+        peers.save_new(peer)
         audit.record(audit.TRUSTED_SENDER_CREATED, peer=peer, actor=actor,
-                     data={**peer_summary(peer), "generated": [] if inbound_token else ["inbound_token"]})  # fmt: skip
+                     data={**peers.peer_summary(peer), "generated": [] if inbound_token else ["inbound_token"]})  # fmt: skip
     return Issued(peer, {} if inbound_token else {"inbound_token": secret})
 
 
@@ -199,9 +111,9 @@ def trusted_sender_promote(*, sender: Peer, peer_hook_url: str, scopes: list, ou
     learned instance ID) now also says where we send and how we sign. An outbound secret left out
     is generated and returned once. Like a peer made by hand it is `accepted` until a heartbeat
     passes."""
-    hook_url = _check_url(peer_hook_url)  # before the row lock: the destination policy resolves the name
-    scopes, tls_fingerprint = _check_scopes(scopes), _check_tls_fingerprint(tls_fingerprint)
-    outbound = _check_secret(outbound_token, "outbound_token") if outbound_token else crypto.new_webhook_secret()
+    hook_url = peers.check_url(peer_hook_url)  # before the row lock: the destination policy resolves the name
+    scopes, tls_fingerprint = peers.check_scopes(scopes), peers.check_tls_fingerprint(tls_fingerprint)
+    outbound = peers.check_secret(outbound_token, "outbound_token") if outbound_token else crypto.new_webhook_secret()
     with transaction.atomic():
         row = Peer.objects.select_for_update().filter(pk=sender.pk, team_id=sender.team_id).first()
         if row is None or row.status == Peer.Status.REVOKED:
@@ -211,10 +123,10 @@ def trusted_sender_promote(*, sender: Peer, peer_hook_url: str, scopes: list, ou
                            Code.CONFLICT, status=409)  # fmt: skip
         row.role, row.status, row.peer_hook_url, row.scopes = Peer.Role.PEER, Peer.Status.ACCEPTED, hook_url, scopes
         row.max_hops, row.tls_fingerprint = max_hops, tls_fingerprint
-        _set_secret(row, "outbound", outbound)
+        peers.set_secret(row, "outbound", outbound)
         row.save()
         audit.record(audit.TRUSTED_SENDER_PROMOTED, peer=row, actor=actor,
-                     data={**peer_summary(row), "generated": [] if outbound_token else ["outbound_token"]})  # fmt: skip
+                     data={**peers.peer_summary(row), "generated": [] if outbound_token else ["outbound_token"]})  # fmt: skip
     return Issued(row, {} if outbound_token else {"outbound_token": outbound})
 
 
@@ -223,22 +135,22 @@ def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
     if unknown:
         raise ApiError(f"Cannot change {', '.join(sorted(unknown))} here.", Code.INVALID)
     if "name" in changes:
-        peer.name = _check_name(changes["name"])
+        peer.name = peers.check_name(changes["name"])
     if "peer_hook_url" in changes:
-        peer.peer_hook_url = _check_url(changes["peer_hook_url"])
+        peer.peer_hook_url = peers.check_url(changes["peer_hook_url"])
     if "scopes" in changes:
-        peer.scopes = _check_scopes(changes["scopes"])
+        peer.scopes = peers.check_scopes(changes["scopes"])
     if "filters" in changes:
-        peer.filters = _check_filters(changes["filters"])
+        peer.filters = peers.check_filters(changes["filters"])
     if "tls_fingerprint" in changes:
-        peer.tls_fingerprint = _check_tls_fingerprint(changes["tls_fingerprint"])
+        peer.tls_fingerprint = peers.check_tls_fingerprint(changes["tls_fingerprint"])
     if "certificate_pem" in changes:
-        _pin_certificate(peer, changes["certificate_pem"])
+        peers.pin_certificate(peer, changes["certificate_pem"])
     for field in ("max_hops", "rate_limit_per_second"):
         if field in changes:
             setattr(peer, field, changes[field])
     if "outbound_token" in changes:
-        _set_secret(peer, "outbound", _check_secret(changes["outbound_token"], "outbound_token"))
+        peers.set_secret(peer, "outbound", peers.check_secret(changes["outbound_token"], "outbound_token"))
     fixed = {"outbound_token", "peer_hook_url", "tls_fingerprint", "certificate_pem"} & set(changes)
     try:
         with transaction.atomic():
@@ -253,9 +165,7 @@ def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
     except IntegrityError:
         raise ApiError(f"Team already has a peer named {peer.name!r}.", Code.CONFLICT, status=409) from None
     if not peer.paused:
-        from federation import outbox
-
-        transaction.on_commit(lambda: outbox.kick(peer.pk))
+        transaction.on_commit(lambda: dispatch.kick(peer.pk))
     return peer
 
 
@@ -269,7 +179,32 @@ def peer_revoke(*, peer: Peer, reason: str = "revoked by this side", actor: str 
         audit.record(audit.PEER_REVOKED, peer=peer, actor=actor, detail=reason,
                      data={"role": peer.role, "dead_lettered": dead})  # fmt: skip
     peer.status = Peer.Status.REVOKED
-    _routes_changed(peer.team_id)
+    enqueue.forget_routes(peer.team_id)
+
+
+def peer_delete(*, peer: Peer, actor: str = "") -> heartbeat.PingResult | None:
+    """Delete a peer: tell it (a signed terminate) so that it stops sending too, then revoke it here,
+    whatever it answered. Returns its answer; None when there was nobody to tell (no URL: an
+    invitation not redeemed, a trusted sender)."""
+    told = terminate(peer, "deleted by the other side", actor=actor) if peer.sends_to else None
+    if told is not None and not told.ok:
+        log.warning("peer %s was not told of its deletion: %s", peer.name, told.error)
+    peer_revoke(peer=peer, actor=actor)
+    return told
+
+
+def terminate(peer: Peer, reason: str, *, actor: str = audit.SYSTEM) -> heartbeat.PingResult:
+    """Tell the peer we are deleting it (signed POST /api/federation/terminate): it marks us
+    revoked and stops sending. Best effort: the peer is revoked here whatever it answers."""
+    target = peers.target_for(peer)
+    target = client.Target(**{**target.__dict__, "url": peers.ping_url(peer, "/api/federation/terminate")})
+    try:
+        answer = client.call(target, "POST", client.encode({"reason": reason}), timeout=heartbeat.PING_TIMEOUT,
+                             audit_as=audit.PeerCall(peer=peer, actor=actor))  # fmt: skip
+    except client.PeerCallError as failure:
+        return heartbeat.PingResult(False, failure.status_code, None, heartbeat.factors_for_failure(failure),
+                                    failure.detail)  # fmt: skip
+    return heartbeat.PingResult(True, answer.status_code, answer.latency_ms, {}, "", answer.body)
 
 
 def _changed(peer: Peer, changes: dict) -> dict:
@@ -280,16 +215,6 @@ def _changed(peer: Peer, changes: dict) -> dict:
     if "outbound_token" in changes:
         shown["outbound_fingerprint"] = peer.outbound_fingerprint
     return shown
-
-
-def _routes_changed(team_id: str) -> None:
-    from federation.outbox import forget_routes
-
-    forget_routes(team_id)
-
-
-def secret_of(peer: Peer, direction: str) -> str:
-    return crypto.decrypt_cached(getattr(peer, f"{direction}_secret_encrypted"))
 
 
 INBOUND_GRACE = timedelta(hours=24)
@@ -310,7 +235,7 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, grac
         raise ApiError("direction must be inbound or outbound.", Code.INVALID)
     if direction == "outbound" and peer.role != Peer.Role.PEER:
         raise ApiError("A trusted sender only has an inbound secret.", Code.INVALID)
-    new = _check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
+    new = peers.check_secret(secret, "secret") if secret else crypto.new_webhook_secret()
     with transaction.atomic():
         peer = Peer.objects.select_for_update().get(pk=peer.pk)
         if direction == "inbound" and peer.inbound_secret_encrypted and grace:
@@ -320,7 +245,7 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, grac
         elif direction == "inbound":  # no grace: nothing but the new secret is accepted from now on
             peer.previous_inbound_secret_encrypted = peer.previous_inbound_fingerprint = ""
             peer.previous_inbound_expires_at = None
-        _set_secret(peer, direction, new)
+        peers.set_secret(peer, direction, new)
         if direction == "outbound" and peer.paused == Peer.Pause.AUTH_FAILED:
             peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0
         peer.save()
@@ -329,24 +254,8 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, grac
             "grace": grace,
         })  # fmt: skip
     if direction == "outbound" and not peer.paused:
-        from federation import outbox
-
-        transaction.on_commit(lambda: outbox.kick(peer.pk))
+        transaction.on_commit(lambda: dispatch.kick(peer.pk))
     return Issued(peer, {"secret": new} if not secret else {})
-
-
-def inbound_secrets(peer: Peer) -> list[str]:
-    """The current inbound secret and, within its grace period, the previous one."""
-    found = [secret_of(peer, "inbound")] if peer.inbound_secret_encrypted else []
-    if peer.previous_inbound_secret_encrypted and (
-        peer.previous_inbound_expires_at and peer.previous_inbound_expires_at > timezone.now()
-    ):
-        found.append(crypto.decrypt_cached(peer.previous_inbound_secret_encrypted))
-    return found
-
-
-def hook_url_for(team: Team) -> str:
-    return f"{settings.KITE_PUBLIC_URL}/hooks/{team.id}/kite"
 
 
 RETENTION_BATCH = 5000  # rows per DELETE (each in a transaction of its own)
@@ -364,10 +273,8 @@ def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = R
     `budget` seconds (ingest.services.purge_budget()) stops there and leaves the rest to the next."""
     if days <= 0:
         return {"audit": 0, "deliveries": 0}
-    from ingest.services import purge_budget
-
     cutoff = timezone.now() - timedelta(days=days)
-    deadline = time.monotonic() + (purge_budget() if budget is None else budget)
+    deadline = time.monotonic() + (ingest_services.purge_budget() if budget is None else budget)
     purged = {
         "audit": _delete_in_batches(AuditEvent.objects.filter(at__lt=cutoff), "at", batch, pause, deadline),
         "deliveries": _delete_in_batches(Delivery.objects.filter(attempted_at__lt=cutoff), "attempted_at", batch,
@@ -453,7 +360,5 @@ def peer_resume(*, peer: Peer, actor: str = "") -> tuple[Peer, bool]:
         queued = OutboxEntry.objects.filter(peer=row, status=OutboxEntry.Status.PENDING).count()
         audit.record(audit.PEER_RESUMED, peer=row, actor=actor, data={"pending": queued})
         if row.sends_to:
-            from federation import outbox
-
-            transaction.on_commit(lambda: outbox.kick(row.pk), robust=True)
+            transaction.on_commit(lambda: dispatch.kick(row.pk), robust=True)
     return row, True

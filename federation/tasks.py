@@ -1,6 +1,11 @@
-from celery import shared_task
+"""Celery tasks: thin, each runs one module's function. Their names (`federation.tasks.*`) are in
+beat's schedule (kite/settings.py) and in queued messages: they stay."""
 
-from federation import heartbeat, outbox
+from celery import shared_task
+from django.conf import settings
+
+from federation import heartbeat, inbound, outbox, renewal, services
+from federation.models import Peer
 
 
 @shared_task(ignore_result=True)
@@ -21,8 +26,6 @@ def sweep_outbox() -> int:
 
 @shared_task(ignore_result=True)
 def heartbeats() -> int:
-    from federation import inbound
-
     inbound.receipts_purge()  # control calls' webhook-ids past the tolerance window: replays are stale anyway
     return heartbeat.heartbeat_all()
 
@@ -34,23 +37,15 @@ def probe_down_peers() -> int:
 
 @shared_task(ignore_result=True)
 def heartbeat_peer(peer_id: int) -> bool:
-    from federation.models import Peer
-
     peer = Peer.objects.filter(pk=peer_id).first()
     return bool(peer and peer.sends_to and heartbeat.heartbeat(peer).ok)
 
 
 @shared_task(ignore_result=True)
 def retention_purge() -> dict:
-    from django.conf import settings
-
-    from federation import services
-
     return services.retention_purge(days=settings.KITE_AUDIT_RETENTION_DAYS)
 
 
 @shared_task(ignore_result=True)
 def certificates_check() -> dict:
-    from federation import renewal
-
     return renewal.check()

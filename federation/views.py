@@ -324,8 +324,7 @@ def grant_revoke(request, peer_id, grant_id):
 def peer_delete(request, peer_id):
     peer = _live_peer(request, peer_id)
     if request.method == "POST":
-        told = heartbeat.terminate(peer, "deleted by the other side", actor=actor(request)) if peer.sends_to else None
-        services.peer_revoke(peer=peer, actor=actor(request))
+        told = services.peer_delete(peer=peer, actor=actor(request))
         if told is not None and not told.ok:
             messages.warning(request, f"{peer.name} is deleted here, but could not be told: {told.error}. "
                                       "Delete this instance on its side too.")  # fmt: skip

@@ -21,12 +21,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from federation import audit, certificates, client, metrics
-from federation import services as federation_services
-from federation.heartbeat import ping_url
 from federation.models import Peer
+from federation.peers import ping_url, secret_of
 from fleet import rows, selectors, services
 from fleet.errors import Code
-from fleet.services import PeerAnswer
+from fleet.services import FleetAnswer
 from kite import crypto
 from kite.errors import ApiError
 
@@ -76,11 +75,11 @@ def prepare(peers: list[Peer]) -> list[Call]:
 
 
 def _target(peer: Peer, signers: dict, path: str = PATH) -> client.Target:
-    """What outbox.target_for(peer) builds, for our path, with the team's signer read once for
+    """What peers.target_for(peer) builds, for our path, with the team's signer read once for
     all its peers (a query each otherwise)."""
     if peer.team_id not in signers:
         signers[peer.team_id] = certificates.signer_for(peer.team_id)
-    return client.Target(url=ping_url(peer, path), secret=federation_services.secret_of(peer, "outbound"),
+    return client.Target(url=ping_url(peer, path), secret=secret_of(peer, "outbound"),
                          sender_id=settings.KITE_INSTANCE_ID, tls_fingerprint=peer.tls_fingerprint,
                          signer=signers[peer.team_id])  # fmt: skip
 
@@ -102,18 +101,18 @@ def outcome_of(failure: client.PeerCallError) -> str:
     return "error"
 
 
-def fetch(call: Call, timeout: float) -> PeerAnswer:
+def fetch(call: Call, timeout: float) -> FleetAnswer:
     """One peer's fleet (runs in a pool thread: HTTP only, no database)."""
     started = time.perf_counter()
     try:
         answer = client.call(call.target, "GET", timeout=(timeout, timeout), headers={GRANT_HEADER: call.grant},
                              max_answer_bytes=client.MAX_FLEET_ANSWER_BYTES)  # fmt: skip
     except client.PeerCallError as failure:  # a destination the policy refuses included (insecure_url)
-        return PeerAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
+        return FleetAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
     raws = rows.answer_rows(answer.body)
     if raws is None:
-        return PeerAnswer("error", answer.latency_ms, None, "The peer's answer is not a fleet list {results: […]}.")
-    return PeerAnswer("ok", answer.latency_ms, sorted(rows.wire_rows(raws), key=lambda row: row["name"]))
+        return FleetAnswer("error", answer.latency_ms, None, "The peer's answer is not a fleet list {results: […]}.")
+    return FleetAnswer("ok", answer.latency_ms, sorted(rows.checked_rows(raws), key=lambda row: row["name"]))
 
 
 def _ms_since(started: float) -> int:
@@ -132,23 +131,23 @@ class FanOut:
         self.calls = calls
         self.futures = {call.peer_id: _executor().submit(fetch, call, timeout) for call in calls if call.grant}
 
-    def collect(self, within: float) -> dict[int, PeerAnswer]:
+    def collect(self, within: float) -> dict[int, FleetAnswer]:
         wait(self.futures.values(), timeout=max(0.0, self.started + within - time.perf_counter()))
         answers = {}
         for call in self.calls:
             future = self.futures.get(call.peer_id)
             if future is None:
-                answers[call.peer_id] = PeerAnswer("unauthorized", None, None, NO_GRANT, called=False)
+                answers[call.peer_id] = FleetAnswer("unauthorized", None, None, NO_GRANT, called=False)
             elif future.done():
                 answers[call.peer_id] = future.result()
             else:
                 future.cancel()
-                answers[call.peer_id] = PeerAnswer("timeout", _ms_since(self.started), None,
+                answers[call.peer_id] = FleetAnswer("timeout", _ms_since(self.started), None,
                                                    f"No answer within {self.timeout:g} s.")  # fmt: skip
         return answers
 
 
-def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str, every: bool = False) -> datetime:
+def record(peers: dict[int, Peer], answers: dict[int, FleetAnswer], *, actor: str, every: bool = False) -> datetime:
     """Snapshots, audit rows and metrics of one fan-out, in one transaction after it; returns the
     time noted as the answering peers' last contact. A list writes a peer's snapshot only when it
     is due (`_snapshot_due`); the refresh (`every`) writes them all."""
@@ -166,7 +165,7 @@ def record(peers: dict[int, Peer], answers: dict[int, PeerAnswer], *, actor: str
     return now
 
 
-def _snapshot_due(peer: Peer, answer: PeerAnswer, now: datetime) -> bool:
+def _snapshot_due(peer: Peer, answer: FleetAnswer, now: datetime) -> bool:
     """A list rewrites a peer's snapshot (a hundred rows or more) at most once per half refresh
     period — operators listing at once don't each rewrite every peer's rows — and at once when the
     outcome changes (a peer that refuses us loses its rows now; a failure is on record now)."""
@@ -214,7 +213,7 @@ def fleet_list(*, team_id: str, query: Query, actor: str) -> dict:
     return {"includes_federation": True, "results": results, "peers": entries}
 
 
-def _peer_part(peer: Peer, answer: PeerAnswer | None, snapshot, contacted) -> tuple[list[dict], dict]:
+def _peer_part(peer: Peer, answer: FleetAnswer | None, snapshot, contacted) -> tuple[list[dict], dict]:
     """One peer's rows and its `peers` entry: live, else its snapshot flagged stale, else nothing."""
     entry = {"name": peer.name, "outcome": "unknown", "latency_ms": None, "last_contact": None, "stale": False,
              "detail": ""}  # fmt: skip
@@ -282,7 +281,7 @@ def remote_agent(*, team_id: str, agent_id: str, actor: str) -> dict:
     return _agent_from_snapshot(peer, remote_id, answer)
 
 
-def _ask_for_agent(peer: Peer, grant: str, remote_id: str) -> PeerAnswer:
+def _ask_for_agent(peer: Peer, grant: str, remote_id: str) -> FleetAnswer:
     """The call runs in the pool, so the wait is bounded by the per-peer timeout as a list's is."""
     timeout = settings.KITE_FLEET_PEER_TIMEOUT_SECONDS
     target = _target(peer, {}, path=f"{PATH}/{remote_id}")
@@ -292,10 +291,10 @@ def _ask_for_agent(peer: Peer, grant: str, remote_id: str) -> PeerAnswer:
         return future.result(timeout=timeout)
     except TimeoutError:
         future.cancel()
-        return PeerAnswer("timeout", _ms_since(started), None, f"No answer within {timeout:g} s.")
+        return FleetAnswer("timeout", _ms_since(started), None, f"No answer within {timeout:g} s.")
 
 
-def fetch_agent(target: client.Target, grant: str, remote_id: str, timeout: float) -> PeerAnswer:
+def fetch_agent(target: client.Target, grant: str, remote_id: str, timeout: float) -> FleetAnswer:
     """One agent of a peer (runs in a pool thread: HTTP only, no database). Outcomes as fetch's,
     plus `not_found`: the peer answered 404 agent_not_found (a Kite without the detail call answers
     a plain 404 not_found: that is an `error`, and the snapshot serves)."""
@@ -304,16 +303,16 @@ def fetch_agent(target: client.Target, grant: str, remote_id: str, timeout: floa
         answer = client.call(target, "GET", timeout=(timeout, timeout), headers={GRANT_HEADER: grant})
     except client.PeerCallError as failure:
         if failure.status_code == 404 and failure.code == Code.AGENT_NOT_FOUND:
-            return PeerAnswer("not_found", _ms_since(started), None, failure.detail)
-        return PeerAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
+            return FleetAnswer("not_found", _ms_since(started), None, failure.detail)
+        return FleetAnswer(outcome_of(failure), _ms_since(started), None, failure.detail)
     row = rows.detail_row(answer.body.get("agent")) if isinstance(answer.body, dict) else None
     if row is None or str(row["id"]) != remote_id:
-        return PeerAnswer("error", answer.latency_ms, None, f"The peer's answer is not its agent {remote_id} "
+        return FleetAnswer("error", answer.latency_ms, None, f"The peer's answer is not its agent {remote_id} "
                           "({agent: {id, name, …}}).")  # fmt: skip
-    return PeerAnswer("ok", answer.latency_ms, [row])
+    return FleetAnswer("ok", answer.latency_ms, [row])
 
 
-def _record_agent_call(peer: Peer, remote_id: str, answer: PeerAnswer, actor: str) -> None:
+def _record_agent_call(peer: Peer, remote_id: str, answer: FleetAnswer, actor: str) -> None:
     """Federation.PeerCalled as a list notes it, with the agent asked for in its data."""
     agent = int(remote_id) if remote_id.isascii() and remote_id.isdigit() else remote_id
     audit.record(audit.PEER_CALLED, peer=peer, actor=actor, endpoint=f"{PATH}/{remote_id}", outcome=answer.outcome,
@@ -321,7 +320,7 @@ def _record_agent_call(peer: Peer, remote_id: str, answer: PeerAnswer, actor: st
     metrics.CALLS.labels(peer.name, "outbound", answer.outcome).inc()
 
 
-def _agent_from_snapshot(peer: Peer, remote_id: str, answer: PeerAnswer) -> dict:
+def _agent_from_snapshot(peer: Peer, remote_id: str, answer: FleetAnswer) -> dict:
     snapshot = selectors.snapshots([peer.pk]).get(peer.pk)
     if snapshot is not None and snapshot.fetched_at is not None:  # a refused peer's snapshot holds no rows
         row = next((row for row in snapshot.rows if str(row.get("id")) == remote_id), None)

@@ -19,7 +19,7 @@ MAX_REMOTE_ROWS = 5000  # a peer answering more is cut here
 MAX_REMOTE_ID = 100
 STATUSES = ("online", "offline")
 VIAS = ("listen", "api")  # fleet.models.Agent.Via
-PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # federation.services.PEER_NAME
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # federation.peers.PEER_NAME
 REMOTE_PREFIX = "peer:"
 # A peer's agent id that goes into the detail call's path as it is: URL-unreserved characters
 # need no quoting, so the path the caller signs is the path the peer checks. (A Kite's ids are numbers.)
@@ -109,7 +109,7 @@ def grant_allows(resource_id: str | None, name: str, labels: dict) -> bool:
     return name == resource_id
 
 
-def wire_row(raw) -> dict | None:
+def checked_row(raw) -> dict | None:
     """One agent as a peer answered it, checked and cut to size; None if malformed. (A fleet list
     checks every row of every peer: exact type tests, each field read once.)"""
     if type(raw) is not dict:
@@ -143,10 +143,10 @@ def wire_row(raw) -> dict | None:
     }
 
 
-def wire_rows(raws) -> list[dict]:
+def checked_rows(raws) -> list[dict]:
     if not isinstance(raws, list):
         return []
-    rows = (wire_row(raw) for raw in raws[:MAX_REMOTE_ROWS])
+    rows = (checked_row(raw) for raw in raws[:MAX_REMOTE_ROWS])
     return [row for row in rows if row is not None]
 
 
@@ -173,7 +173,7 @@ def askable(remote_id: str) -> bool:
 def detail_row(raw) -> dict | None:
     """One agent as a peer's detail answer tells it, checked like a listed row, plus `first_seen`
     and `via`; None if malformed."""
-    row = wire_row(raw)
+    row = checked_row(raw)
     if row is None:
         return None
     via = raw.get("via")

@@ -40,7 +40,7 @@ def agent_seen(*, team_id: str, name: str) -> int:
 
 
 @dataclass
-class PeerAnswer:
+class FleetAnswer:
     """One peer's part of a fan-out: outcome ok|timeout|error|unauthorized|unreachable; `rows`
     (checked wire rows) only when ok; `called`: a request was sent (else nothing to audit)."""
 
@@ -51,7 +51,7 @@ class PeerAnswer:
     called: bool = True
 
 
-def snapshots_record(*, peers: dict[int, Peer], answers: dict[int, PeerAnswer], now) -> None:
+def snapshots_record(*, peers: dict[int, Peer], answers: dict[int, FleetAnswer], now) -> None:
     """Keep what each peer answered: its rows and last contact on success; on a refusal, no rows
     (the peer withdrew our access); on any other failure only the attempt (the old rows stay)."""
     found = [_snapshot_values(peers[peer_id], answers[peer_id], now) for peer_id in sorted(answers)]
@@ -65,7 +65,7 @@ def snapshots_record(*, peers: dict[int, Peer], answers: dict[int, PeerAnswer], 
 _SNAPSHOT_COLUMNS = ("peer_id", "team_id", "rows", "fetched_at", "attempted_at", "outcome", "latency_ms", "detail")
 
 
-def _snapshot_values(peer: Peer, answer: PeerAnswer, now) -> list:
+def _snapshot_values(peer: Peer, answer: FleetAnswer, now) -> list:
     ok = answer.outcome == "ok"
     rows = Snapshot._meta.get_field("rows").get_prep_value((answer.rows or []) if ok else [])  # JSON text
     return [peer.pk, peer.team_id, rows, now if ok else None, now, answer.outcome, answer.latency_ms,

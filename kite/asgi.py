@@ -31,7 +31,7 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 
 from federation import courier  # noqa: E402
 from ingest import broadcast  # noqa: E402
-from ingest.routing import websocket_urlpatterns  # noqa: E402
+from ingest.websocket_urls import websocket_urlpatterns  # noqa: E402
 from kite.bridge import WSGIBridge  # noqa: E402
 
 _router = ProtocolTypeRouter(

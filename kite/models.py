@@ -14,7 +14,7 @@ class Team(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # Bumped in the transaction that changes where the team's events go (its federation peers).
     # Webhooks read it with their source, so each process's cached routes stay exact without
-    # a query or a round trip per event (federation.outbox.routes_for).
+    # a query or a round trip per event (federation.enqueue.routes_for).
     routes_version = models.BigIntegerField(default=0)
     # Someone may be listening to the team's stream until then (WS listeners keep pushing it
     # ahead while connected). Read with a webhook's source: no listener, no broadcast.

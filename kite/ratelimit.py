@@ -24,6 +24,12 @@ def _redis():
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
 
 
+def redis_client():
+    """This process's Redis client (REDIS_URL), shared with whatever else keeps state there (the
+    outbox's kick flags)."""
+    return _redis()
+
+
 class _LocalWindows:
     def __init__(self):
         self._lock = threading.Lock()

@@ -8,12 +8,13 @@ from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from federation import CONTRACT_VERSION, audit, inbound, metrics
+from federation import audit, channel, inbound, invitations, metrics, services, signing, wire
 from federation.api import openapi
-from federation.outbox import BATCH_CAP
+from federation.contract import capabilities
 from ingest.verifiers import lower_headers
 from kite.errors import ApiError, json_error
 from kite.fields import refuse_any, refuse_unapplied
+from kite.models import Team
 from kite.schema import documented_by
 
 # What each peer-facing write takes (contract version 1); anything else is refused before the
@@ -27,8 +28,6 @@ def _refused_fields(request, accepted, what: str):
     """A 400 response naming the fields of a JSON-object body outside `accepted`, or None: for a body
     that is not a JSON object, or signature headers that do not even parse, the endpoint's own
     refusal (400 malformed_signature, 401 …) comes first."""
-    from federation import wire
-
     body = request.body
     if not body or not _signature_headers_parse(lower_headers(request.headers)):
         return None
@@ -61,10 +60,6 @@ def _only(method: str):
     return decorate
 
 
-def capabilities() -> dict:
-    return {"contract_version": CONTRACT_VERSION, "batch_max": BATCH_CAP}
-
-
 def _remote_addr(request) -> str:
     return request.META.get("REMOTE_ADDR", "")
 
@@ -94,8 +89,6 @@ def _unknown_team(request):
     """404 `unknown_team` when `?team=` (the team of the hook URL the caller was given) is not a team
     here, as /hooks/<team>/kite answers: the caller's Ping then blames the URL, not its secret. It
     says no more than that hook URL does to anyone; nothing is stored, the refusal is counted."""
-    from kite.models import Team
-
     team_id = inbound.team_hint(request)
     if team_id is None or Team.objects.filter(pk=team_id).exists():
         return None
@@ -135,8 +128,6 @@ def ping(request):
 @_only("POST")
 def terminate(request):
     """The peer deleted us: revoke its row here (stop sending, stop accepting)."""
-    from federation import services
-
     bad = _refused_fields(request, ("reason",), "a termination")
     if bad is not None:
         return bad
@@ -151,8 +142,6 @@ def terminate(request):
 
 def _termination_reason(body: bytes) -> str:
     """The revocation's reason: "terminated by the peer", with the one it gave (printable, MAX_REASON at most)."""
-    from federation import wire
-
     try:
         given = wire.json_object(body, "termination").get("reason") if body else None
     except wire.BadBody:
@@ -166,8 +155,6 @@ def _termination_reason(body: bytes) -> str:
 @_only("POST")
 def rotate(request):
     """The peer rotated something and tells us over the signed channel (federation.channel)."""
-    from federation import channel
-
     body = request.body
     bad = _refused_fields(request, (*channel.CHANGES, "grace"), "a rotation")
     if bad is not None:
@@ -186,8 +173,6 @@ def rotate(request):
 
 
 def _signature_headers_parse(headers: dict) -> bool:
-    from federation import signing
-
     try:
         signing.parse_headers(headers, int(time.time()))
     except signing.SignatureError:
@@ -200,8 +185,6 @@ def _signature_headers_parse(headers: dict) -> bool:
 def handshake(request):
     """POST: an instance accepting one of our invitations (DESIGN §4). DELETE: it could not
     finish its side, drop the row its handshake made (with the nonce our answer gave it)."""
-    from federation import invitations
-
     body = request.body
     headers = lower_headers(request.headers)
     if request.method not in ("POST", "DELETE"):

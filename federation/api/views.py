@@ -1,11 +1,9 @@
-import logging
-
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from federation import audit, certificates, channel, grants, outbox, selectors, services
+from federation import audit, certificates, channel, grants, heartbeat, invitations, outbox, selectors, services
 from federation.api import openapi as o, serializers as s
 from federation.errors import Code
 from federation.models import IdentityCertificate
@@ -14,7 +12,6 @@ from kite.errors import ApiError
 from kite.fields import refuse_any
 from kite.schema import NoBody
 
-log = logging.getLogger(__name__)
 DELETED = {"request": NoBody, "responses": {204: None}}
 
 
@@ -113,14 +110,8 @@ class PeerDetail(APIView):
     @extend_schema(**DELETED)
     def delete(self, request, peer_id):
         """Revoke here, and tell the peer (signed terminate) so that it stops sending too."""
-        from federation import heartbeat
-
         refuse_any(request.data, what="deleting a peer")
-        peer, actor = _peer(request, peer_id), _actor(request)
-        told = heartbeat.terminate(peer, "deleted by the other side", actor=actor) if peer.sends_to else None
-        if told is not None and not told.ok:
-            log.warning("peer %s was not told of its deletion: %s", peer.name, told.error)
-        services.peer_revoke(peer=peer, actor=actor)
+        services.peer_delete(peer=_peer(request, peer_id), actor=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -131,8 +122,6 @@ class PeerPing(APIView):
 
     @extend_schema(request=NoBody, responses=o.PING_RESULT)
     def post(self, request, peer_id):
-        from federation import heartbeat
-
         refuse_any(request.data, what="a ping")
         peer = _peer(request, peer_id)
         if not peer.sends_to:
@@ -278,8 +267,6 @@ class InvitationCreate(APIView):
 
     @extend_schema(request=s.InvitationCreateSerializer, responses={201: o.INVITATION})
     def post(self, request):
-        from federation import invitations
-
         peer, invitation = invitations.issue(team=request.user.team, actor=_actor(request),
                                              **_valid(s.InvitationCreateSerializer, request.data))  # fmt: skip
         return Response({"id": peer.pk, "invitation": invitation, "expires_at": peer.invitation_expires_at,
@@ -291,8 +278,6 @@ class InvitationAccept(APIView):
 
     @extend_schema(request=s.InvitationAcceptSerializer, responses={201: s.PeerSerializer})
     def post(self, request):
-        from federation import invitations
-
         peer = invitations.accept(team=request.user.team, actor=_actor(request),
                                   **_valid(s.InvitationAcceptSerializer, request.data))  # fmt: skip
         return Response(_peer_body(peer), status=status.HTTP_201_CREATED)

@@ -8,7 +8,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from federation import certificates, inbound, outbox, services, signing
+from federation import certificates, inbound, peers, services, signing
 from federation.models import AuditEvent, IdentityCertificate
 from kite import crypto, tls
 from kite.errors import ApiError
@@ -150,9 +150,9 @@ def test_a_hook_request_missing_the_certificate_is_401_and_stores_nothing(client
 
 def test_outbound_calls_sign_v1a_with_the_current_certificate(team):
     peer = services.peer_create(team=team, name="b", peer_hook_url=PEER_URL, outbound_token=SECRET).row
-    assert outbox.target_for(peer).signer is None
+    assert peers.target_for(peer).signer is None
     row = certificates.issue(team=team, subject="a")
-    target = outbox.target_for(peer)
+    target = peers.target_for(peer)
     assert target.signer.thumbprint == row.thumbprint
     headers = _headers(b"{}", target.signer)
     request = signing.parse_headers(headers, int(time.time()))
@@ -197,7 +197,7 @@ def test_rotating_outbound_with_the_other_sides_secret_resumes_an_auth_paused_qu
                        format="json")  # fmt: skip
     assert rotated.status_code == 200 and "secret" not in rotated.json()  # given, not generated: not echoed
     row = Peer.objects.get(pk=peer["id"])
-    assert row.paused == "" and outbox.target_for(row).secret == given
+    assert row.paused == "" and peers.target_for(row).secret == given
 
 
 @pytest.mark.parametrize("body", [{"direction": "sideways"}, {"direction": "inbound", "secret": "not-a-secret"}])

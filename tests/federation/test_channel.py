@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from federation import certificates, channel, inbound, services, signing
+from federation import certificates, channel, inbound, peers, services, signing
 from federation.models import IdentityCertificate, Peer
 from kite.errors import ApiError
 from tests.federation.test_api import PEER_URL, SECRET
@@ -58,10 +58,10 @@ def peer(team):
 def test_the_receiver_applies_each_change_the_peer_sends(team, peer):
     answer = channel.apply(peer, {"inbound_secret": NEW_SECRET})
     peer.refresh_from_db()
-    assert answer["applied"] == "inbound_secret" and services.inbound_secrets(peer) == [NEW_SECRET, SECRET]
+    assert answer["applied"] == "inbound_secret" and peers.inbound_secrets(peer) == [NEW_SECRET, SECRET]
     channel.apply(peer, {"outbound_secret": NEW_SECRET})
     peer.refresh_from_db()
-    assert services.secret_of(peer, "outbound") == NEW_SECRET
+    assert peers.secret_of(peer, "outbound") == NEW_SECRET
     rotated = certificates.issue(team=team, subject="their next certificate")
     assert channel.apply(peer, {"certificate_pem": rotated.pem}) == {
         "applied": "certificate_pem", "pinned": True, "thumbprint": rotated.thumbprint,

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from federation import courier as courier_module
-from federation import outbox
+from federation import dispatch, outbox
 from federation.models import Delivery, OutboxEntry, Peer
 from tests.federation.test_delivery import SECRET, _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
 
@@ -25,10 +25,10 @@ def redis_client():
 @pytest.fixture
 def courier():
     installed = courier_module.Courier()
-    outbox.deliver_locally(installed)
+    dispatch.deliver_locally(installed)
     yield installed
     installed.close(5)
-    outbox.deliver_locally(None)
+    dispatch.deliver_locally(None)
 
 
 def _wait(condition, timeout=5.0):
@@ -87,7 +87,7 @@ def test_a_backlog_is_left_to_a_task_after_one_full_claim(team, peer, endpoint, 
         _event(team, f"b{index}")
     redis_client().delete(f"kite:kick:{peer.pk}")
     Peer.objects.filter(pk=peer.pk).update(paused="")
-    outbox.kick(peer.pk)  # as resuming the peer does, from a web process
+    dispatch.kick(peer.pk)  # as resuming the peer does, from a web process
     # One claim's worth sent by the courier, then the backlog handed to a worker's task (its kick
     # flag lives 2 s: looked for while the calls go out and right after).
     kicked = []
@@ -119,7 +119,7 @@ def test_close_waits_for_the_call_out_and_then_refuses_wakes(team, peer, endpoin
 
 def test_past_max_waiting_a_kick_queues_a_task(team, peer, endpoint):
     full = courier_module.Courier(max_waiting=0)
-    outbox.deliver_locally(full)
+    dispatch.deliver_locally(full)
     try:
         redis_client().delete(f"kite:kick:{peer.pk}")
         _event(team, "w1")
@@ -127,12 +127,12 @@ def test_past_max_waiting_a_kick_queues_a_task(team, peer, endpoint):
         time.sleep(0.3)
         assert endpoint.requests == []
     finally:
-        outbox.deliver_locally(None)
+        dispatch.deliver_locally(None)
 
 
 def test_an_event_matching_many_peers_wakes_them_in_one_round_trip_and_few_task_messages(team, endpoint):
     """The courier takes what it can; the other peers' kick flags are set together and they go to
-    the workers outbox.TASK_PEERS to a message (not one message per peer before the 202)."""
+    the workers dispatch.TASK_PEERS to a message (not one message per peer before the 202)."""
     import json
 
     from federation import services, tasks
@@ -143,7 +143,7 @@ def test_an_event_matching_many_peers_wakes_them_in_one_round_trip_and_few_task_
     broker = redis_client()
     broker.delete("celery", *[f"kite:kick:{peer.pk}" for peer in peers])
     small = courier_module.Courier(max_waiting=3)
-    outbox.deliver_locally(small)
+    dispatch.deliver_locally(small)
     try:
         _event(team, "many")  # its commit wakes them all (flags live 2 s: looked at right away)
         flags = [_kick_flag(peer) for peer in peers]
@@ -154,7 +154,7 @@ def test_an_event_matching_many_peers_wakes_them_in_one_round_trip_and_few_task_
         assert _wait(lambda: len(endpoint.requests) == len(taken))
     finally:
         small.close(5)
-        outbox.deliver_locally(None)
+        dispatch.deliver_locally(None)
     messages = [json.loads(raw) for raw in broker.lrange("celery", 0, -1)]
     assert [m["headers"]["task"] for m in messages] == ["federation.tasks.deliver_peers"] * -(-len(to_workers) // 10)
     queued = sorted(peer_id for m in messages for peer_id in _task_args(m)[0][0])

@@ -14,7 +14,7 @@ from unittest.mock import ANY
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
-from federation import backoff, outbox, services
+from federation import backoff, dispatch, outbox, peers, services
 from federation.models import Delivery, OutboxEntry, Peer
 from ingest import services as ingest_services
 from ingest.cloudevent import Draft
@@ -252,7 +252,7 @@ def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_
 def _claimed_by_a_drain(peer):
     """Entries claimed as a deliver_peer run claims them, with the run's Drain."""
     entries = outbox.claim(peer.pk, 10)
-    drain = outbox.Drain(outbox._kick_key(peer.pk))
+    drain = outbox.Drain(dispatch.kick_key(peer.pk))
     drain.took(entries)
     return entries, drain
 
@@ -306,7 +306,7 @@ def test_a_renewal_moves_the_lease_forward_and_a_worker_that_lost_it_records_no_
 
     theirs = _taken_over(peer)
     assert [e.pk for e in theirs] == [e.pk for e in mine] and theirs[0].leased_until not in drain.tokens
-    target = outbox.target_for(peer)
+    target = peers.target_for(peer)
     assert outbox.send(peer, target, mine, drain) is True  # it went out (the peer dedups by webhook-id) ...
     endpoint.answers = [(503, {}, {"detail": "busy"})]
     assert outbox.send(peer, target, mine, drain) is False
@@ -347,14 +347,14 @@ def test_a_drain_whose_leases_go_unrenewed_stops_before_they_run_out(team, peer,
 
 
 def test_a_killed_tasks_kick_flag_holds_kicks_back_two_seconds_at_most(peer):
-    from kite.ratelimit import _redis
+    from kite.ratelimit import redis_client
 
-    _redis().delete(outbox._kick_key(peer.pk))
-    assert outbox._first_kick(peer.pk) is True  # the kick that queued a task, which is then killed
+    redis_client().delete(dispatch.kick_key(peer.pk))
+    assert dispatch.first_kick(peer.pk) is True  # the kick that queued a task, which is then killed
     set_at = time.monotonic()
-    assert outbox._first_kick(peer.pk) is False
-    deadline = set_at + outbox.KICK_FLAG_SECONDS + 1
-    while not outbox._first_kick(peer.pk):  # the sweeper's kicks, every second
+    assert dispatch.first_kick(peer.pk) is False
+    deadline = set_at + dispatch.KICK_FLAG_SECONDS + 1
+    while not dispatch.first_kick(peer.pk):  # the sweeper's kicks, every second
         assert time.monotonic() < deadline, "the dead task's flag still holds kicks back"
         time.sleep(0.05)
     assert time.monotonic() - set_at <= 2.2
@@ -366,9 +366,9 @@ def test_a_webhook_is_accepted_and_its_entry_kept_when_the_broker_cannot_take_th
     import kombu.exceptions
 
     from federation import tasks
-    from kite.ratelimit import _redis
+    from kite.ratelimit import redis_client
 
-    _redis().delete(outbox._kick_key(peer.pk))
+    redis_client().delete(dispatch.kick_key(peer.pk))
     Source.objects.create(team=team, name="plain", kind="none")
 
     def broker_down(*args, **kwargs):
@@ -392,42 +392,42 @@ def test_a_lease_out_of_range_fails_at_start_naming_the_variable(tmp_path, value
 
 
 def test_a_draining_task_holds_the_kick_flag_so_kicks_meanwhile_queue_nothing(team, peer, endpoint):
-    from kite.ratelimit import _redis
+    from kite.ratelimit import redis_client
 
-    key = outbox._kick_key(peer.pk)
-    _redis().delete(key)
+    key = dispatch.kick_key(peer.pk)
+    redis_client().delete(key)
     _event(team, "k0")
-    assert outbox._first_kick(peer.pk) is True  # k0's kick after commit: sets the flag, queues a task
+    assert dispatch.first_kick(peer.pk) is True  # k0's kick after commit: sets the flag, queues a task
     _event(team, "k1")
-    assert outbox._first_kick(peer.pk) is False  # k1's: suppressed, left to that task
+    assert dispatch.first_kick(peer.pk) is False  # k1's: suppressed, left to that task
     seen = []
 
     def answer(body):
-        seen.append((_redis().exists(key), outbox._first_kick(peer.pk)))  # a kick mid-drain
+        seen.append((redis_client().exists(key), dispatch.first_kick(peer.pk)))  # a kick mid-drain
         return {"id": json.loads(body)["id"], "duplicate": False}
 
     endpoint.default = (202, {}, answer)
     assert outbox.deliver_peer(peer.pk) == 2
     assert seen == [(1, False), (1, False)]  # held throughout: no second task queued
-    assert _redis().exists(key) == 0  # cleared at the end: the next event's kick queues a task
-    assert outbox._first_kick(peer.pk) is True
+    assert redis_client().exists(key) == 0  # cleared at the end: the next event's kick queues a task
+    assert dispatch.first_kick(peer.pk) is True
 
 
 def test_a_backlog_calls_one_helper_that_drains_alongside(team, peer, endpoint, monkeypatch):
     from federation import tasks
-    from kite.ratelimit import _redis
+    from kite.ratelimit import redis_client
 
-    _redis().delete(outbox._helper_key(peer.pk), outbox._kick_key(peer.pk))
+    redis_client().delete(dispatch.helper_key(peer.pk), dispatch.kick_key(peer.pk))
     queued = []
     monkeypatch.setattr(tasks.deliver_peer, "delay", lambda *args, **kwargs: queued.append((args, kwargs)))
     for n in range(outbox.CLAIM_UNBATCHED + 5):
         _event(team, f"h{n}")
     # The helper, had it run first, drains like any task and leaves the kick flag alone.
-    _redis().set(outbox._kick_key(peer.pk), 1)
+    redis_client().set(dispatch.kick_key(peer.pk), 1)
     assert outbox.deliver_peer(peer.pk, helper=True) == outbox.CLAIM_UNBATCHED + 5
-    assert _redis().exists(outbox._kick_key(peer.pk)) == 1 and _redis().exists(outbox._helper_key(peer.pk)) == 0
+    assert redis_client().exists(dispatch.kick_key(peer.pk)) == 1 and redis_client().exists(dispatch.helper_key(peer.pk)) == 0
     assert queued == []  # a helper calls no helper
-    _redis().delete(outbox._kick_key(peer.pk))
+    redis_client().delete(dispatch.kick_key(peer.pk))
     for n in range(outbox.CLAIM_UNBATCHED + 5):
         _event(team, f"m{n}")
     assert outbox.deliver_peer(peer.pk) == outbox.CLAIM_UNBATCHED + 5

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import call_command
 from prometheus_client import REGISTRY
 
-from federation import audit, filters, outbox, routing, services
+from federation import audit, enqueue, filters, routing, services
 from federation.models import AuditEvent, OutboxEntry, Peer
 from ingest.models import Event
 from kite.models import Team
@@ -386,7 +386,7 @@ def test_changing_filters_reaches_the_route_cache_at_the_next_event(client, api,
     SourceFactory(team=team, name="plain", kind="none")
     peer_id = _create(api, name="cached", filters=[{"exact": {"kiteunverified": "true"}}]).json()["id"]
     _post_plain(client, team, "first")  # routes read and cached at the team's routes version
-    assert outbox._routes[team.id][1][0].filters == ({"exact": {"kiteunverified": "true"}},)
+    assert enqueue._routes[team.id][1][0].filters == ({"exact": {"kiteunverified": "true"}},)
     assert api.patch(f"/api/federation/peers/{peer_id}", {"filters": [IS_GITHUB]}, format="json").status_code == 200
     _post_plain(client, team, "second")
     _post_plain(client, team, "third", event_type="com.github.push")

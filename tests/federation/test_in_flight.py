@@ -5,7 +5,7 @@ import json
 import threading
 import time
 
-from federation import outbox
+from federation import contract, outbox
 from federation.models import Delivery, OutboxEntry, Peer
 from tests.federation.test_delivery import _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
 
@@ -116,4 +116,4 @@ def test_batched_peers_still_get_one_call_per_claim(team, peer, endpoint, settin
         _event(team, f"e{index}")
     assert outbox.deliver_peer(peer.pk) == 7
     assert len(endpoint.requests) == 1
-    assert endpoint.requests[0][0]["content-type"] == outbox.BATCH_CONTENT_TYPE
+    assert endpoint.requests[0][0]["content-type"] == contract.BATCH_CONTENT_TYPE

@@ -12,7 +12,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
-from federation import audit, heartbeat, outbox, services
+from federation import audit, dispatch, heartbeat, outbox, services
 from federation.forms import AUDIT_ACTIONS
 from federation.models import AuditEvent, OutboxEntry, Peer
 from kite import services as kite_services
@@ -78,16 +78,16 @@ def test_pausing_a_paused_peer_is_200_and_changes_nothing(api, peer):
 
 
 def test_resume_delivers_the_backlog_now(api, team, peer, endpoint, django_capture_on_commit_callbacks):
-    from kite.ratelimit import _redis
+    from kite.ratelimit import redis_client
 
     _pause(api, peer.pk)
     for n in range(3):
         _event(team, f"e{n}")
-    _redis().delete(outbox._kick_key(peer.pk))
+    redis_client().delete(dispatch.kick_key(peer.pk))
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         response = _resume(api, peer.pk)
     assert response.status_code == 200 and (response.json()["paused"], response.json()["changed"]) == ("", True)
-    assert callbacks and _redis().exists(outbox._kick_key(peer.pk))  # a delivery task was queued at commit
+    assert callbacks and redis_client().exists(dispatch.kick_key(peer.pk))  # a delivery task was queued at commit
     assert AuditEvent.objects.get(action=audit.PEER_RESUMED).data == {"pending": 3}
     assert outbox.deliver_peer(peer.pk) == 3  # what that task does
     assert sorted(OutboxEntry.objects.filter(peer=peer).values_list("status", "attempts")) == [("delivered", 1)] * 3

@@ -288,15 +288,15 @@ def test_a_scope_change_applies_to_the_next_event_at_once(client, team):
 
 
 def test_a_peer_change_made_by_another_process_is_seen_by_the_next_event(team):
-    from federation import outbox
+    from federation import enqueue
 
     peer = _peer(team, scopes=["github.*"])
-    assert [r.scopes for r in outbox.routes_for(team.id)] == [("github.*",)]
+    assert [r.scopes for r in enqueue.routes_for(team.id)] == [("github.*",)]
     # Another web process changed the peer and, in the same transaction, bumped the team's version.
     Peer.objects.filter(pk=peer.pk).update(scopes=["stripe.*"])
-    assert [r.scopes for r in outbox.routes_for(team.id)] == [("github.*",)]  # cached here
+    assert [r.scopes for r in enqueue.routes_for(team.id)] == [("github.*",)]  # cached here
     Team.objects.filter(pk=team.id).update(routes_version=F("routes_version") + 1)
-    assert [r.scopes for r in outbox.routes_for(team.id)] == [("stripe.*",)]
+    assert [r.scopes for r in enqueue.routes_for(team.id)] == [("stripe.*",)]
 
 
 def test_a_webhook_reads_the_routes_version_with_its_source_and_nothing_else(client, team):

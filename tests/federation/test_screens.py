@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from federation import audit, certificates, heartbeat, invitations, services
+from federation import audit, certificates, heartbeat, invitations, peers, services
 from federation.heartbeat import PingResult
 from federation.models import AuditEvent, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
 from ingest.models import Event, Source
@@ -131,7 +131,7 @@ def test_new_peer_generates_both_secrets_shown_once_with_where_they_go(owner, te
     response = _redirected(owner, response)
     assert response.status_code == 200
     page = _text(response)
-    outbound, inbound = services.secret_of(peer, "outbound"), services.secret_of(peer, "inbound")
+    outbound, inbound = peers.secret_of(peer, "outbound"), peers.secret_of(peer, "inbound")
     assert page.count(outbound) == 1 and page.count(inbound) == 1
     assert "paste this into the Inbound secret field" in page and "paste this into the Outbound secret field" in page
     assert peer.outbound_fingerprint in page and peer.inbound_fingerprint in page
@@ -182,7 +182,7 @@ def test_new_peer_name_taken_is_a_field_error(owner, peer):
 def test_new_peer_page_shows_what_to_give_the_other_side(owner, team):
     row = certificates.issue(team=team, subject="eu")
     page = _text(owner.get(BASE + "/peers/new/"))
-    assert services.hook_url_for(team) in page and row.thumbprint in page and "BEGIN CERTIFICATE" in page
+    assert peers.hook_url_for(team) in page and row.thumbprint in page and "BEGIN CERTIFICATE" in page
 
 
 # --- peer detail: ping, settings, rotate, replay, grants, delete ----------------------------------
@@ -225,7 +225,7 @@ def test_rotate_inbound_shows_the_new_secret_once_and_keeps_the_old_valid(owner,
     response = _redirected(owner, response)
     assert response.status_code == 200
     peer.refresh_from_db()
-    new = services.secret_of(peer, "inbound")
+    new = peers.secret_of(peer, "inbound")
     page = _text(response)
     assert page.count(new) == 1 and "paste this as the new outbound secret" in page
     assert peer.previous_inbound_fingerprint == crypto.fingerprint(SECRET + "in")
@@ -277,7 +277,7 @@ def test_grant_token_is_shown_once_and_a_bad_network_is_a_field_error(owner, pee
 def test_delete_says_what_the_other_side_sees_then_revokes_and_tells_it(owner, team, peer, monkeypatch):
     _outbox(team, peer, _events(team, 2), status=OutboxEntry.Status.PENDING)
     told = []
-    monkeypatch.setattr(heartbeat, "terminate", lambda peer, reason, actor: told.append(reason) or PingResult(True))
+    monkeypatch.setattr(services, "terminate", lambda peer, reason, actor: told.append(reason) or PingResult(True))
     confirm = _text(owner.get(f"{BASE}/peers/{peer.pk}/delete"))
     assert "b is told at once" in confirm and "becomes revoked" in confirm and "2 queued entries" in confirm
     response = owner.post(f"{BASE}/peers/{peer.pk}/delete")
@@ -290,7 +290,7 @@ def test_delete_says_what_the_other_side_sees_then_revokes_and_tells_it(owner, t
 
 def test_delete_when_the_other_side_cannot_be_told_warns(owner, peer, monkeypatch):
     refused = PingResult(False, error="connection refused")
-    monkeypatch.setattr(heartbeat, "terminate", lambda peer, reason, actor: refused)
+    monkeypatch.setattr(services, "terminate", lambda peer, reason, actor: refused)
     response = owner.post(f"{BASE}/peers/{peer.pk}/delete", follow=True)
     assert "could not be told: connection refused" in _text(response)
 
@@ -399,7 +399,7 @@ def test_trusted_sender_added_with_generated_secret_and_bad_pem_refused(owner):
     assert not Peer.objects.exists()
     created = _redirected(owner, owner.post(BASE + "/senders/", {"name": "a"}))
     sender = Peer.objects.get(role=Peer.Role.SENDER)
-    assert created.status_code == 200 and _text(created).count(services.secret_of(sender, "inbound")) == 1
+    assert created.status_code == 200 and _text(created).count(peers.secret_of(sender, "inbound")) == 1
     assert owner.post(f"{BASE}/senders/{sender.pk}/revoke").status_code == 302
     sender.refresh_from_db()
     assert sender.status == Peer.Status.REVOKED

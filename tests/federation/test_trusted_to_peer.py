@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from federation import audit, outbox, services
+from federation import audit, enqueue, peers, services
 from federation.models import AuditEvent, OutboxEntry, Peer
 from ingest import services as ingest_services
 from tests.federation.test_api import SECRET
@@ -54,7 +54,7 @@ def test_patch_makes_the_same_row_a_peer_listed_with_the_peers_and_audited(api, 
     assert "outbound_token" not in body  # given, so not shown back
     after = _row(sender["id"])
     assert after["inbound_secret_encrypted"] == before["inbound_secret_encrypted"]
-    assert services.secret_of(Peer.objects.get(pk=sender["id"]), "outbound") == OUTBOUND
+    assert peers.secret_of(Peer.objects.get(pk=sender["id"]), "outbound") == OUTBOUND
     assert [row["id"] for row in api.get("/api/federation/peers").json()["results"]] == [sender["id"]]
     assert api.get("/api/federation/trusted-senders").json()["results"] == []
     assert api.get(f"/api/federation/peers/{sender['id']}").status_code == 200
@@ -79,7 +79,7 @@ def test_events_are_queued_for_it_once_it_is_a_peer(api, sender, team):
     source = team.sources.get(name="plain")
     ingest_services.webhook_receive(source=source, headers={}, body=b'{"id": "e1", "type": "stripe.charge"}')
     assert list(OutboxEntry.objects.values_list("peer_id", flat=True)) == [sender["id"]]
-    assert outbox.routes_for(team.id)  # the route cache knows it
+    assert enqueue.routes_for(team.id)  # the route cache knows it
 
 
 @pytest.mark.parametrize("body, status, code, named", [
@@ -144,7 +144,7 @@ def test_the_peers_screen_makes_a_trusted_sender_a_peer_and_shows_a_generated_se
     assert done.status_code == 302 and done["Location"] == f"/settings/federation/peers/{sender['id']}/created"
     shown = owner.get(done["Location"]).content.decode()
     row = Peer.objects.get(pk=sender["id"])
-    secret = services.secret_of(row, "outbound")
+    secret = peers.secret_of(row, "outbound")
     assert row.role == "peer" and row.scopes == ["stripe.*", "demo.*"] and row.peer_hook_url == A_HOOK
     assert shown.count(secret) >= 1 and secret not in owner.get(done["Location"]).content.decode()  # once
     assert AuditEvent.objects.filter(action=audit.TRUSTED_SENDER_PROMOTED, peer_id=row.pk).count() == 1

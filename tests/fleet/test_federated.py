@@ -70,7 +70,7 @@ def test_a_granted_peer_reads_its_teams_agents_and_the_request_is_audited(team, 
 
 def test_the_team_hint_narrows_which_rows_are_tried_and_grants_nothing(team, other_team):
     """Kite adds ?team= (from the hook URL) to its calls: the peer tries that team's secrets only."""
-    from federation.heartbeat import ping_url
+    from federation.peers import ping_url
 
     caller = _caller_row(team)
     other_secret = "whsec_" + "b" * 43 + "="
@@ -405,7 +405,7 @@ def test_a_peers_rows_are_checked_and_cut_to_size():
         "not a row",
     ]
 
-    found = [rows.remote_row("p", wire, stale=False) for wire in rows.wire_rows(raws)]
+    found = [rows.remote_row("p", wire, stale=False) for wire in rows.checked_rows(raws)]
 
     assert [(r["id"], r["status"], r["last_seen"], r["labels"], r["host"]) for r in found] == [
         ("peer:p/1", "online", "2026-01-01T00:00:00Z", {"a": "b"}, ""),

@@ -11,7 +11,7 @@ from federation import services as federation_services
 from federation.models import Peer
 from fleet import federated, services
 from fleet.models import Agent, Snapshot
-from fleet.services import PeerAnswer
+from fleet.services import FleetAnswer
 from tests.federation.test_api import PEER_URL
 from tests.screens import median_ms, member, outsider, owner, teamless  # noqa: F401  (fixtures)
 
@@ -64,8 +64,8 @@ def test_federation_toggle_adds_peers_agents_read_only_and_names_the_unreachable
 
     def fetch(call, timeout):
         if call.peer_id == down.pk:
-            return PeerAnswer("unreachable", 3, None, "connection refused")
-        return PeerAnswer("ok", 12, [{"id": 4, "name": "remote-worker", "status": "online", "last_seen": None,
+            return FleetAnswer("unreachable", 3, None, "connection refused")
+        return FleetAnswer("ok", 12, [{"id": 4, "name": "remote-worker", "status": "online", "last_seen": None,
                                       "version": "", "host": "", "labels": {}}])  # fmt: skip
 
     monkeypatch.setattr(federated, "fetch", fetch)

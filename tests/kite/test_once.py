@@ -4,7 +4,7 @@ import time
 
 from django.contrib.sessions.models import Session
 
-from federation import services
+from federation import peers, services
 from federation.models import FederationToken, Peer
 from kite import once
 from tests.federation.test_api import PEER_URL, SECRET
@@ -57,7 +57,7 @@ def test_two_forms_in_two_tabs_each_show_their_own_secret(owner, team):  # noqa:
     assert rotated.status_code == 302 and rotated["Location"] == f"{BASE}/peers/{peer.pk}/"
     secret = owner.get(rotated["Location"]).context["shown_once"][0].value
     peer.refresh_from_db()
-    assert services.secret_of(peer, "inbound") == secret
+    assert peers.secret_of(peer, "inbound") == secret
     assert owner.get(location).context["shown_once"][0].value.startswith("whsec_")
 
 

@@ -1,6 +1,6 @@
 from django.core.management.base import CommandError
 
-from federation import services
+from federation import selectors, services
 from federation.management.base import ACTOR, TeamCommand, service_errors
 
 
@@ -26,8 +26,6 @@ class Command(TeamCommand):
 
 def peer_or_sender(command: TeamCommand, team: str, ref: str):
     """A peer or a trusted sender of the team (the service says why a sender has no pause)."""
-    from federation import selectors
-
     found_team = command.team(team)
     found = selectors.peer_by_ref(found_team.id, ref, role=None)
     if found is None:

@@ -1,0 +1,148 @@
+"""Routing an event to peers, in the transaction that stores it (DESIGN §4): the per-team cache of
+routes, the decision per peer (federation.routing), the outbox entries written, and their peers
+kicked after commit (federation.dispatch)."""
+
+import functools
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from federation import dispatch, metrics, routing
+from federation.models import OutboxEntry, Peer
+from ingest import cloudevent
+from ingest import services as ingest_services
+from ingest.models import Event, Source
+from kite import fastsql, tracing
+from kite.models import Team
+
+FAILED_TYPE = "kite.federation.delivery_failed"
+
+
+@dataclass(frozen=True)
+class Route:
+    """What routing needs of a peer; cached per team so storing an event costs no query."""
+
+    pk: int
+    name: str
+    remote_instance_id: str
+    scopes: tuple[str, ...]
+    max_hops: int
+    filters: tuple[dict, ...] = ()  # federation.filters expressions, all of which must match
+
+
+# Each process keeps the routes it read per team, with the team's `routes_version` they were
+# read at. Any change to a team's peers bumps that version in the same transaction; webhooks
+# read it along with their source, so an event of a team without peers costs no query and
+# no round trip, and a change is seen by the next event in every process.
+_routes: dict[str, tuple[int, list[Route]]] = {}
+_routes_lock = threading.Lock()
+
+
+def routes_for(team_id: str, version: int | None = None) -> list[Route]:
+    if version is None:  # not read with a webhook's source: one indexed read
+        version = Team.objects.filter(pk=team_id).values_list("routes_version", flat=True).first() or 0
+    cached = _routes.get(team_id)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    peers = (
+        Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER)
+        .exclude(status=Peer.Status.REVOKED)
+        .exclude(peer_hook_url="")
+        .values_list("pk", "name", "remote_instance_id", "scopes", "max_hops", "filters")
+    )
+    routes = [Route(pk, name, remote, tuple(scopes or ()), hops, tuple(filters or ()))
+              for pk, name, remote, scopes, hops, filters in peers]  # fmt: skip
+    with _routes_lock:
+        _routes[team_id] = (version, routes)
+    return routes
+
+
+def forget_routes(team_id: str | None = None) -> None:
+    """A peer's routing fields changed: bump the team's routes version, in the caller's
+    transaction when there is one, so that every process reloads at its next event."""
+    with _routes_lock:
+        if team_id is None:
+            _routes.clear()
+        else:
+            _routes.pop(team_id, None)
+    teams = Team.objects.all() if team_id is None else Team.objects.filter(pk=team_id)
+    teams.update(routes_version=F("routes_version") + 1)
+
+
+def route_event(event: Event, sender) -> None:
+    if event.ce_type.startswith(routing.INTERNAL_PREFIX):
+        return
+    source = event.source if Event._meta.get_field("source").is_cached(event) else None
+    routes = routes_for(event.team_id, getattr(source, "team_routes_version", None))
+    if not routes:
+        return
+    forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)
+    entries = []
+    attributes = functools.cache(lambda: routing.wire_attributes(event, forward))  # once, for filters only
+    for route in routes:
+        decision = _decide(event, forward, route, sender, attributes)
+        if decision.send:
+            entries.append(OutboxEntry(team_id=event.team_id, peer_id=route.pk, event=event,
+                                       provenance=forward.extensions()))  # fmt: skip
+            continue
+        metrics.DROPPED.labels(route.name, decision.reason).inc()
+        if decision.reason == "max_hops":
+            _emit_delivery_failed(event, route, forward)
+    if entries:
+        with tracing.event_span("kite.outbox", event, {"kite.peer_ids": [entry.peer_id for entry in entries]}):
+            fastsql.insert(entries)
+        peer_ids = sorted({entry.peer_id for entry in entries})
+        transaction.on_commit(lambda: dispatch.kick_all(peer_ids), robust=True)
+
+
+def _routes_idle_for(source) -> bool:
+    """This process knows the source's team has no peer to route to at the routes version read
+    with the source. Never reads: what is not cached (yet) is not known to be idle."""
+    cached = _routes.get(source.team_id)
+    return cached is not None and cached[0] == getattr(source, "team_routes_version", None) and not cached[1]
+
+
+route_event.idle_for = _routes_idle_for
+
+
+def _decide(event, forward, peer, sender, attributes=None) -> routing.Decision:
+    if sender is not None and getattr(sender, "pk", None) == peer.pk:
+        return routing.Decision(False, "loop_chain")  # never straight back to whoever sent it
+    return routing.decide(
+        event_type=event.ce_type,
+        forward=forward,
+        peer_instance_id=peer.remote_instance_id,
+        scopes=list(peer.scopes),
+        max_hops=peer.max_hops,
+        filters=peer.filters,
+        attributes=attributes,
+    )
+
+
+def _emit_delivery_failed(event: Event, peer: Peer, forward: routing.Provenance) -> None:
+    source = Source.objects.get(team_id=event.team_id, name="kite")
+    data = {
+        "peer": peer.name,
+        "reason": "max_hops",
+        "max_hops": peer.max_hops,
+        "hops": forward.hops - 1,
+        "event": {"id": event.ce_id, "source": event.ce_source, "type": event.ce_type},
+        "chain": list(forward.chain),
+    }
+    ingest_services.event_store(
+        source=source,
+        draft=cloudevent.Draft(
+            id=f"drop-{uuid.uuid4()}",
+            type=FAILED_TYPE,
+            source=f"kite://{settings.KITE_INSTANCE_ID}/{event.team_id}/federation",
+            time=timezone.now(),
+            data_json=json.dumps(data),
+        ),
+    )
+
