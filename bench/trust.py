@@ -43,7 +43,22 @@ def invitation_round(bench, n: int) -> float:
         if time.monotonic() - started > 60:
             raise SystemExit(f"invitation round {n}: not active on both sides after 60 s")
         time.sleep(0.02)
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    for kite, peer_id in ((bench.a, a_side), (bench.b, b_side)):  # A tells B; B's row may be revoked already
+        answer = kite.api("DELETE", f"/api/federation/peers/{peer_id}")
+        assert answer.status_code in (204, 404), answer.text
+    return seconds
+
+
+def invitation_rounds(bench, count: int) -> list[float]:
+    """A team has one live peer per instance: the pair bench/federation.py's set-up made (A's peer B, B's
+    trusted sender A) is deleted first, each round's pair after the round, and the set-up's made again."""
+    answer = bench.a.api("DELETE", f"/api/federation/peers/{bench.peer_id}")
+    assert answer.status_code == 204, answer.text
+    bench.b.sql("UPDATE federation_peer SET status = 'revoked' WHERE role = 'sender' AND status <> 'revoked'")
+    seconds = [invitation_round(bench, n) for n in range(count)]
+    bench.federate("from-a-again", "a")
+    return seconds
 
 
 def set_factors(bench, both: bool) -> None:
@@ -85,7 +100,7 @@ def main(argv=None) -> int:
     bench = fb.Bench(args)
     try:
         bench.start()
-        seconds = [invitation_round(bench, n) for n in range(own.invitations)]
+        seconds = invitation_rounds(bench, own.invitations)
         log("invitation → active on both sides, s: " + ", ".join(f"{s:.2f}" for s in seconds)
             + f"; median {med(seconds):.2f}, max {max(seconds):.2f}")  # fmt: skip
         rates, cpu = alternate(bench, own.rounds, False, own.events)
