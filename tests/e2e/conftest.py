@@ -15,11 +15,13 @@ class Instances:
         self.started: list[tuple[Kite, Database | None, RedisDatabase | None]] = []
 
     def start(self, label: str, *, embedded: bool = False, extra_env: dict | None = None,
-              database_via: Callable[[str], str] | None = None) -> Kite:  # fmt: skip
+              database_via: Callable[[str], str] | None = None, empty_database: bool = False) -> Kite:  # fmt: skip
         """embedded: no DATABASE_URL / REDIS_URL, i.e. SQLite, in-memory channel layer, SQLAlchemy broker.
         extra_env: set for this instance's processes, over everything else.
-        database_via: the DATABASE_URL Kite is given, from its database's own URL (e.g. through PgBouncer)."""
-        database = None if embedded else Database(label)
+        database_via: the DATABASE_URL Kite is given, from its database's own URL (e.g. through PgBouncer).
+        empty_database: runkite meets an empty database and runs every migration (otherwise the
+        database is a copy of the migrated template, harness.migrated_template)."""
+        database = None if embedded else Database(label, migrated=not empty_database)
         try:
             redis_db = None if embedded else RedisDatabase()
         except BaseException:
