@@ -318,11 +318,11 @@ def cum(name, file_part, caller=None):
     return total * 1000 / count
 out["per_event_ms"] = {
     "webhook_receive (profiled)": cum("webhook_receive", "ingest/services.py"),
-    "route_event": cum("route_event", "federation/outbox.py"),
-    "routing decisions (_decide)": cum("_decide", "federation/outbox.py"),
+    "route_event": cum("route_event", "federation/enqueue.py"),
+    "routing decisions (_decide)": cum("_decide", "federation/enqueue.py"),
     "outbox INSERT (fastsql.insert from route_event)": cum("insert", "kite/fastsql.py", "route_event"),
-    "kicks after commit (outbox.kick)": cum("kick", "federation/outbox.py"),
-    "of which Redis SET NX (_first_kick)": cum("_first_kick", "federation/outbox.py"),
+    "kicks after commit (dispatch.kick_all)": cum("kick_all", "federation/dispatch.py"),
+    "of which Redis SET NX (dispatch.first_kicks)": cum("first_kicks", "federation/dispatch.py"),
     "of which Celery publish (Task.delay)": cum("delay", "celery/app/task.py"),
 }
 rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])
@@ -332,8 +332,8 @@ out["top"] = [f"{ct * 1000 / count:8.2f} ms  {nc / count:6.0f} calls  {os.path.r
 stats = profiled("peer", ["nothing.here.*"])
 out["none_matching_ms"] = {
     "webhook_receive (profiled)": cum("webhook_receive", "ingest/services.py"),
-    "route_event": cum("route_event", "federation/outbox.py"),
-    "routing decisions (_decide)": cum("_decide", "federation/outbox.py"),
+    "route_event": cum("route_event", "federation/enqueue.py"),
+    "routing decisions (_decide)": cum("_decide", "federation/enqueue.py"),
     "drop counter (labels + inc)": cum("labels", "prometheus_client/metrics.py", "route_event")
                                    + cum("inc", "prometheus_client/metrics.py", "route_event"),
 }
@@ -345,7 +345,7 @@ from federation import tasks
 from federation.models import OutboxEntry, Peer
 from ingest.models import Event
 from kite.celery import app
-from kite.ratelimit import _redis
+from kite.ratelimit import redis_client
 event = Event.objects.order_by("-id").first()
 peer_ids = list(Peer.objects.filter(name__startswith="fan-").values_list("pk", flat=True))
 provenance = {"kitefedorigin": "x", "kitefedchain": '["x"]', "kitefedhops": 1}
@@ -360,7 +360,7 @@ def insert():
     with transaction.atomic():
         fastsql.insert([OutboxEntry(team_id=event.team_id, peer_id=p, event=event, provenance=provenance) for p in peer_ids])
         transaction.set_rollback(True)
-redis = _redis()
+redis = redis_client()
 def flags_one_by_one():
     for p in peer_ids:
         redis.set(f"kite:fanout-bench:{p}", 1, nx=True, ex=1)

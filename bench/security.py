@@ -48,6 +48,8 @@ class TreeInstance(fb.Instance):
 
 def pair(args, label: str, root: Path, port: int, redis_dbs: tuple[int, int]) -> "fb.Bench":
     bench = fb.Bench(args)
+    for replaced in (bench.a, bench.b):  # Bench's own instances, never started: their data dirs go
+        shutil.rmtree(replaced.data_dir, ignore_errors=True)
     fast = {"KITE_PROBE_DOWN_SECONDS": "1"}
     bench.a = TreeInstance(args, f"a_{label}", port, bench.services[0], redis_dbs[0],
                            {**fast, "KITE_HEARTBEAT_SECONDS": "3600"})  # fmt: skip
