@@ -83,22 +83,31 @@ def route_event(event: Event, sender) -> None:
     if not routes:
         return
     forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)
-    entries = []
+    peer_ids = []
     attributes = functools.cache(lambda: routing.wire_attributes(event, forward))  # once, for filters only
     for route in routes:
         decision = _decide(event, forward, route, sender, attributes)
         if decision.send:
-            entries.append(OutboxEntry(team_id=event.team_id, peer_id=route.pk, event=event,
-                                       provenance=forward.extensions()))  # fmt: skip
+            peer_ids.append(route.pk)
             continue
         metrics.DROPPED.labels(route.name, decision.reason).inc()
         if decision.reason == "max_hops":
             _emit_delivery_failed(event, route, forward)
-    if entries:
-        with tracing.event_span("kite.outbox", event, {"kite.peer_ids": [entry.peer_id for entry in entries]}):
-            fastsql.insert(entries)
-        peer_ids = sorted({entry.peer_id for entry in entries})
+    if peer_ids:
+        with tracing.event_span("kite.outbox", event, {"kite.peer_ids": peer_ids}):
+            entries_write(event, forward, peer_ids)
+        peer_ids = sorted(set(peer_ids))
         transaction.on_commit(lambda: dispatch.kick_all(peer_ids), robust=True)
+
+
+def entries_write(event: Event, forward: routing.Provenance, peer_ids: list[int]) -> None:
+    """One outbox entry per peer, in the caller's transaction: one statement however many peers.
+    The entries differ only by peer and msg_id, so on PostgreSQL the shared values are bound once
+    and each msg_id is made there (gen_random_uuid(), a v4 UUID as uuid.uuid4 makes): an INSERT of
+    every column of every entry cost a fanned-out event more than the rest of its request
+    (bench/RESULTS.md, Fan-out). Nothing reads the entries back: the kicks name peers."""
+    shared = OutboxEntry(team_id=event.team_id, event=event, provenance=forward.extensions())
+    fastsql.insert_each(shared, "peer", peer_ids, generated={"msg_id": "gen_random_uuid()"})
 
 
 def _routes_idle_for(source) -> bool:
