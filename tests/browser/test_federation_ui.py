@@ -24,7 +24,7 @@ ACTIVE_SECONDS = 60  # heartbeats every 2 s (FAST); generous for a loaded 2-core
 def kites(tmp_path_factory):
     cluster = Cluster(tmp_path_factory)
     try:
-        yield cluster.start("ui-a"), cluster.start("ui-b")
+        yield cluster.start_together("ui-a", "ui-b")
     finally:
         cluster.close()
 

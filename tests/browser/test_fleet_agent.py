@@ -23,7 +23,7 @@ MUTATING = ("main form[method=post], main form[method=POST], main button:not([di
 def kites(tmp_path_factory):
     cluster = Cluster(tmp_path_factory)
     try:
-        a, b = cluster.start("agent-a"), cluster.start("agent-b")
+        a, b = cluster.start_together("agent-a", "agent-b")
         invite(a, b, "b", "a")
         registered = b.api("POST", "/api/fleet/agents", json={"name": "b-worker", "version": "4.2", "host": "b-box",
                                                               "labels": {"role": "billing"}})  # fmt: skip

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 def kites(tmp_path_factory):
     cluster = Cluster(tmp_path_factory)
     try:
-        yield cluster.start("journey-ui-a"), cluster.start("journey-ui-b")
+        yield cluster.start_together("journey-ui-a", "journey-ui-b")
     finally:
         cluster.close()
 

@@ -21,7 +21,7 @@ NOWHERE = "https://127.0.0.1:9/hooks/tm_zyxwvutsrqponmlkjihgfedcba9876543210/kit
 def kites(tmp_path_factory):
     cluster = Cluster(tmp_path_factory)
     try:
-        yield cluster.start("overview-a"), cluster.start("overview-b")
+        yield cluster.start_together("overview-a", "overview-b")
     finally:
         cluster.close()
 

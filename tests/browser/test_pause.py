@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def kites(tmp_path_factory):
     cluster = Cluster(tmp_path_factory)
     try:
-        yield cluster.start("pause-ui-a"), cluster.start("pause-ui-b")
+        yield cluster.start_together("pause-ui-a", "pause-ui-b")
     finally:
         cluster.close()
 

@@ -40,8 +40,7 @@ def pair(tmp_path_factory):
     """A and B, embedded, peered by invitation (A invites, B accepts); A has a `plain` source."""
     started = Instances(tmp_path_factory)
     try:
-        a = started.start("emb-a", embedded=True, extra_env=FAST)
-        b = started.start("emb-b", embedded=True, extra_env=FAST)
+        a, b = started.start_together(*((label, {"embedded": True, "extra_env": FAST}) for label in ("emb-a", "emb-b")))
         for kite in (a, b):
             created = kite.api("POST", "/api/federation/certificates", json={"subject": f"kite {kite.instance_id}"})
             assert created.status_code == 201, created.text

@@ -14,7 +14,18 @@ class Instances:
         self.tmp_path_factory = tmp_path_factory
         self.started: list[tuple[Kite, Database | None, RedisDatabase | None]] = []
 
-    def start(self, label: str, *, embedded: bool = False, extra_env: dict | None = None,
+    def start(self, label: str, **options) -> Kite:
+        """One instance, started (options: those of _made)."""
+        (kite,) = self.start_together((label, options))
+        return kite
+
+    def start_together(self, *instances: str | tuple[str, dict]) -> tuple[Kite, ...]:
+        """Instances started at once, their starts overlapping (Kite.start_together): each a label, or
+        (label, options of start())."""
+        kites = [self._made(spec) if isinstance(spec, str) else self._made(spec[0], **spec[1]) for spec in instances]
+        return Kite.start_together(*kites)
+
+    def _made(self, label: str, *, embedded: bool = False, extra_env: dict | None = None,
               database_via: Callable[[str], str] | None = None, empty_database: bool = False) -> Kite:  # fmt: skip
         """embedded: no DATABASE_URL / REDIS_URL, i.e. SQLite, in-memory channel layer, SQLAlchemy broker.
         extra_env: set for this instance's processes, over everything else.
@@ -35,7 +46,7 @@ class Instances:
             extra_env=extra_env or {},
         )
         self.started.append((kite, database, redis_db))
-        return kite.start()
+        return kite
 
     def close(self) -> None:
         """SIGTERM each running instance's process group: it must exit 0, all processes gone."""

@@ -209,6 +209,11 @@ class Kite:
         return env
 
     def start(self) -> "Kite":
+        return self.launch().wait_started()
+
+    def launch(self) -> "Kite":
+        """The first half of start(): runkite started, not yet waited for. A test starting several
+        instances launches them all, then waits for each (start_together), so their starts overlap."""
         self.starts += 1
         self.log_path = self.data_dir.parent / f"{self.instance_id}-run{self.starts}.log"
         with open(self.log_path, "wb") as log:
@@ -220,6 +225,9 @@ class Kite:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, as a terminal would give it
             )
+        return self
+
+    def wait_started(self) -> "Kite":
         wait_for(self._healthy, START_SECONDS, lambda: f"{self.instance_id} to answer /healthz; log:\n{self.log_tail}")
         return self
 
@@ -233,6 +241,21 @@ class Kite:
         except requests.RequestException:
             return False
         return response.status_code == 200 and response.json()["instance_id"] == self.instance_id
+
+    @staticmethod
+    def start_together(*kites: "Kite") -> tuple["Kite", ...]:
+        """Start every one, their starts overlapping (each start is mostly its processes loading
+        Django); returns once each answers /healthz, as start() does for one."""
+        taken: set[int] = set()
+        for kite in kites:  # drawn before any of them listens: two could have drawn the same free port
+            while kite.port in taken:
+                kite.port = free_port()
+            taken.add(kite.port)
+        for kite in kites:
+            kite.launch()
+        for kite in kites:
+            kite.wait_started()
+        return kites
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         """Signal the whole process group, as Ctrl-C does; every process must be gone within STOP_SECONDS."""

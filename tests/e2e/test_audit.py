@@ -19,7 +19,7 @@ def audit(kite, **filters) -> list[dict]:
 
 
 def test_a_ping_is_audited_on_both_sides_and_a_wrong_secret_on_the_receiver(cluster):
-    a, b = cluster.start("a"), cluster.start("b")
+    a, b = cluster.start_together("a", "b")
     peer = federate(a, b, "b")
     ping = a.api("POST", f"/api/federation/peers/{peer['id']}/ping").json()
     assert ping["ok"], ping

@@ -95,18 +95,27 @@ class Cluster:
         self.started: list[tuple[FedKite, Database, RedisDatabase]] = []
 
     def start(self, label: str, **env: str) -> FedKite:
-        database, redis_db = Database(label), RedisDatabase()
-        kite = FedKite(
-            data_dir=self.tmp.mktemp(label) / "data",
-            instance_id=f"fed-{label}-{secrets.token_hex(3)}",
-            database_url=database.url,
-            redis_url=redis_db.url,
-            extra_env=dict(FAST, **env),
-        )
-        self.started.append((kite, database, redis_db))
-        kite.start()
-        assert kite.api("POST", "/api/sources", json={"name": "plain", "kind": "none"}).status_code == 201
+        (kite,) = self.start_together(label, **env)
         return kite
+
+    def start_together(self, *labels: str, **env: str) -> tuple[FedKite, ...]:
+        """Instances of the same variables started at once (their starts overlap: Kite.start_together)."""
+        kites = []
+        for label in labels:
+            database, redis_db = Database(label), RedisDatabase()
+            kite = FedKite(
+                data_dir=self.tmp.mktemp(label) / "data",
+                instance_id=f"fed-{label}-{secrets.token_hex(3)}",
+                database_url=database.url,
+                redis_url=redis_db.url,
+                extra_env=dict(FAST, **env),
+            )
+            self.started.append((kite, database, redis_db))
+            kites.append(kite)
+        Kite.start_together(*kites)
+        for kite in kites:
+            assert kite.api("POST", "/api/sources", json={"name": "plain", "kind": "none"}).status_code == 201
+        return tuple(kites)
 
     def close(self):
         running = [kite for kite, _, _ in self.started if kite.process is not None]
@@ -238,7 +247,7 @@ def test_dead_letters_and_replay(a, b):
 
 
 def test_b_down_for_a_while_loses_nothing_and_dead_letters_nothing(cluster):
-    a, b = cluster.start("down-a"), cluster.start("down-b")
+    a, b = cluster.start_together("down-a", "down-b")
     peer = federate(a, b, "b", scopes=["stripe.*"])
     warm = f"warm_{secrets.token_hex(3)}"
     a.post_event("plain", warm)
@@ -288,7 +297,7 @@ def test_the_web_process_delivers_what_it_stored_while_the_worker_is_frozen(clus
 
 
 def test_worker_killed_mid_delivery_still_delivers(cluster):
-    a, b = cluster.start("crash-a"), cluster.start("crash-b")
+    a, b = cluster.start_together("crash-a", "crash-b")
     token = b.token("crash")
     b.trust("a", token)
     # A black hole: accepts TCP and never answers, so the worker is stuck mid-delivery.
@@ -319,7 +328,7 @@ def test_worker_killed_mid_delivery_still_delivers(cluster):
 
 
 def test_a_and_b_federating_both_ways_do_not_amplify(cluster):
-    a, b = cluster.start("loop-a"), cluster.start("loop-b")
+    a, b = cluster.start_together("loop-a", "loop-b")
     federate(a, b, "b")
     federate(b, a, "a")
     ids_a = [f"from_a_{i}" for i in range(5)]
@@ -339,7 +348,7 @@ def test_a_and_b_federating_both_ways_do_not_amplify(cluster):
 
 
 def test_a_b_c_ring_does_not_amplify_and_hop_limit_emits_the_internal_event(cluster):
-    a, b, c = cluster.start("ring-a"), cluster.start("ring-b"), cluster.start("ring-c")
+    a, b, c = cluster.start_together("ring-a", "ring-b", "ring-c")
     federate(a, b, "b")
     federate(b, c, "c")
     federate(c, a, "a")
@@ -418,7 +427,7 @@ def test_teams_stay_apart_across_instances(a, b):
 
 def test_identity_certificates_pinned_on_both_sides_and_a_missing_one_is_named(cluster):
     """Issue 4: both factors between real instances; Ping names the certificate factor."""
-    a, b = cluster.start("cert-a"), cluster.start("cert-b")
+    a, b = cluster.start_together("cert-a", "cert-b")
     cert_a = a.api("POST", "/api/federation/certificates", json={"subject": "kite a"}).json()
     cert_b = b.api("POST", "/api/federation/certificates", json={"subject": "kite b"}).json()
     token = b.token("from-a")
@@ -448,7 +457,7 @@ def test_rotating_the_secret_while_events_flow_fails_no_delivery(cluster):
     new one, events flowing the whole time: every event arrives, no attempt is refused."""
     import threading
 
-    a, b = cluster.start("rot-a"), cluster.start("rot-b")
+    a, b = cluster.start_together("rot-a", "rot-b")
     token = b.token("from-a")
     peer = a.add_peer(b, "b", outbound_token=token, scopes=["stripe.*"])
     sender = b.trust("a", token)
@@ -483,7 +492,7 @@ def test_rotating_the_secret_while_events_flow_fails_no_delivery(cluster):
 
 
 def test_deleting_a_peer_terminates_it_on_the_other_side_and_both_can_peer_again(cluster):
-    a, b = cluster.start("term-a"), cluster.start("term-b")
+    a, b = cluster.start_together("term-a", "term-b")
     first = federate(a, b, "b", scopes=["stripe.*"])
     senders = b.api("GET", "/api/federation/trusted-senders").json()["results"]
     assert a.api("DELETE", f"/api/federation/peers/{first['id']}").status_code == 204
@@ -502,7 +511,7 @@ def test_one_paste_invitation_reaches_active_on_both_sides_and_events_flow_both_
     """Issue 4: A invites, B pastes; no secret is copied by hand; both sides active in seconds."""
     import base64
 
-    a, b = cluster.start("inv-a"), cluster.start("inv-b")
+    a, b = cluster.start_together("inv-a", "inv-b")
     created = a.api("POST", "/api/federation/invitations", json={"name": "b", "scopes": ["stripe.*"]})
     assert created.status_code == 201, created.text
     invitation = created.json()["invitation"]
@@ -565,7 +574,7 @@ def test_one_paste_invitation_reaches_active_on_both_sides_and_events_flow_both_
 
 def test_ping_names_the_failing_factor_wrong_secret_wrong_pem_wrong_tls_pin(cluster):
     """Issue 4, manual peering: each broken factor is named by Ping, and fixing it shows ok."""
-    a, b = cluster.start("pingf-a"), cluster.start("pingf-b")
+    a, b = cluster.start_together("pingf-a", "pingf-b")
     a.api("POST", "/api/federation/certificates", json={"subject": "kite a"})
     stranger = b.api("POST", "/api/federation/certificates", json={"subject": "not a"}).json()  # some other PEM
     token = b.token("from-a")
@@ -613,7 +622,7 @@ def test_invitation_peers_rotate_secrets_and_certificates_over_the_channel_witho
     channel — no secret or PEM is shown or pasted — while events flow both ways."""
     import threading
 
-    a, b = cluster.start("chan-a"), cluster.start("chan-b")
+    a, b = cluster.start_together("chan-a", "chan-b")
     a_side, b_side = _invite(a, b)
     sent_to_b, sent_to_a, stop = [], [], threading.Event()
 
@@ -665,7 +674,7 @@ def test_a_rotation_the_peer_cannot_be_told_changes_nothing_or_hands_over_the_se
     """Outbound: the peer must learn the new secret first, so a peer that is down → 502, nothing
     changed. Inbound: the new secret is in force here (the old one still valid), and shown once
     with the reason, to be pasted on the other side."""
-    a, b = cluster.start("chanf-a"), cluster.start("chanf-b")
+    a, b = cluster.start_together("chanf-a", "chanf-b")
     a_side, _ = _invite(a, b)
     before = a.peer(a_side)
     b.stop()

@@ -54,7 +54,7 @@ class Upstream:
 
 
 def test_a_peer_with_filters_gets_exactly_the_events_they_match(cluster):  # noqa: F811
-    a, b = cluster.start("filters-a"), cluster.start("filters-b")
+    a, b = cluster.start_together("filters-a", "filters-b")
     peer = federate(a, b, "b", scopes=["*"], filters=FILTERS)
     assert peer["filters"] == FILTERS and a.peer(peer["id"])["filters"] == FILTERS
     upstream = Upstream(a, "upstream")

@@ -45,7 +45,7 @@ def invite(inviter, invitee, name_there: str, name_here: str) -> tuple[int, int]
 def fleet(tmp_path_factory):
     started, hole = Cluster(tmp_path_factory), BlackHole()
     try:
-        a, b, c = started.start("fleet-a"), started.start("fleet-b"), started.start("fleet-c")
+        a, b, c = started.start_together("fleet-a", "fleet-b", "fleet-c")
         a_b, b_a = invite(a, b, "b", "a")
         a_c, _ = invite(a, c, "c", "a")
         body = {"name": "hole", "peer_hook_url": hole.url, "scopes": []}

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def kites(tmp_path_factory):
     cluster = Cluster(tmp_path_factory)
     try:
-        yield cluster.start("journey-a"), cluster.start("journey-b")
+        yield cluster.start_together("journey-a", "journey-b")
     finally:
         cluster.close()
 

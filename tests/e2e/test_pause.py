@@ -27,7 +27,7 @@ def _paused_gauge(kite, team_id: str) -> float:
 
 
 def test_a_paused_peer_queues_everything_and_resume_delivers_it_exactly_once(cluster):  # noqa: F811
-    a, b = cluster.start("pause-a"), cluster.start("pause-b")
+    a, b = cluster.start_together("pause-a", "pause-b")
     peer = federate(a, b, "b", scopes=["stripe.*"])
     warm = f"warm_{secrets.token_hex(3)}"
     a.post_event("plain", warm)

@@ -26,7 +26,8 @@ STRICT = {"KITE_PEER_ALLOWED_NETWORKS": ""}
 def kites(tmp_path_factory):
     started = Instances(tmp_path_factory)
     try:
-        yield SimpleNamespace(strict=started.start("dest-strict", extra_env=STRICT), local=started.start("dest-local"))
+        strict, local = started.start_together(("dest-strict", {"extra_env": STRICT}), "dest-local")
+        yield SimpleNamespace(strict=strict, local=local)
     finally:
         started.close()
 

@@ -33,9 +33,10 @@ CLOSED_PEER_URL = "https://127.0.0.1:9/hooks/x/kite"  # a peer we never reach: o
 def kites(tmp_path_factory):
     started = Instances(tmp_path_factory)
     try:
-        plain = started.start("ops-plain", extra_env={"KITE_METRICS_TOKEN": TOKEN,
-                                                      "KITE_HSTS_SECONDS": str(HSTS_SECONDS)})  # fmt: skip
-        proxied = started.start("ops-proxied", extra_env={"KITE_TRUSTED_PROXIES": "127.0.0.1/32"})
+        plain, proxied = started.start_together(
+            ("ops-plain", {"extra_env": {"KITE_METRICS_TOKEN": TOKEN, "KITE_HSTS_SECONDS": str(HSTS_SECONDS)}}),
+            ("ops-proxied", {"extra_env": {"KITE_TRUSTED_PROXIES": "127.0.0.1/32"}}),
+        )
         yield {"plain": plain, "proxied": proxied}
     finally:
         started.close()

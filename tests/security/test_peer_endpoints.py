@@ -29,7 +29,7 @@ DEEP = b"[" * 200_000
 def kites(tmp_path_factory):
     started = Instances(tmp_path_factory)
     try:
-        b, a = started.start("sec-b"), started.start("sec-a")
+        b, a = started.start_together("sec-b", "sec-a")
         for kite in (a, b):
             kite.team = kite.team_id()
         for kite in (a, b):
