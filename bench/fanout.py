@@ -320,7 +320,7 @@ out["per_event_ms"] = {
     "webhook_receive (profiled)": cum("webhook_receive", "ingest/services.py"),
     "route_event": cum("route_event", "federation/enqueue.py"),
     "routing decisions (_decide)": cum("_decide", "federation/enqueue.py"),
-    "outbox INSERT (fastsql.insert from route_event)": cum("insert", "kite/fastsql.py", "route_event"),
+    "outbox INSERT (enqueue.entries_write)": cum("entries_write", "federation/enqueue.py"),
     "kicks after commit (dispatch.kick_all)": cum("kick_all", "federation/dispatch.py"),
     "of which Redis SET NX (dispatch.first_kicks)": cum("first_kicks", "federation/dispatch.py"),
     "of which Celery publish (Task.delay)": cum("delay", "celery/app/task.py"),
@@ -338,17 +338,21 @@ out["none_matching_ms"] = {
                                    + cum("inc", "prometheus_client/metrics.py", "route_event"),
 }
 # The parts of a 200-peer event on their own, without a profiler (median of 15, ms): the outbox
-# INSERT (rolled back), the kicks' Redis flags one by one and in one pipeline, the tasks published
-# one by one (Task.delay) and over one producer.
+# INSERT as route_event writes it and as one multi-row VALUES of every column of every entry (how
+# it was written before), both rolled back; route_event whole (rolled back); the kicks' Redis flags
+# one by one and in one pipeline, the tasks published one by one (Task.delay) and over one producer.
 from django.db import transaction
-from federation import tasks
+from federation import enqueue, routing, tasks
 from federation.models import OutboxEntry, Peer
 from ingest.models import Event
 from kite.celery import app
 from kite.ratelimit import redis_client
-event = Event.objects.order_by("-id").first()
+set_peers("peer", ["stripe.*"])
+event = (Event.objects.filter(team_id=team_id).exclude(ce_type__startswith=routing.INTERNAL_PREFIX)
+         .order_by("-id").first())
 peer_ids = list(Peer.objects.filter(name__startswith="fan-").values_list("pk", flat=True))
-provenance = {"kitefedorigin": "x", "kitefedchain": '["x"]', "kitefedhops": 1}
+forward = routing.next_hop(routing.provenance_of(event.extensions or {}), "fanout-bench")
+provenance = forward.extensions()
 def median_ms(fn, n=15):
     times = []
     for _ in range(n):
@@ -356,10 +360,16 @@ def median_ms(fn, n=15):
         fn()
         times.append((time.perf_counter() - t) * 1000)
     return sorted(times)[n // 2]
-def insert():
-    with transaction.atomic():
-        fastsql.insert([OutboxEntry(team_id=event.team_id, peer_id=p, event=event, provenance=provenance) for p in peer_ids])
-        transaction.set_rollback(True)
+def rolled_back(fn):
+    def run():
+        with transaction.atomic():
+            fn()
+            transaction.set_rollback(True)
+    return run
+insert = rolled_back(lambda: enqueue.entries_write(event, forward, peer_ids))
+insert_values = rolled_back(lambda: fastsql.insert([OutboxEntry(team_id=event.team_id, peer_id=p, event=event,
+                                                                provenance=forward.extensions()) for p in peer_ids]))
+route = rolled_back(lambda: enqueue.route_event(event, None))
 redis = redis_client()
 def flags_one_by_one():
     for p in peer_ids:
@@ -380,7 +390,9 @@ def flags_pipelined_one_task():  # what a kick of all the event's peers at once 
     flags_pipelined()
     app.send_task("federation.tasks.deliver_peer", args=(peer_ids[0],), kwargs={"also": peer_ids})
 out["parts_ms"] = {
-    "outbox INSERT of 200 entries": median_ms(insert),
+    "outbox INSERT of 200 entries (route_event's: INSERT … SELECT … FROM unnest)": median_ms(insert),
+    "the same as one multi-row VALUES of every column of every entry": median_ms(insert_values),
+    "route_event, 200 matching peers (routing + INSERT, rolled back)": median_ms(route),
     "200 Redis SET NX, one by one (as kicks do)": median_ms(flags_one_by_one),
     "200 Redis SET NX, one pipeline": median_ms(flags_pipelined),
     "200 tasks published, Task.delay each (as kicks do)": median_ms(publish_one_by_one, 5),
