@@ -21,7 +21,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class PeerAdmin(ReadOnlyAdmin):
     list_display = ["name", "team", "role", "status", "paused", "peer_hook_url", "remote_instance_id",
                     "outbound_fingerprint", "inbound_fingerprint", "last_success_at"]  # fmt: skip
-    list_select_related = ["team"]
+    list_select_related = ["team", "health"]
     list_filter = ["role", "status", "paused"]
     search_fields = ["name", "remote_instance_id", "peer_hook_url"]
     exclude = ["outbound_secret_encrypted", "inbound_secret_encrypted", "previous_inbound_secret_encrypted",

@@ -5,13 +5,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from django.db import close_old_connections
-from django.db.models import Case, F, IntegerField, Q, Value, When
+from django.db import close_old_connections, transaction
+from django.db.models import Case, Exists, OuterRef, Q, Value, When
 from django.utils import timezone
 
 from federation import audit, client, dispatch, enqueue, peers
 from federation.contract import BATCH_CAP
-from federation.models import Peer
+from federation.models import Peer, PeerHealth
 
 PING_TIMEOUT = (3.0, 5.0)
 CLOCK_TOLERANCE_SECONDS = 300
@@ -81,9 +81,9 @@ def heartbeat(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
     operator's resume lifts that pause."""
     result = ping(peer, actor=actor)
     now = timezone.now()
-    updates = {"last_attempt_at": now, "last_heartbeat_at": now}
+    health, updates = {"last_attempt_at": now, "last_heartbeat_at": now}, {}
     if result.ok:
-        updates.update(last_success_at=now, last_latency_ms=result.latency_ms, last_error="")
+        health.update(last_success_at=now, last_latency_ms=result.latency_ms, last_error="")
         capabilities = result.body.get("capabilities") if isinstance(result.body, dict) else None
         if isinstance(capabilities, dict) and isinstance(capabilities.get("batch_max"), int):
             updates["batch_max"] = max(1, min(capabilities["batch_max"], BATCH_CAP))
@@ -93,19 +93,19 @@ def heartbeat(peer: Peer, *, actor: str = audit.SYSTEM) -> PingResult:
         if peer.status in (Peer.Status.ACCEPTED, Peer.Status.ENROLLED):
             # Decided by the row as it is now, not as read before the ping: the peer's own first
             # request may have landed meanwhile (it records last_inbound_at).
-            updates["status"] = Case(
-                When(last_inbound_at__isnull=False, then=Value(Peer.Status.ACTIVE)),
-                default=Value(Peer.Status.ENROLLED),
-            )
-        # Only a queue paused as down is lifted, judged by the row as it is now: an operator's
-        # pause (or auth_failed) made since the row was read stays.
-        updates["paused"] = Case(When(paused=Peer.Pause.DOWN, then=Value(Peer.Pause.NONE)), default=F("paused"))
-        updates["consecutive_failures"] = Case(When(paused=Peer.Pause.DOWN, then=Value(0)),
-                                               default=F("consecutive_failures"),
-                                               output_field=IntegerField())  # fmt: skip
+            contacted = PeerHealth.objects.filter(peer_id=OuterRef("pk"), last_inbound_at__isnull=False)
+            updates["status"] = Case(When(Exists(contacted), then=Value(Peer.Status.ACTIVE)),
+                                     default=Value(Peer.Status.ENROLLED))  # fmt: skip
     else:
-        updates["last_error"] = result.error[:1000]
-    Peer.objects.filter(pk=peer.pk).exclude(status=Peer.Status.REVOKED).update(**updates)
+        health["last_error"] = result.error[:1000]
+    live = Peer.objects.filter(pk=peer.pk).exclude(status=Peer.Status.REVOKED)
+    with transaction.atomic():
+        # Only a queue paused as down is lifted, judged by the row as it is now: an operator's
+        # pause (or auth_failed) made since the row was read stays. Its failures count again from 0.
+        if result.ok and live.filter(paused=Peer.Pause.DOWN).update(paused=Peer.Pause.NONE):
+            health["consecutive_failures"] = 0
+        if updates and live.update(**updates) or not updates and live.exists():  # not revoked meanwhile
+            PeerHealth.record(peer, **health)
     if "remote_instance_id" in updates:
         enqueue.forget_routes(peer.team_id)
     if result.ok and peer.paused == Peer.Pause.DOWN:  # lifted now, or paused anew meanwhile: the drain sees that

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from federation import audit, certificates, dispatch, enqueue, metrics, routing, signing
 from federation.errors import Code
-from federation.models import InboundReceipt, Peer
+from federation.models import HEALTH_FIELDS, InboundReceipt, Peer, PeerHealth
 from federation.peers import inbound_secrets
 from ingest.cloudevent import MalformedEvent
 from ingest.verifiers import VerificationError
@@ -42,14 +42,29 @@ def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer
     list is tried when the first is empty or none of it matches. One query in plain SQL
     (every peer request makes it; the ORM's compilation cost more than the query)."""
     sql = (
-        f"SELECT * FROM {Peer._meta.db_table} WHERE status <> %s AND inbound_secret_encrypted <> ''"
-        f"{' AND team_id = %s' if team_id is not None else ''} AND (remote_instance_id = %s OR remote_instance_id = '')"
+        f"SELECT p.*, {_HEALTH_COLUMNS} FROM {Peer._meta.db_table} p "
+        f"LEFT JOIN {PeerHealth._meta.db_table} h ON h.peer_id = p.id WHERE p.status <> %s "
+        f"AND p.inbound_secret_encrypted <> ''{' AND p.team_id = %s' if team_id is not None else ''} "
+        "AND (p.remote_instance_id = %s OR p.remote_instance_id = '')"
     )
     params = [Peer.Status.REVOKED.value, *([team_id] if team_id is not None else []), sender or ""]
-    found = list(Peer.objects.raw(sql, params))
+    found = [_with_health(peer) for peer in Peer.objects.raw(sql, params)]
     named = [p for p in found if sender and (p.remote_instance_id == sender or (not p.remote_instance_id and p.name == sender))]
     unnamed = [p for p in found if not p.remote_instance_id and p not in named]
     return named, unnamed
+
+
+# Each row's health (PeerHealth) comes with it, its columns named health_<field>.
+_HEALTH_COLUMNS = ", ".join(["h.peer_id AS health_peer_id", *(f"h.{name} AS health_{name}" for name in HEALTH_FIELDS)])
+
+
+def _with_health(peer: Peer) -> Peer:
+    if peer.health_peer_id is None:
+        peer.health = PeerHealth(peer=peer)
+    else:
+        peer.health = PeerHealth(peer=peer, **{name: getattr(peer, f"health_{name}") for name in HEALTH_FIELDS})
+        peer.health._state.adding, peer.health._state.db = False, peer._state.db  # read from the database
+    return peer
 
 
 @dataclass(frozen=True)
@@ -188,11 +203,11 @@ def _check_rate(peer: Peer) -> None:
 
 def _note_contact(peer: Peer, sender: str) -> None:
     now = timezone.now()
-    updates = {}
+    updates, health = {}, {}
     if sender and not peer.remote_instance_id:
         updates["remote_instance_id"] = sender[:63]  # learned on first success
     if peer.last_inbound_at is None or now - peer.last_inbound_at > LAST_SEEN_RESOLUTION:
-        updates["last_inbound_at"] = now
+        health["last_inbound_at"] = now  # the health row: the peer's own row is not rewritten for it
         if peer.status in (Peer.Status.ENROLLED, Peer.Status.ACCEPTED):
             # Active once enrolled — judged by the row now (our ping may have just enrolled it).
             updates["status"] = Case(
@@ -204,6 +219,8 @@ def _note_contact(peer: Peer, sender: str) -> None:
         # A new peering (invitation): the other side just reached us; ping back now rather than at
         # the next heartbeat, so both sides are enrolled and active within seconds.
         transaction.on_commit(lambda: dispatch.enrol_soon(peer.pk))
+    if health:
+        PeerHealth.record(peer, **health)
     if updates:
         Peer.objects.filter(pk=peer.pk).update(**updates)
         if "remote_instance_id" in updates:

@@ -127,7 +127,8 @@ class PeerStateCollector:
 
     REASONS = ("operator", "down", "auth_failed")
     STATES = ("reachable", "slow", "stale", "unreachable", "unknown")
-    FIELDS = ("name", "team", "paused", "status", "last_attempt_at", "last_success_at", "last_latency_ms")
+    FIELDS = ("name", "team", "paused", "status", "health__last_attempt_at", "health__last_success_at",
+              "health__last_latency_ms")
 
     def describe(self):
         return [self._family(), self._reachability_family()]
@@ -136,7 +137,7 @@ class PeerStateCollector:
         paused, reachable = self._family(), self._reachability_family()
         try:
             peers = list(Peer.objects.filter(role=Peer.Role.PEER).exclude(status=Peer.Status.REVOKED)
-                         .order_by("team_id", "name").only(*self.FIELDS))  # fmt: skip
+                         .select_related("health").order_by("team_id", "name").only(*self.FIELDS))  # fmt: skip
         except Exception:  # a scrape must not fail because the database is away
             logger.exception("kite_peer_paused: could not read the peers")
             return [paused, reachable]

@@ -95,13 +95,6 @@ class Peer(models.Model):
     batch_max = models.PositiveIntegerField(null=True, blank=True, help_text="Learned from the peer's ping")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.ACCEPTED)
     paused = models.CharField(max_length=12, choices=Pause.choices, default=Pause.NONE, blank=True)
-    consecutive_failures = models.PositiveIntegerField(default=0)
-    last_error = models.TextField(blank=True)
-    last_attempt_at = models.DateTimeField(null=True, blank=True)
-    last_success_at = models.DateTimeField(null=True, blank=True)
-    last_latency_ms = models.PositiveIntegerField(null=True, blank=True)
-    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
-    last_inbound_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -118,6 +111,69 @@ class Peer(models.Model):
     @property
     def sends_to(self) -> bool:
         return self.role == self.Role.PEER and bool(self.peer_hook_url) and self.status != self.Status.REVOKED
+
+    def save(self, *args, **kwargs):
+        super().save(*args, **kwargs)
+        if Peer.health.is_cached(self) and self.vitals._state.adding:  # health given with a new row (tests, the admin)
+            given = {name: getattr(self.vitals, name) for name in HEALTH_FIELDS}
+            if any(value not in (None, "", 0) for value in given.values()):
+                PeerHealth.record(self, **given)
+
+    @property
+    def vitals(self) -> "PeerHealth":
+        """Its health row (read it with select_related("health")); an empty one, not saved, while
+        nothing has been recorded of the peer (the row is made by its first write: peers.record_health)."""
+        try:
+            return self.health
+        except PeerHealth.DoesNotExist:
+            self.health = PeerHealth(peer=self)
+            return self.health
+
+
+class PeerHealth(models.Model):
+    """What deliveries, heartbeats and the peer's own requests record of a peer, apart from the row
+    an operator configures: a delivery's outcome never rewrites that row. (`paused` stays on the
+    peer: it is policy, which the claim reads.)"""
+
+    peer = models.OneToOneField(Peer, on_delete=models.CASCADE, primary_key=True, related_name="health")
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+    last_latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    last_inbound_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "peer health"
+
+    def __str__(self):
+        return f"health of peer {self.peer_id}"
+
+    @classmethod
+    def record(cls, peer: Peer, *, remember: bool = True, **values) -> None:
+        """Write `values` into the peer's health row — one INSERT … ON CONFLICT DO UPDATE of those
+        columns: the row is made by its first write, whichever way the peer was made — and, with
+        `remember`, into the row `peer` holds, when it holds one."""
+        cls.objects.bulk_create([cls(peer_id=peer.pk, **values)], update_conflicts=True, unique_fields=["peer"],
+                                update_fields=list(values))  # fmt: skip
+        if remember and Peer.health.is_cached(peer):
+            for name, value in values.items():
+                setattr(peer.vitals, name, value)
+
+
+HEALTH_FIELDS = ("consecutive_failures", "last_error", "last_attempt_at", "last_success_at", "last_latency_ms",
+                 "last_heartbeat_at", "last_inbound_at")  # fmt: skip
+
+
+def _health_field(name: str) -> property:
+    """`peer.<name>` reads (and, for a row not saved yet, sets) its health row's value."""
+    return property(lambda peer: getattr(peer.vitals, name), lambda peer, value: setattr(peer.vitals, name, value),
+                    doc=f"PeerHealth.{name}")  # fmt: skip
+
+
+for _name in HEALTH_FIELDS:
+    setattr(Peer, _name, _health_field(_name))
 
 
 class OutboxEntry(models.Model):

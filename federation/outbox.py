@@ -27,7 +27,7 @@ from django.utils import timezone
 from federation import audit, backoff, client, dispatch, enqueue, metrics, peers, services
 from federation.contract import BATCH_CAP, BATCH_CONTENT_TYPE, SINGLE_CONTENT_TYPE
 from federation.dispatch import FLAG_REFRESH_SECONDS
-from federation.models import Delivery, OutboxEntry, Peer
+from federation.models import Delivery, OutboxEntry, Peer, PeerHealth
 from ingest.models import Event
 from kite import ratelimit, tracing
 
@@ -167,7 +167,8 @@ class PeerView:
     def current(self) -> Peer | None:
         """The peer if its queue may send now (a peer that sends, not paused), else None."""
         if self.peer is None or time.monotonic() - self.read_at >= PEER_REREAD_SECONDS:
-            self.peer, self.read_at, self.target = Peer.objects.filter(pk=self.peer_id).first(), time.monotonic(), None
+            found = Peer.objects.filter(pk=self.peer_id).select_related("health").first()
+            self.peer, self.read_at, self.target = found, time.monotonic(), None
         if self.peer is None or not self.peer.sends_to or self.peer.paused:
             return None
         if self.target is None:
@@ -591,15 +592,15 @@ def _mark_delivered(peer: Peer, delivered: list[tuple[OutboxEntry, client.PeerAn
 
 
 def _peer_after_success(peer: Peer, answer: client.PeerAnswer) -> None:
+    """The health row back to no failure (written only if it held one); the peer's row only when
+    its instance ID is learned from this answer."""
     learned = answer.headers.get("kite-instance", "")[:63]
-    updates = {"consecutive_failures": 0, "last_error": ""}
     if learned and not peer.remote_instance_id:
-        updates["remote_instance_id"] = learned
         enqueue.forget_routes(peer.team_id)
-    if peer.consecutive_failures or peer.last_error or "remote_instance_id" in updates:
-        Peer.objects.filter(pk=peer.pk).update(**updates)
-        peer.consecutive_failures, peer.last_error = 0, ""
-        peer.remote_instance_id = updates.get("remote_instance_id", peer.remote_instance_id)
+        Peer.objects.filter(pk=peer.pk).update(remote_instance_id=learned)
+        peer.remote_instance_id = learned
+    if peer.consecutive_failures or peer.last_error:
+        PeerHealth.record(peer, consecutive_failures=0, last_error="")
 
 
 def _record_failure(peer: Peer, group: list[OutboxEntry], failure: client.PeerCallError, tokens: list) -> None:
@@ -634,7 +635,8 @@ def _peer_after_failure(peer: Peer, failure: client.PeerCallError) -> None:
         services.peer_revoke(peer=peer, reason="gone (410 from the peer)")
         return
     failures = peer.consecutive_failures + 1
-    updates = {"consecutive_failures": failures, "last_error": failure.detail[:1000]}
+    # Not remembered: the calls of one chunk that failed together count as one failure, as read.
+    PeerHealth.record(peer, remember=False, consecutive_failures=failures, last_error=failure.detail[:1000])
     pause = None
     if failure.kind == "auth":
         pause = Peer.Pause.AUTH_FAILED
@@ -642,8 +644,7 @@ def _peer_after_failure(peer: Peer, failure: client.PeerCallError) -> None:
         pause = Peer.Pause.DOWN
     if pause:  # over what the row holds now: an operator's pause (made while this call was out) stays
         operators = When(paused=Peer.Pause.OPERATOR, then=Value(Peer.Pause.OPERATOR))
-        updates["paused"] = Case(operators, default=Value(pause))
-    Peer.objects.filter(pk=peer.pk).update(**updates)
+        Peer.objects.filter(pk=peer.pk).update(paused=Case(operators, default=Value(pause)))
 
 
 # --- operator actions and the sweeper ------------------------------------------

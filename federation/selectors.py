@@ -16,17 +16,17 @@ def tokens(team_id: str):
 
 
 def peers(team_id: str):
-    return Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER).order_by("name", "id")
+    return Peer.objects.filter(team_id=team_id, role=Peer.Role.PEER).select_related("health").order_by("name", "id")
 
 
 def trusted_senders(team_id: str):
-    return Peer.objects.filter(team_id=team_id, role=Peer.Role.SENDER).order_by("name", "id")
+    return Peer.objects.filter(team_id=team_id, role=Peer.Role.SENDER).select_related("health").order_by("name", "id")
 
 
 def peer_for_team(team_id: str, peer_id, role: str | None = "peer") -> Peer | None:
     """One peer of the team (role None: a peer or a trusted sender)."""
     try:
-        peers = Peer.objects.filter(team_id=team_id, pk=int(peer_id))
+        peers = Peer.objects.filter(team_id=team_id, pk=int(peer_id)).select_related("health")
         return (peers if role is None else peers.filter(role=role)).first()
     except (TypeError, ValueError):
         return None
@@ -34,7 +34,7 @@ def peer_for_team(team_id: str, peer_id, role: str | None = "peer") -> Peer | No
 
 def peer_by_ref(team_id: str, ref: str, role: str | None = "peer") -> Peer | None:
     """A peer named on the command line: a live peer by name, else any peer of the team by id."""
-    peers = Peer.objects.filter(team_id=team_id, **({"role": role} if role else {}))
+    peers = Peer.objects.filter(team_id=team_id, **({"role": role} if role else {})).select_related("health")
     found = peers.filter(name=ref).exclude(status=Peer.Status.REVOKED).first()
     ref = str(ref)
     return found or (peers.filter(pk=int(ref)).first() if ref.isascii() and ref.isdigit() else None)

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from federation import audit, client, dispatch, enqueue, heartbeat, peers
 from federation.errors import Code
-from federation.models import AuditEvent, Delivery, FederationToken, OutboxEntry, Peer
+from federation.models import AuditEvent, Delivery, FederationToken, OutboxEntry, Peer, PeerHealth
 from federation.routing import DEFAULT_MAX_HOPS
 from ingest import services as ingest_services
 from kite import crypto
@@ -157,10 +157,10 @@ def peer_update(*, peer: Peer, actor: str = "", **changes) -> Peer:
             # Only the columns changed are written, and auth_failed is lifted as the row is now: a
             # pause made since the peer was read (an operator's maintenance pause) stays.
             peer.save(update_fields=[column for field in changes for column in UPDATED_COLUMNS[field]])
-            if fixed:  # the operator fixed something: try again
-                Peer.objects.filter(pk=peer.pk, paused=Peer.Pause.AUTH_FAILED).update(
-                    paused=Peer.Pause.NONE, consecutive_failures=0)  # fmt: skip
-            peer.refresh_from_db(fields=["paused", "consecutive_failures"])
+            if fixed and Peer.objects.filter(pk=peer.pk, paused=Peer.Pause.AUTH_FAILED).update(paused=Peer.Pause.NONE):
+                PeerHealth.record(peer, consecutive_failures=0)  # the operator fixed something: try again
+            peer.refresh_from_db(fields=["paused"])
+            peer.health = PeerHealth.objects.filter(peer_id=peer.pk).first() or PeerHealth(peer=peer)
             audit.record(audit.PEER_UPDATED, peer=peer, actor=actor, data={"changed": _changed(peer, changes)})
     except IntegrityError:
         raise ApiError(f"Team already has a peer named {peer.name!r}.", Code.CONFLICT, status=409) from None
@@ -246,9 +246,12 @@ def rotate_secret(*, peer: Peer, direction: str, secret: str | None = None, grac
             peer.previous_inbound_secret_encrypted = peer.previous_inbound_fingerprint = ""
             peer.previous_inbound_expires_at = None
         peers.set_secret(peer, direction, new)
-        if direction == "outbound" and peer.paused == Peer.Pause.AUTH_FAILED:
-            peer.paused, peer.consecutive_failures = Peer.Pause.NONE, 0
+        lifted = direction == "outbound" and peer.paused == Peer.Pause.AUTH_FAILED
+        if lifted:
+            peer.paused = Peer.Pause.NONE
         peer.save()
+        if lifted:
+            PeerHealth.record(peer, consecutive_failures=0)
         audit.record(audit.SECRET_ROTATED, peer=peer, actor=actor, data={
             "direction": direction, "fingerprint": getattr(peer, f"{direction}_fingerprint"), "generated": not secret,
             "grace": grace,
@@ -355,8 +358,10 @@ def peer_resume(*, peer: Peer, actor: str = "") -> tuple[Peer, bool]:
         _check_pausable(row)
         if row.paused != Peer.Pause.OPERATOR:
             return row, False
-        row.paused, row.consecutive_failures = Peer.Pause.NONE, 0
-        Peer.objects.filter(pk=row.pk).update(paused=Peer.Pause.NONE, consecutive_failures=0)
+        row.paused = Peer.Pause.NONE
+        Peer.objects.filter(pk=row.pk).update(paused=Peer.Pause.NONE)
+        PeerHealth.record(row, consecutive_failures=0)
+        row.consecutive_failures = 0
         queued = OutboxEntry.objects.filter(peer=row, status=OutboxEntry.Status.PENDING).count()
         audit.record(audit.PEER_RESUMED, peer=row, actor=actor, data={"pending": queued})
         if row.sends_to:

@@ -202,7 +202,7 @@ def test_oldest_pending_age_and_reachability_are_read_from_the_database_at_scrap
     from django.utils import timezone
 
     from federation import services
-    from federation.models import OutboxEntry, Peer
+    from federation.models import OutboxEntry, Peer, PeerHealth
     from tests.federation.test_api import PEER_URL
     from tests.federation.test_delivery import _event
     from tests.federation.test_metrics import scrape
@@ -229,8 +229,8 @@ def test_oldest_pending_age_and_reachability_are_read_from_the_database_at_scrap
     OutboxEntry.objects.filter(peer__in=[idle, gone]).delete()
     OutboxEntry.objects.filter(peer=stuck).exclude(event__ce_id="e3").delete()
     Peer.objects.filter(pk=gone.pk).update(status=Peer.Status.REVOKED)
-    Peer.objects.filter(pk=b.pk).update(last_attempt_at=now, last_success_at=now, last_latency_ms=20)
-    Peer.objects.filter(pk=stuck.pk).update(last_attempt_at=now, last_success_at=now - timedelta(minutes=10))
+    PeerHealth.record(b, last_attempt_at=now, last_success_at=now, last_latency_ms=20)
+    PeerHealth.record(stuck, last_attempt_at=now, last_success_at=now - timedelta(minutes=10))
     scraped = scrape(client)
 
     def age(name):

@@ -202,11 +202,21 @@ class CertificateSerializer(serializers.ModelSerializer):
         return certificate_renewal.status(row)
 
 
+_COUNT = {"min_value": 0, "max_value": 2147483647}
+
+
 class PeerSerializer(serializers.ModelSerializer):
     filters = FiltersField(read_only=True)
     reachability = serializers.SerializerMethodField()
     has_remote_grant = serializers.SerializerMethodField()
     outbox = serializers.SerializerMethodField()
+    # The peer's health row (PeerHealth, read with select_related("health")), shown as its own fields.
+    consecutive_failures = serializers.IntegerField(read_only=True, **_COUNT)
+    last_error = serializers.CharField(read_only=True)
+    last_heartbeat_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    last_success_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    last_latency_ms = serializers.IntegerField(read_only=True, allow_null=True, **_COUNT)
+    last_inbound_at = serializers.DateTimeField(read_only=True, allow_null=True)
 
     class Meta:
         model = Peer
@@ -230,6 +240,8 @@ class PeerSerializer(serializers.ModelSerializer):
 
 
 class TrustedSenderSerializer(serializers.ModelSerializer):
+    last_inbound_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
     class Meta:
         model = Peer
         fields = ["id", "name", "status", "remote_instance_id", "inbound_fingerprint", "last_inbound_at", "created_at"]

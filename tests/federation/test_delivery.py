@@ -3,6 +3,7 @@ what each test needs (503, 429, 401, 410, 400 …): real TLS pinning, signing,
 claims and database rows; only the far side's answers are chosen."""
 
 import json
+import re
 import ssl
 import threading
 import time
@@ -11,11 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from unittest.mock import ANY
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
 from federation import backoff, dispatch, outbox, peers, services
-from federation.models import Delivery, OutboxEntry, Peer
+from federation.models import Delivery, OutboxEntry, Peer, PeerHealth
 from ingest import services as ingest_services
 from ingest.cloudevent import Draft
 from ingest.models import Source
@@ -102,6 +105,27 @@ def _entry(event_id="e1"):
 
 def _make_due():
     OutboxEntry.objects.filter(status="pending").update(next_attempt_at=timezone.now())
+
+
+def test_a_deliverys_outcome_is_recorded_in_the_health_row_and_never_updates_the_peer_row(team, peer, endpoint):
+    """A failure and the success after it move the peer's health (PeerHealth): the row an operator
+    configures (federation_peer) gets no UPDATE from either."""
+    rewrites = re.compile(r'UPDATE\s+"?federation_peer"?\s+SET', re.IGNORECASE)
+    _event(team)
+    endpoint.answers = [(503, {}, {"detail": "busy"})]
+    with CaptureQueriesContext(connection) as failed:
+        assert outbox.deliver_peer(peer.pk) == 0
+    health = PeerHealth.objects.get(peer=peer)
+    assert (health.consecutive_failures, health.last_error) == (1, ANY) and health.last_error
+    _make_due()
+    with CaptureQueriesContext(connection) as delivered:
+        assert outbox.deliver_peer(peer.pk) == 1
+    health.refresh_from_db()
+    assert (health.consecutive_failures, health.last_error) == (0, "")
+    assert _entry().status == "delivered"
+    written = [query["sql"] for query in [*failed.captured_queries, *delivered.captured_queries]]
+    assert any("federation_peerhealth" in sql for sql in written)  # the captures did see the writes
+    assert not [sql for sql in written if rewrites.search(sql)]
 
 
 def test_delivery_is_signed_so_any_standard_webhooks_library_verifies_it(team, peer, endpoint):
@@ -482,7 +506,7 @@ def test_a_heartbeat_judges_the_state_by_the_row_as_it_is_now(team, peer, endpoi
 
     stale = Peer.objects.get(pk=peer.pk)  # read before the ping, as the heartbeat task does
     if their_request_landed:
-        Peer.objects.filter(pk=peer.pk).update(last_inbound_at=timezone.now())
+        PeerHealth.record(peer, last_inbound_at=timezone.now())
     assert heartbeat.heartbeat(stale).ok
     row = Peer.objects.get(pk=peer.pk)
     assert row.status == status and row.batch_max == 100 and row.remote_instance_id == "kite-b"

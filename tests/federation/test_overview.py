@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from federation import activity, certificates
 from federation import overview as overview_screen
-from federation.models import Delivery, IdentityCertificate, OutboxEntry, Peer
+from federation.models import Delivery, IdentityCertificate, OutboxEntry, Peer, PeerHealth
 from ingest.models import Event, Source
 from kite import services as kite_services
 from kite.models import Membership
@@ -168,9 +168,10 @@ def _load(team) -> list[Peer]:
     order is what the planner's correlation statistics see). INSERT … SELECT, then ANALYZE."""
     now = timezone.now()
     Peer.objects.bulk_create(Peer(team=team, name=f"peer-{n:02d}", peer_hook_url=f"https://p{n}.example/h",
-                                  status=Peer.Status.ACTIVE, last_attempt_at=now, last_success_at=now,
-                                  last_latency_ms=30 + n) for n in range(PEERS))  # fmt: skip
+                                  status=Peer.Status.ACTIVE) for n in range(PEERS))  # fmt: skip
     peers = list(Peer.objects.filter(team=team).order_by("name"))
+    PeerHealth.objects.bulk_create(PeerHealth(peer=peer, last_attempt_at=now, last_success_at=now, last_latency_ms=30 + n)
+                                   for n, peer in enumerate(peers))  # fmt: skip
     spacing = SPAN / EVENTS
     tail = int(TAIL / spacing)
     with connection.cursor() as cursor:

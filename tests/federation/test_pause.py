@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from federation import audit, dispatch, heartbeat, outbox, services
 from federation.forms import AUDIT_ACTIONS
-from federation.models import AuditEvent, OutboxEntry, Peer
+from federation.models import AuditEvent, OutboxEntry, Peer, PeerHealth
 from kite import services as kite_services
 from tests.federation.test_delivery import SECRET, _event, endpoint, peer  # noqa: F401  (fixtures)
 from tests.federation.test_metrics import scrape, value
@@ -97,7 +97,8 @@ def test_resume_delivers_the_backlog_now(api, team, peer, endpoint, django_captu
 def test_resuming_a_peer_not_paused_by_an_operator_changes_nothing(api, peer):
     response = _resume(api, peer.pk)
     assert response.status_code == 200 and (response.json()["paused"], response.json()["changed"]) == ("", False)
-    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.DOWN, consecutive_failures=5)
+    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.DOWN)
+    PeerHealth.record(peer, consecutive_failures=5)
     response = _resume(api, peer.pk)  # a down queue is the heartbeat's to lift, not resume's
     assert (response.json()["paused"], response.json()["changed"]) == ("down", False)
     assert (_row(peer).paused, _row(peer).consecutive_failures) == ("down", 5)
@@ -105,7 +106,8 @@ def test_resuming_a_peer_not_paused_by_an_operator_changes_nothing(api, peer):
 
 
 def test_a_pause_takes_the_place_of_auth_failed_and_a_fixed_token_does_not_lift_it(api, peer):
-    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.AUTH_FAILED, consecutive_failures=1)
+    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.AUTH_FAILED)
+    PeerHealth.record(peer, consecutive_failures=1)
     assert _pause(api, peer.pk).json()["paused"] == "operator"
     assert AuditEvent.objects.get(action=audit.PEER_PAUSED).data == {"previous": "auth_failed"}
     fixed = api.patch(f"{API}/{peer.pk}", {"outbound_token": SECRET}, format="json")
@@ -137,7 +139,8 @@ def test_heartbeats_go_on_while_paused_and_a_success_does_not_resume(peer, endpo
 
 
 def test_a_heartbeat_that_read_the_peer_down_before_the_pause_does_not_lift_it(peer, endpoint):
-    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.DOWN, consecutive_failures=5)
+    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.DOWN)
+    PeerHealth.record(peer, consecutive_failures=5)
     read_down = _row(peer)
     services.peer_pause(peer=peer)  # while that heartbeat's ping is out
     assert heartbeat.heartbeat(read_down).ok
@@ -145,7 +148,8 @@ def test_a_heartbeat_that_read_the_peer_down_before_the_pause_does_not_lift_it(p
 
 
 def test_a_heartbeat_still_lifts_a_down_queue(peer, endpoint):
-    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.DOWN, consecutive_failures=5)
+    Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.DOWN)
+    PeerHealth.record(peer, consecutive_failures=5)
     assert heartbeat.heartbeat(_row(peer)).ok
     assert (_row(peer).paused, _row(peer).consecutive_failures) == ("", 0)
 

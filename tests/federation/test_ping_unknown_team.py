@@ -25,7 +25,7 @@ def typo(pair, other_team):
 
 
 def _unchanged(sender: Peer) -> dict:
-    return Peer.objects.values("status", "last_inbound_at", "remote_instance_id").get(pk=sender.pk)
+    return Peer.objects.values("status", "health__last_inbound_at", "remote_instance_id").get(pk=sender.pk)
 
 
 def test_ping_names_the_url_not_the_secret(typo, loopback):

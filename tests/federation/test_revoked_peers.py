@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from federation import services
-from federation.models import Peer
+from federation.models import Peer, PeerHealth
 from tests.federation.test_api import PEER_URL
 from tests.screens import _client_for
 
@@ -20,7 +20,7 @@ def revoked(team):
     """A peer that answered a ping seconds ago (its chip would say Reachable), then revoked."""
     peer = services.peer_create(team=team, name="gone", peer_hook_url=PEER_URL).row
     now = timezone.now()
-    Peer.objects.filter(pk=peer.pk).update(last_attempt_at=now, last_success_at=now, last_latency_ms=12)
+    PeerHealth.record(peer, last_attempt_at=now, last_success_at=now, last_latency_ms=12)
     services.peer_revoke(peer=Peer.objects.get(pk=peer.pk), reason="test")
     return Peer.objects.get(pk=peer.pk)
 

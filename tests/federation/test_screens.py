@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from federation import audit, certificates, heartbeat, invitations, peers, services
 from federation.heartbeat import PingResult
-from federation.models import AuditEvent, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer
+from federation.models import AuditEvent, FederationToken, Grant, IdentityCertificate, OutboxEntry, Peer, PeerHealth
 from ingest.models import Event, Source
 from kite import crypto
 from tests.federation.loopback import loopback  # noqa: F401  (fixture)
@@ -102,7 +102,7 @@ def test_member_and_outsider_cannot_mutate_and_nothing_changes(peer, member, out
 def test_peer_list_shows_status_chip_outbox_and_dead_count_and_filters(owner, team, peer):
     other = services.peer_create(team=team, name="c-eu", peer_hook_url=PEER_URL).row
     now = timezone.now()
-    Peer.objects.filter(pk=peer.pk).update(last_attempt_at=now, last_success_at=now, last_latency_ms=42)
+    PeerHealth.record(peer, last_attempt_at=now, last_success_at=now, last_latency_ms=42)
     events = _events(team, 5)
     _outbox(team, peer, events[:3])
     _outbox(team, peer, events[3:], status=OutboxEntry.Status.PENDING)
