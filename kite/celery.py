@@ -1,6 +1,7 @@
 import faulthandler
 import os
 import signal
+import sys
 from pathlib import Path
 
 import click
@@ -40,8 +41,6 @@ def _database_connections(**kwargs):
 def _keys_decrypt_what_is_stored(**kwargs):
     """A worker whose KITE_ENCRYPTION_KEYS cannot decrypt the stored secrets would fail every delivery
     and ping: it stops at start with one line naming the variable and the key file (kite.crypto)."""
-    import sys
-
     import django
 
     django.setup()
@@ -77,9 +76,12 @@ def _tracing_flush(**kwargs):
 
 @worker_process_init.connect
 def _pool_process_dumps_stacks(**kwargs):
-    """SIGUSR1 prints every thread's stack to stderr, as Celery's handler does in the worker process:
-    runkite sends it to a worker (and its pool processes) that did not stop in its grace time."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    """SIGWINCH prints every thread's stack to stderr, as SIGUSR1 (Celery's handler) does in the worker
+    process: runkite sends them to a worker and its pool processes that did not stop in its grace
+    time. Not SIGUSR1 (billiard's soft time limit in a pool process) nor SIGUSR2 (billiard's
+    terminate handlers take it over): SIGWINCH is ignored by default, so a process that has not set
+    its handler yet just goes on. sys.stderr is Celery's logging proxy, with no file descriptor."""
+    faulthandler.register(signal.SIGWINCH, file=sys.__stderr__, all_threads=True)
 
 
 @worker_process_init.connect

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from kite.management.commands import runkite
 from kite.management.commands.runkite import Supervisor, describe_exit, restart_delay
 from tests.e2e.harness import REPO, group_is_gone, wait_for
 
@@ -138,7 +139,7 @@ def test_only_a_stop_signal_stops_everything_and_runkite_then_exits_0(signum):
 
 STUCK_WORKER = textwrap.dedent("""
     import faulthandler, os, signal, subprocess, sys, time
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.register(signal.SIGUSR1 if len(sys.argv) == 1 else signal.SIGWINCH, all_threads=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a warm shutdown that never ends
     if len(sys.argv) == 1:
         pool = subprocess.Popen([sys.executable, __file__, "pool"])
@@ -151,9 +152,7 @@ STUCK_WORKER = textwrap.dedent("""
 
 def test_a_child_that_does_not_stop_in_its_grace_says_where_it_is_stuck_before_it_is_killed(tmp_path, monkeypatch, capfd):
     """A worker whose shutdown hangs: before runkite kills it, it and its pool processes print every
-    thread's stack (SIGUSR1: Celery's handler in the worker, faulthandler in the pool: kite.celery)."""
-    from kite.management.commands import runkite
-
+    thread's stack (SIGUSR1: Celery's handler in the worker; SIGWINCH: faulthandler in the pool: kite.celery)."""
     script = tmp_path / "stuck.py"
     script.write_text(STUCK_WORKER)
     monkeypatch.setattr(runkite, "STOP_GRACE_SECONDS", 1)
@@ -170,6 +169,45 @@ def test_a_child_that_does_not_stop_in_its_grace_says_where_it_is_stuck_before_i
     assert "in held_in_the_parent" in err and "in held_in_the_pool" in err, err
     for pid in pool:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_real_worker_and_its_pool_processes_print_their_stacks_and_keep_running(tmp_path):
+    """What runkite sends a worker it is about to kill: the worker (Celery's SIGUSR1 handler) and its
+    pool process (faulthandler on SIGWINCH: SIGUSR1 there is billiard's soft time limit, which would
+    end the process with a traceback) print every thread's stack, and nothing else happens."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") and not key.startswith("KITE_")}
+    env.update(KITE_DATA_DIR=str(tmp_path / "data"), DJANGO_SETTINGS_MODULE="kite.settings")  # embedded: SQLite
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=120)
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "kite", "worker", "--concurrency", "1",
+                                   "--loglevel", "WARNING"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _pool_ready(worker.pid), 60, "the pool process and its handler")
+        pool = runkite.children_of(worker.pid)
+        runkite.dump_stacks(worker.pid, *runkite.DUMP_SIGNALS["worker"])
+        wait_for(lambda: "most recent call first" in log.read_text(), 10, lambda: log.read_text()[-2000:])
+        assert worker.poll() is None and runkite.children_of(worker.pid) == pool  # no process ended
+    finally:
+        worker.send_signal(signal.SIGINT)
+        worker.wait(timeout=20)
+    text = log.read_text()
+    assert "MainThread" in text  # Celery's dump of the worker process
+    assert "Current thread" in text and "billiard/pool.py" in text  # faulthandler's, in the pool
+    assert "Traceback" not in text and "SoftTimeLimitExceeded" not in text and "exited with" not in text, text
+
+
+def _catches(pid: int, signum: int) -> bool:
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(mask & 1 << (signum - 1))
+
+
+def _pool_ready(pid: int) -> bool:
+    """The worker's pool process is up and has its SIGWINCH handler."""
+    children = runkite.children_of(pid)
+    return bool(children) and all(_catches(child, signal.SIGWINCH) for child in children)
 
 
 # --- liveness files: what the compose health checks read (kite/celery.py) -----------------------------

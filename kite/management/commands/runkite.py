@@ -25,7 +25,9 @@ from kite import crypto, instance_env, lifeline, pooling, tls
 # A worker's warm shutdown waits for its running tasks, and a delivery in flight to a peer that
 # accepted the connection but does not answer ends at its read timeout (federation.client, 10 s).
 STOP_GRACE_SECONDS = 15
-DUMP_SIGNAL = {"worker": signal.SIGUSR1}  # a child that says where it is stuck before it is killed (kite.celery)
+# Children that say where they are stuck before they are killed: (signal for the process, for its own
+# children). The worker: Celery's SIGUSR1 handler; its pool processes, faulthandler on SIGWINCH (kite.celery).
+DUMP_SIGNALS = {"worker": (signal.SIGUSR1, signal.SIGWINCH)}
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 STABLE_SECONDS = 60.0  # up this long, a child is healthy again: its next exit restarts after the first delay
@@ -219,18 +221,18 @@ def stop_all(children: dict[str, subprocess.Popen]) -> None:
             child.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             print(f"kite: {name} did not stop in {STOP_GRACE_SECONDS} s; killing it", file=sys.stderr, flush=True)
-            if name in DUMP_SIGNAL:
-                dump_stacks(child.pid, DUMP_SIGNAL[name])
+            if name in DUMP_SIGNALS:
+                dump_stacks(child.pid, *DUMP_SIGNALS[name])
             child.kill()
             child.wait()
 
 
-def dump_stacks(pid: int, signum: int) -> None:
-    """Have a process and its own children print every thread's stack to the log (Celery's SIGUSR1
-    handler in the worker, faulthandler in its pool processes), so a stop that had to kill says why."""
-    for target in (pid, *children_of(pid)):
+def dump_stacks(pid: int, signum: int, children_signum: int) -> None:
+    """Have a process and its own children print every thread's stack to the log, so a stop that
+    had to kill says why."""
+    for target, sent in ((pid, signum), *((child, children_signum) for child in children_of(pid))):
         try:
-            os.kill(target, signum)
+            os.kill(target, sent)
         except OSError:
             pass
     time.sleep(1.0)
