@@ -66,7 +66,7 @@ RESULTS = common.RESULTS
 SECTION = "federation"
 SOURCE = "plain"
 PEER_NAME = "b"
-BATCH_MAX = 500  # what B's ping advertises (federation.outbox.BATCH_CAP)
+BATCH_MAX = 500  # what B's ping advertises (federation.contract.BATCH_CAP)
 BELOW_EPHEMERAL = "below the ephemeral port range (32768+)"
 _SCRUBBED = ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "SECRET_KEY", "DJANGO_SETTINGS_MODULE")
 

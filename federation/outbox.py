@@ -74,7 +74,7 @@ def claim(peer_id: int, limit: int) -> list[OutboxEntry]:
 
 
 @functools.cache
-def _claim_sql() -> tuple[str, list, list]:
+def claim_sql() -> tuple[str, list, list]:
     entry_fields, event_fields = OutboxEntry._meta.concrete_fields, Event._meta.concrete_fields
     columns = ", ".join([f'o."{f.column}"' for f in entry_fields] + [f'e."{f.column}"' for f in event_fields])
     table = OutboxEntry._meta.db_table
@@ -96,7 +96,7 @@ def _claim_sql() -> tuple[str, list, list]:
 
 
 def _claim_postgres(peer_id: int, limit: int, now, lease) -> list[OutboxEntry]:
-    sql, entry_fields, event_fields = _claim_sql()
+    sql, entry_fields, event_fields = claim_sql()
     with connection.cursor() as cursor:
         cursor.execute(sql, {"now": now, "peer": peer_id, "limit": limit, "lease": lease})
         rows = cursor.fetchall()
