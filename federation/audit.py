@@ -1,4 +1,4 @@
-"""The audit trail (DESIGN §7): one row per admin action, peer call and refusal.
+"""The audit trail (README "Audit log and metrics"): one row per admin action, peer call and refusal.
 
 `record()` is the only writer. It never raises into the caller's path: an audit
 failure is logged, the audited action goes on (a lost audit row must not turn a

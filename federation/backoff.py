@@ -1,4 +1,4 @@
-"""Retry schedule of outbox entries (DESIGN §4). Pure: no Django."""
+"""Retry schedule of outbox entries (docs/architecture.md "The outbox"). Pure: no Django."""
 
 import random
 

@@ -1,4 +1,4 @@
-"""Identity certificates (DESIGN §3): X.509 with an Ed25519 key, per team.
+"""Identity certificates (README "Identity certificates (the second factor)"): X.509 with an Ed25519 key, per team.
 
 The private key is encrypted at rest (MultiFernet) and never leaves the instance:
 it signs the `v1a` factor of outbound requests and is presented as the TLS client
@@ -38,7 +38,7 @@ MAX_PEM_BYTES = 16_384
 
 
 def thumbprint_of(certificate: x509.Certificate) -> str:
-    """`sha256:<64 hex>` of the DER (DESIGN §3)."""
+    """`sha256:<64 hex>` of the DER (SECURITY.md "The signed message": `kite-key`)."""
     return "sha256:" + hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""Changes carried to a peer over the signed channel (DESIGN §4, issue 4): a rotated secret,
+"""Changes carried to a peer over the signed channel (docs/architecture.md "Rotation"): a rotated secret,
 a new identity certificate. The other side applies them itself through its signed
 `POST /api/federation/rotate`, so peers with an authenticated channel (every invitation peer)
 never copy a secret or a PEM by hand.

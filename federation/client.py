@@ -1,4 +1,4 @@
-"""Every outbound peer call goes through here (STYLE §8).
+"""Every outbound peer call goes through here (docs/architecture.md "Outbound calls").
 
 Owns connection pools (keep-alive per peer), TLS (system CAs, or the peer's pinned
 server-certificate fingerprint), signing, timeouts, the destination policy (no
@@ -181,7 +181,7 @@ def _refused(host: str, address: str, why: str) -> str:
 
 
 def _system_cas() -> str | bool:
-    """DESIGN §3: peers without a pin are verified by the system CAs (not certifi's bundle)."""
+    """Peers without a pin are verified by the system CAs, not certifi's bundle (SECURITY.md, attacker 5)."""
     for candidate in (os.environ.get("SSL_CERT_FILE"), ssl.get_default_verify_paths().cafile,
                       "/etc/ssl/certs/ca-certificates.crt"):  # fmt: skip
         if candidate and os.path.exists(candidate):

@@ -1,4 +1,4 @@
-"""What this instance promises its peers (DESIGN §3, §4): the contract version, the capabilities
+"""What this instance promises its peers (docs/architecture.md "The federation protocol"): the contract version, the capabilities
 its ping and handshake advertise, the content types of a delivery and the batch cap. Pure: no Django."""
 
 from ingest.cloudevent import BATCH_CONTENT_TYPE

@@ -1,4 +1,4 @@
-"""Waking delivery (DESIGN "Kicks and the sweeper"): after an event's commit its peers are kicked —
+"""Waking delivery (docs/architecture.md "The outbox": kicks and the sweeper): after an event's commit its peers are kicked —
 this web process's courier first (federation.courier), else a worker's task — and a kick flag in
 Redis keeps a peer from being kicked again while a task for it is queued or draining. Also the
 early heartbeat of a new peering (enrol_soon). Rows first, tasks second: a lost kick costs the

@@ -1,4 +1,4 @@
-"""Routing an event to peers, in the transaction that stores it (DESIGN §4): the per-team cache of
+"""Routing an event to peers, in the transaction that stores it (docs/architecture.md "The outbox"): the per-team cache of
 routes, the decision per peer (federation.routing), the outbox entries written, and their peers
 kicked after commit (federation.dispatch)."""
 

@@ -9,7 +9,7 @@ class Code(enum.StrEnum):
     CONFLICT = "conflict"
     INSECURE_URL = "insecure_url"
     NOT_FOUND = "not_found"
-    # Who is calling (DESIGN §3): the factor that failed.
+    # Who is calling (docs/architecture.md "Signing and who is calling"): the factor that failed.
     UNKNOWN_PEER = "unknown_peer"
     BAD_SECRET = "bad_secret"
     BAD_CERTIFICATE = "bad_certificate"

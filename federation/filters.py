@@ -1,4 +1,4 @@
-"""Per-peer filters: CloudEvents Subscriptions API filter expressions (DESIGN §4). Pure: no Django.
+"""Per-peer filters: CloudEvents Subscriptions API filter expressions (README "Routing: scopes and filters"). Pure: no Django.
 
 A peer's `filters` is a list of expressions that must all match for an event to go to it, on
 top of its scopes. Each expression is an object with exactly one dialect:

@@ -1,4 +1,4 @@
-"""Grants (DESIGN §5, issue 4): what a peer may read here, by bearer token `fg-<id>.<secret>`.
+"""Grants (README "Grants and permissions"): what a peer may read here, by bearer token `fg-<id>.<secret>`.
 
 Only the SHA-256 of the secret is stored; the token is shown once. A grant names a
 resource kind (the fleet issue reads `fleet.agents`), optionally one resource, the

@@ -1,4 +1,4 @@
-"""Ping peers: persist the outcome, move states, resume a paused queue (DESIGN §4)."""
+"""Ping peers: persist the outcome, move states, resume a paused queue (docs/architecture.md "Peer states")."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor

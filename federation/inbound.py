@@ -1,4 +1,4 @@
-"""Who is calling (DESIGN §3): authenticate a signed peer request.
+"""Who is calling (docs/architecture.md "Signing and who is calling"): authenticate a signed peer request.
 
 The sender is found by `kite-peer` (its instance ID, or the name of a
 hand-made peer whose ID is not known yet), otherwise by trying the inbound
@@ -163,7 +163,7 @@ def _check_instance_id(peer: Peer, sender: str) -> None:
 
 
 def _check_certificate(peer: Peer, request, body: bytes, binding: signing.Binding) -> None:
-    """A peer with a pinned certificate must also sign `v1a` with it (DESIGN §3)."""
+    """A peer with a pinned certificate must also sign `v1a` with it (SECURITY.md "The signed message")."""
     if not request.ed25519_entries:
         raise Refusal(
             Code.MISSING_CERTIFICATE,

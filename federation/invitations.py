@@ -1,4 +1,4 @@
-"""One-paste peering (DESIGN §4 "Two ways to peer", 2).
+"""One-paste peering (docs/architecture.md "Two ways to peer": by invitation).
 
 A issues `kite-invite-v1.<base64url(JSON)>`; B pastes it. B calls A's
 `POST /api/federation/handshake` over a channel pinned as the invitation says,

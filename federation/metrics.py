@@ -1,4 +1,4 @@
-"""Federation metrics (DESIGN §7). Counters live in prometheus_client (multiprocess-safe);
+"""Federation metrics (README "Audit log and metrics"). Counters live in prometheus_client (multiprocess-safe);
 the outbox, peer and certificate gauges are read from the database at scrape time (the collectors)."""
 
 import logging

@@ -22,7 +22,7 @@ class FederationToken(models.Model):
 
 
 class IdentityCertificate(models.Model):
-    """This instance's identity towards peers (DESIGN §3): Ed25519 key, encrypted at rest."""
+    """This instance's identity towards peers (README "Identity certificates (the second factor)"): Ed25519 key, encrypted at rest."""
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="identity_certificates")
     subject = models.CharField(max_length=200)
@@ -242,7 +242,7 @@ class InboundReceipt(models.Model):
 
 
 class Grant(models.Model):
-    """What a peer may read here (DESIGN §5): a bearer token `fg-<id>.<secret>`, digest only."""
+    """What a peer may read here (README "Grants and permissions"): a bearer token `fg-<id>.<secret>`, digest only."""
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+")
     peer = models.ForeignKey(Peer, on_delete=models.CASCADE, related_name="grants")
@@ -259,7 +259,7 @@ class Grant(models.Model):
 
 
 class AuditEvent(models.Model):
-    """One audited happening (DESIGN §7): an admin action, a peer call either way, a refusal."""
+    """One audited happening (README "Audit log and metrics"): an admin action, a peer call either way, a refusal."""
 
     team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="+", null=True, blank=True)
     at = models.DateTimeField(default=timezone.now)

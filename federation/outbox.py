@@ -2,7 +2,7 @@
 replayed; the sweeper. (Entries are written by federation.enqueue, their peers woken by
 federation.dispatch.)
 
-Rows first, tasks second (STYLE §4): the on-commit kick is only the fast path;
+Rows first, tasks second: the on-commit kick is only the fast path;
 the beat sweeper finds anything due every second; a claim is a conditional
 update under SKIP LOCKED, with a short lease (KITE_OUTBOX_LEASE_SECONDS) that the
 delivering worker renews while it works, so a killed worker's entries come back

@@ -1,4 +1,4 @@
-"""The reachability chip (DESIGN §4). Pure: no Django."""
+"""The reachability chip (docs/architecture.md "Peer states"). Pure: no Django."""
 
 from datetime import datetime, timedelta
 

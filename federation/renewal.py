@@ -1,4 +1,4 @@
-"""Identity certificates watched and renewed (DESIGN §3, §7), by beat (`check`, tasks.certificates_check).
+"""Identity certificates watched and renewed (docs/architecture.md "Rotation"), by beat (`check`, tasks.certificates_check).
 
 Each beat, per team:
 - a valid certificate that expires within the warning window (KITE_CERTIFICATE_RENEW_DAYS, or

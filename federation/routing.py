@@ -1,4 +1,4 @@
-"""Which peers an event may go to: scopes, filters and loop rules (DESIGN §4). Pure: no Django."""
+"""Which peers an event may go to: scopes, filters and loop rules (docs/architecture.md "The flow of one event"). Pure: no Django."""
 
 import json
 from collections.abc import Callable, Mapping

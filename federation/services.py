@@ -1,5 +1,5 @@
 """Federation configuration, an operator's actions: tokens, peers and trusted senders (create,
-change, pause, resume, rotate a secret, revoke, delete), and the retention purge (DESIGN §3, §5)."""
+change, pause, resume, rotate a secret, revoke, delete), and the retention purge (README "Federation")."""
 
 import logging
 import time

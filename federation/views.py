@@ -1,4 +1,4 @@
-"""Settings → Federation and the audit log, in the browser (issue 6).
+"""Settings → Federation and the audit log, in the browser (README "Using the browser").
 
 Thin adapters over the same services and selectors as federation/api/views.py,
 with the same permissions (team admins). Mutations are POST (CSRF-checked) and
@@ -128,7 +128,7 @@ def sender_promote(request, sender_id):
 @require_http_methods(["GET", "POST"])
 @screen(MANAGE_PEERS)
 def peer_new(request):
-    """A peer by hand (DESIGN §4, way 1): URL, its PEM, our two secrets generated or pasted."""
+    """A peer by hand (docs/architecture.md "Two ways to peer": by hand): URL, its PEM, our two secrets generated or pasted."""
     form = f.PeerCreateForm(request.POST if request.method == "POST" else None)
     if form.is_valid():
         try:

@@ -1,4 +1,4 @@
-"""The aggregated fleet (DESIGN §6): our agents plus every live peer's, read-only.
+"""The aggregated fleet (README "The fleet across instances"): our agents plus every live peer's, read-only.
 
 Each peer is asked in parallel (signed GET /api/federation/fleet/agents with the
 grant it gave us in `kite-grant`) with a per-peer timeout below the list's

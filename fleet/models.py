@@ -7,7 +7,7 @@ from kite.models import Team
 
 
 class Agent(models.Model):
-    """One of a team's listeners or workers (DESIGN §6). Online or offline is read from
+    """One of a team's listeners or workers (README "The fleet across instances"). Online or offline is read from
     `last_seen` against KITE_AGENT_OFFLINE_SECONDS: an agent is never deleted for being away."""
 
     class Via(models.TextChoices):

@@ -1,4 +1,4 @@
-"""The Fleet screen (DESIGN §6): our agents, and with the Federation toggle every peer's,
+"""The Fleet screen (README "The fleet across instances"): our agents, and with the Federation toggle every peer's,
 read-only, with each peer's outcome (Unreachable and its last contact when it does not answer);
 each agent's page, a peer's agent fetched from the peer (or its snapshot, flagged stale).
 

@@ -1,4 +1,4 @@
-"""Extension points ingest offers the apps above it (DESIGN §1).
+"""Extension points ingest offers the apps above it (docs/architecture.md "Apps and their dependencies").
 
 ingest knows nothing of federation or fleet: they register here from their
 AppConfig.ready().

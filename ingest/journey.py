@@ -1,7 +1,7 @@
 """An event's journey (GET /api/events/{id}/journey, the journey screen): how it arrived, where
 it went, and the instances it crossed — "did B get evt_123, and when?" answered in one place.
 
-ingest knows nothing of federation (DESIGN §1): where the event went — its outbox entry per peer
+ingest knows nothing of federation (docs/architecture.md "Apps and their dependencies"): where the event went — its outbox entry per peer
 and every delivery attempt — comes from the `event_journey` hooks federation registers
 (ingest.hooks). Arrival and provenance are read from the stored event itself.
 """

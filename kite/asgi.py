@@ -1,7 +1,7 @@
 """One ASGI application: WebSockets → Channels, HTTP → Django's WSGI app via kite.bridge.
 
 Django's own ASGI handler measured ~5x slower for plain HTTP on this machine
-(DESIGN §1); the bridge runs the WSGI app in a thread pool on the same port, with
+(bench/RESULTS.md "Serving stack"); the bridge runs the WSGI app in a thread pool on the same port, with
 one thread hop per request (a2wsgi, used before, took four: bench/RESULTS.md).
 """
 

@@ -1,4 +1,4 @@
-"""Secrets, digests, fingerprints and encryption at rest (DESIGN §3).
+"""Secrets, digests, fingerprints and encryption at rest (SECURITY.md "What Kite protects").
 
 Bearer credentials are stored as SHA-256 digests; keys Kite must use itself
 (HMAC secrets) are encrypted with MultiFernet under KITE_ENCRYPTION_KEYS.

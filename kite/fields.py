@@ -1,4 +1,4 @@
-"""A write refuses a field it will not apply (DESIGN §5), in one place for every endpoint.
+"""A write refuses a field it will not apply (docs/architecture.md "Apps and their dependencies"), in one place for every endpoint.
 
 A field a write endpoint does not take is a 400 `{detail, code: "invalid"}` naming it and what
 to use instead, raised before anything is read from or written to the database — never silently

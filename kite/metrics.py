@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §7).
+"""Prometheus metrics (README "Audit log and metrics", "Monitoring").
 
 With PROMETHEUS_MULTIPROC_DIR set (the `runkite` supervisor sets it), every
 web and worker process writes its samples there and /metrics aggregates them.

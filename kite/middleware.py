@@ -1,4 +1,4 @@
-"""An unreachable database or broker is a 503 the caller may retry, never a 500 (DESIGN §5)."""
+"""An unreachable database or broker is a 503 the caller may retry, never a 500 (README "Operating Kite": outages)."""
 
 from kite.errors import outage_error
 

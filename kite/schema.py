@@ -3,7 +3,7 @@
 - the admin API key as the `bearerAuth` scheme of every admin operation (the session cookie too);
 - the plain Django views other instances and providers call (the peer-facing endpoints, the webhook
   hook): each names, with `documented_by`, an APIView that only describes it; they carry the tag
-  `peer-facing` and the `peerSignature` scheme (Standard Webhooks headers, DESIGN §3);
+  `peer-facing` and the `peerSignature` scheme (Standard Webhooks headers, SECURITY.md "The signed message");
 - Kite's one error shape `{detail, code}` for every error status an operation can answer.
 """
 

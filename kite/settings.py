@@ -1,4 +1,4 @@
-"""Kite settings: every knob is an environment variable (DESIGN §2).
+"""Kite settings: every knob is an environment variable (README "Configuration").
 
 Embedded defaults (SQLite in WAL mode, Celery on SQLite, in-memory channel
 layer) need nothing installed; DATABASE_URL / REDIS_URL switch to PostgreSQL /
@@ -326,7 +326,7 @@ if KITE_WEB_WORKERS > 1 and not REDIS_URL:
     raise ImproperlyConfigured("KITE_WEB_WORKERS > 1 needs REDIS_URL (the in-memory channel layer is per process)")
 
 
-# --- Fleet (DESIGN §6) ----------------------------------------------------------
+# --- Fleet (README "The fleet across instances") --------------------------------
 def _seconds(name, default, low, high):
     raw = env.str(name, default=str(default)).strip()
     try:
@@ -397,7 +397,7 @@ STATIC_ROOT = KITE_DATA_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 datadir.ensure_dir(STATIC_ROOT)
 WHITENOISE_USE_FINDERS = True
-LOGIN_URL = "/login/"  # the browser screens (issue 6); the admin keeps its own login
+LOGIN_URL = "/login/"  # the browser screens; the admin keeps its own login
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True

@@ -82,6 +82,6 @@ def _is_ip(host: str) -> bool:
 
 
 def fingerprint_of_pem(pem: bytes) -> str:
-    """`sha256:<64 hex>` of the certificate's DER: what peers pin (DESIGN §3)."""
+    """`sha256:<64 hex>` of the certificate's DER: what peers pin (SECURITY.md, attacker 5)."""
     cert = x509.load_pem_x509_certificate(pem)
     return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()

@@ -13,9 +13,9 @@ urlpatterns = [
     path("healthz", kite_views.healthz),
     path("metrics", kite_views.prometheus_metrics),
     path("api/", include("kite.api.urls")),
-    path("api/", include("federation.api.audit_urls")),  # GET /api/audit (DESIGN §7)
+    path("api/", include("federation.api.audit_urls")),  # GET /api/audit (README "Audit log and metrics")
     path("api/", include("ingest.api.urls")),
-    # Peer-facing (signed), before the federation include: the fleet app serves it (DESIGN §1, §5).
+    # Peer-facing (signed), before the federation include: the fleet app serves it (docs/architecture.md "Where each URL is served").
     path("api/federation/fleet/", include("fleet.api.peer_urls")),
     path("api/federation/", include("federation.api.urls")),
     path("api/fleet/", include("fleet.api.urls")),
@@ -23,7 +23,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema")),
     path("admin/", admin.site.urls),
     path("", include("ingest.urls")),
-    # The browser (issue 6): server-rendered screens behind a login.
+    # The browser: server-rendered screens behind a login.
     path("", overview_screen.overview, name="overview"),  # the landing screen
     path("login/", kite_screens.LoginView.as_view(), name="login"),
     path("logout/", kite_screens.logout_view, name="logout"),

@@ -178,7 +178,7 @@ class HandshakeDoc(APIView):
         422: OpenApiResponse(description="unsupported contract_version"),
     })  # fmt: skip
     def post(self, request):
-        """An instance accepting one of our invitations (DESIGN §4): signed v1a with the key of the certificate it
+        """An instance accepting one of our invitations: signed v1a with the key of the certificate it
         sends. 401 for an unknown, expired or used code; 422 for an unsupported contract_version."""
 
     @extend_schema(operation_id="peer_handshake_withdraw", request=WITHDRAWAL, responses={200: WITHDRAWN},

@@ -1,4 +1,4 @@
-"""Endpoints other Kite instances call, signed as in DESIGN §3 (not API-key auth)."""
+"""Endpoints other Kite instances call, signed as in SECURITY.md "The signed message" (not API-key auth)."""
 
 import functools
 import time
@@ -183,7 +183,7 @@ def _signature_headers_parse(headers: dict) -> bool:
 @documented_by(openapi.HandshakeDoc)
 @csrf_exempt
 def handshake(request):
-    """POST: an instance accepting one of our invitations (DESIGN §4). DELETE: it could not
+    """POST: an instance accepting one of our invitations (docs/architecture.md "Two ways to peer"). DELETE: it could not
     finish its side, drop the row its handshake made (with the nonce our answer gave it)."""
     body = request.body
     headers = lower_headers(request.headers)

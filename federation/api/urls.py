@@ -22,7 +22,7 @@ urlpatterns = [
     path("certificates/<int:certificate_id>/announce", views.CertificateAnnounce.as_view()),
     path("trusted-senders", views.TrustedSenderListCreate.as_view()),
     path("trusted-senders/<int:sender_id>", views.TrustedSenderDetail.as_view()),
-    # Peer-facing, signed (DESIGN §3):
+    # Peer-facing, signed (SECURITY.md "The signed message"):
     path("ping", peer_views.ping),
     path("terminate", peer_views.terminate),
     path("rotate", peer_views.rotate),

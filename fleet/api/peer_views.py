@@ -1,4 +1,4 @@
-"""The peer-facing fleet, signed as in DESIGN §3 (not API-key auth):
+"""The peer-facing fleet, signed as in SECURITY.md "The signed message" (not API-key auth):
 
     GET /api/federation/fleet/agents        the agents the caller's grant shows
     GET /api/federation/fleet/agents/{id}   one of them, with first_seen and via

@@ -1,4 +1,4 @@
-"""Two live Kite instances federated entirely through the browser (issue 6).
+"""Two live Kite instances federated entirely through the browser.
 
 One pair of instances for the module; the tests run in order and build on each other as an
 operator would: invitation to `active`, ping, delete, the manual peering (PEM and secrets pasted

@@ -1,4 +1,4 @@
-"""The audit trail between two real instances (DESIGN §7): a ping is `Federation.PeerCalled` on
+"""The audit trail between two real instances (README "Audit log and metrics"): a ping is `Federation.PeerCalled` on
 the caller and `Federation.RemoteRequest` on the callee; a wrong secret is `Federation.AuthFailed`
 with outcome `bad_secret` on the callee — each read through GET /api/audit."""
 

@@ -1,5 +1,5 @@
 """A peer whose clock is off by more than the signature tolerance, between real instances
-(DESIGN §3-§4, issue 4): each side refuses the other's signed requests as `stale_timestamp`,
+(README "Identity certificates (the second factor)", its clock factor): each side refuses the other's signed requests as `stale_timestamp`,
 and Ping names the clock as the failing factor.
 
 B runs under Debian's libfaketime (LD_PRELOAD), its clock 10 minutes behind A's and C's.

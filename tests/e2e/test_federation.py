@@ -1,5 +1,5 @@
 """Federation between real Kite processes: separate PostgreSQL databases, HTTPS on loopback,
-real Celery workers and beat (DESIGN §3-§4, issue 3)."""
+real Celery workers and beat (docs/architecture.md "The federation protocol")."""
 
 import json
 import secrets

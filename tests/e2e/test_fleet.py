@@ -1,4 +1,4 @@
-"""The fleet across real instances (issue 5): A peered by invitation with B (healthy) and C
+"""The fleet across real instances: A peered by invitation with B (healthy) and C
 (answers once, then stopped), and by hand with a black hole (accepts TCP, never answers);
 one remote agent's detail through A's API (live from B, from the snapshot once C is stopped),
 writes to it refused, and B's peer-facing detail attacked over HTTPS.

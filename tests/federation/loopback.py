@@ -52,7 +52,7 @@ def pair(team, other_team):
 
 def peer_signed(body: bytes, secret: str = SECRET, sender: str = "kite-a", timestamp: int | None = None,
                 binding: signing.Binding | None = None) -> dict:  # fmt: skip
-    """A peer request's headers (DESIGN §3), as Django's test client takes them; `binding`: the
+    """A peer request's headers (SECURITY.md "The signed message"), as Django's test client takes them; `binding`: the
     method, path and team it is signed for (default: the handshake of no team)."""
     headers = signing.sign_headers(secret=secret, msg_id=f"m{time.monotonic_ns()}", body=body, sender_id=sender,
                                    timestamp=int(time.time()) if timestamp is None else timestamp,

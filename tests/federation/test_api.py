@@ -1,4 +1,4 @@
-"""Federation configuration API: tokens, peers, trusted senders, identity (DESIGN §5)."""
+"""Federation configuration API: tokens, peers, trusted senders, identity (docs/architecture.md "Where each URL is served")."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""The audit trail (DESIGN §7): one row per admin action, per peer call either way and per
+"""The audit trail (README "Audit log and metrics"): one row per admin action, per peer call either way and per
 refusal, none for a failed action; read through GET /api/audit; purged after the retention."""
 
 import json

@@ -1,4 +1,4 @@
-"""Identity certificates (DESIGN §3, issue 4): issued with an Ed25519 key encrypted at rest,
+"""Identity certificates (README "Identity certificates (the second factor)"): issued with an Ed25519 key encrypted at rest,
 listed by thumbprint and PEM only, pinned on the other side; a pinned peer must sign v1a."""
 
 import json
@@ -162,7 +162,7 @@ def test_outbound_calls_sign_v1a_with_the_current_certificate(team):
     assert not isinstance(x509.load_pem_x509_certificate(row.pem.encode()).public_key(), ec.EllipticCurvePublicKey)
 
 
-# --- rotation and termination (issue 4) ----------------------------------------------
+# --- rotation and termination --------------------------------------------------------
 
 
 def test_rotating_inbound_keeps_the_old_secret_for_24_hours(api, team):
@@ -235,7 +235,7 @@ def test_a_signed_terminate_revokes_the_sender_and_an_unsigned_one_changes_nothi
 
 
 class _MutualTlsServer:
-    """A TLS server that demands a client certificate (an mTLS proxy in front of a peer, DESIGN §3)
+    """A TLS server that demands a client certificate (an mTLS proxy in front of a peer, README "Identity certificates (the second factor)")
     and remembers the one each connection presented."""
 
     def __init__(self, directory, client_ca_pem: str):

@@ -1,4 +1,4 @@
-"""Grants (issue 4): a token shown once, digest stored; checked by kind, scope, TTL and CIDR."""
+"""Grants (README "Grants and permissions"): a token shown once, digest stored; checked by kind, scope, TTL and CIDR."""
 
 from datetime import timedelta
 
@@ -95,7 +95,7 @@ def test_grants_stay_in_their_team_and_can_be_revoked(api, outsider_api, peer_id
         grants.check(created["token"], resource_kind="fleet.agents")
 
 
-# --- permissions (issue 4): federation.manage_peer / federation.invite_peer ---------------
+# --- permissions: federation.manage_peer / federation.invite_peer -------------------------
 
 
 @pytest.fixture

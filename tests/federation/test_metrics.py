@@ -1,4 +1,4 @@
-"""GET /metrics (DESIGN §7): the federation series move with the calls, refusals and deliveries
+"""GET /metrics (README "Audit log and metrics"): the federation series move with the calls, refusals and deliveries
 they count; kite_outbox_entries is read from the database at scrape time."""
 
 import json

@@ -1,4 +1,4 @@
-"""Settings → Federation and Audit in the browser (issue 6), with Django's test client:
+"""Settings → Federation and Audit in the browser, with Django's test client:
 permissions (owner, member, outsider), bad input re-rendered with field errors and nothing
 stored, secrets shown once, query counts and render time at scale."""
 

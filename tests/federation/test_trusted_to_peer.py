@@ -1,4 +1,4 @@
-"""A trusted sender becomes a peer: PATCH /api/federation/trusted-senders/{id} (DESIGN §5), so that
+"""A trusted sender becomes a peer: PATCH /api/federation/trusted-senders/{id} (README "Federating two instances by hand"), so that
 the side that only received (B, after the Kite guide's step 03) can send back to the same instance
 under the same name, with the same inbound secret."""
 

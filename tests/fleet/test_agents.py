@@ -1,4 +1,4 @@
-"""Agents (issue 5): registered by POST /api/fleet/agents and by `kite listen --agent`, online
+"""Agents: registered by POST /api/fleet/agents and by `kite listen --agent`, online
 while seen, offline after the window, never gone; team-scoped; bad input changes nothing."""
 
 import asyncio

@@ -1,4 +1,4 @@
-"""The federated fleet (issue 5): the peer-facing GET /api/federation/fleet/agents and its grant
+"""The federated fleet: the peer-facing GET /api/federation/fleet/agents and its grant
 checks, and the aggregated GET /api/fleet/agents?federation=true over real HTTPS on loopback —
 this instance's app served over TLS stands in for a peer (its second team), next to a black
 hole and a closed port."""

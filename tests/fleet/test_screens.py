@@ -1,4 +1,4 @@
-"""The Fleet screen (issue 6): local agents, the Federation toggle with every peer's agents
+"""The Fleet screen: local agents, the Federation toggle with every peer's agents
 read-only, per-peer Unreachable badge with last contact, the grant a peer gave us; fast with
 1,000 agents and 50 peers."""
 

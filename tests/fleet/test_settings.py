@@ -1,4 +1,4 @@
-"""The fleet's settings fail at start naming the variable (STYLE 12)."""
+"""The fleet's settings fail at start naming the variable (README "Configuration")."""
 
 import pytest
 

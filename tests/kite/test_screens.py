@@ -1,4 +1,4 @@
-"""The browser's shell (issue 6): login, logout, navigation, the 403/404 pages, static files,
+"""The browser's shell: login, logout, navigation, the 403/404 pages, static files,
 and the Events screen with its live tail over the session-authenticated WebSocket."""
 
 import json

@@ -1,4 +1,4 @@
-"""Bad environment values stop Kite at start, naming the variable (STYLE 12).
+"""Bad environment values stop Kite at start, naming the variable (README "Configuration").
 
 Each case starts a fresh Python process, as a real start does: settings are read once per process.
 """

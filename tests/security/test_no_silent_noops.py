@@ -1,4 +1,4 @@
-"""No silent no-ops (DESIGN §5): every write endpoint refuses a field it will not apply — a 400
+"""No silent no-ops (docs/architecture.md "Apps and their dependencies"): every write endpoint refuses a field it will not apply — a 400
 `{detail, code}` naming it, and nothing changes — or applies it.
 
 The endpoints are found by walking the URL conf (every route under /api/ and /hooks/ with a POST,

@@ -51,7 +51,7 @@ PROTOCOL_REFUSAL = (400, "Invalid HTTP request received.")
 
 @schemathesis.check
 def error_answers_are_json_detail_code(ctx, response, case):
-    """STYLE 7: a 4xx or 5xx answer is a JSON object with a string `detail` and a string `code`."""
+    """One error shape: a 4xx or 5xx answer is a JSON object with a string `detail` and a string `code`."""
     if response.status_code < 400 or (response.status_code, response.text) == PROTOCOL_REFUSAL:
         return None
     try:
