@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connections, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
@@ -62,9 +62,20 @@ def _with_health(peer: Peer) -> Peer:
     if peer.health_peer_id is None:
         peer.health = PeerHealth(peer=peer)
     else:
-        peer.health = PeerHealth(peer=peer, **{name: getattr(peer, f"health_{name}") for name in HEALTH_FIELDS})
+        connection = connections[peer._state.db]
+        peer.health = PeerHealth(peer=peer, **{name: _from_db(getattr(peer, f"health_{name}"), name, connection)
+                                               for name in HEALTH_FIELDS})  # fmt: skip
         peer.health._state.adding, peer.health._state.db = False, peer._state.db  # read from the database
     return peer
+
+
+def _from_db(value, name: str, connection):
+    """A raw query's extra column comes back as the driver gives it (SQLite: a naive datetime or a
+    string): converted as the ORM converts the model field's own column."""
+    column = PeerHealth._meta.get_field(name).cached_col
+    for converter in connection.ops.get_db_converters(column) + column.get_db_converters(connection):
+        value = converter(value, column, connection)
+    return value
 
 
 @dataclass(frozen=True)
