@@ -217,14 +217,14 @@ def _pool(tls_fingerprint: str, signer=None) -> urllib3.PoolManager:
 
 
 @dataclass
-class _Response:
+class RawAnswer:
     status: int
     headers: urllib3.HTTPHeaderDict  # case-insensitive
     data: bytes
 
 
 def _send(target: "Target", method: str, body: bytes, headers: dict, timeout: tuple[float, float],
-          max_answer_bytes: int = MAX_ANSWER_BYTES) -> _Response:  # fmt: skip
+          max_answer_bytes: int = MAX_ANSWER_BYTES) -> RawAnswer:  # fmt: skip
     """One HTTPS exchange with an address the destination policy passed, the answer read up to
     `max_answer_bytes` (tests/federation/loopback.py replaces it to stay in process)."""
     where = _checked(target.url)
@@ -245,7 +245,7 @@ def _send(target: "Target", method: str, body: bytes, headers: dict, timeout: tu
             if attempt == len(where.addresses):
                 raise
             continue
-        return _Response(response.status, response.headers, _read_bounded(response, max_answer_bytes))
+        return RawAnswer(response.status, response.headers, _read_bounded(response, max_answer_bytes))
     raise AssertionError("a destination has at least one address")
 
 
@@ -263,12 +263,12 @@ def _read_bounded(response, limit: int) -> bytes:
     try:
         declared = response.headers.get("content-length", "")
         if declared.strip().isascii() and declared.strip().isdigit() and int(declared) > limit:  # not "²"
-            raise _too_large(response.status, limit)
+            raise too_large(response.status, limit)
         while chunk := response.read(_READ_CHUNK):
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                raise _too_large(response.status, limit)
+                raise too_large(response.status, limit)
     except BaseException:
         response.close()  # not drained: the connection cannot carry another request
         response.release_conn()
@@ -277,7 +277,7 @@ def _read_bounded(response, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _too_large(status: int, limit: int) -> "PeerCallError":
+def too_large(status: int, limit: int) -> "PeerCallError":
     # transient: the peer may well have done what was asked (a delivery is answered `duplicate` when
     # sent again), and an answer this size is the peer's fault, like a 5xx.
     detail = f"answer_too_large: the peer's HTTP {status} answer is over {limit:,} bytes; not read, connection closed."

@@ -62,7 +62,7 @@ def peers_on_loopback(settings):
     settings.KITE_PEER_ALLOWED_NETWORKS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
-def _in_a_transaction_of_the_code() -> bool:
+def in_a_transaction_of_the_code() -> bool:
     """Inside transaction.atomic() opened by the code under test: the test's own transaction
     (pytest-django's `db` wraps each test in one) does not count."""
     from django.db import connections
@@ -84,7 +84,7 @@ def no_peer_call_inside_a_transaction(monkeypatch):
     real_call = client.call
 
     def guarded(target, method, *args, **kwargs):
-        if _in_a_transaction_of_the_code():
+        if in_a_transaction_of_the_code():
             caught.append(f"{method} {target.url}")
             raise AssertionError(f"peer call {method} {target.url} inside transaction.atomic()")
         return real_call(target, method, *args, **kwargs)

@@ -12,7 +12,7 @@ from kite import services
 from kite.models import Membership
 
 
-def _client_for(username: str, team=None, role: str = Membership.Role.ADMIN) -> Client:
+def client_for(username: str, team=None, role: str = Membership.Role.ADMIN) -> Client:
     user = get_user_model().objects.create_user(username, password="pw-" + username)
     if team is not None:
         services.membership_add(team=team, user=user, role=role)
@@ -23,22 +23,22 @@ def _client_for(username: str, team=None, role: str = Membership.Role.ADMIN) -> 
 
 @pytest.fixture
 def owner(team):
-    return _client_for("owner", team)
+    return client_for("owner", team)
 
 
 @pytest.fixture
 def member(team):
-    return _client_for("member", team, Membership.Role.MEMBER)
+    return client_for("member", team, Membership.Role.MEMBER)
 
 
 @pytest.fixture
 def outsider(other_team):
-    return _client_for("outsider", other_team)
+    return client_for("outsider", other_team)
 
 
 @pytest.fixture
 def teamless(db):
-    return _client_for("teamless")
+    return client_for("teamless")
 
 
 def median_ms(render, runs: int = 7) -> float:

@@ -204,7 +204,7 @@ def test_oldest_pending_age_and_reachability_are_read_from_the_database_at_scrap
     from federation import services
     from federation.models import OutboxEntry, Peer, PeerHealth
     from tests.federation.test_api import PEER_URL
-    from tests.federation.test_delivery import _event
+    from tests.federation.test_delivery import make_event
     from tests.federation.test_metrics import scrape
 
     def peer(team, name):
@@ -213,8 +213,8 @@ def test_oldest_pending_age_and_reachability_are_read_from_the_database_at_scrap
     b, idle, stuck, gone = peer(team, "b"), peer(team, "idle"), peer(team, "stuck"), peer(team, "gone")
     twin = peer(other_team, "b")  # another team's peer of the same name: one label set, the oldest of both
     for n in range(4):
-        _event(team, f"e{n}")
-    _event(other_team, "t1")
+        make_event(team, f"e{n}")
+    make_event(other_team, "t1")
     now = timezone.now()
 
     def entries(peer, status, seconds_ago, event_ids):

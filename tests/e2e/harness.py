@@ -63,7 +63,7 @@ def group_is_gone(pgid: int) -> bool:
 # --- backing services ---------------------------------------------------------
 
 
-def _admin_url() -> str:
+def admin_url() -> str:
     # The server of the test run's DATABASE_URL (make test), else the default test server.
     url = os.environ.get("DATABASE_URL", "")
     if not url.startswith("postgres"):
@@ -72,7 +72,7 @@ def _admin_url() -> str:
 
 
 def _database_url(name: str) -> str:
-    return urlunsplit(urlsplit(_admin_url())._replace(path=f"/{name}"))
+    return urlunsplit(urlsplit(admin_url())._replace(path=f"/{name}"))
 
 
 _template: list[str] = []  # the name of this test run's migrated database, made on first use
@@ -91,7 +91,7 @@ def migrated_template() -> str:
 
 def _migrate_template() -> str:
     name = f"kite_e2e_template_{secrets.token_hex(4)}"
-    with psycopg.connect(_admin_url(), autocommit=True) as admin:
+    with psycopg.connect(admin_url(), autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     atexit.register(_drop_template, name)
     env = {key: value for key, value in os.environ.items() if key not in _SCRUBBED and not key.startswith("KITE_")}
@@ -100,14 +100,14 @@ def _migrate_template() -> str:
         done = subprocess.run([sys.executable, "manage.py", "migrate", "--no-input", "-v0"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, f"migrate of the template database failed:\n{done.stdout}{done.stderr}"
-    with psycopg.connect(_admin_url(), autocommit=True) as admin:  # nobody may connect: a copy needs it idle
+    with psycopg.connect(admin_url(), autocommit=True) as admin:  # nobody may connect: a copy needs it idle
         admin.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false')
     return name
 
 
 def _drop_template(name: str) -> None:
     try:
-        with psycopg.connect(_admin_url(), autocommit=True) as admin:
+        with psycopg.connect(admin_url(), autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE false')
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     except psycopg.Error:
@@ -121,18 +121,18 @@ class Database:
     def __init__(self, label: str, *, migrated: bool = True):
         self.name = f"kite_e2e_{label}_{secrets.token_hex(4)}"
         template = f' TEMPLATE "{migrated_template()}"' if migrated else ""
-        with psycopg.connect(_admin_url(), autocommit=True) as admin:
+        with psycopg.connect(admin_url(), autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{self.name}"{template}')
         self.url = _database_url(self.name)
 
     def drop(self) -> None:
-        with psycopg.connect(_admin_url(), autocommit=True) as admin:
+        with psycopg.connect(admin_url(), autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 def open_write_transactions() -> list[tuple]:
     """Transactions holding an xid anywhere on the server: they hold back every stream's horizon."""
-    with psycopg.connect(_admin_url(), autocommit=True) as admin:
+    with psycopg.connect(admin_url(), autocommit=True) as admin:
         return admin.execute(
             "SELECT datname, pid, backend_xid::text, now() - xact_start, left(query, 80) FROM pg_stat_activity"
             " WHERE backend_xid IS NOT NULL ORDER BY xact_start"

@@ -13,7 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import Database, RedisDatabase, wait_for
-from tests.e2e.test_federation import FAST, Cluster, FedKite, _invite, stored_ids
+from tests.e2e.test_federation import FAST, Cluster, FedKite, invite, stored_ids
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +78,7 @@ def flows_both_ways(a: FedKite, b: FedKite, a_side: int, b_side: int, label: str
 def test_a_renewal_is_retired_only_once_acknowledged_and_waits_for_a_peer_that_is_down(cluster):
     a = cluster.start("a", KITE_CERTIFICATE_RENEW_DAYS="0")  # off while the stage is set
     b = cluster.start("b")
-    a_side, b_side = _invite(a, b)
+    a_side, b_side = invite(a, b)
 
     # A's certificate is about to expire: a 1-day one, which B pins, and the first one gone.
     (first,) = certificates(a)

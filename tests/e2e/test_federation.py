@@ -603,7 +603,7 @@ def test_ping_names_the_failing_factor_wrong_secret_wrong_pem_wrong_tls_pin(clus
     assert not tls["ok"] and tls["factors"]["tls"] == "failed", tls
 
 
-def _invite(a: FedKite, b: FedKite) -> tuple[int, int]:
+def invite(a: FedKite, b: FedKite) -> tuple[int, int]:
     """A invites, B accepts, both active: (A's peer id, B's peer id)."""
     a.api("POST", "/api/federation/certificates", json={"subject": f"kite {a.instance_id}"})
     b.api("POST", "/api/federation/certificates", json={"subject": f"kite {b.instance_id}"})
@@ -623,7 +623,7 @@ def test_invitation_peers_rotate_secrets_and_certificates_over_the_channel_witho
     import threading
 
     a, b = cluster.start_together("chan-a", "chan-b")
-    a_side, b_side = _invite(a, b)
+    a_side, b_side = invite(a, b)
     sent_to_b, sent_to_a, stop = [], [], threading.Event()
 
     def flow():
@@ -675,7 +675,7 @@ def test_a_rotation_the_peer_cannot_be_told_changes_nothing_or_hands_over_the_se
     changed. Inbound: the new secret is in force here (the old one still valid), and shown once
     with the reason, to be pasted on the other side."""
     a, b = cluster.start_together("chanf-a", "chanf-b")
-    a_side, _ = _invite(a, b)
+    a_side, _ = invite(a, b)
     before = a.peer(a_side)
     b.stop()
     refused = a.api("POST", f"/api/federation/peers/{a_side}/rotate-secret", json={"direction": "outbound"})

@@ -18,7 +18,7 @@ from tests.signing import as_wsgi_headers
 WRONG = "whsec_" + "A" * 43
 
 
-def _django_send(target, method, body, headers, timeout, max_answer_bytes=client.MAX_ANSWER_BYTES):
+def django_send(target, method, body, headers, timeout, max_answer_bytes=client.MAX_ANSWER_BYTES):
     """federation.client._send, answered by this process's views through Django's test client
     (the destination policy is applied by client.call before it; the size limit here)."""
     parts = urlsplit(target.url)
@@ -27,15 +27,15 @@ def _django_send(target, method, body, headers, timeout, max_answer_bytes=client
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     answer = Client().generic(method, path, data=body or b"", content_type=headers.get("content-type", ""), **meta)
     if len(answer.content) > max_answer_bytes:
-        raise client._too_large(answer.status_code, max_answer_bytes)
-    return client._Response(answer.status_code, urllib3.HTTPHeaderDict(answer.headers.items()), answer.content)
+        raise client.too_large(answer.status_code, max_answer_bytes)
+    return client.RawAnswer(answer.status_code, urllib3.HTTPHeaderDict(answer.headers.items()), answer.content)
 
 
 @pytest.fixture
 def loopback(monkeypatch):
     """Outbound peer calls are answered by this process's own views."""
-    monkeypatch.setattr(client, "_send", _django_send)
-    return _django_send
+    monkeypatch.setattr(client, "_send", django_send)
+    return django_send
 
 
 @pytest.fixture

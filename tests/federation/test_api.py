@@ -169,14 +169,14 @@ def handshakes(monkeypatch):
     noted with whether a transaction of the code was open and whether our peer row existed then.
     `after` (a function), if set, runs once the inviting side has answered, as if meanwhile."""
     from federation import client
-    from tests.conftest import _in_a_transaction_of_the_code
-    from tests.federation.loopback import _django_send
+    from tests.conftest import in_a_transaction_of_the_code
+    from tests.federation.loopback import django_send
 
     seen = {"calls": [], "after": None}
 
     def send(target, method, body, headers, timeout, **kwargs):
-        seen["calls"].append((method, _in_a_transaction_of_the_code(), Peer.objects.filter(name="a").exists()))
-        answer = _django_send(target, method, body, headers, timeout, **kwargs)
+        seen["calls"].append((method, in_a_transaction_of_the_code(), Peer.objects.filter(name="a").exists()))
+        answer = django_send(target, method, body, headers, timeout, **kwargs)
         if method == "POST" and seen["after"]:
             seen["after"]()
         return answer

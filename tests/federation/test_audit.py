@@ -18,7 +18,7 @@ from kite import crypto
 from kite.models import ApiKey
 from tests.federation.loopback import WRONG, deliver, loopback, pair, peer_signed  # noqa: F401  (fixtures)
 from tests.federation.test_api import PEER_URL, SECRET
-from tests.federation.test_delivery import _event
+from tests.federation.test_delivery import make_event
 from tests.federation.test_grants import browser  # noqa: F401  (fixture)
 from tests.federation.test_metrics import scrape, value
 from tests.kite.test_settings import start
@@ -442,7 +442,7 @@ def test_retention_purges_old_audit_rows_and_deliveries_in_batches(team):
     old = timezone.now() - timedelta(days=91)
     keep = _record(team, 2)
     AuditEvent.objects.filter(pk__in=[row.pk for row in _record(team, 5)]).update(at=old)
-    _event(team)
+    make_event(team)
     entry = OutboxEntry.objects.get(peer=peer)
     for attempted_at in (old, old, old, timezone.now()):
         Delivery.objects.create(peer=peer, entry=entry, attempted_at=attempted_at, outcome="transient")

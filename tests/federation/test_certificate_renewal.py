@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from federation import certificates, channel, client, inbound, renewal, services, signing
 from federation.models import AuditEvent, CertificateAcknowledgement, IdentityCertificate, Peer
-from tests.federation.loopback import _django_send
+from tests.federation.loopback import django_send
 from tests.federation.test_api import PEER_URL, SECRET
 from tests.federation.test_metrics import scrape
 from tests.kite.test_settings import start
@@ -49,7 +49,7 @@ def linked(team, other_team):
 @pytest.fixture
 def reachable(monkeypatch):
     """Let A's calls through: answered by this process's views (B's side)."""
-    return lambda: monkeypatch.setattr(client, "_send", _django_send)
+    return lambda: monkeypatch.setattr(client, "_send", django_send)
 
 
 def _verified_by(receiver_team_id: str, sender_team_id: str) -> Peer:
@@ -130,12 +130,12 @@ def test_during_a_renewal_the_tls_client_certificate_is_the_old_one_every_peer_k
     """An mTLS proxy in front of a peer that has not pinned the new certificate still lets us in."""
     import hashlib
 
-    from tests.federation.test_certificates import _MutualTlsServer
+    from tests.federation.test_certificates import MutualTlsServer
 
     _, _, old = linked
     renewal.check()  # B is down: the renewal waits
     new = IdentityCertificate.objects.get(replaces=old)
-    server = _MutualTlsServer(tmp_path, old.pem)
+    server = MutualTlsServer(tmp_path, old.pem)
     try:
         monkeypatch.setattr(client, "_pools", {})
         target = client.Target(url=server.url, secret=SECRET, sender_id="kite-a", tls_fingerprint=server.fingerprint,

@@ -234,7 +234,7 @@ def test_a_signed_terminate_revokes_the_sender_and_an_unsigned_one_changes_nothi
     assert Peer.objects.get(pk=sender.pk).status == "revoked"
 
 
-class _MutualTlsServer:
+class MutualTlsServer:
     """A TLS server that demands a client certificate (an mTLS proxy in front of a peer, README "Identity certificates (the second factor)")
     and remembers the one each connection presented."""
 
@@ -286,7 +286,7 @@ def test_outbound_calls_present_the_identity_certificate_to_a_server_that_demand
     from federation import client
 
     identity = certificates.issue(team=team, subject="mtls identity")
-    server = _MutualTlsServer(tmp_path, identity.pem)
+    server = MutualTlsServer(tmp_path, identity.pem)
     try:
         monkeypatch.setattr(client, "_pools", {})  # no keep-alive connection of an earlier test
         if verified_by == "system CAs":  # the server's self-signed certificate stands in for a public CA

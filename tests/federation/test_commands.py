@@ -18,7 +18,7 @@ from federation.models import AuditEvent, IdentityCertificate, OutboxEntry, Peer
 from kite import services as kite_services
 from tests.federation.loopback import loopback, pair  # noqa: F401  (fixtures)
 from tests.federation.test_api import PEER_URL
-from tests.federation.test_delivery import _event
+from tests.federation.test_delivery import make_event
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,9 +56,9 @@ def test_every_command_refuses_an_unknown_team(db, command):
 
 def test_peers_lists_status_reachability_outbox_and_last_contact(default_team):
     peer = services.peer_create(team=default_team, name="b", peer_hook_url=PEER_URL, scopes=["*"]).row
-    _event(default_team)
+    make_event(default_team)
     OutboxEntry.objects.filter(peer=peer).update(status="dead")
-    _event(default_team, "e2")
+    make_event(default_team, "e2")
     out, _ = run("peers")
     header, row = out.splitlines()
     assert header.split() == ["NAME", "STATUS", "REACHABILITY", "PAUSED", "PENDING", "DEAD", "LAST", "CONTACT"]
@@ -126,7 +126,7 @@ def test_ping_peer_refuses_unknown_peers_and_trusted_senders(default_team):
 def test_replay_dead_requeues_by_peer_name_or_id(default_team):
     peer = services.peer_create(team=default_team, name="b", peer_hook_url=PEER_URL, scopes=["*"]).row
     for n in range(3):
-        _event(default_team, f"e{n}")
+        make_event(default_team, f"e{n}")
     OutboxEntry.objects.update(status="dead")
     assert run("replay_dead", "b", "--limit", "2")[0].strip() == "Re-queued 2 dead entries for b."
     assert run("replay_dead", str(peer.pk))[0].strip() == "Re-queued 1 dead entry for b."
@@ -146,7 +146,7 @@ def test_replay_dead_refuses_a_bad_limit_and_an_unknown_peer(default_team):
 def test_a_peer_named_in_non_ascii_digits_is_looked_up_by_name_not_as_an_id(default_team):
     """str.isdigit() admits "²" (int() refused it: a traceback) and "٣" (int() read it as an id)."""
     peer = services.peer_create(team=default_team, name="b", peer_hook_url=PEER_URL, scopes=["*"]).row
-    _event(default_team, "e0")
+    make_event(default_team, "e0")
     OutboxEntry.objects.update(status="dead")
     arabic = str(peer.pk).translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
     for ref in (arabic, "²", "¹" + str(peer.pk)):

@@ -10,7 +10,7 @@ import pytest
 from federation import courier as courier_module
 from federation import dispatch, outbox
 from federation.models import Delivery, OutboxEntry, Peer
-from tests.federation.test_delivery import SECRET, _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
+from tests.federation.test_delivery import SECRET, make_event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -47,7 +47,7 @@ def _kick_flag(peer) -> bool:
 def test_a_committed_event_is_delivered_by_the_courier_without_a_task(team, peer, endpoint, courier):
     redis_client().delete(f"kite:kick:{peer.pk}")
     started = time.monotonic()
-    _event(team, "c1")
+    make_event(team, "c1")
     assert _wait(lambda: OutboxEntry.objects.get(event__ce_id="c1").status == "delivered")
     took = time.monotonic() - started
     assert len(endpoint.requests) == 1 and b'"c1"' in endpoint.requests[0][1]
@@ -59,7 +59,7 @@ def test_a_committed_event_is_delivered_by_the_courier_without_a_task(team, peer
 
 def test_a_paused_peer_gets_nothing_from_the_courier(team, peer, endpoint, courier):
     Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.OPERATOR)
-    _event(team, "p1")
+    make_event(team, "p1")
     time.sleep(0.5)
     assert endpoint.requests == []
     assert OutboxEntry.objects.get(event__ce_id="p1").status == "pending"
@@ -68,14 +68,14 @@ def test_a_paused_peer_gets_nothing_from_the_courier(team, peer, endpoint, couri
 def test_a_failed_call_backs_off_as_a_task_would_and_the_next_wake_reads_the_peer_again(team, peer, endpoint,
                                                                                         courier):  # fmt: skip
     endpoint.answers.append((503, {}, {"detail": "busy", "code": "busy"}))
-    _event(team, "f1")
+    make_event(team, "f1")
     assert _wait(lambda: Delivery.objects.filter(entry__event__ce_id="f1").exists())
     entry = OutboxEntry.objects.get(event__ce_id="f1")
     assert (entry.status, entry.attempts) == ("pending", 1)
     assert Peer.objects.get(pk=peer.pk).consecutive_failures == 1
     # The operator pauses right after the failure: the next event's wake sees it (no cached row).
     Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.OPERATOR)
-    _event(team, "f2")
+    make_event(team, "f2")
     time.sleep(0.5)
     assert len(endpoint.requests) == 1
     assert OutboxEntry.objects.get(event__ce_id="f2").status == "pending"
@@ -84,7 +84,7 @@ def test_a_failed_call_backs_off_as_a_task_would_and_the_next_wake_reads_the_pee
 def test_a_backlog_is_left_to_a_task_after_one_full_claim(team, peer, endpoint, courier):
     Peer.objects.filter(pk=peer.pk).update(paused=Peer.Pause.OPERATOR)
     for index in range(outbox.CLAIM_UNBATCHED + 5):  # unbatched peer (batch_max NULL): claims of 20
-        _event(team, f"b{index}")
+        make_event(team, f"b{index}")
     redis_client().delete(f"kite:kick:{peer.pk}")
     Peer.objects.filter(pk=peer.pk).update(paused="")
     dispatch.kick(peer.pk)  # as resuming the peer does, from a web process
@@ -107,7 +107,7 @@ def test_close_waits_for_the_call_out_and_then_refuses_wakes(team, peer, endpoin
         return {"id": "x", "duplicate": False}
 
     endpoint.default = (202, {}, slow)
-    _event(team, "s1")
+    make_event(team, "s1")
     assert _wait(lambda: len(endpoint.requests) == 1)
     threading.Timer(0.3, gate.set).start()
     started = time.monotonic()
@@ -122,7 +122,7 @@ def test_past_max_waiting_a_kick_queues_a_task(team, peer, endpoint):
     dispatch.deliver_locally(full)
     try:
         redis_client().delete(f"kite:kick:{peer.pk}")
-        _event(team, "w1")
+        make_event(team, "w1")
         assert _kick_flag(peer)
         time.sleep(0.3)
         assert endpoint.requests == []
@@ -145,7 +145,7 @@ def test_an_event_matching_many_peers_wakes_them_in_one_round_trip_and_few_task_
     small = courier_module.Courier(max_waiting=3)
     dispatch.deliver_locally(small)
     try:
-        _event(team, "many")  # its commit wakes them all (flags live 2 s: looked at right away)
+        make_event(team, "many")  # its commit wakes them all (flags live 2 s: looked at right away)
         flags = [_kick_flag(peer) for peer in peers]
         # The courier takes three waiting at a time (more in all if its threads pick some up meanwhile).
         taken = [peer.pk for peer, flagged in zip(peers, flags, strict=True) if not flagged]
@@ -177,7 +177,7 @@ def test_importing_the_asgi_app_installs_no_courier_only_serving_it_does(team, p
     import kite.asgi  # noqa: F401
 
     redis_client().delete(f"kite:kick:{peer.pk}")
-    _event(team, "imported")
+    make_event(team, "imported")
     assert _kick_flag(peer)
     time.sleep(0.3)
     assert endpoint.requests == []
@@ -186,7 +186,7 @@ def test_importing_the_asgi_app_installs_no_courier_only_serving_it_does(team, p
 def test_an_event_while_a_task_drains_the_peer_is_left_to_that_task(team, peer, endpoint, courier):
     redis_client().set(f"kite:kick:{peer.pk}", 1, ex=30)  # as a worker's draining task holds it
     try:
-        _event(team, "t1")
+        make_event(team, "t1")
         time.sleep(0.5)
         assert endpoint.requests == []  # the task's next claim takes it
         assert OutboxEntry.objects.get(event__ce_id="t1").status == "pending"
@@ -209,9 +209,9 @@ def test_an_event_while_the_courier_is_sending_to_the_peer_goes_to_a_task(team, 
     broker.delete("celery", f"kite:kick:{peer.pk}")
     endpoint.default = (202, {}, slow)
     try:
-        _event(team, "s1")
+        make_event(team, "s1")
         assert _wait(lambda: len(endpoint.requests) == 1)  # the courier is sending s1
-        _event(team, "s2")
+        make_event(team, "s2")
         assert _kick_flag(peer)
         tasks = [json.loads(raw)["headers"]["task"] for raw in broker.lrange("celery", 0, -1)]
         assert tasks == ["federation.tasks.deliver_peer"]

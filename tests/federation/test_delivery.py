@@ -92,18 +92,18 @@ def peer(team, endpoint):
     ).row  # fmt: skip
 
 
-def _event(team, event_id="e1"):
+def make_event(team, event_id="e1"):
     source = Source.objects.get(team=team, name="kite")
     draft = Draft(id=event_id, type="com.stripe.charge.succeeded", time=timezone.now(), data_json='{"n": 1}',
                   source="kite://here/tm/stripe")  # fmt: skip
     return ingest_services.event_store(source=source, draft=draft).event
 
 
-def _entry(event_id="e1"):
+def make_entry(event_id="e1"):
     return OutboxEntry.objects.get(event__ce_id=event_id)
 
 
-def _make_due():
+def make_due():
     OutboxEntry.objects.filter(status="pending").update(next_attempt_at=timezone.now())
 
 
@@ -111,46 +111,46 @@ def test_a_deliverys_outcome_is_recorded_in_the_health_row_and_never_updates_the
     """A failure and the success after it move the peer's health (PeerHealth): the row an operator
     configures (federation_peer) gets no UPDATE from either."""
     rewrites = re.compile(r'UPDATE\s+"?federation_peer"?\s+SET', re.IGNORECASE)
-    _event(team)
+    make_event(team)
     endpoint.answers = [(503, {}, {"detail": "busy"})]
     with CaptureQueriesContext(connection) as failed:
         assert outbox.deliver_peer(peer.pk) == 0
     health = PeerHealth.objects.get(peer=peer)
     assert (health.consecutive_failures, health.last_error) == (1, ANY) and health.last_error
-    _make_due()
+    make_due()
     with CaptureQueriesContext(connection) as delivered:
         assert outbox.deliver_peer(peer.pk) == 1
     health.refresh_from_db()
     assert (health.consecutive_failures, health.last_error) == (0, "")
-    assert _entry().status == "delivered"
+    assert make_entry().status == "delivered"
     written = [query["sql"] for query in [*failed.captured_queries, *delivered.captured_queries]]
     assert any("federation_peerhealth" in sql for sql in written)  # the captures did see the writes
     assert not [sql for sql in written if rewrites.search(sql)]
 
 
 def test_delivery_is_signed_so_any_standard_webhooks_library_verifies_it(team, peer, endpoint):
-    _event(team)
+    make_event(team)
     assert outbox.deliver_peer(peer.pk) == 1
     headers, body = endpoint.requests[0]
     assert Webhook(SECRET).verify(body, headers)["id"] == "e1"
-    assert headers["webhook-id"] == str(_entry().msg_id) and headers["kite-peer"]
+    assert headers["webhook-id"] == str(make_entry().msg_id) and headers["kite-peer"]
     assert headers["content-type"] == "application/cloudevents+json"
     sent = json.loads(body)
     assert sent["kitefedhops"] == 1 and "kitecursor" not in sent
-    entry = _entry()
+    entry = make_entry()
     assert (entry.status, entry.attempts) == ("delivered", 1)
     assert Delivery.objects.get().outcome == "delivered"
 
 
 def test_transient_failure_backs_off_and_retries_with_the_same_webhook_id(team, peer, endpoint):
     endpoint.answers = [(503, {}, {"detail": "busy", "code": "x"})]
-    _event(team)
+    make_event(team)
     before = timezone.now()
     assert outbox.deliver_peer(peer.pk) == 0
-    entry = _entry()
+    entry = make_entry()
     assert (entry.status, entry.attempts) == ("pending", 1) and "503" in entry.last_error
     assert before + timedelta(seconds=0.7) <= entry.next_attempt_at <= timezone.now() + timedelta(seconds=1.3)
-    _make_due()
+    make_due()
     assert outbox.deliver_peer(peer.pk) == 1
     first, second = (headers["webhook-id"] for headers, _ in endpoint.requests)
     assert first == second == str(entry.msg_id)
@@ -158,39 +158,39 @@ def test_transient_failure_backs_off_and_retries_with_the_same_webhook_id(team, 
 
 def test_retry_after_is_honoured(team, peer, endpoint):
     endpoint.answers = [(429, {"Retry-After": "40"}, {"detail": "slow down"})]
-    _event(team)
+    make_event(team)
     outbox.deliver_peer(peer.pk)
-    wait = (_entry().next_attempt_at - timezone.now()).total_seconds()
+    wait = (make_entry().next_attempt_at - timezone.now()).total_seconds()
     assert 38 <= wait <= 40
 
 
 def test_dead_after_ten_attempts_then_replayed(team, peer, endpoint):
-    _event(team)
+    make_event(team)
     OutboxEntry.objects.update(attempts=backoff.MAX_ATTEMPTS - 1)
     endpoint.answers = [(500, {}, {"detail": "boom"})]
     outbox.deliver_peer(peer.pk)
-    assert (_entry().status, _entry().attempts) == ("dead", 10)
+    assert (make_entry().status, make_entry().attempts) == ("dead", 10)
     assert outbox.replay_dead(peer=peer, limit=10) == 1
-    assert (_entry().status, _entry().attempts) == ("pending", 0)
-    assert outbox.deliver_peer(peer.pk) == 1 and _entry().status == "delivered"
+    assert (make_entry().status, make_entry().attempts) == ("pending", 0)
+    assert outbox.deliver_peer(peer.pk) == 1 and make_entry().status == "delivered"
 
 
 def test_other_4xx_is_dead_at_once_with_the_reason(team, peer, endpoint):
     endpoint.answers = [(422, {}, {"detail": "unsupported contract", "code": "x"})]
-    _event(team)
+    make_event(team)
     outbox.deliver_peer(peer.pk)
-    assert _entry().status == "dead" and "unsupported contract" in _entry().last_error
+    assert make_entry().status == "dead" and "unsupported contract" in make_entry().last_error
 
 
 def test_401_pauses_the_peer_as_auth_failed_without_dead_lettering(team, peer, endpoint):
     endpoint.answers = [(401, {}, {"detail": "bad", "code": "bad_secret"})]
-    _event(team)
-    _event(team, "e2")
+    make_event(team)
+    make_event(team, "e2")
     outbox.deliver_peer(peer.pk)
     peer.refresh_from_db()
     assert peer.paused == "auth_failed" and "401" in peer.last_error
     assert set(OutboxEntry.objects.values_list("status", flat=True)) == {"pending"}
-    _make_due()
+    make_due()
     assert outbox.deliver_peer(peer.pk) == 0 and len(endpoint.requests) == 1  # paused: nothing sent
     services.peer_update(peer=peer, outbound_token=SECRET)  # the operator fixes the token
     assert outbox.deliver_peer(peer.pk) == 2
@@ -202,40 +202,40 @@ def test_a_401_for_clock_skew_is_retried_like_an_outage_and_a_heartbeat_resumes_
     from federation import heartbeat
 
     endpoint.default = (401, {}, {"detail": "webhook-timestamp is -600 s from this server's clock", "code": "stale_timestamp"})
-    _event(team)
+    make_event(team)
     for _ in range(5):
-        _make_due()
+        make_due()
         outbox.deliver_peer(peer.pk)
     peer.refresh_from_db()
     assert peer.paused == "down" and peer.consecutive_failures == 5 and "clock" in peer.last_error
-    assert _entry().status == "pending"
+    assert make_entry().status == "pending"
     # The clock is fixed: its ping passes (and advertises batches).
     endpoint.default = (200, {}, lambda body: [{"id": e["id"], "result": "accepted"} for e in json.loads(body)])
     assert heartbeat.heartbeat(peer).ok  # and kicks the queue: the task it queues does this
     peer.refresh_from_db()
     assert peer.paused == ""
-    _make_due()  # its backoff has run out: the next heartbeat is 30 s away
-    assert outbox.deliver_peer(peer.pk) == 1 and _entry().status == "delivered"
+    make_due()  # its backoff has run out: the next heartbeat is 30 s away
+    assert outbox.deliver_peer(peer.pk) == 1 and make_entry().status == "delivered"
 
 
 def test_410_revokes_the_peer(team, peer, endpoint):
     endpoint.answers = [(410, {}, {"detail": "terminated"})]
-    _event(team)
+    make_event(team)
     outbox.deliver_peer(peer.pk)
-    assert Peer.objects.get(pk=peer.pk).status == "revoked" and _entry().status == "dead"
+    assert Peer.objects.get(pk=peer.pk).status == "revoked" and make_entry().status == "dead"
 
 
 def test_five_failures_in_a_row_mark_the_peer_down_and_stop_burning_attempts(team, peer, endpoint):
     endpoint.default = (503, {}, {"detail": "down"})
     for n in range(3):
-        _event(team, f"e{n}")
+        make_event(team, f"e{n}")
     for _ in range(5):
-        _make_due()
+        make_due()
         outbox.deliver_peer(peer.pk)
     peer.refresh_from_db()
     assert peer.paused == "down" and peer.consecutive_failures == 5
     sent = len(endpoint.requests)
-    _make_due()
+    make_due()
     outbox.deliver_peer(peer.pk)
     assert len(endpoint.requests) == sent  # paused: no attempt burnt
     assert not OutboxEntry.objects.filter(status="dead").exists()
@@ -243,17 +243,17 @@ def test_five_failures_in_a_row_mark_the_peer_down_and_stop_burning_attempts(tea
 
 
 def test_an_expired_lease_is_claimed_again(team, peer, endpoint):
-    _event(team)
+    make_event(team)
     claimed = outbox.claim(peer.pk, 10)
     assert [e.status for e in OutboxEntry.objects.all()] == ["in_flight"] and claimed
     assert outbox.claim(peer.pk, 10) == []  # leased: nobody else takes it
     OutboxEntry.objects.update(leased_until=timezone.now() - timedelta(seconds=1))  # the worker died
-    assert outbox.deliver_peer(peer.pk) == 1 and _entry().status == "delivered"
+    assert outbox.deliver_peer(peer.pk) == 1 and make_entry().status == "delivered"
 
 
 def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_event(team, peer):
     for n in range(5):
-        _event(team, f"c{n}")
+        make_event(team, f"c{n}")
     now = timezone.now()
     OutboxEntry.objects.filter(event__ce_id__in=["c3", "c4"]).update(
         status="in_flight", leased_until=now - timedelta(seconds=1))  # fmt: skip
@@ -296,16 +296,16 @@ def test_a_delivery_slower_than_the_lease_keeps_it_renewed_so_no_other_worker_ta
     from django.db import connections
 
     settings.KITE_OUTBOX_LEASE_SECONDS = 3
-    _event(team)
+    make_event(team)
     seen = []
 
     def slow(body):
         try:
-            claimed_at = _entry().leased_until - timedelta(seconds=3)
+            claimed_at = make_entry().leased_until - timedelta(seconds=3)
             while timezone.now() < claimed_at + timedelta(seconds=6):  # twice the lease
                 seen.append(outbox.claim(peer.pk, 10))
                 time.sleep(0.5)
-            seen.append(_entry().leased_until - claimed_at)
+            seen.append(make_entry().leased_until - claimed_at)
         finally:
             connections.close_all()
         return {"id": json.loads(body)["id"], "duplicate": False}
@@ -315,17 +315,17 @@ def test_a_delivery_slower_than_the_lease_keeps_it_renewed_so_no_other_worker_ta
     *claims, lease_end = seen
     assert claims and all(claim == [] for claim in claims)  # renewed every 0.75 s: never free
     assert lease_end > timedelta(seconds=6)  # the lease was carried past twice its length
-    entry = _entry()
+    entry = make_entry()
     assert (entry.status, entry.attempts, len(endpoint.requests)) == ("delivered", 1, 1)
     assert list(Delivery.objects.values_list("outcome", flat=True)) == ["delivered"]
 
 
 def test_a_renewal_moves_the_lease_forward_and_a_worker_that_lost_it_records_no_outcome(team, peer, endpoint):
-    _event(team)
+    make_event(team)
     mine, drain = _claimed_by_a_drain(peer)
-    claimed = _entry().leased_until
+    claimed = make_entry().leased_until
     drain.renew()
-    renewed = _entry().leased_until
+    renewed = make_entry().leased_until
     assert renewed > claimed and renewed == drain.tokens[-1] and drain.lost == set()
 
     theirs = _taken_over(peer)
@@ -336,7 +336,7 @@ def test_a_renewal_moves_the_lease_forward_and_a_worker_that_lost_it_records_no_
     assert outbox.send(peer, target, mine, drain) is False
     drain.release(mine)
     # ... but neither its success, nor a failure, nor a release was recorded over theirs.
-    entry = _entry()
+    entry = make_entry()
     assert (entry.status, entry.leased_until, entry.attempts, entry.last_error) == (
         "in_flight", theirs[0].leased_until, 0, "")  # fmt: skip
     assert not Delivery.objects.exists()
@@ -344,7 +344,7 @@ def test_a_renewal_moves_the_lease_forward_and_a_worker_that_lost_it_records_no_
 
     drain.took(mine)  # as if still held: a renewal finds it taken, and it is not sent again
     drain.renew()
-    assert drain.lost == {entry.pk} and drain.held == set() and _entry().leased_until == theirs[0].leased_until
+    assert drain.lost == {entry.pk} and drain.held == set() and make_entry().leased_until == theirs[0].leased_until
     assert drain.still_ours(mine) == []
 
 
@@ -355,7 +355,7 @@ def test_a_drain_whose_leases_go_unrenewed_stops_before_they_run_out(team, peer,
     settings.KITE_OUTBOX_IN_FLIGHT = 1  # one call after another, so the lease runs out mid-drain
     monkeypatch.setattr(outbox.Drain, "renewal_due", lambda drain: False)
     for n in range(5):
-        _event(team, f"u{n}")
+        make_event(team, f"u{n}")
 
     def slow(body):
         time.sleep(0.8)
@@ -420,9 +420,9 @@ def test_a_draining_task_holds_the_kick_flag_so_kicks_meanwhile_queue_nothing(te
 
     key = dispatch.kick_key(peer.pk)
     redis_client().delete(key)
-    _event(team, "k0")
+    make_event(team, "k0")
     assert dispatch.first_kick(peer.pk) is True  # k0's kick after commit: sets the flag, queues a task
-    _event(team, "k1")
+    make_event(team, "k1")
     assert dispatch.first_kick(peer.pk) is False  # k1's: suppressed, left to that task
     seen = []
 
@@ -445,7 +445,7 @@ def test_a_backlog_calls_one_helper_that_drains_alongside(team, peer, endpoint, 
     queued = []
     monkeypatch.setattr(tasks.deliver_peer, "delay", lambda *args, **kwargs: queued.append((args, kwargs)))
     for n in range(outbox.CLAIM_UNBATCHED + 5):
-        _event(team, f"h{n}")
+        make_event(team, f"h{n}")
     # The helper, had it run first, drains like any task and leaves the kick flag alone.
     redis_client().set(dispatch.kick_key(peer.pk), 1)
     assert outbox.deliver_peer(peer.pk, helper=True) == outbox.CLAIM_UNBATCHED + 5
@@ -453,7 +453,7 @@ def test_a_backlog_calls_one_helper_that_drains_alongside(team, peer, endpoint, 
     assert queued == []  # a helper calls no helper
     redis_client().delete(dispatch.kick_key(peer.pk))
     for n in range(outbox.CLAIM_UNBATCHED + 5):
-        _event(team, f"m{n}")
+        make_event(team, f"m{n}")
     assert outbox.deliver_peer(peer.pk) == outbox.CLAIM_UNBATCHED + 5
     assert queued == [((peer.pk,), {"helper": True})]  # the first claim was full: one helper, once
 
@@ -461,7 +461,7 @@ def test_a_backlog_calls_one_helper_that_drains_alongside(team, peer, endpoint, 
 def test_batches_when_the_peer_advertises_batch_max(team, peer, endpoint):
     Peer.objects.filter(pk=peer.pk).update(batch_max=50)
     for n in range(3):
-        _event(team, f"b{n}")
+        make_event(team, f"b{n}")
 
     def results(body):
         events = json.loads(body)
@@ -479,7 +479,7 @@ def test_batches_when_the_peer_advertises_batch_max(team, peer, endpoint):
 def test_outbound_pacing_holds_back_what_is_over_the_rate(team, peer, endpoint):
     Peer.objects.filter(pk=peer.pk).update(rate_limit_per_second=2)
     for n in range(5):
-        _event(team, f"p{n}")
+        make_event(team, f"p{n}")
     import time
 
     window = int(time.time())
@@ -493,7 +493,7 @@ def test_outbound_pacing_holds_back_what_is_over_the_rate(team, peer, endpoint):
 
 
 def test_sweeper_finds_due_peers_but_not_paused_ones(team, peer, endpoint):
-    _event(team)
+    make_event(team)
     assert outbox.due_peer_ids() == [peer.pk]
     Peer.objects.filter(pk=peer.pk).update(paused="down")
     assert outbox.due_peer_ids() == []

@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from federation import client, heartbeat, outbox, services
 from federation.models import Delivery, OutboxEntry, Peer
 from fleet import federated
-from tests.federation.test_delivery import SECRET, Endpoint, _entry, _event, _make_due
+from tests.federation.test_delivery import SECRET, Endpoint, make_entry, make_event, make_due
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -452,29 +452,29 @@ def peer(team, endpoint):
 
 def test_a_delivery_answered_2xx_with_too_large_a_body_is_a_failed_attempt_retried(team, peer, endpoint):
     endpoint.answers = [(200, {}, "x" * (2 * MiB))]
-    _event(team)
+    make_event(team)
 
     assert outbox.deliver_peer(peer.pk) == 0
 
-    entry = _entry()
+    entry = make_entry()
     assert (entry.status, entry.attempts) == ("pending", 1)
     assert entry.last_error.startswith("answer_too_large: the peer's HTTP 200 answer is over 1,048,576 bytes")
     delivery = Delivery.objects.get()
     assert (delivery.outcome, delivery.error) == ("transient", entry.last_error)
-    _make_due()
+    make_due()
     assert outbox.deliver_peer(peer.pk) == 1  # the next attempt, answered normally, delivers
-    assert _entry().status == "delivered"
+    assert make_entry().status == "delivered"
 
 
 def test_a_peer_whose_address_is_no_longer_allowed_is_not_called_and_says_why(team, peer, endpoint, settings):
-    _event(team)
+    make_event(team)
     settings.KITE_PEER_ALLOWED_NETWORKS = ()
 
     assert outbox.deliver_peer(peer.pk) == 0
     pinged = heartbeat.ping(peer)
 
     assert endpoint.requests == []
-    entry = _entry()
+    entry = make_entry()
     assert entry.status == OutboxEntry.Status.DEAD and "127.0.0.1 is a loopback address" in entry.last_error
     assert Delivery.objects.get().outcome == "permanent"
     assert not pinged.ok and "KITE_PEER_ALLOWED_NETWORKS" in pinged.error

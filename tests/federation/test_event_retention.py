@@ -17,7 +17,7 @@ from ingest import hooks
 from ingest import services as ingest_services
 from ingest.models import Event, Source
 from tests.federation.test_api import PEER_URL
-from tests.federation.test_delivery import _event
+from tests.federation.test_delivery import make_event
 
 EXPIRED = timedelta(days=10)
 
@@ -30,7 +30,7 @@ def peers(team):
 
 def _stored(team, ce_id: str, statuses: tuple[str, str], attempts: int = 1, age: timedelta = EXPIRED) -> Event:
     """An event received `age` ago, its entries to b and c in `statuses`, each with `attempts` attempts."""
-    event = _event(team, ce_id)
+    event = make_event(team, ce_id)
     Event.objects.filter(pk=event.pk).update(received_at=timezone.now() - age)
     for entry, status in zip(OutboxEntry.objects.filter(event=event).order_by("peer__name"), statuses, strict=True):
         OutboxEntry.objects.filter(pk=entry.pk).update(status=status)
@@ -176,7 +176,7 @@ def test_webhooks_are_stored_while_a_purge_batch_is_open(team, peers, transactio
     def store_meanwhile(ids):
         def store():
             try:
-                stored["event"] = _event(team, "fresh")
+                stored["event"] = make_event(team, "fresh")
             finally:
                 connections.close_all()
 

@@ -14,7 +14,7 @@ from ingest.models import Event
 from kite.models import Team
 from tests.factories import SourceFactory
 from tests.federation.test_api import PEER_URL, SECRET
-from tests.federation.test_routing_inbound import _signed_post
+from tests.federation.test_routing_inbound import signed_post
 from tests.screens import owner  # noqa: F401  (fixture)
 
 EXAMPLE = [{"prefix": {"type": "com.stripe."}}, {"not": {"exact": {"subject": "test"}}}]
@@ -327,7 +327,7 @@ def upstream(team):
 def _deliver(client, team, event_id, event_type="com.stripe.charge.succeeded", **attributes):
     event = {"specversion": "1.0", "id": event_id, "source": "kite://instance-a/tm/stripe", "type": event_type,
              "data": {"n": 1}, **attributes}  # fmt: skip
-    response = _signed_post(client, team, event, msg_id=f"msg_{event_id}")
+    response = signed_post(client, team, event, msg_id=f"msg_{event_id}")
     assert response.status_code == 202, response.content
 
 

@@ -7,7 +7,7 @@ import time
 
 from federation import contract, outbox
 from federation.models import Delivery, OutboxEntry, Peer
-from tests.federation.test_delivery import _event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
+from tests.federation.test_delivery import make_event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
 
 
 class Overlap:
@@ -32,7 +32,7 @@ def test_unbatched_calls_overlap_up_to_the_setting_and_each_entry_has_its_own_de
     overlap = Overlap(0.3)
     endpoint.default = (202, {}, overlap)
     for index in range(8):
-        _event(team, f"e{index}")
+        make_event(team, f"e{index}")
     assert outbox.deliver_peer(peer.pk) == 8  # one alone first, then 4 + 3 at once
     assert overlap.most == 4  # four answers were being waited for at once
     assert len(endpoint.requests) == 8
@@ -48,7 +48,7 @@ def test_one_call_at_a_time_when_the_setting_is_1(team, peer, endpoint, settings
     overlap = Overlap(0.05)
     endpoint.default = (202, {}, overlap)
     for index in range(5):
-        _event(team, f"e{index}")
+        make_event(team, f"e{index}")
     assert outbox.deliver_peer(peer.pk) == 5
     assert overlap.most == 1
 
@@ -83,7 +83,7 @@ def test_a_failed_call_among_those_in_flight_backs_off_alone_and_what_was_not_se
     endpoint.server.RequestHandlerClass.do_POST = do_post
     try:
         for index in range(10):
-            _event(team, f"e{index}")
+            make_event(team, f"e{index}")
         assert outbox.deliver_peer(peer.pk) == 4
     finally:
         endpoint.server.RequestHandlerClass.do_POST = original
@@ -102,7 +102,7 @@ def test_a_peer_that_fails_the_first_call_gets_no_volley(team, peer, endpoint, s
     settings.KITE_OUTBOX_IN_FLIGHT = 4
     endpoint.default = (503, {}, {"detail": "down", "code": "down"})
     for index in range(6):
-        _event(team, f"e{index}")
+        make_event(team, f"e{index}")
     assert outbox.deliver_peer(peer.pk) == 0
     assert len(endpoint.requests) == 1
     assert sorted(OutboxEntry.objects.values_list("attempts", flat=True)) == [0, 0, 0, 0, 0, 1]
@@ -113,7 +113,7 @@ def test_batched_peers_still_get_one_call_per_claim(team, peer, endpoint, settin
     Peer.objects.filter(pk=peer.pk).update(batch_max=100)
     endpoint.default = (200, {}, lambda body: [{"id": e["id"], "result": "accepted"} for e in json.loads(body)])
     for index in range(7):
-        _event(team, f"e{index}")
+        make_event(team, f"e{index}")
     assert outbox.deliver_peer(peer.pk) == 7
     assert len(endpoint.requests) == 1
     assert endpoint.requests[0][0]["content-type"] == contract.BATCH_CONTENT_TYPE

@@ -9,7 +9,7 @@ from federation import heartbeat, outbox, services
 from federation.models import OutboxEntry, Peer
 from tests.federation.loopback import WRONG, deliver, loopback, pair  # noqa: F401  (fixtures)
 from tests.federation.test_api import PEER_URL, SECRET
-from tests.federation.test_delivery import _event, endpoint  # noqa: F401  (fixture)
+from tests.federation.test_delivery import make_event, endpoint  # noqa: F401  (fixture)
 
 
 def scrape(client) -> dict[tuple, float]:
@@ -72,7 +72,7 @@ def test_inbound_deliveries_are_counted_and_refusals_carry_the_failing_factor(cl
 def test_a_delivery_moves_the_outbound_counter_and_the_delivery_histogram(client, team, endpoint):
     peer = services.peer_create(team=team, name="b", peer_hook_url=endpoint.url, outbound_token=SECRET, scopes=["*"],
                                 tls_fingerprint=endpoint.fingerprint).row  # fmt: skip
-    _event(team)
+    make_event(team)
     before = scrape(client)
     assert outbox.deliver_peer(peer.pk) == 1
     after = scrape(client)
@@ -88,8 +88,8 @@ def test_the_outbox_gauge_counts_every_live_peer_by_status_at_scrape_time(client
     b, _, gone = peer(team, "b", ["*"]), peer(team, "idle", ["nothing.*"]), peer(team, "gone", ["*"])
     twin = peer(other_team, "b", ["*"])  # another team's peer of the same name: one label set, added up
     for n in range(5):
-        _event(team, f"e{n}")
-    _event(other_team, "t1")
+        make_event(team, f"e{n}")
+    make_event(other_team, "t1")
     for status, ids in [("dead", ["e0"]), ("in_flight", ["e1"]), ("delivered", ["e2"])]:
         OutboxEntry.objects.filter(peer=b, event__ce_id__in=ids).update(status=status)
     Peer.objects.filter(pk=gone.pk).update(status=Peer.Status.REVOKED)

@@ -16,7 +16,7 @@ from federation import audit, dispatch, heartbeat, outbox, services
 from federation.forms import AUDIT_ACTIONS
 from federation.models import AuditEvent, OutboxEntry, Peer, PeerHealth
 from kite import services as kite_services
-from tests.federation.test_delivery import SECRET, _event, endpoint, peer  # noqa: F401  (fixtures)
+from tests.federation.test_delivery import SECRET, make_event, endpoint, peer  # noqa: F401  (fixtures)
 from tests.federation.test_metrics import scrape, value
 from tests.screens import member, outsider, owner  # noqa: F401  (fixtures)
 
@@ -58,7 +58,7 @@ def test_a_paused_peer_keeps_queuing_and_no_delivery_is_attempted(api, team, pee
     assert response.status_code == 200, response.content
     assert (response.json()["paused"], response.json()["changed"]) == ("operator", True)
     for n in range(3):
-        _event(team, f"e{n}")  # routing still writes an entry per event
+        make_event(team, f"e{n}")  # routing still writes an entry per event
     assert outbox.deliver_peer(peer.pk) == 0
     assert endpoint.requests == []
     assert sorted(OutboxEntry.objects.filter(peer=peer).values_list("status", "attempts")) == [("pending", 0)] * 3
@@ -82,7 +82,7 @@ def test_resume_delivers_the_backlog_now(api, team, peer, endpoint, django_captu
 
     _pause(api, peer.pk)
     for n in range(3):
-        _event(team, f"e{n}")
+        make_event(team, f"e{n}")
     redis_client().delete(dispatch.kick_key(peer.pk))
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         response = _resume(api, peer.pk)
@@ -171,7 +171,7 @@ def test_a_failure_answered_after_the_pause_does_not_overwrite_it(team, peer, en
         return answer
 
     endpoint.answers = [(status, {}, paused_meanwhile)]
-    _event(team)
+    make_event(team)
     assert outbox.deliver_peer(peer.pk) == 0
     row = _row(peer)
     assert (row.paused, row.consecutive_failures) == ("operator", 1)
@@ -192,7 +192,7 @@ def test_a_trusted_sender_has_no_queue_to_pause(api, team):
 
 
 def test_a_revoked_peer_cannot_be_paused_or_resumed(api, team, peer):
-    _event(team)
+    make_event(team)
     services.peer_revoke(peer=peer)
     before = _snapshot(peer)
     _refused(_pause(api, peer.pk), 409, "peer_revoked")
@@ -303,7 +303,7 @@ def default_peer(default_team, endpoint):
 
 
 def test_pause_peer_and_resume_peer_commands(default_team, default_peer):
-    _event(default_team)
+    make_event(default_team)
     assert "b: paused." in run("pause_peer", "b", "--reason", "upgrade")
     assert "paused already; nothing changed" in run("pause_peer", str(default_peer.pk))
     header, row = run("peers").splitlines()

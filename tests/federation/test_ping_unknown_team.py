@@ -12,7 +12,7 @@ from federation import heartbeat, services, signing
 from federation.models import AuditEvent, InboundReceipt, Peer
 from tests.federation.loopback import loopback, pair, peer_signed  # noqa: F401  (fixtures)
 from tests.federation.test_api import SECRET
-from tests.screens import _client_for
+from tests.screens import client_for
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_ping_peer_prints_the_url_factor_and_fails(typo, team, loopback):
 
 def test_the_peer_screen_shows_the_url_factor(typo, team, loopback):
     peer, _ = typo
-    owner = _client_for("owner", team)
+    owner = client_for("owner", team)
 
     page = owner.post(reverse("federation:peer-ping", args=[peer.pk]), follow=True).content.decode()
 

@@ -9,7 +9,7 @@ from django.test.utils import CaptureQueriesContext
 from federation import services
 from federation.models import AuditEvent, Delivery, OutboxEntry
 from tests.federation.test_api import PEER_URL
-from tests.federation.test_delivery import _event
+from tests.federation.test_delivery import make_event
 
 KEPT, OLD = 50_000, 30
 
@@ -35,7 +35,7 @@ def _purge(table: str) -> tuple[dict, list[str]]:
 
 def test_the_delivery_purge_reads_old_attempts_by_index(team):
     peer = services.peer_create(team=team, name="b", peer_hook_url=PEER_URL, scopes=["*"]).row
-    _event(team)
+    make_event(team)
     entry = OutboxEntry.objects.get(peer=peer)
     with connection.cursor() as cursor:
         cursor.execute(

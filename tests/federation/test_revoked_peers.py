@@ -12,7 +12,7 @@ from django.utils import timezone
 from federation import services
 from federation.models import Peer, PeerHealth
 from tests.federation.test_api import PEER_URL
-from tests.screens import _client_for
+from tests.screens import client_for
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_an_unknown_name_is_still_no_such_peer(team, revoked):
 
 
 def test_the_screens_show_no_reachability_chip_for_a_revoked_peer(team, revoked):
-    owner = _client_for("owner", team)
+    owner = client_for("owner", team)
 
     listed = owner.get(reverse("federation:peers") + "?status=revoked").content.decode()
     detail = owner.get(reverse("federation:peer", args=[revoked.pk])).content.decode()
@@ -70,7 +70,7 @@ def test_the_screens_show_no_reachability_chip_for_a_revoked_peer(team, revoked)
 def test_an_enrolled_peer_screen_says_what_makes_it_active(team):
     peer = services.peer_create(team=team, name="one-way", peer_hook_url=PEER_URL).row
     Peer.objects.filter(pk=peer.pk).update(status=Peer.Status.ENROLLED)
-    owner = _client_for("owner", team)
+    owner = client_for("owner", team)
 
     page = owner.get(reverse("federation:peer", args=[peer.pk])).content.decode()
 

@@ -45,7 +45,7 @@ def _dropped(peer, reason):
     return REGISTRY.get_sample_value("kite_federation_dropped_total", {"peer": peer, "reason": reason}) or 0
 
 
-def _signed_post(client, team, event, secret=SECRET, sender="instance-a", msg_id="msg_1", timestamp=None):
+def signed_post(client, team, event, secret=SECRET, sender="instance-a", msg_id="msg_1", timestamp=None):
     body = json.dumps(event).encode()
     headers = signing.sign_headers(
         secret=secret, msg_id=msg_id, timestamp=timestamp or int(time.time()), body=body, sender_id=sender,
@@ -55,7 +55,7 @@ def _signed_post(client, team, event, secret=SECRET, sender="instance-a", msg_id
     return client.post(f"/hooks/{team.id}/kite", body, content_type="application/cloudevents+json", **wsgi)
 
 
-def _ce(event_id="e1", event_type="com.stripe.charge.succeeded", **extensions):
+def make_ce(event_id="e1", event_type="com.stripe.charge.succeeded", **extensions):
     return {"specversion": "1.0", "id": event_id, "source": "kite://a/tm/stripe", "type": event_type,
             "data": {"n": 1}, **extensions}  # fmt: skip
 
@@ -108,7 +108,7 @@ def sender(team):
 
 
 def test_signed_event_from_a_trusted_sender_is_stored_and_its_instance_id_learned(client, team, sender):
-    response = _signed_post(client, team, _ce(kitefedorigin="kite-a", kitefedchain='["kite-a"]', kitefedhops=1),
+    response = signed_post(client, team, make_ce(kitefedorigin="kite-a", kitefedchain='["kite-a"]', kitefedhops=1),
                             sender="kite-a")  # fmt: skip
     assert response.status_code == 202, response.json()
     event = Event.objects.get(team=team, ce_id="e1")
@@ -119,8 +119,8 @@ def test_signed_event_from_a_trusted_sender_is_stored_and_its_instance_id_learne
 
 
 def test_an_event_without_provenance_gets_it_from_the_authenticated_sender(client, team, sender):
-    forged = _ce("p1", kitefedpeer="someone-else")  # a body cannot name who handed it over either
-    assert _signed_post(client, team, forged, sender="kite-a").status_code == 202
+    forged = make_ce("p1", kitefedpeer="someone-else")  # a body cannot name who handed it over either
+    assert signed_post(client, team, forged, sender="kite-a").status_code == 202
     event = Event.objects.get(team=team, ce_id="p1")
     assert event.extensions == {"kitefedorigin": "kite-a", "kitefedchain": '["kite-a"]', "kitefedhops": 1,
                                 "kitefedpeer": "instance-a"}  # fmt: skip
@@ -133,18 +133,18 @@ def test_an_event_without_provenance_gets_it_from_the_authenticated_sender(clien
     f"kite://{django_settings.KITE_INSTANCE_ID}/tm_x/stripe", f"kite://{django_settings.KITE_INSTANCE_ID}/",
 ])  # fmt: skip
 def test_a_peer_cannot_deliver_an_event_as_if_it_had_been_received_here(client, team, sender, claimed):
-    event = {**_ce("forged"), "source": claimed, "type": "com.stripe.payment_intent.succeeded"}
-    response = _signed_post(client, team, event, sender="kite-a")
+    event = {**make_ce("forged"), "source": claimed, "type": "com.stripe.payment_intent.succeeded"}
+    response = signed_post(client, team, event, sender="kite-a")
     assert response.status_code == 400 and response.json()["code"] == "local_source", response.json()
     assert not Event.objects.filter(team=team).exists()
-    batch = _signed_batch(client, team, [event, _ce("fine")], sender="kite-a")
+    batch = signed_batch(client, team, [event, make_ce("fine")], sender="kite-a")
     assert [r["result"] for r in batch.json()] == ["rejected", "accepted"]
     assert list(Event.objects.filter(team=team).values_list("ce_id", flat=True)) == ["fine"]
 
 
 def test_the_same_delivery_again_has_no_second_effect(client, team, sender):
-    assert _signed_post(client, team, _ce()).status_code == 202
-    again = _signed_post(client, team, _ce())
+    assert signed_post(client, team, make_ce()).status_code == 202
+    again = signed_post(client, team, make_ce())
     assert again.status_code == 200 and again.json()["duplicate"] is True
     assert Event.objects.filter(team=team, ce_id="e1").count() == 1
 
@@ -158,31 +158,31 @@ def test_the_same_delivery_again_has_no_second_effect(client, team, sender):
     ],
 )
 def test_refused_requests_name_the_failing_factor_and_store_nothing(client, team, sender, kwargs, code):
-    response = _signed_post(client, team, _ce(), **kwargs)
+    response = signed_post(client, team, make_ce(), **kwargs)
     assert response.status_code == 401 and response.json()["code"] == code
     assert not Event.objects.filter(team=team, ce_id="e1").exists()
 
 
 def test_unsigned_post_to_the_kite_source_is_refused(client, team, sender):
-    response = client.post(f"/hooks/{team.id}/kite", json.dumps(_ce()), content_type="application/json")
+    response = client.post(f"/hooks/{team.id}/kite", json.dumps(make_ce()), content_type="application/json")
     assert response.status_code == 401 and response.json()["code"] == "missing_signature"
 
 
 def test_a_sender_of_another_team_is_unknown_here(client, team, other_team):
     services.trusted_sender_create(team=other_team, name="instance-a", inbound_token=SECRET)
-    response = _signed_post(client, team, _ce())
+    response = signed_post(client, team, make_ce())
     assert response.status_code == 401 and response.json()["code"] == "unknown_peer"
 
 
 def test_revoked_sender_is_refused(client, team, sender):
     services.peer_revoke(peer=sender)
-    assert _signed_post(client, team, _ce()).json()["code"] == "unknown_peer"
+    assert signed_post(client, team, make_ce()).json()["code"] == "unknown_peer"
 
 
 def test_inbound_rate_limit_answers_429_with_retry_after(client, team, sender):
     Peer.objects.filter(pk=sender.pk).update(rate_limit_per_second=1)
-    first = _signed_post(client, team, _ce("r1"), msg_id="m1")
-    second = _signed_post(client, team, _ce("r2"), msg_id="m2")
+    first = signed_post(client, team, make_ce("r1"), msg_id="m1")
+    second = signed_post(client, team, make_ce("r2"), msg_id="m2")
     assert first.status_code == 202
     assert second.status_code == 429 and second["Retry-After"] and second.json()["code"] == "rate_limited"
     assert not Event.objects.filter(ce_id="r2").exists()
@@ -191,8 +191,8 @@ def test_inbound_rate_limit_answers_429_with_retry_after(client, team, sender):
 def test_event_from_a_peer_goes_onward_but_never_back(client, team, sender):
     onward = _peer(team, name="instance-c", scopes=["*"], remote="kite-c")
     back = _peer(team, name="instance-a-out", scopes=["*"], remote="kite-a")
-    arrived = _ce(kitefedorigin="kite-a", kitefedchain='["kite-a"]', kitefedhops=1)
-    assert _signed_post(client, team, arrived, sender="kite-a").status_code == 202
+    arrived = make_ce(kitefedorigin="kite-a", kitefedchain='["kite-a"]', kitefedhops=1)
+    assert signed_post(client, team, arrived, sender="kite-a").status_code == 202
     entry = OutboxEntry.objects.get()
     assert entry.peer_id == onward.pk and entry.provenance["kitefedhops"] == 2
     assert json.loads(entry.provenance["kitefedchain"])[0] == "kite-a"
@@ -202,15 +202,15 @@ def test_event_from_a_peer_goes_onward_but_never_back(client, team, sender):
 def test_hop_limit_drop_emits_an_internal_event_that_never_leaves(client, team, sender):
     peer = _peer(team, name="instance-c", scopes=["*"], remote="kite-c", max_hops=2)
     before = _dropped("instance-c", "max_hops")
-    arrived = _ce(kitefedorigin="kite-x", kitefedchain='["kite-x", "kite-a"]', kitefedhops=2)
-    assert _signed_post(client, team, arrived, sender="kite-a").status_code == 202
+    arrived = make_ce(kitefedorigin="kite-x", kitefedchain='["kite-x", "kite-a"]', kitefedhops=2)
+    assert signed_post(client, team, arrived, sender="kite-a").status_code == 202
     assert not OutboxEntry.objects.filter(peer=peer).exists()
     failed = Event.objects.get(team=team, ce_type="kite.federation.delivery_failed")
     assert json.loads(failed.data)["peer"] == "instance-c" and json.loads(failed.data)["reason"] == "max_hops"
     assert _dropped("instance-c", "max_hops") == before + 1
 
 
-def _signed_batch(client, team, events, secret=SECRET, sender="instance-a"):
+def signed_batch(client, team, events, secret=SECRET, sender="instance-a"):
     body = json.dumps(events).encode()
     headers = signing.sign_headers(secret=secret, msg_id="batch_1", timestamp=int(time.time()), body=body,
                                    sender_id=sender, binding=signing.delivery_binding(team.id))  # fmt: skip
@@ -219,8 +219,8 @@ def _signed_batch(client, team, events, secret=SECRET, sender="instance-a"):
 
 
 def test_a_batch_answers_one_result_per_event(client, team, sender):
-    assert _signed_post(client, team, _ce("b1")).status_code == 202
-    response = _signed_batch(client, team, [_ce("b1"), _ce("b2"), {"specversion": "0.3", "id": "x"}, _ce("b3")])
+    assert signed_post(client, team, make_ce("b1")).status_code == 202
+    response = signed_batch(client, team, [make_ce("b1"), make_ce("b2"), {"specversion": "0.3", "id": "x"}, make_ce("b3")])
     assert response.status_code == 200
     assert [(item["id"], item["result"]) for item in response.json()] == [
         ("b1", "duplicate"), ("b2", "accepted"), ("", "rejected"), ("b3", "accepted"),
@@ -229,20 +229,20 @@ def test_a_batch_answers_one_result_per_event(client, team, sender):
     assert sorted(Event.objects.filter(team=team).values_list("ce_id", flat=True)) == ["b1", "b2", "b3"]
 
 
-@pytest.mark.parametrize("body", [[], {"not": "a list"}, [_ce(f"n{i}") for i in range(1001)]])
+@pytest.mark.parametrize("body", [[], {"not": "a list"}, [make_ce(f"n{i}") for i in range(1001)]])
 def test_a_malformed_batch_is_refused_whole(client, team, sender, body):
-    response = _signed_batch(client, team, body)
+    response = signed_batch(client, team, body)
     assert response.status_code == 400 and response.json()["code"] == "invalid_event"
     assert not Event.objects.filter(team=team, source__name="kite").exists()
 
 
 def test_a_batch_with_a_bad_signature_stores_nothing(client, team, sender):
-    response = _signed_batch(client, team, [_ce("s1")], secret=OTHER)
+    response = signed_batch(client, team, [make_ce("s1")], secret=OTHER)
     assert response.status_code == 401 and not Event.objects.filter(ce_id="s1").exists()
 
 
 def test_hook_answers_name_this_instance(client, team, sender, settings):
-    assert _signed_post(client, team, _ce())["kite-instance"] == settings.KITE_INSTANCE_ID
+    assert signed_post(client, team, make_ce())["kite-instance"] == settings.KITE_INSTANCE_ID
     assert client.post(f"/hooks/{team.id}/kite", b"{}", content_type="application/json")["kite-instance"]
 
 
@@ -257,11 +257,11 @@ def test_a_sender_row_not_yet_identified_is_tried_but_cannot_take_a_pinned_peers
                          certificate_pem=b_cert.pem)  # fmt: skip
     Peer.objects.filter(name="b-out").update(remote_instance_id="kite-b")
     inbound = services.trusted_sender_create(team=team, name="b-in", inbound_token=SECRET).row
-    claimed = _signed_post(client, team, _ce("fb"), sender="kite-b")
+    claimed = signed_post(client, team, make_ce("fb"), sender="kite-b")
     assert claimed.status_code == 409 and claimed.json()["code"] == "instance_id_taken"
     assert not Event.objects.filter(team=team).exists()
     assert Peer.objects.get(pk=inbound.pk).remote_instance_id == ""
-    assert _signed_post(client, team, _ce("fc"), sender="kite-c").status_code == 202
+    assert signed_post(client, team, make_ce("fc"), sender="kite-c").status_code == 202
     assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-c"
 
 
@@ -272,7 +272,7 @@ def test_a_peer_and_a_trusted_sender_made_by_hand_for_one_instance_share_its_id(
                          outbound_token=SECRET, inbound_token=OTHER, scopes=["*"])  # fmt: skip
     Peer.objects.filter(name="b-out").update(remote_instance_id="kite-b")
     inbound = services.trusted_sender_create(team=team, name="b-in", inbound_token=SECRET).row
-    assert _signed_post(client, team, _ce("fb"), sender="kite-b").status_code == 202
+    assert signed_post(client, team, make_ce("fb"), sender="kite-b").status_code == 202
     assert Peer.objects.get(pk=inbound.pk).remote_instance_id == "kite-b"
 
 

@@ -16,13 +16,13 @@ from federation.models import AuditEvent, OutboxEntry
 from ingest import journey
 from ingest.models import Source
 from tests.federation.test_api import PEER_URL
-from tests.federation.test_delivery import _event
+from tests.federation.test_delivery import make_event
 from tests.screens import owner  # noqa: F401  (fixture)
 
 MANY = 50_000
 
 
-def _plans(captured, table: str) -> list[str]:
+def query_plans(captured, table: str) -> list[str]:
     plans = []
     for query in captured.captured_queries:
         if query["sql"].startswith("SELECT") and f'FROM "{table}"' in query["sql"]:
@@ -33,7 +33,7 @@ def _plans(captured, table: str) -> list[str]:
     return plans
 
 
-def _analyze(*tables: str) -> None:
+def analyze_tables(*tables: str) -> None:
     with connection.cursor() as cursor:
         for table in tables:
             cursor.execute(f"ANALYZE {table}")
@@ -48,7 +48,7 @@ def peers(team):
             for name in ("b", "c")]  # fmt: skip
 
 
-def _history(peer, event, count: int) -> None:
+def delivered_history(peer, event, count: int) -> None:
     """`count` delivered entries of `peer` (one event's, as the table allows): its delivered history."""
     with connection.cursor() as cursor:
         cursor.execute(
@@ -63,7 +63,7 @@ def _history(peer, event, count: int) -> None:
 def test_outbox_counts_are_exact_per_peer_and_status_and_leave_delivered_history_out(team, peers, api):
     b, c = peers
     for n in range(7):
-        _event(team, f"e{n}")  # an entry to b and to c each, pending
+        make_event(team, f"e{n}")  # an entry to b and to c each, pending
     statuses = {"e0": "in_flight", "e1": "dead", "e2": "dead", "e3": "delivered"}
     for ce_id, status in statuses.items():
         OutboxEntry.objects.filter(peer=b, event__ce_id=ce_id).update(status=status)
@@ -81,7 +81,7 @@ def test_outbox_counts_are_exact_per_peer_and_status_and_leave_delivered_history
 def test_the_peer_screen_shows_the_counts_and_still_lists_delivered_entries(owner, team, peers):
     b = peers[0]
     for n in range(3):
-        _event(team, f"e{n}")
+        make_event(team, f"e{n}")
     OutboxEntry.objects.filter(peer=b, event__ce_id="e0").update(status="delivered")
     OutboxEntry.objects.filter(peer=b, event__ce_id="e1").update(status="dead")
     page = owner.get(f"/settings/federation/peers/{b.pk}/").content.decode()
@@ -96,16 +96,16 @@ def test_the_peer_screen_shows_the_counts_and_still_lists_delivered_entries(owne
 def test_outbox_counts_read_the_queue_from_the_index_not_the_delivered_history(team, peers):
     """Before: GROUP BY peer, status over every entry of the peers — a Seq Scan of the table."""
     b, c = peers
-    event = _event(team, "e-owed")  # pending to b and c
-    _history(b, event, MANY)
+    event = make_event(team, "e-owed")  # pending to b and c
+    delivered_history(b, event, MANY)
     OutboxEntry.objects.filter(peer=c).update(status="dead")
-    _analyze("federation_outboxentry")
+    analyze_tables("federation_outboxentry")
 
     with CaptureQueriesContext(connection) as captured:
         depths = selectors.outbox_depths([b.pk, c.pk])
 
     assert depths == {b.pk: {"pending": 1, "in_flight": 0, "dead": 0}, c.pk: {"pending": 0, "in_flight": 0, "dead": 1}}
-    for plan in _plans(captured, "federation_outboxentry"):
+    for plan in query_plans(captured, "federation_outboxentry"):
         # A range of an index on status (outbox_due or outbox_leases): the queue and the dead
         # letters, never the delivered history.
         conditions = [line for line in plan.splitlines() if "Index Cond" in line]
@@ -142,21 +142,21 @@ def test_a_rare_audit_filter_finds_its_rows_by_index_newest_first(api, team, oth
     mine = [AuditEvent.objects.create(team=team, **fields).pk for _ in range(3)]
     AuditEvent.objects.create(team=other_team, **fields)  # another team's: never shown
     _trail(team, 10)  # newer rows that do not match
-    _analyze("federation_auditevent")
+    analyze_tables("federation_auditevent")
 
     with CaptureQueriesContext(connection) as captured:
         answer = api.get("/api/audit", query)
 
     assert answer.status_code == 200, answer.json()
     assert [row["id"] for row in answer.json()["results"]] == mine[::-1]
-    plans = [plan for plan in _plans(captured, "federation_auditevent")]
+    plans = [plan for plan in query_plans(captured, "federation_auditevent")]
     assert len(plans) == 1
     assert index in plans[0] and "Seq Scan" not in plans[0], plans[0]
 
 
 def test_an_audit_filter_that_matches_nothing_reads_no_row(api, team):
     _trail(team, MANY)
-    _analyze("federation_auditevent")
+    analyze_tables("federation_auditevent")
     with CaptureQueriesContext(connection) as captured:
         answer = api.get("/api/audit", {"outcome": "bad_secret"})
     assert answer.status_code == 200 and answer.json()["results"] == []
@@ -185,12 +185,12 @@ def test_a_journey_by_id_alone_finds_the_event_by_index(team, api):
             " 'application/json', '{}', '{}'::jsonb, '', now() FROM generate_series(1, %s) g",
             [team.pk, source.pk, MANY],
         )
-    _analyze("ingest_event")
+    analyze_tables("ingest_event")
 
     with CaptureQueriesContext(connection) as captured:
         found = journey.event_find(team_id=team.pk, event_id="evt_4242")
     assert (found.ce_id, found.ce_source) == ("evt_4242", "kite://bulk/0")
-    for plan in _plans(captured, "ingest_event"):
+    for plan in query_plans(captured, "ingest_event"):
         assert "event_team_ce_id" in plan and "Seq Scan on ingest_event" not in plan, plan
 
     answer = api.get("/api/events/evt_4242/journey")

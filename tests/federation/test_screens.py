@@ -75,9 +75,9 @@ def test_another_teams_peer_is_not_found_on_any_of_its_pages(peer, outsider):
 
 
 def test_mutations_are_post_only_and_csrf_checked(peer, team):
-    from tests.screens import _client_for
+    from tests.screens import client_for
 
-    strict = _client_for("strict", team)
+    strict = client_for("strict", team)
     strict.handler.enforce_csrf_checks = True
     assert strict.get(f"{BASE}/peers/{peer.pk}/ping").status_code == 405
     refused = strict.post(f"{BASE}/peers/{peer.pk}/delete")

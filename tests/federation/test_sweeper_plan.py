@@ -13,8 +13,8 @@ from django.utils import timezone
 from federation import outbox, services
 from federation.models import OutboxEntry, Peer
 from tests.federation.test_api import PEER_URL
-from tests.federation.test_delivery import _event
-from tests.federation.test_scale_reads import MANY, _analyze, _history, _plans
+from tests.federation.test_delivery import make_event
+from tests.federation.test_scale_reads import MANY, analyze_tables, delivered_history, query_plans
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def peers(team):
 def test_the_sweeper_finds_exactly_the_peers_with_something_due(team, peers):
     b, c, d = peers
     for n in range(3):
-        _event(team, f"e{n}")  # an entry to each peer, pending and due
+        make_event(team, f"e{n}")  # an entry to each peer, pending and due
     later = timezone.now() + timedelta(minutes=5)
     OutboxEntry.objects.filter(peer=c).update(next_attempt_at=later)  # backing off: not due
     OutboxEntry.objects.filter(peer=d).update(status="in_flight", leased_until=timezone.now() - timedelta(seconds=1))
@@ -40,15 +40,15 @@ def test_the_sweeper_finds_exactly_the_peers_with_something_due(team, peers):
 
 def test_the_sweepers_plan_reads_no_table_sequentially_behind_a_long_delivered_history(team, peers):
     b, _c, _d = peers
-    event = _event(team, "first")
-    _history(b, event, MANY)
+    event = make_event(team, "first")
+    delivered_history(b, event, MANY)
     with connection.cursor() as cursor:  # then a backlog due, behind the history in the table
         cursor.execute("INSERT INTO federation_outboxentry (msg_id, team_id, peer_id, event_id, provenance, status,"
                        " attempts, next_attempt_at, last_error, created_at)"
                        " SELECT gen_random_uuid(), %s, %s, %s, '{}'::jsonb, 'pending', 0, now(), '', now()"
                        " FROM generate_series(1, %s)", [team.pk, b.pk, event.pk, MANY // 2])  # fmt: skip
-    _analyze("federation_outboxentry", "federation_peer")
+    analyze_tables("federation_outboxentry", "federation_peer")
     with CaptureQueriesContext(connection) as captured:
         assert b.pk in outbox.due_peer_ids()
-    for plan in _plans(captured, "federation_peer"):
+    for plan in query_plans(captured, "federation_peer"):
         assert "Seq Scan on federation_outboxentry" not in plan, plan

@@ -14,7 +14,7 @@ from ingest.models import Event, Source
 from ingest.services import ce_source_for
 from kite import crypto
 from tests.federation.test_grants import browser  # noqa: F401  (fixture: a member's and an admin's session)
-from tests.screens import _client_for
+from tests.screens import client_for
 from tests.signing import as_wsgi_headers, github_signature, standard_webhook_headers, stripe_signature
 
 SIGNED_KINDS = ["stripe", "github", "standard"]
@@ -242,7 +242,7 @@ def test_only_a_none_source_is_marked_unverified(api, team):
 
 
 def test_the_events_screen_marks_unverified_sources_and_their_events(team):
-    member = _client_for("watcher", team, role="member")
+    member = client_for("watcher", team, role="member")
     open_source = Source.objects.create(team=team, name="open", kind="none")
     signed = Source.objects.create(team=team, name="signed", kind="standard")
     posted = Client().post(f"/hooks/{team.id}/open", json.dumps({"id": "from-open"}), content_type="application/json")

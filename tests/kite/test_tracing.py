@@ -15,7 +15,7 @@ from federation import services as federation_services
 from ingest.models import Event
 from kite import tracing
 from tests.factories import SourceFactory
-from tests.federation.test_routing_inbound import SECRET, _ce, _signed_batch, _signed_post
+from tests.federation.test_routing_inbound import SECRET, make_ce, signed_batch, signed_post
 from tests.ingest.test_cloudevents_source import producer_event, send
 
 PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -170,7 +170,7 @@ def test_a_cloudevent_with_a_malformed_trace_context_is_refused_and_nothing_stor
 
 def test_a_peers_batch_rejects_only_the_event_with_a_malformed_traceparent(client, team):
     federation_services.trusted_sender_create(team=team, name="instance-a", inbound_token=SECRET)
-    response = _signed_batch(client, team, [_ce("good", traceparent=PARENT), _ce("bad", traceparent="00-xyz")])
+    response = signed_batch(client, team, [make_ce("good", traceparent=PARENT), make_ce("bad", traceparent="00-xyz")])
     assert response.status_code == 200
     assert [(item["id"], item["result"]) for item in response.json()] == [("good", "accepted"), ("", "rejected")]
     assert "traceparent" in response.json()[1]["detail"]
@@ -180,6 +180,6 @@ def test_a_peers_batch_rejects_only_the_event_with_a_malformed_traceparent(clien
 
 def test_a_peers_single_delivery_with_a_malformed_tracestate_is_400_and_nothing_stored(client, team):
     federation_services.trusted_sender_create(team=team, name="instance-a", inbound_token=SECRET)
-    response = _signed_post(client, team, _ce("one", traceparent=PARENT, tracestate="x" * 600))
+    response = signed_post(client, team, make_ce("one", traceparent=PARENT, tracestate="x" * 600))
     assert (response.status_code, response.json()["code"]) == (400, "invalid_event")
     assert not Event.objects.filter(team=team).exists()

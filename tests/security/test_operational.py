@@ -18,7 +18,7 @@ import requests
 
 from federation import signing
 from tests.e2e.conftest import Instances
-from tests.e2e.harness import _admin_url, wait_for
+from tests.e2e.harness import admin_url, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -214,7 +214,7 @@ def test_healthz_with_the_database_gone_says_503_and_reveals_nothing(kites):
     kite = kites["plain"]
     database = urlsplit(kite.database_url).path.lstrip("/")
     assert get(kite, "/healthz").json() == {"ok": True, "instance_id": kite.instance_id}
-    with psycopg.connect(_admin_url(), autocommit=True) as admin:
+    with psycopg.connect(admin_url(), autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
         try:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
