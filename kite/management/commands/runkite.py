@@ -5,6 +5,7 @@
 and the delay; the others keep running. Only Ctrl-C (or SIGTERM) stops all three, exit status 0.
 """
 
+import logging
 import os
 import shutil
 import signal
@@ -65,7 +66,13 @@ class Command(BaseCommand):
             self.stdout.write(f"  TLS certificate: {settings.KITE_DATA_DIR / 'tls' / 'cert.pem'}")
             self.stdout.write(f"  tls_fingerprint: {tls.fingerprint_of_pem(pem)}")
         self.stdout.flush()
-        sys.exit(supervise(commands, env))
+        code = supervise(commands, env)
+        # Every child has exited and runkite holds nothing that needs closing: skip the interpreter's
+        # teardown of Django and the migrations it loaded (0.3-1 s of CPU at every stop).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     def _child_env(self) -> dict:
         env = dict(os.environ)
