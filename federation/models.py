@@ -122,7 +122,7 @@ class Peer(models.Model):
     @property
     def vitals(self) -> "PeerHealth":
         """Its health row (read it with select_related("health")); an empty one, not saved, while
-        nothing has been recorded of the peer (the row is made by its first write: peers.record_health)."""
+        nothing has been recorded of the peer (the row is made by its first write: PeerHealth.record)."""
         try:
             return self.health
         except PeerHealth.DoesNotExist:
@@ -162,8 +162,7 @@ class PeerHealth(models.Model):
                 setattr(peer.vitals, name, value)
 
 
-HEALTH_FIELDS = ("consecutive_failures", "last_error", "last_attempt_at", "last_success_at", "last_latency_ms",
-                 "last_heartbeat_at", "last_inbound_at")  # fmt: skip
+HEALTH_FIELDS = tuple(field.name for field in PeerHealth._meta.concrete_fields if not field.primary_key)
 
 
 def _health_field(name: str) -> property:
