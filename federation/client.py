@@ -420,4 +420,9 @@ def _short(exc: Exception) -> str:
 
 
 def encode(value) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact UTF-8 JSON: orjson (a tenth of the stdlib encoder's time per event), the stdlib's
+    for what orjson refuses (an integer past 64 bits, a key that is not a string)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -29,7 +29,7 @@ from federation.contract import BATCH_CAP, BATCH_CONTENT_TYPE, SINGLE_CONTENT_TY
 from federation.dispatch import FLAG_REFRESH_SECONDS
 from federation.models import Delivery, OutboxEntry, Peer, PeerHealth
 from ingest.models import Event
-from kite import ratelimit, tracing
+from kite import fastsql, ratelimit, tracing
 
 log = logging.getLogger(__name__)
 CLAIM_UNBATCHED = 20
@@ -102,19 +102,10 @@ def _claim_postgres(peer_id: int, limit: int, now, lease) -> list[OutboxEntry]:
         rows = cursor.fetchall()
     entries = []
     for row in rows:
-        entry = _from_row(OutboxEntry, entry_fields, row[: len(entry_fields)])
-        entry.event = _from_row(Event, event_fields, row[len(entry_fields) :])
+        entry = fastsql.load(OutboxEntry, entry_fields, row[: len(entry_fields)])
+        entry.event = fastsql.load(Event, event_fields, row[len(entry_fields) :])
         entries.append(entry)
     return sorted(entries, key=lambda entry: entry.pk)
-
-
-def _from_row(model, fields, row):
-    """A model instance from a raw row, with the field conversions the ORM would apply (JSON)."""
-    values = [
-        field.from_db_value(value, None, connection) if hasattr(field, "from_db_value") else value
-        for field, value in zip(fields, row, strict=True)
-    ]
-    return model.from_db(connection.alias, [field.attname for field in fields], values)
 
 
 def deliver_peer(peer_id: int, helper: bool = False) -> int:

@@ -1,4 +1,5 @@
-"""INSERT model instances in one prepared statement on PostgreSQL.
+"""INSERT model instances in one prepared statement on PostgreSQL, and read rows of hand-written
+SELECTs into model instances.
 
 Each webhook inserts an event (and, federated, its outbox entries). Django compiles
 the INSERT anew every time; on the 2-core machine Kite is measured on that
@@ -7,9 +8,13 @@ the SQL is built once per (model, row count) and only the values are converted,
 with the same `pre_save` / `get_db_prep_save` calls the ORM makes, so the rows are
 identical. Columns with a `db_default` are left to the database and read back with
 the primary key, as `Model.save()` does. Other databases use the ORM.
+
+`load` turns a row into an instance with the converters the ORM applies (any database): the
+delivery's claim and the peer lookup of every inbound peer request read their rows so.
 """
 
 import functools
+import weakref
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
@@ -164,3 +169,41 @@ def insert_each(obj, field: str, values: list, *, generated: dict[str, str] | No
     with db.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.rowcount
+
+
+# --------------------------------------------------------------------------- reading rows
+
+_loaders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # connection → {fields: (attnames, converters)}
+
+
+def _loader(conn, fields: tuple) -> tuple[list[str], list]:
+    """The attnames of `fields` and, for each field whose column the ORM converts when it reads it
+    (JSON, and on SQLite dates and times), (index, column, converters) — worked out once per
+    connection, as the ORM's compiler does for every query."""
+    per_connection = _loaders.setdefault(conn, {})
+    known = per_connection.get(fields)
+    if known is None:
+        converting = []
+        for index, field in enumerate(fields):
+            column = field.cached_col
+            found = conn.ops.get_db_converters(column) + column.get_db_converters(conn)
+            if found:
+                converting.append((index, column, found))
+        known = per_connection[fields] = ([field.attname for field in fields], converting)
+    return known
+
+
+def load(model, fields: tuple, row, conn=None):
+    """A model instance from a row of a hand-written SELECT whose columns are `fields` (all of the
+    model's concrete fields, in their order, or some of them: the others deferred), its values
+    converted as the ORM converts what it reads. Cheaper than a RawQuerySet, which works out the
+    columns, their order and their converters again for every query."""
+    conn = connections[DEFAULT_DB_ALIAS if conn is None else conn.alias]  # the thread's own, not the proxy
+    attnames, converting = _loader(conn, fields)
+    values = list(row)
+    for index, column, converters in converting:
+        value = values[index]
+        for convert in converters:
+            value = convert(value, column, conn)
+        values[index] = value
+    return model.from_db(conn.alias, attnames, values)

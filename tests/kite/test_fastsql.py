@@ -1,7 +1,7 @@
 """kite.fastsql writes the same rows the ORM would, and fails the same way."""
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from federation.models import OutboxEntry
@@ -88,3 +88,31 @@ def test_insert_guarded_still_checks_column_lengths():
     source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
     with pytest.raises(DataError), transaction.atomic():
         fastsql.insert_guarded(_event(source, "x" * 256), guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
+
+
+def _select(model, fields, pk):
+    qn = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {', '.join(qn(f.column) for f in fields)} FROM {qn(model._meta.db_table)} "
+                       f"WHERE {qn(model._meta.pk.column)} = %s", [pk])  # fmt: skip
+        return cursor.fetchone()
+
+
+@pytest.mark.django_db
+def test_load_reads_a_row_as_the_orm_does():
+    source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
+    stored = fastsql.insert([_event(source, "r", agent="bot")])[0]
+    fields = tuple(Event._meta.concrete_fields)
+    loaded = fastsql.load(Event, fields, _select(Event, fields, stored.pk))
+    by_orm = Event.objects.get(pk=stored.pk)
+    assert not loaded._state.adding and loaded._state.db == by_orm._state.db
+    for field in fields:
+        assert getattr(loaded, field.attname) == getattr(by_orm, field.attname), field.name
+    assert loaded.extensions == {"x": {"y": 1}} and timezone.is_aware(loaded.received_at)
+    assert fastsql.load(Event, fields, _select(Event, fields, stored.pk)).extensions == {"x": {"y": 1}}  # converters kept
+
+    some = (Event._meta.pk, Event._meta.get_field("extensions"), Event._meta.get_field("agent"))
+    partial = fastsql.load(Event, some, _select(Event, some, stored.pk))
+    assert (partial.pk, partial.extensions, partial.agent) == (stored.pk, {"x": {"y": 1}}, "bot")
+    assert "data" in partial.get_deferred_fields() and "extensions" not in partial.get_deferred_fields()
+    assert partial.data == by_orm.data  # a deferred field is read when asked for, as the ORM's
