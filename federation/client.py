@@ -9,7 +9,6 @@ connected to), answers read up to a size limit, and turning answers into one
 """
 
 import ipaddress
-import json
 import os
 import socket
 import ssl
@@ -27,6 +26,7 @@ from urllib3.exceptions import InsecureRequestWarning
 
 from federation import backoff, signing
 from federation.errors import Code
+from ingest import cloudevent
 
 # urllib3 warns about verify=False even when the fingerprint pin verifies the
 # server; Kite never sends unverified requests, so the warning is only noise.
@@ -419,10 +419,4 @@ def _short(exc: Exception) -> str:
     return str(exc)[:300]
 
 
-def encode(value) -> bytes:
-    """Compact UTF-8 JSON: orjson (a tenth of the stdlib encoder's time per event), the stdlib's
-    for what orjson refuses (an integer past 64 bits, a key that is not a string)."""
-    try:
-        return orjson.dumps(value)
-    except TypeError:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+encode = cloudevent.json_bytes  # compact UTF-8 JSON

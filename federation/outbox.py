@@ -24,10 +24,11 @@ from django.db import connections as db_connections
 from django.db.models import Case, Exists, F, OuterRef, Q, Subquery, Value, When
 from django.utils import timezone
 
-from federation import audit, backoff, client, dispatch, enqueue, metrics, peers, services
+from federation import audit, backoff, client, dispatch, enqueue, metrics, peers, routing, services
 from federation.contract import BATCH_CAP, BATCH_CONTENT_TYPE, SINGLE_CONTENT_TYPE
 from federation.dispatch import FLAG_REFRESH_SECONDS
 from federation.models import Delivery, OutboxEntry, Peer, PeerHealth
+from ingest import cloudevent
 from ingest.models import Event
 from kite import fastsql, ratelimit, tracing
 
@@ -429,12 +430,15 @@ def _pacing_allows(peer: Peer, count: int) -> bool:
     return ratelimit.hit(f"peer-out:{peer.pk}", peer.rate_limit_per_second, cost=count).allowed
 
 
-def wire_event(entry: OutboxEntry) -> dict:
-    event = entry.event.to_cloudevent()
-    event.pop("kitecursor", None)  # our own read position means nothing to the peer
-    event.pop("kitefedpeer", None)  # who handed it to us: the next peer learns who hands it on from the signature
+def wire_json(entry: OutboxEntry) -> bytes:
+    """The entry's event as the peer receives it: the stored CloudEvent without what is ours alone
+    (routing.NOT_FORWARDED: our read position; who handed it to us — the next peer learns who hands
+    it on from the signature), with this hop's provenance; its data as stored."""
+    event, member, text = entry.event.cloudevent_parts()
+    for name in routing.NOT_FORWARDED:
+        event.pop(name, None)
     event.update(entry.provenance)
-    return event
+    return cloudevent.with_member(event, member, text)
 
 
 def send(peer: Peer, target: client.Target, group: list[OutboxEntry], drain: Drain) -> bool:
@@ -472,12 +476,13 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
 def _call(peer: Peer, target: client.Target, group: list[OutboxEntry], batched: bool):
     """The answer, or the PeerCallError (returned, not raised: calls run side by side)."""
     if batched:
-        body, content_type, msg_id = [wire_event(e) for e in group], BATCH_CONTENT_TYPE, f"batch_{uuid.uuid4().hex}"
+        body = b"[" + b",".join(wire_json(entry) for entry in group) + b"]"
+        content_type, msg_id = BATCH_CONTENT_TYPE, f"batch_{uuid.uuid4().hex}"
     else:
-        body, content_type, msg_id = wire_event(group[0]), SINGLE_CONTENT_TYPE, str(group[0].msg_id)
+        body, content_type, msg_id = wire_json(group[0]), SINGLE_CONTENT_TYPE, str(group[0].msg_id)
     traced = tracing.delivery(peer.name, group, batched)  # None unless tracing is on
     try:
-        answer = client.call(target, "POST", client.encode(body), content_type=content_type, msg_id=msg_id,
+        answer = client.call(target, "POST", body, content_type=content_type, msg_id=msg_id,
                              headers=traced and traced.headers)  # fmt: skip
     except client.PeerCallError as failure:
         if traced:

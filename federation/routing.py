@@ -86,7 +86,7 @@ def decide(
     return Decision(True)
 
 
-# What the outbox leaves out of the stored event when it sends it on (outbox.wire_event).
+# What the outbox leaves out of the stored event when it sends it on (outbox.wire_json).
 NOT_FORWARDED = ("kitecursor", "kitefedpeer")
 
 

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
+import orjson
+
 from kite import tracing
 
 MAX_ATTRIBUTE_LENGTH = 255
@@ -50,6 +52,23 @@ class Draft:
     agent: str = ""  # the addressee of an agent message
     dataschema: str = ""
     data_base64: bool = False  # data_json is a JSON string holding the base64 of binary data
+
+
+def json_bytes(value) -> bytes:
+    """Compact UTF-8 JSON: orjson (a tenth of the stdlib encoder's time), the stdlib's for what
+    orjson refuses (an integer past 64 bits, a key that is not a string)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def with_member(attributes: dict, member: str, text: str) -> bytes:
+    """The JSON object `attributes` plus `member` whose value is the JSON text `text`, inserted as it
+    is: a stored event's data (kept verbatim after a strict parse, so valid JSON) is not parsed and
+    encoded again on every read and delivery."""
+    head = json_bytes(attributes)
+    return head[:-1] + (b',"' if len(head) > 2 else b'"') + json_bytes(member)[1:-1] + b'":' + text.encode() + b"}"
 
 
 def body_digest_id(body: bytes) -> str:

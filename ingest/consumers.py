@@ -329,7 +329,7 @@ class EventStreamConsumer(AsyncWebsocketConsumer):
                 return SENT
 
     async def send_event(self, event) -> str:
-        text = json.dumps(event.to_cloudevent(), separators=(",", ":"))
+        text = event.to_cloudevent_json().decode()
         try:
             async with asyncio.timeout(SLOW_LISTENER_SECONDS):
                 await self.send(text_data=text)

@@ -3,7 +3,7 @@ import json
 from django.db import models
 from django.utils import timezone
 
-from ingest.cloudevent import DATA_BASE64, rfc3339
+from ingest.cloudevent import DATA_BASE64, rfc3339, with_member
 from kite.models import Team
 
 
@@ -89,7 +89,9 @@ class Event(models.Model):
     def cursor(self) -> str:
         return f"{self.txid}-{self.id}"
 
-    def to_cloudevent(self) -> dict:
+    def cloudevent_parts(self) -> tuple[dict, str, str]:
+        """The CloudEvent's attributes (`kitecursor` included), the name of its data member (`data`,
+        or `data_base64` for binary data) and that member's JSON text as stored."""
         event = {
             "specversion": "1.0",
             "id": self.ce_id,
@@ -104,5 +106,13 @@ class Event(models.Model):
         binary = extensions.pop(DATA_BASE64, False)
         event.update(extensions)
         event["kitecursor"] = self.cursor
-        event["data_base64" if binary else "data"] = json.loads(self.data)
+        return event, "data_base64" if binary else "data", self.data
+
+    def to_cloudevent(self) -> dict:
+        event, member, text = self.cloudevent_parts()
+        event[member] = json.loads(text)
         return event
+
+    def to_cloudevent_json(self) -> bytes:
+        """to_cloudevent() as JSON, its data copied as stored rather than parsed and encoded again."""
+        return with_member(*self.cloudevent_parts())

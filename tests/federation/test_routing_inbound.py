@@ -126,7 +126,9 @@ def test_an_event_without_provenance_gets_it_from_the_authenticated_sender(clien
                                 "kitefedpeer": "instance-a"}  # fmt: skip
     assert event.to_cloudevent()["kitefedpeer"] == "instance-a"  # what /api/events and listeners show
     entry = OutboxEntry(event=event, provenance={"kitefedorigin": "kite-a"})
-    assert "kitefedpeer" not in outbox.wire_event(entry)  # never carried on to the next peer
+    sent = json.loads(outbox.wire_json(entry))
+    assert "kitefedpeer" not in sent and "kitecursor" not in sent  # never carried on to the next peer
+    assert sent["kitefedorigin"] == "kite-a" and sent["id"] == "p1" and sent["data"] == event.to_cloudevent()["data"]
 
 
 @pytest.mark.parametrize("claimed", [

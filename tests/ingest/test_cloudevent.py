@@ -285,6 +285,31 @@ def test_stored_event_renders_as_a_cloudevent_1_0_the_sdk_accepts():
     assert parsed.get_data() == {"id": "evt_1", "type": "charge.failed", "created": 1700000000}
 
 
+@pytest.mark.parametrize("data, binary, subject, extensions", [
+    ('{"id": "evt_1",\n "n": [1, 2.5e-3, null, true], "s": "caf\u00e9 \\u2028 \\ud83d\\ude00"}', False, "", {}),
+    ('123456789012345678901234567890', False, "order 7", {"kitefedhops": 1, "kitefedchain": '["a"]'}),
+    ('"aGVsbG8="', True, "", {"dataschema": "https://example.com/s", "big": 2**70, "é": {"k": [None]}}),
+    ("{}", False, "", {}),
+])  # fmt: skip
+def test_the_stored_event_as_json_bytes_is_to_cloudevent_with_its_data_as_stored(data, binary, subject, extensions):
+    extensions = dict(extensions, **({cloudevent.DATA_BASE64: True} if binary else {}))
+    event = Event(id=7, txid=3, ce_id="e1", ce_source="kite://kite-test/tm_1/s", ce_type="t", ce_time=RECEIVED,
+                  ce_subject=subject, data=data, extensions=extensions)  # fmt: skip
+    written = event.to_cloudevent_json()
+    assert json.loads(written) == event.to_cloudevent()
+    assert data.encode() in written  # copied, not parsed and encoded again (2**70 would have become a float)
+    if not extensions:  # (the SDK takes only string, integer and boolean extension values)
+        parsed = JSONFormat().read(None, written)
+        assert parsed.get_id() == "e1" and parsed.get_extension("kitecursor") == "3-7"
+
+
+def test_with_member_appends_a_json_text_to_any_object():
+    assert cloudevent.with_member({}, "data", "[1]") == b'{"data":[1]}'
+    assert cloudevent.with_member({"a": "é"}, 'x"y', "null") == '{"a":"é","x\\"y":null}'.encode()
+    assert cloudevent.json_bytes({"n": 2**64}) == b'{"n":18446744073709551616}'  # past orjson's 64 bits
+    assert cloudevent.json_bytes({1: "a"}) == b'{"1":"a"}'
+
+
 def test_rfc3339_renders_utc_with_z():
     assert cloudevent.rfc3339(datetime(2024, 5, 1, 12, 0, tzinfo=UTC)) == "2024-05-01T12:00:00Z"
 

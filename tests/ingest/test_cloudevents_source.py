@@ -285,6 +285,11 @@ def assert_nothing_stored(events_before):
     assert Event.objects.count() == events_before
 
 
+def altered(token: str) -> str:
+    """The token with its last character changed (to "A", or to "B" when it already is "A")."""
+    return token[:-1] + ("B" if token.endswith("A") else "A")
+
+
 def test_token_source_refuses_a_missing_wrong_or_other_sources_token(api, client, team, tokened, events_before):
     other = api.post("/api/sources", {"name": "other", "kind": "cloudevents", "auth": "token"}, format="json").json()
     message = to_structured_event(producer_event({"n": 1}))
@@ -294,7 +299,7 @@ def test_token_source_refuses_a_missing_wrong_or_other_sources_token(api, client
     answers = {
         "none": send(client, team, tokened, message, sign=False),
         "other source's": send(client, team, tokened, message, sign=False, token=other["token"]),
-        "altered": send(client, team, tokened, message, sign=False, token=tokened["token"][:-1] + "A"),
+        "altered": send(client, team, tokened, message, sign=False, token=altered(tokened["token"])),
         "signature instead": send(client, team, signed_only, message),
         "basic": send(client, team, tokened, ({"content-type": STRUCTURED, "authorization": "Basic " +
                                                tokened["token"]}, message.body), sign=False),  # fmt: skip
