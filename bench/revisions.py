@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""The per-event path A → B: one revision of Kite against another, in one run.
+
+Each revision is checked out as a git worktree of this repository (`/tmp/kite-rev-<commit>`, its
+`.venv` a link to this checkout's). Round by round, alternating which goes first, a child of this
+script runs in each checkout with that checkout's bench/federation.py — its `Bench`: PostgreSQL and
+Redis of their own, two Kite instances (runkite: web, Celery worker, beat; TLS) federated A → B —
+so the Kite code measured is the revision's, and measures:
+
+1. unbatched delivery: `--unbatched` entries released at once to B with A's peer row batch_max NULL
+   (one event per POST), events/s until B stored them all, and CPU µs per event of A, B and
+   PostgreSQL (bench/federation.py's throughput round);
+2. latency, A's 202 → the event's commit at B, p50/p99 at `--rate` and `--low-rate` events/s
+   (batched, as A learns B's batch_max; bench/federation.py's latency round, after a 2 s warm-up).
+
+Medians over `--rounds`; ratios of the medians. Printed, and written into bench/RESULTS.md between
+the `bench:revisions` markers unless --no-write.
+
+    .venv/bin/python bench/revisions.py --old aed631f --new HEAD --wait-quiet 1500   # ~12 min
+    .venv/bin/python bench/revisions.py --old HEAD~1 --new HEAD --rounds 1 --no-write  # trial
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import common
+
+log = common.logger("revisions")
+MARK = "REVISION-ROUND "
+
+
+def child(tag: str, args) -> int:
+    """One round in the current directory's checkout; one JSON line on stdout. Its bench/common.py
+    and bench/federation.py are loaded, not this checkout's: their ROOT is where runkite runs."""
+    bench_dir = str(Path.cwd() / "bench")
+    sys.modules.pop("common", None)
+    sys.path.insert(0, bench_dir)
+    spec = importlib.util.spec_from_file_location("rev_federation", Path(bench_dir, "federation.py"))
+    fb = importlib.util.module_from_spec(spec)
+    sys.modules["rev_federation"] = fb
+    spec.loader.exec_module(fb)
+    assert Path(fb.ROOT) == Path.cwd(), (fb.ROOT, Path.cwd())
+    bench_args = fb.build_parser().parse_args(["--no-write", "--port", str(args.port), "--pg-port", str(args.pg_port),
+                                               "--redis-port", str(args.redis_port),
+                                               "--services-dir", f"/tmp/kite-revisions-{args.pg_port}"])  # fmt: skip
+    bench = fb.Bench(bench_args)
+    out: dict = {"tag": tag}
+    try:
+        bench.start()
+        r = fb.throughput_round(bench, False, args.unbatched, f"u{tag}")
+        out["unbatched"] = {"rate": r["rate"], "cpu": r["cpu_us"]}
+        fb.latency_round(bench, "federated", args.rate, 2, f"w{tag}")  # warm-up, discarded
+        for name, rate in (("high", args.rate), ("low", args.low_rate)):
+            r = fb.latency_round(bench, "federated", rate, args.duration, f"{name}{tag}")
+            out[name] = {"p50": r["stored_p50"], "p99": r["stored_p99"], "missing": r["missing"]}
+    finally:
+        bench.stop()
+    print(MARK + json.dumps(out), flush=True)
+    return 0
+
+
+def checkout(ref: str) -> tuple[str, Path]:
+    commit = common.run(["git", "rev-parse", "--short=12", ref], capture=True).stdout.strip()
+    path = Path(f"/tmp/kite-rev-{commit}")
+    if not (path / "manage.py").exists():
+        common.run(["git", "worktree", "add", "--detach", str(path), commit], capture=True)
+    if not (path / ".venv").exists():
+        (path / ".venv").symlink_to(common.ROOT / ".venv")
+    return commit, path
+
+
+def round_in(path: Path, tag: str, args) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", tag, "--unbatched", str(args.unbatched),
+            "--rate", str(args.rate), "--low-rate", str(args.low_rate), "--duration", str(args.duration),
+            "--port", str(args.port), "--pg-port", str(args.pg_port), "--redis-port", str(args.redis_port)]  # fmt: skip
+    done = subprocess.run(argv, cwd=path, capture_output=True, text=True, timeout=900)
+    for line in done.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK) :])
+    raise SystemExit(f"round {tag} in {path} gave no result (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def report(args, commits, rows, facts, started) -> str:
+    old, new = commits
+
+    def med(label, path):
+        values = [row for row in rows[label]]
+        for key in path:
+            values = [v[key] for v in values]
+        return statistics.median(values)
+
+    def each(label, path, spec):
+        values = rows[label]
+        for key in path:
+            values = [v[key] for v in values]
+        return ", ".join(format(v, spec) for v in values)
+
+    lines = [*common.section_head("revisions", f"Per-event path A → B, {old} against {new}", started,
+                                  common.command("revisions.py")),
+             f"- Machine: {facts}. Each revision in a git worktree of its own, measured by a child of this script "
+             "with that checkout's bench/federation.py (two instances as there: runkite with web, Celery worker and "
+             "beat, TLS, one PostgreSQL and Redis), started afresh for every round; revisions alternate which goes "
+             f"first; medians over {args.rounds} rounds.", "",
+             f"| measure | {old} per round | {old} median | {new} per round | {new} median | {new} / {old} |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    measures = [
+        (f"unbatched delivery, events/s ({args.unbatched} released at once)", ("unbatched", "rate"), ".0f"),
+        ("unbatched, CPU µs per event: A", ("unbatched", "cpu", "a"), ".0f"),
+        ("unbatched, CPU µs per event: B", ("unbatched", "cpu", "b"), ".0f"),
+        ("unbatched, CPU µs per event: PostgreSQL", ("unbatched", "cpu", "postgres"), ".0f"),
+        (f"{args.rate:g}/s: A's 202 → stored at B, p50 ms", ("high", "p50"), ".1f"),
+        (f"{args.rate:g}/s: A's 202 → stored at B, p99 ms", ("high", "p99"), ".1f"),
+        (f"{args.low_rate:g}/s: A's 202 → stored at B, p50 ms", ("low", "p50"), ".1f"),
+        (f"{args.low_rate:g}/s: A's 202 → stored at B, p99 ms", ("low", "p99"), ".1f"),
+    ]
+    for title, path, spec in measures:
+        a, b = med(old, path), med(new, path)
+        lines.append(f"| {title} | {each(old, path, spec)} | **{format(a, spec)}** | {each(new, path, spec)} | "
+                     f"**{format(b, spec)}** | {b / a:.2f}× |")  # fmt: skip
+    missing = sum(r[k]["missing"] for label in rows for r in rows[label] for k in ("high", "low"))
+    unbatched, high = med(new, ("unbatched", "rate")), (med(new, ("high", "p50")), med(new, ("high", "p99")))
+    lines += ["", f"Targets with {new}: unbatched ≥ 600 events/s: {'met' if unbatched >= 600 else 'not met'} "
+              f"({unbatched:.0f}/s); at {args.rate:g}/s p50 ≤ 6 ms and p99 ≤ 25 ms: "
+              f"{'met' if high[0] <= 6 and high[1] <= 25 else 'not met'} ({high[0]:.1f} / {high[1]:.1f} ms). "
+              f"Events posted but never stored at B: {missing}.", common.markers("revisions")[1]]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--old", default="HEAD~1", help="the revision measured against (any git commit-ish)")
+    parser.add_argument("--new", default="HEAD")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--unbatched", type=int, default=3000)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--low-rate", type=float, default=20)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per latency round")
+    parser.add_argument("--port", type=int, default=18790)
+    parser.add_argument("--pg-port", type=int, default=55790)
+    parser.add_argument("--redis-port", type=int, default=56790)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--wait-quiet", type=float, default=0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child, args)
+    if args.wait_quiet:
+        common.wait_until_quiet(args.wait_quiet, log)
+    started = datetime.now(timezone.utc)
+    load_before = os.getloadavg()[0]
+    busy = common.others_busy()
+    (old, old_path), (new, new_path) = checkout(args.old), checkout(args.new)
+    rows: dict[str, list] = {old: [], new: []}
+    for i in range(args.rounds):
+        order = [(old, old_path), (new, new_path)] if i % 2 == 0 else [(new, new_path), (old, old_path)]
+        for label, path in order:
+            row = round_in(path, f"{i}{label[:6]}", args)
+            rows[label].append(row)
+            log(f"r{i + 1} {label}: unbatched {row['unbatched']['rate']:.0f}/s, {args.rate:g}/s p50 "
+                f"{row['high']['p50']:.1f} p99 {row['high']['p99']:.1f} ms, {args.low_rate:g}/s p50 "
+                f"{row['low']['p50']:.1f} ms")  # fmt: skip
+    facts = (f"{os.cpu_count()} CPUs ({common.cpu_model()}), 1-min load average {load_before:.2f} at the start, "
+             f"{os.getloadavg()[0]:.2f} at the end; pytest processes at the start: {len(busy)}")  # fmt: skip
+    return common.publish(report(args, (old, new), rows, facts, started), "revisions", not args.no_write, log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
