@@ -92,17 +92,17 @@ def round_in(path: Path, tag: str, args) -> dict:
 def report(args, commits, rows, facts, started) -> str:
     old, new = commits
 
-    def med(label, path):
-        values = [row for row in rows[label]]
+    def values(label, path):
+        found = rows[label]
         for key in path:
-            values = [v[key] for v in values]
-        return statistics.median(values)
+            found = [value[key] for value in found]
+        return found
+
+    def med(label, path):
+        return statistics.median(values(label, path))
 
     def each(label, path, spec):
-        values = rows[label]
-        for key in path:
-            values = [v[key] for v in values]
-        return ", ".join(format(v, spec) for v in values)
+        return ", ".join(format(value, spec) for value in values(label, path))
 
     lines = [*common.section_head("revisions", f"Per-event path A → B, {old} against {new}", started,
                                   common.command("revisions.py")),

@@ -67,9 +67,10 @@ _CANDIDATES_SQL = (
 def _peer_of(row) -> Peer:
     peer = fastsql.load(Peer, _PEER_FIELDS, row[: len(_PEER_FIELDS)])
     health = row[len(_PEER_FIELDS) :]
-    # No health row yet: an empty one, made by its first write (PeerHealth.record).
-    peer.health = PeerHealth(peer=peer) if health[_HEALTH_KEY] is None else fastsql.load(PeerHealth, _HEALTH_FIELDS,
-                                                                                          health)  # fmt: skip
+    if health[_HEALTH_KEY] is None:  # no health row yet: an empty one, made by its first write (PeerHealth.record)
+        peer.health = PeerHealth(peer=peer)
+    else:
+        peer.health = fastsql.load(PeerHealth, _HEALTH_FIELDS, health)
     return peer
 
 
