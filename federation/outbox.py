@@ -98,7 +98,7 @@ def claim_sql() -> tuple[str, list, list]:
 
 def _claim_postgres(peer_id: int, limit: int, now, lease) -> list[OutboxEntry]:
     sql, entry_fields, event_fields = claim_sql()
-    with connection.cursor() as cursor:
+    with fastsql.unflushed(), connection.cursor() as cursor:
         cursor.execute(sql, {"now": now, "peer": peer_id, "limit": limit, "lease": lease})
         rows = cursor.fetchall()
     entries = []
@@ -546,7 +546,7 @@ def _record_success(peer: Peer, succeeded: list[tuple[list[OutboxEntry], client.
                 delivered.append((entry, answer))
             else:
                 rejected.append((entry, answer, detail))
-    with transaction.atomic():
+    with fastsql.unflushed():
         recorded = set(_mark_delivered(peer, delivered, now, tokens)) if delivered else set()
         # One UPDATE and Delivery row per rejected entry (rare).
         for entry, answer, detail in rejected:

@@ -11,12 +11,16 @@ the primary key, as `Model.save()` does. Other databases use the ORM.
 
 `load` turns a row into an instance with the converters the ORM applies (any database): the
 delivery's claim and the peer lookup of every inbound peer request read their rows so.
+
+`unflushed` is a transaction whose commit does not wait for PostgreSQL's WAL flush, for writes a
+database crash may lose without harm (the outbox's claims and delivered marks, the purges' batches).
 """
 
+import contextlib
 import functools
 import weakref
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 
 
 @functools.cache
@@ -207,3 +211,23 @@ def load(model, fields: tuple, row, conn=None):
             value = convert(value, column, conn)
         values[index] = value
     return model.from_db(conn.alias, attnames, values)
+
+
+# --------------------------------------------------------------------------- commits
+
+@contextlib.contextmanager
+def unflushed():
+    """A transaction whose commit does not wait for PostgreSQL to flush its WAL to disk
+    (`synchronous_commit` off for this transaction alone; still atomic, still crash-consistent):
+    for writes whose loss in a database crash costs nothing but doing them again — the outbox's
+    claims and delivered marks (the entry is sent again; at-least-once, the receiver deduplicates),
+    a purge's batch (deleted again by the next run). A flush is the largest part of a small
+    commit's latency, and every commit that waits for one also waits for the WAL written before it.
+    Inside a caller's transaction it is only a savepoint: that transaction keeps its durable commit.
+    Other databases: a plain transaction."""
+    outermost = not connection.in_atomic_block
+    with transaction.atomic():
+        if outermost and connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        yield

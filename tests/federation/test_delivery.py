@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from unittest.mock import ANY
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
@@ -22,7 +22,7 @@ from federation.models import Delivery, OutboxEntry, Peer, PeerHealth
 from ingest import services as ingest_services
 from ingest.cloudevent import Draft
 from ingest.models import Source
-from kite import tls
+from kite import fastsql, tls
 
 SECRET = "whsec_c2hhcmVkLXNlY3JldC1mb3ItZmVkZXJhdGlvbi10ZXN0cyE="
 
@@ -268,6 +268,39 @@ def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_
     assert json.loads(outbox.wire_json(first[0]))["data"] == {"n": 1} and first[0].event.extensions == {}
     assert [e.event.ce_id for e in outbox.claim(peer.pk, 10)] == ["c1"]
     assert outbox.claim(peer.pk, 10) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_and_the_delivered_mark_commit_without_waiting_for_the_wal_flush_and_the_event_stays_durable(
+    team, peer, endpoint
+):
+    """The outbox's bookkeeping (a crash that loses it only sends the entry again) does not wait for
+    PostgreSQL's WAL flush; the webhook's event does, and so does a caller's own transaction."""
+    seen = []
+
+    def observe(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        kind = ("claim" if "leased_until = %(lease)s" in sql else "delivered" if "INSERT INTO federation_delivery" in sql
+                else "event" if sql.startswith('WITH guard') or 'INSERT INTO "ingest_event"' in sql else None)  # fmt: skip
+        if kind:
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW synchronous_commit")
+                seen.append((kind, cursor.fetchone()[0]))
+        return result
+
+    with connection.execute_wrapper(observe):
+        make_event(team)
+        assert outbox.deliver_peer(peer.pk) == 1
+    # The claim that took the entry, the delivered mark, then the empty claims that end the drain.
+    assert seen[:3] == [("event", "on"), ("claim", "off"), ("delivered", "off")]
+    assert set(seen[3:]) == {("claim", "off")}
+    assert make_entry().status == "delivered" and Delivery.objects.get().outcome == "delivered"
+    with transaction.atomic(), fastsql.unflushed(), connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"  # inside a caller's transaction: that one's commit stays durable
+    with connection.cursor() as cursor:  # and nothing lingers on the connection
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
 
 
 # --- leases: short, renewed while a delivery runs, fenced ---------------------------------------
