@@ -268,7 +268,9 @@ class Retention(common.BulkLoad):
     def baseline_round(self) -> dict:
         latencies, chunks = [], max(1, round(self.args.baseline_seconds / self.args.chunk))
         for _ in range(chunks):
-            latencies += self.load_chunk()
+            chunk = self.load_chunk()
+            latencies += chunk
+            log(f"baseline: chunk p50 {pct(chunk, 50):.1f} ms, p99 {pct(chunk, 99):.1f} ms")
         return {"p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "requests": len(latencies)}
 
     def purge_round(self) -> dict:
@@ -285,8 +287,11 @@ class Retention(common.BulkLoad):
         waits = LockWaits(self.dep.database_url)
         waits.start()
         while purge.poll() is None or chunks == 0:
-            latencies += self.load_chunk()
+            chunk = self.load_chunk()
+            latencies += chunk
             chunks += 1
+            log(f"purge of day {day}: {time.monotonic() - started:.0f} s, chunk p50 {pct(chunk, 50):.1f} ms, "
+                f"p99 {pct(chunk, 99):.1f} ms")  # fmt: skip
         out, _ = purge.communicate()
         waits.stop()
         seconds = time.monotonic() - started
@@ -388,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--days", type=int, help="days loaded (default: rounds + 1; the newest is never purged)")
     parser.add_argument("--rate", type=float, default=400, help="webhooks offered per second")
     parser.add_argument("--chunk", type=float, default=5, help="seconds per open-loop run")
-    parser.add_argument("--baseline-seconds", type=float, default=20)
+    parser.add_argument("--baseline-seconds", type=float, default=60,
+                        help="webhooks without a purge per round, seconds (a short window misses the checkpoints "
+                        "that a purge round, minutes long, sees)")  # fmt: skip
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections opened ahead")
     parser.add_argument("--explain", action="store_true",
                         help="after the load, EXPLAIN ANALYZE the reads that scanned before; no rounds")

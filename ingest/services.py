@@ -362,9 +362,12 @@ def _store_batch_one_by_one(source: Source, items: list, sender) -> list[BatchIt
     return results
 
 
-PURGE_BATCH = 2000  # events per transaction: short row locks, little WAL per commit
+# Each batch's WAL (its rows' deletions and the full-page images of the pages it touches) is flushed
+# by the commits of the webhooks that arrive while it runs: the smaller the batch, the less any one
+# webhook waits for it (bench/RESULTS.md, Retention).
+PURGE_BATCH = 250  # events per transaction
 PURGE_PAUSE = 0.05  # seconds at least between batches
-PURGE_YIELD = 2.0  # and after each batch a rest twice as long as it took: the purge takes at most a third
+PURGE_YIELD = 4.0  # and after each batch a rest four times as long as it took: the purge takes at most a fifth
 PURGE_LOG_EVERY = 50  # batches
 
 
@@ -377,8 +380,9 @@ def purge_budget() -> float:
 def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = PURGE_PAUSE,
                          budget: float | None = None) -> int:  # fmt: skip
     """Delete events received more than `days` ago (0 keeps everything), oldest first, `batch` per
-    transaction, resting between batches (at least `pause`, and twice as long as the batch took, so
-    the purge takes at most about a third of a busy database's time). An event some app still needs
+    transaction (committed without waiting for the WAL flush: fastsql.unflushed), resting between
+    batches (at least `pause`, and four times as long as the batch took, so the purge takes at most
+    about a fifth of a busy database's time). An event some app still needs
     (ingest.hooks.event_purging: federation keeps one still owed to a peer) stays until a later run.
     Restartable: every batch commits on its own, and a run starts again from the oldest expired event;
     one that has run `budget` seconds (purge_budget()) stops there and leaves the rest to the next."""
@@ -389,7 +393,7 @@ def events_purge_expired(*, days: int, batch: int = PURGE_BATCH, pause: float = 
     deadline = started + (purge_budget() if budget is None else budget)
     while True:
         began = time.monotonic()
-        with transaction.atomic():
+        with fastsql.unflushed():  # a batch lost in a database crash is deleted again by the next run
             found = _expired_batch(cutoff, after, batch)
             if not found:
                 break

@@ -1,7 +1,9 @@
-"""Migration operations for indexes on tables that may be large when the migration runs."""
+"""Migration operations for tables that may be large when the migration runs: their indexes, and
+how fast autovacuum cleans them up."""
 
 from django.contrib.postgres.operations import AddIndexConcurrently
 from django.db.migrations import AddIndex
+from django.db.migrations.operations.base import Operation
 
 
 class AddIndexOnline(AddIndexConcurrently):
@@ -18,3 +20,34 @@ class AddIndexOnline(AddIndexConcurrently):
         if schema_editor.connection.vendor == "postgresql":
             return super().database_backwards(app_label, schema_editor, from_state, to_state)
         return AddIndex.database_backwards(self, app_label, schema_editor, from_state, to_state)
+
+
+class PaceAutovacuum(Operation):
+    """autovacuum_vacuum_cost_delay (ms) for one table on PostgreSQL (nothing on SQLite). Tables
+    whose dead rows come in bulk — a retention purge deletes a day at once — are vacuumed right
+    after it, and at PostgreSQL's default pace (2 ms) that vacuum writes WAL fast enough to raise
+    the commit latency of every webhook meanwhile (bench/RESULTS.md, Retention). ALTER TABLE … SET
+    takes a lock that reads and writes do not wait for; an operator may set another value."""
+
+    reversible = True
+
+    def __init__(self, table: str, delay_ms: int):
+        self.table, self.delay_ms = table, int(delay_ms)
+
+    def deconstruct(self):
+        return self.__class__.__name__, [], {"table": self.table, "delay_ms": self.delay_ms}
+
+    def state_forwards(self, app_label, state):
+        pass  # storage parameters are not part of Django's model state
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            table = schema_editor.quote_name(self.table)
+            schema_editor.execute(f"ALTER TABLE {table} SET (autovacuum_vacuum_cost_delay = {self.delay_ms})")
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(f"ALTER TABLE {schema_editor.quote_name(self.table)} RESET (autovacuum_vacuum_cost_delay)")
+
+    def describe(self):
+        return f"Autovacuum of {self.table} paced at {self.delay_ms} ms"

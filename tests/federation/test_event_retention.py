@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from federation import services
-from federation.models import Delivery, OutboxEntry
+from federation.models import AuditEvent, Delivery, OutboxEntry
 from ingest import hooks
 from ingest import services as ingest_services
 from ingest.models import Event, Source
@@ -90,6 +90,39 @@ def test_batches_are_transactions_of_their_own_in_received_order(team, peers):
     # Each batch commits on its own (a savepoint of the test's transaction here): no long transaction.
     assert sum(q["sql"].startswith("RELEASE SAVEPOINT") for q in captured.captured_queries) >= 3
     assert not Event.objects.exists() and not OutboxEntry.objects.exists() and not Delivery.objects.exists()
+
+
+def test_a_batch_commits_without_waiting_for_the_wal_flush_and_the_tables_autovacuum_is_paced(
+    team, peers, transactional_db
+):
+    """A batch lost in a database crash is deleted again by the next run, so its commit does not wait
+    for the WAL flush (a flush that every webhook committing meanwhile would wait for too); the
+    autovacuum after a purge runs at 10 ms per cost round on the purged tables (migrations)."""
+    for n in range(3):
+        _stored(team, f"old-{n}", ("delivered", "dead"), age=EXPIRED + timedelta(minutes=5 - n))
+    AuditEvent.objects.create(team=team, action="Federation.PeerCreated", outcome="ok", at=timezone.now() - EXPIRED)
+    seen = []
+
+    def observe(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if sql.startswith("DELETE FROM"):
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW synchronous_commit")
+                seen.append((sql.split('"')[1], cursor.fetchone()[0]))
+        return result
+
+    with connection.execute_wrapper(observe):
+        assert ingest_services.events_purge_expired(days=7, batch=2, pause=0) == 3
+        assert services.retention_purge(days=7, pause=0)["audit"] >= 1
+    assert {table for table, _ in seen} >= {"ingest_event", "federation_outboxentry", "federation_auditevent"}
+    assert {setting for _, setting in seen} == {"off"}
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")  # nothing lingers on the connection
+        assert cursor.fetchone()[0] == "on"
+        cursor.execute("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s)",
+                       [["ingest_event", "federation_outboxentry", "federation_delivery", "federation_auditevent"]])
+        options = dict(cursor.fetchall())
+    assert options == dict.fromkeys(options, ["autovacuum_vacuum_cost_delay=10"]) and len(options) == 4
 
 
 def test_a_purge_stopped_midway_keeps_what_it_committed_and_the_next_run_finishes(team, peers, transactional_db):

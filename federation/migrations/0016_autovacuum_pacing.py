@@ -1,0 +1,20 @@
+from django.db import migrations
+
+from kite.indexes import PaceAutovacuum
+
+
+class Migration(migrations.Migration):
+    """The retention purge deletes a day of outbox entries, delivery attempts and audit rows at
+    once; the autovacuum right after it runs at 10 ms per cost round (PostgreSQL's default is 2 ms,
+    its default before version 12 was 20 ms) so that its WAL does not raise every webhook's commit
+    latency (bench/retention.py)."""
+
+    dependencies = [
+        ("federation", "0015_peer_health"),
+    ]
+
+    operations = [
+        PaceAutovacuum("federation_outboxentry", 10),
+        PaceAutovacuum("federation_delivery", 10),
+        PaceAutovacuum("federation_auditevent", 10),
+    ]
