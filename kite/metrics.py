@@ -14,11 +14,6 @@ EVENTS_INGESTED = Counter(
     "Webhooks received, by source name and outcome (accepted, duplicate or the error code).",
     ["source", "outcome"],
 )
-API_ERRORS = Counter(
-    "kite_api_errors_total",
-    "Requests refused with a 4xx, by endpoint group and error code.",
-    ["endpoint", "code"],
-)
 INGEST_SECONDS = Histogram(
     "kite_ingest_seconds",
     "Time to verify, convert and store one webhook.",
