@@ -272,9 +272,10 @@ def retention_purge(*, days: int, batch: int = RETENTION_BATCH, pause: float = R
     """Audit events and delivery attempts older than `days` (KITE_AUDIT_RETENTION_DAYS; 0 keeps
     them), deleted `batch` rows per statement, oldest first, resting between batches (at least
     `pause`, and four times as long as the batch took), so no purge holds long locks or takes more
-    than about a fifth of a busy database's time; each batch commits without waiting for the WAL
-    flush (fastsql.unflushed: one lost in a database crash is deleted again by the next run). Restartable: every batch commits on its own; a run that has taken
-    `budget` seconds (ingest.services.purge_budget()) stops there and leaves the rest to the next."""
+    than about a fifth of a busy database's time. Each batch commits on its own, without waiting
+    for the WAL flush (fastsql.unflushed: one lost in a database crash is deleted again by the next
+    run). Restartable: a run that has taken `budget` seconds (ingest.services.purge_budget())
+    stops there and leaves the rest to the next."""
     if days <= 0:
         return {"audit": 0, "deliveries": 0}
     cutoff = timezone.now() - timedelta(days=days)
