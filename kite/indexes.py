@@ -40,14 +40,15 @@ class PaceAutovacuum(Operation):
     def state_forwards(self, app_label, state):
         pass  # storage parameters are not part of Django's model state
 
-    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+    def _alter(self, schema_editor, change: str) -> None:
         if schema_editor.connection.vendor == "postgresql":
-            table = schema_editor.quote_name(self.table)
-            schema_editor.execute(f"ALTER TABLE {table} SET (autovacuum_vacuum_cost_delay = {self.delay_ms})")
+            schema_editor.execute(f"ALTER TABLE {schema_editor.quote_name(self.table)} {change}")
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        self._alter(schema_editor, f"SET (autovacuum_vacuum_cost_delay = {self.delay_ms})")
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.execute(f"ALTER TABLE {schema_editor.quote_name(self.table)} RESET (autovacuum_vacuum_cost_delay)")
+        self._alter(schema_editor, "RESET (autovacuum_vacuum_cost_delay)")
 
     def describe(self):
         return f"Autovacuum of {self.table} paced at {self.delay_ms} ms"

@@ -2,6 +2,7 @@
 what each test needs (503, 429, 401, 410, 400 …): real TLS pinning, signing,
 claims and database rows; only the far side's answers are chosen."""
 
+import contextlib
 import json
 import re
 import ssl
@@ -270,18 +271,15 @@ def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_
     assert outbox.claim(peer.pk, 10) == []
 
 
-@pytest.mark.django_db(transaction=True)
-def test_the_claim_and_the_delivered_mark_commit_without_waiting_for_the_wal_flush_and_the_event_stays_durable(
-    team, peer, endpoint
-):
-    """The outbox's bookkeeping (a crash that loses it only sends the entry again) does not wait for
-    PostgreSQL's WAL flush; the webhook's event does, and so does a caller's own transaction."""
+@contextlib.contextmanager
+def synchronous_commit_seen(kind_of):
+    """[(kind, synchronous_commit)] right after each statement `kind_of(sql)` names (None: not
+    recorded), read on the statement's own connection and transaction."""
     seen = []
 
     def observe(execute, sql, params, many, context):
         result = execute(sql, params, many, context)
-        kind = ("claim" if "leased_until = %(lease)s" in sql else "delivered" if "INSERT INTO federation_delivery" in sql
-                else "event" if sql.startswith('WITH guard') or 'INSERT INTO "ingest_event"' in sql else None)  # fmt: skip
+        kind = kind_of(sql)
         if kind:
             with connection.cursor() as cursor:
                 cursor.execute("SHOW synchronous_commit")
@@ -289,6 +287,20 @@ def test_the_claim_and_the_delivered_mark_commit_without_waiting_for_the_wal_flu
         return result
 
     with connection.execute_wrapper(observe):
+        yield seen
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_and_the_delivered_mark_commit_without_waiting_for_the_wal_flush_and_the_event_stays_durable(
+    team, peer, endpoint
+):
+    """The outbox's bookkeeping (a crash that loses it only sends the entry again) does not wait for
+    PostgreSQL's WAL flush; the webhook's event does, and so does a caller's own transaction."""
+    def kind_of(sql):
+        return ("claim" if "leased_until = %(lease)s" in sql else "delivered" if "INSERT INTO federation_delivery" in sql
+                else "event" if sql.startswith('WITH guard') or 'INSERT INTO "ingest_event"' in sql else None)  # fmt: skip
+
+    with synchronous_commit_seen(kind_of) as seen:
         make_event(team)
         assert outbox.deliver_peer(peer.pk) == 1
     # The claim that took the entry, the delivered mark, then the empty claims that end the drain.

@@ -17,7 +17,7 @@ from ingest import hooks
 from ingest import services as ingest_services
 from ingest.models import Event, Source
 from tests.federation.test_api import PEER_URL
-from tests.federation.test_delivery import make_event
+from tests.federation.test_delivery import make_event, synchronous_commit_seen
 
 EXPIRED = timedelta(days=10)
 
@@ -101,17 +101,10 @@ def test_a_batch_commits_without_waiting_for_the_wal_flush_and_the_tables_autova
     for n in range(3):
         _stored(team, f"old-{n}", ("delivered", "dead"), age=EXPIRED + timedelta(minutes=5 - n))
     AuditEvent.objects.create(team=team, action="Federation.PeerCreated", outcome="ok", at=timezone.now() - EXPIRED)
-    seen = []
+    def deleted_table(sql):
+        return sql.split('"')[1] if sql.startswith("DELETE FROM") else None
 
-    def observe(execute, sql, params, many, context):
-        result = execute(sql, params, many, context)
-        if sql.startswith("DELETE FROM"):
-            with connection.cursor() as cursor:
-                cursor.execute("SHOW synchronous_commit")
-                seen.append((sql.split('"')[1], cursor.fetchone()[0]))
-        return result
-
-    with connection.execute_wrapper(observe):
+    with synchronous_commit_seen(deleted_table) as seen:
         assert ingest_services.events_purge_expired(days=7, batch=2, pause=0) == 3
         assert services.retention_purge(days=7, pause=0)["audit"] >= 1
     assert {table for table, _ in seen} >= {"ingest_event", "federation_outboxentry", "federation_auditevent"}
