@@ -249,7 +249,8 @@ class Drain:
         self.flag_held = flag is not None  # set by the kick (or dispatch.call_helper) that queued this run
         self.flag_set_at = time.monotonic()
         self.held: set[int] = set()
-        self.tokens: list = []
+        self.tokens: list = []  # every lease this run wrote and may still hold: its claims' and renewals'
+        self.renewals: list = []  # its renewals' alone
         self.lost: set[int] = set()
         self.renewed_at = 0.0  # monotonic
         self.valid_until = 0.0  # monotonic: the leases of `held` are known to last until then
@@ -315,6 +316,7 @@ class Drain:
             # before the UPDATE, so an outcome recorded meanwhile matches whichever value it meets.
             token = max(now + _lease(), max(self.tokens) + timedelta(microseconds=1))
             self.tokens = [*tokens, token]
+            self.renewals = [*(t for t in self.renewals if t > now - _lease()), token]
         if _renew(ids, tokens, token) < len(ids):  # recorded meanwhile, locked by a writer, or taken
             ours = {"status": OutboxEntry.Status.IN_FLIGHT, "leased_until__in": self.tokens}
             taken = set(OutboxEntry.objects.filter(id__in=ids).exclude(**ours).values_list("id", flat=True))
@@ -325,6 +327,11 @@ class Drain:
         with self.lock:
             self.renewed_at, self.valid_until = started, started + settings.KITE_OUTBOX_LEASE_SECONDS
 
+    def tokens_for(self, entries: list[OutboxEntry]) -> list:
+        """The leases `entries` can hold while ours: their claim's, or a renewal's. Not every token
+        of the run: a long drain claims many times, and its outcomes would carry them all."""
+        return list({entry.leased_until for entry in entries}.union(self.renewals))
+
     def finished(self, entries: list[OutboxEntry]) -> None:
         self.held.difference_update(entry.pk for entry in entries)
 
@@ -332,7 +339,7 @@ class Drain:
         """Give claimed entries back untouched: no attempt was made, none is counted."""
         if entries:
             with self.lock:
-                _ours([e.id for e in entries], self.tokens).update(
+                _ours([e.id for e in entries], self.tokens_for(entries)).update(
                     status=OutboxEntry.Status.PENDING,
                     leased_until=None,
                     next_attempt_at=timezone.now() + timedelta(seconds=delay_seconds),
@@ -465,9 +472,9 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
         metrics.CALLS.labels(peer.name, "outbound", "ok").inc(len(succeeded))
     with drain.lock:  # a renewal's new token is then either known here or written after this
         if succeeded:
-            _record_success(peer, succeeded, batched, drain.tokens)
+            _record_success(peer, succeeded, batched, drain.tokens_for([e for group, _a in succeeded for e in group]))
         for group, failure in failed:
-            _record_failure(peer, group, failure, drain.tokens)
+            _record_failure(peer, group, failure, drain.tokens_for(group))
         for group in groups:
             drain.finished(group)
     return sum(len(group) for group, _answer in succeeded), bool(failed)

@@ -393,6 +393,21 @@ def test_a_renewal_moves_the_lease_forward_and_a_worker_that_lost_it_records_no_
     assert drain.still_ours(mine) == []
 
 
+def test_an_outcome_carries_its_own_lease_not_every_lease_of_a_long_drain(team, peer, endpoint, monkeypatch):
+    """A drain claims again and again; each outcome is fenced by the lease of its own claim (and
+    the run's renewals), so what one record costs does not grow with how long the drain runs."""
+    monkeypatch.setattr(outbox, "CLAIM_UNBATCHED", 1)  # one claim, one lease, per event
+    for n in range(12):
+        make_event(team, f"long{n}")
+    carried = []
+    record = outbox._record_success
+    monkeypatch.setattr(outbox, "_record_success", lambda *a: carried.append(list(a[3])) or record(*a))
+    assert outbox.deliver_peer(peer.pk, helper=True) == 12  # (a helper drains alone: no second one called)
+    assert len(carried) == 12 and all(len(tokens) == 1 for tokens in carried)
+    assert len({tokens[0] for tokens in carried}) == 12  # each its own claim's
+    assert OutboxEntry.objects.filter(status="delivered").count() == Delivery.objects.count() == 12
+
+
 def test_a_drain_whose_leases_go_unrenewed_stops_before_they_run_out(team, peer, endpoint, settings, monkeypatch):
     """Renewals failing (the database away from the keeper thread): nothing is sent on a lease that
     may have ended; what was not sent is left for whoever claims it once it has."""
