@@ -15,6 +15,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, Value, When
+from django.db.models.base import ModelState
 from django.utils import timezone
 
 from federation import audit, certificates, dispatch, enqueue, metrics, routing, signing
@@ -22,7 +23,8 @@ from federation.errors import Code
 from federation.models import InboundReceipt, Peer, PeerHealth
 from federation.peers import inbound_secrets
 from ingest.cloudevent import MalformedEvent
-from ingest.verifiers import VerificationError
+from ingest import verifiers
+from ingest.verifiers import StoreGuard, VerificationError
 from kite import fastsql, ratelimit
 from kite.errors import ApiError
 
@@ -41,8 +43,9 @@ def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer
     """(rows `kite-peer` names, rows whose instance ID is not known yet) — the second
     list is tried when the first is empty or none of it matches. One query in plain SQL, each
     row's health (PeerHealth) joined to it (every peer request makes it: the ORM's compilation,
-    or a RawQuerySet's work per query, cost more than the query)."""
-    sql = _CANDIDATES_SQL + (" AND p.team_id = %s" if team_id is not None else "") + (
+    or a RawQuerySet's work per query, cost more than the query). On PostgreSQL each peer also
+    carries its row's version (`row_version`, its xmin: every UPDATE changes it)."""
+    sql = _candidates_sql() + (" AND p.team_id = %s" if team_id is not None else "") + (
         " AND (p.remote_instance_id = %s OR p.remote_instance_id = '')")  # fmt: skip
     params = [Peer.Status.REVOKED.value, *([team_id] if team_id is not None else []), sender or ""]
     with connection.cursor() as cursor:
@@ -56,22 +59,59 @@ def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer
 _PEER_FIELDS = tuple(Peer._meta.concrete_fields)
 _HEALTH_FIELDS = tuple(PeerHealth._meta.concrete_fields)
 _HEALTH_KEY = _HEALTH_FIELDS.index(PeerHealth._meta.pk)  # NULL: the peer has no health row yet
-_CANDIDATES_SQL = (
-    f"SELECT {', '.join(f'p.{field.column}' for field in _PEER_FIELDS)}, "
-    f"{', '.join(f'h.{field.column}' for field in _HEALTH_FIELDS)} "
-    f"FROM {Peer._meta.db_table} p LEFT JOIN {PeerHealth._meta.db_table} h ON h.{PeerHealth._meta.pk.column} = p.id "
-    "WHERE p.status <> %s AND p.inbound_secret_encrypted <> ''"
-)
+
+
+@functools.cache
+def _candidates_sql() -> str:
+    version = ", p.xmin::text" if connection.vendor == "postgresql" else ", NULL"
+    return (
+        f"SELECT {', '.join(f'p.{field.column}' for field in _PEER_FIELDS)}, "
+        f"{', '.join(f'h.{field.column}' for field in _HEALTH_FIELDS)}{version} "
+        f"FROM {Peer._meta.db_table} p LEFT JOIN {PeerHealth._meta.db_table} h ON h.{PeerHealth._meta.pk.column} = p.id "
+        "WHERE p.status <> %s AND p.inbound_secret_encrypted <> ''"
+    )
 
 
 def _peer_of(row) -> Peer:
     peer = fastsql.load(Peer, _PEER_FIELDS, row[: len(_PEER_FIELDS)])
-    health = row[len(_PEER_FIELDS) :]
+    health = row[len(_PEER_FIELDS) : -1]
     if health[_HEALTH_KEY] is None:  # no health row yet: an empty one, made by its first write (PeerHealth.record)
         peer.health = PeerHealth(peer=peer)
     else:
         peer.health = fastsql.load(PeerHealth, _HEALTH_FIELDS, health)
+    peer.row_version = row[-1]
     return peer
+
+
+# The candidates of an event delivery that authenticated, as this process last read them, by
+# (team, kite-peer) — PostgreSQL only, and only while the hook's source is itself a cached copy
+# (ingest.verifiers.from_cache), so that its event is stored by the one statement that checks
+# every copy. A delivery authenticated with them stores its event only if that statement finds
+# the matched peer's row unchanged (its xmin: a revocation, a rotated secret, a new pinned
+# certificate, a pause, any edit changes it); if not, the rows are dropped and the delivery is
+# verified again against fresh reads. A refusal is never judged from them: the delivery is
+# tried again against fresh rows, which decide. Filled only by a success, so requests that fail
+# to authenticate cannot grow it.
+INBOUND_CACHE_SIZE = 4096
+_inbound_peers: dict[tuple[str, str], tuple[list[Peer], list[Peer]]] = {}
+
+
+def _forget(key: tuple[str, str]) -> None:
+    _inbound_peers.pop(key, None)
+
+
+def _guarded(peer: Peer, key: tuple[str, str]) -> Peer:
+    """A copy of a cached candidate for one request, carrying the check its event's INSERT makes."""
+    clone = Peer.__new__(Peer)
+    clone.__dict__.update(peer.__dict__)
+    clone._state = ModelState()
+    clone._state.db, clone._state.adding = peer._state.db, False
+    clone._state.fields_cache = dict(peer._state.fields_cache)  # its health row: shared, as last_inbound_at is
+    clone.store_guard = StoreGuard(_PEER_UNCHANGED_SQL, (peer.pk, peer.row_version), functools.partial(_forget, key))
+    return clone
+
+
+_PEER_UNCHANGED_SQL = f"EXISTS (SELECT 1 FROM {Peer._meta.db_table} WHERE id = %s AND xmin = %s::xid)"
 
 
 @dataclass(frozen=True)
@@ -104,12 +144,15 @@ def team_hint(request) -> str | None:
 
 
 def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, method: str = "POST",
-                 path: str | None = None, now: int | None = None, current_only: bool = False) -> Peer:  # fmt: skip
+                 path: str | None = None, now: int | None = None, current_only: bool = False,
+                 cached: bool = False) -> Peer:  # fmt: skip
     """The peer that signed this request for `method` `path`, or Refusal(code, detail).
 
     path: a control call's (its webhook-id is accepted once: InboundReceipt); None for an event
     delivery to `team_id`'s kite hook, whose repeated id is answered `duplicate` by the event's
-    own dedup instead. current_only: rotation and termination — a grace-period secret is refused."""
+    own dedup instead. current_only: rotation and termination — a grace-period secret is refused.
+    cached: an event delivery whose event will be stored by the statement that checks the
+    returned peer's `store_guard` (see _inbound_peers)."""
     now = int(time.time()) if now is None else now
     control = path is not None
     path = path if control else f"/hooks/{team_id}/kite"
@@ -117,7 +160,28 @@ def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, m
         request = signing.parse_headers(headers, now)
     except signing.SignatureError as exc:
         raise Refusal(exc.code, exc.detail, status=exc.status) from None
+    key = (team_id, request.sender)
+    cached = cached and not control and team_id is not None and connection.vendor == "postgresql"
+    copies = _inbound_peers.get(key) if cached else None
+    if copies is not None:
+        try:
+            matched = _matched(*copies, request, body, method, path, current_only)
+        except Refusal:  # judged again against fresh rows: those decide a refusal
+            _forget(key)
+        else:
+            return _accepted(_guarded(matched, key), request, control)
     named, unnamed = _candidates(team_id, request.sender)
+    matched = _matched(named, unnamed, request, body, method, path, current_only)
+    if cached:
+        if len(_inbound_peers) >= INBOUND_CACHE_SIZE:
+            _inbound_peers.clear()  # a crude bound, as the sources' cache has
+        _inbound_peers[key] = (named, unnamed)
+    return _accepted(matched, request, control)
+
+
+def _matched(named: list[Peer], unnamed: list[Peer], request, body: bytes, method: str, path: str,
+             current_only: bool) -> Peer:  # fmt: skip
+    """Which of the candidates signed the request, with its certificate and instance ID checked."""
     match = _first_match(named, request, body, method, path) or _first_match(unnamed, request, body, method, path)
     if match is None:
         if named:
@@ -131,6 +195,10 @@ def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, m
     if matched.certificate_thumbprint:
         _check_certificate(matched, request, body, signing.Binding(method, path, matched.team_id))
     _check_instance_id(matched, request.sender)
+    return matched
+
+
+def _accepted(matched: Peer, request, control: bool) -> Peer:
     _check_rate(matched)
     if control:
         _first_use(matched, request.msg_id)
@@ -210,16 +278,13 @@ def _check_rate(peer: Peer) -> None:
 
 def _note_contact(peer: Peer, sender: str) -> None:
     now = timezone.now()
-    updates, health = {}, {}
+    updates, health, activate = {}, {}, False
     if sender and not peer.remote_instance_id:
         updates["remote_instance_id"] = sender[:63]  # learned on first success
     if peer.last_inbound_at is None or now - peer.last_inbound_at > LAST_SEEN_RESOLUTION:
         health["last_inbound_at"] = now  # the health row: the peer's own row is not rewritten for it
-        if peer.status in (Peer.Status.ENROLLED, Peer.Status.ACCEPTED):
-            # Active once enrolled — judged by the row now (our ping may have just enrolled it).
-            updates["status"] = Case(
-                When(status=Peer.Status.ENROLLED, then=Value(Peer.Status.ACTIVE)), default=F("status")
-            )
+        # Active once enrolled — judged by the row now (our ping may have just enrolled it).
+        activate = peer.status in (Peer.Status.ENROLLED, Peer.Status.ACCEPTED)
     if peer.status == Peer.Status.ACCEPTED and peer.last_success_at is None and peer.sends_to and (
         peer.last_inbound_at is None
     ):
@@ -229,14 +294,17 @@ def _note_contact(peer: Peer, sender: str) -> None:
     if health:
         PeerHealth.record(peer, **health)
     if updates:
+        if activate:
+            updates["status"] = Case(
+                When(status=Peer.Status.ENROLLED, then=Value(Peer.Status.ACTIVE)), default=F("status")
+            )
         Peer.objects.filter(pk=peer.pk).update(**updates)
-        if "remote_instance_id" in updates:
-            enqueue.forget_routes(peer.team_id)
-        for field, value in updates.items():
-            if field != "status":
-                setattr(peer, field, value)
-        if "status" in updates:
-            peer.refresh_from_db(fields=["status"])
+        enqueue.forget_routes(peer.team_id)
+        peer.remote_instance_id = updates["remote_instance_id"]
+    elif activate:  # only a row still enrolled is written (any write is a new row version: see _inbound_peers)
+        activate = Peer.objects.filter(pk=peer.pk, status=Peer.Status.ENROLLED).update(status=Peer.Status.ACTIVE)
+    if activate:
+        peer.refresh_from_db(fields=["status"])
 
 
 def verify_kite_source(secret, headers, body, now, team_id=None):
@@ -245,7 +313,7 @@ def verify_kite_source(secret, headers, body, now, team_id=None):
     Event deliveries are the hot path: an accepted one is only counted (its Event row is its
     record); a refused one is also audited (Federation.AuthFailed, rare)."""
     try:
-        peer = authenticate(headers, body, team_id=team_id, now=now)
+        peer = authenticate(headers, body, team_id=team_id, now=now, cached=verifiers.from_cache.get())
     except Refusal as refusal:
         refused(refusal, headers, endpoint=f"/hooks/{team_id}/kite", method="POST", team_id=team_id)
         raise VerificationError(str(refusal.code), refusal.detail, refusal.status) from None

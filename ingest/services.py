@@ -131,12 +131,15 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
     The signature is checked before the rate limit, so unsigned junk cannot use
     up a source's quota and crowd out the real sender.
     """
+    cached = verifiers.from_cache.set(getattr(source, "from_cache", False))
     try:
         with tracing.span("kite.verify", {"kite.source.kind": source.kind}):
             sender = verifiers.VERIFIERS[source.kind](source_credential(source), headers, body, int(time.time()),
                                                       source.team_id)  # fmt: skip
     except verifiers.VerificationError as exc:
         raise ApiError(exc.detail, exc.code, status=exc.status) from None
+    finally:
+        verifiers.from_cache.reset(cached)
     verdict = ratelimit.hit(f"source:{source.pk}", source.rate_limit_per_second)
     if not verdict.allowed:
         raise ApiError(
@@ -150,8 +153,8 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
         draft = _received(source, draft, sender) if hooks.event_received else draft
     except cloudevent.MalformedEvent as exc:
         raise ApiError(exc.detail, exc.code, status=exc.status) from None
-    if isinstance(draft, list) and getattr(source, "from_cache", False):
-        raise SourceChanged  # a batch is stored in a transaction that cannot check the copy: read it
+    if isinstance(draft, list) and (getattr(source, "from_cache", False) or getattr(sender, "store_guard", None)):
+        raise SourceChanged  # a batch is stored in a transaction that cannot check the copies: read them
     with tracing.storing(draft, headers):  # each event leaves with a `traceparent` (kite.tracing)
         if isinstance(draft, list):
             return events_store_batch(source=source, items=draft, sender=sender)
@@ -219,27 +222,33 @@ class SourceChanged(Exception):
 
 
 @functools.cache
-def _store_alone_guard() -> str:
+def _store_alone_guard(sender_guard: str = "") -> str:
     qn = connection.ops.quote_name
     source, team = qn(Source._meta.db_table), qn(Team._meta.db_table)
     return (
         f"SELECT {team}.{qn('listening_until')} FROM {source} JOIN {team} ON {team}.{qn('id')} = {source}.{qn('team_id')}"
         f" WHERE {source}.{qn('id')} = %s AND {source}.xmin = %s::xid AND {team}.{qn('routes_version')} = %s"
+        + (f" AND {sender_guard}" if sender_guard else "")
     )
 
 
-def _store_alone(source: Source, event: Event) -> "Ingested | None":
+def _store_alone(source: Source, event: Event, sender=None) -> "Ingested | None":
     """Store an event that no hook writes anything for with one statement (no transaction around
     it: one round trip where BEGIN, INSERT, COMMIT were three), which also checks that the source
-    row and the team's routes are still as read. None: let the transactional path store it."""
+    row, the team's routes and the sender's cached rows (its `store_guard`) are still as read.
+    None: let the transactional path store it."""
+    sender_guard = getattr(sender, "store_guard", None)
     guard, inserted = fastsql.insert_guarded(
         event,
-        guard=_store_alone_guard(),
-        guard_params=[source.pk, source.row_version, source.team_routes_version],
+        guard=_store_alone_guard(sender_guard.sql if sender_guard else ""),
+        guard_params=[source.pk, source.row_version, source.team_routes_version,
+                      *(sender_guard.params if sender_guard else ())],  # fmt: skip
         skip_conflicts_on=("team", "ce_source", "ce_id"),
     )
-    if guard is None:  # the source or the team's peers changed since they were read
-        if getattr(source, "from_cache", False):
+    if guard is None:  # the source, the team's peers or the sender's rows changed since they were read
+        if sender_guard is not None:
+            sender_guard.forget()
+        if getattr(source, "from_cache", False) or sender_guard is not None:
             raise SourceChanged
         return None
     source.team_listening_until = guard[0]
@@ -258,9 +267,11 @@ def event_store(*, source: Source, draft: cloudevent.Draft, sender=None) -> Inge
     the caller verifies the webhook again against a fresh read."""
     event = _new_event(source, draft)
     if getattr(source, "row_version", None) is not None and hooks.event_stored_idle(source):
-        stored = _store_alone(source, event)
+        stored = _store_alone(source, event, sender)
         if stored is not None:
             return stored
+    if getattr(sender, "store_guard", None) is not None:
+        raise SourceChanged  # verified with cached rows only one statement checks: again, against fresh reads
     try:
         with transaction.atomic():
             _insert(event, sender)

@@ -9,9 +9,11 @@ pipeline hands on to the "event stored" hooks.
 
 import base64
 import binascii
+import contextvars
 import hashlib
 import hmac
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 TOLERANCE_SECONDS = 300
 
@@ -160,6 +162,24 @@ VERIFIERS: dict[str, Verifier] = {
     # Replaced by the federation app (AppConfig.ready) with the peer verifier.
     "kite": verify_kite_unconfigured,
 }
+
+
+# True while a webhook is verified against a source read from the per-process cache, whose event
+# is then stored by one statement that checks the source row is still as read
+# (ingest.services._store_alone). A verifier may then also use cached rows of its own, provided
+# the sender it returns carries a `store_guard` (StoreGuard) that the same statement checks.
+from_cache: contextvars.ContextVar[bool] = contextvars.ContextVar("from_cache", default=False)
+
+
+@dataclass(frozen=True)
+class StoreGuard:
+    """A condition the statement storing the event must also find true (SQL, with `params`), else
+    nothing is stored and the webhook is verified again against fresh reads; `forget` drops
+    the cached rows that failed it first."""
+
+    sql: str
+    params: tuple
+    forget: Callable[[], None]
 
 
 def register_verifier(kind: str, verifier: Verifier) -> None:
