@@ -22,13 +22,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from federation import audit, client
 from federation.errors import Code
 from federation.models import IdentityCertificate
-from kite import crypto
+from kite import crypto, fastsql
 from kite.errors import ApiError
 
 DEFAULT_VALIDITY_DAYS = 90
@@ -155,16 +155,29 @@ _signers: dict[int, Signer] = {}
 _signers_lock = threading.Lock()
 
 
+_CERTIFICATE_FIELDS = tuple(IdentityCertificate._meta.concrete_fields)
+
+
+@functools.cache
+def _valid_sql() -> str:
+    qn, meta = connection.ops.quote_name, IdentityCertificate._meta
+    column = {name: qn(meta.get_field(name).column) for name in ("team", "not_before", "not_after", "created_at", "id")}
+    return (
+        f"SELECT {', '.join(qn(field.column) for field in _CERTIFICATE_FIELDS)} FROM {qn(meta.db_table)}"
+        f" WHERE {column['team']} = %s AND {column['not_before']} <= %s AND {column['not_after']} > %s"
+        f" ORDER BY {column['created_at']} DESC, {column['id']} DESC"
+    )
+
+
 def valid(team_id: str) -> list[IdentityCertificate]:
     """The team's valid certificates in signing order: newest first, except that a renewal still
     under way (it `replaces` a certificate that is still valid) comes after the one it replaces.
     The first is presented as the TLS client certificate and given in handshakes: until every
     peer acknowledged the renewal, that is the one they all know."""
-    now = timezone.now()
-    rows = list(
-        IdentityCertificate.objects.filter(team_id=team_id, not_before__lte=now, not_after__gt=now)
-        .order_by("-created_at", "-id")
-    )
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    with connection.cursor() as cursor:  # every drain of the outbox reads them: plain SQL (the ORM's query cost ~0.5 ms)
+        cursor.execute(_valid_sql(), [team_id, now, now])
+        rows = [fastsql.load(IdentityCertificate, _CERTIFICATE_FIELDS, row) for row in cursor.fetchall()]
     present = {row.pk for row in rows}
     return [row for row in rows if row.replaces_id not in present] + [row for row in rows if row.replaces_id in present]
 

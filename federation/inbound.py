@@ -18,14 +18,14 @@ from django.db.models import Case, F, Value, When
 from django.db.models.base import ModelState
 from django.utils import timezone
 
-from federation import audit, certificates, dispatch, enqueue, metrics, routing, signing
+from federation import audit, certificates, dispatch, enqueue, metrics, peers, routing, signing
 from federation.errors import Code
 from federation.models import InboundReceipt, Peer, PeerHealth
 from federation.peers import inbound_secrets
 from ingest.cloudevent import MalformedEvent
 from ingest import verifiers
 from ingest.verifiers import StoreGuard, VerificationError
-from kite import fastsql, ratelimit
+from kite import ratelimit
 from kite.errors import ApiError
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=1)  # don't rewrite the peer row on every request
@@ -50,37 +50,14 @@ def _candidates(team_id: str | None, sender: str) -> tuple[list[Peer], list[Peer
     params = [Peer.Status.REVOKED.value, *([team_id] if team_id is not None else []), sender or ""]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        found = [_peer_of(row) for row in cursor.fetchall()]
+        found = [peers.loaded(row) for row in cursor.fetchall()]
     named = [p for p in found if sender and (p.remote_instance_id == sender or (not p.remote_instance_id and p.name == sender))]
     unnamed = [p for p in found if not p.remote_instance_id and p not in named]
     return named, unnamed
 
 
-_PEER_FIELDS = tuple(Peer._meta.concrete_fields)
-_HEALTH_FIELDS = tuple(PeerHealth._meta.concrete_fields)
-_HEALTH_KEY = _HEALTH_FIELDS.index(PeerHealth._meta.pk)  # NULL: the peer has no health row yet
-
-
-@functools.cache
 def _candidates_sql() -> str:
-    version = ", p.xmin::text" if connection.vendor == "postgresql" else ", NULL"
-    return (
-        f"SELECT {', '.join(f'p.{field.column}' for field in _PEER_FIELDS)}, "
-        f"{', '.join(f'h.{field.column}' for field in _HEALTH_FIELDS)}{version} "
-        f"FROM {Peer._meta.db_table} p LEFT JOIN {PeerHealth._meta.db_table} h ON h.{PeerHealth._meta.pk.column} = p.id "
-        "WHERE p.status <> %s AND p.inbound_secret_encrypted <> ''"
-    )
-
-
-def _peer_of(row) -> Peer:
-    peer = fastsql.load(Peer, _PEER_FIELDS, row[: len(_PEER_FIELDS)])
-    health = row[len(_PEER_FIELDS) : -1]
-    if health[_HEALTH_KEY] is None:  # no health row yet: an empty one, made by its first write (PeerHealth.record)
-        peer.health = PeerHealth(peer=peer)
-    else:
-        peer.health = fastsql.load(PeerHealth, _HEALTH_FIELDS, health)
-    peer.row_version = row[-1]
-    return peer
+    return peers.with_health_sql() + "WHERE p.status <> %s AND p.inbound_secret_encrypted <> ''"
 
 
 # The candidates of an event delivery that authenticated, as this process last read them, by
@@ -120,11 +97,11 @@ class Match:
     current: bool  # signed with the current inbound secret, not one in its grace period
 
 
-def _first_match(peers: list[Peer], request, body: bytes, method: str, path: str) -> Match | None:
+def _first_match(candidates: list[Peer], request, body: bytes, method: str, path: str) -> Match | None:
     """Every candidate and secret is checked: the time taken does not say which matched. The
     signature is bound to method, path and the candidate's team (signing.Binding)."""
     matched = None
-    for peer in peers:
+    for peer in candidates:
         message = request.hmac_message(body, signing.Binding(method, path, peer.team_id))
         for index, secret in enumerate(inbound_secrets(peer)):
             if signing.hmac_matches(secret, request, message) and matched is None:

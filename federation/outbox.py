@@ -159,7 +159,7 @@ class PeerView:
     def current(self) -> Peer | None:
         """The peer if its queue may send now (a peer that sends, not paused), else None."""
         if self.peer is None or time.monotonic() - self.read_at >= PEER_REREAD_SECONDS:
-            found = Peer.objects.filter(pk=self.peer_id).select_related("health").first()
+            found = peers.with_health(self.peer_id)
             self.peer, self.read_at, self.target = found, time.monotonic(), None
         if self.peer is None or not self.peer.sends_to or self.peer.paused:
             return None
