@@ -19,6 +19,7 @@ again by runkite, which logged it.
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -39,6 +40,8 @@ from tests.chaos.test_broker_restart import broker, instances  # noqa: F401  (fi
 from tests.chaos.test_database_restart import restart_postgres
 from tests.e2e.harness import REPO, wait_for
 from tests.signing import stripe_signature
+
+ACK_LOST = re.compile(r"CRITICAL/MainProcess\] Couldn't ack '[^']*', reason:\S*ConnectionError")
 
 pytestmark = pytest.mark.e2e
 
@@ -259,8 +262,11 @@ def test_every_fault_at_once_under_3000_stripe_webhooks_loses_and_duplicates_not
     assert [line.split("kite: ", 1)[1].split(";")[0] for line in restarts] == [
         "worker was killed by SIGKILL", "web was killed by SIGKILL"], restarts  # fmt: skip
     for log in (log_a, b.log_path.read_text(errors="replace"), (tmp_path / "second-worker.log").read_text()):
-        # Tracebacks of connections lost and retried are expected; a process giving up is not.
-        assert "Unrecoverable error" not in log and "CRITICAL" not in log, log[-4000:]
+        # Tracebacks of connections lost and retried are expected; a process giving up is not. kombu
+        # logs a task's ack that met the lost broker at CRITICAL and carries on (kombu.message.
+        # Message.ack_log_error): the message is delivered again, which the counts above allow for.
+        critical = [line for line in log.splitlines() if "CRITICAL" in line and not ACK_LOST.search(line)]
+        assert "Unrecoverable error" not in log and critical == [], log[-4000:]
 
     refused = Counter(x.status or x.error for x in load.answers if x.status not in (200, 202))
     windows = {}
