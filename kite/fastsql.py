@@ -21,6 +21,7 @@ import functools
 import weakref
 
 from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db.models.base import ModelState
 
 
 @functools.cache
@@ -195,6 +196,18 @@ def _loader(conn, fields: tuple) -> tuple[list[str], list]:
                 converting.append((index, column, found))
         known = per_connection[fields] = ([field.attname for field in fields], converting)
     return known
+
+
+def copied(obj):
+    """A copy of a model instance that a request may annotate without touching the original (a
+    per-process cached row), sharing the related rows it holds; copy.copy goes through pickling:
+    ten times the CPU."""
+    clone = type(obj).__new__(type(obj))
+    clone.__dict__.update(obj.__dict__)
+    clone._state = ModelState()
+    clone._state.db, clone._state.adding = obj._state.db, False
+    clone._state.fields_cache = dict(obj._state.fields_cache)
+    return clone
 
 
 def load(model, fields: tuple, row, conn=None):
