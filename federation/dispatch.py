@@ -4,12 +4,8 @@ Redis keeps a peer from being kicked again while a task for it is queued or drai
 early heartbeat of a new peering (enrol_soon). Rows first, tasks second: a lost kick costs the
 sweeper's second, nothing more."""
 
-import contextlib
 import functools
 import logging
-import os
-import threading
-import time
 
 from django.conf import settings
 
@@ -19,7 +15,6 @@ log = logging.getLogger(__name__)
 KICK_FLAG_SECONDS = 2  # a killed task's flag holds back kicks (and the sweeper's) this long at most
 FLAG_REFRESH_SECONDS = 0.5  # a live drain's flag is set again this often (by the keeper thread)
 TASK_PEERS = 10  # peers per task when one event wakes many at once (its kick flags last 2 s)
-WAKE_PREFIX = "kite:wake:"  # + peer id: the pub/sub channel a kick publishes on when a task holds the flag
 
 _local = None  # a web process's courier (federation.courier): delivers what this process just stored
 
@@ -88,14 +83,10 @@ def kick_all(peer_ids: list[int]) -> None:
 # SET NX EX of every key, answering the (1-based) positions of those it set: one command for the
 # whole fan-out. A pipeline of 200 SETs cost the web process 2.2 ms of CPU to pack and parse, the
 # script 0.6 ms (same process, same Redis, medians of 60).
-# A key already set means a task holds the peer's flag: its drain is queued or draining, and the
-# script publishes a wake on the peer's channel (ARGV[i + 1]) so a drain waiting on a call or
-# lingering claims at once instead of after its call (in the same round trip; see `Wakes`).
 FIRST_KICKS_LUA = """
 local first = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, 1, 'NX', 'EX', ARGV[1]) then first[#first + 1] = i
-  else redis.call('PUBLISH', ARGV[i + 1], 1) end
+  if redis.call('SET', key, 1, 'NX', 'EX', ARGV[1]) then first[#first + 1] = i end
 end
 return first
 """
@@ -110,8 +101,7 @@ def first_kicks(peer_ids: list[int]) -> list[int]:
     """`first_kick` for many peers in one round trip: those whose flag this call set."""
     try:
         keys = [kick_key(peer_id) for peer_id in peer_ids]
-        channels = [wake_channel(peer_id) for peer_id in peer_ids]
-        positions = _first_kicks_script(ratelimit.redis_client())(keys=keys, args=[KICK_FLAG_SECONDS, *channels])
+        positions = _first_kicks_script(ratelimit.redis_client())(keys=keys, args=[KICK_FLAG_SECONDS])
         return [peer_ids[position - 1] for position in positions]
     except Exception:
         return peer_ids
@@ -131,10 +121,6 @@ def queue_task(peer_id: int) -> None:
 
 def kick_key(peer_id: int) -> str:
     return f"kite:kick:{peer_id}"
-
-
-def wake_channel(peer_id: int) -> str:
-    return f"{WAKE_PREFIX}{peer_id}"
 
 
 def first_kick(peer_id: int) -> bool:
@@ -185,75 +171,3 @@ def enrol_soon(peer_id: int) -> None:
         tasks.heartbeat_peer.delay(peer_id)
     except Exception:  # the broker is down: the regular heartbeat will do it
         pass
-
-
-class Wakes:
-    """Per process: a thread subscribed to the peers' wake channels that stirs the drains of this
-    process waiting on them. A kick that finds a peer's flag held publishes a wake (FIRST_KICKS_LUA);
-    the drain then claims the new entries at once, while its call is still out or while it lingers,
-    rather than after its call has come back. A wake is only a hint: a drain claims again after
-    every call and before it lets go of its flag, so a wake lost (Redis away, the thread
-    reconnecting) costs that call's time, never an entry. Started with the first drain that
-    listens; no Redis (embedded), no thread."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.listeners: dict[int, set] = {}  # peer id → drains (with .wake())
-        self.started = False
-
-    @contextlib.contextmanager
-    def listening(self, peer_id: int, drain):
-        if not settings.REDIS_URL:
-            yield
-            return
-        with self.lock:
-            if not self.started:
-                threading.Thread(target=self._run, name="outbox-wakes", daemon=True).start()
-                self.started = True
-            self.listeners.setdefault(peer_id, set()).add(drain)
-        try:
-            yield
-        finally:
-            with self.lock:
-                drains = self.listeners.get(peer_id, set())
-                drains.discard(drain)
-                if not drains:
-                    self.listeners.pop(peer_id, None)
-
-    def deliver(self, channel: bytes) -> None:
-        try:
-            peer_id = int(channel.rsplit(b":", 1)[1])
-        except (ValueError, IndexError):
-            return
-        with self.lock:
-            drains = list(self.listeners.get(peer_id, ()))
-        for drain in drains:
-            drain.wake()
-
-    def _run(self) -> None:
-        import redis
-
-        while True:
-            pubsub = None
-            try:
-                client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=None, socket_connect_timeout=1,
-                                              health_check_interval=30)  # fmt: skip
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe(f"{WAKE_PREFIX}*")
-                while True:
-                    message = pubsub.get_message(timeout=30)
-                    if message and message["type"] == "pmessage":
-                        self.deliver(message["channel"])
-            except Exception:  # Redis away: wakes are hints, drains go on without them
-                log.debug("outbox wakes: reconnecting", exc_info=True)
-                time.sleep(1)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:
-                        pass
-
-
-wakes = Wakes()
-os.register_at_fork(after_in_child=wakes.__init__)  # a forked worker subscribes in its own thread

@@ -15,8 +15,7 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from django.conf import settings
@@ -37,9 +36,6 @@ log = logging.getLogger(__name__)
 CLAIM_UNBATCHED = 20
 PEER_REREAD_SECONDS = 1.0
 RENEWALS_PER_LEASE = 4  # a live drain's leases are renewed every quarter of KITE_OUTBOX_LEASE_SECONDS
-PIPELINE = 2  # a batching peer's calls out at once per drain (after one has succeeded)
-LINGER_SECONDS = 0.05  # a drain woken by a stream of events waits this long for the next before letting go
-STIR_WAIT_SECONDS = 1.0  # longest wait for a call out to end or a wake (then the peer row is looked at again)
 
 
 # --- claiming and delivering ---------------------------------------------------
@@ -113,16 +109,13 @@ def _claim_postgres(peer_id: int, limit: int, now, lease) -> list[OutboxEntry]:
     return sorted(entries, key=lambda entry: entry.pk)
 
 
-def deliver_peer(peer_id: int, helper: bool = False, linger: bool = True) -> int:
+def deliver_peer(peer_id: int, helper: bool = False) -> int:
     """Drain what is due for one peer; stop at the first failure. Returns entries delivered.
 
     The task holds the peer's kick flag while it drains, so events committed meanwhile queue
-    no further task: their kicks publish a wake instead (dispatch.Wakes), and the drain claims
-    them at once — for a batching peer while its call is still out (`PIPELINE` calls at most).
-    When a claim comes back empty it clears the flag and claims once more — an entry whose kick
-    was suppressed committed before that clear, so this last claim sees it. A drain that was
-    woken (events are arriving one after another) first lingers up to LINGER_SECONDS for the
-    next (`linger`: not a task that drains several peers in turn). A full claim means a
+    no further task: its next claim takes them (batched when the peer allows). When a claim
+    comes back empty it clears the flag and claims once more — an entry whose kick was
+    suppressed committed before that clear, so this last claim sees it. A full claim means a
     backlog: one helper task (`helper=True`, its own flag, no kick protocol) drains alongside
     until a claim of its comes back empty; SKIP LOCKED keeps the two apart. The peer row is
     read again at most once a second (an operator's pause or new secret applies within a second).
@@ -131,8 +124,7 @@ def deliver_peer(peer_id: int, helper: bool = False, linger: bool = True) -> int
     drain.hold_flag()
     _keeper.add(drain)
     try:
-        with dispatch.wakes.listening(peer_id, drain):
-            return _drain(PeerView(peer_id), drain, HELPER if helper else TASK, linger=linger and not helper)
+        return _drain(PeerView(peer_id), drain, HELPER if helper else TASK)
     finally:
         _keeper.remove(drain)
         drain.clear_flag()
@@ -180,54 +172,20 @@ class PeerView:
         self.peer = None
 
 
-def _drain(view: PeerView, drain: "Drain", mode: str, linger: bool = False) -> int:
+def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
     """Claim and send until nothing is due (or a call fails). A courier stops at a full claim and
     leaves the backlog to a task (kicked here): a web process delivers what it just stored, not
-    what piled up while a peer was away.
-
-    A batching peer's calls are pipelined: once a call of this drain has succeeded, the drain
-    claims again while a call is out (woken by the next event's kick, or by the call's end) and
-    sends what it got on a second call, PIPELINE calls at most; each call's outcome is recorded
-    when it comes back, under its own lease, as before. A peer that is down still gets one call
-    per drain: before a success there is one call out at a time."""
-    out: list[_Out] = []
-    try:
-        delivered = _drain_calls(view, drain, mode, linger, out)
-    except BaseException:
-        try:  # what came back is recorded if the database lets us; the rest goes back when its lease ends
-            _collect(out, drain, wait=True)
-        except Exception:
-            log.warning("could not record the outcome of calls to peer %s", view.peer_id, exc_info=True)
-        raise
-    return delivered + _collect(out, drain, wait=True)[0]  # every call out recorded before the drain ends
-
-
-def _drain_calls(view: PeerView, drain: "Drain", mode: str, linger: bool, out: list["_Out"]) -> int:
-    """`_drain`'s loop; the calls it leaves in `out` are recorded by `_drain`."""
+    what piled up while a peer was away."""
     delivered = 0
     while True:
-        drain.stirred.clear()  # before looking: a call ending or a wake after this stirs the wait below
-        sent, failed = _collect(out, drain, wait=False)
-        delivered += sent
-        if failed:
-            view.forget()  # the failure may have paused the queue or be a stale certificate
-            return delivered
         peer = view.current()
         if peer is None:
             return delivered
         target = view.target
         size = min(peer.batch_max or 1, BATCH_CAP)
-        if out and (size == 1 or len(out) >= (PIPELINE if delivered else 1)):
-            drain.stirred.wait(STIR_WAIT_SECONDS)  # a call out ends (or a wake: claimed once one has)
-            continue
         limit = size if size > 1 else CLAIM_UNBATCHED
         entries = claim(peer.pk, limit)
         if not entries:
-            if out:
-                drain.stirred.wait(STIR_WAIT_SECONDS)
-                continue
-            if linger and drain.woken and drain.stirred.wait(LINGER_SECONDS):
-                continue  # the next event of a stream: claim it with the flag still held
             if mode != TASK or not drain.flag_held:
                 return delivered
             drain.clear_flag()
@@ -238,57 +196,30 @@ def _drain_calls(view: PeerView, drain: "Drain", mode: str, linger: bool, out: l
         backlog = len(entries) == limit
         if backlog and mode == TASK:
             dispatch.call_helper(peer.pk)
-        if size > 1:
-            group = drain.still_ours(entries)
-            if group is None:  # renewals failed (the database?): what is left here goes back when its lease ends
+        chunks = [[entries]] if size > 1 else _in_flight(entries, proven=delivered > 0)
+        for index, chunk in enumerate(chunks):
+            groups = drain.still_ours_all(chunk)
+            if groups is None:  # renewals failed (the database?): what is left here goes back when its lease ends
                 return delivered
-            if group and not _paced(peer, [group]):
-                drain.release(group, delay_seconds=1)
+            if not groups:
+                continue
+            paced = _paced(peer, groups)
+            if not paced:
+                drain.release([e for c in chunks[index:] for g in c for e in g], delay_seconds=1)
                 return delivered
-            if group:
-                out.append(_Out(peer, group, _start(peer, target, group, True, drain)))
-            if backlog and mode == COURIER:
-                dispatch.queue_task(peer.pk)
+            sent, failed = send_all(peer, target, paced, drain)
+            delivered += sent
+            if len(paced) < len(groups):  # over the peer's rate: the rest waits a second
+                drain.release([e for g in groups[len(paced) :] for e in g] + [e for c in chunks[index + 1 :] for g in c
+                                                                           for e in g], delay_seconds=1)  # fmt: skip
                 return delivered
-            continue
-        sent, stop, failed = _send_chunks(peer, target, entries, drain, proven=delivered > 0)
-        delivered += sent
-        if failed:
-            view.forget()
-        if stop:
-            return delivered
+            if failed:
+                drain.release([e for c in chunks[index + 1 :] for g in c for e in g])
+                view.forget()  # the failure may have paused the queue or be a stale certificate
+                return delivered
         if backlog and mode == COURIER:
             dispatch.queue_task(peer.pk)
             return delivered
-
-
-def _send_chunks(peer: Peer, target: client.Target, entries: list[OutboxEntry], drain: "Drain",
-                 proven: bool) -> tuple[int, bool, bool]:  # fmt: skip
-    """Unbatched: the claimed entries KITE_OUTBOX_IN_FLIGHT calls at a time (`_in_flight`).
-    (entries delivered, whether the drain stops — over the peer's rate, leases lost, a call
-    failed —, whether a call failed)."""
-    delivered = 0
-    chunks = _in_flight(entries, proven=proven)
-    for index, chunk in enumerate(chunks):
-        groups = drain.still_ours_all(chunk)
-        if groups is None:  # renewals failed (the database?): what is left here goes back when its lease ends
-            return delivered, True, False
-        if not groups:
-            continue
-        paced = _paced(peer, groups)
-        rest = [e for c in chunks[index + 1 :] for g in c for e in g]
-        if not paced:
-            drain.release([e for g in groups for e in g] + rest, delay_seconds=1)
-            return delivered, True, False
-        sent, failed = send_all(peer, target, paced, drain)
-        delivered += sent
-        if len(paced) < len(groups):  # over the peer's rate: the rest waits a second
-            drain.release([e for g in groups[len(paced) :] for e in g] + rest, delay_seconds=1)
-            return delivered, True, False
-        if failed:
-            drain.release(rest)
-            return delivered, True, True
-    return delivered, False, False
 
 
 def _in_flight(entries: list[OutboxEntry], proven: bool) -> list[list[list[OutboxEntry]]]:
@@ -323,13 +254,6 @@ class Drain:
         self.lost: set[int] = set()
         self.renewed_at = 0.0  # monotonic
         self.valid_until = 0.0  # monotonic: the leases of `held` are known to last until then
-        self.stirred = threading.Event()  # a call of this run ended, or a wake came: look again
-        self.woken = False  # a wake came while this run drained: events are arriving one after another
-
-    def wake(self) -> None:
-        """A kick for this run's peer found its flag held (dispatch.Wakes): new entries to claim."""
-        self.woken = True
-        self.stirred.set()
 
     def hold_flag(self) -> None:
         if self.flag is None:
@@ -538,12 +462,6 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
         outcomes = [_call(peer, target, groups[0], batched)]
     else:
         outcomes = list(_calls().map(lambda group: _call(peer, target, group, batched), groups))
-    return _record(peer, groups, outcomes, batched, drain)
-
-
-def _record(peer: Peer, groups: list[list[OutboxEntry]], outcomes: list, batched: bool,
-            drain: Drain) -> tuple[int, bool]:  # fmt: skip
-    """The outcomes of calls that have come back, recorded: `send_all`'s answer."""
     succeeded = [(group, answer) for group, answer in zip(groups, outcomes, strict=True)
                  if isinstance(answer, client.PeerAnswer)]  # fmt: skip
     failed = [(group, failure) for group, failure in zip(groups, outcomes, strict=True)
@@ -560,35 +478,6 @@ def _record(peer: Peer, groups: list[list[OutboxEntry]], outcomes: list, batched
         for group in groups:
             drain.finished(group)
     return sum(len(group) for group, _answer in succeeded), bool(failed)
-
-
-@dataclass
-class _Out:
-    """A pipelined call out: the peer as it was read when it was sent, its entries, its answer to come."""
-
-    peer: Peer
-    group: list[OutboxEntry]
-    future: Future
-
-
-def _start(peer: Peer, target: client.Target, group: list[OutboxEntry], batched: bool, drain: Drain) -> Future:
-    """`_call` on a call thread; its end stirs the drain."""
-    future = _calls().submit(_call, peer, target, group, batched)
-    future.add_done_callback(lambda _done: drain.stirred.set())
-    return future
-
-
-def _collect(out: list[_Out], drain: Drain, wait: bool) -> tuple[int, bool]:
-    """Record the calls of `out` that have come back (all of them with `wait`), removing them
-    from it. (entries delivered, whether a call failed)."""
-    delivered, failed = 0, False
-    for call in list(out):
-        if not wait and not call.future.done():
-            continue
-        out.remove(call)
-        sent, call_failed = _record(call.peer, [call.group], [call.future.result()], True, drain)
-        delivered, failed = delivered + sent, failed or call_failed
-    return delivered, failed
 
 
 def _call(peer: Peer, target: client.Target, group: list[OutboxEntry], batched: bool):
