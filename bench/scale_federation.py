@@ -58,7 +58,7 @@ with connection.execute_wrapper(capture):
     outbox.due_peer_ids()
 sql, params = captured[-1]
 marked = [{"now": True} if hasattr(v, "isoformat") else v for v in params]
-print(json.dumps({"claim": outbox.claim_sql()[0], "sweep": [sql, marked]}))
+print(json.dumps({"claim": outbox.claim_sql()[0][0], "sweep": [sql, marked]}))
 """
 
 

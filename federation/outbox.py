@@ -75,12 +75,12 @@ def claim(peer_id: int, limit: int) -> list[OutboxEntry]:
 
 
 @functools.cache
-def claim_sql() -> tuple[str, list, list]:
+def claim_sql() -> tuple[tuple[str, str], list, list]:
     entry_fields, event_fields = OutboxEntry._meta.concrete_fields, Event._meta.concrete_fields
     columns = ", ".join([f'o."{f.column}"' for f in entry_fields] + [f'e."{f.column}"' for f in event_fields])
     table = OutboxEntry._meta.db_table
     sql = f"""
-        WITH expired AS (
+        WITH {{unflushed_with}} expired AS (
             SELECT id FROM {table} WHERE status = 'in_flight' AND leased_until < %(now)s AND peer_id = %(peer)s
             ORDER BY leased_until LIMIT %(limit)s FOR UPDATE SKIP LOCKED
         ), due AS (
@@ -91,15 +91,15 @@ def claim_sql() -> tuple[str, list, list]:
         )
         UPDATE {table} o SET status = 'in_flight', leased_until = %(lease)s
         FROM {Event._meta.db_table} e
-        WHERE o.id IN (SELECT id FROM chosen) AND e.id = o.event_id
+        WHERE o.id IN (SELECT id FROM chosen) AND e.id = o.event_id AND {{unflushed}}
         RETURNING {columns}"""
-    return sql, entry_fields, event_fields
+    return fastsql.unflushed_forms(sql), entry_fields, event_fields
 
 
 def _claim_postgres(peer_id: int, limit: int, now, lease) -> list[OutboxEntry]:
-    sql, entry_fields, event_fields = claim_sql()
-    with fastsql.unflushed(), connection.cursor() as cursor:
-        cursor.execute(sql, {"now": now, "peer": peer_id, "limit": limit, "lease": lease})
+    forms, entry_fields, event_fields = claim_sql()
+    with connection.cursor() as cursor:  # one statement, its commit not waiting for the WAL flush (fastsql.unflushed)
+        fastsql.execute_unflushed(cursor, forms, {"now": now, "peer": peer_id, "limit": limit, "lease": lease})
         rows = cursor.fetchall()
     entries = []
     for row in rows:
@@ -512,17 +512,18 @@ def _calls():
 os.register_at_fork(after_in_child=_pool.clear)
 
 
-_DELIVERED_SQL = """
-    WITH answered AS (
+_DELIVERED_SQL = fastsql.unflushed_forms("""
+    WITH {unflushed_with} answered AS (
         SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::int[], %(latencies)s::int[]) AS a(id, status, latency)
     ), done AS (
         UPDATE federation_outboxentry SET status = 'delivered', attempts = attempts + 1, leased_until = NULL,
                last_error = '', delivered_at = %(now)s
-        WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND leased_until = ANY(%(tokens)s) RETURNING id
+        WHERE id = ANY(%(ids)s) AND status = 'in_flight' AND leased_until = ANY(%(tokens)s) AND {unflushed}
+        RETURNING id
     )
     INSERT INTO federation_delivery (peer_id, entry_id, attempted_at, status_code, outcome, latency_ms, error)
     SELECT %(peer)s, done.id, %(now)s, answered.status, 'delivered', answered.latency, ''
-    FROM done JOIN answered ON answered.id = done.id RETURNING entry_id"""
+    FROM done JOIN answered ON answered.id = done.id RETURNING entry_id""")
 
 
 def _results(answer, group, batched) -> list[tuple[str, str]]:
@@ -553,17 +554,18 @@ def _record_success(peer: Peer, succeeded: list[tuple[list[OutboxEntry], client.
                 delivered.append((entry, answer))
             else:
                 rejected.append((entry, answer, detail))
-    with fastsql.unflushed():
-        recorded = set(_mark_delivered(peer, delivered, now, tokens)) if delivered else set()
-        # One UPDATE and Delivery row per rejected entry (rare).
-        for entry, answer, detail in rejected:
-            if _ours([entry.pk], tokens).update(
-                status=OutboxEntry.Status.DEAD, attempts=F("attempts") + 1, leased_until=None, last_error=detail
-            ):  # fmt: skip
-                recorded.add(entry.pk)
-                Delivery.objects.create(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
-                                        outcome="dead", latency_ms=answer.latency_ms, error=detail)  # fmt: skip
-        _peer_after_success(peer, succeeded[-1][1])
+    # The delivered: one statement, alone (its own unflushed commit: fastsql.unflushed_forms).
+    recorded = set(_mark_delivered(peer, delivered, now, tokens)) if delivered else set()
+    if rejected:  # one UPDATE and Delivery row per rejected entry (rare)
+        with fastsql.unflushed():
+            for entry, answer, detail in rejected:
+                if _ours([entry.pk], tokens).update(
+                    status=OutboxEntry.Status.DEAD, attempts=F("attempts") + 1, leased_until=None, last_error=detail
+                ):  # fmt: skip
+                    recorded.add(entry.pk)
+                    Delivery.objects.create(peer=peer, entry=entry, attempted_at=now, status_code=answer.status_code,
+                                            outcome="dead", latency_ms=answer.latency_ms, error=detail)  # fmt: skip
+    _peer_after_success(peer, succeeded[-1][1])
     for group, _answer in succeeded:
         for entry in group:
             if entry.pk in recorded:
@@ -577,8 +579,8 @@ def _mark_delivered(peer: Peer, delivered: list[tuple[OutboxEntry, client.PeerAn
     latencies = [answer.latency_ms for _entry, answer in delivered]
     if settings.IS_POSTGRES:  # one statement for the delivered entries and their Delivery rows
         with connection.cursor() as cursor:
-            cursor.execute(_DELIVERED_SQL, {"now": now, "ids": ids, "peer": peer.pk, "tokens": list(tokens),
-                                            "statuses": statuses, "latencies": latencies})  # fmt: skip
+            fastsql.execute_unflushed(cursor, _DELIVERED_SQL, {"now": now, "ids": ids, "peer": peer.pk,
+                                      "tokens": list(tokens), "statuses": statuses, "latencies": latencies})  # fmt: skip
             return [row[0] for row in cursor.fetchall()]
     ours = set(_ours(ids, tokens).values_list("id", flat=True))  # SQLite: the write lock is ours meanwhile
     OutboxEntry.objects.filter(pk__in=ours).update(

@@ -228,6 +228,27 @@ def load(model, fields: tuple, row, conn=None):
 
 # --------------------------------------------------------------------------- commits
 
+UNFLUSHED_WITH = "unflushed AS (SELECT set_config('synchronous_commit', 'off', true) AS off),"
+UNFLUSHED_CHECK = "(SELECT off FROM unflushed) = 'off'"
+
+
+def unflushed_forms(template: str) -> tuple[str, str]:
+    """One PostgreSQL statement as `unflushed` would run it, without its transaction: (inside a
+    caller's transaction, alone). `template` names `{unflushed_with}` first in its WITH list and
+    `{unflushed}` as a condition of the statement that writes; alone, that condition turns
+    `synchronous_commit` off for the statement's own transaction (set_config local to it, read by
+    its commit), so the write is one round trip where BEGIN, SET LOCAL, the statement and COMMIT
+    were four (in one process: 728 → 247 µs, client CPU 404 → 119 µs per call). Inside a caller's
+    transaction the condition is TRUE: that transaction keeps its durable commit."""
+    return (template.format(unflushed_with="", unflushed="TRUE"),
+            template.format(unflushed_with=UNFLUSHED_WITH, unflushed=UNFLUSHED_CHECK))  # fmt: skip
+
+
+def execute_unflushed(cursor, forms: tuple[str, str], params) -> None:
+    """Run the form of `unflushed_forms` that fits the connection's state."""
+    cursor.execute(forms[not connection.in_atomic_block], params)
+
+
 @contextlib.contextmanager
 def unflushed():
     """A transaction whose commit does not wait for PostgreSQL to flush its WAL to disk
