@@ -32,6 +32,7 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 from federation import courier  # noqa: E402
 from ingest import broadcast  # noqa: E402
 from ingest.websocket_urls import websocket_urlpatterns  # noqa: E402
+from kite import heap  # noqa: E402
 from kite.bridge import WSGIBridge  # noqa: E402
 
 _router = ProtocolTypeRouter(
@@ -62,6 +63,7 @@ async def _lifespan(receive, send):
             # A serving process (not one that only imports the app, as tests do) delivers what it
             # stores, on PostgreSQL (federation.courier).
             _serving["courier"] = courier.install()
+            heap.freeze_loaded()  # what start-up loaded stays out of full GC passes (kite.heap)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             if _serving.get("courier") is not None:  # calls out finish (≤ 5 s) rather than wait for their leases
