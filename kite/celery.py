@@ -14,6 +14,7 @@ from celery.signals import (
     worker_init,
     worker_process_init,
     worker_process_shutdown,
+    worker_ready,
 )
 
 from kite import celery_fixes  # noqa: F401 - workers survive a broker restart (see the module)
@@ -85,10 +86,12 @@ def _pool_process_dumps_stacks(**kwargs):
 
 
 @worker_process_init.connect
+@worker_ready.connect
 @beat_init.connect
 def _freeze_loaded(**kwargs):
     """What the process loaded at start stays out of the garbage collector's full passes, which
-    otherwise walk it with the GIL held (50–165 ms each; kite.heap)."""
+    otherwise walk it with the GIL held (50–165 ms each; kite.heap): each pool process, the worker's
+    own process (it takes the broker's messages and hands them to the pool) once it is ready, beat."""
     from kite import heap
 
     heap.freeze_loaded()

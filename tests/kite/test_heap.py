@@ -9,7 +9,7 @@ import signal as signals
 import time
 
 import pytest
-from celery.signals import beat_init, worker_process_init
+from celery.signals import beat_init, worker_process_init, worker_ready
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_the_web_process_freezes_what_it_loaded_when_it_starts_serving(unfrozen)
     assert after < before / 3, (before, after)  # a full pass no longer walks them
 
 
-@pytest.mark.parametrize("signal", [worker_process_init, beat_init], ids=["pool process", "beat"])
+@pytest.mark.parametrize("signal", [worker_process_init, worker_ready, beat_init], ids=["pool process", "worker", "beat"])
 def test_celery_pool_processes_and_beat_freeze_what_they_loaded_at_start(unfrozen, signal):
     import kite.celery  # noqa: F401 - connects the handlers
 
