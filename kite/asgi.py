@@ -28,6 +28,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.wsgi import get_wsgi_application  # noqa: E402
+from django.urls import get_resolver  # noqa: E402
 
 from federation import courier  # noqa: E402
 from ingest import broadcast  # noqa: E402
@@ -63,6 +64,7 @@ async def _lifespan(receive, send):
             # A serving process (not one that only imports the app, as tests do) delivers what it
             # stores, on PostgreSQL (federation.courier).
             _serving["courier"] = courier.install()
+            get_resolver().url_patterns  # the URLconf and every view module: loaded now, not by the first requests
             heap.freeze_loaded()  # what start-up loaded stays out of full GC passes (kite.heap)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
