@@ -9,8 +9,10 @@ after start-up each serving process collects once and moves what is left to the 
 generation (`gc.freeze`); full passes then walk only what was made since. Cycles among frozen
 objects freed later are not reclaimed — a start-up's worth of objects at most.
 
-Called by the web process at ASGI lifespan start-up (kite.asgi), by each Celery pool process at
-its start and by beat (kite.celery)."""
+Called by the web process at ASGI lifespan start-up, once the URLconf and its views are loaded
+(kite.asgi), by the Celery worker's own process once it is ready, each pool process at its start
+and beat (kite.celery). bench/gcpauses.py shows the full passes of both instances' processes while
+federated events flow."""
 
 import gc
 
