@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=10)
-    parser.add_argument("--verbose", action="store_true", help="each pass: its time, process id and parent")
+    parser.add_argument("--verbose", action="store_true", help="every pass, inside the rounds or not: when, how long, which process")
     args = parser.parse_args(argv)
     tree = pathlib.Path(args.tree)
     with tempfile.TemporaryDirectory(prefix="kite-gcpauses-") as directory:
@@ -89,13 +89,11 @@ def main(argv=None) -> int:
         for log in pathlib.Path(directory).glob("gc-*.log"):
             for line in log.read_text().splitlines():
                 at, took, frozen, walked, pids, process = line.split(" ", 5)
-                if args.verbose and "worker" in process:
-                    print("  worker pass:", f"{float(at) - start:+.2f} s from the window's start", took, "ms, frozen",
-                          frozen, "walked", walked, "pid/ppid", pids)  # fmt: skip
+                if args.verbose:  # every pass, start-up's included, timed from the window's start
+                    print(f"  pass {float(at) - start:+7.2f} s: {took} ms, frozen {frozen}, walked {walked}, "
+                          f"pid/ppid {pids}, {kind(process)}")  # fmt: skip
                 if start <= float(at) <= stop:
                     passes[kind(process)].append((float(took), int(frozen), int(walked)))
-                    if args.verbose:
-                        print("  pass:", at, took, "ms, frozen", frozen, "walked", walked, "pid/ppid", pids, process)
     print(f"tree {tree}, {args.rounds} rounds × {args.duration:g} s at {args.rate:g} events/s")
     for result in rounds:
         print("  round:", result)

@@ -1,5 +1,6 @@
 """A serving process moves what it loaded at start out of the garbage collector's full passes
-(kite.heap): the web process at ASGI lifespan start-up, each Celery pool process and beat at theirs.
+(kite.heap): the web process at ASGI lifespan start-up, the Celery worker once ready, each pool
+process and beat at their start.
 A full pass over a started process walked every loaded object with the GIL held."""
 
 import asyncio
