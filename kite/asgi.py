@@ -8,6 +8,7 @@ one thread hop per request (a2wsgi, used before, took four: bench/RESULTS.md).
 import asyncio
 import multiprocessing
 import os
+import sys
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kite.settings")
 
@@ -48,6 +49,14 @@ _router = ProtocolTypeRouter(
 
 _serving: dict = {}
 
+# How long a thread holding the GIL keeps it while another waits (CPython's default: 5 ms). A web
+# process runs the event loop (HTTP in and out, WebSockets) and KITE_WSGI_THREADS threads running
+# Django; each request hands the GIL from the loop to a thread and back, and each of its database
+# round trips gives it up and takes it again. Under load every hand-off could wait up to 5 ms for a
+# thread busy in Python: 1 ms cut the p99 of webhooks at 800/s (bench/RESULTS.md, "Threads and the
+# GIL"). Set when the process starts serving, so importing the app (tests, tools) changes nothing.
+SWITCH_INTERVAL = 0.001
+
 
 async def application(scope, receive, send):
     if scope["type"] == "lifespan":
@@ -66,6 +75,7 @@ async def _lifespan(receive, send):
             _serving["courier"] = courier.install()
             get_resolver().url_patterns  # the URLconf and every view module: loaded now, not by the first requests
             heap.freeze_loaded()  # what start-up loaded stays out of full GC passes (kite.heap)
+            sys.setswitchinterval(SWITCH_INTERVAL)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             if _serving.get("courier") is not None:  # calls out finish (≤ 5 s) rather than wait for their leases

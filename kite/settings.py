@@ -321,7 +321,11 @@ if KITE_EVENT_RETENTION_DAYS < 0:
 # Each uvicorn worker runs Python on one core at a time (GIL): with Redis carrying the channel
 # layer, two workers serve ~1.4x the webhooks of one on 2 cores (bench/RESULTS.md, ab-workers).
 KITE_WEB_WORKERS = _positive_int("KITE_WEB_WORKERS", 2 if REDIS_URL else 1)
-KITE_WSGI_THREADS = _positive_int("KITE_WSGI_THREADS", 16)
+# Threads per web process running Django (kite.bridge). Each takes turns with the event loop for the
+# GIL: on 2 cores 4 served ~1.3x the webhooks of 16 at ~0.8x the CPU per webhook, with a lower tail
+# at 800/s (bench/RESULTS.md, "Threads and the GIL"). A request waiting on a slow peer (a handshake,
+# a fleet list) holds its thread: raise it where operators' calls to unreachable peers queue others.
+KITE_WSGI_THREADS = _positive_int("KITE_WSGI_THREADS", 4)
 if KITE_WEB_WORKERS > 1 and not REDIS_URL:
     raise ImproperlyConfigured("KITE_WEB_WORKERS > 1 needs REDIS_URL (the in-memory channel layer is per process)")
 

@@ -1,12 +1,14 @@
 """A serving process moves what it loaded at start out of the garbage collector's full passes
 (kite.heap): the web process at ASGI lifespan start-up, the Celery worker once ready, each pool
 process and beat at their start.
-A full pass over a started process walked every loaded object with the GIL held."""
+A full pass over a started process walked every loaded object with the GIL held.
+And the web process, once serving, has its threads take turns with the GIL every millisecond."""
 
 import asyncio
 import faulthandler
 import gc
 import signal as signals
+import sys
 import time
 
 import pytest
@@ -68,3 +70,21 @@ def test_celery_pool_processes_and_beat_freeze_what_they_loaded_at_start(unfroze
         signals.signal(signals.SIGTERM, sigterm)
         faulthandler.unregister(signals.SIGWINCH)
     assert gc.get_freeze_count() > 50_000
+
+
+
+@pytest.fixture(autouse=True)
+def switch_interval():
+    """A lifespan start-up sets the process's switch interval: the test process gets its own back."""
+    before = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_the_web_process_hands_the_gil_on_after_a_millisecond_once_serving(unfrozen):
+    """The event loop and the request threads take turns every millisecond, not every 5 (kite.asgi)."""
+    import kite.asgi
+
+    sys.setswitchinterval(0.005)  # CPython's default
+    _lifespan_startup()
+    assert sys.getswitchinterval() == pytest.approx(kite.asgi.SWITCH_INTERVAL) == pytest.approx(0.001)
