@@ -318,6 +318,21 @@ class Deployment:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+def deployment_for(args) -> Deployment:
+    """This script's Deployment for another script's parsed arguments (bench/scale.py, bench/ceiling.py): its
+    ports, services directory, database, --max-rate, --wrk, --keep-services and --env."""
+    argv = [
+        "--port", str(args.port), "--pg-port", str(args.pg_port), "--redis-port", str(args.redis_port),
+        "--services-dir", args.services_dir, "--database", args.database, "--max-rate", str(args.max_rate),
+        "--wrk", args.wrk,
+    ]  # fmt: skip
+    if args.keep_services:
+        argv.append("--keep-services")
+    for item in args.env:
+        argv += ["--env", item]
+    return Deployment(build_parser().parse_args(argv))
+
+
 # --------------------------------------------------------------------------- CPU accounting
 
 def cpu_snapshot(dep: Deployment) -> dict[str, float]:

@@ -121,16 +121,7 @@ def rss_mb(pids) -> float:
 class Scale(common.BulkLoad):
     def __init__(self, args):
         self.args = args
-        ingest_argv = [
-            "--port", str(args.port), "--pg-port", str(args.pg_port), "--redis-port", str(args.redis_port),
-            "--services-dir", args.services_dir, "--database", args.database, "--max-rate", str(args.max_rate),
-            "--wrk", args.wrk,
-        ]  # fmt: skip
-        if args.keep_services:
-            ingest_argv.append("--keep-services")
-        for item in args.env:
-            ingest_argv += ["--env", item]
-        self.dep = bench.Deployment(bench.build_parser().parse_args(ingest_argv))
+        self.dep = bench.deployment_for(args)
         if args.phases & FEDERATION_PHASES:  # B's commit timestamps: A's 202 → stored at B
             self.dep.services.env["KITE_PG_OPTIONS"] = "-c track_commit_timestamp=on"
         self.bulk_serial = 0
