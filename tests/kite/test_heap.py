@@ -22,6 +22,14 @@ def unfrozen():
     gc.unfreeze()  # the test process's own objects go back where they were
 
 
+@pytest.fixture(autouse=True)
+def switch_interval():
+    """A lifespan start-up sets the process's switch interval: the test process gets its own back."""
+    before = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(before)
+
+
 def _full_pass_ms() -> float:
     best = float("inf")
     for _ in range(3):
@@ -70,15 +78,6 @@ def test_celery_pool_processes_and_beat_freeze_what_they_loaded_at_start(unfroze
         signals.signal(signals.SIGTERM, sigterm)
         faulthandler.unregister(signals.SIGWINCH)
     assert gc.get_freeze_count() > 50_000
-
-
-
-@pytest.fixture(autouse=True)
-def switch_interval():
-    """A lifespan start-up sets the process's switch interval: the test process gets its own back."""
-    before = sys.getswitchinterval()
-    yield
-    sys.setswitchinterval(before)
 
 
 def test_the_web_process_hands_the_gil_on_after_a_millisecond_once_serving(unfrozen):
