@@ -159,11 +159,19 @@ HOOK_SOURCE_CACHE_SIZE = 4096
 _hook_sources: dict[tuple[str, str], Source] = {}
 
 
-def source_for_hook_cached(team_id: str, name: str) -> Source | None:
-    """`source_for_hook`, from this process's copy when it has one (`from_cache` says which)."""
+def source_for_hook_copy(team_id: str, name: str) -> Source | None:
+    """This process's copy of the source, when it has one it may use (as `source_for_hook_cached`),
+    without reading the database: None otherwise."""
     cached = _hook_sources.get((team_id, name))
     if cached is None or not hooks.event_stored_idle(cached):
-        return source_for_hook(team_id, name)  # an event some hook writes for is stored in a transaction
+        return None
     found = fastsql.copied(cached)
     found.from_cache = True
     return found
+
+
+def source_for_hook_cached(team_id: str, name: str) -> Source | None:
+    """`source_for_hook`, from this process's copy when it has one (`from_cache` says which)."""
+    found = source_for_hook_copy(team_id, name)
+    # none, or an event some hook writes for, which is stored in a transaction: read it
+    return found if found is not None else source_for_hook(team_id, name)

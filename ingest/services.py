@@ -131,15 +131,7 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
     The signature is checked before the rate limit, so unsigned junk cannot use
     up a source's quota and crowd out the real sender.
     """
-    cached = verifiers.from_cache.set(getattr(source, "from_cache", False))
-    try:
-        with tracing.span("kite.verify", {"kite.source.kind": source.kind}):
-            sender = verifiers.VERIFIERS[source.kind](source_credential(source), headers, body, int(time.time()),
-                                                      source.team_id)  # fmt: skip
-    except verifiers.VerificationError as exc:
-        raise ApiError(exc.detail, exc.code, status=exc.status) from None
-    finally:
-        verifiers.from_cache.reset(cached)
+    sender = webhook_verify(source, headers, body)
     verdict = ratelimit.hit(f"source:{source.pk}", source.rate_limit_per_second)
     if not verdict.allowed:
         raise ApiError(
@@ -148,17 +140,37 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
             status=429,
             headers={"Retry-After": str(verdict.retry_after)},
         )
-    try:
-        draft = cloudevent.CONVERTERS[source.kind](headers, body, timezone.now())
-        draft = _received(source, draft, sender) if hooks.event_received else draft
-    except cloudevent.MalformedEvent as exc:
-        raise ApiError(exc.detail, exc.code, status=exc.status) from None
+    draft = webhook_draft(source, headers, body, sender)
     if isinstance(draft, list) and (getattr(source, "from_cache", False) or getattr(sender, "store_guard", None)):
         raise SourceChanged  # a batch is stored in a transaction that cannot check the copies: read them
     with tracing.storing(draft, headers):  # each event leaves with a `traceparent` (kite.tracing)
         if isinstance(draft, list):
             return events_store_batch(source=source, items=draft, sender=sender)
         return event_store(source=source, draft=draft, sender=sender)
+
+
+def webhook_verify(source: Source, headers: dict[str, str], body: bytes):
+    """The source's verifier over the request: what it learned about the sender (None for a
+    provider), or ApiError."""
+    cached = verifiers.from_cache.set(getattr(source, "from_cache", False))
+    try:
+        with tracing.span("kite.verify", {"kite.source.kind": source.kind}):
+            return verifiers.VERIFIERS[source.kind](source_credential(source), headers, body, int(time.time()),
+                                                    source.team_id)  # fmt: skip
+    except verifiers.VerificationError as exc:
+        raise ApiError(exc.detail, exc.code, status=exc.status) from None
+    finally:
+        verifiers.from_cache.reset(cached)
+
+
+def webhook_draft(source: Source, headers: dict[str, str], body: bytes, sender):
+    """The verified request as a CloudEvent Draft (a batch: a list, a bad event as its
+    MalformedEvent), through the event_received hooks; ApiError if it is not one."""
+    try:
+        draft = cloudevent.CONVERTERS[source.kind](headers, body, timezone.now())
+        return _received(source, draft, sender) if hooks.event_received else draft
+    except cloudevent.MalformedEvent as exc:
+        raise ApiError(exc.detail, exc.code, status=exc.status) from None
 
 
 def _received(source: Source, draft, sender):
@@ -176,7 +188,7 @@ def _received(source: Source, draft, sender):
     return items
 
 
-def _new_event(source: Source, draft: cloudevent.Draft) -> Event:
+def new_event(source: Source, draft: cloudevent.Draft) -> Event:
     return Event(
         team_id=source.team_id,
         source=source,
@@ -232,27 +244,44 @@ def _store_alone_guard(sender_guard: str = "") -> str:
     )
 
 
-def _store_alone(source: Source, event: Event, sender=None) -> "Ingested | None":
-    """Store an event that no hook writes anything for with one statement (no transaction around
+def store_alone_statement(source: Source, event: Event, sender=None) -> fastsql.Guarded:
+    """The one statement that stores an event no hook writes anything for (no transaction around
     it: one round trip where BEGIN, INSERT, COMMIT were three), which also checks that the source
     row, the team's routes and the sender's cached rows (its `store_guard`) are still as read.
-    None: let the transactional path store it."""
+    Run here by `_store_alone`, on the event loop by ingest.edge; `stored_alone` takes its row."""
     sender_guard = getattr(sender, "store_guard", None)
-    guard, inserted = fastsql.insert_guarded(
+    return fastsql.guarded_insert(
         event,
         guard=_store_alone_guard(sender_guard.sql if sender_guard else ""),
         guard_params=[source.pk, source.row_version, source.team_routes_version,
                       *(sender_guard.params if sender_guard else ())],  # fmt: skip
         skip_conflicts_on=("team", "ce_source", "ce_id"),
     )
-    if guard is None:  # the source, the team's peers or the sender's rows changed since they were read
+
+
+def stored_alone(source: Source, statement: "fastsql.Guarded", row) -> bool | None:
+    """What `store_alone_statement`'s row says: True, stored (the source learns its team's
+    `listening_until`); False, a duplicate of a stored event; None, the guard found nothing
+    (the source, the team's peers or the sender's rows changed since they were read)."""
+    guard, inserted = statement.result(row)
+    if guard is None:
+        return None
+    source.team_listening_until = guard[0]
+    return inserted
+
+
+def _store_alone(source: Source, event: Event, sender=None) -> "Ingested | None":
+    """Store an event with `store_alone_statement`. None: let the transactional path store it."""
+    statement = store_alone_statement(source, event, sender)
+    stored = stored_alone(source, statement, statement.run())
+    if stored is None:
+        sender_guard = getattr(sender, "store_guard", None)
         if sender_guard is not None:
             sender_guard.forget()
         if getattr(source, "from_cache", False) or sender_guard is not None:
             raise SourceChanged
         return None
-    source.team_listening_until = guard[0]
-    if not inserted:
+    if not stored:
         existing = _existing(event)
         return Ingested(existing, created=False) if existing is not None else None
     # robust: a failed notice is logged, never a 500 for an event that is already stored.
@@ -265,7 +294,7 @@ def event_store(*, source: Source, draft: cloudevent.Draft, sender=None) -> Inge
 
     Raises SourceChanged when `source` came from the per-process cache and has changed since:
     the caller verifies the webhook again against a fresh read."""
-    event = _new_event(source, draft)
+    event = new_event(source, draft)
     if getattr(source, "row_version", None) is not None and hooks.event_stored_idle(source):
         stored = _store_alone(source, event, sender)
         if stored is not None:
@@ -313,7 +342,7 @@ def _store_batch_at_once(source: Source, items: list, sender) -> list[BatchItem]
     if not connection.features.can_return_rows_from_bulk_insert:
         return None  # the hooks need each event's id
     events = {
-        i: _new_event(source, item) for i, item in enumerate(items) if not isinstance(item, cloudevent.MalformedEvent)
+        i: new_event(source, item) for i, item in enumerate(items) if not isinstance(item, cloudevent.MalformedEvent)
     }
     keys = [(event.ce_source, event.ce_id) for event in events.values()]
     if len(set(keys)) != len(keys):
@@ -360,7 +389,7 @@ def _store_batch_one_by_one(source: Source, items: list, sender) -> list[BatchIt
         if isinstance(item, cloudevent.MalformedEvent):
             results.append(BatchItem("", "rejected", item.detail))
             continue
-        event = _new_event(source, item)
+        event = new_event(source, item)
         try:
             with transaction.atomic():
                 _insert(event, sender)

@@ -32,16 +32,15 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 from django.urls import get_resolver  # noqa: E402
 
 from federation import courier  # noqa: E402
-from ingest import broadcast  # noqa: E402
+from ingest import broadcast, edge  # noqa: E402
 from ingest.websocket_urls import websocket_urlpatterns  # noqa: E402
 from kite import heap  # noqa: E402
 from kite.bridge import WSGIBridge  # noqa: E402
 
+_bridge = WSGIBridge(get_wsgi_application(), threads=settings.KITE_WSGI_THREADS, max_body=settings.KITE_MAX_BODY_BYTES)
 _router = ProtocolTypeRouter(
     {
-        "http": WSGIBridge(
-            get_wsgi_application(), threads=settings.KITE_WSGI_THREADS, max_body=settings.KITE_MAX_BODY_BYTES
-        ),
+        "http": _bridge,
         "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
     }
 )
@@ -73,6 +72,9 @@ async def _lifespan(receive, send):
             # A serving process (not one that only imports the app, as tests do) delivers what it
             # stores, on PostgreSQL (federation.courier).
             _serving["courier"] = courier.install()
+            # …and stores the common webhook on its event loop (ingest.edge), the rest through Django.
+            _serving["edge"] = edge.install()
+            _bridge.front = _serving["edge"].take if _serving["edge"] is not None else None
             get_resolver().url_patterns  # the URLconf and every view module: loaded now, not by the first requests
             heap.freeze_loaded()  # what start-up loaded stays out of full GC passes (kite.heap)
             sys.setswitchinterval(SWITCH_INTERVAL)
@@ -80,6 +82,9 @@ async def _lifespan(receive, send):
         elif message["type"] == "lifespan.shutdown":
             if _serving.get("courier") is not None:  # calls out finish (≤ 5 s) rather than wait for their leases
                 await asyncio.get_running_loop().run_in_executor(None, _serving["courier"].close, 5.0)
+            if _serving.get("edge") is not None:
+                _bridge.front = None
+                await _serving["edge"].close()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

@@ -33,12 +33,22 @@ class WSGIBridge:
         self.app = app
         self.max_body = max_body
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="WSGI")
+        # Set by a serving process (kite.asgi): a coroutine (scope, body bytes) that may answer a
+        # request whose whole body is in, on the event loop: (status, headers, body), or None for the app.
+        self.front = None
 
     async def __call__(self, scope, receive, send):
         loop = asyncio.get_running_loop()
         body = await self._read_body(scope, receive, loop)
         if body is None:
             return  # the client left before its body was in: nobody to answer
+        if self.front is not None and not body._has_more:
+            answer = await self.front(scope, bytes(body.buffer))
+            if answer is not None:
+                status, headers, content = answer
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": content})
+                return
         response = _Response(loop, send, head=scope["method"] == "HEAD")
         run = contextvars.copy_context().run
         try:

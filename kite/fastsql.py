@@ -102,30 +102,53 @@ def _guarded_insert_sql(model, guard: str, conflict_on: tuple[str, ...]) -> tupl
     return sql, written, returned
 
 
-def insert_guarded(obj, *, guard: str, guard_params: list, skip_conflicts_on: tuple[str, ...]):
-    """One statement (PostgreSQL only): INSERT `obj` only if the `guard` query (at most one row)
-    finds a row, skipping it if its `skip_conflicts_on` key is already stored.
+class Guarded:
+    """One guarded INSERT (`guarded_insert`): its SQL and parameters, run here (`run`) or by any
+    psycopg connection, sync or async (ingest.edge), and what its row means (`result`)."""
 
-    Returns (guard_row, inserted): guard_row is None when the guard found nothing (nothing
-    inserted); otherwise the guard's columns, and `inserted` says whether `obj` went in (its
-    primary key and db_default fields are then set) or met a stored duplicate."""
-    if connection.vendor != "postgresql":
+    __slots__ = ("obj", "sql", "params", "returned")
+
+    def __init__(self, obj, sql: str, params: list, returned: list):
+        self.obj, self.sql, self.params, self.returned = obj, sql, params, returned
+
+    def run(self):
+        """Its row, through this thread's Django connection."""
+        with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+            cursor.execute(self.sql, self.params)
+            return cursor.fetchone()
+
+    def result(self, row):
+        """(guard_row, inserted): guard_row is None when the guard found nothing (nothing
+        inserted); otherwise the guard's columns, and `inserted` says whether `obj` went in (its
+        primary key and db_default fields are then set) or met a stored duplicate."""
+        if row is None:
+            return None, False
+        returned = self.returned
+        guard_row, inserted_row = row[: -len(returned)], row[-len(returned):]
+        if inserted_row[0] is None:
+            return guard_row, False
+        for field, value in zip(returned, inserted_row, strict=True):
+            setattr(self.obj, field.attname, value)
+        self.obj._state.adding, self.obj._state.db = False, DEFAULT_DB_ALIAS
+        return guard_row, True
+
+
+def guarded_insert(obj, *, guard: str, guard_params: list, skip_conflicts_on: tuple[str, ...]) -> Guarded:
+    """One statement (PostgreSQL only): INSERT `obj` only if the `guard` query (at most one row)
+    finds a row, skipping it if its `skip_conflicts_on` key is already stored. Builds it; no
+    database access (the values are converted as the ORM converts them for PostgreSQL)."""
+    db = connections[DEFAULT_DB_ALIAS]  # `connection` is a proxy: one thread-local lookup, not one per value
+    if db.vendor != "postgresql":
         raise NotImplementedError("insert_guarded needs PostgreSQL")
     sql, written, returned = _guarded_insert_sql(type(obj), guard, tuple(skip_conflicts_on))
-    db = connections[DEFAULT_DB_ALIAS]  # `connection` is a proxy: one thread-local lookup, not one per value
     params = list(guard_params) + [field.get_db_prep_save(field.pre_save(obj, True), db) for field in written]
-    with db.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
-    if row is None:
-        return None, False
-    guard_row, inserted_row = row[: -len(returned)], row[-len(returned):]
-    if inserted_row[0] is None:
-        return guard_row, False
-    for field, value in zip(returned, inserted_row, strict=True):
-        setattr(obj, field.attname, value)
-    obj._state.adding, obj._state.db = False, connection.alias
-    return guard_row, True
+    return Guarded(obj, sql, params, returned)
+
+
+def insert_guarded(obj, *, guard: str, guard_params: list, skip_conflicts_on: tuple[str, ...]):
+    """`guarded_insert`, run: (guard_row, inserted) as `Guarded.result` says."""
+    statement = guarded_insert(obj, guard=guard, guard_params=guard_params, skip_conflicts_on=skip_conflicts_on)
+    return statement.result(statement.run())
 
 
 @functools.cache

@@ -313,6 +313,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = KITE_MAX_BODY_BYTES
 # (federation.courier): lower latency at low rates, a higher p99 at 200 events/s on a 2-core machine
 # (bench/RESULTS.md). off: every delivery goes through a worker's task. PostgreSQL only.
 KITE_WEB_DELIVERY = _bool("KITE_WEB_DELIVERY", False)
+# on: a web process stores the common webhook on its event loop, without a thread or Django's request
+# handling (ingest.edge), and serves every other one through Django as before. PostgreSQL only.
+KITE_LOOP_INGEST = _bool("KITE_LOOP_INGEST", True)
 KITE_EVENT_RETENTION_DAYS = _env("KITE_EVENT_RETENTION_DAYS", env.int, 0)  # 0 keeps events forever
 if KITE_EVENT_RETENTION_DAYS < 0:
     raise ImproperlyConfigured(

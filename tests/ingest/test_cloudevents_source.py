@@ -582,7 +582,7 @@ def test_a_peer_reading_the_event_as_federation_sends_it_stores_the_same_event(c
     del sent["kitecursor"]
 
     draft = cloudevent.CONVERTERS["kite"]({"content-type": STRUCTURED}, json.dumps(sent).encode(), timezone.now())
-    received = services._new_event(Source.objects.get(team=team, name="producer"), draft)
+    received = services.new_event(Source.objects.get(team=team, name="producer"), draft)
     received.id, received.txid = 1, 0
     again = received.to_cloudevent()
     del again["kitecursor"]

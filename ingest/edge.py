@@ -1,0 +1,198 @@
+"""Webhooks stored on the web process's event loop: the common case of POST /hooks/… without a thread.
+
+A webhook served by Django (ingest.views.hook) takes a hop to a thread of the WSGI bridge, Django's
+request handling and a synchronous database call, each turn of which competes for the GIL with the
+event loop: most of a verified webhook's CPU is that, not its work (bench/RESULTS.md, "The ingest
+ceiling"). The edge takes the common case on the loop itself — the same functions verify and
+convert it, the same single statement (ingest.services.store_alone_statement) stores it, sent
+through an asynchronous psycopg connection — and hands everything else to Django unchanged, with
+the body it has read:
+
+- the edge takes only a POST to /hooks/{team}/{source} with a Content-Length that came whole, a
+  valid Host, for a source this process has cached (ingest.selectors) whose events no hook writes
+  anything for, of a provider's kind (not a peer's), without a rate limit, while tracing is off;
+- it answers only 202, for an event it stored. A request that fails verification, is malformed,
+  a batch, a duplicate, or meets a changed source (the statement's guard), a database error or
+  no free connection in time, goes to Django, which answers it as it always has (its error, its
+  200 for a duplicate, its 503 for an outage). Nothing the edge did is visible then: it stored
+  nothing and counted nothing.
+
+PostgreSQL only (the embedded SQLite default serves every webhook through Django).
+KITE_LOOP_INGEST=off turns it off.
+"""
+
+import asyncio
+import logging
+import re
+import time
+
+import orjson
+import psycopg
+from django.conf import settings
+from django.db import connections
+from django.http.request import split_domain_port, validate_host
+
+from ingest import broadcast, selectors, services, verifiers
+from ingest.models import Source
+from kite import metrics, tracing
+from kite.errors import ApiError
+from kite.bridge import environ_for
+
+log = logging.getLogger(__name__)
+
+PATH = re.compile(r"^/hooks/([^/]+)/([^/]+)$")
+KINDS = frozenset({Source.Kind.STRIPE, Source.Kind.GITHUB, Source.Kind.STANDARD, Source.Kind.CLOUDEVENTS,
+                   Source.Kind.NONE})  # fmt: skip
+WAIT_SECONDS = 1.0  # for a free connection; then Django takes the webhook (its threads have their own)
+APPLICATION_NAME = "kite-loop-ingest"  # how its connections show in pg_stat_activity
+CONNECTIONS = 4  # per web process, besides its KITE_WSGI_THREADS threads' own (docs/scaling.md)
+STATEMENT_SECONDS = 5.0  # a statement that takes longer: its connection is closed, Django takes over
+
+
+class Pool:
+    """Autocommit connections of this process's event loop, opened as needed up to `size`."""
+
+    def __init__(self, size: int):
+        self.size, self.opened = size, 0
+        self.idle: asyncio.LifoQueue[psycopg.AsyncConnection] = asyncio.LifoQueue()
+
+    @staticmethod
+    def params() -> dict:
+        """What Django connects with (its conninfo, adapters and prepare threshold), for psycopg's async API."""
+        params = connections["default"].get_connection_params()
+        params.pop("cursor_factory", None)  # Django's are synchronous; the async default binds server-side
+        params["application_name"] = APPLICATION_NAME
+        return params
+
+    async def take(self) -> psycopg.AsyncConnection | None:
+        if self.idle.empty() and self.opened < self.size:
+            self.opened += 1
+            try:
+                return await psycopg.AsyncConnection.connect(**self.params(), autocommit=True)
+            except BaseException:
+                self.opened -= 1
+                raise
+        try:
+            return await asyncio.wait_for(self.idle.get(), WAIT_SECONDS)
+        except TimeoutError:
+            return None
+
+    def give_back(self, conn: psycopg.AsyncConnection) -> None:
+        if conn.closed or conn.broken:
+            self.opened -= 1
+        else:
+            self.idle.put_nowait(conn)
+
+    async def discard(self, conn: psycopg.AsyncConnection) -> None:
+        self.opened -= 1
+        try:
+            await conn.close()
+        except Exception:  # noqa: BLE001 - already broken: nothing to keep
+            pass
+
+    async def close(self) -> None:
+        while not self.idle.empty():
+            await self.discard(self.idle.get_nowait())
+
+
+class Edge:
+    def __init__(self, *, connections: int):
+        self.pool = Pool(connections)
+        self.headers = _answer_headers()
+        self.headers_https = [*self.headers, *_hsts()]
+
+    async def take(self, scope, body: bytes) -> tuple[int, list, bytes] | None:
+        """The answer to a webhook the edge stored, or None: Django answers it."""
+        match = PATH.match(scope["path"])
+        if match is None or scope["method"] != "POST" or scope.get("root_path") or tracing.ENABLED:
+            return None
+        started = time.perf_counter()
+        source = selectors.source_for_hook_copy(*match.groups())
+        if source is None or source.kind not in KINDS or source.rate_limit_per_second or source.row_version is None:
+            return None
+        environ = environ_for(scope, body)
+        if environ.get("CONTENT_LENGTH") != str(len(body)) or not _host_allowed(environ):
+            return None
+        headers = verifiers.headers_of(environ)
+        try:
+            sender = services.webhook_verify(source, headers, body)
+            draft = services.webhook_draft(source, headers, body, sender)
+        except ApiError:
+            return None
+        if sender is not None or isinstance(draft, list):
+            return None
+        with tracing.storing(draft, headers):  # a `traceparent` the request carried goes with the event
+            event = services.new_event(source, draft)
+        statement = services.store_alone_statement(source, event)
+        row = await self._run(statement)
+        if row is False or services.stored_alone(source, statement, row) is not True:
+            return None  # a database error, a changed source or a duplicate: Django's to answer
+        broadcast.event_stored(event)
+        metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
+        metrics.EVENTS_INGESTED.labels(source.name, "accepted").inc()
+        answer = orjson.dumps({"id": event.ce_id, "duplicate": False})
+        headers = self.headers_https if scope.get("scheme") == "https" else self.headers
+        return 202, [*headers, (b"content-length", b"%d" % len(answer))], answer
+
+    async def _run(self, statement):
+        """The statement's row (None: no row), or False: not run or its outcome unknown."""
+        try:
+            conn = await self.pool.take()
+        except psycopg.Error as exc:
+            log.warning("webhook edge: cannot connect to the database (%s); Django serves webhooks meanwhile", exc)
+            return False
+        if conn is None:
+            return False
+        try:
+            async with asyncio.timeout(STATEMENT_SECONDS):
+                cursor = await conn.execute(statement.sql, statement.params)
+                row = await cursor.fetchone()
+        except (psycopg.Error, TimeoutError) as exc:
+            log.warning("webhook edge: %s: %s; Django takes the webhook", type(exc).__name__, exc)
+            await self.pool.discard(conn)
+            return False
+        self.pool.give_back(conn)
+        return row
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+def _host_allowed(environ) -> bool:
+    """Django's request.get_host() check (ALLOWED_HOSTS) on the Host header; without one, Django decides."""
+    domain, _ = split_domain_port(environ.get("HTTP_HOST", ""))
+    return bool(domain) and validate_host(domain, settings.ALLOWED_HOSTS)
+
+
+def _answer_headers() -> list[tuple[bytes, bytes]]:
+    """What Django's answer to a stored webhook carries besides its body: its content type, the
+    security middleware's headers and `kite-instance` (ingest.views._answer)."""
+    headers = [(b"content-type", b"application/json")]
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+        headers.append((b"x-content-type-options", b"nosniff"))
+    if settings.SECURE_REFERRER_POLICY:
+        headers.append((b"referrer-policy", settings.SECURE_REFERRER_POLICY.encode("latin-1")))
+    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
+        headers.append((b"cross-origin-opener-policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY.encode("latin-1")))
+    headers.append((b"x-frame-options", settings.X_FRAME_OPTIONS.encode("latin-1")))
+    headers.append((b"kite-instance", settings.KITE_INSTANCE_ID.encode("latin-1")))
+    return headers
+
+
+def _hsts() -> list[tuple[bytes, bytes]]:
+    """SecurityMiddleware's Strict-Transport-Security, which it sends on HTTPS only."""
+    if not settings.SECURE_HSTS_SECONDS:
+        return []
+    value = f"max-age={settings.SECURE_HSTS_SECONDS}"
+    if settings.SECURE_HSTS_INCLUDE_SUBDOMAINS:
+        value += "; includeSubDomains"
+    if settings.SECURE_HSTS_PRELOAD:
+        value += "; preload"
+    return [(b"strict-transport-security", value.encode("latin-1"))]
+
+
+def install() -> "Edge | None":
+    """The edge of this serving process, or None where it does not apply (SQLite, KITE_LOOP_INGEST=off)."""
+    if not settings.IS_POSTGRES or not settings.KITE_LOOP_INGEST:
+        return None
+    return Edge(connections=CONNECTIONS)

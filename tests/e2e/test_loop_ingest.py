@@ -1,0 +1,236 @@
+"""Webhooks stored on the event loop (ingest.edge), in a real runkite on PostgreSQL over HTTPS.
+
+The edge answers only 202 for an event it stored; everything else goes to Django's view, which
+answers as it always has. These tests tell which of the two served a request by the edge's own
+database connections (application_name `kite-loop-ingest`, one web process): a request the edge
+stored moved their `query_start`. They attack the edge as a sender would — forged, replayed,
+stale, cross-source, wrong team, oversized, deeply nested, a source changed behind its copy, its
+connections killed — and check the answer, that nothing else was stored, and that the edge's own
+answer is the one Django gives.
+"""
+
+import json
+import secrets
+import time
+
+import psycopg
+import pytest
+import requests
+
+from tests.signing import stripe_signature
+
+pytestmark = pytest.mark.e2e
+APP = "kite-loop-ingest"
+
+
+@pytest.fixture(scope="module")
+def kite(tmp_path_factory):
+    from tests.e2e.conftest import Instances
+
+    started = Instances(tmp_path_factory)
+    try:  # one web process: its copy of a source is the one every request meets
+        yield started.start("loop", extra_env={"KITE_WEB_WORKERS": "1"})
+    finally:
+        started.close()
+
+
+def _db(kite):
+    return psycopg.connect(kite.database_url, autocommit=True)
+
+
+def edge_activity(kite) -> tuple[int, object]:
+    """(connections the edge holds, the latest statement start among them)."""
+    with _db(kite) as conn:
+        return conn.execute(
+            "SELECT count(*), max(query_start) FROM pg_stat_activity WHERE application_name = %s AND datname = "
+            "current_database()", [APP]
+        ).fetchone()  # fmt: skip
+
+
+def stored(kite, source_name: str) -> list[str]:
+    with _db(kite) as conn:
+        rows = conn.execute(
+            "SELECT e.ce_id FROM ingest_event e JOIN ingest_source s ON s.id = e.source_id WHERE s.name = %s"
+            " ORDER BY e.id", [source_name]
+        ).fetchall()  # fmt: skip
+    return [row[0] for row in rows]
+
+
+def stripe_body(event_id: str, **extra) -> bytes:
+    return json.dumps({"id": event_id, "type": "payment_intent.succeeded", "created": int(time.time()),
+                       "data": {"object": {"id": f"pi_{event_id}"}}, **extra}).encode()  # fmt: skip
+
+
+def post(kite, team_id, name, body: bytes, signature: str | None, **headers) -> requests.Response:
+    sent = {"Content-Type": "application/json", **headers}
+    if signature is not None:
+        sent["Stripe-Signature"] = signature
+    return requests.post(f"{kite.url}/hooks/{team_id}/{name}", data=body, headers=sent, verify=str(kite.cert),
+                         timeout=10)  # fmt: skip
+
+
+class Sender:
+    """A Stripe source of its own, known to the web process (its first webhook went through Django)."""
+
+    def __init__(self, kite, **options):
+        self.kite, self.team = kite, kite.team_id()
+        self.name = f"edge-{secrets.token_hex(3)}"
+        created = kite.api("POST", "/api/sources", json={"name": self.name, "kind": "stripe", **options})
+        assert created.status_code == 201, created.text
+        self.secret = created.json()["secret"]
+        assert self.send(f"warm-{self.name}").status_code == 202
+
+    def send(self, event_id: str, body: bytes | None = None, secret: str | None = None, **headers):
+        body = stripe_body(event_id) if body is None else body
+        return post(self.kite, self.team, self.name, body, stripe_signature(secret or self.secret, body), **headers)
+
+    def served_by_edge(self, request) -> bool:
+        """Runs request(); True if the edge ran a statement meanwhile (the only process serving is this one)."""
+        _, before = edge_activity(self.kite)
+        self.response = request()
+        _, after = edge_activity(self.kite)
+        return after is not None and (before is None or after > before)
+
+
+def test_a_verified_webhook_is_stored_on_the_loop_with_the_answer_django_gives(kite):
+    sender = Sender(kite)
+    assert sender.served_by_edge(lambda: sender.send("evt_loop_1"))
+    loop_answer = sender.response
+    assert loop_answer.status_code == 202
+    assert loop_answer.json() == {"id": "evt_loop_1", "duplicate": False}
+    # the same webhook to a source with a rate limit: the edge leaves those to Django
+    limited = Sender(kite, rate_limit_per_second=1000)
+    assert not limited.served_by_edge(lambda: limited.send("evt_django_1"))
+    django_answer = limited.response
+    assert django_answer.status_code == 202 and django_answer.json() == {"id": "evt_django_1", "duplicate": False}
+    ignored = {"date", "content-length", "server"}
+
+    def shown(response):
+        return {name.lower(): value for name, value in response.headers.items() if name.lower() not in ignored}
+
+    assert shown(loop_answer) == shown(django_answer)
+    assert loop_answer.headers["kite-instance"] == kite.instance_id
+    assert stored(kite, sender.name) == [f"warm-{sender.name}", "evt_loop_1"]
+    # and it is an event like any other: listed, with its CloudEvent attributes
+    listed = kite.api("GET", "/api/events", params={"source": sender.name}).json()["results"]
+    assert [event["id"] for event in listed if event["id"] == "evt_loop_1"] == ["evt_loop_1"]
+    assert {event["type"] for event in listed} == {"com.stripe.payment_intent.succeeded"}
+
+
+def test_refused_webhooks_get_djangos_answers_and_store_nothing(kite):
+    sender = Sender(kite)
+    other = Sender(kite)
+    body = stripe_body("evt_forged")
+    attempts = {
+        "forged": (lambda: post(kite, sender.team, sender.name, body, stripe_signature("whsec_" + "x" * 32, body)),
+                   401, "bad_signature"),
+        "unsigned": (lambda: post(kite, sender.team, sender.name, body, None), 401, "missing_signature"),
+        "stale": (lambda: post(kite, sender.team, sender.name, body,
+                               stripe_signature(sender.secret, body, int(time.time()) - 3600)), 401, "stale_timestamp"),
+        "tampered": (lambda: post(kite, sender.team, sender.name, body.replace(b"pi_", b"px_"),
+                                  stripe_signature(sender.secret, body)), 401, "bad_signature"),
+        # signed for another source of the same team: its secret is not this one's
+        "cross-source": (lambda: post(kite, sender.team, sender.name, body, stripe_signature(other.secret, body)),
+                         401, "bad_signature"),
+        "wrong team": (lambda: post(kite, "tm_" + "0" * 16, sender.name, body, stripe_signature(sender.secret, body)),
+                       404, "unknown_team"),
+        "not json": (lambda: post(kite, sender.team, sender.name, b"{not json",
+                                  stripe_signature(sender.secret, b"{not json")), 400, "malformed_json"),
+        "deeply nested": (lambda: post(kite, sender.team, sender.name, b'{"type": "x", "d": ' + b"[" * 100_000
+                                       + b"]" * 100_000 + b"}", None), 401, "missing_signature"),
+    }  # fmt: skip
+    nested = b'{"id": "evt_nested", "type": "x", "d": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    attempts["deeply nested, signed"] = (
+        lambda: post(kite, sender.team, sender.name, nested, stripe_signature(sender.secret, nested)), 400, "malformed_json")
+    oversized = stripe_body("evt_big", padding="x" * (1024 * 1024))
+    attempts["oversized"] = (
+        lambda: post(kite, sender.team, sender.name, oversized, stripe_signature(sender.secret, oversized)), 413,
+        "payload_too_large")  # fmt: skip
+    before = stored(kite, sender.name)
+    for what, (request, status, code) in attempts.items():
+        assert not sender.served_by_edge(request), what
+        response = sender.response
+        assert (response.status_code, response.json()["code"]) == (status, code), (what, response.text)
+        assert "Traceback" not in response.text
+    assert stored(kite, sender.name) == before
+    assert stored(kite, other.name) == [f"warm-{other.name}"]
+
+
+def test_a_replayed_webhook_is_answered_as_a_duplicate_and_stored_once(kite):
+    sender = Sender(kite)
+    body = stripe_body("evt_replayed")
+    signature = stripe_signature(sender.secret, body)
+    assert sender.served_by_edge(lambda: post(kite, sender.team, sender.name, body, signature))
+    assert sender.response.status_code == 202
+    for _ in range(3):  # the same request again: the edge meets the stored event and lets Django answer
+        again = post(kite, sender.team, sender.name, body, signature)
+        assert (again.status_code, again.json()) == (200, {"id": "evt_replayed", "duplicate": True})
+    assert stored(kite, sender.name).count("evt_replayed") == 1
+
+
+def test_a_body_whose_length_is_not_declared_goes_to_django(kite):
+    sender = Sender(kite)
+    body = stripe_body("evt_chunked")
+    signature = stripe_signature(sender.secret, body)
+
+    def chunked():
+        return requests.post(f"{kite.url}/hooks/{sender.team}/{sender.name}", data=iter([body[:10], body[10:]]),
+                             headers={"Stripe-Signature": signature, "Content-Type": "application/json"},
+                             verify=str(kite.cert), timeout=10)  # fmt: skip
+
+    assert not sender.served_by_edge(chunked)
+    assert sender.response.status_code == 202  # Django reads the chunked body itself
+    assert stored(kite, sender.name)[-1] == "evt_chunked"
+
+
+def test_a_secret_changed_behind_the_copy_is_honoured_at_once(kite):
+    sender, donor = Sender(kite), Sender(kite)
+    assert sender.served_by_edge(lambda: sender.send("evt_before"))
+    # the secret changes in the database only (as another web process or the admin would change it)
+    with _db(kite) as conn:
+        conn.execute("UPDATE ingest_source SET secret_encrypted = (SELECT secret_encrypted FROM ingest_source"
+                     " WHERE name = %s) WHERE name = %s", [donor.name, sender.name])  # fmt: skip
+    old = sender.send("evt_old_secret")
+    assert (old.status_code, old.json()["code"]) == (401, "bad_signature")
+    assert sender.send("evt_new_secret", secret=donor.secret).status_code == 202
+    assert sender.served_by_edge(lambda: sender.send("evt_new_again", secret=donor.secret))  # the new copy
+    assert sender.response.status_code == 202
+    assert stored(kite, sender.name) == [f"warm-{sender.name}", "evt_before", "evt_new_secret", "evt_new_again"]
+
+
+def test_a_rate_limit_set_behind_the_copy_is_honoured_at_once(kite):
+    sender = Sender(kite)
+    with _db(kite) as conn:
+        conn.execute("UPDATE ingest_source SET rate_limit_per_second = 1 WHERE name = %s", [sender.name])
+    answers = [sender.send(f"evt_limited_{n}").status_code for n in range(4)]
+    assert answers.count(429) >= 2 and set(answers) <= {202, 429}, answers
+    assert len(stored(kite, sender.name)) == 1 + answers.count(202)
+
+
+def test_the_edge_reconnects_after_its_connections_are_killed_and_loses_nothing(kite):
+    sender = Sender(kite)
+    assert sender.served_by_edge(lambda: sender.send("evt_first"))
+    with _db(kite) as conn:
+        killed = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name"
+                              " = %s AND datname = current_database()", [APP]).fetchone()[0]  # fmt: skip
+    assert killed >= 1
+    answers = [sender.send(f"evt_after_{n}").status_code for n in range(3)]
+    assert answers == [202, 202, 202]  # the one on a dead connection went to Django, the next ones reconnected
+    assert sender.served_by_edge(lambda: sender.send("evt_reconnected"))
+    assert stored(kite, sender.name) == [f"warm-{sender.name}", "evt_first", "evt_after_0", "evt_after_1",
+                                         "evt_after_2", "evt_reconnected"]  # fmt: skip
+    assert "Traceback" not in kite.log_tail
+
+
+def test_a_flood_of_forged_webhooks_stores_nothing_and_leaves_the_edge_idle(kite):
+    sender = Sender(kite)
+    count, before = edge_activity(kite)
+    session = requests.Session()
+    url = f"{kite.url}/hooks/{sender.team}/{sender.name}"
+    for n in range(300):
+        body = stripe_body(f"evt_flood_{n}")
+        answer = session.post(url, data=body, headers={"Stripe-Signature": stripe_signature("whsec_forged", body)},
+                              verify=str(kite.cert), timeout=10)  # fmt: skip
+        assert answer.status_code == 401
+    assert edge_activity(kite) == (count, before)  # not one statement
+    assert stored(kite, sender.name) == [f"warm-{sender.name}"]
