@@ -46,7 +46,8 @@ KINDS = frozenset({Source.Kind.STRIPE, Source.Kind.GITHUB, Source.Kind.STANDARD,
 WAIT_SECONDS = 1.0  # for a free connection; then Django takes the webhook (its threads have their own)
 APPLICATION_NAME = "kite-loop-ingest"  # how its connections show in pg_stat_activity
 CONNECTIONS = 4  # per web process, besides its KITE_WSGI_THREADS threads' own (docs/scaling.md)
-STATEMENT_SECONDS = 5.0  # a statement that takes longer: its connection is closed, Django takes over
+STATEMENT_SECONDS = 5.0  # a statement that takes longer: its connection is closed, Django takes its webhooks
+BATCH = 100  # webhooks in one statement at most
 
 
 class Pool:
@@ -100,6 +101,10 @@ class Edge:
         self.pool = Pool(connections)
         self.headers = _answer_headers()
         self.headers_https = [*self.headers, *_hsts()]
+        # Webhooks verified and waiting for a statement, by source and the copy's version, and how
+        # many tasks store them (at most one per connection).
+        self.waiting: dict[tuple, list[tuple[Source, object, asyncio.Future]]] = {}
+        self.storing: dict[tuple, int] = {}
 
     async def take(self, scope, body: bytes) -> tuple[int, list, bytes] | None:
         """The answer to a webhook the edge stored, or None: Django answers it."""
@@ -123,9 +128,7 @@ class Edge:
             return None
         with tracing.storing(draft, headers):  # a `traceparent` the request carried goes with the event
             event = services.new_event(source, draft)
-        statement = services.store_alone_statement(source, event)
-        row = await self._run(statement)
-        if row is False or services.stored_alone(source, statement, row) is not True:
+        if not await self.store(source, event):
             return None  # a database error, a changed source or a duplicate: Django's to answer
         broadcast.event_stored(event)
         metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
@@ -134,28 +137,73 @@ class Edge:
         headers = self.headers_https if scope.get("scheme") == "https" else self.headers
         return 202, [*headers, (b"content-length", b"%d" % len(answer))], answer
 
-    async def _run(self, statement):
-        """The statement's row (None: no row), or False: not run or its outcome unknown."""
+    async def store(self, source: Source, event) -> bool:
+        """True once the event is stored; False if it was not (nothing was, or a stored duplicate).
+
+        Webhooks of one source that wait for a connection at the same time go in together: one
+        statement, one commit (services.store_alone_statement_many). A lone webhook goes at once."""
+        key = (source.pk, source.row_version, source.team_routes_version)
+        stored = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(key, []).append((source, event, stored))
+        if self.storing.get(key, 0) < self.pool.size:
+            self.storing[key] = self.storing.get(key, 0) + 1
+            asyncio.get_running_loop().create_task(self._store_waiting(key))
+        return await stored
+
+    async def _store_waiting(self, key) -> None:
         try:
-            conn = await self.pool.take()
+            while self.waiting.get(key):
+                conn = await self._connection()
+                batch = self.waiting.pop(key, [])
+                if len(batch) > BATCH:
+                    self.waiting[key] = batch[BATCH:]
+                    batch = batch[:BATCH]
+                if conn is None:
+                    _settle(batch, [False] * len(batch))
+                    continue
+                if not batch:  # another task took them meanwhile
+                    self.pool.give_back(conn)
+                    break
+                _settle(batch, await self._insert(conn, batch))
+        finally:
+            self.storing[key] -= 1
+            if not self.storing[key]:
+                del self.storing[key]
+
+    async def _connection(self):
+        try:
+            return await self.pool.take()
         except psycopg.Error as exc:
             log.warning("webhook edge: cannot connect to the database (%s); Django serves webhooks meanwhile", exc)
-            return False
-        if conn is None:
-            return False
+            return None
+
+    async def _insert(self, conn, batch) -> list[bool]:
+        source = batch[0][0]
+        statement = services.store_alone_statement_many(source, [event for _, event, _ in batch])
         try:
             async with asyncio.timeout(STATEMENT_SECONDS):
                 cursor = await conn.execute(statement.sql, statement.params)
-                row = await cursor.fetchone()
+                rows = await cursor.fetchall()
         except (psycopg.Error, TimeoutError) as exc:
-            log.warning("webhook edge: %s: %s; Django takes the webhook", type(exc).__name__, exc)
+            log.warning("webhook edge: %s: %s; Django takes the webhooks", type(exc).__name__, exc)
             await self.pool.discard(conn)
-            return False
+            return [False] * len(batch)
         self.pool.give_back(conn)
-        return row
+        inserted = services.stored_alone(source, statement, rows)
+        if inserted is None:
+            return [False] * len(batch)
+        for other, _, _ in batch[1:]:  # each request's own copy of the source
+            other.team_listening_until = source.team_listening_until
+        return inserted
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+def _settle(batch, results) -> None:
+    for (_, _, stored), result in zip(batch, results, strict=True):
+        if not stored.done():  # its request was cancelled (the client left): nothing to tell
+            stored.set_result(result)
 
 
 def _host_allowed(environ) -> bool:

@@ -229,6 +229,9 @@ def _existing(event: Event) -> Event | None:
     return Event.objects.filter(team_id=event.team_id, ce_source=event.ce_source, ce_id=event.ce_id).first()
 
 
+DEDUP = ("team", "ce_source", "ce_id")  # an event is stored once per team, source and id
+
+
 class SourceChanged(Exception):
     """The cached copy of the source a webhook was verified with is out of date: verify it again."""
 
@@ -248,22 +251,35 @@ def store_alone_statement(source: Source, event: Event, sender=None) -> fastsql.
     """The one statement that stores an event no hook writes anything for (no transaction around
     it: one round trip where BEGIN, INSERT, COMMIT were three), which also checks that the source
     row, the team's routes and the sender's cached rows (its `store_guard`) are still as read.
-    Run here by `_store_alone`, on the event loop by ingest.edge; `stored_alone` takes its row."""
+    `stored_alone` takes its row."""
     sender_guard = getattr(sender, "store_guard", None)
     return fastsql.guarded_insert(
         event,
         guard=_store_alone_guard(sender_guard.sql if sender_guard else ""),
         guard_params=[source.pk, source.row_version, source.team_routes_version,
                       *(sender_guard.params if sender_guard else ())],  # fmt: skip
-        skip_conflicts_on=("team", "ce_source", "ce_id"),
+        skip_conflicts_on=DEDUP,
     )
 
 
-def stored_alone(source: Source, statement: "fastsql.Guarded", row) -> bool | None:
-    """What `store_alone_statement`'s row says: True, stored (the source learns its team's
-    `listening_until`); False, a duplicate of a stored event; None, the guard found nothing
-    (the source, the team's peers or the sender's rows changed since they were read)."""
-    guard, inserted = statement.result(row)
+def store_alone_statement_many(source: Source, events: list[Event]) -> fastsql.GuardedMany:
+    """`store_alone_statement` for webhooks of one source verified with the same copy of it, from
+    providers (no sender): one statement, one commit for all (ingest.edge, for webhooks that
+    arrive together)."""
+    return fastsql.guarded_insert_many(
+        events,
+        guard=_store_alone_guard(),
+        guard_params=[source.pk, source.row_version, source.team_routes_version],
+        skip_conflicts_on=DEDUP,
+    )
+
+
+def stored_alone(source: Source, statement, rows):
+    """What a `store_alone_statement`'s row (or a `store_alone_statement_many`'s rows) says: None,
+    the guard found nothing (the source, the team's peers or the sender's rows changed since they
+    were read); else whether the event went in (many: a list, one per event; False: a duplicate
+    of a stored event), and the source learns its team's `listening_until`."""
+    guard, inserted = statement.result(rows)
     if guard is None:
         return None
     source.team_listening_until = guard[0]
@@ -359,7 +375,7 @@ def _store_batch_at_once(source: Source, items: list, sender) -> list[BatchItem]
     try:
         with transaction.atomic():
             if postgres:  # one statement: what is stored already is skipped, the rest comes back
-                fresh = fastsql.insert(fresh, skip_conflicts_on=("team", "ce_source", "ce_id"))
+                fresh = fastsql.insert(fresh, skip_conflicts_on=DEDUP)
                 stored = set(keys) - {(event.ce_source, event.ce_id) for event in fresh}
             else:
                 fastsql.insert(fresh)  # sets id and txid from RETURNING

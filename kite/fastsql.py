@@ -87,15 +87,21 @@ def _cast(field) -> str:
 
 
 @functools.cache
-def _guarded_insert_sql(model, guard: str, conflict_on: tuple[str, ...]) -> tuple[str, list, list]:
+def _guarded_insert_sql(model, guard: str, conflict_on: tuple[str, ...], many: bool = False):
     qn = connection.ops.quote_name
     meta = model._meta
-    _, written, returned = _insert_sql(model, 1)
+    # many: the conflict key comes back too, to tell which rows went in
+    _, written, returned = _insert_sql(model, 1, conflict_on if many else ())
     columns = ", ".join(qn(meta.get_field(name).column) for name in conflict_on)
+    if many:  # one array per column: one statement text (one prepared statement) for any number of rows,
+        # bound in binary: psycopg escapes each element of a text-format array with a regular
+        # expression, which took a third of a verified webhook's web CPU for a 1 kB `data`
+        rows = f"SELECT v.* FROM guard, unnest({', '.join(f'%b::{_cast(f)}[]' for f in written)}) AS v"
+    else:
+        rows = f"SELECT {', '.join(f'%s::{_cast(f)}' for f in written)} FROM guard"
     sql = (
         f"WITH guard AS ({guard}), inserted AS ("
-        f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in written)}) "
-        f"SELECT {', '.join(f'%s::{_cast(f)}' for f in written)} FROM guard "
+        f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in written)}) {rows} "
         f"ON CONFLICT ({columns}) DO NOTHING RETURNING {', '.join(qn(f.column) for f in returned)}) "
         f"SELECT * FROM guard LEFT JOIN inserted ON TRUE"
     )
@@ -149,6 +155,50 @@ def insert_guarded(obj, *, guard: str, guard_params: list, skip_conflicts_on: tu
     """`guarded_insert`, run: (guard_row, inserted) as `Guarded.result` says."""
     statement = guarded_insert(obj, guard=guard, guard_params=guard_params, skip_conflicts_on=skip_conflicts_on)
     return statement.result(statement.run())
+
+
+class GuardedMany:
+    """`guarded_insert_many`'s statement: its SQL and parameters, and what its rows mean (`result`)."""
+
+    __slots__ = ("objs", "sql", "params", "returned", "key")
+
+    def __init__(self, objs: list, sql: str, params: list, returned: list, key: list):
+        self.objs, self.sql, self.params, self.returned, self.key = objs, sql, params, returned, key
+
+    def result(self, rows: list) -> tuple[tuple | None, list[bool]]:
+        """(guard_row, inserted): guard_row is None when the guard found nothing (nothing inserted);
+        otherwise the guard's columns, and `inserted` says for each of `objs` whether it went in
+        (its primary key and db_default fields are then set) or met a stored duplicate (or an
+        earlier one of `objs` with the same key)."""
+        if not rows:
+            return None, [False] * len(self.objs)
+        returned, width = self.returned, len(self.returned)
+        at = sorted(returned.index(field) for field in self.key)
+        came_back = {tuple(row[-width:][i] for i in at): row[-width:] for row in rows if row[-width] is not None}
+        inserted = []
+        for obj in self.objs:
+            values = came_back.pop(tuple(getattr(obj, returned[i].attname) for i in at), None)
+            if values is not None:
+                for field, value in zip(returned, values, strict=True):
+                    setattr(obj, field.attname, value)
+                obj._state.adding, obj._state.db = False, DEFAULT_DB_ALIAS
+            inserted.append(values is not None)
+        return rows[0][:-width], inserted
+
+
+def guarded_insert_many(objs: list, *, guard: str, guard_params: list,
+                        skip_conflicts_on: tuple[str, ...]) -> GuardedMany:  # fmt: skip
+    """`guarded_insert` for any number of instances of one model in one statement (INSERT … SELECT
+    from unnest(): one array per column, so its text and its prepared statement are the same for
+    one row or a hundred). Builds it; no database access."""
+    db = connections[DEFAULT_DB_ALIAS]
+    if db.vendor != "postgresql":
+        raise NotImplementedError("guarded_insert_many needs PostgreSQL")
+    model = type(objs[0])
+    sql, written, returned = _guarded_insert_sql(model, guard, tuple(skip_conflicts_on), many=True)
+    columns = [[field.get_db_prep_save(field.pre_save(obj, True), db) for obj in objs] for field in written]
+    key = [model._meta.get_field(name) for name in skip_conflicts_on]
+    return GuardedMany(objs, sql, list(guard_params) + columns, returned, key)
 
 
 @functools.cache

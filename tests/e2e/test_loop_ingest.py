@@ -11,12 +11,15 @@ answer is the one Django gives.
 
 import json
 import secrets
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 import requests
 
+from tests.e2e.harness import wait_for
 from tests.signing import stripe_signature
 
 pytestmark = pytest.mark.e2e
@@ -61,11 +64,11 @@ def stripe_body(event_id: str, **extra) -> bytes:
                        "data": {"object": {"id": f"pi_{event_id}"}}, **extra}).encode()  # fmt: skip
 
 
-def post(kite, team_id, name, body: bytes, signature: str | None, **headers) -> requests.Response:
+def post(kite, team_id, name, body: bytes, signature: str | None, session=None, **headers) -> requests.Response:
     sent = {"Content-Type": "application/json", **headers}
     if signature is not None:
         sent["Stripe-Signature"] = signature
-    return requests.post(f"{kite.url}/hooks/{team_id}/{name}", data=body, headers=sent, verify=str(kite.cert),
+    return (session or requests).post(f"{kite.url}/hooks/{team_id}/{name}", data=body, headers=sent, verify=str(kite.cert),
                          timeout=10)  # fmt: skip
 
 
@@ -80,9 +83,10 @@ class Sender:
         self.secret = created.json()["secret"]
         assert self.send(f"warm-{self.name}").status_code == 202
 
-    def send(self, event_id: str, body: bytes | None = None, secret: str | None = None, **headers):
+    def send(self, event_id: str, body: bytes | None = None, secret: str | None = None, session=None, **headers):
         body = stripe_body(event_id) if body is None else body
-        return post(self.kite, self.team, self.name, body, stripe_signature(secret or self.secret, body), **headers)
+        signature = stripe_signature(secret or self.secret, body)
+        return post(self.kite, self.team, self.name, body, signature, session=session, **headers)
 
     def served_by_edge(self, request) -> bool:
         """Runs request(); True if the edge ran a statement meanwhile (the only process serving is this one)."""
@@ -234,3 +238,40 @@ def test_a_flood_of_forged_webhooks_stores_nothing_and_leaves_the_edge_idle(kite
         assert answer.status_code == 401
     assert edge_activity(kite) == (count, before)  # not one statement
     assert stored(kite, sender.name) == [f"warm-{sender.name}"]
+
+
+def test_webhooks_that_arrive_together_are_stored_together_each_once(kite):
+    """While the edge's statements wait (a lock held on the events table), webhooks of one source
+    queue; they go in together, one statement and one transaction per batch, each answered 202 once
+    stored, and the same webhook twice in one batch is stored once and answered as a duplicate."""
+    sender = Sender(kite)
+    ids = [f"evt_together_{n}" for n in range(12)]
+    sessions = [requests.Session() for _ in range(2 * len(ids))]
+    for n, session in enumerate(sessions):  # connections open and the edge's 4 connections too
+        assert sender.send(f"evt_warm_{n}", session=session).status_code == 202
+    started = threading.Barrier(len(sessions) + 1)
+
+    def send(n: int) -> requests.Response:
+        started.wait()
+        return sender.send(ids[n % len(ids)], session=sessions[n])
+
+    with _db(kite) as lock, ThreadPoolExecutor(len(sessions)) as pool:
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE ingest_event IN SHARE MODE")  # INSERTs wait; reads go on
+        answers = [pool.submit(send, n) for n in range(len(sessions))]
+        started.wait()
+        wait_for(lambda: lock.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND"
+                                      " wait_event_type = 'Lock'", [APP]).fetchone()[0] > 0,  # fmt: skip
+                 10, "the edge's first statement to wait for the lock")
+        time.sleep(0.5)  # for the other requests to reach the web process and queue behind them
+        lock.execute("COMMIT")
+        answers = [answer.result(timeout=20) for answer in answers]
+    by_id: dict[str, list] = {}
+    for n, answer in enumerate(answers):
+        by_id.setdefault(ids[n % len(ids)], []).append((answer.status_code, answer.json()["duplicate"]))
+    assert all(sorted(got) == [(200, True), (202, False)] for got in by_id.values()), by_id
+    with _db(kite) as conn:
+        txids = conn.execute("SELECT ce_id, txid FROM ingest_event WHERE ce_id LIKE 'evt_together_%%' AND"
+                             " source_id = (SELECT id FROM ingest_source WHERE name = %s)", [sender.name]).fetchall()
+    assert sorted(ce_id for ce_id, _ in txids) == sorted(ids)  # each once
+    assert len({txid for _, txid in txids}) < len(ids), txids  # some went in together

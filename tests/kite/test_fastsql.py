@@ -90,6 +90,52 @@ def test_insert_guarded_still_checks_column_lengths():
         fastsql.insert_guarded(_event(source, "x" * 256), guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
 
 
+def _run_many(statement) -> list:
+    with connection.cursor() as cursor:
+        cursor.execute(statement.sql, statement.params)
+        return statement.result(cursor.fetchall())
+
+
+@pytest.mark.django_db
+def test_insert_guarded_many_stores_what_the_single_statement_stores_in_one_statement():
+    source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
+    alone = _event(source, "alone")
+    fastsql.insert_guarded(alone, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
+    # a stored key, two new ones and the same new key twice: each key goes in once, in any order of arrival
+    batch = [_event(source, "m1"), _event(source, "alone"), _event(source, "m2", agent="bot"), _event(source, "m1")]
+    statement = fastsql.guarded_insert_many(batch, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
+    assert _run_many(statement) == ((7,), [True, False, True, False])
+    assert batch[1].pk is None and batch[3].pk is None and batch[1]._state.adding
+    assert batch[0].txid == batch[2].txid > 0
+    for obj in (batch[0], batch[2]):
+        stored = Event.objects.get(pk=obj.pk)
+        assert not obj._state.adding and stored.txid == obj.txid and stored.ce_id == obj.ce_id
+        for field in Event._meta.concrete_fields:
+            if field.attname not in ("id", "ce_id", "agent", "txid", "received_at", "ce_time"):
+                assert getattr(stored, field.attname) == getattr(alone, field.attname), field.name
+    assert Event.objects.get(pk=batch[2].pk).agent == "bot"
+    assert Event.objects.filter(ce_id="m1").count() == 1 and Event.objects.count() == 3
+    one = fastsql.guarded_insert_many([_event(source, "m3")], guard=GUARD, guard_params=[source.pk],
+                                      skip_conflicts_on=DEDUP)  # fmt: skip
+    assert one.sql == statement.sql  # one text, one prepared statement, whatever the number of rows
+    assert _run_many(one) == ((7,), [True])
+
+
+@pytest.mark.django_db
+def test_insert_guarded_many_inserts_nothing_when_the_guard_finds_nothing_and_checks_lengths():
+    from django.db import DataError
+
+    source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
+    refused = [_event(source, "r1"), _event(source, "r2")]
+    statement = fastsql.guarded_insert_many(refused, guard=GUARD, guard_params=[-1], skip_conflicts_on=DEDUP)
+    assert _run_many(statement) == (None, [False, False])
+    assert not Event.objects.exists() and refused[0].pk is None
+    too_long = [_event(source, "ok"), _event(source, "x" * 256)]
+    with pytest.raises(DataError), transaction.atomic():
+        _run_many(fastsql.guarded_insert_many(too_long, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP))
+    assert not Event.objects.exists()
+
+
 def _select(model, fields, pk):
     qn = connection.ops.quote_name
     with connection.cursor() as cursor:
