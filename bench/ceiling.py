@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.wrk_arguments(parser, rounds=5, duration=10, warmup=3, rounds_help="rounds (each: every variant once)",
                          duration_help="seconds per wrk / pgbench run", warmup_help="seconds of warm-up per variant")
     parser.add_argument("--pgbench-clients", type=int, help="default: --connections")
-    parser.add_argument("--max-rate", type=float, default=4000, help="webhooks signed per second of a wrk run")
+    parser.add_argument("--max-rate", type=float, default=8000, help="webhooks signed per second of a wrk run")
     parser.add_argument("--pool", type=int, default=16, help="database connections per ASGI worker process")
     common.service_arguments(parser, port=18760, pg_port=55760, redis_port=56760, port_help="Kite's web port",
                              services_dir="/tmp/kite-ceiling-services", database="kite_ceiling")  # fmt: skip

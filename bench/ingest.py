@@ -523,10 +523,12 @@ def report(args, dep, facts, closed, opened, verified, started, finished) -> str
         + (f" Extra environment: {', '.join(args.env)}." if args.env else ""),
         f"- **stripe**: `POST /hooks/{{team}}/{SOURCE_NAME}` (kind stripe), {len(stripe_body('evt_x' * 4, 0))}-byte "
         "payment_intent.succeeded bodies, each with a unique event id and a valid Stripe-Signature made for its "
-        "round: source (this process's copy) → signature check → CloudEvent → one autocommit statement: dedup INSERT "
-        "guarded by the source row's version and the team's routes version → broadcast → metrics. "
-        "**bare**: `POST /bench/bare/{team}/…` (kite/bench_endpoints.py): same body, same server and middleware, "
-        "the same INSERT into ingest_event as one autocommit statement, nothing else"
+        "round, stored on the web process's event loop (ingest/edge.py; KITE_LOOP_INGEST=off: through Django): "
+        "source (this process's copy) → signature check → CloudEvent → one autocommit statement per batch of "
+        "webhooks waiting together: dedup INSERT guarded by the source row's version and the team's routes "
+        "version → broadcast → metrics. **bare**: `POST /bench/bare/{team}/…` (kite/bench_endpoints.py): same body, "
+        "through Django's request handling in a thread, the same INSERT into ingest_event as one autocommit "
+        "statement, nothing else"
         + (". **noop**: `/bench/noop`, no database." if "noop" in names else "."),
         f"- Closed loop: `wrk -t{args.wrk_threads} -c{args.connections} -d{args.duration:g}s` per endpoint, "
         f"{args.rounds} rounds alternating the order, after a {args.warmup:g} s warm-up of each; "
@@ -611,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="offered loads of the open-loop phase, requests/s, comma-separated")
     parser.add_argument("--open-duration", type=float, default=10)
     parser.add_argument("--open-rounds", type=int, default=3)
-    parser.add_argument("--max-rate", type=float, default=4000, help="requests signed per second of a wrk run")
+    parser.add_argument("--max-rate", type=float, default=8000, help="requests signed per second of a wrk run")
     parser.add_argument("--noop", action="store_true", help="also measure /bench/noop (serving stack, no database)")
     parser.add_argument("--server", choices=["uvicorn", "gunicorn"], default="uvicorn",
                         help="uvicorn = production (runkite); gunicorn gthread for comparison only")  # fmt: skip
