@@ -178,20 +178,30 @@ class Edge:
             return None
 
     async def _insert(self, conn, batch) -> list[bool]:
-        source = batch[0][0]
-        statement = services.store_alone_statement_many(source, [event for _, event, _ in batch])
+        """One statement for the batch (the connection goes back, or is closed if its state is not
+        known); for each webhook whether it was stored. Never raises: a failure is Django's to answer."""
+        source, failed = batch[0][0], [False] * len(batch)
         try:
+            statement = services.store_alone_statement_many(source, [event for _, event, _ in batch])
             async with asyncio.timeout(STATEMENT_SECONDS):
                 cursor = await conn.execute(statement.sql, statement.params)
                 rows = await cursor.fetchall()
         except (psycopg.Error, TimeoutError) as exc:
             log.warning("webhook edge: %s: %s; Django takes the webhooks", type(exc).__name__, exc)
             await self.pool.discard(conn)
-            return [False] * len(batch)
+            return failed
+        except Exception:
+            log.exception("webhook edge: storing %d webhooks failed; Django takes them", len(batch))
+            await self.pool.discard(conn)
+            return failed
         self.pool.give_back(conn)
-        inserted = services.stored_alone(source, statement, rows)
+        try:
+            inserted = services.stored_alone(source, statement, rows)
+        except Exception:  # stored, but not known which: Django answers each (202, or 200 duplicate)
+            log.exception("webhook edge: reading what %d webhooks stored failed; Django answers them", len(batch))
+            return failed
         if inserted is None:
-            return [False] * len(batch)
+            return failed
         for other, _, _ in batch[1:]:  # each request's own copy of the source
             other.team_listening_until = source.team_listening_until
         return inserted
