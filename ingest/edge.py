@@ -4,9 +4,10 @@ A webhook served by Django (ingest.views.hook) takes a hop to a thread of the WS
 request handling and a synchronous database call, each turn of which competes for the GIL with the
 event loop: most of a verified webhook's CPU is that, not its work (bench/RESULTS.md, "The ingest
 ceiling"). The edge takes the common case on the loop itself — the same functions verify and
-convert it, the same single statement (ingest.services.store_alone_statement) stores it, sent
-through an asynchronous psycopg connection — and hands everything else to Django unchanged, with
-the body it has read:
+convert it, the same guarded statement stores it (ingest.services.store_alone_statement_many),
+sent through an asynchronous psycopg connection, with the webhooks of the same source that wait
+for a connection at the same time: one statement and one commit for all of them — and hands
+everything else to Django unchanged, with the body it has read:
 
 - the edge takes only a POST to /hooks/{team}/{source} with a Content-Length that came whole, a
   valid Host, for a source this process has cached (ingest.selectors) whose events no hook writes
@@ -97,6 +98,8 @@ class Pool:
 
 
 class Edge:
+    """One web process's edge: `take` is the WSGI bridge's `front` (kite.asgi)."""
+
     def __init__(self, *, connections: int):
         self.pool = Pool(connections)
         self.headers = _answer_headers()
