@@ -76,10 +76,11 @@ def _tracing_flush(**kwargs):
 
 
 @worker_process_init.connect
+@beat_init.connect
 def _pool_process_dumps_stacks(**kwargs):
     """SIGWINCH prints every thread's stack to stderr, as SIGUSR1 (Celery's handler) does in the worker
-    process: runkite sends them to a worker and its pool processes that did not stop in its grace
-    time. Not SIGUSR1 (billiard's soft time limit in a pool process) nor SIGUSR2 (billiard's
+    process: runkite sends them to a worker and its pool processes, and to beat, that did not stop in
+    its grace time. Not SIGUSR1 (billiard's soft time limit in a pool process) nor SIGUSR2 (billiard's
     terminate handlers take it over): SIGWINCH is ignored by default, so a process that has not set
     its handler yet just goes on. sys.stderr is Celery's logging proxy, with no file descriptor."""
     faulthandler.register(signal.SIGWINCH, file=sys.__stderr__, all_threads=True)

@@ -200,6 +200,31 @@ def test_a_real_worker_and_its_pool_processes_print_their_stacks_and_keep_runnin
     assert "Traceback" not in text and "SoftTimeLimitExceeded" not in text and "exited with" not in text, text
 
 
+def test_a_real_beat_prints_its_stacks_and_keeps_running(tmp_path):
+    """What runkite sends a beat it is about to kill (it did not stop in its grace time): faulthandler
+    on SIGWINCH prints every thread's stack, and beat goes on until it is stopped."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") and not key.startswith("KITE_")}
+    env.update(KITE_DATA_DIR=str(tmp_path / "data"), DJANGO_SETTINGS_MODULE="kite.settings")  # embedded: SQLite
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=120)
+    log = tmp_path / "beat.log"
+    with log.open("w") as out:
+        beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "kite", "beat", "--schedule",
+                                 str(tmp_path / "schedule"), "--loglevel", "WARNING"], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: _catches(beat.pid, signal.SIGWINCH), 60, lambda: f"beat's handler; log: {log.read_text()}")
+        runkite.dump_stacks(beat.pid, *runkite.DUMP_SIGNALS["beat"])
+        wait_for(lambda: "most recent call first" in log.read_text(), 10, lambda: log.read_text()[-2000:])
+        assert beat.poll() is None
+    finally:
+        beat.send_signal(signal.SIGTERM)
+        beat.wait(timeout=20)
+    text = log.read_text()
+    assert "Current thread" in text and "celery/beat.py" in text, text
+    assert "Traceback" not in text, text
+
+
 def _catches(pid: int, signum: int) -> bool:
     with open(f"/proc/{pid}/status") as status:
         mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))

@@ -27,8 +27,9 @@ from kite import crypto, instance_env, lifeline, pooling, tls
 # accepted the connection but does not answer ends at its read timeout (federation.client, 10 s).
 STOP_GRACE_SECONDS = 15
 # Children that say where they are stuck before they are killed: (signal for the process, for its own
-# children). The worker: Celery's SIGUSR1 handler; its pool processes, faulthandler on SIGWINCH (kite.celery).
-DUMP_SIGNALS = {"worker": (signal.SIGUSR1, signal.SIGWINCH)}
+# children). The worker: Celery's SIGUSR1 handler; its pool processes and beat, faulthandler on SIGWINCH
+# (kite.celery).
+DUMP_SIGNALS = {"worker": (signal.SIGUSR1, signal.SIGWINCH), "beat": (signal.SIGWINCH, signal.SIGWINCH)}
 RESTART_FIRST_SECONDS = 1.0
 RESTART_MAX_SECONDS = 30.0
 STABLE_SECONDS = 60.0  # up this long, a child is healthy again: its next exit restarts after the first delay
