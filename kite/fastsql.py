@@ -145,16 +145,10 @@ def guarded_insert(obj, *, guard: str, guard_params: list, skip_conflicts_on: tu
     database access (the values are converted as the ORM converts them for PostgreSQL)."""
     db = connections[DEFAULT_DB_ALIAS]  # `connection` is a proxy: one thread-local lookup, not one per value
     if db.vendor != "postgresql":
-        raise NotImplementedError("insert_guarded needs PostgreSQL")
+        raise NotImplementedError("guarded_insert needs PostgreSQL")
     sql, written, returned = _guarded_insert_sql(type(obj), guard, tuple(skip_conflicts_on))
     params = list(guard_params) + [field.get_db_prep_save(field.pre_save(obj, True), db) for field in written]
     return Guarded(obj, sql, params, returned)
-
-
-def insert_guarded(obj, *, guard: str, guard_params: list, skip_conflicts_on: tuple[str, ...]):
-    """`guarded_insert`, run: (guard_row, inserted) as `Guarded.result` says."""
-    statement = guarded_insert(obj, guard=guard, guard_params=guard_params, skip_conflicts_on=skip_conflicts_on)
-    return statement.result(statement.run())
 
 
 class GuardedMany:

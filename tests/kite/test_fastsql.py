@@ -59,6 +59,13 @@ def test_skipping_conflicts_returns_only_what_was_inserted():
 
 
 GUARD = "SELECT 7 AS seven FROM ingest_source WHERE id = %s"
+
+
+def _insert_guarded(obj, **options):
+    statement = fastsql.guarded_insert(obj, **options)
+    return statement.result(statement.run())
+
+
 DEDUP = ("team", "ce_source", "ce_id")
 
 
@@ -67,17 +74,17 @@ def test_insert_guarded_inserts_only_when_the_guard_finds_a_row_and_skips_a_stor
     team = TeamFactory()
     source = Source.objects.create(team=team, name="s", kind="none")
     first = _event(source, "g1")
-    assert fastsql.insert_guarded(first, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP) == ((7,), True)
+    assert _insert_guarded(first, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP) == ((7,), True)
     stored = Event.objects.get(ce_id="g1")
     assert (stored.pk, stored.txid) == (first.pk, first.txid) and stored.extensions == {"x": {"y": 1}}
     assert stored.data == '{"a": [1, "é"]}' and not first._state.adding
 
     again = _event(source, "g1")
-    assert fastsql.insert_guarded(again, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP) == ((7,), False)
+    assert _insert_guarded(again, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP) == ((7,), False)
     assert again.pk is None and Event.objects.filter(ce_id="g1").count() == 1
 
     refused = _event(source, "g2")
-    answer = fastsql.insert_guarded(refused, guard=GUARD, guard_params=[-1], skip_conflicts_on=DEDUP)
+    answer = _insert_guarded(refused, guard=GUARD, guard_params=[-1], skip_conflicts_on=DEDUP)
     assert answer == (None, False) and not Event.objects.filter(ce_id="g2").exists()
 
 
@@ -87,7 +94,7 @@ def test_insert_guarded_still_checks_column_lengths():
 
     source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
     with pytest.raises(DataError), transaction.atomic():
-        fastsql.insert_guarded(_event(source, "x" * 256), guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
+        _insert_guarded(_event(source, "x" * 256), guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
 
 
 def _run_many(statement) -> list:
@@ -100,7 +107,7 @@ def _run_many(statement) -> list:
 def test_insert_guarded_many_stores_what_the_single_statement_stores_in_one_statement():
     source = Source.objects.create(team=TeamFactory(), name="s", kind="none")
     alone = _event(source, "alone")
-    fastsql.insert_guarded(alone, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
+    _insert_guarded(alone, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)
     # a stored key, two new ones and the same new key twice: each key goes in once, in any order of arrival
     batch = [_event(source, "m1"), _event(source, "alone"), _event(source, "m2", agent="bot"), _event(source, "m1")]
     statement = fastsql.guarded_insert_many(batch, guard=GUARD, guard_params=[source.pk], skip_conflicts_on=DEDUP)

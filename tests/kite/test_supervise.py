@@ -177,10 +177,7 @@ def test_a_real_worker_and_its_pool_processes_print_their_stacks_and_keep_runnin
     """What runkite sends a worker it is about to kill: the worker (Celery's SIGUSR1 handler) and its
     pool process (faulthandler on SIGWINCH: SIGUSR1 there is billiard's soft time limit, which would
     end the process with a traceback) print every thread's stack, and nothing else happens."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") and not key.startswith("KITE_")}
-    env.update(KITE_DATA_DIR=str(tmp_path / "data"), DJANGO_SETTINGS_MODULE="kite.settings")  # embedded: SQLite
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=120)
+    env = _embedded_env(tmp_path)
     log = tmp_path / "worker.log"
     with log.open("w") as out:
         worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "kite", "worker", "--concurrency", "1",
@@ -203,10 +200,7 @@ def test_a_real_worker_and_its_pool_processes_print_their_stacks_and_keep_runnin
 def test_a_real_beat_prints_its_stacks_and_keeps_running(tmp_path):
     """What runkite sends a beat it is about to kill (it did not stop in its grace time): faulthandler
     on SIGWINCH prints every thread's stack, and beat goes on until it is stopped."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") and not key.startswith("KITE_")}
-    env.update(KITE_DATA_DIR=str(tmp_path / "data"), DJANGO_SETTINGS_MODULE="kite.settings")  # embedded: SQLite
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=120)
+    env = _embedded_env(tmp_path)
     log = tmp_path / "beat.log"
     with log.open("w") as out:
         beat = subprocess.Popen([sys.executable, "-m", "celery", "-A", "kite", "beat", "--schedule",
@@ -223,6 +217,15 @@ def test_a_real_beat_prints_its_stacks_and_keeps_running(tmp_path):
     text = log.read_text()
     assert "Current thread" in text and "celery/beat.py" in text, text
     assert "Traceback" not in text, text
+
+
+def _embedded_env(tmp_path) -> dict:
+    """The environment of a Kite on its embedded defaults (SQLite) in `tmp_path`, its database migrated."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DATABASE_URL", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR") and not key.startswith("KITE_")}
+    env.update(KITE_DATA_DIR=str(tmp_path / "data"), DJANGO_SETTINGS_MODULE="kite.settings")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=REPO, env=env, check=True, timeout=120)
+    return env
 
 
 def _catches(pid: int, signum: int) -> bool:
