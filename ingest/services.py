@@ -141,8 +141,6 @@ def webhook_receive(*, source: Source, headers: dict[str, str], body: bytes) -> 
             headers={"Retry-After": str(verdict.retry_after)},
         )
     draft = webhook_draft(source, headers, body, sender)
-    if isinstance(draft, list) and (getattr(source, "from_cache", False) or getattr(sender, "store_guard", None)):
-        raise SourceChanged  # a batch is stored in a transaction that cannot check the copies: read them
     with tracing.storing(draft, headers):  # each event leaves with a `traceparent` (kite.tracing)
         if isinstance(draft, list):
             return events_store_batch(source=source, items=draft, sender=sender)
@@ -262,14 +260,16 @@ def store_alone_statement(source: Source, event: Event, sender=None) -> fastsql.
     )
 
 
-def store_alone_statement_many(source: Source, events: list[Event]) -> fastsql.GuardedMany:
-    """`store_alone_statement` for webhooks of one source verified with the same copy of it, from
-    providers (no sender): one statement, one commit for all (ingest.edge, for webhooks that
-    arrive together)."""
+def store_alone_statement_many(source: Source, events: list[Event], sender=None) -> fastsql.GuardedMany:
+    """`store_alone_statement` for several events of one source verified with the same copies:
+    one statement, one commit for all — webhooks that arrive together (ingest.edge), or the
+    events of one CloudEvents batch (a peer's batched delivery)."""
+    sender_guard = getattr(sender, "store_guard", None)
     return fastsql.guarded_insert_many(
         events,
-        guard=_store_alone_guard(),
-        guard_params=[source.pk, source.row_version, source.team_routes_version],
+        guard=_store_alone_guard(sender_guard.sql if sender_guard else ""),
+        guard_params=[source.pk, source.row_version, source.team_routes_version,
+                      *(sender_guard.params if sender_guard else ())],  # fmt: skip
         skip_conflicts_on=DEDUP,
     )
 
@@ -346,11 +346,49 @@ def events_store_batch(*, source: Source, items: list, sender=None) -> list[Batc
     if that INSERT meets a duplicate after all (the same event stored concurrently), the batch
     is stored again one savepoint per event, which sorts it out.
     """
+    if getattr(source, "row_version", None) is not None and hooks.event_stored_idle(source):
+        results = _store_batch_alone(source, items, sender)
+        if results is not None:
+            return results
+    if getattr(source, "from_cache", False) or getattr(sender, "store_guard", None) is not None:
+        raise SourceChanged  # verified with cached rows only one statement checks: again, against fresh reads
     with transaction.atomic():
         results = _store_batch_at_once(source, items, sender)
         if results is None:
             results = _store_batch_one_by_one(source, items, sender)
     return results
+
+
+def _store_batch_alone(source: Source, items: list, sender) -> list[BatchItem] | None:
+    """A batch whose events no hook writes anything for, with `store_alone_statement_many`: one
+    statement and its commit, which also checks the copies the batch was verified with. None:
+    let the transactional path store it (the same event twice in the batch, or no event at all).
+    SourceChanged when the copies are out of date."""
+    events = {
+        i: new_event(source, item) for i, item in enumerate(items) if not isinstance(item, cloudevent.MalformedEvent)
+    }
+    keys = {(event.ce_source, event.ce_id) for event in events.values()}
+    if not events or len(keys) != len(events):
+        return None
+    statement = store_alone_statement_many(source, list(events.values()), sender)
+    inserted = stored_alone(source, statement, statement.run())
+    if inserted is None:
+        sender_guard = getattr(sender, "store_guard", None)
+        if sender_guard is not None:
+            sender_guard.forget()
+        if getattr(source, "from_cache", False) or sender_guard is not None:
+            raise SourceChanged
+        return None
+    went_in = dict(zip(events, inserted, strict=True))
+    for i, event in events.items():
+        if went_in[i]:
+            # robust: a failed notice is logged, never a 500 for an event that is already stored.
+            transaction.on_commit(functools.partial(broadcast.event_stored, event), robust=True)
+    return [
+        BatchItem("", "rejected", item.detail) if i not in events
+        else BatchItem(events[i].ce_id, "accepted" if went_in[i] else "duplicate")
+        for i, item in enumerate(items)
+    ]  # fmt: skip
 
 
 def _store_batch_at_once(source: Source, items: list, sender) -> list[BatchItem] | None:

@@ -159,6 +159,12 @@ class GuardedMany:
     def __init__(self, objs: list, sql: str, params: list, returned: list, key: list):
         self.objs, self.sql, self.params, self.returned, self.key = objs, sql, params, returned, key
 
+    def run(self) -> list:
+        """Its rows, through this thread's Django connection."""
+        with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
+            cursor.execute(self.sql, self.params)
+            return cursor.fetchall()
+
     def result(self, rows: list) -> tuple[tuple | None, list[bool]]:
         """(guard_row, inserted): guard_row is None when the guard found nothing (nothing inserted);
         otherwise the guard's columns, and `inserted` says for each of `objs` whether it went in

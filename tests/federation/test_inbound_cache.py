@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from federation import inbound, services, signing
 from federation.models import Peer
 from ingest.models import Event
-from tests.federation.test_routing_inbound import OTHER, SECRET, make_ce, signed_post
+from tests.federation.test_routing_inbound import OTHER, SECRET, make_ce, signed_batch, signed_post
 
 # Each request commits on its own, as in production: a row's version (xmin) is its writer's transaction.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -125,3 +125,72 @@ def test_a_sender_that_is_still_accepted_is_not_rewritten_once_a_second(client, 
     inbound._inbound_peers.clear()
     assert _deliver(client, team, "later").status_code == 202
     assert Peer.objects.extra(select={"v": "xmin::text"}).values_list("v", flat=True).get(pk=sender.pk) == version
+
+
+# --- batches: stored by one guarded statement too -------------------------------------------------
+
+
+def _batch(client, team, events, secret=SECRET, sender="kite-a"):
+    return signed_batch(client, team, events, secret=secret, sender=sender)
+
+
+def _results(response) -> list[str]:
+    assert response.status_code == 200, response.content
+    return [item["result"] for item in response.json()]
+
+
+def test_a_warm_batch_reads_no_peer_row_and_is_stored_by_one_guarded_statement(client, team, sender):
+    _warm(client, team)
+    with CaptureQueriesContext(connection) as queries:
+        response = _batch(client, team, [make_ce("b1"), make_ce("b2"), {"specversion": "0.3", "id": "x"}, make_ce("warm1")])
+    assert _results(response) == ["accepted", "accepted", "rejected", "duplicate"]
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert len(sql) == 1, sql  # one INSERT for the batch, which checks the source, the routes and the sender's row
+    assert "unnest" in sql[0] and "federation_peer" in sql[0] and sql[0].count("xmin") == 2
+    assert _stored(team) == {"warm1", "warm2", "warm3", "b1", "b2"}
+    again = _batch(client, team, [make_ce("b1"), make_ce("b3")])  # the batch retried after a lost answer
+    assert _results(again) == ["duplicate", "accepted"]
+    assert Event.objects.filter(team=team, ce_id="b1").count() == 1
+
+
+def test_a_batch_from_a_sender_revoked_behind_the_cache_is_refused_and_stores_nothing(client, team, sender):
+    _warm(client, team)
+    Peer.objects.filter(pk=sender.pk).update(status=Peer.Status.REVOKED)
+    response = _batch(client, team, [make_ce("r1"), make_ce("r2")])
+    assert response.status_code == 401 and response.json()["code"] == "unknown_peer", response.json()
+    assert _stored(team) == {"warm1", "warm2", "warm3"}
+    assert (team.id, "kite-a") not in inbound._inbound_peers
+
+
+def test_a_batch_from_a_sender_revoked_between_its_check_and_its_insert_stores_nothing(client, team, sender,
+                                                                                       monkeypatch):  # fmt: skip
+    _warm(client, team)
+    accepted = inbound._accepted
+
+    def revoked_meanwhile(matched, request, control):
+        Peer.objects.filter(pk=sender.pk).update(status=Peer.Status.REVOKED)  # another process, this moment
+        return accepted(matched, request, control)
+
+    monkeypatch.setattr(inbound, "_accepted", revoked_meanwhile)
+    response = _batch(client, team, [make_ce("raced1"), make_ce("raced2")])
+    assert response.status_code == 401 and response.json()["code"] == "unknown_peer", response.json()
+    assert _stored(team) == {"warm1", "warm2", "warm3"}
+
+
+def test_a_batch_with_one_event_twice_stores_it_once(client, team, sender):
+    _warm(client, team)
+    response = _batch(client, team, [make_ce("twice"), make_ce("twice"), make_ce("once")])
+    assert _results(response) == ["accepted", "duplicate", "accepted"]
+    assert Event.objects.filter(team=team, ce_id="twice").count() == 1
+    assert _stored(team) == {"warm1", "warm2", "warm3", "twice", "once"}
+
+
+def test_a_forged_batch_is_refused_and_does_not_grow_the_cache(client, team, other_team, sender):
+    services.trusted_sender_create(team=other_team, name="instance-a", inbound_token=OTHER)
+    _warm(client, team)
+    before = dict(inbound._inbound_peers)
+    assert _batch(client, team, [make_ce("f1")], secret=OTHER).status_code == 401  # the other team's secret
+    assert _batch(client, team, [make_ce("f2")], sender="mallory").status_code == 401
+    assert _batch(client, other_team, [make_ce("f3")]).status_code == 401  # this team's secret, the other's hook
+    assert set(inbound._inbound_peers) <= set(before)
+    assert _stored(team) == {"warm1", "warm2", "warm3"} and _stored(other_team) == set()
