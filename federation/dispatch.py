@@ -80,13 +80,23 @@ def kick_all(peer_ids: list[int]) -> None:
             log.warning("could not queue delivery for peers %s; the sweeper will retry", chunk, exc_info=True)
 
 
-# SET NX EX of every key, answering the (1-based) positions of those it set: one command for the
-# whole fan-out. A pipeline of 200 SETs cost the web process 2.2 ms of CPU to pack and parse, the
-# script 0.6 ms (same process, same Redis, medians of 60).
+# SET NX EX of every flag (the first half of KEYS), answering the (1-based) positions of those it
+# set: one command for the whole fan-out. A pipeline of 200 SETs cost the web process 2.2 ms of CPU
+# to pack and parse, the script 0.6 ms (same process, same Redis, medians of 60). A flag that was
+# set already belongs to a queued or draining task: its wake list (the second half of KEYS) gets
+# one element, which a draining task waits on when it has nothing to do (federation.outbox
+# ._drain_listening: it claims the new entry the moment it is woken).
 FIRST_KICKS_LUA = """
 local first = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, 1, 'NX', 'EX', ARGV[1]) then first[#first + 1] = i end
+local n = #KEYS / 2
+for i = 1, n do
+  if redis.call('SET', KEYS[i], 1, 'NX', 'EX', ARGV[1]) then
+    first[#first + 1] = i
+  else
+    redis.call('RPUSH', KEYS[n + i], 1)
+    redis.call('LTRIM', KEYS[n + i], -1, -1)
+    redis.call('EXPIRE', KEYS[n + i], ARGV[1])
+  end
 end
 return first
 """
@@ -100,7 +110,7 @@ def _first_kicks_script(client):
 def first_kicks(peer_ids: list[int]) -> list[int]:
     """`first_kick` for many peers in one round trip: those whose flag this call set."""
     try:
-        keys = [kick_key(peer_id) for peer_id in peer_ids]
+        keys = [kick_key(peer_id) for peer_id in peer_ids] + [wake_key(peer_id) for peer_id in peer_ids]
         positions = _first_kicks_script(ratelimit.redis_client())(keys=keys, args=[KICK_FLAG_SECONDS])
         return [peer_ids[position - 1] for position in positions]
     except Exception:
@@ -121,6 +131,30 @@ def queue_task(peer_id: int) -> None:
 
 def kick_key(peer_id: int) -> str:
     return f"kite:kick:{peer_id}"
+
+
+def wake_key(peer_id: int) -> str:
+    """A list a draining task waits on: a kick while its flag is held pushes to it, and so does each
+    of its calls when it ends (at most one element: a wake says "look again", not how often)."""
+    return f"kite:wake:{peer_id}"
+
+
+def wake(key: str) -> None:
+    """Wake the drain waiting on `key` (a call of its has ended)."""
+    try:
+        pipe = ratelimit.redis_client().pipeline(transaction=False)
+        pipe.rpush(key, 1).ltrim(key, -1, -1).expire(key, KICK_FLAG_SECONDS)
+        pipe.execute()
+    except Exception:
+        pass  # the drain's wait times out and it looks anyway
+
+
+def wait_for_wake(key: str, timeout: float) -> bool:
+    """Wait up to `timeout` s for a wake on `key` (True), taking it; False on timeout. Raises
+    if Redis cannot be asked (the caller then waits on its calls alone)."""
+    if timeout <= 0:
+        return False  # (BLPOP's 0 waits for ever)
+    return ratelimit.redis_client().blpop([key], timeout=timeout) is not None
 
 
 def first_kick(peer_id: int) -> bool:

@@ -16,7 +16,7 @@ def deliver_peer(peer_id: int, helper: bool = False) -> int:
 @shared_task(ignore_result=True)
 def deliver_peers(peer_ids: list[int]) -> int:
     """Several peers' kicks in one message (an event that matched many): each drained in turn."""
-    return sum(outbox.deliver_peer(peer_id) for peer_id in peer_ids)
+    return sum(outbox.deliver_peer(peer_id, alone=False) for peer_id in peer_ids)
 
 
 @shared_task(ignore_result=True)

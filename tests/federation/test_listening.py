@@ -1,0 +1,153 @@
+"""A kicked task draining a peer that takes batches listens for kicks (federation.outbox
+._drain_listening): an event committed while it waits is claimed by the same drain, no second
+task; its wait is bounded (LINGER_SECONDS, during TURN_SECONDS); at most BATCHED_IN_FLIGHT calls
+are out. Against a real HTTPS endpoint on loopback, with events committed by another thread as a
+web process commits them (their after-commit kicks included)."""
+
+import json
+import threading
+import time
+
+import pytest
+from django.db import connection
+
+from federation import dispatch, outbox, tasks
+from federation.models import Delivery, OutboxEntry, Peer
+from kite.ratelimit import redis_client
+from tests.federation.test_delivery import make_event, endpoint, peer  # noqa: F401 - pytest fixtures, used by name
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Answers:
+    """A batch endpoint's answer that takes `seconds`, noting each call's events and how many calls were in at once."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds, self.calls, self.arrived, self.now, self.most = seconds, [], 0, 0, 0
+        self.lock, self.changed = threading.Lock(), threading.Condition()
+
+    def __call__(self, body):
+        events = json.loads(body)
+        with self.changed:
+            self.arrived += 1
+            self.changed.notify_all()
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.now -= 1
+        with self.changed:
+            self.calls.append([event["id"] for event in events])
+            self.changed.notify_all()
+        return [{"id": event["id"], "result": "accepted"} for event in events]
+
+    def wait_for(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.calls) >= count, timeout=10), self.calls
+
+    def wait_for_arrivals(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.arrived >= count, timeout=10), self.calls
+
+
+@pytest.fixture
+def batched(team, peer, endpoint, monkeypatch):
+    """The peer takes batches; kicks that would queue a task are noted instead (no worker here)."""
+    Peer.objects.filter(pk=peer.pk).update(batch_max=50)
+    redis_client().delete(dispatch.kick_key(peer.pk), dispatch.wake_key(peer.pk), dispatch.helper_key(peer.pk))
+    queued = []
+    monkeypatch.setattr(tasks.deliver_peer, "delay", lambda *args, **kwargs: queued.append(args))
+    yield queued
+    redis_client().delete(dispatch.kick_key(peer.pk), dispatch.wake_key(peer.pk), dispatch.helper_key(peer.pk))
+
+
+def _meanwhile(func) -> threading.Thread:
+    """`func` in another thread, as another process (its own database connection, its own commits)."""
+
+    def run():
+        try:
+            func()
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_an_event_committed_while_the_drain_waits_is_claimed_by_it_and_queues_no_task(team, peer, endpoint, batched):
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    make_event(team, "l0")  # its kick sets the flag and queues this task
+    assert batched == [(peer.pk,)]
+
+    def later():
+        answers.wait_for(1)
+        time.sleep(outbox.LINGER_SECONDS / 4)  # the drain has nothing due now: it waits for a kick
+        make_event(team, "l1")  # committed; its kick finds the flag set and wakes the drain
+
+    thread = _meanwhile(later)
+    assert outbox.deliver_peer(peer.pk) == 2
+    thread.join()
+    assert answers.calls == [["l0"], ["l1"]]
+    assert batched == [(peer.pk,)]  # l1 queued no task: the drain that waited took it
+    assert set(OutboxEntry.objects.values_list("status", "attempts")) == {("delivered", 1)}
+    assert Delivery.objects.count() == 2
+    assert redis_client().exists(dispatch.kick_key(peer.pk)) == 0  # let go at the end: the next kick queues a task
+
+
+def test_a_drain_past_its_turn_waits_for_no_kick(team, peer, endpoint, batched, monkeypatch):
+    """Past TURN_SECONDS a drain ends at its first empty claim: the next event queues a task behind
+    the others' instead of a steady stream keeping a worker process."""
+    monkeypatch.setattr(outbox, "TURN_SECONDS", 0)
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    make_event(team, "t0")
+    assert outbox.deliver_peer(peer.pk) == 1
+    make_event(team, "t1")
+    assert batched == [(peer.pk,), (peer.pk,)]  # the drain had let the flag go: t1 queued a task of its own
+
+
+def test_the_wait_for_a_kick_is_bounded(team, peer, endpoint, batched):
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    make_event(team, "w0")
+    started = time.monotonic()
+    assert outbox.deliver_peer(peer.pk) == 1
+    assert time.monotonic() - started < outbox.LINGER_SECONDS + 2  # one call, one wait, then it ends
+
+
+def test_calls_out_at_once_are_bounded_and_each_event_is_delivered_once(team, peer, endpoint, batched, monkeypatch):
+    """With two calls allowed out, events committed while a slow call is out go in a call of
+    their own alongside it — after a first call alone has succeeded."""
+    monkeypatch.setattr(outbox, "BATCHED_IN_FLIGHT", 2)
+    answers = Answers(seconds=0.3)
+    endpoint.default = (200, {}, answers)
+    make_event(team, "p0")
+
+    def later():
+        answers.wait_for_arrivals(1)
+        make_event(team, "p1")  # during p0's call: the first call goes alone, p1 waits for it
+        answers.wait_for_arrivals(2)  # p0 answered, p1's call is out
+        make_event(team, "p2")  # goes out alongside
+        answers.wait_for(3)
+
+    thread = _meanwhile(later)
+    delivered = outbox.deliver_peer(peer.pk)
+    thread.join()
+    assert delivered == 3
+    assert answers.calls == [["p0"], ["p1"], ["p2"]], answers.calls
+    assert answers.most == 2  # p2's call went out while p1's was
+    assert set(OutboxEntry.objects.values_list("status", "attempts")) == {("delivered", 1)}
+    assert sorted(Delivery.objects.values_list("entry__event__ce_id", flat=True)) == ["p0", "p1", "p2"]
+
+
+def test_a_task_for_many_peers_drains_each_in_turn_without_waiting_for_kicks(team, peer, endpoint, batched,
+                                                                              monkeypatch):  # fmt: skip
+    monkeypatch.setattr(outbox, "LINGER_SECONDS", 30)  # a wait would show
+    endpoint.default = (200, {}, Answers())
+    make_event(team, "m0")
+    started = time.monotonic()
+    assert tasks.deliver_peers([peer.pk]) == 1
+    assert time.monotonic() - started < 10
