@@ -84,8 +84,8 @@ def kick_all(peer_ids: list[int]) -> None:
 # set: one command for the whole fan-out. A pipeline of 200 SETs cost the web process 2.2 ms of CPU
 # to pack and parse, the script 0.6 ms (same process, same Redis, medians of 60). A flag that was
 # set already belongs to a queued or draining task: its wake list (the second half of KEYS) gets
-# one element, which a draining task waits on when it has nothing to do (federation.outbox
-# ._drain_listening: it claims the new entry the moment it is woken).
+# one element, which a draining task waits on when it has nothing to do (federation.outbox._drain's
+# `listen`: it claims the new entry the moment it is woken).
 FIRST_KICKS_LUA = """
 local first = {}
 local n = #KEYS / 2
@@ -134,19 +134,9 @@ def kick_key(peer_id: int) -> str:
 
 
 def wake_key(peer_id: int) -> str:
-    """A list a draining task waits on: a kick while its flag is held pushes to it, and so does each
-    of its calls when it ends (at most one element: a wake says "look again", not how often)."""
+    """A list a draining task waits on: a kick while its flag is held pushes to it (at most one
+    element: a wake says "look again", not how often)."""
     return f"kite:wake:{peer_id}"
-
-
-def wake(key: str) -> None:
-    """Wake the drain waiting on `key` (a call of its has ended)."""
-    try:
-        pipe = ratelimit.redis_client().pipeline(transaction=False)
-        pipe.rpush(key, 1).ltrim(key, -1, -1).expire(key, KICK_FLAG_SECONDS)
-        pipe.execute()
-    except Exception:
-        pass  # the drain's wait times out and it looks anyway
 
 
 def wait_for_wake(key: str, timeout: float) -> bool:

@@ -15,7 +15,6 @@ import os
 import threading
 import time
 import uuid
-from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -120,16 +119,16 @@ def deliver_peer(peer_id: int, helper: bool = False, alone: bool = True) -> int:
     backlog: one helper task (`helper=True`, its own flag, no kick protocol) drains alongside
     until a claim of its comes back empty; SKIP LOCKED keeps the two apart. The peer row is
     read again at most once a second (an operator's pause or new secret applies within a second).
-    While it runs, the keeper thread keeps its flag set and its leases renewed (`Drain`)."""
+    While it runs, the keeper thread keeps its flag set and its leases renewed (`Drain`). A task
+    of its peer alone (not one of many peers in one task) listens for the next kick before it
+    lets the flag go (`_drain`'s `listen`)."""
     drain = Drain(dispatch.helper_key(peer_id) if helper else dispatch.kick_key(peer_id))
     drain.hold_flag()
     _keeper.add(drain)
     try:
-        view, mode = PeerView(peer_id), HELPER if helper else TASK
-        peer = view.current()
-        if peer is not None and alone and _listens(mode, peer):  # (a task of many peers drains each in turn)
-            return _drain_listening(view, drain)
-        return _drain(view, drain, mode)
+        # A task of many peers drains each in turn, without waiting for kicks.
+        listen = alone and not helper and bool(settings.REDIS_URL)
+        return _drain(PeerView(peer_id), drain, HELPER if helper else TASK, listen=listen)
     finally:
         _keeper.remove(drain)
         drain.clear_flag()
@@ -177,11 +176,19 @@ class PeerView:
         self.peer = None
 
 
-def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
+def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> int:
     """Claim and send until nothing is due (or a call fails). A courier stops at a full claim and
     leaves the backlog to a task (kicked here): a web process delivers what it just stored, not
-    what piled up while a peer was away."""
-    delivered = 0
+    what piled up while a peer was away.
+
+    listen: a kicked task that comes to an empty claim first waits up to LINGER_SECONDS for the
+    peer's next kick — during its first TURN_SECONDS — and claims the moment it comes: while the
+    task holds the peer's flag, a kick pushes to the peer's wake list (dispatch.wake_key) instead
+    of queueing a task. Events a few milliseconds apart then keep one drain, each claimed as it
+    commits, instead of a task each (the broker's hop, a task's start, the peer read again)."""
+    delivered, lingered = 0, False
+    turn_ends = time.monotonic() + TURN_SECONDS
+    wake = dispatch.wake_key(view.peer_id)
     while True:
         peer = view.current()
         if peer is None:
@@ -193,8 +200,12 @@ def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
         if not entries:
             if mode != TASK or not drain.flag_held:
                 return delivered
-            drain.clear_flag()
+            if listen and not lingered and time.monotonic() < turn_ends:
+                lingered = not _kicked(wake)  # kicked or not, claim once more (a wake can be stale)
+                continue
+            drain.clear_flag()  # then one more claim: an entry whose kick found the flag set
             continue
+        lingered = False
         drain.took(entries)
         if mode == TASK and not drain.flag_held:  # entries after all: hold the flag again (a task queued meanwhile finds little)
             drain.hold_flag()
@@ -227,112 +238,17 @@ def _drain(view: PeerView, drain: "Drain", mode: str) -> int:
             return delivered
 
 
-# Batched calls a drain of a batch-taking peer has out at once. Two overlap a claim with the call
-# before it, but at 200 events/s on two cores each call then carries fewer events and the extra
-# calls' CPU (both instances) cost more latency than the overlap saved (bench/RESULTS.md).
-BATCHED_IN_FLIGHT = 1
-
-
-def _listens(mode: str, peer: Peer) -> bool:
-    """A kicked task's drain of a peer that takes batches listens for kicks (Redis carries them);
-    the others claim until a claim comes back empty."""
-    return mode == TASK and bool(settings.REDIS_URL) and min(peer.batch_max or 1, BATCH_CAP) > 1
-
-
-def _drain_listening(view: PeerView, drain: "Drain") -> int:
-    """`_drain` for a peer that takes batches, woken by kicks instead of claiming blindly: while
-    this task holds the peer's flag, each kick pushes to the peer's wake list (dispatch.wake_key),
-    and so does each of its calls when it ends. It claims when woken, with up to BATCHED_IN_FLIGHT
-    calls out (each recorded when it ends); with nothing out and nothing due it waits up to
-    LINGER_SECONDS for a kick before it lets the flag go — during its first TURN_SECONDS — so events
-    a few milliseconds apart keep one drain, claimed the moment they commit, instead of a task
-    each (the broker's hop, a task's start, the peer read again: bench/RESULTS.md). The first call
-    goes alone until one has succeeded (a peer that is down gets one attempt per drain); after a
-    failed call nothing more is claimed, and the calls out are awaited and recorded. Leases,
-    renewals, pacing and the flag's protocol are `_drain`'s."""
-    delivered, stopping, proven, lingered = 0, False, False, False
-    turn_ends = time.monotonic() + TURN_SECONDS
-    out: dict = {}  # future → its group
-    wake = dispatch.wake_key(view.peer_id)
-    peer, target = view.current(), view.target
-    try:
-        while True:
-            ended = [future for future in out if future.done()]
-            if ended:
-                groups = [out.pop(future) for future in ended]
-                sent, failed = _recorded(peer, groups, [future.result() for future in ended], True, drain)
-                delivered, proven = delivered + sent, proven or sent > 0
-                if failed:
-                    stopping = True
-                    view.forget()  # the failure may have paused the queue or be a stale certificate
-            if stopping:
-                if not out:
-                    return delivered
-                _wait(wake, out)
-                continue
-            current = view.current()
-            if current is None or not _listens(TASK, current):
-                if out:  # paused, or no longer batched: the calls out end first
-                    _wait(wake, out)
-                    continue
-                return delivered + (_drain(view, drain, TASK) if current is not None else 0)
-            peer, target = current, view.target
-            if len(out) >= (BATCHED_IN_FLIGHT if proven else 1):
-                _wait(wake, out)
-                continue
-            size = min(peer.batch_max or 1, BATCH_CAP)
-            entries = claim(peer.pk, size)
-            if not entries:
-                if out:
-                    _wait(wake, out)
-                elif not drain.flag_held:
-                    return delivered
-                elif not lingered and time.monotonic() < turn_ends:
-                    lingered = not _wait(wake, out, LINGER_SECONDS)  # woken or not, claim once more
-                else:
-                    drain.clear_flag()  # then one more claim: an entry whose kick found the flag set
-                continue
-            lingered = False
-            drain.took(entries)
-            if not drain.flag_held:  # entries after all: hold the flag again
-                drain.hold_flag()
-            if len(entries) == size:
-                dispatch.call_helper(peer.pk)  # a backlog
-            group = drain.still_ours(entries)
-            if group is None:  # renewals failed (the database?): what is left goes back when its lease ends
-                stopping = True
-            elif group and not _paced(peer, [group]):  # over the peer's rate: it waits a second
-                drain.release(group, delay_seconds=1)
-                stopping = True
-            elif group:
-                future = _calls().submit(_call, peer, target, group, True)
-                future.add_done_callback(lambda _future: dispatch.wake(wake))
-                out[future] = group
-    finally:
-        if out:  # leaving on an exception with calls out: their outcomes are still recorded if possible
-            futures.wait(list(out))
-            try:
-                _recorded(peer, list(out.values()), [future.result() for future in out], True, drain)
-            except Exception:
-                log.warning("could not record the outcomes of calls to peer %s", view.peer_id, exc_info=True)
-
-
-WAKE_WAIT_SECONDS = 0.5  # the longest wait for a wake (below the Redis client's socket timeout, 1 s)
-LINGER_SECONDS = 0.1  # a drain with nothing due waits this long for a kick before it ends...
+LINGER_SECONDS = 0.1  # a kicked task with nothing due waits this long for the next kick...
 TURN_SECONDS = 5.0  # ...while it is younger than this: then it ends at its first empty claim, and the
 # peer's next kick queues a task behind the others' (a steady stream does not keep a worker process)
 
 
-def _wait(wake: str, out: dict, timeout: float = WAKE_WAIT_SECONDS) -> bool:
-    """Until a kick or the end of a call wakes this drain (True), or `timeout` s (it looks anyway).
-    Without Redis to ask, until a call ends."""
+def _kicked(wake: str) -> bool:
+    """Wait up to LINGER_SECONDS for a kick of the drain's peer (True); False without one, or
+    without Redis to ask."""
     try:
-        return dispatch.wait_for_wake(wake, timeout)
+        return dispatch.wait_for_wake(wake, LINGER_SECONDS)
     except Exception:
-        if out:
-            futures.wait(list(out), timeout=timeout, return_when=futures.FIRST_COMPLETED)
-        else:
-            time.sleep(min(timeout, 0.01))
         return False
 
 
@@ -576,12 +492,6 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
         outcomes = [_call(peer, target, groups[0], batched)]
     else:
         outcomes = list(_calls().map(lambda group: _call(peer, target, group, batched), groups))
-    return _recorded(peer, groups, outcomes, batched, drain)
-
-
-def _recorded(peer: Peer, groups: list[list[OutboxEntry]], outcomes: list, batched: bool,
-              drain: Drain) -> tuple[int, bool]:  # fmt: skip
-    """The outcomes of calls that ended, recorded (`send_all`'s answer)."""
     succeeded = [(group, answer) for group, answer in zip(groups, outcomes, strict=True)
                  if isinstance(answer, client.PeerAnswer)]  # fmt: skip
     failed = [(group, failure) for group, failure in zip(groups, outcomes, strict=True)
