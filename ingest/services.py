@@ -286,9 +286,10 @@ def stored_alone(source: Source, statement, rows):
     return inserted
 
 
-def _store_alone(source: Source, event: Event, sender=None) -> "Ingested | None":
-    """Store an event with `store_alone_statement`. None: let the transactional path store it."""
-    statement = store_alone_statement(source, event, sender)
+def _run_alone(source: Source, statement, sender):
+    """Run a `store_alone_statement(_many)`: what `stored_alone` says, with its None (the guard found
+    something changed) turned into SourceChanged when the request was verified with cached copies
+    (which are dropped): then it is verified again against fresh reads."""
     stored = stored_alone(source, statement, statement.run())
     if stored is None:
         sender_guard = getattr(sender, "store_guard", None)
@@ -296,6 +297,13 @@ def _store_alone(source: Source, event: Event, sender=None) -> "Ingested | None"
             sender_guard.forget()
         if getattr(source, "from_cache", False) or sender_guard is not None:
             raise SourceChanged
+    return stored
+
+
+def _store_alone(source: Source, event: Event, sender=None) -> "Ingested | None":
+    """Store an event with `store_alone_statement`. None: let the transactional path store it."""
+    stored = _run_alone(source, store_alone_statement(source, event, sender), sender)
+    if stored is None:
         return None
     if not stored:
         existing = _existing(event)
@@ -370,14 +378,8 @@ def _store_batch_alone(source: Source, items: list, sender) -> list[BatchItem] |
     keys = {(event.ce_source, event.ce_id) for event in events.values()}
     if not events or len(keys) != len(events):
         return None
-    statement = store_alone_statement_many(source, list(events.values()), sender)
-    inserted = stored_alone(source, statement, statement.run())
+    inserted = _run_alone(source, store_alone_statement_many(source, list(events.values()), sender), sender)
     if inserted is None:
-        sender_guard = getattr(sender, "store_guard", None)
-        if sender_guard is not None:
-            sender_guard.forget()
-        if getattr(source, "from_cache", False) or sender_guard is not None:
-            raise SourceChanged
         return None
     went_in = dict(zip(events, inserted, strict=True))
     for i, event in events.items():

@@ -60,8 +60,8 @@ def test_a_sender_revoked_behind_the_cache_is_refused_at_once(client, team, send
     assert (team.id, "kite-a") not in inbound._inbound_peers
 
 
-def test_a_sender_revoked_between_its_check_and_its_insert_stores_nothing(client, team, sender, monkeypatch):
-    _warm(client, team)
+def _revoked_at_the_next_check(sender, monkeypatch) -> None:
+    """The sender is revoked (by another process) right after the next request's check passed."""
     accepted = inbound._accepted
 
     def revoked_meanwhile(matched, request, control):
@@ -69,6 +69,11 @@ def test_a_sender_revoked_between_its_check_and_its_insert_stores_nothing(client
         return accepted(matched, request, control)
 
     monkeypatch.setattr(inbound, "_accepted", revoked_meanwhile)
+
+
+def test_a_sender_revoked_between_its_check_and_its_insert_stores_nothing(client, team, sender, monkeypatch):
+    _warm(client, team)
+    _revoked_at_the_next_check(sender, monkeypatch)
     response = _deliver(client, team, "raced")
     assert response.status_code == 401 and response.json()["code"] == "unknown_peer", response.json()
     assert _stored(team) == {"warm1", "warm2", "warm3"}
@@ -165,13 +170,7 @@ def test_a_batch_from_a_sender_revoked_behind_the_cache_is_refused_and_stores_no
 def test_a_batch_from_a_sender_revoked_between_its_check_and_its_insert_stores_nothing(client, team, sender,
                                                                                        monkeypatch):  # fmt: skip
     _warm(client, team)
-    accepted = inbound._accepted
-
-    def revoked_meanwhile(matched, request, control):
-        Peer.objects.filter(pk=sender.pk).update(status=Peer.Status.REVOKED)  # another process, this moment
-        return accepted(matched, request, control)
-
-    monkeypatch.setattr(inbound, "_accepted", revoked_meanwhile)
+    _revoked_at_the_next_check(sender, monkeypatch)
     response = _batch(client, team, [make_ce("raced1"), make_ce("raced2")])
     assert response.status_code == 401 and response.json()["code"] == "unknown_peer", response.json()
     assert _stored(team) == {"warm1", "warm2", "warm3"}
