@@ -115,3 +115,22 @@ def test_a_task_for_many_peers_drains_each_in_turn_without_waiting_for_kicks(tea
     started = time.monotonic()
     assert tasks.deliver_peers([peer.pk]) == 1
     assert time.monotonic() - started < 10
+
+
+def test_a_pause_while_the_drain_waits_applies_to_the_next_event(team, peer, endpoint, batched):
+    """The waiting drain read the peer's row a moment ago; the kick that wakes it is a new event,
+    and the row is read again for it, as a new task would: paused since, nothing is sent."""
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    make_event(team, "s0")
+
+    def later():
+        answers.wait_for(1)
+        Peer.objects.filter(pk=peer.pk).update(paused="down")  # an operator, or a heartbeat's verdict
+        make_event(team, "s1")  # its kick wakes the waiting drain
+
+    thread = _meanwhile(later)
+    assert outbox.deliver_peer(peer.pk) == 1
+    thread.join()
+    assert answers.calls == [["s0"]]
+    assert dict(OutboxEntry.objects.values_list("event__ce_id", "status")) == {"s0": "delivered", "s1": "pending"}
