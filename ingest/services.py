@@ -354,7 +354,8 @@ def events_store_batch(*, source: Source, items: list, sender=None) -> list[Batc
     if that INSERT meets a duplicate after all (the same event stored concurrently), the batch
     is stored again one savepoint per event, which sorts it out.
     """
-    if getattr(source, "row_version", None) is not None and hooks.event_stored_idle(source):
+    if (len(items) <= ALONE_BATCH_MAX and getattr(source, "row_version", None) is not None
+            and hooks.event_stored_idle(source)):  # fmt: skip
         results = _store_batch_alone(source, items, sender)
         if results is not None:
             return results
@@ -365,6 +366,12 @@ def events_store_batch(*, source: Source, items: list, sender=None) -> list[Batc
         if results is None:
             results = _store_batch_one_by_one(source, items, sender)
     return results
+
+
+# Batches up to this many events go in with one guarded statement: what a peer keeping up sends
+# (a few events a call). A larger batch (a backlog) is bound by its rows, not its round trips, and
+# its events' columns bound as arrays would be one more copy of a request of up to a megabyte.
+ALONE_BATCH_MAX = 16
 
 
 def _store_batch_alone(source: Source, items: list, sender) -> list[BatchItem] | None:

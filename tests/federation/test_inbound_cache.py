@@ -193,3 +193,17 @@ def test_a_forged_batch_is_refused_and_does_not_grow_the_cache(client, team, oth
     assert _batch(client, other_team, [make_ce("f3")]).status_code == 401  # this team's secret, the other's hook
     assert set(inbound._inbound_peers) <= set(before)
     assert _stored(team) == {"warm1", "warm2", "warm3"} and _stored(other_team) == set()
+
+
+def test_a_batch_over_the_one_statement_size_is_stored_in_a_transaction_after_fresh_reads(client, team, sender):
+    from ingest import services as ingest_services
+
+    _warm(client, team)
+    ids = [f"big{n}" for n in range(ingest_services.ALONE_BATCH_MAX + 1)]
+    with CaptureQueriesContext(connection) as queries:
+        response = _batch(client, team, [make_ce(event_id) for event_id in ids])
+    assert _results(response) == ["accepted"] * len(ids)
+    sql = [q["sql"] for q in queries.captured_queries]
+    assert not any("unnest" in statement for statement in sql), sql  # not the one guarded statement
+    assert any(statement.lstrip().startswith("SELECT") and "federation_peer" in statement for statement in sql)  # read afresh
+    assert _stored(team) == {"warm1", "warm2", "warm3", *ids}
