@@ -175,14 +175,6 @@ class PeerView:
         """Read the row and build the target again next time."""
         self.peer = None
 
-    def reread(self) -> None:
-        """Read the row again now (a pause or a revocation applies to the next event, as for a new
-        task); the target is kept if the row is unchanged (its version), until its second is up."""
-        found = peers.with_health(self.peer_id)
-        if found is None or self.peer is None or found.row_version != self.peer.row_version:
-            self.target = None
-        self.peer = found
-
 
 def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> int:
     """Claim and send until nothing is due (or a call fails). A courier stops at a full claim and
@@ -210,8 +202,8 @@ def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> i
                 return delivered
             if listen and not lingered and time.monotonic() < turn_ends:
                 kicked = _kicked(wake)
-                if kicked:  # a new event: the peer's row as a new task would read it (a pause since?)
-                    view.reread()
+                if kicked:  # a new event: the peer's row and target as a new task would read them
+                    view.forget()  # (a pause, a new secret, a renewed certificate since)
                 lingered = not kicked  # kicked or not, claim once more (a wake can be stale)
                 continue
             drain.clear_flag()  # then one more claim: an entry whose kick found the flag set
