@@ -134,3 +134,71 @@ def test_a_pause_while_the_drain_waits_applies_to_the_next_event(team, peer, end
     thread.join()
     assert answers.calls == [["s0"]]
     assert dict(OutboxEntry.objects.values_list("event__ce_id", "status")) == {"s0": "delivered", "s1": "pending"}
+
+
+@pytest.fixture
+def two_per_call(team, peer, endpoint, monkeypatch):
+    """The peer takes batches of two; kicks that would queue a task are dropped (no worker here)."""
+    Peer.objects.filter(pk=peer.pk).update(batch_max=2)
+    monkeypatch.setattr(tasks.deliver_peer, "delay", lambda *args, **kwargs: None)
+
+
+def test_a_batched_calls_outcome_is_recorded_while_the_next_call_is_out(team, peer, endpoint, two_per_call,
+                                                                        monkeypatch):  # fmt: skip
+    """Between two batched calls of a drain there is only the claim: the first call's outcome is
+    recorded once the second is out (here its record waits until the second call has reached the
+    peer, which a record made before the next claim would wait for in vain)."""
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    for n in range(3):
+        make_event(team, f"d{n}")
+    order, recorded = [], outbox._recorded
+
+    def recording(peer_, groups, outcomes, batched_, drain):
+        ids = [entry.event.ce_id for group in groups for entry in group]
+        if ids == ["d0", "d1"]:
+            answers.wait_for(2)  # fails (times out) unless [d2]'s call went out before this record
+        order.append(ids)
+        return recorded(peer_, groups, outcomes, batched_, drain)
+
+    monkeypatch.setattr(outbox, "_recorded", recording)
+    assert outbox.deliver_peer(peer.pk) == 3
+    assert answers.calls == [["d0", "d1"], ["d2"]]
+    assert order == [["d0", "d1"], ["d2"]]
+    assert set(OutboxEntry.objects.values_list("status", "attempts")) == {("delivered", 1)}
+    assert Delivery.objects.filter(outcome="delivered").count() == 3
+
+
+def test_a_failed_batched_call_ends_the_drain_and_the_call_before_it_is_still_recorded(team, peer, endpoint,
+                                                                                       two_per_call):  # fmt: skip
+    accepted = Answers()
+    endpoint.answers = [(200, {}, accepted), (503, {}, {"detail": "busy", "code": "unavailable"})]
+    for n in range(5):
+        make_event(team, f"f{n}")
+    assert outbox.deliver_peer(peer.pk) == 2
+    assert len(endpoint.requests) == 2  # nothing claimed after the failed call
+    statuses = dict(OutboxEntry.objects.values_list("event__ce_id", "status"))
+    assert statuses == {"f0": "delivered", "f1": "delivered", "f2": "pending", "f3": "pending", "f4": "pending"}
+    assert sorted(Delivery.objects.values_list("entry__event__ce_id", "outcome")) == [
+        ("f0", "delivered"), ("f1", "delivered"), ("f2", "transient"), ("f3", "transient"),
+    ]  # fmt: skip
+
+
+def test_a_drain_that_raises_still_records_the_call_that_succeeded(team, peer, endpoint, two_per_call, monkeypatch):
+    """The outcome held for recording is written however the drain ends: here the next claim fails."""
+    endpoint.default = (200, {}, Answers())
+    for n in range(2):
+        make_event(team, f"r{n}")
+    claims, claim = [], outbox.claim
+
+    def failing_second(peer_id, limit):
+        claims.append(limit)
+        if len(claims) == 2:
+            raise RuntimeError("the database went away")
+        return claim(peer_id, limit)
+
+    monkeypatch.setattr(outbox, "claim", failing_second)
+    with pytest.raises(RuntimeError):
+        outbox.deliver_peer(peer.pk)
+    assert set(OutboxEntry.objects.values_list("status", flat=True)) == {"delivered"}
+    assert Delivery.objects.filter(outcome="delivered").count() == 2
