@@ -185,103 +185,60 @@ def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> i
     peer's next kick — during its first TURN_SECONDS — and claims the moment it comes: while the
     task holds the peer's flag, a kick pushes to the peer's wake list (dispatch.wake_key) instead
     of queueing a task. Events a few milliseconds apart then keep one drain, each claimed as it
-    commits, instead of a task each (the broker's hop, a task's start, the peer read again).
-
-    A batched call that succeeded is recorded while the next call is out, or before the drain
-    waits or ends: between two calls only the claim. Its entries stay leased (and renewed) until
-    then, so at-least-once is unchanged; a failed call is recorded at once and ends the drain."""
+    commits, instead of a task each (the broker's hop, a task's start, the peer read again)."""
     delivered, lingered = 0, False
     turn_ends = time.monotonic() + TURN_SECONDS
     wake = dispatch.wake_key(view.peer_id)
-    # A batched call that succeeded, its outcome recorded while the next call is out (or before the
-    # drain waits or ends): the record's round trip then no longer delays the next claim.
-    pending: tuple | None = None
-    try:
-        while True:
-            peer = view.current()
-            if peer is None:
+    while True:
+        peer = view.current()
+        if peer is None:
+            return delivered
+        target = view.target
+        size = min(peer.batch_max or 1, BATCH_CAP)
+        limit = size if size > 1 else CLAIM_UNBATCHED
+        entries = claim(peer.pk, limit)
+        if not entries:
+            if mode != TASK or not drain.flag_held:
                 return delivered
-            target = view.target
-            size = min(peer.batch_max or 1, BATCH_CAP)
-            limit = size if size > 1 else CLAIM_UNBATCHED
-            entries = claim(peer.pk, limit)
-            if not entries:
-                if pending:
-                    done, pending = pending, None
-                    _recorded(*done, drain)
-                if mode != TASK or not drain.flag_held:
-                    return delivered
-                if listen and not lingered and time.monotonic() < turn_ends:
-                    kicked = _kicked(wake)
-                    if kicked:  # a new event: the peer's row and target as a new task would read them
-                        view.forget()  # (a pause, a new secret, a renewed certificate since)
-                    lingered = not kicked  # kicked or not, claim once more (a wake can be stale)
-                    continue
-                drain.clear_flag()  # then one more claim: an entry whose kick found the flag set
+            if listen and not lingered and time.monotonic() < turn_ends:
+                kicked = _kicked(wake)
+                if kicked:  # a new event: the peer's row and target as a new task would read them
+                    view.forget()  # (a pause, a new secret, a renewed certificate since)
+                lingered = not kicked  # kicked or not, claim once more (a wake can be stale)
                 continue
-            lingered = False
-            drain.took(entries)
-            if mode == TASK and not drain.flag_held:  # entries after all: hold the flag again (a task queued meanwhile finds little)
-                drain.hold_flag()
-            backlog = len(entries) == limit
-            if backlog and mode == TASK:
-                dispatch.call_helper(peer.pk)
-            if size > 1:  # one batched call
-                group = drain.still_ours(entries)
-                if group is None:  # renewals failed (the database?): what is left here goes back when its lease ends
-                    return delivered
-                if group and not _paced(peer, [group]):  # over the peer's rate: it waits a second
-                    drain.release(group, delay_seconds=1)
-                    return delivered
-                if group:
-                    call = _calls().submit(_call, peer, target, group, True)
-                    if pending:  # recorded while this call is out
-                        done, pending = pending, None
-                        _recorded(*done, drain)
-                    answer = call.result()
-                    if isinstance(answer, client.PeerCallError):
-                        _recorded(peer, [group], [answer], True, drain)
-                        view.forget()  # the failure may have paused the queue or be a stale certificate
-                        return delivered
-                    pending, delivered = (peer, [group], [answer], True), delivered + len(group)
-            else:
-                sent, stop = _send_chunks(peer, target, drain, _in_flight(entries, proven=delivered > 0), view)
-                delivered += sent
-                if stop:
-                    return delivered
-            if backlog and mode == COURIER:
-                dispatch.queue_task(peer.pk)
-                return delivered
-    finally:
-        if pending:  # leaving: a return, or an exception (this call's outcome is still recorded)
-            _recorded(*pending, drain)
-
-
-def _send_chunks(peer: Peer, target: client.Target, drain: "Drain", chunks: list, view: PeerView) -> tuple[int, bool]:
-    """Unbatched: each chunk's calls out at once, recorded together (send_all). (entries in calls
-    that succeeded, whether the drain stops: a failed call, the rate, leases that could not be renewed)."""
-    delivered = 0
-    for index, chunk in enumerate(chunks):
-        groups = drain.still_ours_all(chunk)
-        if groups is None:  # renewals failed (the database?): what is left here goes back when its lease ends
-            return delivered, True
-        if not groups:
+            drain.clear_flag()  # then one more claim: an entry whose kick found the flag set
             continue
-        paced = _paced(peer, groups)
-        if not paced:
-            drain.release([e for c in chunks[index:] for g in c for e in g], delay_seconds=1)
-            return delivered, True
-        sent, failed = send_all(peer, target, paced, drain)
-        delivered += sent
-        if len(paced) < len(groups):  # over the peer's rate: the rest waits a second
-            drain.release([e for g in groups[len(paced) :] for e in g] + [e for c in chunks[index + 1 :] for g in c
-                                                                       for e in g], delay_seconds=1)  # fmt: skip
-            return delivered, True
-        if failed:
-            drain.release([e for c in chunks[index + 1 :] for g in c for e in g])
-            view.forget()  # the failure may have paused the queue or be a stale certificate
-            return delivered, True
-    return delivered, False
+        lingered = False
+        drain.took(entries)
+        if mode == TASK and not drain.flag_held:  # entries after all: hold the flag again (a task queued meanwhile finds little)
+            drain.hold_flag()
+        backlog = len(entries) == limit
+        if backlog and mode == TASK:
+            dispatch.call_helper(peer.pk)
+        chunks = [[entries]] if size > 1 else _in_flight(entries, proven=delivered > 0)
+        for index, chunk in enumerate(chunks):
+            groups = drain.still_ours_all(chunk)
+            if groups is None:  # renewals failed (the database?): what is left here goes back when its lease ends
+                return delivered
+            if not groups:
+                continue
+            paced = _paced(peer, groups)
+            if not paced:
+                drain.release([e for c in chunks[index:] for g in c for e in g], delay_seconds=1)
+                return delivered
+            sent, failed = send_all(peer, target, paced, drain)
+            delivered += sent
+            if len(paced) < len(groups):  # over the peer's rate: the rest waits a second
+                drain.release([e for g in groups[len(paced) :] for e in g] + [e for c in chunks[index + 1 :] for g in c
+                                                                           for e in g], delay_seconds=1)  # fmt: skip
+                return delivered
+            if failed:
+                drain.release([e for c in chunks[index + 1 :] for g in c for e in g])
+                view.forget()  # the failure may have paused the queue or be a stale certificate
+                return delivered
+        if backlog and mode == COURIER:
+            dispatch.queue_task(peer.pk)
+            return delivered
 
 
 LINGER_SECONDS = 0.1  # a kicked task with nothing due waits this long for the next kick...
@@ -538,12 +495,6 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
         outcomes = [_call(peer, target, groups[0], batched)]
     else:
         outcomes = list(_calls().map(lambda group: _call(peer, target, group, batched), groups))
-    return _recorded(peer, groups, outcomes, batched, drain)
-
-
-def _recorded(peer: Peer, groups: list[list[OutboxEntry]], outcomes: list, batched: bool,
-              drain: Drain) -> tuple[int, bool]:  # fmt: skip
-    """The outcomes of calls that ended, recorded (`send_all`'s answer)."""
     succeeded = [(group, answer) for group, answer in zip(groups, outcomes, strict=True)
                  if isinstance(answer, client.PeerAnswer)]  # fmt: skip
     failed = [(group, failure) for group, failure in zip(groups, outcomes, strict=True)
