@@ -145,6 +145,7 @@ class Signer:
     # (thumbprint, sign) of the team's other valid certificates, newest first: they sign too,
     # so a peer still pinned to an older one keeps verifying until it is deleted here.
     also_signed_by: tuple = ()
+    certificates: tuple = ()  # the ids of the valid certificates it was built from (signing order)
 
     @property
     def ca_context(self) -> ssl.SSLContext:
@@ -198,7 +199,7 @@ def signer_for(team_id: str) -> Signer | None:
     if signer is None:
         newest = _signer(rows[0])
         others = tuple((row.thumbprint, _private_key(row).sign) for row in rows[1:])
-        signer = dataclasses.replace(newest, also_signed_by=others)
+        signer = dataclasses.replace(newest, also_signed_by=others, certificates=key)
         with _signers_lock:
             _signers[key] = signer
     return signer

@@ -27,7 +27,7 @@ from django.utils import timezone
 from federation import audit, backoff, client, dispatch, enqueue, metrics, peers, routing, services
 from federation.contract import BATCH_CAP, BATCH_CONTENT_TYPE, SINGLE_CONTENT_TYPE
 from federation.dispatch import FLAG_REFRESH_SECONDS
-from federation.models import Delivery, OutboxEntry, Peer, PeerHealth
+from federation.models import Delivery, IdentityCertificate, OutboxEntry, Peer, PeerHealth
 from ingest import cloudevent
 from ingest.models import Event
 from kite import fastsql, ratelimit, tracing
@@ -49,16 +49,22 @@ def _lease_expired(now):
     return OutboxEntry.objects.filter(status=OutboxEntry.Status.IN_FLIGHT, leased_until__lt=now)
 
 
-def claim(peer_id: int, limit: int) -> list[OutboxEntry]:
+def claim(peer_id: int, limit: int, seen: tuple | None = None) -> list[OutboxEntry] | None:
     """Lease up to `limit` due entries of one peer, with their events: expired leases first,
     then pending entries in the order they fell due. Each part is read in the order of its
     index (outbox_leases, outbox_due), so a claim costs the same with 100 or 100,000 entries
     waiting; one query over both with ORDER BY id read and sorted the whole backlog on every
-    claim (bench/RESULTS.md). On PostgreSQL it is one statement (SKIP LOCKED)."""
+    claim (bench/RESULTS.md). On PostgreSQL it is one statement (SKIP LOCKED).
+
+    seen (PostgreSQL; `PeerView.seen`): claim only if the peer's row is still that version and
+    its team's valid certificates still those — in the same statement, so an operator's pause (or a
+    new secret, a renewed certificate) committed before the events claimed applies to them; None,
+    nothing claimed, when either changed."""
     now = timezone.now()
     lease = now + timedelta(seconds=settings.KITE_OUTBOX_LEASE_SECONDS)
     if settings.IS_POSTGRES:
-        return _claim_postgres(peer_id, limit, now, lease)
+        return _claim_postgres(peer_id, limit, now, lease, seen)
+    assert seen is None, "claim(seen=…) needs PostgreSQL's row versions"
     with transaction.atomic():
         ids = []
         for due in (
@@ -75,32 +81,55 @@ def claim(peer_id: int, limit: int) -> list[OutboxEntry]:
 
 
 @functools.cache
-def claim_sql() -> tuple[tuple[str, str], list, list]:
+def claim_sql(checked: bool = False) -> tuple[tuple[str, str], list, list]:
+    """checked: the claim made only if the view is still current (claim's `seen`); its rows then
+    start with whether it was, and a claim of nothing is one row of NULLs after it."""
     entry_fields, event_fields = OutboxEntry._meta.concrete_fields, Event._meta.concrete_fields
     columns = ", ".join([f'o."{f.column}"' for f in entry_fields] + [f'e."{f.column}"' for f in event_fields])
     table = OutboxEntry._meta.db_table
-    sql = f"""
-        WITH {{unflushed_with}} expired AS (
-            SELECT id FROM {table} WHERE status = 'in_flight' AND leased_until < %(now)s AND peer_id = %(peer)s
-            ORDER BY leased_until LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-        ), due AS (
-            SELECT id FROM {table} WHERE peer_id = %(peer)s AND status = 'pending' AND next_attempt_at <= %(now)s
-            ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-        ), chosen AS (
-            (SELECT id FROM expired) UNION ALL (SELECT id FROM due) LIMIT %(limit)s
-        )
+    seen, only_seen = "", ""
+    if checked:
+        certificate = IdentityCertificate._meta
+        seen = f"""seen AS (
+            SELECT 1 WHERE (SELECT p.xmin::text FROM {Peer._meta.db_table} p WHERE p.id = %(peer)s) = %(version)s
+            AND ARRAY(SELECT c.id::bigint FROM {certificate.db_table} c WHERE c.{certificate.get_field("team").column}
+                      = %(team)s AND c.not_before <= %(now)s AND c.not_after > %(now)s ORDER BY c.id)
+                = %(certificates)s::bigint[]
+        ),"""
+        only_seen = "AND EXISTS (SELECT 1 FROM seen)"
+    update = f"""
         UPDATE {table} o SET status = 'in_flight', leased_until = %(lease)s
         FROM {Event._meta.db_table} e
         WHERE o.id IN (SELECT id FROM chosen) AND e.id = o.event_id AND {{unflushed}}
         RETURNING {columns}"""
+    if checked:
+        update = f""", claimed AS ({update})
+        SELECT EXISTS (SELECT 1 FROM seen), claimed.* FROM (SELECT 1) AS one LEFT JOIN claimed ON TRUE"""
+    sql = f"""
+        WITH {{unflushed_with}} {seen} expired AS (
+            SELECT id FROM {table} WHERE status = 'in_flight' AND leased_until < %(now)s AND peer_id = %(peer)s
+            {only_seen} ORDER BY leased_until LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+        ), due AS (
+            SELECT id FROM {table} WHERE peer_id = %(peer)s AND status = 'pending' AND next_attempt_at <= %(now)s
+            {only_seen} ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+        ), chosen AS (
+            (SELECT id FROM expired) UNION ALL (SELECT id FROM due) LIMIT %(limit)s
+        ){update}"""
     return fastsql.unflushed_forms(sql), entry_fields, event_fields
 
 
-def _claim_postgres(peer_id: int, limit: int, now, lease) -> list[OutboxEntry]:
-    forms, entry_fields, event_fields = claim_sql()
+def _claim_postgres(peer_id: int, limit: int, now, lease, seen: tuple | None) -> list[OutboxEntry] | None:
+    forms, entry_fields, event_fields = claim_sql(seen is not None)
+    params = {"now": now, "peer": peer_id, "limit": limit, "lease": lease}
+    if seen is not None:
+        params["version"], params["team"], params["certificates"] = seen
     with connection.cursor() as cursor:  # one statement, its commit not waiting for the WAL flush (fastsql.unflushed)
-        fastsql.execute_unflushed(cursor, forms, {"now": now, "peer": peer_id, "limit": limit, "lease": lease})
+        fastsql.execute_unflushed(cursor, forms, params)
         rows = cursor.fetchall()
+    if seen is not None:
+        if not rows[0][0]:
+            return None
+        rows = [row[1:] for row in rows if row[1] is not None]
     entries = []
     for row in rows:
         entry = fastsql.load(OutboxEntry, entry_fields, row[: len(entry_fields)])
@@ -175,6 +204,14 @@ class PeerView:
         """Read the row and build the target again next time."""
         self.peer = None
 
+    def seen(self) -> tuple | None:
+        """What the view was read from, for `claim(seen=…)`: the row's version, the team, the ids of
+        its valid certificates the target signs with. None where there is no row version (SQLite)."""
+        if self.peer is None or self.target is None or not getattr(self.peer, "row_version", None):
+            return None
+        signer = self.target.signer
+        return self.peer.row_version, self.peer.team_id, sorted(signer.certificates) if signer else []
+
 
 def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> int:
     """Claim and send until nothing is due (or a call fails). A courier stops at a full claim and
@@ -185,8 +222,10 @@ def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> i
     peer's next kick — during its first TURN_SECONDS — and claims the moment it comes: while the
     task holds the peer's flag, a kick pushes to the peer's wake list (dispatch.wake_key) instead
     of queueing a task. Events a few milliseconds apart then keep one drain, each claimed as it
-    commits, instead of a task each (the broker's hop, a task's start, the peer read again)."""
-    delivered, lingered = 0, False
+    commits, instead of a task each (the broker's hop, a task's start, the peer read again). The
+    claim after a wake is checked against the peer's row and certificates (claim's `seen`): what
+    changed since the drain read them is read again first, as a new task would."""
+    delivered, lingered, check = 0, False, False
     turn_ends = time.monotonic() + TURN_SECONDS
     wake = dispatch.wake_key(view.peer_id)
     while True:
@@ -196,14 +235,19 @@ def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> i
         target = view.target
         size = min(peer.batch_max or 1, BATCH_CAP)
         limit = size if size > 1 else CLAIM_UNBATCHED
-        entries = claim(peer.pk, limit)
+        entries, check = claim(peer.pk, limit, seen=view.seen() if check else None), False
+        if entries is None:  # the row or the certificates changed since the view read them
+            view.forget()
+            continue
         if not entries:
             if mode != TASK or not drain.flag_held:
                 return delivered
             if listen and not lingered and time.monotonic() < turn_ends:
                 kicked = _kicked(wake)
-                if kicked:  # a new event: the peer's row and target as a new task would read them
-                    view.forget()  # (a pause, a new secret, a renewed certificate since)
+                if kicked:  # a new event: claimed as a new task would, with the peer's row and team's
+                    check = view.seen() is not None  # certificates as they are now (a pause, a new secret,
+                    if not check:  # a renewed certificate since): checked by the claim itself, or read again
+                        view.forget()
                 lingered = not kicked  # kicked or not, claim once more (a wake can be stale)
                 continue
             drain.clear_flag()  # then one more claim: an entry whose kick found the flag set

@@ -18,8 +18,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
-from federation import backoff, client, dispatch, outbox, peers, services
-from federation.models import Delivery, OutboxEntry, Peer, PeerHealth
+from federation import backoff, certificates, client, dispatch, outbox, peers, services
+from federation.models import Delivery, IdentityCertificate, OutboxEntry, Peer, PeerHealth
 from ingest import services as ingest_services
 from ingest.cloudevent import Draft
 from ingest.models import Source
@@ -269,6 +269,47 @@ def test_a_claim_takes_expired_leases_first_then_due_entries_each_once_with_its_
     assert json.loads(outbox.wire_json(first[0]))["data"] == {"n": 1} and first[0].event.extensions == {}
     assert [e.event.ce_id for e in outbox.claim(peer.pk, 10)] == ["c1"]
     assert outbox.claim(peer.pk, 10) == []
+
+
+def test_a_checked_claim_takes_nothing_once_the_peers_row_or_its_teams_certificates_changed(team, peer):
+    """claim(seen=…): the view a drain holds, checked by the claim statement itself. Changed since
+    (any update of the row; a certificate issued or expired): None, and nothing is leased."""
+    for n in range(4):
+        make_event(team, f"k{n}")
+
+    def read():
+        view = outbox.PeerView(peer.pk)
+        assert view.current() is not None
+        return view.seen()
+
+    def statuses():
+        return sorted(OutboxEntry.objects.values_list("status", flat=True))
+
+    seen = read()
+    assert seen[0] and seen[1] == team.id
+    assert [e.event.ce_id for e in outbox.claim(peer.pk, 1, seen=seen)] == ["k0"]  # current: claimed
+
+    Peer.objects.filter(pk=peer.pk).update(paused="")  # the same value: still a new row version
+    assert outbox.claim(peer.pk, 1, seen=seen) is None
+    assert statuses() == ["in_flight", "pending", "pending", "pending"]
+
+    seen = read()
+    assert [e.event.ce_id for e in outbox.claim(peer.pk, 1, seen=seen)] == ["k1"]
+    issued = certificates.issue(team=team, subject="kite-a identity")
+    assert outbox.claim(peer.pk, 1, seen=seen) is None
+    assert statuses() == ["in_flight", "in_flight", "pending", "pending"]
+
+    seen = read()
+    assert issued.pk in seen[2]
+    assert [e.event.ce_id for e in outbox.claim(peer.pk, 1, seen=seen)] == ["k2"]
+    IdentityCertificate.objects.filter(pk=issued.pk).update(not_after=timezone.now() - timedelta(seconds=1))
+    assert outbox.claim(peer.pk, 1, seen=seen) is None  # expired: no longer among the valid ones
+    assert statuses() == ["in_flight", "in_flight", "in_flight", "pending"]
+
+    seen = read()
+    assert issued.pk not in seen[2]
+    assert [e.event.ce_id for e in outbox.claim(peer.pk, 5, seen=seen)] == ["k3"]
+    assert outbox.claim(peer.pk, 5, seen=seen) == []  # current, nothing due
 
 
 @contextlib.contextmanager

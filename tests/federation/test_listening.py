@@ -134,3 +134,53 @@ def test_a_pause_while_the_drain_waits_applies_to_the_next_event(team, peer, end
     thread.join()
     assert answers.calls == [["s0"]]
     assert dict(OutboxEntry.objects.values_list("event__ce_id", "status")) == {"s0": "delivered", "s1": "pending"}
+
+
+def test_a_wake_claims_with_the_view_it_has_when_the_row_is_unchanged(team, peer, endpoint, batched):
+    """The claim after a wake checks the peer's row version and the team's certificates itself:
+    unchanged, neither is read again (one statement instead of three round trips)."""
+    from django.db import connection as db
+    from django.test.utils import CaptureQueriesContext
+
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    make_event(team, "u0")
+
+    def later():
+        answers.wait_for(1)
+        time.sleep(outbox.LINGER_SECONDS / 4)
+        make_event(team, "u1")
+
+    thread = _meanwhile(later)
+    with CaptureQueriesContext(db) as queries:
+        assert outbox.deliver_peer(peer.pk) == 2
+    thread.join()
+    assert answers.calls == [["u0"], ["u1"]]
+    statements = [query["sql"] for query in queries.captured_queries]
+    assert sum("LEFT JOIN federation_peerhealth" in sql for sql in statements) == 1  # the row, read once
+    assert sum("FROM federation_identitycertificate" in sql and "seen AS" not in sql for sql in statements) <= 1
+    assert sum("seen AS" in sql for sql in statements) == 1  # u1's claim, checked
+
+
+def test_a_certificate_issued_while_the_drain_waits_signs_the_next_event(team, peer, endpoint, batched):
+    """The row is unchanged, the team's certificates are not: the checked claim finds it, and the
+    next call is signed (and presented in TLS) with the certificates as a new task would read them."""
+    from federation import certificates
+
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    make_event(team, "c0")
+    issued = []
+
+    def later():
+        answers.wait_for(1)
+        issued.append(certificates.issue(team=team, subject="kite-a identity, new"))
+        make_event(team, "c1")
+
+    thread = _meanwhile(later)
+    assert outbox.deliver_peer(peer.pk) == 2
+    thread.join()
+    assert answers.calls == [["c0"], ["c1"]]
+    (first, _), (second, _) = endpoint.requests
+    assert issued[0].thumbprint not in first.get("kite-key", "")
+    assert issued[0].thumbprint in second["kite-key"].split()
