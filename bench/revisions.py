@@ -256,8 +256,9 @@ def main(argv=None) -> int:
     parser.add_argument("--low-rate", type=float, default=20)
     parser.add_argument("--duration", type=float, default=10, help="seconds per latency round")
     parser.add_argument("--port", type=int, default=18790)
-    parser.add_argument("--pg-port", type=int, default=55790)
-    parser.add_argument("--redis-port", type=int, default=56790)
+    parser.add_argument("--pg-port", type=int, default=25790,
+                        help="PgBouncer's is 1000 lower; all below the ephemeral range (32768+)")
+    parser.add_argument("--redis-port", type=int, default=26790)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--wait-quiet", type=float, default=0)
     parser.add_argument("--paired", type=int, default=0, metavar="N",
