@@ -85,7 +85,9 @@ def child(tag: str, args) -> int:
 
 def serve(args) -> int:
     """`--paired`: the current checkout's Bench started once; then one latency round per line of
-    stdin (`<high|low> <tag>`), each answered by one JSON line on stdout, until stdin closes."""
+    stdin (`<high|low> <tag>`), each after a 1 s warm-up (discarded: the other revision's round ran
+    meanwhile, and the drain that listened for kicks has ended), answered by one JSON line on
+    stdout, until stdin closes."""
     fb = _federation_bench()
     bench = fb.Bench(_bench_args(fb, args))
     try:
@@ -94,6 +96,7 @@ def serve(args) -> int:
         print(MARK + json.dumps({"ready": True}), flush=True)
         for line in sys.stdin:
             name, tag = line.split()
+            fb.latency_round(bench, "federated", args.low_rate, 1, f"warm{tag}")  # the other revision ran meanwhile
             r = fb.latency_round(bench, "federated", args.rate if name == "high" else args.low_rate, args.duration,
                                  f"{name}{tag}")  # fmt: skip
             print(MARK + json.dumps({"p50": r["stored_p50"], "p99": r["stored_p99"], "missing": r["missing"]}),
