@@ -249,3 +249,30 @@ def test_events_need_authentication(anonymous_api, team):
     for path in ("/api/events", "/api/events/head"):
         response = anonymous_api.get(path)
         assert (response.status_code, response.json()["code"]) == (401, "not_authenticated")
+
+
+@pytest.mark.parametrize("source", [None, "plain", "stripe"])
+@pytest.mark.parametrize("type_glob", [None, "com.stripe.*", "deploy.?one", "100%_*"])
+@pytest.mark.parametrize("agent,all_agents", [(None, False), ("alice", False), (None, True)])
+def test_the_stores_plain_read_answers_as_the_orms_query_for_every_filter(client, team, sources, source, type_glob,
+                                                                          agent, all_agents):  # fmt: skip
+    """events_after on PostgreSQL is SQL built once per shape of filter; the ORM's query (what
+    SQLite runs) is the reference: same events, same order, same fields, after a cursor too."""
+    from ingest import selectors
+
+    send_stripe(client, team, "evt_1")
+    send_plain(client, team, {"type": "deploy.done"})
+    send_plain(client, team, {"type": "100%_sure"})
+    send_plain(client, team, {"type": "100Xsure"})
+    send_plain(client, team, {"type": "com.kite.agent.message", "to": "https://kite.example.com/agents/alice"})
+    send_plain(client, team, {"type": "com.kite.agent.message", "to": "https://kite.example.com/agents/bob"})
+    send_stripe(client, team, "evt_2", "charge.failed")
+    filters = selectors.EventFilter(source=source, type_glob=type_glob, agent=agent, all_agents=all_agents)
+    everything = selectors._events_after_orm(team.id, selectors.START, selectors.EventFilter(all_agents=True), 100)
+    assert len(everything) == 7
+    for after in (selectors.START, selectors.Cursor(everything[2].txid, everything[2].id)):
+        for limit in (100, 2):
+            expected = selectors._events_after_orm(team.id, after, filters, limit)
+            found = selectors.events_after(team_id=team.id, after=after, filters=filters, limit=limit)
+            assert [(e.pk, e.ce_type, e.agent, e.data, e.source_id) for e in found] == [
+                (e.pk, e.ce_type, e.agent, e.data, e.source_id) for e in expected]  # fmt: skip
