@@ -146,8 +146,9 @@ def deliver_peer(peer_id: int, helper: bool = False, alone: bool = True) -> int:
     comes back empty it clears the flag and claims once more — an entry whose kick was
     suppressed committed before that clear, so this last claim sees it. A full claim means a
     backlog: one helper task (`helper=True`, its own flag, no kick protocol) drains alongside
-    until a claim of its comes back empty; SKIP LOCKED keeps the two apart. The peer row is
-    read again at most once a second (an operator's pause or new secret applies within a second).
+    until a claim of its comes back empty; SKIP LOCKED keeps the two apart. Each claim checks
+    that the peer's row and the team's certificates are still as the drain read them (PeerView):
+    an operator's pause or a new secret committed before a claim applies to what it takes.
     While it runs, the keeper thread keeps its flag set and its leases renewed (`Drain`). A task
     of its peer alone (not one of many peers in one task) listens for the next kick before it
     lets the flag go (`_drain`'s `listen`)."""
@@ -180,8 +181,8 @@ def deliver_fresh(view: "PeerView") -> int:
 class PeerView:
     """A peer's row and the target its calls go to (secret, pin, the team's signing certificates),
     as one drain (or a courier, across drains) sees them: both read again when older than
-    PEER_REREAD_SECONDS — an operator's pause, a new secret or a renewed certificate applies within
-    a second — and after `forget()` (a failed call, a courier's wake)."""
+    PEER_REREAD_SECONDS (its health row with it), after `forget()` (a failed call, a courier's
+    wake), and whenever a claim finds that the row or the certificates changed (`seen`)."""
 
     def __init__(self, peer_id: int):
         self.peer_id = peer_id
@@ -222,10 +223,13 @@ def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> i
     peer's next kick — during its first TURN_SECONDS — and claims the moment it comes: while the
     task holds the peer's flag, a kick pushes to the peer's wake list (dispatch.wake_key) instead
     of queueing a task. Events a few milliseconds apart then keep one drain, each claimed as it
-    commits, instead of a task each (the broker's hop, a task's start, the peer read again). The
-    claim after a wake is checked against the peer's row and certificates (claim's `seen`): what
-    changed since the drain read them is read again first, as a new task would."""
-    delivered, lingered, check = 0, False, False
+    commits, instead of a task each (the broker's hop, a task's start, the peer read again).
+
+    Every claim is checked against the peer's row and the team's certificates as the view read
+    them (claim's `seen`, PostgreSQL): what changed is read again before anything is claimed, so
+    a pause, a revocation, a new secret or a renewed certificate committed before a claim applies
+    to the events it takes."""
+    delivered, lingered = 0, False
     turn_ends = time.monotonic() + TURN_SECONDS
     wake = dispatch.wake_key(view.peer_id)
     while True:
@@ -235,7 +239,7 @@ def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> i
         target = view.target
         size = min(peer.batch_max or 1, BATCH_CAP)
         limit = size if size > 1 else CLAIM_UNBATCHED
-        entries, check = claim(peer.pk, limit, seen=view.seen() if check else None), False
+        entries = claim(peer.pk, limit, seen=view.seen())
         if entries is None:  # the row or the certificates changed since the view read them
             view.forget()
             continue
@@ -244,10 +248,8 @@ def _drain(view: PeerView, drain: "Drain", mode: str, listen: bool = False) -> i
                 return delivered
             if listen and not lingered and time.monotonic() < turn_ends:
                 kicked = _kicked(wake)
-                if kicked:  # a new event: claimed as a new task would, with the peer's row and team's
-                    check = view.seen() is not None  # certificates as they are now (a pause, a new secret,
-                    if not check:  # a renewed certificate since): checked by the claim itself, or read again
-                        view.forget()
+                if kicked and view.seen() is None:  # a new event, and no row version for the claim to check
+                    view.forget()  # (SQLite): the peer's row and target read again, as a new task would
                 lingered = not kicked  # kicked or not, claim once more (a wake can be stale)
                 continue
             drain.clear_flag()  # then one more claim: an entry whose kick found the flag set

@@ -137,8 +137,8 @@ def test_a_pause_while_the_drain_waits_applies_to_the_next_event(team, peer, end
 
 
 def test_a_wake_claims_with_the_view_it_has_when_the_row_is_unchanged(team, peer, endpoint, batched):
-    """The claim after a wake checks the peer's row version and the team's certificates itself:
-    unchanged, neither is read again (one statement instead of three round trips)."""
+    """The claim after a wake checks the peer's row version and the team's certificates itself, as
+    every claim does: unchanged, neither is read again (one statement instead of three round trips)."""
     from django.db import connection as db
     from django.test.utils import CaptureQueriesContext
 
@@ -159,7 +159,8 @@ def test_a_wake_claims_with_the_view_it_has_when_the_row_is_unchanged(team, peer
     statements = [query["sql"] for query in queries.captured_queries]
     assert sum("LEFT JOIN federation_peerhealth" in sql for sql in statements) == 1  # the row, read once
     assert sum("FROM federation_identitycertificate" in sql and "seen AS" not in sql for sql in statements) <= 1
-    assert sum("seen AS" in sql for sql in statements) == 1  # u1's claim, checked
+    claims = [sql for sql in statements if "SET status = 'in_flight'" in sql]
+    assert len(claims) >= 3 and all("seen AS" in sql for sql in claims)  # u0's, u1's, the empty ones: each checked
 
 
 def test_a_certificate_issued_while_the_drain_waits_signs_the_next_event(team, peer, endpoint, batched):
@@ -184,3 +185,25 @@ def test_a_certificate_issued_while_the_drain_waits_signs_the_next_event(team, p
     (first, _), (second, _) = endpoint.requests
     assert issued[0].thumbprint not in first.get("kite-key", "")
     assert issued[0].thumbprint in second["kite-key"].split()
+
+
+def test_a_pause_committed_just_before_the_last_claim_applies_to_it(team, peer, endpoint, batched, monkeypatch):
+    """The drain's view of the peer is a moment old when it lets its flag go and claims once more;
+    a pause and an event committed in between: that claim sees the pause (the row's version has
+    changed), reads the row again, and sends nothing — not "within a second", at once."""
+    monkeypatch.setattr(outbox, "TURN_SECONDS", 0)  # no wait for kicks: straight to the last claim
+    answers = Answers()
+    endpoint.default = (200, {}, answers)
+    make_event(team, "p0")
+    clear, done = outbox.Drain.clear_flag, []
+
+    def clearing(drain):
+        clear(drain)
+        if not done:
+            done.append(True)
+            _meanwhile(lambda: (Peer.objects.filter(pk=peer.pk).update(paused="operator"), make_event(team, "p1"))).join()
+
+    monkeypatch.setattr(outbox.Drain, "clear_flag", clearing)
+    assert outbox.deliver_peer(peer.pk) == 1
+    assert done and answers.calls == [["p0"]]
+    assert dict(OutboxEntry.objects.values_list("event__ce_id", "status")) == {"p0": "delivered", "p1": "pending"}
