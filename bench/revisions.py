@@ -249,6 +249,11 @@ def report(args, commits, rows, facts, started) -> str:
     return "\n".join(lines)
 
 
+def facts(load_before: float, busy: list) -> str:
+    return (f"{os.cpu_count()} CPUs ({common.cpu_model()}), 1-min load average {load_before:.2f} at the start, "
+            f"{os.getloadavg()[0]:.2f} at the end; pytest processes at the start: {len(busy)}")  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", default="HEAD~1", help="the revision measured against (any git commit-ish)")
@@ -281,10 +286,8 @@ def main(argv=None) -> int:
     (old, old_path), (new, new_path) = checkout(args.old), checkout(args.new)
     if args.paired:
         rows = paired(args, ((old, old_path), (new, new_path)))
-        facts = (f"{os.cpu_count()} CPUs ({common.cpu_model()}), 1-min load average {load_before:.2f} at the start, "
-                 f"{os.getloadavg()[0]:.2f} at the end; pytest processes at the start: {len(busy)}")  # fmt: skip
-        return common.publish(paired_report(args, (old, new), rows, facts, started), "revisions", not args.no_write,
-                              log)  # fmt: skip
+        return common.publish(paired_report(args, (old, new), rows, facts(load_before, busy), started), "revisions",
+                              not args.no_write, log)  # fmt: skip
     rows: dict[str, list] = {old: [], new: []}
     for i in range(args.rounds):
         order = [(old, old_path), (new, new_path)] if i % 2 == 0 else [(new, new_path), (old, old_path)]
@@ -294,9 +297,8 @@ def main(argv=None) -> int:
             log(f"r{i + 1} {label}: unbatched {row['unbatched']['rate']:.0f}/s, {args.rate:g}/s p50 "
                 f"{row['high']['p50']:.1f} p99 {row['high']['p99']:.1f} ms, {args.low_rate:g}/s p50 "
                 f"{row['low']['p50']:.1f} ms")  # fmt: skip
-    facts = (f"{os.cpu_count()} CPUs ({common.cpu_model()}), 1-min load average {load_before:.2f} at the start, "
-             f"{os.getloadavg()[0]:.2f} at the end; pytest processes at the start: {len(busy)}")  # fmt: skip
-    return common.publish(report(args, (old, new), rows, facts, started), "revisions", not args.no_write, log)
+    return common.publish(report(args, (old, new), rows, facts(load_before, busy), started), "revisions",
+                          not args.no_write, log)  # fmt: skip
 
 
 if __name__ == "__main__":

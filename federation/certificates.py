@@ -160,13 +160,19 @@ _CERTIFICATE_FIELDS = tuple(IdentityCertificate._meta.concrete_fields)
 
 
 @functools.cache
+def valid_condition(alias: str) -> str:
+    """SQL: the certificate row `alias` is one of team %(team)s's valid ones at %(now)s (`valid`)."""
+    qn, meta = connection.ops.quote_name, IdentityCertificate._meta
+    column = {name: f"{alias}.{qn(meta.get_field(name).column)}" for name in ("team", "not_before", "not_after")}
+    return f"{column['team']} = %(team)s AND {column['not_before']} <= %(now)s AND {column['not_after']} > %(now)s"
+
+
 def _valid_sql() -> str:
     qn, meta = connection.ops.quote_name, IdentityCertificate._meta
-    column = {name: qn(meta.get_field(name).column) for name in ("team", "not_before", "not_after", "created_at", "id")}
+    column = {name: f"c.{qn(meta.get_field(name).column)}" for name in ("created_at", "id")}
     return (
-        f"SELECT {', '.join(qn(field.column) for field in _CERTIFICATE_FIELDS)} FROM {qn(meta.db_table)}"
-        f" WHERE {column['team']} = %s AND {column['not_before']} <= %s AND {column['not_after']} > %s"
-        f" ORDER BY {column['created_at']} DESC, {column['id']} DESC"
+        f"SELECT {', '.join(f'c.{qn(field.column)}' for field in _CERTIFICATE_FIELDS)} FROM {qn(meta.db_table)} c"
+        f" WHERE {valid_condition('c')} ORDER BY {column['created_at']} DESC, {column['id']} DESC"
     )
 
 
@@ -177,7 +183,7 @@ def valid(team_id: str) -> list[IdentityCertificate]:
     peer acknowledged the renewal, that is the one they all know."""
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     with connection.cursor() as cursor:  # every drain of the outbox reads them: plain SQL (the ORM's query cost ~0.5 ms)
-        cursor.execute(_valid_sql(), [team_id, now, now])
+        cursor.execute(_valid_sql(), {"team": team_id, "now": now})
         rows = [fastsql.load(IdentityCertificate, _CERTIFICATE_FIELDS, row) for row in cursor.fetchall()]
     present = {row.pk for row in rows}
     return [row for row in rows if row.replaces_id not in present] + [row for row in rows if row.replaces_id in present]

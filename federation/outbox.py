@@ -24,7 +24,7 @@ from django.db import connections as db_connections
 from django.db.models import Case, Exists, F, OuterRef, Q, Subquery, Value, When
 from django.utils import timezone
 
-from federation import audit, backoff, client, dispatch, enqueue, metrics, peers, routing, services
+from federation import audit, backoff, certificates, client, dispatch, enqueue, metrics, peers, routing, services
 from federation.contract import BATCH_CAP, BATCH_CONTENT_TYPE, SINGLE_CONTENT_TYPE
 from federation.dispatch import FLAG_REFRESH_SECONDS
 from federation.models import Delivery, IdentityCertificate, OutboxEntry, Peer, PeerHealth
@@ -89,12 +89,10 @@ def claim_sql(checked: bool = False) -> tuple[tuple[str, str], list, list]:
     table = OutboxEntry._meta.db_table
     seen, only_seen = "", ""
     if checked:
-        certificate = IdentityCertificate._meta
         seen = f"""seen AS (
             SELECT 1 WHERE (SELECT p.xmin::text FROM {Peer._meta.db_table} p WHERE p.id = %(peer)s) = %(version)s
-            AND ARRAY(SELECT c.id::bigint FROM {certificate.db_table} c WHERE c.{certificate.get_field("team").column}
-                      = %(team)s AND c.not_before <= %(now)s AND c.not_after > %(now)s ORDER BY c.id)
-                = %(certificates)s::bigint[]
+            AND ARRAY(SELECT c.id::bigint FROM {IdentityCertificate._meta.db_table} c
+                      WHERE {certificates.valid_condition("c")} ORDER BY c.id) = %(certificates)s::bigint[]
         ),"""
         only_seen = "AND EXISTS (SELECT 1 FROM seen)"
     update = f"""
