@@ -329,12 +329,28 @@ class Kite:
 # --- a `kite listen` client ---------------------------------------------------
 
 
+def database_sessions(kite) -> list[tuple]:
+    """The instance's database sessions that are not idle: (state, wait event, seconds, query)."""
+    if not kite.database_url:
+        return []
+    try:
+        with psycopg.connect(kite.database_url, connect_timeout=5) as db:
+            return db.execute(
+                "SELECT state, wait_event_type || ':' || wait_event, round(extract(epoch FROM now() - query_start)),"
+                " left(query, 120) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND state <> 'idle'"
+            ).fetchall()
+    except psycopg.Error as exc:
+        return [("unreachable", str(exc))]
+
+
 class Listener:
     """`kite listen` as a user runs it; collects stdout lines (CloudEvents) and stderr lines."""
 
     def __init__(self, kite: Kite, *args: str, api_key: str | None = None, ca_file: Path | None = None):
         env = {key: value for key, value in os.environ.items() if not key.startswith("KITE_")}
         env["KITE_API_KEY"] = api_key or kite.admin_key
+        env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT prints every thread's stack: diagnostics() asks for it
         self.kite = kite
         self.argv = [str(KITE_CLI), "listen", "--instance", kite.url, "--ca-file", str(ca_file or kite.cert), *args]
         self.process = subprocess.Popen(
@@ -386,10 +402,19 @@ class Listener:
         return self.process.returncode
 
     def diagnostics(self) -> str:
+        """The state at a failed wait. A listener still running is stopped with SIGABRT so that it
+        prints where each of its threads is (PYTHONFAULTHANDLER); the server's database sessions that
+        are not idle are listed with what they wait for."""
         server = [line for line in self.kite.log_tail.splitlines() if "WebSocket" in line or "Error" in line]
+        exit_code, stacks, printed = self.process.poll(), "", list(self.errors)
+        if exit_code is None:
+            self.process.send_signal(signal.SIGABRT)
+            self.process.wait(timeout=10)
+            self._readers[1].join(timeout=5)
+            stacks = "; its threads when stopped:\n" + "\n".join(self.errors[len(printed):])
         return (
-            f"`kite listen` printed {len(self.lines)} lines, exit={self.process.poll()}, stderr={self.errors[-5:]};"
-            f" server log: {server[-5:]}"
+            f"`kite listen` printed {len(self.lines)} lines, exit={exit_code}, stderr={printed[-5:]};"
+            f" server log: {server[-5:]}; server sessions: {database_sessions(self.kite)}{stacks}"
         )
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
