@@ -17,7 +17,7 @@ class FederationConfig(AppConfig):
         from ingest import hooks, verifiers
         from kite import metrics
 
-        verifiers.register_verifier("kite", inbound.verify_kite_source)
+        verifiers.register_verifier("kite", inbound.verify_kite_source, on_loop=inbound.verify_kite_source_on_loop)
         for collector in (OutboxCollector, PeerStateCollector):
             if not any(isinstance(c, collector) for c in metrics.SCRAPE_COLLECTORS):
                 metrics.SCRAPE_COLLECTORS.append(collector())

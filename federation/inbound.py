@@ -155,6 +155,14 @@ def authenticate(headers: dict[str, str], body: bytes, *, team_id: str | None, m
 def _matched(named: list[Peer], unnamed: list[Peer], request, body: bytes, method: str, path: str,
              current_only: bool) -> Peer:  # fmt: skip
     """Which of the candidates signed the request, with its certificate and instance ID checked."""
+    matched = _signed_by(named, unnamed, request, body, method, path, current_only)
+    _check_instance_id(matched, request.sender)
+    return matched
+
+
+def _signed_by(named: list[Peer], unnamed: list[Peer], request, body: bytes, method: str, path: str,
+               current_only: bool) -> Peer:  # fmt: skip
+    """Which of the candidates signed the request, with its certificate checked (no database access)."""
     match = _first_match(named, request, body, method, path) or _first_match(unnamed, request, body, method, path)
     if match is None:
         if named:
@@ -167,7 +175,6 @@ def _matched(named: list[Peer], unnamed: list[Peer], request, body: bytes, metho
                       "only accepted for deliveries while its rotation's grace period lasts.", matched)  # fmt: skip
     if matched.certificate_thumbprint:
         _check_certificate(matched, request, body, signing.Binding(method, path, matched.team_id))
-    _check_instance_id(matched, request.sender)
     return matched
 
 
@@ -249,12 +256,17 @@ def _check_rate(peer: Peer) -> None:
         )
 
 
+def _contact_due(peer: Peer, now) -> bool:
+    """Whether this contact is the one a second that writes the peer's last_inbound_at."""
+    return peer.last_inbound_at is None or now - peer.last_inbound_at > LAST_SEEN_RESOLUTION
+
+
 def _note_contact(peer: Peer, sender: str) -> None:
     now = timezone.now()
     updates, health, activate = {}, {}, False
     if sender and not peer.remote_instance_id:
         updates["remote_instance_id"] = sender[:63]  # learned on first success
-    if peer.last_inbound_at is None or now - peer.last_inbound_at > LAST_SEEN_RESOLUTION:
+    if _contact_due(peer, now):
         health["last_inbound_at"] = now  # the health row: the peer's own row is not rewritten for it
         # Active once enrolled — judged by the row now (our ping may have just enrolled it).
         activate = peer.status in (Peer.Status.ENROLLED, Peer.Status.ACCEPTED)
@@ -292,6 +304,32 @@ def verify_kite_source(secret, headers, body, now, team_id=None):
         raise VerificationError(str(refusal.code), refusal.detail, refusal.status) from None
     metrics.CALLS.labels(peer.name, "inbound", "ok").inc()
     return peer
+
+
+def verify_kite_source_on_loop(headers: dict[str, str], body: bytes, team_id: str) -> Peer | None:
+    """An event delivery judged on a web process's event loop (ingest.edge), from this process's
+    copies of the sender's rows alone: the peer that signed it (carrying the `store_guard` its
+    event's INSERT checks), or None — and Django judges the delivery as it always does. None
+    whenever accepting would need the database or a word of its own: nothing cached for the
+    sender, a signature that does not verify against the copies, the sender's instance ID not
+    learned yet, its once-a-second contact due (last_inbound_at), a rate limit. Reads and
+    writes nothing, refuses nothing, audits nothing; the same checks as `authenticate` decide."""
+    try:
+        request = signing.parse_headers(headers, int(time.time()))
+    except signing.SignatureError:
+        return None
+    key = (team_id, request.sender)
+    copies = _inbound_peers.get(key)
+    if copies is None:
+        return None
+    try:
+        matched = _signed_by(*copies, request, body, "POST", f"/hooks/{team_id}/kite", current_only=False)
+    except Refusal:
+        return None
+    if not matched.remote_instance_id or matched.rate_limit_per_second or _contact_due(matched, timezone.now()):
+        return None
+    metrics.CALLS.labels(matched.name, "inbound", "ok").inc()
+    return _guarded(matched, key)
 
 
 def refused(refusal: Refusal, headers: dict[str, str], *, endpoint: str, method: str, team_id: str | None = None,

@@ -11,9 +11,13 @@ everything else to Django unchanged, with the body it has read:
 
 - the edge takes only a POST to /hooks/{team}/{source} with a Content-Length that came whole, a
   valid Host, for a source this process has cached (ingest.selectors) whose events no hook writes
-  anything for, of a provider's kind (not a peer's), without a rate limit, while tracing is off;
+  anything for, without a rate limit, while tracing is off — of a provider's kind, or a peer's
+  single event delivery (the `kite` source) that the sender's verifier judges from its own copies
+  on the loop (ingest.verifiers.LOOP_VERIFIERS: federation.inbound.verify_kite_source_on_loop),
+  stored by the statement that also checks the sender's row is still as copied;
 - it answers only 202, for an event it stored. A request that fails verification, is malformed,
-  a batch, a duplicate, or meets a changed source (the statement's guard), a database error or
+  a batch, a duplicate, a delivery its sender's verifier cannot judge without the database, or
+  meets a changed source or sender (the statement's guard), a database error or
   no free connection in time, goes to Django, which answers it as it always has (its error, its
   200 for a duplicate, its 503 for an outage). Nothing the edge did is visible then: it stored
   nothing and counted nothing.
@@ -33,7 +37,7 @@ from django.conf import settings
 from django.db import connections
 from django.http.request import split_domain_port, validate_host
 
-from ingest import broadcast, selectors, services, verifiers
+from ingest import broadcast, cloudevent, selectors, services, verifiers
 from ingest.models import Source
 from kite import metrics, tracing
 from kite.errors import ApiError
@@ -106,7 +110,7 @@ class Edge:
         self.headers_https = [*self.headers, *_hsts()]
         # Webhooks verified and waiting for a statement, by source and the copy's version, and how
         # many tasks store them (at most one per connection).
-        self.waiting: dict[tuple, list[tuple[Source, object, asyncio.Future]]] = {}
+        self.waiting: dict[tuple, list[tuple[Source, object, asyncio.Future, object]]] = {}
         self.storing: dict[tuple, int] = {}
 
     async def take(self, scope, body: bytes) -> tuple[int, list, bytes] | None:
@@ -116,23 +120,35 @@ class Edge:
             return None
         started = time.perf_counter()
         source = selectors.source_for_hook_copy(*match.groups())
-        if source is None or source.kind not in KINDS or source.rate_limit_per_second or source.row_version is None:
+        if source is None or source.rate_limit_per_second or source.row_version is None:
+            return None
+        on_loop = verifiers.LOOP_VERIFIERS.get(source.kind)
+        if source.kind not in KINDS and on_loop is None:
             return None
         environ = environ_for(scope, body)
         if environ.get("CONTENT_LENGTH") != str(len(body)) or not _host_allowed(environ):
             return None
         headers = verifiers.headers_of(environ)
+        if headers.get("content-type", "").startswith(cloudevent.BATCH_CONTENT_TYPE):
+            return None  # Django's, before the loop spends a verification and a parse on it
         try:
-            sender = services.webhook_verify(source, headers, body)
+            if on_loop is None:  # a provider's
+                if services.webhook_verify(source, headers, body) is not None:
+                    return None
+                sender = None
+            else:  # a sender's (a peer's delivery): from the verifier's copies, or Django decides
+                sender = on_loop(headers, body, source.team_id)
+                if sender is None:
+                    return None
             draft = services.webhook_draft(source, headers, body, sender)
         except ApiError:
             return None
-        if sender is not None or isinstance(draft, list):
+        if isinstance(draft, list):
             return None
         with tracing.storing(draft, headers):  # a `traceparent` the request carried goes with the event
             event = services.new_event(source, draft)
-        if not await self.store(source, event):
-            return None  # a database error, a changed source or a duplicate: Django's to answer
+        if not await self.store(source, event, sender):
+            return None  # a database error, a changed source or sender, a duplicate: Django's to answer
         broadcast.event_stored(event)
         metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
         metrics.EVENTS_INGESTED.labels(source.name, "accepted").inc()
@@ -140,14 +156,16 @@ class Edge:
         headers = self.headers_https if scope.get("scheme") == "https" else self.headers
         return 202, [*headers, (b"content-length", b"%d" % len(answer))], answer
 
-    async def store(self, source: Source, event) -> bool:
+    async def store(self, source: Source, event, sender=None) -> bool:
         """True once the event is stored; False if it was not (nothing was, or a stored duplicate).
 
-        Webhooks of one source that wait for a connection at the same time go in together: one
-        statement, one commit (services.store_alone_statement_many). A lone webhook goes at once."""
-        key = (source.pk, source.row_version, source.team_routes_version)
+        Webhooks of one source (and one sender's copy) that wait for a connection at the same time
+        go in together: one statement, one commit (services.store_alone_statement_many). A lone
+        webhook goes at once."""
+        guard = getattr(sender, "store_guard", None)
+        key = (source.pk, source.row_version, source.team_routes_version, guard.params if guard else None)
         stored = asyncio.get_running_loop().create_future()
-        self.waiting.setdefault(key, []).append((source, event, stored))
+        self.waiting.setdefault(key, []).append((source, event, stored, sender))
         if self.storing.get(key, 0) < self.pool.size:
             self.storing[key] = self.storing.get(key, 0) + 1
             asyncio.get_running_loop().create_task(self._store_waiting(key))
@@ -183,9 +201,9 @@ class Edge:
     async def _insert(self, conn, batch) -> list[bool]:
         """One statement for the batch (the connection goes back, or is closed if its state is not
         known); for each webhook whether it was stored. Never raises: a failure is Django's to answer."""
-        source, failed = batch[0][0], [False] * len(batch)
+        source, sender, failed = batch[0][0], batch[0][3], [False] * len(batch)
         try:
-            statement = services.store_alone_statement_many(source, [event for _, event, _ in batch])
+            statement = services.store_alone_statement_many(source, [event for _, event, _, _ in batch], sender)
             async with asyncio.timeout(STATEMENT_SECONDS):
                 cursor = await conn.execute(statement.sql, statement.params)
                 rows = await cursor.fetchall()
@@ -205,7 +223,7 @@ class Edge:
             return failed
         if inserted is None:
             return failed
-        for other, _, _ in batch[1:]:  # each request's own copy of the source
+        for other, _, _, _ in batch[1:]:  # each request's own copy of the source
             other.team_listening_until = source.team_listening_until
         return inserted
 
@@ -214,7 +232,7 @@ class Edge:
 
 
 def _settle(batch, results) -> None:
-    for (_, _, stored), result in zip(batch, results, strict=True):
+    for (_, _, stored, _), result in zip(batch, results, strict=True):
         if not stored.done():  # its request was cancelled (the client left): nothing to tell
             stored.set_result(result)
 

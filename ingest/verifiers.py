@@ -182,8 +182,19 @@ class StoreGuard:
     forget: Callable[[], None]
 
 
-def register_verifier(kind: str, verifier: Verifier) -> None:
+# Verifiers of senders (not providers) that ingest.edge may call on the event loop: (headers, body,
+# team_id) → the sender, carrying the `store_guard` the statement storing its event checks, or None
+# when they cannot decide without the database — then Django verifies the webhook as always. They
+# never read or write the database and never refuse: a refusal is Django's to make (and audit).
+LOOP_VERIFIERS: dict[str, Callable[[Mapping[str, str], bytes, str], object | None]] = {}
+
+
+def register_verifier(kind: str, verifier: Verifier, on_loop=None) -> None:
     VERIFIERS[kind] = verifier
+    if on_loop is not None:
+        LOOP_VERIFIERS[kind] = on_loop
+    else:
+        LOOP_VERIFIERS.pop(kind, None)
 
 
 def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -275,3 +275,103 @@ def test_webhooks_that_arrive_together_are_stored_together_each_once(kite):
                              " source_id = (SELECT id FROM ingest_source WHERE name = %s)", [sender.name]).fetchall()
     assert sorted(ce_id for ce_id, _ in txids) == sorted(ids)  # each once
     assert len({txid for _, txid in txids}) < len(ids), txids  # some went in together
+
+
+# --- a peer's event deliveries (the kite source) ------------------------------------------------
+
+
+class PeerSender:
+    """A trusted sender of this instance, delivering to its `kite` source signed as a peer signs."""
+
+    def __init__(self, kite):
+        from federation import signing
+
+        self.signing, self.kite, self.team = signing, kite, kite.team_id()
+        self.instance = f"kite-e2e-{secrets.token_hex(3)}"
+        self.token = kite.api("POST", "/api/federation/tokens", json={"label": self.instance}).json()["token"]
+        trusted = kite.api("POST", "/api/federation/trusted-senders",
+                           json={"name": self.instance, "inbound_token": self.token})  # fmt: skip
+        assert trusted.status_code == 201, trusted.text
+
+    def body(self, event_id: str, **fields) -> bytes:
+        return json.dumps({"specversion": "1.0", "id": event_id, "source": "kite://elsewhere/tm/stripe",
+                           "type": "com.example.moved", "data": {"n": 1}, **fields}).encode()  # fmt: skip
+
+    def deliver(self, event_id: str = "", *, body: bytes | None = None, signed: bytes | None = None, secret=None,
+                sender=None, timestamp=None, team=None, headers=None) -> requests.Response:  # fmt: skip
+        """A delivery of `body` (an event with `event_id`), signed over `signed` (the body unless tampered)."""
+        body = self.body(event_id) if body is None else body
+        headers = headers or self.signing.sign_headers(
+            secret=secret or self.token, msg_id=f"msg-{secrets.token_hex(6)}", timestamp=timestamp or int(time.time()),
+            body=body if signed is None else signed, sender_id=sender or self.instance,
+            binding=self.signing.delivery_binding(self.team),
+        )
+        self.headers = headers
+        return requests.post(f"{self.kite.url}/hooks/{team or self.team}/kite", data=body, verify=str(self.kite.cert),
+                             headers={"Content-Type": "application/cloudevents+json", **headers}, timeout=10)  # fmt: skip
+
+    def served_by_edge(self, request) -> bool:
+        return Sender.served_by_edge(self, request)
+
+
+def delivered(kite) -> list[str]:
+    return [event_id for event_id in stored(kite, "kite") if event_id.startswith("fed-")]
+
+
+def auth_failures(kite) -> int:
+    with _db(kite) as conn:
+        return conn.execute("SELECT count(*) FROM federation_auditevent WHERE action = 'Federation.AuthFailed'"
+                            ).fetchone()[0]  # fmt: skip
+
+
+def test_a_peers_deliveries_are_stored_on_the_loop_once_its_rows_are_copied(kite):
+    peer = PeerSender(kite)
+    for n in range(3):  # the first learns its instance ID, the next reads its rows again and copies them
+        assert peer.deliver(f"fed-warm-{n}").status_code == 202
+    served = []
+    for n in range(10):
+        served.append(peer.served_by_edge(lambda n=n: peer.deliver(f"fed-loop-{n}")))
+        assert (peer.response.status_code, peer.response.json()) == (202, {"id": f"fed-loop-{n}", "duplicate": False})
+    # Django serves the one a second that records the contact (last_inbound_at); the loop the rest
+    assert sum(served) >= 5, served
+    assert delivered(kite) == [f"fed-warm-{n}" for n in range(3)] + [f"fed-loop-{n}" for n in range(10)]
+    with _db(kite) as conn:
+        extensions = conn.execute("SELECT DISTINCT extensions::text FROM ingest_event WHERE ce_id LIKE 'fed-%%'"
+                                  ).fetchall()  # fmt: skip
+    assert len(extensions) == 1, extensions  # the same provenance whichever part of the process stored it
+    assert json.loads(extensions[0][0])["kitefedpeer"] == peer.instance
+    assert "Traceback" not in kite.log_tail
+
+
+def test_refused_deliveries_get_djangos_answers_are_audited_once_and_store_nothing(kite):
+    peer = PeerSender(kite)
+    for n in range(3):
+        assert peer.deliver(f"fed-ok-{n}").status_code == 202
+    replayed = peer.deliver("fed-replayed")
+    assert replayed.status_code == 202
+    replay_headers = dict(peer.headers)
+    body = peer.body("fed-attack")
+    nested = b'{"specversion": "1.0", "id": "fed-nested", "source": "x", "type": "t", "data": ' + b"[" * 100_000 + \
+        b"]" * 100_000 + b"}"  # fmt: skip
+    local = peer.body("fed-local", source=f"kite://{kite.instance_id}/{peer.team}/stripe")
+    attempts = {
+        "forged": (lambda: peer.deliver(body=body, secret="whsec_" + "x" * 43), 401, "bad_secret"),
+        "unknown sender": (lambda: peer.deliver(body=body, sender="mallory"), 401, "unknown_peer"),
+        "stale": (lambda: peer.deliver(body=body, timestamp=int(time.time()) - 3600), 401, "stale_timestamp"),
+        "tampered": (lambda: peer.deliver(body=body, signed=peer.body("fed-other")), 401, "bad_secret"),
+        "unsigned": (lambda: peer.deliver(body=body, headers={"X-None": "1"}), 401, "missing_signature"),
+        "wrong team": (lambda: peer.deliver(body=body, team="tm_" + "0" * 16), 404, "unknown_team"),
+        "deeply nested, signed": (lambda: peer.deliver(body=nested), 400, "malformed_json"),
+        "naming this instance": (lambda: peer.deliver(body=local), 400, "local_source"),
+    }
+    refusals = sum(1 for _, status, _ in attempts.values() if status == 401)
+    before, audited = delivered(kite), auth_failures(kite)
+    for what, (request, status, code) in attempts.items():
+        assert not peer.served_by_edge(request), what
+        response = peer.response
+        assert (response.status_code, response.json()["code"]) == (status, code), (what, response.text)
+    for _ in range(2):  # the same request again: answered as a duplicate, stored once
+        again = peer.deliver("fed-replayed", headers=replay_headers)
+        assert (again.status_code, again.json()) == (200, {"id": "fed-replayed", "duplicate": True})
+    assert delivered(kite) == before
+    assert auth_failures(kite) == audited + refusals  # each refusal audited once, by Django

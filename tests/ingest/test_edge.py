@@ -98,7 +98,7 @@ def test_webhooks_waiting_together_go_in_one_statement_each_key_once(team, warm)
 
 
 def test_a_failure_inside_the_edge_leaves_the_webhook_to_django_and_the_connection_closed(team, warm, monkeypatch):
-    def broken(source, events):
+    def broken(source, events, sender=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(services, "store_alone_statement_many", broken)
