@@ -115,3 +115,14 @@ def test_a_database_that_cannot_be_reached_leaves_every_webhook_to_django(team, 
     answer, front = run(lambda front: front.take(scope, raw))
     assert answer is None and front.pool.opened == 0
     assert not Event.objects.filter(ce_id="evt_unreachable").exists()
+
+
+def test_a_verifier_that_fails_unexpectedly_leaves_the_webhook_to_django(team, warm, monkeypatch):
+    def broken(source, headers, body):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(services, "webhook_verify", broken)
+    scope, raw = scope_and_body(team, "evt_unverified")
+    answer, front = run(lambda front: front.take(scope, raw))
+    assert answer is None and front.pool.opened == 0
+    assert not Event.objects.filter(ce_id="evt_unverified").exists()
