@@ -133,7 +133,7 @@ def test_an_event_without_provenance_gets_it_from_the_authenticated_sender(clien
 
 @pytest.mark.parametrize("claimed", [
     f"kite://{django_settings.KITE_INSTANCE_ID}/tm_x/stripe", f"kite://{django_settings.KITE_INSTANCE_ID}/",
-])  # fmt: skip
+], ids=["a-source-here", "this-instance"])  # fmt: skip
 def test_a_peer_cannot_deliver_an_event_as_if_it_had_been_received_here(client, team, sender, claimed):
     event = {**make_ce("forged"), "source": claimed, "type": "com.stripe.payment_intent.succeeded"}
     response = signed_post(client, team, event, sender="kite-a")

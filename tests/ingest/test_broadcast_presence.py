@@ -27,6 +27,7 @@ def _event(until="absent"):
         (datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=60), True),
         ((datetime.now(UTC) + timedelta(hours=6)).strftime("%Y-%m-%d %H:%M:%S.%f"), False),  # text
     ],
+    ids=["absent", "never", "aware-ahead", "aware-past", "naive-ahead", "naive-past", "text-ahead"],
 )
 def test_nobody_listening(until, skipped):
     assert nobody_listening(_event(until)) is skipped

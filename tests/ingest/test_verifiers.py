@@ -86,6 +86,7 @@ def test_stripe_header_whose_v1_entries_all_mismatch_is_refused():
 @pytest.mark.parametrize(
     "header",
     ["garbage", f"t={NOW}", "v1=" + "0" * 64, f"t=yesterday,v1={'0' * 64}"],
+    ids=["garbage", "no-signature", "no-timestamp", "timestamp-not-a-number"],
 )
 def test_malformed_stripe_header_is_refused(header):
     assert refusal(verifiers.verify_stripe, SOURCE_SECRET, {"stripe-signature": header}) == "bad_signature"

@@ -42,6 +42,8 @@ def test_valid_values_are_read(tmp_path):
     assert started.stdout.split() == ["9000", "False", "True", "http://kite.local:9000"]
 
 
+_KEY = Fernet.generate_key().decode()  # a good key beside a bad one (named <key> in the test ids)
+
 BAD_VALUES = [
     ({"KITE_PORT": "abc"}, "KITE_PORT"),
     ({"KITE_PORT": "0"}, "KITE_PORT"),
@@ -67,13 +69,13 @@ BAD_VALUES = [
     ({"KITE_DB_PREPARE_THRESHOLD": "-1"}, "KITE_DB_PREPARE_THRESHOLD"),
     ({"KITE_DB_PREPARE_THRESHOLD": "soon"}, "KITE_DB_PREPARE_THRESHOLD"),
     ({"KITE_ENCRYPTION_KEYS": "not-a-fernet-key"}, "KITE_ENCRYPTION_KEYS"),
-    ({"KITE_ENCRYPTION_KEYS": f"{Fernet.generate_key().decode()},short"}, "KITE_ENCRYPTION_KEYS"),
+    ({"KITE_ENCRYPTION_KEYS": f"{_KEY},short"}, "KITE_ENCRYPTION_KEYS"),
     ({"KITE_ENCRYPTION_KEYS": " , "}, "KITE_ENCRYPTION_KEYS"),
     ({"KITE_LOG_LEVEL": "LOUD"}, "KITE_LOG_LEVEL"),
 ]
 
 
-@pytest.mark.parametrize(("variables", "name"), BAD_VALUES, ids=[f"{n}={list(v.values())[0]}" for v, n in BAD_VALUES])
+@pytest.mark.parametrize(("variables", "name"), BAD_VALUES, ids=[f"{n}={list(v.values())[0]}".replace(_KEY, "<key>") for v, n in BAD_VALUES])
 def test_bad_value_fails_at_start_naming_the_variable(tmp_path, variables, name):
     started = start(tmp_path, **variables)
 
