@@ -6,7 +6,6 @@ without the database — and every refusal — is left to Django (the edge answe
 nothing stored, nothing audited and the cache not grown. Each attack asserts both.
 """
 
-import asyncio
 import json
 import time
 
@@ -18,10 +17,10 @@ from django.utils import timezone
 
 from federation import inbound, services, signing
 from federation.models import AuditEvent, Peer
-from ingest import edge
 from ingest.models import Event
 from tests.federation.test_inbound_cache import _warm
 from tests.federation.test_routing_inbound import OTHER, SECRET, make_ce
+from tests.ingest.test_edge import hook_request, run
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,27 +36,12 @@ def delivery(team, event, *, secret=SECRET, sender="kite-a", timestamp=None, hoo
     body = raw if raw is not None else json.dumps(event).encode()
     signed = signing.sign_headers(secret=secret, msg_id=f"msg_{time.monotonic_ns()}", body=body, sender_id=sender,
                                   timestamp=timestamp or int(time.time()), binding=signing.delivery_binding(team.id))  # fmt: skip
-    headers = [(b"host", b"kite.example"), (b"content-type", content_type.encode()),
-               (b"content-length", str(len(body)).encode()),
-               *((name.lower().encode(), value.encode()) for name, value in signed.items())]  # fmt: skip
-    scope = {"type": "http", "method": "POST", "path": f"/hooks/{(hook_team or team).id}/kite", "query_string": b"",
-             "headers": headers, "http_version": "1.1", "scheme": "https", "root_path": "",
-             "server": ("127.0.0.1", 8443), "client": ("127.0.0.1", 50000)}  # fmt: skip
-    return scope, body
+    return hook_request(f"/hooks/{(hook_team or team).id}/kite", content_type, body, signed.items(), scheme="https")
 
 
 def take(scope, body):
-    """The edge's answer to one request, in an event loop as in a web process (where Django's
-    database access raises SynchronousOnlyOperation: the edge must not need it)."""
-
-    async def main():
-        front = edge.Edge(connections=2)
-        try:
-            return await asyncio.wait_for(front.take(scope, body), 10)
-        finally:
-            await front.close()
-
-    return asyncio.run(main())
+    """The edge's answer to one request (tests/ingest/test_edge.py::run: in an event loop)."""
+    return run(lambda front: front.take(scope, body), connections=2)[0]
 
 
 def contact_just_noted(team, sender_id="kite-a") -> Peer:

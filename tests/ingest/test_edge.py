@@ -22,15 +22,21 @@ def body(event_id: str) -> bytes:
     return json.dumps({"id": event_id, "type": "payment_intent.succeeded", "created": 1700000000}).encode()
 
 
+def hook_request(path: str, content_type: str, raw: bytes, headers=(), scheme: str = "http"):
+    """The ASGI scope and body the edge sees for a POST of `raw` to `path` with `headers` ((name, value) text)."""
+    headers = [(b"host", b"kite.example"), (b"content-type", content_type.encode()),
+               (b"content-length", str(len(raw)).encode()),
+               *((name.lower().encode(), value.encode()) for name, value in headers)]  # fmt: skip
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": b"", "headers": headers,
+             "http_version": "1.1", "scheme": scheme, "root_path": "",
+             "server": ("127.0.0.1", 8443 if scheme == "https" else 8000), "client": ("127.0.0.1", 50000)}  # fmt: skip
+    return scope, raw
+
+
 def scope_and_body(team, event_id: str, secret: str = SOURCE_SECRET):
     raw = body(event_id)
-    headers = [(b"host", b"kite.example"), (b"content-type", b"application/json"),
-               (b"content-length", str(len(raw)).encode()),
-               (b"stripe-signature", stripe_signature(secret, raw).encode())]  # fmt: skip
-    scope = {"type": "http", "method": "POST", "path": f"/hooks/{team.id}/stripe", "query_string": b"",
-             "headers": headers, "http_version": "1.1", "scheme": "http", "root_path": "",
-             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000)}  # fmt: skip
-    return scope, raw
+    return hook_request(f"/hooks/{team.id}/stripe", "application/json", raw,
+                        [("stripe-signature", stripe_signature(secret, raw))])  # fmt: skip
 
 
 @pytest.fixture
@@ -46,6 +52,9 @@ def warm(client, team):
 
 
 def run(coroutine_function, connections: int = 4):
+    """(what coroutine_function(edge) returns, the edge): in an event loop as in a web process, where
+    Django's database access raises SynchronousOnlyOperation (the edge must not need it)."""
+
     async def main():
         front = edge.Edge(connections=connections)
         try:
