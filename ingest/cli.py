@@ -13,11 +13,12 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 MAX_BACKOFF_SECONDS = 30.0
 FATAL_STATUSES = {400, 401, 403, 404}
@@ -128,6 +129,44 @@ def current_cursor(instance: str, api_key: str, context) -> str:
         raise
 
 
+OPEN_TIMEOUT = 10  # seconds for the WebSocket's opening handshake, TLS included
+
+
+def open_stream(url: str, context, api_key: str, open_timeout: float = OPEN_TIMEOUT):
+    """websockets' connect, which never waits much longer than `open_timeout`.
+
+    When the opening handshake fails (a server that never answers it), websockets closes the socket
+    and waits for its reading thread. Over TLS that thread can be blocked in a read — after the
+    server's session tickets made the socket readable, before any answer — and closing a socket
+    wakes no thread blocked on it: connect() then returned only when the server hung up. Each
+    connection's socket is kept here under a second descriptor, shut down (which does wake it) a
+    second after the handshake's deadline if connect() has not returned by then."""
+    handles: list[socket.socket] = []
+
+    class Connection(ClientConnection):
+        def __init__(self, sock, protocol, **kwargs):
+            handles.append(socket.socket(fileno=os.dup(sock.fileno())))
+            super().__init__(sock, protocol, **kwargs)
+
+    def wake() -> None:
+        for handle in handles:
+            try:
+                handle.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the server
+
+    timer = threading.Timer(open_timeout + 1, wake)
+    timer.daemon = True
+    timer.start()
+    try:
+        return connect(url, ssl=context, additional_headers={"Authorization": f"Bearer {api_key}"},
+                       open_timeout=open_timeout, max_size=16 * 1024 * 1024, create_connection=Connection)  # fmt: skip
+    finally:
+        timer.cancel()
+        for handle in handles:
+            handle.close()
+
+
 def listen(args, out=sys.stdout, err=sys.stderr) -> int:
     if not args.api_key:
         raise Fatal("an API key is required: --api-key or $KITE_API_KEY")
@@ -143,13 +182,7 @@ def listen(args, out=sys.stdout, err=sys.stderr) -> int:
                 {"source": args.source, "type": args.type_glob, "agent": args.agent, "after": cursor,
                  **agent_params(args)},  # fmt: skip
             )
-            with connect(
-                url,
-                ssl=context,
-                additional_headers={"Authorization": f"Bearer {args.api_key}"},
-                open_timeout=10,
-                max_size=16 * 1024 * 1024,
-            ) as websocket:
+            with open_stream(url, context, args.api_key) as websocket:
                 if failures:
                     print(f"kite: reconnected, resuming after {cursor}", file=err, flush=True)
                 elif not listening:
