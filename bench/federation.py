@@ -1136,7 +1136,8 @@ def measure(args, bench: Bench, phases: set[str], initial: dict) -> int:
                 stored = f"stored at B p50 {r['stored_p50']:.1f} p99 {r['stored_p99']:.1f} ms; " if "stored_p50" in r else ""
                 log(f"latency {kind} r{i + 1}: {stored}listener {r['achieved']:.0f}/s p50 {r['p50']:.1f} p95 {r['p95']:.1f} "
                     f"p99 {r['p99']:.1f} max {r['max']:.0f} ms; missing {r['missing']}, errors {r['errors']}, "
-                    f"A/B 202 p50 {r['ingest_p50']:.1f} p99 {r['ingest_p99']:.1f} ms")  # fmt: skip
+                    f"A/B 202 p50 {r['ingest_p50']:.1f} p99 {r['ingest_p99']:.1f} ms; CPUs busy "
+                    + ", ".join(f"{name} {busy:.2f}" for name, busy in r["cpu_busy"].items()))  # fmt: skip
             latency.append(pair)
         if args.low_rate:
             low = {kind: latency_round(bench, kind, args.low_rate, args.baseline_duration, "low")

@@ -16,6 +16,7 @@ from django.utils import timezone
 from federation import dispatch, metrics, routing
 from federation.models import OutboxEntry, Peer
 from ingest import cloudevent
+from ingest import hooks as ingest_hooks
 from ingest import services as ingest_services
 from ingest.models import Event, Source
 from kite import fastsql, tracing
@@ -118,6 +119,62 @@ def _routes_idle_for(source) -> bool:
 
 
 route_event.idle_for = _routes_idle_for
+
+
+def _routes_known_for(source) -> bool:
+    """This process has the routes of the source's team at the version read with the source:
+    what routing writes for its events can be worked out without a query (`_route_alone`)."""
+    cached = _routes.get(source.team_id)
+    return cached is not None and cached[0] == getattr(source, "team_routes_version", None)
+
+
+def _route_alone(source, events: list[Event], sender) -> ingest_hooks.Alone | None:
+    """route_event for `events` of `source` stored by one statement (ingest.hooks.Alone): their
+    outbox entries written by that statement (fastsql.Children), and once it has run, for the
+    events it inserted, the drops counted and the peers kicked. The same routes and decisions as
+    route_event, from the routes cached at the version the statement's guard checks. None (a
+    transaction stores them, calling route_event) when tracing is on (route_event's span) or an
+    event meets a peer's max_hops (its delivery_failed event is stored in that transaction)."""
+    cached = _routes.get(source.team_id)
+    if tracing.ENABLED or cached is None or cached[0] != getattr(source, "team_routes_version", None):
+        return None
+    rows, kicks, drops = [], {}, {}
+    for index, event in enumerate(events):
+        if not cached[1] or event.ce_type.startswith(routing.INTERNAL_PREFIX):
+            continue
+        forward = routing.next_hop(routing.provenance_of(event.extensions or {}), settings.KITE_INSTANCE_ID)
+        attributes = functools.cache(lambda event=event, forward=forward: routing.wire_attributes(event, forward))
+        provenance = forward.extensions()
+        for route in cached[1]:
+            decision = _decide(event, forward, route, sender, attributes)
+            if decision.send:
+                rows.append((index, (route.pk, provenance)))
+                kicks.setdefault(index, set()).add(route.pk)
+            elif decision.reason == "max_hops":
+                return None
+            else:
+                drops.setdefault(index, []).append((route.name, decision.reason))
+
+    def stored(inserted: list[bool]) -> None:
+        for index, reasons in drops.items():
+            if inserted[index]:
+                for name, reason in reasons:
+                    metrics.DROPPED.labels(name, reason).inc()
+
+    def committed(inserted: list[bool]) -> None:
+        peer_ids = sorted({pk for index, pks in kicks.items() if inserted[index] for pk in pks})
+        if peer_ids:
+            dispatch.kick_all(peer_ids)
+
+    children = None
+    if rows:
+        shared = OutboxEntry(team_id=source.team_id)
+        children = fastsql.Children(shared, "event", ("peer", "provenance"), rows, generated={"msg_id": "gen_random_uuid()"})
+    return ingest_hooks.Alone(children, stored if drops else None, committed if rows else None)
+
+
+route_event.alone_for = _routes_known_for
+route_event.alone = _route_alone
 
 
 def _decide(event, forward, peer, sender, attributes=None) -> routing.Decision:

@@ -10,14 +10,18 @@ for a connection at the same time: one statement and one commit for all of them 
 everything else to Django unchanged, with the body it has read:
 
 - the edge takes only a POST to /hooks/{team}/{source} with a Content-Length that came whole, a
-  valid Host, for a source this process has cached (ingest.selectors) whose events no hook writes
-  anything for, without a rate limit, while tracing is off — of a provider's kind, or a peer's
+  valid Host, for a source this process has cached (ingest.selectors) whose event_stored hooks
+  can say without the database what they write (hooks.event_stored_alone: no peers, or the
+  outbox entries of a federated event, written by the same statement, its peers kicked after
+  it), without a rate limit, while tracing is off — of a provider's kind, or a peer's
   single event delivery (the `kite` source) that the sender's verifier judges from its own copies
   on the loop (ingest.verifiers.LOOP_VERIFIERS: federation.inbound.verify_kite_source_on_loop),
   stored by the statement that also checks the sender's row is still as copied;
 - it answers only 202, for an event it stored. A request that fails verification, is malformed,
-  a batch, a duplicate, a delivery its sender's verifier cannot judge without the database, or
-  meets a changed source or sender (the statement's guard), a database error or
+  a batch, a duplicate, a delivery its sender's verifier cannot judge without the database, an
+  event routing cannot write without a transaction (a peer's max_hops reached: its
+  delivery_failed event), or meets a changed source, peers or sender (the statement's guard), a
+  database error or
   no free connection in time, goes to Django, which answers it as it always has (its error, its
   200 for a duplicate, its 503 for an outage). Nothing the edge did is visible then: it stored
   nothing and counted nothing.
@@ -37,7 +41,7 @@ from django.conf import settings
 from django.db import connections
 from django.http.request import split_domain_port, validate_host
 
-from ingest import broadcast, cloudevent, selectors, services, verifiers
+from ingest import broadcast, cloudevent, hooks, selectors, services, verifiers
 from ingest.models import Source
 from kite import metrics, tracing
 from kite.errors import ApiError
@@ -205,8 +209,13 @@ class Edge:
         """One statement for the batch (the connection goes back, or is closed if its state is not
         known); for each webhook whether it was stored. Never raises: a failure is Django's to answer."""
         source, sender, failed = batch[0][0], batch[0][3], [False] * len(batch)
+        events = [event for _, event, _, _ in batch]
         try:
-            statement = services.store_alone_statement_many(source, [event for _, event, _, _ in batch], sender)
+            alone = hooks.event_stored_alone(source, events, sender)
+            if alone is None:  # the hooks need a transaction: Django's
+                self.pool.give_back(conn)
+                return failed
+            statement = services.store_alone_statement_many(source, events, sender, alone.children)
             async with asyncio.timeout(STATEMENT_SECONDS):
                 cursor = await conn.execute(statement.sql, statement.params)
                 rows = await cursor.fetchall()
@@ -228,6 +237,14 @@ class Edge:
             return failed
         for other, _, _, _ in batch[1:]:  # each request's own copy of the source
             other.team_listening_until = source.team_listening_until
+        if any(inserted):  # stored: a failure of what follows is logged, it is not the answer
+            try:
+                if alone.stored is not None:
+                    alone.stored(inserted)
+                if alone.committed is not None:  # a Redis round trip, maybe a task published: off the loop
+                    await asyncio.to_thread(alone.committed, inserted)
+            except Exception:
+                log.exception("webhook edge: what follows storing %d webhooks failed", len(batch))
         return inserted
 
     async def close(self) -> None:

@@ -189,11 +189,13 @@ def source_for_hook(team_id: str, name: str) -> Source | None:
 
 
 # Sources as last read by this process, by (team, name), on PostgreSQL. A copy is used only
-# for a team no event_stored hook writes for (no peers to route to): the webhook is verified
-# with it and its event stored by one statement that also checks that the source row (its
-# xmin) and the team's routes_version are still what was read; a webhook whose check fails,
-# or that is a batch, is verified again against a fresh read (ingest.views). So a rotated
-# secret, a changed rate limit or a deleted source is honoured exactly as without the cache.
+# for a team whose event_stored hooks can say without the database what they write (no peers to
+# route to, or its routes cached at the version read with the source: hooks.event_stored_alone_for):
+# the webhook is verified with it and its event stored by one statement — with its outbox entries —
+# that also checks that the source row (its xmin) and the team's routes_version are still what was
+# read; a webhook whose check fails, or that the statement cannot store, is verified again against
+# a fresh read (ingest.views). So a rotated secret, a changed rate limit, a deleted source or a
+# changed peer is honoured exactly as without the cache.
 HOOK_SOURCE_CACHE_SIZE = 4096
 _hook_sources: dict[tuple[str, str], Source] = {}
 
@@ -202,7 +204,7 @@ def source_for_hook_copy(team_id: str, name: str) -> Source | None:
     """This process's copy of the source, when it has one it may use (as `source_for_hook_cached`),
     without reading the database: None otherwise."""
     cached = _hook_sources.get((team_id, name))
-    if cached is None or not hooks.event_stored_idle(cached):
+    if cached is None or not hooks.event_stored_alone_for(cached):
         return None
     found = fastsql.copied(cached)
     found.from_cache = True

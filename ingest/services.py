@@ -260,10 +260,13 @@ def store_alone_statement(source: Source, event: Event, sender=None) -> fastsql.
     )
 
 
-def store_alone_statement_many(source: Source, events: list[Event], sender=None) -> fastsql.GuardedMany:
+def store_alone_statement_many(source: Source, events: list[Event], sender=None,
+                               children: fastsql.Children | None = None) -> fastsql.GuardedMany:  # fmt: skip
     """`store_alone_statement` for several events of one source verified with the same copies:
     one statement, one commit for all — webhooks that arrive together (ingest.edge), or the
-    events of one CloudEvents batch (a peer's batched delivery)."""
+    events of one CloudEvents batch (a peer's batched delivery) — with the rows the event_stored
+    hooks write for the events it inserts (`children`, hooks.event_stored_alone: a federated
+    event's outbox entries)."""
     sender_guard = getattr(sender, "store_guard", None)
     return fastsql.guarded_insert_many(
         events,
@@ -271,7 +274,20 @@ def store_alone_statement_many(source: Source, events: list[Event], sender=None)
         guard_params=[source.pk, source.row_version, source.team_routes_version,
                       *(sender_guard.params if sender_guard else ())],  # fmt: skip
         skip_conflicts_on=DEDUP,
+        children=children,
     )
+
+
+def after_alone(alone: hooks.Alone, inserted: list[bool]) -> None:
+    """The hooks' follow-up of a statement that stored events alone (hooks.Alone): `stored` now,
+    `committed` once it is committed (at once outside a transaction; robust: a failure is logged,
+    never a 500 for events that are stored)."""
+    if not any(inserted):
+        return
+    if alone.stored is not None:
+        alone.stored(inserted)
+    if alone.committed is not None:
+        transaction.on_commit(functools.partial(alone.committed, inserted), robust=True)
 
 
 def stored_alone(source: Source, statement, rows):
@@ -300,11 +316,17 @@ def _run_alone(source: Source, statement, sender):
     return stored
 
 
-def _store_alone(source: Source, event: Event, sender=None) -> "Ingested | None":
-    """Store an event with `store_alone_statement`. None: let the transactional path store it."""
-    stored = _run_alone(source, store_alone_statement(source, event, sender), sender)
+def _store_alone(source: Source, event: Event, sender, alone: hooks.Alone) -> "Ingested | None":
+    """Store an event with `store_alone_statement` (with the hooks' rows, `store_alone_statement_many`).
+    None: let the transactional path store it."""
+    if alone.children is None:
+        stored = _run_alone(source, store_alone_statement(source, event, sender), sender)
+    else:
+        inserted = _run_alone(source, store_alone_statement_many(source, [event], sender, alone.children), sender)
+        stored = None if inserted is None else inserted[0]
     if stored is None:
         return None
+    after_alone(alone, [stored])
     if not stored:
         existing = _existing(event)
         return Ingested(existing, created=False) if existing is not None else None
@@ -319,11 +341,12 @@ def event_store(*, source: Source, draft: cloudevent.Draft, sender=None) -> Inge
     Raises SourceChanged when `source` came from the per-process cache and has changed since:
     the caller verifies the webhook again against a fresh read."""
     event = new_event(source, draft)
-    if getattr(source, "row_version", None) is not None and hooks.event_stored_idle(source):
-        stored = _store_alone(source, event, sender)
+    alone = hooks.event_stored_alone(source, [event], sender) if getattr(source, "row_version", None) else None
+    if alone is not None:
+        stored = _store_alone(source, event, sender, alone)
         if stored is not None:
             return stored
-    if getattr(sender, "store_guard", None) is not None:
+    if getattr(source, "from_cache", False) or getattr(sender, "store_guard", None) is not None:
         raise SourceChanged  # verified with cached rows only one statement checks: again, against fresh reads
     try:
         with transaction.atomic():
@@ -354,8 +377,7 @@ def events_store_batch(*, source: Source, items: list, sender=None) -> list[Batc
     if that INSERT meets a duplicate after all (the same event stored concurrently), the batch
     is stored again one savepoint per event, which sorts it out.
     """
-    if (len(items) <= ALONE_BATCH_MAX and getattr(source, "row_version", None) is not None
-            and hooks.event_stored_idle(source)):  # fmt: skip
+    if len(items) <= ALONE_BATCH_MAX and getattr(source, "row_version", None) is not None:
         results = _store_batch_alone(source, items, sender)
         if results is not None:
             return results
@@ -375,19 +397,25 @@ ALONE_BATCH_MAX = 16
 
 
 def _store_batch_alone(source: Source, items: list, sender) -> list[BatchItem] | None:
-    """A batch whose events no hook writes anything for, with `store_alone_statement_many`: one
-    statement and its commit, which also checks the copies the batch was verified with. None:
-    let the transactional path store it (the same event twice in the batch, or no event at all).
-    SourceChanged when the copies are out of date."""
+    """A batch with `store_alone_statement_many`: one statement and its commit, with what the hooks
+    write for its events (hooks.event_stored_alone), which also checks the copies the batch was
+    verified with. None: let the transactional path store it (the same event twice in the batch,
+    no event at all, or a hook that needs the transaction). SourceChanged when the copies are out
+    of date."""
     events = {
         i: new_event(source, item) for i, item in enumerate(items) if not isinstance(item, cloudevent.MalformedEvent)
     }
     keys = {(event.ce_source, event.ce_id) for event in events.values()}
     if not events or len(keys) != len(events):
         return None
-    inserted = _run_alone(source, store_alone_statement_many(source, list(events.values()), sender), sender)
+    alone = hooks.event_stored_alone(source, list(events.values()), sender)
+    if alone is None:
+        return None
+    statement = store_alone_statement_many(source, list(events.values()), sender, alone.children)
+    inserted = _run_alone(source, statement, sender)
     if inserted is None:
         return None
+    after_alone(alone, inserted)
     went_in = dict(zip(events, inserted, strict=True))
     for i, event in events.items():
         if went_in[i]:

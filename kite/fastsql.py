@@ -87,7 +87,7 @@ def _cast(field) -> str:
 
 
 @functools.cache
-def _guarded_insert_sql(model, guard: str, conflict_on: tuple[str, ...], many: bool = False):
+def _guarded_insert_sql(model, guard: str, conflict_on: tuple[str, ...], many: bool = False, children: tuple = ()):
     qn = connection.ops.quote_name
     meta = model._meta
     # many: the conflict key comes back too, to tell which rows went in
@@ -103,9 +103,75 @@ def _guarded_insert_sql(model, guard: str, conflict_on: tuple[str, ...], many: b
         f"WITH guard AS ({guard}), inserted AS ("
         f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in written)}) {rows} "
         f"ON CONFLICT ({columns}) DO NOTHING RETURNING {', '.join(qn(f.column) for f in returned)}) "
-        f"SELECT * FROM guard LEFT JOIN inserted ON TRUE"
+        + (_children_sql(model, conflict_on, *children) if children else "")
+        + "SELECT * FROM guard LEFT JOIN inserted ON TRUE"
     )
     return sql, written, returned
+
+
+def _children_sql(model, conflict_on: tuple[str, ...], child, parent: str, varying: tuple[str, ...],
+                  generated: tuple[tuple[str, str], ...]) -> str:  # fmt: skip
+    """The `Children` part of a guarded_insert_many: a data-modifying WITH item (PostgreSQL runs it
+    whether or not the query reads it) inserting `child` rows joined to the rows `inserted` returned,
+    by their conflict key. Parameters: the shared values, then the key arrays, then the varying ones."""
+    qn = connection.ops.quote_name
+    _, written, _ = _insert_sql(child, 1)
+    keys = [model._meta.get_field(name) for name in conflict_on]
+    vary = [child._meta.get_field(name) for name in varying]
+    parent_field, expressions = child._meta.get_field(parent), dict(generated)
+    select = []
+    for field in written:
+        if field.name in expressions:
+            select.append(expressions[field.name])
+        elif field is parent_field:
+            select.append(f"i.{qn(model._meta.pk.column)}")
+        elif field in vary:
+            select.append(f"c.v{vary.index(field)}")
+        else:
+            select.append(f"%s::{_cast(field)}")
+    arrays = [f"%b::{_cast(field)}[]" for field in keys + vary]
+    names = [f"k{i}" for i in range(len(keys))] + [f"v{i}" for i in range(len(vary))]
+    join = " AND ".join(f"i.{qn(field.column)} = c.k{i}" for i, field in enumerate(keys))
+    return (
+        f", children AS (INSERT INTO {qn(child._meta.db_table)} ({', '.join(qn(f.column) for f in written)}) "
+        f"SELECT {', '.join(select)} FROM unnest({', '.join(arrays)}) AS c({', '.join(names)}) "
+        f"JOIN inserted i ON {join}) "
+    )
+
+
+class Children:
+    """Rows of another model that a `guarded_insert_many` writes in its own statement for the
+    objects it inserts (none for an object met as a stored duplicate, or as a copy of an earlier
+    one): `shared`, an unsaved instance of that model, gives the values every row shares;
+    `parent` names its field that takes the inserted object's primary key; `rows` are
+    (index into the objects, values of the `varying` fields in their order); `generated` maps
+    fields to SQL expressions evaluated per row, as insert_each's does."""
+
+    __slots__ = ("shared", "parent", "varying", "rows", "generated")
+
+    def __init__(self, shared, parent: str, varying: tuple[str, ...], rows: list[tuple[int, tuple]],
+                 generated: dict[str, str] | None = None):  # fmt: skip
+        self.shared, self.parent, self.varying, self.rows = shared, parent, tuple(varying), rows
+        self.generated = tuple(sorted((generated or {}).items()))
+
+    def params(self, objs: list, conflict_on: tuple[str, ...], db) -> list:
+        model, child = type(objs[0]), type(self.shared)
+        _, written, _ = _insert_sql(child, 1)
+        skip = {child._meta.get_field(name) for name in (self.parent, *self.varying)} | {
+            child._meta.get_field(name) for name, _ in self.generated}  # fmt: skip
+        params = [f.get_db_prep_save(f.pre_save(self.shared, True), db) for f in written if f not in skip]
+        keys = [model._meta.get_field(name) for name in conflict_on]
+        first = {}  # each key's first object: the one the INSERT keeps
+        for index, obj in enumerate(objs):
+            first.setdefault(tuple(getattr(obj, f.attname) for f in keys), index)
+        rows = [(index, values) for index, values in self.rows
+                if first[tuple(getattr(objs[index], f.attname) for f in keys)] == index]  # fmt: skip
+        for f in keys:
+            params.append([f.get_db_prep_save(getattr(objs[index], f.attname), db) for index, _ in rows])
+        for at, name in enumerate(self.varying):
+            f = child._meta.get_field(name)
+            params.append([f.get_db_prep_save(values[at], db) for _, values in rows])
+        return params
 
 
 class Guarded:
@@ -186,19 +252,24 @@ class GuardedMany:
         return rows[0][:-width], inserted
 
 
-def guarded_insert_many(objs: list, *, guard: str, guard_params: list,
-                        skip_conflicts_on: tuple[str, ...]) -> GuardedMany:  # fmt: skip
+def guarded_insert_many(objs: list, *, guard: str, guard_params: list, skip_conflicts_on: tuple[str, ...],
+                        children: Children | None = None) -> GuardedMany:  # fmt: skip
     """`guarded_insert` for any number of instances of one model in one statement (INSERT … SELECT
     from unnest(): one array per column, so its text and its prepared statement are the same for
-    one row or a hundred). Builds it; no database access."""
+    one row or a hundred), with the `children` rows of those it inserts in the same statement.
+    Builds it; no database access."""
     db = connections[DEFAULT_DB_ALIAS]
     if db.vendor != "postgresql":
         raise NotImplementedError("guarded_insert_many needs PostgreSQL")
-    model = type(objs[0])
-    sql, written, returned = _guarded_insert_sql(model, guard, tuple(skip_conflicts_on), many=True)
-    columns = [[field.get_db_prep_save(field.pre_save(obj, True), db) for obj in objs] for field in written]
+    model, conflict_on = type(objs[0]), tuple(skip_conflicts_on)
+    shape = (type(children.shared), children.parent, children.varying, children.generated) if children else ()
+    sql, written, returned = _guarded_insert_sql(model, guard, conflict_on, many=True, children=shape)
+    params = list(guard_params)
+    params += [[field.get_db_prep_save(field.pre_save(obj, True), db) for obj in objs] for field in written]
+    if children:
+        params += children.params(objs, conflict_on, db)
     key = [model._meta.get_field(name) for name in skip_conflicts_on]
-    return GuardedMany(objs, sql, list(guard_params) + columns, returned, key)
+    return GuardedMany(objs, sql, params, returned, key)
 
 
 @functools.cache
