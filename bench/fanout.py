@@ -17,9 +17,9 @@ one event per POST).
    routing alone) and 200 matching peers (200 outbox entries and 200 kicks per event),
    alternating in the same run. Web alone, as bench/ingest.py measures it: no worker runs (with
    200 peers each accepted event owes 200 deliveries; delivering them is phase 3's concern);
-   the web process's courier (KITE_WEB_DELIVERY, on by default) does deliver for the few peers
-   it takes, as it does in production. After each round the outbox is checked (200 entries per
-   stored event) and emptied.
+   the web process's courier delivers for the few peers it takes when KITE_WEB_DELIVERY=on (off
+   by default: then nothing is delivered during the rounds). After each round the outbox is
+   checked (200 entries per stored event) and emptied.
 2. profile: the same webhook path in one process (`ingest.services.webhook_receive`), wall time
    per event with 0 / 200 non-matching / 200 matching peers, and a cProfile of the 200-peer case:
    where an event's time goes (routing, the outbox INSERT, the kicks after commit).
@@ -450,8 +450,10 @@ def report(args, facts, bench: Fanout, ingest: list[dict], profile: dict | None,
         f"-t{args.wrk_threads} -c{args.connections}`, {args.duration:g} s per run, {args.rounds} rounds, the three "
         "cases alternating: the team with 0 peers (the 200 rows made senders), 200 peers none of whose scopes match "
         "(routing alone), 200 matching peers (each event: 200 outbox entries in its transaction, 200 kicks after "
-        "commit). Web alone, no worker: only the web process's courier (KITE_WEB_DELIVERY, on by default) delivers, "
-        "for the few peers it takes at a time; the outbox is counted and emptied after each run.",
+        f"commit). Web alone, no worker: KITE_WEB_DELIVERY={facts['web_delivery']}"
+        + (" (the web process's courier delivers for the few peers it takes at a time)"
+           if facts["web_delivery"] == "on" else " (no delivery during the runs)")
+        + "; the outbox is counted and emptied after each run.",
         "",
         "| round | " + " | ".join(f"{v} events/s (p50 / p99 ms)" for v in INGEST_VARIANTS) + " |",
         "|---|" + "---|" * len(INGEST_VARIANTS),
@@ -540,6 +542,7 @@ def machine_facts(bench: Fanout) -> dict:
     return {
         "nproc": os.cpu_count(), "cpu": common.cpu_model(), "web_workers": dep.setting("KITE_WEB_WORKERS"),
         "wsgi_threads": dep.setting("KITE_WSGI_THREADS"), "postgres": bench.one("SHOW server_version"),
+        "web_delivery": "on" if dep.setting("KITE_WEB_DELIVERY") == "True" else "off",
         "fsync": bench.one("SHOW fsync"), "synchronous_commit": bench.one("SHOW synchronous_commit"),
     }  # fmt: skip
 

@@ -534,7 +534,9 @@ def send_all(peer: Peer, target: client.Target, groups: list[list[OutboxEntry]],
     """One call per group, all in flight at once (each on its own connection); then every outcome
     recorded, the successes in one statement. (entries in calls that succeeded — a batch's
     rejected events included —, whether a call failed)."""
-    batched = len(groups[0]) > 1 or (peer.batch_max or 1) > 1
+    # A lone event goes as one structured CloudEvent even to a peer that takes batches: what a
+    # receiving Kite stores on its event loop (ingest.edge), where a batch of one goes through Django.
+    batched = len(groups[0]) > 1
     if len(groups) == 1:
         outcomes = [_call(peer, target, groups[0], batched)]
     else:

@@ -117,3 +117,15 @@ def test_batched_peers_still_get_one_call_per_claim(team, peer, endpoint, settin
     assert outbox.deliver_peer(peer.pk) == 7
     assert len(endpoint.requests) == 1
     assert endpoint.requests[0][0]["content-type"] == contract.BATCH_CONTENT_TYPE
+
+
+def test_a_lone_event_to_a_batched_peer_goes_as_one_structured_cloudevent(team, peer, endpoint, settings):
+    """A claim of one event is not a batch of one: the receiving Kite stores a structured event on
+    its event loop, where a batch goes through Django. Its 202 is the delivery's success."""
+    Peer.objects.filter(pk=peer.pk).update(batch_max=100)
+    endpoint.default = (202, {}, lambda body: {"id": json.loads(body)["id"], "duplicate": False})
+    make_event(team, "alone")
+    assert outbox.deliver_peer(peer.pk) == 1
+    [(headers, body)] = endpoint.requests
+    assert headers["content-type"] == contract.SINGLE_CONTENT_TYPE and json.loads(body)["id"] == "alone"
+    assert OutboxEntry.objects.get().status == "delivered"
