@@ -123,9 +123,10 @@ route_event.idle_for = _routes_idle_for
 
 def _routes_known_for(source) -> bool:
     """This process has the routes of the source's team at the version read with the source:
-    what routing writes for its events can be worked out without a query (`_route_alone`)."""
+    what routing writes for its events can be worked out without a query (`_route_alone`), unless
+    tracing is on (route_event's span)."""
     cached = _routes.get(source.team_id)
-    return cached is not None and cached[0] == getattr(source, "team_routes_version", None)
+    return not tracing.ENABLED and cached is not None and cached[0] == getattr(source, "team_routes_version", None)
 
 
 def _route_alone(source, events: list[Event], sender) -> ingest_hooks.Alone | None:
@@ -135,7 +136,7 @@ def _route_alone(source, events: list[Event], sender) -> ingest_hooks.Alone | No
     route_event, from the routes cached at the version the statement's guard checks. None (a
     transaction stores them, calling route_event) when tracing is on (route_event's span) or an
     event meets a peer's max_hops (its delivery_failed event is stored in that transaction)."""
-    cached = _routes.get(source.team_id)
+    cached = _routes.get(source.team_id)  # once: another thread may drop it meanwhile
     if tracing.ENABLED or cached is None or cached[0] != getattr(source, "team_routes_version", None):
         return None
     rows, kicks, drops = [], {}, {}

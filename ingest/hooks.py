@@ -27,17 +27,12 @@ event_journey: list[Callable] = []
 event_purging: list[Callable] = []
 
 
-def event_stored_idle(source) -> bool:
-    """True when every event_stored hook says it has nothing to write for an event of `source`
-    (a hook says so through an `idle_for(source)` attribute)."""
-    return all(getattr(hook, "idle_for", None) is not None and hook.idle_for(source) for hook in event_stored)
-
-
-# Storing without a transaction. An event_stored hook may also say, without the database, what it
-# writes for events of a source: `alone_for(source)` True when it can, and then
-# `alone(source, events, sender)` → an Alone, or None when it cannot for these events after all.
-# Ingest then stores them with one statement (ingest.services.store_alone_statement_many) that also
-# writes the hook's rows, instead of a transaction that calls the hook.
+# Storing without a transaction. An event_stored hook says, without the database, what it writes
+# for events of a source: `idle_for(source)` True when it writes nothing for them; `alone_for(source)`
+# True when it can work out what it writes, and then `alone(source, events, sender)` → an Alone, or
+# None when it cannot for these events after all. Ingest then stores them with one statement
+# (ingest.services.store_alone_statement(_many)) that also writes the hook's rows, instead of a
+# transaction that calls the hook.
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,18 @@ def _draft(event_id: str):
 
     return cloudevent.Draft(id=event_id, type="com.stripe.charge.paid", source="", time=timezone.now(),
                             data_json=json.dumps({"id": str(uuid.uuid4())}))  # fmt: skip
+
+
+def test_with_tracing_on_no_copy_is_offered_and_routing_needs_the_transaction(client, team, peers, monkeypatch):
+    """route_event's span needs the transaction: no cached copy is offered for a team with peers
+    (its webhook would be verified twice: once with the copy, again when the statement steps
+    aside), and routing writes nothing alone."""
+    from kite import tracing
+
+    assert _stripe(client, team, event_id="evt_warm").status_code == 202
+    copy = selectors.source_for_hook_copy(team.id, "stripe")
+    event = ingest_services.new_event(copy, _draft("traced"))
+    assert copy is not None and enqueue.route_event.alone(copy, [event], None) is not None
+    monkeypatch.setattr(tracing, "ENABLED", True)
+    assert selectors.source_for_hook_copy(team.id, "stripe") is None
+    assert enqueue.route_event.alone(copy, [event], None) is None
