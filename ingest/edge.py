@@ -17,8 +17,12 @@ everything else to Django unchanged, with the body it has read:
   single event delivery (the `kite` source) that the sender's verifier judges from its own copies
   on the loop (ingest.verifiers.LOOP_VERIFIERS: federation.inbound.verify_kite_source_on_loop),
   stored by the statement that also checks the sender's row is still as copied;
-- it answers only 202, for an event it stored. A request that fails verification, is malformed,
-  a batch, a duplicate, a delivery its sender's verifier cannot judge without the database, an
+- a peer's batch of up to services.ALONE_BATCH_MAX events goes in with one statement too, as
+  Django's events_store_batch stores it, answered 200 with a result per event (accepted,
+  duplicate, rejected);
+- it answers only 202, for an event it stored, or 200 for such a batch. A request that fails
+  verification, is malformed, a provider's batch, a larger batch or one with the same event
+  twice, a duplicate, a delivery its sender's verifier cannot judge without the database, an
   event routing cannot write without a transaction (a peer's max_hops reached: its
   delivery_failed event), or meets a changed source, peers or sender (the statement's guard), a
   database error or
@@ -133,8 +137,8 @@ class Edge:
         if environ.get("CONTENT_LENGTH") != str(len(body)) or not _host_allowed(environ):
             return None
         headers = verifiers.headers_of(environ)
-        if headers.get("content-type", "").startswith(cloudevent.BATCH_CONTENT_TYPE):
-            return None  # Django's, before the loop spends a verification and a parse on it
+        if on_loop is None and headers.get("content-type", "").startswith(cloudevent.BATCH_CONTENT_TYPE):
+            return None  # a provider's batch: Django's, before the loop spends a verification and a parse on it
         try:
             if on_loop is None:  # a provider's
                 if services.webhook_verify(source, headers, body) is not None:
@@ -151,7 +155,7 @@ class Edge:
             log.exception("webhook edge: verifying a webhook of %s failed; Django takes it", source.kind)
             return None
         if isinstance(draft, list):
-            return None
+            return await self._take_batch(scope, source, sender, draft, headers, started)
         with tracing.storing(draft, headers):  # a `traceparent` the request carried goes with the event
             event = services.new_event(source, draft)
         if not await self.store(source, event, sender):
@@ -159,9 +163,36 @@ class Edge:
         broadcast.event_stored(event)
         metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
         metrics.EVENTS_INGESTED.labels(source.name, "accepted").inc()
-        answer = orjson.dumps({"id": event.ce_id, "duplicate": False})
+        return self._answer(scope, 202, orjson.dumps({"id": event.ce_id, "duplicate": False}))
+
+    async def _take_batch(self, scope, source: Source, sender, items: list, headers: dict, started: float):
+        """A peer's batch of up to services.ALONE_BATCH_MAX events: one statement stores its valid
+        events (`store_alone_statement_many`, as Django's `events_store_batch` does), answered 200
+        with a result per event — accepted, duplicate (the statement met it stored) or rejected
+        (not a valid CloudEvent). None (Django's) for anything that statement cannot store: a larger
+        batch, the same event twice, no valid event, or the statement storing nothing."""
+        tracing.storing(items, headers)  # (tracing is off here) a `traceparent` the request carried goes with its events
+        events = services.batch_alone_events(source, items)
+        if events is None:
+            return None
+        conn = await self._connection()
+        if conn is None:
+            return None
+        inserted = await self._insert(conn, [(source, event, None, sender) for event in events.values()])
+        if inserted is None:
+            return None
+        for event, went_in in zip(events.values(), inserted, strict=True):
+            if went_in:
+                broadcast.event_stored(event)
+        results = services.batch_alone_results(items, events, inserted)
+        metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
+        for item in results:
+            metrics.EVENTS_INGESTED.labels(source.name, item.result).inc()
+        return self._answer(scope, 200, orjson.dumps([item.as_dict() for item in results]))
+
+    def _answer(self, scope, status: int, answer: bytes) -> tuple[int, list, bytes]:
         headers = self.headers_https if scope.get("scheme") == "https" else self.headers
-        return 202, [*headers, (b"content-length", b"%d" % len(answer))], answer
+        return status, [*headers, (b"content-length", b"%d" % len(answer))], answer
 
     async def store(self, source: Source, event, sender=None) -> bool:
         """True once the event is stored; False if it was not (nothing was, or a stored duplicate).
@@ -192,7 +223,8 @@ class Edge:
                 if not batch:  # another task took them meanwhile
                     self.pool.give_back(conn)
                     break
-                _settle(batch, await self._insert(conn, batch))
+                inserted = await self._insert(conn, batch)
+                _settle(batch, inserted if inserted is not None else [False] * len(batch))
         finally:
             self.storing[key] -= 1
             if not self.storing[key]:
@@ -205,16 +237,17 @@ class Edge:
             log.warning("webhook edge: cannot connect to the database (%s); Django serves webhooks meanwhile", exc)
             return None
 
-    async def _insert(self, conn, batch) -> list[bool]:
+    async def _insert(self, conn, batch) -> list[bool] | None:
         """One statement for the batch (the connection goes back, or is closed if its state is not
-        known); for each webhook whether it was stored. Never raises: a failure is Django's to answer."""
-        source, sender, failed = batch[0][0], batch[0][3], [False] * len(batch)
+        known); for each webhook whether it was stored (False: a stored duplicate), or None when
+        nothing is known to be stored. Never raises: a failure is Django's to answer."""
+        source, sender = batch[0][0], batch[0][3]
         events = [event for _, event, _, _ in batch]
         try:
             alone = hooks.event_stored_alone(source, events, sender)
             if alone is None:  # the hooks need a transaction: Django's
                 self.pool.give_back(conn)
-                return failed
+                return None
             statement = services.store_alone_statement_many(source, events, sender, alone.children)
             async with asyncio.timeout(STATEMENT_SECONDS):
                 cursor = await conn.execute(statement.sql, statement.params)
@@ -222,19 +255,19 @@ class Edge:
         except (psycopg.Error, TimeoutError) as exc:
             log.warning("webhook edge: %s: %s; Django takes the webhooks", type(exc).__name__, exc)
             await self.pool.discard(conn)
-            return failed
+            return None
         except Exception:
             log.exception("webhook edge: storing %d webhooks failed; Django takes them", len(batch))
             await self.pool.discard(conn)
-            return failed
+            return None
         self.pool.give_back(conn)
         try:
             inserted = services.stored_alone(source, statement, rows)
         except Exception:  # stored, but not known which: Django answers each (202, or 200 duplicate)
             log.exception("webhook edge: reading what %d webhooks stored failed; Django answers them", len(batch))
-            return failed
+            return None
         if inserted is None:
-            return failed
+            return None
         for other, _, _, _ in batch[1:]:  # each request's own copy of the source
             other.team_listening_until = source.team_listening_until
         if any(inserted):  # stored: a failure of what follows is logged, it is not the answer

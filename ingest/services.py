@@ -377,7 +377,7 @@ def events_store_batch(*, source: Source, items: list, sender=None) -> list[Batc
     if that INSERT meets a duplicate after all (the same event stored concurrently), the batch
     is stored again one savepoint per event, which sorts it out.
     """
-    if len(items) <= ALONE_BATCH_MAX and getattr(source, "row_version", None) is not None:
+    if getattr(source, "row_version", None) is not None:
         results = _store_batch_alone(source, items, sender)
         if results is not None:
             return results
@@ -396,17 +396,38 @@ def events_store_batch(*, source: Source, items: list, sender=None) -> list[Batc
 ALONE_BATCH_MAX = 16
 
 
-def _store_batch_alone(source: Source, items: list, sender) -> list[BatchItem] | None:
-    """A batch with `store_alone_statement_many`: one statement and its commit, with what the hooks
-    write for its events (hooks.event_stored_alone), which also checks the copies the batch was
-    verified with. None: let the transactional path store it (the same event twice in the batch,
-    no event at all, or a hook that needs the transaction). SourceChanged when the copies are out
-    of date."""
+def batch_alone_events(source: Source, items: list) -> dict[int, Event] | None:
+    """The events of a batch's valid items, by position, when one `store_alone_statement_many`
+    can store them: None when there is none, or the same event twice (which copy is the
+    duplicate is the one-by-one path's to tell)."""
+    if len(items) > ALONE_BATCH_MAX:
+        return None
     events = {
         i: new_event(source, item) for i, item in enumerate(items) if not isinstance(item, cloudevent.MalformedEvent)
     }
     keys = {(event.ce_source, event.ce_id) for event in events.values()}
     if not events or len(keys) != len(events):
+        return None
+    return events
+
+
+def batch_alone_results(items: list, events: dict[int, Event], inserted: list[bool]) -> list[BatchItem]:
+    """The answer to a batch `batch_alone_events` made events of, from what the statement inserted."""
+    went_in = dict(zip(events, inserted, strict=True))
+    return [
+        BatchItem("", "rejected", item.detail) if i not in events
+        else BatchItem(events[i].ce_id, "accepted" if went_in[i] else "duplicate")
+        for i, item in enumerate(items)
+    ]  # fmt: skip
+
+
+def _store_batch_alone(source: Source, items: list, sender) -> list[BatchItem] | None:
+    """A batch with `store_alone_statement_many`: one statement and its commit, with what the hooks
+    write for its events (hooks.event_stored_alone), which also checks the copies the batch was
+    verified with. None: let the transactional path store it (`batch_alone_events` cannot, or a
+    hook needs the transaction). SourceChanged when the copies are out of date."""
+    events = batch_alone_events(source, items)
+    if events is None:
         return None
     alone = hooks.event_stored_alone(source, list(events.values()), sender)
     if alone is None:
@@ -416,16 +437,11 @@ def _store_batch_alone(source: Source, items: list, sender) -> list[BatchItem] |
     if inserted is None:
         return None
     after_alone(alone, inserted)
-    went_in = dict(zip(events, inserted, strict=True))
-    for i, event in events.items():
-        if went_in[i]:
+    for event, went_in in zip(events.values(), inserted, strict=True):
+        if went_in:
             # robust: a failed notice is logged, never a 500 for an event that is already stored.
             transaction.on_commit(functools.partial(broadcast.event_stored, event), robust=True)
-    return [
-        BatchItem("", "rejected", item.detail) if i not in events
-        else BatchItem(events[i].ce_id, "accepted" if went_in[i] else "duplicate")
-        for i, item in enumerate(items)
-    ]  # fmt: skip
+    return batch_alone_results(items, events, inserted)
 
 
 def _store_batch_at_once(source: Source, items: list, sender) -> list[BatchItem] | None:

@@ -84,7 +84,13 @@ def test_what_the_loop_cannot_judge_or_would_refuse_is_left_to_django_with_nothi
         "stale": delivery(team, make_ce("stale"), timestamp=int(time.time()) - 3600),
         "from the future": delivery(team, make_ce("future"), timestamp=int(time.time()) + 3600),
         "a replay (stored already)": delivery(team, make_ce("warm1")),
-        "a batch": delivery(team, [make_ce("batched")], content_type="application/cloudevents-batch+json"),
+        "a batch with the same event twice": delivery(team, [make_ce("twice"), make_ce("twice")],
+                                                      content_type="application/cloudevents-batch+json"),
+        "a batch too large for one statement": delivery(team, [make_ce(f"big{i}") for i in range(17)],
+                                                        content_type="application/cloudevents-batch+json"),
+        "a forged batch": delivery(team, [make_ce("forged-batch")], secret=OTHER,
+                                   content_type="application/cloudevents-batch+json"),
+        "a batch of no valid event": delivery(team, [{"id": "x"}], content_type="application/cloudevents-batch+json"),
         "naming this instance as its source": delivery(team, local),
         "deeply nested": delivery(team, None, raw=json.dumps(make_ce("nested")).replace('{"n": 1}', "[" * 5000 + "]" * 5000).encode()),
         "not a CloudEvent": delivery(team, {"id": "x"}),
@@ -134,3 +140,35 @@ def test_a_sender_revoked_behind_the_copy_stores_nothing_on_the_loop_and_django_
     refused = client.post(scope["path"], body, content_type="application/cloudevents+json", **wsgi)
     assert refused.status_code == 401 and refused.json()["code"] == "unknown_peer", refused.json()
     assert stored(team) == {"warm1", "warm2", "warm3"}
+
+
+BATCH = "application/cloudevents-batch+json"
+
+
+def test_a_warm_batch_is_stored_on_the_loop_with_a_result_per_event_as_django_answers_it(client, team, sender):
+    """One statement for the batch's valid events; a stored one is a duplicate, an invalid one
+    rejected — the answer Django's events_store_batch gives, with the same provenance stored."""
+    _warm(client, team)
+    contact_just_noted(team)
+    before = AuditEvent.objects.count()
+    status, headers, answer = take(*delivery(team, [make_ce("b1"), {"id": "bad"}, make_ce("warm1"), make_ce("b2")],
+                                             content_type=BATCH))  # fmt: skip
+    assert status == 200 and (b"kite-instance", settings.KITE_INSTANCE_ID.encode()) in headers
+    results = json.loads(answer)
+    assert [r["result"] for r in results] == ["accepted", "rejected", "duplicate", "accepted"]
+    assert [r["id"] for r in results[2:]] == ["warm1", "b2"] and results[1]["detail"]
+    by_django = Event.objects.get(team=team, ce_id="warm3")
+    for event_id in ("b1", "b2"):
+        event = Event.objects.get(team=team, ce_id=event_id)
+        assert event.extensions == by_django.extensions and event.source_id == by_django.source_id
+    assert Event.objects.filter(team=team, ce_id="warm1").count() == 1 and AuditEvent.objects.count() == before
+    txids = set(Event.objects.filter(team=team, ce_id__in=["b1", "b2"]).values_list("txid", flat=True))
+    assert len(txids) == 1  # one statement
+
+
+def test_a_batch_whose_sender_was_revoked_behind_the_copy_stores_nothing_on_the_loop(client, team, sender):
+    _warm(client, team)
+    contact_just_noted(team)
+    services.peer_revoke(peer=sender)
+    assert take(*delivery(team, [make_ce("late1"), make_ce("late2")], content_type=BATCH)) is None
+    assert not {"late1", "late2"} & stored(team)
