@@ -98,6 +98,30 @@ def _freeze_loaded(**kwargs):
     heap.freeze_loaded()
 
 
+@beat_init.connect
+def _beat_stops_once(**kwargs):
+    """Only beat's first stop signal acts. A stop signalled to runkite's process group reaches beat
+    twice (the group's SIGTERM, then runkite's own): Celery's handler (save the schedule, raise
+    SystemExit) run again while the first stop was setting a threading.Event held that Event's
+    lock, and beat deadlocked on it until runkite killed it. The handler is Celery's, installed
+    before beat_init; a later signal finds beat already stopping."""
+    stopping: list[int] = []
+
+    def first_only(handler):
+        def once(signum, frame):
+            if stopping:
+                return
+            stopping.append(signum)
+            handler(signum, frame)
+
+        return once
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            signal.signal(signum, first_only(handler))
+
+
 @worker_process_init.connect
 def _pool_process_ignores_sigterm(**kwargs):
     """A stop signalled to runkite's whole process group (a terminal's kill, systemd's default

@@ -306,3 +306,27 @@ def test_beat_touches_schedule_alive_when_the_broker_takes_a_message_and_other_p
         assert _age(alive) < 5
     finally:
         kite_celery._beat_liveness.clear()
+
+
+def test_beat_acts_on_its_first_stop_signal_only():
+    """The group's SIGTERM and runkite's own both reach beat: Celery's handler run a second time,
+    while the first stop held a threading.Event's lock, deadlocked beat until it was killed."""
+    from kite import celery as kite_celery
+
+    calls = []
+
+    def celerys(signum, frame):
+        calls.append(signum)
+        raise SystemExit()
+
+    before = {signum: signal.signal(signum, celerys) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        kite_celery._beat_stops_once()
+        with pytest.raises(SystemExit):
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # beat is stopping already: nothing
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        assert calls == [signal.SIGTERM]
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
